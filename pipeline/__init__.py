@@ -1,0 +1,1 @@
+"""pipeline: transfer learning for image classification on a cached feature store."""

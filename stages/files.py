@@ -1,0 +1,211 @@
+"""Image files: find the splits and classes of a data folder, fingerprint files, read and vet their bytes."""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from stages.errors import PipelineError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+SPLIT_NAMES = ("train", "valid", "test")
+# Decoders DALI handles; PIL names them in Image.format.
+DECODABLE_FORMATS = frozenset({"JPEG", "PNG", "BMP", "TIFF", "WEBP", "MPO"})
+# Refuse images that declare more pixels than this (a decompression bomb): 100 megapixels.
+MAX_PIXELS = 100_000_000
+UNLABELLED = -1
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """One image of a split: path relative to the data folder (POSIX), label index or UNLABELLED."""
+
+    path: str
+    label: int
+
+
+@dataclass
+class Dataset:
+    """The splits of a data folder, each a sorted list of image files, and the class names."""
+
+    root: Path
+    classes: list[str]
+    splits: dict[str, list[ImageFile]]
+    layout: str
+    valid_pct: float | None = None
+    seed: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> dict:
+        return {"layout": self.layout, "valid_pct": self.valid_pct, "split_seed": self.seed}
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What identifies a file's content: size and mtime for a cheap check, a content hash for a sure one."""
+
+    size: int
+    mtime_ns: int
+    sha256: str = ""
+
+
+def _is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _walk_images(folder: Path) -> list[Path]:
+    """All image files below a folder, recursively, in sorted order; symlink loops are not followed twice."""
+    found, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames.sort()
+        found.extend(Path(dirpath) / name for name in sorted(filenames) if _is_image_name(Path(name)))
+    return sorted(found)
+
+
+def _class_folders(split_dir: Path) -> list[str]:
+    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _labelled(root: Path, split_dir: Path, classes: list[str]) -> list[ImageFile]:
+    index = {name: i for i, name in enumerate(classes)}
+    files = []
+    for name in classes:
+        folder = split_dir / name
+        if folder.is_dir():
+            files += [ImageFile(p.relative_to(root).as_posix(), index[name]) for p in _walk_images(folder)]
+    return sorted(files, key=lambda f: f.path)
+
+
+def _split_rank(seed: int, path: str) -> bytes:
+    return hashlib.blake2b(f"{seed}:{path}".encode(), digest_size=8).digest()
+
+
+def _holdout(files: list[ImageFile], valid_pct: float, seed: int) -> tuple[list[ImageFile], list[ImageFile]]:
+    """Stratified, seeded split: per class, the files whose hash of (seed, path) ranks lowest go to valid.
+
+    Ranking by a per-file hash keeps each file's split stable when other files come and go.
+    """
+    train, valid = [], []
+    for label in sorted({f.label for f in files}):
+        members = sorted((f for f in files if f.label == label), key=lambda f: _split_rank(seed, f.path))
+        n_valid = int(round(len(members) * valid_pct))
+        valid += members[:n_valid]
+        train += members[n_valid:]
+    return sorted(train, key=lambda f: f.path), sorted(valid, key=lambda f: f.path)
+
+
+def scan_dataset(root: str | Path, valid_pct: float | None = None, seed: int = 0) -> Dataset:
+    """Find splits (train/valid/test of class folders), or one labelled folder split by --valid-pct."""
+    root = Path(root)
+    if not root.is_dir():
+        raise PipelineError(f"data folder {root} does not exist; give a folder of train/ and valid/ class folders")
+    if valid_pct is not None and not 0 < valid_pct < 1:
+        raise PipelineError(f"--valid-pct {valid_pct} is out of range; give a fraction between 0 and 1, such as 0.2")
+    present = [s for s in SPLIT_NAMES if (root / s).is_dir()]
+    notes = []
+    if present:
+        labelled = [s for s in ("train", "valid") if s in present]
+        if not labelled:
+            classes = []
+        else:
+            classes = _class_folders(root / labelled[0])
+            if not classes:
+                raise PipelineError(f"{root / labelled[0]} has no class folders; put each class's images in "
+                                    f"{root / labelled[0]}/CLASS_NAME/")
+            for other in labelled[1:]:
+                other_classes = _class_folders(root / other)
+                if other_classes != classes:
+                    extra = sorted(set(other_classes) ^ set(classes))
+                    raise PipelineError(f"{root / other} has other class folders than {root / labelled[0]} "
+                                        f"(differ: {', '.join(extra)}); give both splits the same classes")
+        splits = {s: _labelled(root, root / s, classes) for s in labelled}
+        if "test" in present:
+            splits["test"] = [ImageFile(p.relative_to(root).as_posix(), UNLABELLED) for p in _walk_images(root / "test")]
+        layout = "splits"
+        if valid_pct is not None:
+            if "valid" in splits:
+                raise PipelineError(f"{root} already has valid/; drop --valid-pct or remove valid/")
+            if "train" in splits:
+                splits["train"], splits["valid"] = _holdout(splits["train"], valid_pct, seed)
+                layout = "splits+holdout"
+    else:
+        classes = _class_folders(root)
+        if not classes:
+            raise PipelineError(f"{root} has neither train/ valid/ split folders nor class folders; "
+                                "lay it out as DATA/train/CLASS/*.jpg and DATA/valid/CLASS/*.jpg")
+        everything = _labelled(root, root, classes)
+        if valid_pct is None:
+            splits = {"train": everything}
+            notes.append(f"{root} has no split folders: all images go to train; pass --valid-pct 0.2 for a valid split")
+        else:
+            train, valid = _holdout(everything, valid_pct, seed)
+            splits = {"train": train, "valid": valid}
+        layout = "classes"
+    if not any(splits.values()):
+        raise PipelineError(f"{root} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    if classes and "train" in splits:
+        empty = [c for i, c in enumerate(classes) if not any(f.label == i for f in splits["train"])]
+        if empty:
+            raise PipelineError(f"class folder(s) {', '.join(empty)} in {root} have no training images; "
+                                "add images or remove the folder")
+        if len(classes) < 2:
+            raise PipelineError(f"{root} has only one class ({classes[0]}); a classifier needs at least two class folders")
+    return Dataset(root=root, classes=classes, splits=splits, layout=layout,
+                   valid_pct=valid_pct, seed=seed, notes=notes)
+
+
+def stat_fingerprint(path: Path) -> Fingerprint:
+    """Size and mtime of a file, without reading it."""
+    st = path.stat()
+    return Fingerprint(st.st_size, st.st_mtime_ns)
+
+
+def content_sha256(data: bytes) -> str:
+    """Hex sha256 of a file's bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+class BadImage(Exception):
+    """A file that cannot become an image; the message is the reason recorded in the store."""
+
+
+def vet_image_bytes(data: bytes, max_pixels: int = MAX_PIXELS) -> None:
+    """Reject empty, non-image, unsupported and oversized files by their header, before any decode."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            fmt, (width, height) = image.format, image.size
+    except UnidentifiedImageError:
+        raise BadImage("not an image (unrecognised header)") from None
+    except Image.DecompressionBombError:
+        raise BadImage(f"declares more than {max_pixels} pixels (decompression bomb)") from None
+    except Exception as exc:
+        raise BadImage(f"unreadable image header: {exc}") from None
+    if fmt not in DECODABLE_FORMATS:
+        raise BadImage(f"unsupported format {fmt}")
+    if width * height > max_pixels:
+        raise BadImage(f"{width}x{height} exceeds the {max_pixels}-pixel limit (decompression bomb)")
+
+
+def read_image_file(path: Path) -> tuple[np.ndarray, Fingerprint]:
+    """Read a file's bytes once: the encoded array for the decoder and the file's full fingerprint."""
+    try:
+        st = path.stat()
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BadImage(f"cannot read: {exc.strerror or exc}") from None
+    fingerprint = Fingerprint(st.st_size, st.st_mtime_ns, content_sha256(data))
+    vet_image_bytes(data)
+    return np.frombuffer(data, dtype=np.uint8), fingerprint

@@ -1,0 +1,177 @@
+"""Read a feature store: validate it, list its feature sets, hand out features and per-row columns."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from stages.errors import PipelineError
+from store.schema import IDENTITY_FIELDS, SCHEMA_VERSION, SETS, SKIPPED
+
+
+@dataclass(frozen=True)
+class FileRows:
+    """Where one source file's rows lie in a split, and the fingerprint they were computed from."""
+
+    start: int
+    count: int
+    size: int
+    mtime_ns: int
+    sha256: str
+
+
+def open_h5(path: Path) -> h5py.File:
+    """Open an existing store read-only, turning every way it can be wrong into one clear error."""
+    if not path.exists():
+        raise PipelineError(f"store {path} does not exist; create it with: pipeline featurize DATA_DIR --store {path}")
+    if path.is_dir():
+        raise PipelineError(f"store {path} is a folder; give the path of an .h5 file")
+    if not h5py.is_hdf5(str(path)):
+        raise PipelineError(f"store {path} is not an HDF5 file; give a store written by pipeline featurize "
+                            "or choose a new --store path")
+    try:
+        f = h5py.File(path, "r", locking=False)
+    except OSError as exc:
+        raise PipelineError(f"store {path} is damaged and cannot be opened ({str(exc).splitlines()[0]}); "
+                            "move it away and featurize again") from None
+    version = f.attrs.get("schema_version")
+    if version != SCHEMA_VERSION:
+        f.close()
+        raise PipelineError(f"store {path} has schema version {version}, this pipeline reads version "
+                            f"{SCHEMA_VERSION}; featurize again into a new --store")
+    return f
+
+
+def split_file_index(group: h5py.Group) -> dict[str, FileRows]:
+    """Per source file of a split group (of a store or a journal part): its rows and fingerprint."""
+    paths = _decode_strings(group["paths"][()])
+    sizes, mtimes, hashes = group["size"][()], group["mtime_ns"][()], group["sha256"][()]
+    index: dict[str, FileRows] = {}
+    for row, path in enumerate(paths):
+        prev = index.get(path)
+        if prev is not None:
+            index[path] = FileRows(prev.start, prev.count + 1, prev.size, prev.mtime_ns, prev.sha256)
+        else:
+            index[path] = FileRows(row, 1, int(sizes[row]), int(mtimes[row]), hashes[row].decode())
+    return index
+
+
+def split_skipped(group: h5py.Group) -> dict[str, dict]:
+    """Files of a split group that could not be featurized: path to reason and fingerprint."""
+    if SKIPPED not in group:
+        return {}
+    g = group[SKIPPED]
+    paths, reasons = _decode_strings(g["paths"][()]), _decode_strings(g["reasons"][()])
+    return {p: {"reason": r, "size": int(s), "mtime_ns": int(m), "sha256": h.decode()}
+            for p, r, s, m, h in zip(paths, reasons, g["size"][()], g["mtime_ns"][()], g["sha256"][()])}
+
+
+class FeatureSet:
+    """One feature set of a store: features of one backbone, weights, preprocessing and views."""
+
+    def __init__(self, group: h5py.Group):
+        self.group = group
+        self.name = group.name.rsplit("/", 1)[-1]
+        self.attrs = {k: _attr(v) for k, v in group.attrs.items()}
+        self.identity = {k: self.attrs[k] for k in IDENTITY_FIELDS if k in self.attrs}
+        self.classes: list[str] = self.attrs.get("classes", [])
+
+    @property
+    def splits(self) -> list[str]:
+        return [name for name in ("train", "valid", "test") if name in self.group]
+
+    def features(self, split: str) -> h5py.Dataset:
+        return self._split(split)["features"]
+
+    def column(self, split: str, name: str) -> np.ndarray:
+        values = self._split(split)[name][()]
+        return _decode_strings(values)
+
+    def num_rows(self, split: str) -> int:
+        return self._split(split)["features"].shape[0]
+
+    def file_index(self, split: str) -> dict[str, FileRows]:
+        """Per source file: its rows and fingerprint, for the cache check."""
+        return split_file_index(self._split(split))
+
+    def skipped(self, split: str) -> dict[str, dict]:
+        """Files of a split that could not be featurized: path to reason and fingerprint."""
+        return split_skipped(self.group[split]) if split in self.group else {}
+
+    def _split(self, split: str) -> h5py.Group:
+        if split not in self.group:
+            raise PipelineError(f"feature set {self.name} has no {split!r} split (it has: {', '.join(self.splits)})")
+        return self.group[split]
+
+
+class FeatureStore:
+    """A read-only view of a store file; `with FeatureStore(path) as store:` closes it."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.file = open_h5(self.path)
+
+    def __enter__(self) -> "FeatureStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.file.close()
+
+    @property
+    def set_names(self) -> list[str]:
+        return sorted(self.file[SETS]) if SETS in self.file else []
+
+    def feature_set(self, name: str | None = None, **identity) -> FeatureSet:
+        """The named set; else the only set, or the most recently updated one matching the given identity fields."""
+        if name is not None:
+            if name not in self.set_names:
+                raise PipelineError(f"store {self.path} has no feature set {name!r} "
+                                    f"(it has: {', '.join(self.set_names) or 'none'})")
+            return FeatureSet(self.file[SETS][name])
+        sets = [FeatureSet(self.file[SETS][n]) for n in self.set_names]
+        sets = [s for s in sets if all(s.attrs.get(k) == v for k, v in identity.items() if v is not None)]
+        if not sets:
+            wanted = ", ".join(f"{k}={v}" for k, v in identity.items() if v is not None)
+            raise PipelineError(f"store {self.path} holds no feature set" + (f" with {wanted}" if wanted else "")
+                                + f"; featurize into it first (sets: {', '.join(self.set_names) or 'none'})")
+        return max(sets, key=lambda s: s.attrs.get("updated", ""))
+
+    def info(self) -> dict:
+        """What the store holds: each set's identity, splits with counts, classes; size on disk."""
+        sets = []
+        for name in self.set_names:
+            fs = FeatureSet(self.file[SETS][name])
+            splits = {}
+            for split in fs.splits:
+                paths = fs.column(split, "paths")
+                splits[split] = {"rows": len(paths), "images": len(set(paths)),
+                                 "skipped": len(fs.skipped(split))}
+            sets.append({"name": name, **fs.identity, "classes": fs.classes, "splits": splits,
+                         **{k: fs.attrs.get(k) for k in ("data_dir", "layout", "valid_pct", "split_seed",
+                                                         "created", "updated", "versions")}})
+        return {"path": str(self.path), "size_bytes": os.path.getsize(self.path),
+                "schema_version": int(self.file.attrs["schema_version"]), "sets": sets}
+
+
+def _attr(value):
+    """Attributes holding JSON come back as Python values."""
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str) and value[:1] in "[{":
+        return json.loads(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _decode_strings(values: np.ndarray) -> np.ndarray | list:
+    if values.dtype.kind == "O":
+        return [v.decode() if isinstance(v, bytes) else v for v in values]
+    return values

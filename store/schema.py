@@ -1,0 +1,54 @@
+"""The feature store's layout, in one place; README.md documents the same for readers using plain h5py.
+
+    /                               attrs: schema_version, created, updated
+    /sets/<set_name>/               attrs: identity (JSON) and its fields, classes (JSON), data_dir, layout, ...
+    /sets/<set_name>/<split>/       one group per split: train, valid, test
+        features   (N, D) float16|float32   one row per (image, view), rows sorted by (path, view)
+        labels     (N,)   int32              class index into the set's `classes`, -1 when unlabelled
+        paths      (N,)   utf-8 str          relative to the data folder, POSIX separators
+        view       (N,)   uint8              0 = plain centre crop, 1..K = seeded augmented views
+        size, mtime_ns (N,) int64; sha256 (N,) 64 ASCII bytes: the source file's fingerprint
+        skipped/   paths, reasons, size, mtime_ns, sha256: files that could not be featurized
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import h5py
+import numpy as np
+
+SCHEMA_VERSION = 1
+SETS = "sets"
+SKIPPED = "skipped"
+SPLITS = ("train", "valid", "test")
+FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
+CHUNK_ROWS = 1024
+
+STR = h5py.string_dtype("utf-8")
+# Per-row columns other than features, with their HDF5 dtypes.
+ROW_COLUMNS = {
+    "labels": np.int32,
+    "paths": STR,
+    "view": np.uint8,
+    "size": np.int64,
+    "mtime_ns": np.int64,
+    "sha256": "S64",
+}
+SKIPPED_COLUMNS = {
+    "paths": STR,
+    "reasons": STR,
+    "size": np.int64,
+    "mtime_ns": np.int64,
+    "sha256": "S64",
+}
+# Identity fields: two feature sets are interchangeable exactly when all of these agree.
+IDENTITY_FIELDS = ("backbone", "arch", "weights_sha256", "preprocessing", "feature_dim", "views", "seed",
+                   "augmentation", "precision", "dtype")
+
+
+def set_name(identity: dict) -> str:
+    """A feature set's group name: the backbone name and a short hash of the whole identity."""
+    canonical = json.dumps({k: identity[k] for k in IDENTITY_FIELDS}, sort_keys=True)
+    digest = hashlib.sha256(canonical.encode()).hexdigest()[:12]
+    return f"{identity['backbone'].replace('/', '_').replace('@', '_')}-{digest}"

@@ -1,0 +1,209 @@
+"""Write a feature store so that a crash at any moment loses nothing committed and never leaves a broken file.
+
+Work in progress is committed as small journal parts beside the store (`STORE.journal/`), each written to a
+temporary name, fsynced and renamed into place. A run ends by writing the new store to a temporary file and
+renaming it over the old one. Readers therefore always see a complete store, and a killed run resumes from its parts.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from stages.errors import PipelineError
+from store.schema import CHUNK_ROWS, FEATURE_DTYPES, ROW_COLUMNS, SCHEMA_VERSION, SETS, SKIPPED, SKIPPED_COLUMNS, STR
+
+COPY_BLOCK_ROWS = 8192
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class StoreLock:
+    """An exclusive advisory lock on `STORE.lock`, released by the kernel even when the process is killed."""
+
+    def __init__(self, store_path: Path):
+        self.path = store_path.with_name(store_path.name + ".lock")
+        self._fd = None
+
+    def __enter__(self) -> "StoreLock":
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise PipelineError(f"cannot create {self.path}: {exc.strerror}; choose a --store in a writable folder") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise PipelineError(f"store {self.path.with_suffix('')} is being written by another featurize "
+                                f"(pid {holder or '?'}); wait for it to finish or use another --store") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self._fd)
+
+
+@dataclass
+class SplitRows:
+    """Rows of one split gathered in memory before a journal commit."""
+
+    features: list[np.ndarray] = field(default_factory=list)
+    columns: dict[str, list] = field(default_factory=lambda: {k: [] for k in ROW_COLUMNS})
+    skipped: dict[str, list] = field(default_factory=lambda: {k: [] for k in SKIPPED_COLUMNS})
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.columns["paths"])
+
+    @property
+    def empty(self) -> bool:
+        return not self.columns["paths"] and not self.skipped["paths"]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_h5(path: Path, fill) -> None:
+    """Write an HDF5 file under a temporary name, fsync, rename into place; remove the temporary on failure."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w", locking=False) as f:
+            fill(f)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and (exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+                                         or "No space" in str(exc) or "File too large" in str(exc)):
+            raise PipelineError(f"no space left writing {path}; free disk space and rerun "
+                                "(work already committed is kept)") from None
+        if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            raise PipelineError(f"cannot write {path}: {exc.strerror}; choose a --store in a writable folder") from None
+        raise
+
+
+def _write_columns(group: h5py.Group, columns: dict[str, list], spec: dict) -> None:
+    for name, dtype in spec.items():
+        values = np.asarray(columns[name], dtype=object if dtype is STR else dtype)
+        group.create_dataset(name, data=values, dtype=dtype)
+
+
+class Journal:
+    """The committed parts of an unfinished run for one feature set, in `STORE.journal/`."""
+
+    def __init__(self, store_path: Path, set_name: str):
+        self.dir = store_path.with_name(store_path.name + ".journal")
+        self.set_name = set_name
+
+    def parts(self) -> list[Path]:
+        """Committed parts in commit order; leftovers of a killed write are removed."""
+        if not self.dir.is_dir():
+            return []
+        for stale in self.dir.glob(".*.tmp-*"):
+            stale.unlink(missing_ok=True)
+        return sorted(self.dir.glob(f"{self.set_name}.part-*.h5"))
+
+    def commit(self, rows: dict[str, SplitRows], feature_dtype: str) -> Path | None:
+        """Write the gathered rows as the next part, atomically; None when there is nothing to write."""
+        rows = {split: r for split, r in rows.items() if not r.empty}
+        if not rows:
+            return None
+        self.dir.mkdir(exist_ok=True)
+        existing = self.parts()
+        seq = int(existing[-1].stem.rsplit("-", 1)[-1]) + 1 if existing else 0
+        path = self.dir / f"{self.set_name}.part-{seq:06d}.h5"
+
+        def fill(f: h5py.File) -> None:
+            f.attrs["set_name"] = self.set_name
+            for split, r in rows.items():
+                g = f.create_group(split)
+                dim = r.features[0].shape[1] if r.features else 0
+                data = np.concatenate(r.features) if r.features else np.zeros((0, dim))
+                g.create_dataset("features", data=data.astype(FEATURE_DTYPES[feature_dtype]))
+                _write_columns(g, r.columns, ROW_COLUMNS)
+                _write_columns(g.create_group(SKIPPED), r.skipped, SKIPPED_COLUMNS)
+
+        _atomic_h5(path, fill)
+        return path
+
+    def clear(self) -> None:
+        for part in self.parts():
+            part.unlink()
+        if self.dir.is_dir() and not any(self.dir.iterdir()):
+            self.dir.rmdir()
+
+
+@dataclass(frozen=True)
+class RowRun:
+    """Consecutive rows [start, start+count) of a split in one source file (the old store or a journal part)."""
+
+    source: str
+    start: int
+    count: int
+
+
+@dataclass
+class SplitPlan:
+    """The new content of one split: runs of feature rows to copy, and all per-row and skipped columns."""
+
+    runs: list[RowRun]
+    columns: dict[str, list]
+    skipped: dict[str, list]
+
+
+def write_store(store_path: Path, set_name: str, set_attrs: dict, plans: dict[str, SplitPlan],
+                sources: dict[str, h5py.Group | h5py.File], feature_dim: int, feature_dtype: str,
+                keep_sets_from: h5py.File | None) -> None:
+    """Atomically replace the store with one whose set `set_name` is built from `plans`; other sets are copied."""
+    dtype = FEATURE_DTYPES[feature_dtype]
+
+    def fill(f: h5py.File) -> None:
+        created = keep_sets_from.attrs.get("created") if keep_sets_from is not None else None
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["created"] = created or now_iso()
+        f.attrs["updated"] = now_iso()
+        sets = f.create_group(SETS)
+        if keep_sets_from is not None and SETS in keep_sets_from:
+            for name in keep_sets_from[SETS]:
+                if name != set_name:
+                    keep_sets_from.copy(keep_sets_from[SETS][name], sets, name=name)
+        group = sets.create_group(set_name)
+        for key, value in set_attrs.items():
+            group.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+        for split, plan in plans.items():
+            g = group.create_group(split)
+            n = len(plan.columns["paths"])
+            out = g.create_dataset("features", shape=(n, feature_dim), dtype=dtype,
+                                   chunks=(max(1, min(n, CHUNK_ROWS)), feature_dim) if n else None)
+            row = 0
+            for run in plan.runs:
+                src = sources[run.source][split]["features"]
+                for offset in range(0, run.count, COPY_BLOCK_ROWS):
+                    k = min(COPY_BLOCK_ROWS, run.count - offset)
+                    out[row:row + k] = src[run.start + offset:run.start + offset + k]
+                    row += k
+            if row != n:
+                raise AssertionError(f"store plan for {split}: {row} feature rows for {n} paths")
+            _write_columns(g, plan.columns, ROW_COLUMNS)
+            _write_columns(g.create_group(SKIPPED), plan.skipped, SKIPPED_COLUMNS)
+
+    _atomic_h5(store_path, fill)
