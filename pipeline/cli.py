@@ -70,6 +70,8 @@ def featurize(
     precision: str = typer.Option("auto", help="Forward precision: auto (bf16 where measured faster), fp32, bf16."),
     device: str = typer.Option("auto", help="auto, cpu or cuda (GPU decode and forward)."),
     batch_size: int = typer.Option(64, help="Images per batch."),
+    commit_every: int = typer.Option(2048, help="Commit to the journal after this many feature rows (a kill loses "
+                                                "at most this much work)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):
     """Decode images with DALI, run the frozen backbone once, stream features into the store (only what changed)."""
@@ -77,7 +79,7 @@ def featurize(
 
     opts = FeaturizeOptions(data_dir=data_dir, store=store, backbone=backbone, weights=weights, arch=arch, views=views,
                             seed=seed, valid_pct=valid_pct, dtype=dtype, precision=precision, device=device,
-                            batch_size=batch_size)
+                            batch_size=batch_size, commit_rows=commit_every)
     with progress_bar("featurize") as update:
         summary = run_featurize(opts, progress=update)
     if as_json:
@@ -93,7 +95,7 @@ def _print_featurize_summary(s: dict) -> None:
     for note in s["notes"]:
         err.print(f"[yellow]note:[/] {note}")
     for bad in s["skipped"]:
-        err.print(f"[yellow]skipped[/] {bad['split']}/{bad['path']}: {bad['reason']}")
+        err.print(f"[yellow]skipped[/] {bad['path']}: {bad['reason']}", highlight=False)
     images = ", ".join(f"{split} {n}" for split, n in s["images"].items())
     if s["up_to_date"]:
         out.print(f"up to date: {s['store']} ({s['set']}: {images}) in {s['seconds']:.1f} s, nothing decoded")

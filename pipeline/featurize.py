@@ -40,7 +40,7 @@ class FeaturizeOptions:
     precision: str = "auto"
     device: str = "auto"
     batch_size: int = 64
-    commit_rows: int = 2048
+    commit_rows: int = 2048  # journal commit after this many rows (or commit_seconds), whichever comes first
     commit_seconds: float = 30.0
 
 
@@ -290,8 +290,10 @@ def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> dict:
     tune_allocator()
     if opts.dtype not in FEATURE_DTYPES:
         raise PipelineError(f"--dtype {opts.dtype!r} is not one of {', '.join(FEATURE_DTYPES)}")
-    if opts.views < 0 or opts.batch_size < 1:
-        raise PipelineError("--views must be >= 0 and --batch-size >= 1")
+    for option, value, low in (("--views", opts.views, 0), ("--batch-size", opts.batch_size, 1),
+                               ("--commit-every", opts.commit_rows, 1)):
+        if value < low:
+            raise PipelineError(f"{option} {value} is out of range; give a number >= {low}")
     store_path = Path(opts.store)
     if not store_path.parent.exists():
         store_path.parent.mkdir(parents=True, exist_ok=True)

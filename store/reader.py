@@ -164,7 +164,7 @@ def _attr(value):
     """Attributes holding JSON come back as Python values."""
     if isinstance(value, bytes):
         value = value.decode()
-    if isinstance(value, str) and value[:1] in "[{":
+    if isinstance(value, str) and (value[:1] in "[{" or value == "null"):
         return json.loads(value)
     if isinstance(value, np.generic):
         return value.item()

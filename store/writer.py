@@ -188,7 +188,7 @@ def write_store(store_path: Path, set_name: str, set_attrs: dict, plans: dict[st
                     keep_sets_from.copy(keep_sets_from[SETS][name], sets, name=name)
         group = sets.create_group(set_name)
         for key, value in set_attrs.items():
-            group.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+            group.attrs[key] = json.dumps(value) if value is None or isinstance(value, (dict, list)) else value
         for split, plan in plans.items():
             g = group.create_group(split)
             n = len(plan.columns["paths"])

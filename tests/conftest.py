@@ -1,0 +1,77 @@
+"""Shared test helpers: generated image sets, the real CLI as a subprocess, the real photos when present."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.demo import draw_example
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("PIPELINE_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def shared_dataset(name: str) -> Path:
+    """A real photo set from ../shared/data, or skip the test when it is absent."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent (real photos live in ../shared/data)")
+    return path
+
+
+def make_images(root: Path, layout: dict[str, dict[str, int]], seed: int = 0, size=(96, 72)) -> Path:
+    """Write generated JPEGs: layout maps split (or '' for no split folder) to {class: count}."""
+    rng = np.random.default_rng(seed)
+    kinds = ("disks", "stripes", "checkers")
+    for split, classes in layout.items():
+        for i, (name, count) in enumerate(classes.items()):
+            folder = root / split / name if split else root / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for k in range(count):
+                draw_example(kinds[i % len(kinds)], rng, size).save(folder / f"{name}_{k:03d}.jpg", quality=90)
+    return root
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def run_cli(*args, check: bool = True, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m pipeline ARGS` as a user would, capturing output."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pipeline {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def run_json(*args) -> dict:
+    return json.loads(run_cli(*args, "--json").stdout)
+
+
+@pytest.fixture
+def small_set(tmp_path) -> Path:
+    """train 3 classes x 5 images, valid 3 x 2: 21 images."""
+    return make_images(tmp_path / "data", {"train": {"a": 5, "b": 5, "c": 5}, "valid": {"a": 2, "b": 2, "c": 2}})
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A tiny valid-looking PNG that declares a huge size."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")

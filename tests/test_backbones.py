@@ -1,0 +1,108 @@
+"""The backbone registry, the packaged weights' key mapping, and local --weights/--arch."""
+import importlib.util
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from stages.backbones import (REGISTRY, create_backbone, file_sha256, list_backbones, load_checked,
+                              load_state_dict, map_efficientnet_lite_keys, registered_weights_path)
+from stages.errors import PipelineError
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return create_backbone("efficientnet_lite0")
+
+
+def stem_matches_tf_same_padding(model: torch.nn.Module) -> bool:
+    """TF 'SAME' padding for a stride-2 3x3 conv on an even input pads 0 before and 1 after each axis."""
+    x = torch.randn(1, 3, 32, 32)
+    conv = model.conv_stem
+    reference = F.conv2d(F.pad(x, (0, 1, 0, 1)), conv.weight, stride=2)
+    return torch.allclose(conv(x), reference, atol=1e-5)
+
+
+def test_registry_lists_the_lite_family():
+    assert list_backbones() == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+
+
+def test_default_backbone_contract(lite0):
+    assert lite0.arch == "tf_efficientnet_lite0" and lite0.feature_dim == 1280
+    pp = lite0.preprocessing
+    assert (pp.size, pp.resize, pp.mean, pp.std) == (224, 256, (127.5,) * 3, (127.5,) * 3)
+    assert lite0.weights_sha256 == file_sha256(registered_weights_path("efficientnet_lite0"))
+    features = lite0.model(torch.zeros(2, 3, 224, 224))
+    assert features.shape == (2, 1280)
+    assert lite0.model.classifier(features).shape == (2, 1000)
+    assert not any(p.requires_grad for p in lite0.model.parameters()) and not lite0.model.training
+
+
+def test_mapping_covers_every_key_with_matching_shapes():
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    mapped = map_efficientnet_lite_keys(load_state_dict(registered_weights_path("efficientnet_lite0")), model)
+    expected = model.state_dict()
+    assert set(mapped) == set(expected)
+    assert all(mapped[k].shape == v.shape for k, v in expected.items())
+
+
+def test_tf_same_padding_is_used_and_the_pytorch_padded_twin_is_caught(lite0):
+    """efficientnet_lite0 accepts the same weights without complaint but pads differently: features drift."""
+    assert stem_matches_tf_same_padding(lite0.model.body)
+    twin = timm.create_model("efficientnet_lite0", pretrained=False)
+    load_checked(twin, map_efficientnet_lite_keys(load_state_dict(registered_weights_path("efficientnet_lite0")), twin), "twin")
+    twin.reset_classifier(0)
+    twin.eval()
+    assert not stem_matches_tf_same_padding(twin)
+    x = torch.rand(4, 3, 224, 224) * 2 - 1
+    with torch.no_grad():
+        cosine = F.cosine_similarity(lite0.model(x), twin(x)).min()
+    assert cosine < 0.99
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_each_registered_backbone_loads_or_names_its_package(name):
+    entry = REGISTRY[name]
+    if importlib.util.find_spec(entry.module) is None:
+        with pytest.raises(PipelineError, match=f"pip install {entry.package}"):
+            create_backbone(name)
+        return
+    backbone = create_backbone(name)
+    assert backbone.arch == entry.arch and stem_matches_tf_same_padding(backbone.model.body)
+    size = backbone.preprocessing.size
+    assert backbone.model(torch.zeros(1, 3, size, size)).shape == (1, backbone.feature_dim)
+
+
+def test_unknown_backbone():
+    with pytest.raises(PipelineError, match="unknown backbone 'nope'"):
+        create_backbone("nope")
+
+
+@pytest.mark.parametrize("arch, dim", [("resnet18", 512), ("test_efficientnet", None)])
+def test_local_weights_for_torchvision_and_timm_archs(tmp_path, arch, dim):
+    import torchvision
+
+    model = (torchvision.models.get_model(arch, weights=None, num_classes=7) if arch in torchvision.models.list_models()
+             else timm.create_model(arch, pretrained=False, num_classes=7))
+    path = tmp_path / "w.pth"
+    torch.save(model.state_dict(), path)
+    backbone = create_backbone(weights=path, arch=arch)
+    assert backbone.weights_sha256 == file_sha256(path)
+    out = backbone.model(torch.zeros(2, 3, 64, 64))
+    assert out.shape == (2, dim or backbone.feature_dim)
+    assert backbone.model.classifier.out_features == 7
+
+
+def test_local_weights_that_do_not_fit(tmp_path):
+    import torchvision
+
+    path = tmp_path / "w.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    with pytest.raises(PipelineError, match="do not fit"):
+        create_backbone(weights=path, arch="resnet34")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(PipelineError, match="cannot read weights"):
+        create_backbone(weights=tmp_path / "junk.pth", arch="resnet18")
+    with pytest.raises(PipelineError, match="does not exist"):
+        create_backbone(weights=tmp_path / "missing.pth", arch="resnet18")

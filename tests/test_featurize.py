@@ -1,0 +1,156 @@
+"""`pipeline featurize` as a user runs it: the store's content, the cache rules, bad files, sets and the lock."""
+import json
+import os
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import make_images, png_bomb, run_cli, run_json
+from store.writer import StoreLock
+
+FAST = ("--batch-size", "8", "--precision", "fp32")
+
+
+def featurize(data, store, *extra):
+    return run_json("featurize", data, "--store", store, *FAST, *extra)
+
+
+def only_set(store):
+    f = h5py.File(store, "r")
+    (name,) = list(f["sets"])
+    return f, f["sets"][name]
+
+
+def test_store_reads_with_plain_h5py(small_set, tmp_path):
+    store = tmp_path / "s.h5"
+    summary = featurize(small_set, store, "--views", "2")
+    assert summary["featurized"] == 21 and summary["images"] == {"train": 15, "valid": 6}
+    assert summary["rows"] == {"train": 45, "valid": 6} and not summary["skipped"]
+    with h5py.File(store, "r") as f:
+        assert f.attrs["schema_version"] == 1
+        group = f["sets"][summary["set"]]
+        assert json.loads(group.attrs["classes"]) == ["a", "b", "c"]
+        assert group.attrs["backbone"] == "efficientnet_lite0" and len(group.attrs["weights_sha256"]) == 64
+        assert json.loads(group.attrs["preprocessing"])["size"] == 224
+        assert group.attrs["views"] == 2 and group.attrs["precision"] == "fp32"
+        train = group["train"]
+        assert train["features"].shape == (45, 1280) and train["features"].dtype == np.float16
+        paths = [p.decode() for p in train["paths"][()]]
+        assert paths[:3] == ["train/a/a_000.jpg"] * 3 and paths == sorted(paths)
+        assert list(train["view"][:6]) == [0, 1, 2, 0, 1, 2]
+        assert list(train["labels"][()]) == [0] * 15 + [1] * 15 + [2] * 15
+        assert all(len(h) == 64 for h in train["sha256"][()])
+        assert list(group["valid"]["view"][()]) == [0] * 6
+        features = train["features"][()].astype(np.float32)
+        assert np.isfinite(features).all() and not np.allclose(features[0], features[1])
+
+
+def test_cache_hit_append_remove_change_touch(small_set, tmp_path):
+    store = tmp_path / "s.h5"
+    first = featurize(small_set, store)
+    f, group = only_set(store)
+    before = {p.decode(): row for p, row in zip(group["train"]["paths"][()], group["train"]["features"][()])}
+    f.close()
+    stamp = os.stat(store).st_mtime_ns
+
+    again = featurize(small_set, store)
+    assert again["up_to_date"] and again["featurized"] == 0 and os.stat(store).st_mtime_ns == stamp
+
+    make_images(tmp_path / "more", {"train": {"a": 1}}, seed=9)
+    shutil.move(tmp_path / "more/train/a/a_000.jpg", small_set / "train/a/new.jpg")
+    (small_set / "train/b/b_001.jpg").unlink()
+    make_images(tmp_path / "other", {"train": {"x": 1}}, seed=3)
+    shutil.copy(tmp_path / "other/train/x/x_000.jpg", small_set / "train/c/c_002.jpg")  # changed content
+    touched = small_set / "train/a/a_003.jpg"
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+
+    third = featurize(small_set, store)
+    assert third["featurized"] == 2 and third["reused"] == first["featurized"] - 2
+    assert third["images"]["train"] == 15
+    f, group = only_set(store)
+    with f:
+        after = {p.decode(): row for p, row in zip(group["train"]["paths"][()], group["train"]["features"][()])}
+        mtimes = dict(zip([p.decode() for p in group["train"]["paths"][()]], group["train"]["mtime_ns"][()]))
+    assert "train/b/b_001.jpg" not in after and "train/a/new.jpg" in after
+    assert not np.array_equal(after["train/c/c_002.jpg"], before["train/c/c_002.jpg"])
+    assert np.array_equal(after["train/a/a_003.jpg"], before["train/a/a_003.jpg"])
+    assert mtimes["train/a/a_003.jpg"] == touched.stat().st_mtime_ns
+    for path in set(before) & set(after) - {"train/c/c_002.jpg"}:
+        assert np.array_equal(after[path], before[path])
+    assert featurize(small_set, store)["up_to_date"]
+
+
+def test_other_settings_make_a_separate_set(small_set, tmp_path):
+    store = tmp_path / "s.h5"
+    a = featurize(small_set, store)
+    b = featurize(small_set, store, "--dtype", "float32")
+    assert a["set"] != b["set"] and b["featurized"] == 21
+    info = run_json("store", "info", store)
+    assert sorted(s["name"] for s in info["sets"]) == sorted([a["set"], b["set"]])
+    assert {s["dtype"] for s in info["sets"]} == {"float16", "float32"}
+    assert all(s["splits"]["train"]["images"] == 15 for s in info["sets"])
+    assert featurize(small_set, store)["up_to_date"]
+    text = run_cli("store", "info", store).stdout
+    assert a["set"] in text and "train: 15 images" in text
+
+
+def test_bad_files_are_skipped_recorded_and_not_retried(small_set, tmp_path):
+    good = (small_set / "train/a/a_000.jpg").read_bytes()
+    (small_set / "train/a/zero.jpg").write_bytes(b"")
+    (small_set / "train/b/truncated.jpg").write_bytes(good[: len(good) * 2 // 3])
+    (small_set / "train/c/notes.jpg").write_text("not an image")
+    (small_set / "valid/a/bomb.png").write_bytes(png_bomb(20_000, 20_000))
+    store = tmp_path / "s.h5"
+    summary = featurize(small_set, store)
+    reasons = {s["path"]: s["reason"] for s in summary["skipped"]}
+    assert set(reasons) == {"train/a/zero.jpg", "train/b/truncated.jpg", "train/c/notes.jpg", "valid/a/bomb.png"}
+    assert summary["featurized"] == 21 and summary["images"] == {"train": 15, "valid": 6}
+    f, group = only_set(store)
+    with f:
+        assert sorted(p.decode() for p in group["train"]["skipped"]["paths"][()]) == sorted(
+            r for r in reasons if r.startswith("train"))
+    assert featurize(small_set, store)["up_to_date"]
+    text = run_cli("featurize", small_set, "--store", store, *FAST).stderr
+    assert "skipped train/a/zero.jpg: empty file" in text
+
+
+def test_second_writer_gets_a_clear_error(small_set, tmp_path):
+    store = tmp_path / "s.h5"
+    with StoreLock(store):
+        proc = run_cli("featurize", small_set, "--store", store, check=False)
+    assert proc.returncode == 1
+    assert "being written by another featurize" in proc.stderr and "Traceback" not in proc.stderr
+    assert not store.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--views", "-1"), "--views -1 is out of range"),
+    (("--dtype", "int8"), "--dtype 'int8'"),
+    (("--precision", "fp8"), "--precision 'fp8'"),
+    (("--device", "tpu"), "--device 'tpu'"),
+    (("--backbone", "resnet"), "unknown backbone 'resnet'"),
+])
+def test_bad_options_give_one_line_errors(small_set, tmp_path, args, message):
+    proc = run_cli("featurize", small_set, "--store", tmp_path / "s.h5", *args, check=False)
+    assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_valid_pct_split_is_recorded(tmp_path):
+    data = make_images(tmp_path / "data", {"": {"a": 5, "b": 5}})
+    summary = featurize(data, tmp_path / "s.h5", "--valid-pct", "0.2", "--seed", "3")
+    assert summary["images"] == {"train": 8, "valid": 2}
+    f, group = only_set(tmp_path / "s.h5")
+    with f:
+        assert group.attrs["layout"] == "classes" and group.attrs["valid_pct"] == 0.2 and group.attrs["split_seed"] == 3
+
+
+def test_unlabelled_test_split(small_set, tmp_path):
+    make_images(small_set / "test", {"": {"loose": 2}})
+    summary = featurize(small_set, tmp_path / "s.h5")
+    assert summary["images"]["test"] == 2
+    f, group = only_set(tmp_path / "s.h5")
+    with f:
+        assert list(group["test"]["labels"][()]) == [-1, -1]

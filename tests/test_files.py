@@ -1,0 +1,74 @@
+"""Data folder layouts, the --valid-pct split, and header vetting of bad files."""
+import pytest
+
+from conftest import make_images, png_bomb
+from stages.errors import PipelineError
+from stages.files import BadImage, UNLABELLED, read_image_file, scan_dataset
+
+
+def test_split_layout_with_unlabelled_test(tmp_path):
+    root = make_images(tmp_path, {"train": {"cats": 3, "dogs": 4}, "valid": {"cats": 2, "dogs": 1}})
+    make_images(tmp_path / "test", {"": {"unsorted": 3}})
+    ds = scan_dataset(root)
+    assert ds.classes == ["cats", "dogs"]
+    assert [len(ds.splits[s]) for s in ("train", "valid", "test")] == [7, 3, 3]
+    assert {f.label for f in ds.splits["train"]} == {0, 1}
+    assert all(f.label == UNLABELLED for f in ds.splits["test"])
+    assert ds.splits["train"][0].path == "train/cats/cats_000.jpg"
+
+
+def test_single_folder_valid_pct_is_stratified_deterministic_and_stable(tmp_path):
+    root = make_images(tmp_path / "data", {"": {"a": 10, "b": 20}})
+    ds = scan_dataset(root, valid_pct=0.2, seed=0)
+    assert ds.layout == "classes" and ds.describe() == {"layout": "classes", "valid_pct": 0.2, "split_seed": 0}
+    assert sorted(f.label for f in ds.splits["valid"]) == [0, 0] + [1] * 4
+    assert scan_dataset(root, valid_pct=0.2, seed=0).splits == ds.splits
+    assert scan_dataset(root, valid_pct=0.2, seed=1).splits["valid"] != ds.splits["valid"]
+    # A new file does not move the others: each file's split depends on its own hash.
+    make_images(tmp_path / "x", {"": {"a": 1}}, seed=5)
+    (tmp_path / "x" / "a" / "a_000.jpg").rename(root / "a" / "new.jpg")
+    again = scan_dataset(root, valid_pct=0.2, seed=0)
+    moved = set(f.path for f in ds.splits["valid"]) - set(f.path for f in again.splits["valid"])
+    assert len(moved) <= 1
+
+
+def test_single_folder_without_valid_pct_goes_to_train(tmp_path):
+    ds = scan_dataset(make_images(tmp_path, {"": {"a": 2, "b": 2}}))
+    assert list(ds.splits) == ["train"] and len(ds.splits["train"]) == 4 and ds.notes
+
+
+@pytest.mark.parametrize("layout, message", [
+    ({"train": {"a": 2}, "valid": {"a": 1}}, "only one class"),
+    ({"train": {"a": 2, "b": 2}, "valid": {"a": 1, "c": 1}}, "other class folders"),
+])
+def test_bad_layouts(tmp_path, layout, message):
+    with pytest.raises(PipelineError, match=message):
+        scan_dataset(make_images(tmp_path, layout))
+
+
+def test_missing_folder_and_empty_class(tmp_path):
+    with pytest.raises(PipelineError, match="does not exist"):
+        scan_dataset(tmp_path / "nope")
+    root = make_images(tmp_path, {"train": {"a": 2, "b": 2}})
+    (root / "train" / "empty").mkdir()
+    with pytest.raises(PipelineError, match="empty.*no training images"):
+        scan_dataset(root)
+
+
+def test_valid_pct_with_existing_valid_is_refused(tmp_path):
+    root = make_images(tmp_path, {"train": {"a": 2, "b": 2}, "valid": {"a": 1, "b": 1}})
+    with pytest.raises(PipelineError, match="already has valid"):
+        scan_dataset(root, valid_pct=0.2)
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", "empty file"),
+    (b"hello, I am text", "not an image"),
+    (png_bomb(100_000, 100_000), "decompression bomb"),
+    (png_bomb(12_000, 10_000), "exceeds the 100000000-pixel limit"),
+])
+def test_header_vetting(tmp_path, content, reason):
+    path = tmp_path / "x.png"
+    path.write_bytes(content)
+    with pytest.raises(BadImage, match=reason):
+        read_image_file(path)
