@@ -158,7 +158,7 @@ def main() -> None:
         sys.argv.remove("--debug")
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # returns the exit code of typer.Exit and --help
     except PipelineError as exc:
         if DEBUG:
             traceback.print_exc()
@@ -169,16 +169,15 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except Exception as exc:  # click usage errors and the unexpected
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+    except Exception as exc:  # usage errors (typer's click exceptions show themselves) and the unexpected
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):
             exc.show()
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        if type(exc).__name__ == "Abort":
             sys.exit(130)
         if DEBUG:
             raise
         err.print(f"[red]error:[/] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
                   highlight=False, soft_wrap=True)
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,100 @@
+"""Killed featurize runs: the store always opens, and a rerun ends with what an uninterrupted run writes."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import REPO, make_images, run_json
+
+ARGS = ("--batch-size", "4", "--commit-every", "4", "--views", "1", "--precision", "fp32")
+
+
+def start(data, store):
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "featurize", str(data), "--store", str(store), *ARGS],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def parts(store):
+    journal = store.with_name(store.name + ".journal")
+    return len(list(journal.glob("*.part-*.h5"))) if journal.is_dir() else 0
+
+
+def content(store):
+    with h5py.File(store, "r") as f:
+        (name,) = list(f["sets"])
+        out = {}
+        for split, group in f["sets"][name].items():
+            out[split] = {k: group[k][()] for k in ("paths", "labels", "view", "sha256", "features")}
+        return name, out
+
+
+def assert_same_content(a, b):
+    assert a[0] == b[0]
+    assert a[1].keys() == b[1].keys()
+    for split in a[1]:
+        x, y = a[1][split], b[1][split]
+        for column in ("paths", "labels", "view", "sha256"):
+            assert np.array_equal(x[column], y[column]), (split, column)
+        fx, fy = x["features"].astype(np.float32), y["features"].astype(np.float32)
+        cosine = (fx * fy).sum(1) / np.linalg.norm(fx, axis=1) / np.linalg.norm(fy, axis=1)
+        assert cosine.min() > 0.9999, split
+
+
+@pytest.fixture(scope="module")
+def crash_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("crash")
+    data = make_images(root / "data", {"train": {"a": 8, "b": 8, "c": 8}, "valid": {"a": 2, "b": 2, "c": 2}})
+    reference = root / "reference.h5"
+    run_json("featurize", data, "--store", reference, *ARGS)
+    return data, content(reference)
+
+
+def wait_for(condition, proc, limit=120):
+    deadline = time.monotonic() + limit
+    while not condition() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("point", ["loading", "after 1 part", "after 3 parts", "after 6 parts", "random"])
+def test_sigkill_then_rerun_equals_uninterrupted(crash_set, tmp_path, point):
+    data, reference = crash_set
+    store = tmp_path / "s.h5"
+    proc = start(data, store)
+    if point == "loading":
+        time.sleep(1.0)
+    elif point == "random":
+        time.sleep(np.random.default_rng(len(str(tmp_path))).uniform(2, 12))
+    else:
+        n = int(point.split()[1])
+        wait_for(lambda: parts(store) >= n, proc)
+    proc.kill()
+    proc.wait()
+    if store.exists():  # a store left behind always opens without repair
+        h5py.File(store, "r").close()
+    summary = run_json("featurize", data, "--store", store, *ARGS)
+    assert_same_content(content(store), reference)
+    if point.startswith("after") and proc.returncode == -signal.SIGKILL:
+        assert summary["featurized"] < 30  # resumed from the committed parts, not from scratch
+    assert not store.with_name(store.name + ".journal").exists()
+
+
+def test_ctrl_c_commits_what_is_done(crash_set, tmp_path):
+    data, reference = crash_set
+    store = tmp_path / "s.h5"
+    proc = start(data, store)
+    wait_for(lambda: parts(store) >= 2, proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    _, partial = content(store)
+    done = sum(len(set(v["paths"])) for v in partial.values())
+    assert 0 < done < 30
+    summary = run_json("featurize", data, "--store", store, *ARGS)
+    assert summary["featurized"] == 30 - done
+    assert_same_content(content(store), reference)

@@ -1,0 +1,60 @@
+"""On the real dogs-vs-cats photos (skipped when ../shared/data is absent): the features are right and useful."""
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_json, shared_dataset
+from stages.backbones import create_backbone
+
+pytestmark = [pytest.mark.slow, pytest.mark.shared_data]
+
+
+@pytest.fixture(scope="module")
+def dogscats_store(tmp_path_factory):
+    data = shared_dataset("dogscats")
+    store = tmp_path_factory.mktemp("real") / "dogscats.h5"
+    summary = run_json("featurize", data, "--store", store)
+    assert summary["images"] == {"train": 1999, "valid": 999} and not summary["skipped"]
+    return store, summary
+
+
+def load(store, split):
+    with h5py.File(store, "r") as f:
+        (name,) = list(f["sets"])
+        g = f["sets"][name][split]
+        return torch.tensor(g["features"][()], dtype=torch.float32), torch.tensor(g["labels"][()]).long()
+
+
+def test_lite0_sees_imagenet_cats_and_dogs(dogscats_store):
+    features, labels = load(dogscats_store[0], "valid")
+    with torch.no_grad():
+        top = create_backbone().model.classifier(features).argmax(1)
+    cat = (top >= 281) & (top <= 285)
+    dog = (top >= 151) & (top <= 268)
+    agree = ((cat & (labels == 0)) | (dog & (labels == 1))).float().mean().item()
+    assert agree > 0.85, agree
+
+
+def test_logistic_regression_beats_the_2018_figure(dogscats_store):
+    x, y = load(dogscats_store[0], "train")
+    xv, yv = load(dogscats_store[0], "valid")
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    linear = torch.nn.Linear(x.shape[1], 2)
+    opt = torch.optim.LBFGS(linear.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(linear((x - mean) / std), y) + 1e-3 * linear.weight.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    accuracy = (linear((xv - mean) / std).argmax(1) == yv).float().mean().item()
+    assert accuracy >= 0.987, accuracy
+
+
+def test_rerun_decodes_nothing(dogscats_store):
+    store, _ = dogscats_store
+    again = run_json("featurize", shared_dataset("dogscats"), "--store", store)
+    assert again["up_to_date"] and again["featurized"] == 0
