@@ -69,7 +69,7 @@ def featurize(
     dtype: str = typer.Option("float16", help="Stored feature dtype: float16 or float32."),
     precision: str = typer.Option("auto", help="Forward precision: auto (bf16 where measured faster), fp32, bf16."),
     device: str = typer.Option("auto", help="auto, cpu or cuda (GPU decode and forward)."),
-    batch_size: int = typer.Option(64, help="Images per batch."),
+    batch_size: int = typer.Option(32, help="Images per batch."),
     commit_every: int = typer.Option(2048, help="Commit to the journal after this many feature rows (a kill loses "
                                                 "at most this much work)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),

@@ -12,8 +12,7 @@ import numpy as np
 import torch
 
 from pipeline.runtime import cpu_count, tune_allocator
-from stages.backbones import (DEFAULT_BACKBONE, create_backbone, extract_features, prepare_for_inference,
-                              resolve_precision)
+from stages.backbones import DEFAULT_BACKBONE, FeatureRunner, create_backbone, resolve_precision
 from stages.decode import Augmentation, ImageDecoder, resolve_device
 from stages.errors import PipelineError
 from stages.files import Dataset, Fingerprint, content_sha256, read_image_file, scan_dataset, stat_fingerprint
@@ -39,7 +38,7 @@ class FeaturizeOptions:
     dtype: str = "float16"
     precision: str = "auto"
     device: str = "auto"
-    batch_size: int = 64
+    batch_size: int = 32
     commit_rows: int = 2048  # journal commit after this many rows (or commit_seconds), whichever comes first
     commit_seconds: float = 30.0
 
@@ -147,7 +146,7 @@ class _Run:
         self.opts, self.dataset, self.journal = opts, dataset, journal
         self.backbone, self.device, self.precision = backbone, device, precision
         self.progress = progress
-        self.model = prepare_for_inference(backbone.model, device)
+        self.forward = FeatureRunner(backbone.model, device, precision, backbone.preprocessing.size)
         self.fingerprints: dict[str, Fingerprint] = {}
         self.pending = {split: SplitRows() for split in dataset.splits}
         self.pending_rows = 0
@@ -167,14 +166,14 @@ class _Run:
 
     def _featurize_split(self, split: str, files: list, total: int) -> None:
         decoder = ImageDecoder(self.backbone.preprocessing, views=_views_in(split, self.opts.views), device=self.device,
-                               batch_size=self.opts.batch_size, seed=self.opts.seed)
+                               batch_size=self.opts.batch_size, seed=self.opts.seed, num_threads=cpu_count())
         labels = {f.path: f.label for f in files}
         for batch in decoder.decode((f.path, self._loader(f.path)) for f in files):
             for key, reason in batch.failed:
                 self._add_skipped(split, key, reason)
             if batch.keys:
                 images = batch.images.flatten(0, 1)
-                features = extract_features(self.model, images, self.precision).cpu().numpy()
+                features = self.forward(images).cpu().numpy()
                 self._add_rows(split, batch.keys, labels, features, batch.images.shape[1])
             self.done += len(batch.keys) + len(batch.failed)
             if self.progress:

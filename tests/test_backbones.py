@@ -106,3 +106,16 @@ def test_local_weights_that_do_not_fit(tmp_path):
         create_backbone(weights=tmp_path / "junk.pth", arch="resnet18")
     with pytest.raises(PipelineError, match="does not exist"):
         create_backbone(weights=tmp_path / "missing.pth", arch="resnet18")
+
+
+@pytest.mark.parametrize("precision, min_cosine", [("fp32", 0.99999), ("bf16", 0.995)])
+def test_feature_runner_matches_the_eager_model(lite0, precision, min_cosine):
+    from stages.backbones import FeatureRunner
+
+    x = torch.rand(5, 3, 224, 224) * 2 - 1
+    with torch.no_grad():
+        eager = lite0.model(x)
+    fast = FeatureRunner(lite0.model, "cpu", precision, 224)(x[:3])
+    assert fast.dtype == torch.float32 and fast.shape == (3, 1280)
+    assert F.cosine_similarity(fast, eager[:3]).min() > min_cosine
+    assert F.cosine_similarity(FeatureRunner(lite0.model, "cpu", precision, 224)(x), eager).min() > min_cosine
