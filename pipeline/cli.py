@@ -21,7 +21,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="
 store_app = typer.Typer(no_args_is_help=True, help="Look inside a feature store.")
 app.add_typer(store_app, name="store")
 err = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
+# Tables keep their columns when output goes to a file or pipe.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 DEBUG = False
 
 
@@ -130,6 +131,153 @@ def store_info(
         for split, c in s["splits"].items():
             out.print(f"  {split}: {c['images']} images, {c['rows']} rows, {c['skipped']} skipped")
         out.print(f"  data: {s['data_dir']} ({s['layout']}), updated {s['updated']}")
+
+
+def _split_list(option: str, text: str, convert) -> list:
+    """'1e-3,1e-2' -> [0.001, 0.01]; a clear error names the option."""
+    try:
+        values = [convert(part.strip()) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise PipelineError(f"{option} {text!r} is not a comma-separated list of {convert.__name__} values") from None
+    if not values:
+        raise PipelineError(f"{option} is empty; give at least one value")
+    return values
+
+
+class EpochTable:
+    """fast.ai's per-epoch table, printed row by row as epochs end."""
+
+    COLUMNS = ("epoch", "train_loss", "valid_loss", "accuracy", "time")
+
+    def __init__(self, console: Console):
+        self.console = console
+
+    def header(self) -> None:
+        self.console.print("".join(f"{c:<12}" for c in self.COLUMNS), style="bold", highlight=False)
+
+    def row(self, r: dict) -> None:
+        minutes, seconds = divmod(int(round(r["time"])), 60)
+        cells = [str(r["epoch"]), f"{r['train_loss']:.6f}", f"{r.get('valid_loss', float('nan')):.6f}",
+                 f"{r.get('accuracy', float('nan')):.6f}", f"{minutes:02d}:{seconds:02d}"]
+        self.console.print("".join(f"{c:<12}" for c in cells), highlight=False)
+
+
+def _leaderboard(rows: list[dict], title: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("#", "head", "lr", "wd", "epochs", "views", "accuracy", "valid_loss", "run"):
+        table.add_column(column, justify="right" if column not in ("head", "run") else "left")
+    for i, r in enumerate(rows, 1):
+        acc = f"{r['accuracy']:.4f}" if r.get("accuracy") is not None else "-"
+        loss = f"{r['valid_loss']:.4f}" if r.get("valid_loss") is not None else "-"
+        table.add_row(str(i), str(r.get("head")), f"{r['lr']:g}" if r.get("lr") else "-", f"{r.get('wd', 0):g}"
+                      if r.get("wd") is not None else "-", str(r.get("epochs")), str(r.get("views")), acc, loss, r["run"])
+    out.print(table)
+
+
+@app.command("train-head", epilog="Examples:\n\n"
+             "    pipeline train-head --store runs/dogscats.h5 --epochs 3 --lr 1e-2 --out runs/head-a\n\n"
+             "    pipeline train-head --store runs/dogscats.h5 --head linear,mlp --lr 3e-3,1e-2,3e-2 --wd 0,1e-4 --views 0,4\n\n"
+             "    pipeline train-head --store runs/dogscats.h5 --lr auto")
+def train_head_cmd(
+    store: Path = typer.Option(..., "--store", "-s", help="Feature store written by featurize."),
+    head: str = typer.Option("linear", help="linear or mlp; comma-separated for a grid."),
+    lr: str = typer.Option("1e-2", help="Learning rate, 'auto' (lr-find's suggestion), or a comma-separated grid."),
+    wd: str = typer.Option("1e-4", help="AdamW weight decay; comma-separated for a grid."),
+    epochs: str = typer.Option("3", help="Epochs; comma-separated for a grid."),
+    views: str = typer.Option("0", help="Augmented views to train on besides view 0; comma-separated for a grid."),
+    batch_size: int = typer.Option(256, help="Rows per step."),
+    schedule: str = typer.Option("onecycle", help="onecycle (fast.ai's fit_one_cycle), cosine or constant."),
+    seed: int = typer.Option(0, help="Seed: the same seed gives the same numbers."),
+    hidden: int = typer.Option(512, help="Hidden units of the mlp head."),
+    dropout: float = typer.Option(0.5, help="Dropout of the mlp head."),
+    set_name: Optional[str] = typer.Option(None, "--set", help="Feature set to use (default: the latest)."),
+    max_memory: str = typer.Option("4G", help="Load features into memory up to this size; stream from HDF5 beyond."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (a grid writes one subdirectory per run)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the leaderboard as JSON."),
+):
+    """Train heads on cached features: the epoch table per run, then a leaderboard when several run."""
+    from stages.head import TrainConfig
+    from pipeline.train_head import default_out, default_threads, expand_grid, load_cached_features, train_grid
+    from store.reader import FeatureStore
+
+    default_threads()
+    auto = lr.strip() == "auto"
+    base = TrainConfig(batch_size=batch_size, schedule=schedule, seed=seed, hidden=hidden, dropout=dropout)
+    configs = expand_grid(_split_list("--head", head, str), [1.0] if auto else _split_list("--lr", lr, float),
+                          _split_list("--wd", wd, float), _split_list("--epochs", epochs, int),
+                          _split_list("--views", views, int), base)
+    out_dir = out_dir or default_out()
+    table = EpochTable(err if as_json else out)
+    with FeatureStore(store) as fs:
+        cached = load_cached_features(fs, set_name, max_memory)
+
+        def on_run(i: int, cfg) -> None:
+            if len(configs) > 1 or auto:
+                table.console.print(f"\n[bold]run {i + 1}/{len(configs)}[/]: {cfg.head} lr {cfg.lr:g} wd {cfg.wd:g} "
+                                    f"epochs {cfg.epochs} views {cfg.views}", highlight=False)
+            table.header()
+
+        board = train_grid(cached, configs, out_dir, auto_lr=auto, on_run=on_run, on_epoch=table.row)
+    if as_json:
+        _print_json(board)
+    elif len(board) > 1:
+        _leaderboard(board, f"{len(board)} runs on {store}")
+    else:
+        out.print(f"valid accuracy {board[0]['accuracy']:.4f}; head, config.json, metrics.json, curves.png in "
+                  f"{board[0]['run']}", highlight=False)
+
+
+@app.command("lr-find", epilog="Example:\n\n    pipeline lr-find --store runs/dogscats.h5 --head mlp --out runs/lr")
+def lr_find_cmd(
+    store: Path = typer.Option(..., "--store", "-s", help="Feature store written by featurize."),
+    head: str = typer.Option("linear", help="linear or mlp."),
+    wd: float = typer.Option(1e-4, help="AdamW weight decay."),
+    views: int = typer.Option(0, help="Augmented views to use besides view 0."),
+    batch_size: int = typer.Option(256, help="Rows per step."),
+    start_lr: float = typer.Option(1e-7, help="First learning rate of the sweep."),
+    end_lr: float = typer.Option(10.0, help="Last learning rate of the sweep."),
+    num_iter: int = typer.Option(100, help="Steps of the sweep."),
+    seed: int = typer.Option(0, help="Seed."),
+    set_name: Optional[str] = typer.Option(None, "--set", help="Feature set to use (default: the latest)."),
+    max_memory: str = typer.Option("4G", help="Load features into memory up to this size."),
+    out_dir: Path = typer.Option(Path("runs/lr-find"), "--out", help="Where lr_find.png goes."),
+    as_json: bool = typer.Option(False, "--json", help="Print the curve and suggestions as JSON."),
+):
+    """Learning-rate range test on cached features: a PNG of loss against lr, and suggested learning rates."""
+    from stages.head import TrainConfig
+    from pipeline.train_head import default_threads, find_lr, load_cached_features
+    from store.reader import FeatureStore
+
+    default_threads()
+    with FeatureStore(store) as fs:
+        cached = load_cached_features(fs, set_name, max_memory)
+        result = find_lr(cached, TrainConfig(head=head, wd=wd, views=views, batch_size=batch_size, seed=seed),
+                         out_dir, start_lr=start_lr, end_lr=end_lr, num_iter=num_iter)
+    if as_json:
+        _print_json(result)
+        return
+    out.print(f"suggested lr: {result['valley']:.2e} (valley, what --lr auto uses), {result['steepest']:.2e} "
+              f"(steepest), {result['minimum_div10']:.2e} (minimum/10); plot {result['plot']}", highlight=False)
+
+
+@app.command("runs", epilog="Examples:\n\n    pipeline runs\n\n    pipeline runs --store runs/dogscats.h5 --json")
+def runs_cmd(
+    root: Path = typer.Option(Path("runs"), "--dir", help="Folder holding run directories."),
+    store: Optional[Path] = typer.Option(None, "--store", help="Only runs trained on this store."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+):
+    """Leaderboard of every run so far: settings and valid scores, best first."""
+    from pipeline.train_head import list_runs
+
+    rows = list_runs(root, store)
+    if as_json:
+        _print_json(rows)
+    elif not rows:
+        out.print(f"no runs under {root}" + (f" for {store}" if store else ""))
+    else:
+        _leaderboard(rows, f"{len(rows)} runs under {root}")
 
 
 @app.command(epilog="Example:\n\n    pipeline demo --out runs/demo")

@@ -10,15 +10,6 @@ from stages.backbones import create_backbone
 pytestmark = [pytest.mark.slow, pytest.mark.shared_data]
 
 
-@pytest.fixture(scope="module")
-def dogscats_store(tmp_path_factory):
-    data = shared_dataset("dogscats")
-    store = tmp_path_factory.mktemp("real") / "dogscats.h5"
-    summary = run_json("featurize", data, "--store", store)
-    assert summary["images"] == {"train": 1999, "valid": 999} and not summary["skipped"]
-    return store, summary
-
-
 def load(store, split):
     with h5py.File(store, "r") as f:
         (name,) = list(f["sets"])
@@ -52,6 +43,11 @@ def test_logistic_regression_beats_the_2018_figure(dogscats_store):
     opt.step(closure)
     accuracy = (linear((xv - mean) / std).argmax(1) == yv).float().mean().item()
     assert accuracy >= 0.987, accuracy
+
+
+def test_default_train_head_beats_99(dogscats_store, tmp_path):
+    board = run_json("train-head", "--store", dogscats_store[0], "--out", tmp_path / "head")
+    assert board[0]["accuracy"] >= 0.990, board
 
 
 def test_rerun_decodes_nothing(dogscats_store):
