@@ -1,0 +1,208 @@
+"""python -m bench [featurize heads stream scale] [--quick]: figures side by side with a reference from the same run."""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.harness import REPO, Row, alternate, peak_rss_command, pipeline_cmd, report, run_json_command
+
+SHARED = REPO.parent / "shared" / "data"
+
+
+def photo_folder(tmp: Path, quick: bool) -> tuple[Path, str]:
+    """DATA_DIR whose valid/ is dogscats/valid (999 photos; 64 in quick mode), or generated images without it."""
+    source = SHARED / "dogscats" / "valid"
+    data = tmp / "photos"
+    if source.is_dir():
+        if quick:
+            for cls in ("cats", "dogs"):
+                (data / "valid" / cls).mkdir(parents=True)
+                for f in sorted((source / cls).iterdir())[:32]:
+                    (data / "valid" / cls / f.name).symlink_to(f)
+        else:
+            data.mkdir()
+            (data / "valid").symlink_to(source)
+        return data, f"dogscats/valid{' (64 photos)' if quick else ''}"
+    from pipeline.demo import make_demo_images
+
+    make_demo_images(data, {"valid": 20 if quick else 300})
+    return data, "generated images (../shared/data absent)"
+
+
+def bench_featurize(quick: bool) -> dict:
+    """Ours (default and fp32) against torchvision ImageFolder+DataLoader fp32 and the backbone-alone bound."""
+    import torch
+
+    from pipeline.runtime import tune_allocator
+    from stages.backbones import FeatureRunner, create_backbone
+
+    tmp = Path(tempfile.mkdtemp())
+    data, label = photo_folder(tmp, quick)
+    pairs = 1 if quick else 3
+    count = [0]
+
+    def ours(*extra):
+        def run():
+            count[0] += 1
+            summary, _ = run_json_command(pipeline_cmd("featurize", data, "--store", tmp / f"s{count[0]}.h5", *extra))
+            return summary["images_per_second"]
+        return run
+
+    def reference():
+        result, _ = run_json_command([sys.executable, "bench/reference_featurize.py", str(data / "valid"),
+                                      "--out", str(tmp / "reference.npy")])
+        return result["images_per_second"]
+
+    default, ref, default_pairs = alternate(ours(), reference, pairs)
+    fp32, ref32, fp32_pairs = alternate(ours("--precision", "fp32"), reference, pairs)
+
+    # The bound: the same backbone on ready tensors, same precision and process settings as ours.
+    tune_allocator()
+    torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
+    backbone = create_backbone()
+    images = torch.rand(32, 3, 224, 224) * 2 - 1
+    bounds = {}
+    for precision in ("fp32", "bf16"):
+        run = FeatureRunner(backbone.model, "cpu", precision, 224)
+        run(images)
+        started, n = time.perf_counter(), 0
+        while time.perf_counter() - started < (3 if quick else 15):
+            run(images)
+            n += len(images)
+        bounds[precision] = n / (time.perf_counter() - started)
+
+    reference_features = np.load(tmp / "reference.npy")
+    cosines = {}
+    for store_index, precision in ((pairs * 2, "fp32"), (1, "default")):
+        import h5py
+
+        with h5py.File(tmp / f"s{store_index}.h5", "r") as f:
+            (name,) = list(f["sets"])
+            ours_features = f["sets"][name]["valid"]["features"][()].astype(np.float32)
+            used = f["sets"][name].attrs["precision"]
+        cos = (ours_features * reference_features).sum(1) / (
+            np.linalg.norm(ours_features, axis=1) * np.linalg.norm(reference_features, axis=1))
+        cosines[f"{precision} ({used})"] = float(cos.min())
+    shutil.rmtree(tmp)
+    rows = [
+        Row("featurize default vs torchvision fp32", default, ref, "img/s", note=label, pairs=default_pairs),
+        Row("featurize fp32 vs torchvision fp32", fp32, ref32, "img/s", pairs=fp32_pairs),
+        Row("featurize fp32 vs fp32 backbone-alone bound", fp32, bounds["fp32"], "img/s", note="target >= 0.8x"),
+        Row("featurize default vs bf16 backbone-alone bound", default, bounds["bf16"], "img/s"),
+        *[Row(f"min cosine to torchvision features, {k}", v, None, "", note="fp32 target >= 0.999")
+          for k, v in cosines.items()],
+    ]
+    return report("featurize" + ("-quick" if quick else ""), rows)
+
+
+def bench_heads(quick: bool) -> dict:
+    """Issue 3's figures: train-head and the 24-run grid against the featurize they reuse; the rerun against a run."""
+    tmp = Path(tempfile.mkdtemp())
+    source = SHARED / "dogscats"
+    if source.is_dir() and not quick:
+        data, label = source, "dogscats (2998 photos)"
+    else:
+        from pipeline.demo import make_demo_images
+
+        data, label = make_demo_images(tmp / "data", {"train": 20, "valid": 10}), "generated (90 images)"
+    store = tmp / "s.h5"
+    first, first_wall = run_json_command(pipeline_cmd("featurize", data, "--store", store))
+    rerun, rerun_wall = run_json_command(pipeline_cmd("featurize", data, "--store", store))
+    head, head_wall = run_json_command(pipeline_cmd("train-head", "--store", store, "--out", tmp / "head"))
+    grid_args = ["--head", "linear,mlp", "--lr", "3e-3,1e-2,3e-2", "--wd", "0,1e-4", "--views", "0"]
+    grid, grid_wall = run_json_command(pipeline_cmd("train-head", "--store", store, *grid_args, "--out", tmp / "grid"))
+    shutil.rmtree(tmp)
+    recompute = len(grid) * (first_wall + head_wall)
+    rows = [
+        Row("featurize (first run), wall", first_wall, None, "s", higher_is_better=False, note=label),
+        Row("featurize rerun vs first run, wall", rerun_wall, first_wall, "s", higher_is_better=False,
+            note=f"up to date: {rerun['up_to_date']}"),
+        Row("default train-head, wall vs featurize wall", head_wall, first_wall, "s", higher_is_better=False,
+            note=f"valid accuracy {head[0]['accuracy']:.4f}"),
+        Row(f"{len(grid)}-run grid vs {len(grid)} x (featurize + head)", grid_wall, recompute, "s",
+            higher_is_better=False, note=f"best {grid[0]['head']} lr {grid[0]['lr']:g} wd {grid[0]['wd']:g}: "
+                                         f"{grid[0]['accuracy']:.4f}"),
+    ]
+    return report("heads" + ("-quick" if quick else ""), rows, {"leaderboard": grid})
+
+
+def bench_stream(quick: bool) -> dict:
+    """train-head samples/s on an N x 1280 float16 store streamed from HDF5, beside plain h5py's read rate."""
+    import h5py
+
+    from bench.synthetic import write_feature_store
+
+    n = 50_000 if quick else 1_000_000
+    tmp = Path(tempfile.mkdtemp())
+    store = tmp / "big.h5"
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, n)
+    features = np.empty((n, 1280), np.float16)
+    for i in range(0, n, 65536):  # generated in blocks to keep this process small
+        k = min(65536, n - i)
+        features[i:i + k] = (rng.standard_normal((k, 1280), dtype=np.float32) + labels[i:i + k, None]).astype(np.float16)
+    write_feature_store(store, (features, labels, np.zeros(n, np.uint8)), chunk_rows=1024)
+    del features
+
+    def h5py_rate() -> float:
+        started = time.perf_counter()
+        with h5py.File(store, "r") as f:
+            ds = f["sets/efficientnet_lite0-test/train/features"]
+            for i in range(0, n, 16384):
+                ds[i:i + 16384]
+        return n / (time.perf_counter() - started)
+
+    def train_rate() -> float:
+        result, _ = run_json_command(pipeline_cmd("train-head", "--store", store, "--epochs", "1", "--max-memory", "1M",
+                                                  "--out", tmp / "run"))
+        metrics = json.loads((Path(result[0]["run"]) / "metrics.json").read_text())
+        return n / metrics["train_seconds"]
+
+    ours, ref, pairs = alternate(train_rate, h5py_rate, 1 if quick else 3)
+    shutil.rmtree(tmp)
+    return report("stream" + ("-quick" if quick else ""), [
+        Row(f"train-head streamed (linear, 1 epoch, {n:,} x 1280 fp16) vs h5py sequential read", ours, ref,
+            "rows/s", note="train includes a standardization pass", pairs=pairs)])
+
+
+def bench_scale(quick: bool) -> dict:
+    """Featurize peak RSS and img/s on generated sets of two sizes: memory must not grow with N."""
+    from pipeline.demo import make_demo_images
+
+    sizes = (90, 360) if quick else (1_000, 20_000)
+    rows = []
+    for n in sizes:
+        tmp = Path(tempfile.mkdtemp())
+        data = make_demo_images(tmp / "data", {"train": n // 3})
+        summary, wall, peak = peak_rss_command(pipeline_cmd("featurize", data, "--store", tmp / "s.h5"))
+        rows.append(Row(f"featurize {n:,} generated images: img/s", summary["images_per_second"], None, "img/s"))
+        rows.append(Row(f"featurize {n:,} generated images: peak RSS", peak, None, "MB", higher_is_better=False,
+                        note=f"wall {wall:.0f} s"))
+        shutil.rmtree(tmp)
+    return report("scale" + ("-quick" if quick else ""), rows)
+
+
+BENCHMARKS = {"featurize": bench_featurize, "heads": bench_heads, "stream": bench_stream, "scale": bench_scale}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("names", nargs="*", help=f"benchmarks to run: {', '.join(BENCHMARKS)} (default: all)")
+    parser.add_argument("--quick", action="store_true", help="small inputs, one pair: a smoke check in under 2 minutes")
+    args = parser.parse_args()
+    unknown = set(args.names) - set(BENCHMARKS)
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(sorted(unknown))}; choose from {', '.join(BENCHMARKS)}")
+    for name in args.names or BENCHMARKS:
+        BENCHMARKS[name](args.quick)
+
+
+if __name__ == "__main__":
+    main()
