@@ -280,6 +280,116 @@ def runs_cmd(
         _leaderboard(rows, f"{len(rows)} runs under {root}")
 
 
+@app.command(epilog="Examples:\n\n    pipeline inspect data/dogscats\n\n    pipeline inspect data/photos --valid-pct 0.2 --json")
+def inspect(
+    data_dir: Path = typer.Argument(..., help="Data folder, laid out as for featurize."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where samples.png goes (default runs/inspect-NAME)."),
+    valid_pct: Optional[float] = typer.Option(None, help="As featurize: hold out this fraction as valid."),
+    seed: int = typer.Option(0, help="Seed of --valid-pct."),
+    as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON."),
+):
+    """Look at the data: counts per split and class, balance, sizes, formats, bad files, duplicates, leaks, samples."""
+    from pipeline.inspect_data import inspect_folder
+
+    report = inspect_folder(data_dir, out_dir or Path("runs") / f"inspect-{data_dir.resolve().name}", valid_pct, seed)
+    if as_json:
+        _print_json(report)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{data_dir} ({report['layout']})")
+    table.add_column("split")
+    for name in report["classes"] or ["(unlabelled)"]:
+        table.add_column(name, justify="right")
+    table.add_column("total", justify="right")
+    table.add_column("balance", justify="right")
+    for split, info in report["splits"].items():
+        table.add_row(split, *[str(info["classes"].get(c, 0)) for c in report["classes"] or ["(unlabelled)"]],
+                      str(info["images"]), str(info["balance"]))
+    out.print(table)
+    w, h = report["width"], report["height"]
+    if w:
+        out.print(f"sizes: width {w['min']}-{w['max']} (median {w['median']}), height {h['min']}-{h['max']} "
+                  f"(median {h['median']}); formats {report['formats']}; modes {report['modes']}", highlight=False)
+    for bad in report["unreadable"]:
+        err.print(f"[yellow]unreadable[/] {bad['path']}: {bad['reason']}", highlight=False)
+    for dup in report["duplicates"]:
+        kind = "[red]leak[/] (same file in " + " and ".join(dup["splits"]) + ")" if len(dup["splits"]) > 1 else "duplicate"
+        err.print(f"{kind}: {', '.join(dup['paths'])}", highlight=False)
+    out.print(f"{len(report['unreadable'])} unreadable, {len(report['duplicates'])} duplicate groups, "
+              f"{len(report['leaks'])} leaks; samples: {report['contact_sheet']}", highlight=False)
+
+
+@app.command(epilog="Examples:\n\n    pipeline predict runs/head-a photo1.jpg photo2.png some/folder/ --top-k 2 --out preds.csv\n\n"
+             "    pipeline predict runs/head-a photos/ --tta --json")
+def predict(
+    model_dir: Path = typer.Argument(..., help="Run directory written by train-head (or finetune)."),
+    inputs: list[Path] = typer.Argument(..., help="Image files and folders (searched recursively)."),
+    top_k: int = typer.Option(1, help="Classes to show per image."),
+    tta: bool = typer.Option(False, "--tta", help="Also average over flipped and shifted crops (reported separately)."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="Write all class probabilities to .csv or .json."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print predictions as JSON."),
+):
+    """Classify images with a trained model; unreadable files are reported and do not stop the rest."""
+    from pipeline.evaluate import predict as run_predict
+    from stages.model import load_model
+
+    result = run_predict(load_model(model_dir, device=device), inputs, top_k, tta, out_file)
+    if as_json:
+        _print_json(result)
+        return
+    from rich.table import Table
+
+    table = Table()
+    for column in ("path", "class", "probability", *(("tta class", "tta probability") if tta else ())):
+        table.add_column(column, justify="right" if "probability" in column else "left")
+    for r in result["predictions"]:
+        top = ", ".join(f"{c} {p:.3f}" for c, p in r["top_k"]) if top_k > 1 else f"{r['probability']:.4f}"
+        extra = (r["tta_class"], f"{r['tta_probability']:.4f}") if tta else ()
+        table.add_row(r["path"], r["class"], top, *extra)
+    out.print(table)
+    for e in result["errors"]:
+        err.print(f"[yellow]unreadable[/] {e['path']}: {e['error']}", highlight=False)
+    out.print(f"{len(result['predictions'])} images in {result['seconds']:.1f} s ({result['images_per_second']} img/s)"
+              + (f"; probabilities in {result['out']}" if result["out"] else ""), highlight=False)
+
+
+@app.command(epilog="Examples:\n\n    pipeline evaluate runs/head-a data/dogscats/valid --out runs/head-a/eval\n\n"
+             "    pipeline evaluate runs/head-a data/dogscats/valid --store runs/dogscats.h5\n\n"
+             "    pipeline evaluate runs/ft-a data/dogscats/valid --tta")
+def evaluate(
+    model_dir: Path = typer.Argument(..., help="Run directory written by train-head (or finetune)."),
+    split_dir: Path = typer.Argument(..., help="A folder of class folders with the model's class names."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where the PNGs and metrics.json go (default MODEL/eval)."),
+    tta: bool = typer.Option(False, "--tta", help="Average over flipped and shifted crops."),
+    store: Optional[Path] = typer.Option(None, "--store", help="Use cached features from this store (seconds)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+):
+    """Accuracy, per-class precision/recall/F1, log loss, confusion matrix and top-losses PNGs, most-confused pairs."""
+    from pipeline.evaluate import evaluate as run_evaluate
+
+    m = run_evaluate(model_dir, split_dir, out_dir, tta, store, device)
+    if as_json:
+        _print_json(m)
+        return
+    from rich.table import Table
+
+    out.print(f"accuracy {m['accuracy']:.4f}, log loss {m['log_loss']:.4f} on {m['images']} images"
+              f"{' with TTA' if tta else ''}{' from cached features' if store else ''} in {m['seconds']:.1f} s",
+              highlight=False)
+    table = Table()
+    for column in ("class", "precision", "recall", "f1", "support"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name, c in m["per_class"].items():
+        table.add_row(name, f"{c['precision']:.4f}", f"{c['recall']:.4f}", f"{c['f1']:.4f}", str(c["support"]))
+    out.print(table)
+    for pair in m["most_confused"][:5]:
+        out.print(f"most confused: {pair['true']} taken for {pair['predicted']} {pair['count']} times", highlight=False)
+    out.print(f"plots: {m['confusion_png']}, {m['top_losses_png']}; metrics: {m['metrics_json']}", highlight=False)
+
+
 @app.command(epilog="Example:\n\n    pipeline demo --out runs/demo")
 def demo(
     out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Where the demo writes its images and store."),

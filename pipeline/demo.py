@@ -54,14 +54,34 @@ def make_demo_images(root: Path, per_class: dict[str, int] | None = None, seed: 
 
 def run_demo(out_dir: Path, progress: Callable[[int, int], None] | None = None,
              say: Callable[[str], None] = print) -> dict:
-    """Generate the demo images and featurize them; return where everything went."""
+    """The whole flow on generated images: featurize, lr-find, train-head, evaluate, predict; where everything went."""
+    from pipeline.evaluate import evaluate, predict
     from pipeline.featurize import FeaturizeOptions, featurize
+    from pipeline.train_head import default_threads, find_lr, load_cached_features, train_grid
+    from stages.head import TrainConfig
+    from stages.model import load_model
+    from store.reader import FeatureStore
 
     data = make_demo_images(out_dir / "data")
-    say(f"generated images: {data} (classes {', '.join(DEMO_CLASSES)}; train 30 and valid 10 per class)")
+    say(f"1. generated images: {data} (classes {', '.join(DEMO_CLASSES)}; train 30 and valid 10 per class)")
     store = out_dir / "demo.h5"
     summary = featurize(FeaturizeOptions(data_dir=data, store=store, views=2), progress=progress)
     state = "already up to date" if summary["up_to_date"] else f"featurized {summary['featurized']} images"
-    say(f"feature store: {store} ({state}, {summary['seconds']:.1f} s; set {summary['set']})")
-    say(f"next: pipeline store info {store}")
-    return {"data_dir": str(data), "store": str(store), "featurize": summary}
+    say(f"2. feature store: {store} ({state}, {summary['seconds']:.1f} s; set {summary['set']})")
+    default_threads()
+    with FeatureStore(store) as fs:
+        cached = load_cached_features(fs)
+        found = find_lr(cached, TrainConfig(), out_dir / "lr-find")
+        say(f"3. lr-find: suggested lr {found['valley']:.2e}; plot {found['plot']}")
+        board = train_grid(cached, [TrainConfig(lr=found["valley"], epochs=5, views=2)], out_dir / "head")
+    say(f"4. train-head: valid accuracy {board[0]['accuracy']:.4f}; model in {board[0]['run']}")
+    metrics = evaluate(Path(board[0]["run"]), data / "valid", out_dir / "eval")
+    say(f"5. evaluate: accuracy {metrics['accuracy']:.4f}; {metrics['confusion_png']}, {metrics['top_losses_png']}")
+    samples = [data / "valid" / kind / f"{kind}_000.jpg" for kind in DEMO_CLASSES]
+    predictions = predict(load_model(board[0]["run"]), samples)["predictions"]
+    for p in predictions:
+        say(f"6. predict: {p['path']} -> {p['class']} ({p['probability']:.3f})")
+    say(f"next: pipeline runs --dir {out_dir}; pipeline store info {store}")
+    return {"data_dir": str(data), "store": str(store), "featurize": summary, "lr_find": found["valley"],
+            "head": board[0], "evaluate": {k: metrics[k] for k in ("accuracy", "confusion_png", "top_losses_png")},
+            "predictions": predictions}

@@ -336,6 +336,7 @@ def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> dict:
             up_to_date = not todo and _up_to_date(old_set, plans, dataset.classes, had_parts)
             if not up_to_date:
                 attrs = {**identity, "classes": dataset.classes, "data_dir": str(Path(opts.data_dir).resolve()),
+                         "weights_path": backbone.weights_path,
                          **{k: v for k, v in dataset.describe().items() if v is not None},
                          "versions": _library_versions(), "device": device,
                          "created": old_set.attrs.get("created", now_iso()) if old_set is not None else now_iso(),

@@ -46,3 +46,67 @@ def plot_lr_find(result: dict, path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_confusion_matrix(matrix: list[list[int]], classes: list[str], path: Path) -> Path:
+    """Counts of true (rows) against predicted (columns) classes."""
+    import numpy as np
+
+    m = np.asarray(matrix)
+    size = max(4, 0.6 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(m, cmap="Blues")
+    ticks = range(len(classes))
+    ax.set_xticks(ticks, classes, rotation=45, ha="right")
+    ax.set_yticks(ticks, classes)
+    for (i, j), v in np.ndenumerate(m):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > m.max() / 2 else "black")
+    ax.set(xlabel="predicted", ylabel="actual", title="confusion matrix")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _thumbnail(path: Path, size: int = 160):
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image).convert("RGB")
+            image.thumbnail((size, size))
+            return image
+    except Exception:
+        return Image.new("RGB", (size, size), (128, 128, 128))
+
+
+def plot_image_grid(items: list[tuple[Path, str]], path: Path, title: str, columns: int = 3) -> Path:
+    """Images with a caption each (fastai's plot_top_losses)."""
+    rows = max(1, -(-len(items) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (image_path, caption) in zip(axes.flat, items):
+        ax.imshow(_thumbnail(image_path))
+        ax.set_title(caption, fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_contact_sheet(samples: dict[str, list[Path]], path: Path, per_row: int = 8) -> Path:
+    """One labelled row of sample images per class."""
+    rows = max(1, len(samples))
+    fig, axes = plt.subplots(rows, per_row, figsize=(1.6 * per_row, 1.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, (name, paths) in enumerate(samples.items()):
+        axes[r, 0].set_title(name, loc="left", fontsize=10, fontweight="bold")
+        for c, image_path in enumerate(paths[:per_row]):
+            axes[r, c].imshow(_thumbnail(image_path, 128))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

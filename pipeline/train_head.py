@@ -15,11 +15,10 @@ import torch
 
 from pipeline.plots import plot_lr_find, plot_training_curves
 from stages.errors import PipelineError
-from stages.head import (Head, SplitFeatures, TrainConfig, evaluate_head, lr_find, parse_size, select_rows,
-                         train_head)
+from stages.head import (HEAD_FILE, Head, SplitFeatures, TrainConfig, evaluate_head, lr_find, parse_size,
+                         select_rows, train_head)
 from store.reader import FeatureSet, FeatureStore
 
-HEAD_FILE = "head.safetensors"
 COMPATIBLE_FIELDS = ("backbone", "arch", "weights_sha256", "preprocessing", "feature_dim")
 
 
@@ -61,7 +60,8 @@ def load_cached_features(store: FeatureStore, set_name: str | None = None, max_m
 
 def feature_set_identity(store_path: Path, fs: FeatureSet) -> dict:
     """What a head needs to know of the features it was trained on, to rebuild the model from raw images."""
-    return {"store": str(store_path.resolve()), "set": fs.name, **fs.identity}
+    return {"store": str(store_path.resolve()), "set": fs.name, "weights_path": fs.attrs.get("weights_path"),
+            **fs.identity}
 
 
 def check_compatible(config: dict, fs: FeatureSet, run_dir: Path | str) -> None:
@@ -101,26 +101,6 @@ def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
-
-
-def load_head(run_dir: Path | str) -> tuple[Head, dict]:
-    """Rebuild a trained head and its config from a run directory."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    run_dir = Path(run_dir)
-    for name in ("config.json", HEAD_FILE):
-        if not (run_dir / name).is_file():
-            raise PipelineError(f"{run_dir} is not a head run: {name} is missing; give a directory written by "
-                                "pipeline train-head")
-    try:
-        config = json.loads((run_dir / "config.json").read_text())
-        head = Head.from_spec(config["head"])
-        head.load_state_dict(load_file(str(run_dir / HEAD_FILE)), strict=True)
-    except (ValueError, KeyError, RuntimeError, SafetensorError) as exc:
-        raise PipelineError(f"{run_dir} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
-                            "train the head again") from None
-    return head.eval(), config
 
 
 def expand_grid(heads: list[str], lrs: list, wds: list[float], epochs: list[int], views: list[int],

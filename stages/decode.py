@@ -57,15 +57,20 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def _resize_and_centre_crop(image, preprocessing: Preprocessing):
-    """Shorter side to `resize`, then a centre crop, with torchvision's exact geometry.
+TTA_VIEWS = ("plain", "flipped", "top-left", "bottom-right")
 
-    torchvision truncates the longer side (int(resize * long / short)) and rounds the crop offset half to even;
-    matching both keeps features at cosine 0.999+ to a torchvision reference instead of a pixel's shift away.
+
+def _resize_and_crops(image, preprocessing: Preprocessing, tta: bool) -> list:
+    """Shorter side to `resize`, then the centre crop (and, for TTA, its flip and two corner crops).
+
+    The geometry is torchvision's exactly: the longer side is truncated (int(resize * long / short)) and the crop
+    offset rounds half to even; that keeps features at cosine 0.999 to a torchvision reference, not a pixel off.
+    Returns (crop, mirror) pairs.
     """
     import nvidia.dali.math as dmath
     from nvidia.dali import fn, types
 
+    size = preprocessing.size
     shape = image.shape(dtype=types.FLOAT)
     height, width = shape[0], shape[1]
     short = dmath.min(height, width)
@@ -73,17 +78,24 @@ def _resize_and_centre_crop(image, preprocessing: Preprocessing):
     out_w = dmath.floor(preprocessing.resize * width / short)
     resized = fn.resize(image, resize_x=out_w, resize_y=out_h, antialias=True, interp_type=types.INTERP_LINEAR)
 
-    def offset(extent):
-        half = dmath.floor((extent - preprocessing.size) / 2)
-        odd = extent - preprocessing.size - 2 * half  # 1 when the margin is odd: .5 rounds to the even neighbour
+    def centre(extent):
+        half = dmath.floor((extent - size) / 2)
+        odd = extent - size - 2 * half  # 1 when the margin is odd: .5 rounds to the even neighbour
         return half + odd * (half - 2 * dmath.floor(half / 2))
 
-    anchor = fn.stack(offset(out_w), offset(out_h))
-    return fn.slice(resized, anchor, types.Constant([preprocessing.size, preprocessing.size], types.FLOAT),
-                    axis_names="WH", normalized_anchor=False, normalized_shape=False)
+    def crop(x, y):
+        return fn.slice(resized, fn.stack(x, y), types.Constant([size, size], types.FLOAT), axis_names="WH",
+                        normalized_anchor=False, normalized_shape=False)
+
+    plain = crop(centre(out_w), centre(out_h))
+    if not tta:
+        return [(plain, 0)]
+    zero = out_w * 0
+    return [(plain, 0), (plain, 1), (crop(zero, zero), 0), (crop(out_w - size, out_h - size), 0)]
 
 
-def _build_pipeline(preprocessing: Preprocessing, views: int, device: str, batch_size: int, num_threads: int):
+def _build_pipeline(preprocessing: Preprocessing, views: int, device: str, batch_size: int, num_threads: int,
+                    tta: bool = False):
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device == "cuda"
@@ -96,7 +108,8 @@ def _build_pipeline(preprocessing: Preprocessing, views: int, device: str, batch
         # HWC output viewed as NCHW is already channels_last, the layout the backbone runs fastest in.
         normalize = dict(mean=list(preprocessing.mean), std=list(preprocessing.std),
                          output_layout="HWC", dtype=types.FLOAT)
-        outputs = [fn.crop_mirror_normalize(_resize_and_centre_crop(image, preprocessing), **normalize)]
+        outputs = [fn.crop_mirror_normalize(crop, mirror=mirror, **normalize)
+                   for crop, mirror in _resize_and_crops(image, preprocessing, tta)]
         for view in range(1, views + 1):
             anchor = fn.external_source(name=f"anchor{view}", dtype=types.FLOAT, ndim=1)
             shape = fn.external_source(name=f"shape{view}", dtype=types.FLOAT, ndim=1)
@@ -129,12 +142,16 @@ class ImageDecoder:
     """Decodes (key, encoded bytes) items into batches in input order, every item exactly once.
 
     View 0 is the plain resize-and-centre-crop; views 1..K are seeded random resized crops with flips.
+    With tta=True the views are instead the TTA_VIEWS: plain, flipped, and two corner crops.
     A file DALI cannot decode is reported in `failed` and does not cost its batch-mates.
     Decoding runs in a background thread so it overlaps with whatever consumes the batches.
     """
 
     def __init__(self, preprocessing: Preprocessing, views: int = 0, device: str = "cpu", batch_size: int = 64,
-                 num_threads: int = 1, prefetch: int = 2, seed: int = 0, augmentation: Augmentation = Augmentation()):
+                 num_threads: int = 1, prefetch: int = 2, seed: int = 0, augmentation: Augmentation = Augmentation(),
+                 tta: bool = False):
+        if tta and views:
+            raise ValueError("TTA views and augmented views are exclusive")
         self.preprocessing = preprocessing
         self.views = views
         self.device = device
@@ -143,12 +160,13 @@ class ImageDecoder:
         self.prefetch = prefetch
         self.seed = seed
         self.augmentation = augmentation
+        self.tta = tta
         self._pipe = None
 
     def _pipeline(self):
         if self._pipe is None:
             self._pipe = _build_pipeline(self.preprocessing, self.views, self.device, self.batch_size,
-                                         self.num_threads)
+                                         self.num_threads, self.tta)
         return self._pipe
 
     def _run(self, keys: list[str], data: list[np.ndarray], epoch: int) -> torch.Tensor:
@@ -179,7 +197,8 @@ class ImageDecoder:
 
     def _empty(self) -> torch.Tensor:
         s = self.preprocessing.size
-        return torch.empty((0, self.views + 1, 3, s, s), device="cuda" if self.device == "cuda" else "cpu")
+        views = len(TTA_VIEWS) if self.tta else self.views + 1
+        return torch.empty((0, views, 3, s, s), device="cuda" if self.device == "cuda" else "cpu")
 
     def decode(self, items: Iterable[tuple[str, Callable[[], np.ndarray]]], epoch: int = 0) -> Iterator[DecodedBatch]:
         """Yield decoded batches for (key, load) items in order; load() returns the encoded bytes or raises BadImage.

@@ -1,9 +1,11 @@
 """Heads on cached features: the modules, the batch order (in memory or streamed from HDF5), training and lr-find."""
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import h5py
@@ -15,6 +17,7 @@ from torch import nn
 from stages.errors import PipelineError
 
 SCHEDULES = ("onecycle", "cosine", "constant")
+HEAD_FILE = "head.safetensors"
 
 
 class Standardize(nn.Module):
@@ -371,3 +374,23 @@ def lr_find(train: SplitFeatures, cfg: TrainConfig, num_classes: int, start_lr: 
         finite = [i for i, v in enumerate(smoothed) if math.isfinite(v)]
         lrs, losses, smoothed = [lrs[i] for i in finite], [losses[i] for i in finite], [smoothed[i] for i in finite]
     return {"lrs": lrs, "losses": losses, "smoothed": smoothed, **suggest_lr(lrs, smoothed)}
+
+
+def load_head(run_dir: Path | str) -> tuple[Head, dict]:
+    """Rebuild a trained head and its config from a run directory."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    for name in ("config.json", HEAD_FILE):
+        if not (run_dir / name).is_file():
+            raise PipelineError(f"{run_dir} is not a head run: {name} is missing; give a directory written by "
+                                "pipeline train-head")
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        head = Head.from_spec(config["head"])
+        head.load_state_dict(load_file(str(run_dir / HEAD_FILE)), strict=True)
+    except (ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        raise PipelineError(f"{run_dir} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+                            "train the head again") from None
+    return head.eval(), config

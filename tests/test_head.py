@@ -8,7 +8,8 @@ from PIL import Image
 
 from bench.synthetic import separable_features, write_feature_store
 from conftest import run_cli, run_json
-from pipeline.train_head import check_compatible, load_cached_features, load_head
+from pipeline.train_head import check_compatible, load_cached_features
+from stages.head import load_head
 from stages.errors import PipelineError
 from stages.head import SplitFeatures, TrainConfig, schedule_values, select_rows, suggest_lr, train_head, smooth
 from store.reader import FeatureStore

@@ -54,3 +54,13 @@ def test_rerun_decodes_nothing(dogscats_store):
     store, _ = dogscats_store
     again = run_json("featurize", shared_dataset("dogscats"), "--store", store)
     assert again["up_to_date"] and again["featurized"] == 0
+
+
+def test_evaluate_from_photos_equals_evaluate_from_the_store(dogscats_store, tmp_path):
+    store = dogscats_store[0]
+    run_json("train-head", "--store", store, "--out", tmp_path / "head")
+    valid = shared_dataset("dogscats") / "valid"
+    raw = run_json("evaluate", tmp_path / "head", valid, "--out", tmp_path / "raw")
+    cached = run_json("evaluate", tmp_path / "head", valid, "--store", store, "--out", tmp_path / "cached")
+    assert raw["images"] == cached["images"] == 999
+    assert abs(raw["accuracy"] - cached["accuracy"]) <= 1 / 999 and raw["accuracy"] >= 0.99

@@ -1,0 +1,174 @@
+"""predict and evaluate: a trained model on new images, and its scores with plots on a labelled split."""
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.plots import plot_confusion_matrix, plot_image_grid
+from pipeline.train_head import check_compatible
+from stages.errors import PipelineError
+from stages.files import IMAGE_EXTENSIONS, _class_folders, _walk_images
+from stages.metrics import classification_metrics, top_losses
+from stages.model import ImageClassifier, load_model
+
+
+def expand_inputs(inputs: list[Path]) -> list[Path]:
+    """Files as given, folders walked recursively for images; a missing input is an error naming it."""
+    files = []
+    for item in inputs:
+        if item.is_dir():
+            files += _walk_images(item)
+        elif item.exists():
+            files.append(item)
+        else:
+            raise PipelineError(f"input {item} does not exist; give image files or folders")
+    if not files:
+        raise PipelineError(f"no images found in {', '.join(map(str, inputs))} ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return files
+
+
+def predict(model: ImageClassifier, inputs: list[Path], top_k: int = 1, tta: bool = False,
+            out: Path | None = None) -> dict:
+    """Predictions for every input image; all class probabilities to .csv or .json when out is given."""
+    if top_k < 1:
+        raise PipelineError(f"--top-k {top_k} is out of range; give 1 or more")
+    if out is not None and out.suffix not in (".csv", ".json"):
+        raise PipelineError(f"--out {out} must end in .csv or .json")
+    files = expand_inputs(inputs)
+    started = time.perf_counter()
+    rows, errors = [], []
+    for predictions, failed in model.predict_files(files, tta=tta):
+        for p in predictions:
+            row = {"path": p.path, **_top(p.probabilities, model.classes, top_k)}
+            if tta:
+                row.update({f"tta_{k}": v for k, v in _top(p.tta_probabilities, model.classes, top_k).items()})
+            row["probabilities"] = {c: float(v) for c, v in zip(model.classes, p.probabilities)}
+            if tta:
+                row["tta_probabilities"] = {c: float(v) for c, v in zip(model.classes, p.tta_probabilities)}
+            rows.append(row)
+        errors += [{"path": path, "error": reason} for path, reason in failed]
+    seconds = time.perf_counter() - started
+    if out is not None:
+        _write_predictions(out, rows, model.classes, tta)
+    return {"predictions": rows, "errors": errors, "seconds": round(seconds, 3),
+            "images_per_second": round(len(rows) / seconds, 1) if rows else None, "out": str(out) if out else None}
+
+
+def _top(probs: np.ndarray, classes: list[str], k: int) -> dict:
+    order = np.argsort(-probs)[:k]
+    return {"class": classes[order[0]], "probability": float(probs[order[0]]),
+            "top_k": [[classes[i], float(probs[i])] for i in order]}
+
+
+def _write_predictions(out: Path, rows: list[dict], classes: list[str], tta: bool) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".json":
+        out.write_text(json.dumps(rows, indent=2) + "\n")
+        return
+    with out.open("w", newline="") as f:
+        writer = csv.writer(f)
+        extra = [f"tta_{c}" for c in classes] if tta else []
+        writer.writerow(["path", "class", "probability", *classes, *(["tta_class", "tta_probability"] if tta else []),
+                         *extra])
+        for r in rows:
+            writer.writerow([r["path"], r["class"], f"{r['probability']:.6f}",
+                             *[f"{r['probabilities'][c]:.6f}" for c in classes],
+                             *([r["tta_class"], f"{r['tta_probability']:.6f}"] if tta else []),
+                             *([f"{r['tta_probabilities'][c]:.6f}" for c in classes] if tta else [])])
+
+
+def labelled_split(split_dir: Path, classes: list[str]) -> tuple[list[Path], np.ndarray]:
+    """Images of a folder of class folders, labelled with the model's class indices; other names are an error."""
+    if not split_dir.is_dir():
+        raise PipelineError(f"split folder {split_dir} does not exist; give a folder of class folders")
+    folders = _class_folders(split_dir)
+    unknown = [f for f in folders if f not in classes]
+    if unknown or not folders:
+        raise PipelineError(f"class folders of {split_dir} ({', '.join(folders) or 'none'}) do not match the model's "
+                            f"classes ({', '.join(classes)}); give a split with the classes the model was trained on")
+    files, labels = [], []
+    for name in folders:
+        images = _walk_images(split_dir / name)
+        files += images
+        labels += [classes.index(name)] * len(images)
+    if not files:
+        raise PipelineError(f"{split_dir} holds no images")
+    return files, np.asarray(labels)
+
+
+def _probabilities_from_store(model: ImageClassifier, config: dict, run_dir: Path, store: Path,
+                              files: list[Path]) -> np.ndarray:
+    """Probabilities for the files from cached view-0 features; every file must be in the store."""
+    from store.reader import FeatureStore
+
+    with FeatureStore(store) as fs:
+        trained_here = config["feature_set"].get("store") == str(store.resolve())
+        feature_set = fs.feature_set(config["feature_set"]["set"] if trained_here else None)
+        check_compatible(config, feature_set, run_dir)
+        data_dir = Path(feature_set.attrs["data_dir"]).resolve()
+        position = {}
+        for i, f in enumerate(files):
+            if f.resolve().is_relative_to(data_dir):
+                position[f.resolve().relative_to(data_dir).as_posix()] = i
+        probabilities = np.full((len(files), len(model.classes)), np.nan)
+        for split in feature_set.splits:
+            paths, views = feature_set.column(split, "paths"), feature_set.column(split, "view")
+            rows = np.asarray([(row, position[p]) for row, (p, v) in enumerate(zip(paths, views))
+                               if v == 0 and p in position]).reshape(-1, 2)
+            if len(rows):
+                x = torch.from_numpy(feature_set.features(split)[rows[:, 0]]).float()
+                with torch.no_grad():
+                    probabilities[rows[:, 1]] = torch.softmax(model.head(x), 1).numpy()
+    missing = np.flatnonzero(np.isnan(probabilities[:, 0]))
+    if len(missing):
+        raise PipelineError(f"store {store} does not hold {files[missing[0]]} (it was featurized from {data_dir}); "
+                            "featurize that folder first or evaluate without --store")
+    return probabilities
+
+
+def evaluate(run_dir: Path, split_dir: Path, out: Path | None = None, tta: bool = False, store: Path | None = None,
+             device: str = "auto") -> dict:
+    """Metrics, confusion matrix and top losses of a model on a labelled split; from cached features with store."""
+    from stages.head import load_head
+
+    started = time.perf_counter()
+    _, config = load_head(run_dir)
+    model = load_model(run_dir, device=device)
+    files, labels = labelled_split(split_dir, model.classes)
+    failed = []
+    if store is not None:
+        if tta:
+            raise PipelineError("--tta needs raw images; drop --store to evaluate with TTA")
+        probabilities = _probabilities_from_store(model, config, run_dir, store, files)
+    else:
+        by_path = {}
+        for predictions, bad in model.predict_files(files, tta=tta):
+            for p in predictions:
+                by_path[p.path] = p.tta_probabilities if tta else p.probabilities
+            failed += [{"path": path, "error": reason} for path, reason in bad]
+        keep = [i for i, f in enumerate(files) if str(f) in by_path]
+        probabilities = np.stack([by_path[str(files[i])] for i in keep])
+        files, labels = [files[i] for i in keep], labels[keep]
+    metrics = classification_metrics(labels, probabilities, model.classes)
+    out = out or run_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    worst = top_losses(labels, probabilities)
+    captions = [(files[i], f"{model.classes[labels[i]]} -> {model.classes[int(probabilities[i].argmax())]} "
+                           f"({probabilities[i].max():.2f})\n{files[i].name}") for i in worst]
+    metrics.update({
+        "run": str(run_dir), "split": str(split_dir), "tta": tta, "from_store": store is not None,
+        "unreadable": failed, "seconds": round(time.perf_counter() - started, 3),
+        "confusion_png": str(plot_confusion_matrix(metrics["confusion_matrix"], model.classes, out / "confusion.png")),
+        "top_losses_png": str(plot_image_grid(captions, out / "top_losses.png", "top losses: actual -> predicted (p)")),
+        "top_losses": [{"path": str(files[i]), "true": model.classes[labels[i]],
+                        "predicted": model.classes[int(probabilities[i].argmax())],
+                        "probability": float(probabilities[i].max())} for i in worst],
+    })
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    metrics["metrics_json"] = str(out / "metrics.json")
+    return metrics

@@ -1,0 +1,68 @@
+"""inspect: what a data folder holds, what is wrong with it, and a contact sheet of samples per class."""
+from __future__ import annotations
+
+import statistics
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from pipeline.plots import plot_contact_sheet
+from stages.files import BadImage, content_sha256, scan_dataset, vet_image_bytes
+
+SAMPLES_PER_CLASS = 8
+
+
+def _header(data: bytes) -> tuple[str, int, int, str]:
+    """Format, width, height and mode from the header alone."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return image.format, image.size[0], image.size[1], image.mode
+
+
+def inspect_folder(data_dir: Path, out: Path, valid_pct: float | None = None, seed: int = 0) -> dict:
+    """Counts, balance, sizes and formats per split and class; unreadable files; duplicates and leaks; a sheet."""
+    dataset = scan_dataset(data_dir, valid_pct, seed)
+    by_hash: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    splits, unreadable = {}, []
+    widths, heights, formats, modes = [], [], Counter(), Counter()
+    for split, files in dataset.splits.items():
+        counts = Counter()
+        for f in files:
+            data = (dataset.root / f.path).read_bytes()
+            try:
+                vet_image_bytes(data)
+                fmt, width, height, mode = _header(data)
+                if fmt == "JPEG" and not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+                    raise BadImage("truncated JPEG (no end-of-image marker)")
+            except BadImage as exc:
+                unreadable.append({"split": split, "path": f.path, "reason": str(exc)})
+                continue
+            by_hash[content_sha256(data)].append((split, f.path))
+            counts[dataset.classes[f.label] if f.label >= 0 else "(unlabelled)"] += 1
+            widths.append(width)
+            heights.append(height)
+            formats[fmt] += 1
+            modes[mode] += 1
+        total = sum(counts.values())
+        splits[split] = {"images": total, "classes": dict(sorted(counts.items())),
+                         "balance": round(min(counts.values()) / max(counts.values()), 3) if counts else None}
+    duplicates = [{"paths": [p for _, p in group], "splits": sorted({s for s, _ in group})}
+                  for group in by_hash.values() if len(group) > 1]
+    leaks = [d for d in duplicates if len(d["splits"]) > 1]
+    samples = {}
+    first = "train" if "train" in dataset.splits else next(iter(dataset.splits))
+    for label, name in enumerate(dataset.classes or ["(unlabelled)"]):
+        members = [dataset.root / f.path for f in dataset.splits[first] if f.label == (label if dataset.classes else -1)]
+        samples[name] = members[:: max(1, len(members) // SAMPLES_PER_CLASS)][:SAMPLES_PER_CLASS]
+    out.mkdir(parents=True, exist_ok=True)
+    sheet = plot_contact_sheet(samples, out / "samples.png", SAMPLES_PER_CLASS)
+
+    def spread(values):
+        return {"min": min(values), "median": statistics.median(values), "max": max(values)} if values else None
+
+    return {"data_dir": str(data_dir), "layout": dataset.layout, "classes": dataset.classes, "splits": splits,
+            "width": spread(widths), "height": spread(heights), "formats": dict(formats), "modes": dict(modes),
+            "unreadable": unreadable, "duplicates": duplicates, "leaks": leaks, "contact_sheet": str(sheet),
+            "notes": dataset.notes}

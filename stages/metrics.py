@@ -1,0 +1,36 @@
+"""Classification metrics from true labels and predicted probabilities."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict:
+    """Accuracy, log loss, per-class precision/recall/F1, the confusion matrix and the most-confused pairs."""
+    labels = np.asarray(labels, dtype=int)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    predicted = probabilities.argmax(1)
+    k = len(classes)
+    confusion = np.zeros((k, k), dtype=int)
+    np.add.at(confusion, (labels, predicted), 1)
+    per_class = {}
+    for i, name in enumerate(classes):
+        tp = confusion[i, i]
+        precision = tp / confusion[:, i].sum() if confusion[:, i].sum() else 0.0
+        recall = tp / confusion[i].sum() if confusion[i].sum() else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": float(precision), "recall": float(recall), "f1": float(f1),
+                           "support": int(confusion[i].sum())}
+    eps = 1e-15
+    log_loss = float(-np.log(np.clip(probabilities[np.arange(len(labels)), labels], eps, 1)).mean())
+    pairs = [(classes[t], classes[p], int(confusion[t, p])) for t in range(k) for p in range(k)
+             if t != p and confusion[t, p]]
+    pairs.sort(key=lambda x: -x[2])
+    return {"images": int(len(labels)), "accuracy": float((predicted == labels).mean()), "log_loss": log_loss,
+            "per_class": per_class, "confusion_matrix": confusion.tolist(), "classes": list(classes),
+            "most_confused": [{"true": t, "predicted": p, "count": c} for t, p, c in pairs]}
+
+
+def top_losses(labels: np.ndarray, probabilities: np.ndarray, k: int = 9) -> list[int]:
+    """Indices of the k images with the highest loss (the most confidently wrong first)."""
+    loss = -np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-15, 1))
+    return [int(i) for i in np.argsort(-loss)[:k]]

@@ -1,0 +1,96 @@
+"""The full image-to-class model rebuilt from a run directory: backbone, head and preprocessing in one object."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from stages.backbones import REGISTRY, Backbone, FeatureRunner, create_backbone
+from stages.decode import ImageDecoder, resolve_device
+from stages.errors import PipelineError
+from stages.files import read_image_file
+from stages.head import Head, load_head
+
+
+@dataclass
+class Prediction:
+    """Class probabilities of one image (plain view, and averaged over TTA views when asked)."""
+
+    path: str
+    probabilities: np.ndarray
+    tta_probabilities: np.ndarray | None = None
+
+
+class ImageClassifier:
+    """Image files in, class probabilities out: the DALI decode stage, the backbone and the head."""
+
+    def __init__(self, backbone: Backbone, head: Head, classes: list[str], precision: str = "fp32",
+                 device: str = "auto", batch_size: int = 32):
+        self.backbone, self.head, self.classes = backbone, head.eval(), classes
+        self.device = resolve_device(device)
+        self.precision = precision
+        self.batch_size = batch_size
+        self.forward = FeatureRunner(backbone.model, self.device, precision, backbone.preprocessing.size)
+        self.head.to(self.device)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward(images)
+
+    @torch.no_grad()
+    def predict_files(self, paths: Iterable[str | Path], tta: bool = False) -> Iterator[tuple[list[Prediction], list]]:
+        """Per decoded batch: predictions of the files that decoded, and (path, reason) of those that did not."""
+        decoder = ImageDecoder(self.backbone.preprocessing, device=self.device, batch_size=self.batch_size, tta=tta,
+                               num_threads=2)
+
+        def loader(path):
+            return lambda: read_image_file(Path(path))[0]
+
+        for batch in decoder.decode((str(p), loader(p)) for p in paths):
+            predictions = []
+            if batch.keys:
+                views = batch.images.shape[1]
+                features = self.features(batch.images.flatten(0, 1))
+                probs = torch.softmax(self.head(features), dim=1).view(len(batch.keys), views, -1).cpu().numpy()
+                for i, key in enumerate(batch.keys):
+                    predictions.append(Prediction(key, probs[i, 0], probs[i].mean(0) if tta else None))
+            yield predictions, batch.failed
+
+    def predict(self, paths: Iterable[str | Path], top_k: int = 1, tta: bool = False) -> list[dict]:
+        """[{path, class, probability, top_k: [(class, p)...]}] per file; unreadable files carry an 'error'."""
+        results = []
+        for predictions, failed in self.predict_files(paths, tta):
+            for p in predictions:
+                probs = p.tta_probabilities if tta else p.probabilities
+                order = np.argsort(-probs)[:top_k]
+                results.append({"path": p.path, "class": self.classes[order[0]], "probability": float(probs[order[0]]),
+                                "top_k": [(self.classes[i], float(probs[i])) for i in order]})
+            results += [{"path": path, "error": reason} for path, reason in failed]
+        return results
+
+
+def backbone_for(feature_set: dict, run_dir: Path) -> Backbone:
+    """The backbone a head was trained on, checked against the weights hash recorded at training time."""
+    name, weights = feature_set["backbone"], None
+    if name not in REGISTRY:
+        weights = feature_set.get("weights_path")
+        if not weights or not Path(weights).is_file():
+            raise PipelineError(f"{run_dir} needs the backbone weights {weights or '(unrecorded)'}, which are missing; "
+                                "restore them or retrain the head")
+    backbone = create_backbone(name, weights, feature_set.get("arch") if weights else None)
+    if backbone.weights_sha256 != feature_set["weights_sha256"]:
+        raise PipelineError(f"the weights of {name} ({backbone.weights_path}) differ from those {run_dir} was trained "
+                            f"on (sha256 {feature_set['weights_sha256'][:12]}); reinstall them or retrain the head")
+    return backbone
+
+
+def load_model(run_dir: str | Path, device: str = "auto", batch_size: int = 32) -> ImageClassifier:
+    """Rebuild the full image-to-class model from a directory written by train-head."""
+    run_dir = Path(run_dir)
+    head, config = load_head(run_dir)
+    feature_set = config["feature_set"]
+    backbone = backbone_for(feature_set, run_dir)
+    return ImageClassifier(backbone, head, config["classes"], precision=feature_set.get("precision", "fp32"),
+                           device=device, batch_size=batch_size)

@@ -1,0 +1,153 @@
+"""inspect, the model directory round trip, predict, evaluate and TTA, as users run them."""
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_images, run_cli, run_json
+from stages.metrics import classification_metrics, top_losses
+
+
+def valid_png(path, min_side=200):
+    with Image.open(path) as png:
+        assert png.format == "PNG" and min(png.size) >= min_side, (path, png.size)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small generated set, featurized, with a head trained on it: (data, store, run)."""
+    root = tmp_path_factory.mktemp("model")
+    data = make_images(root / "data", {"train": {"a": 8, "b": 8, "c": 8}, "valid": {"a": 4, "b": 4, "c": 4}})
+    store = root / "s.h5"
+    run_json("featurize", data, "--store", store, "--batch-size", "8")
+    run_json("train-head", "--store", store, "--epochs", "8", "--batch-size", "8", "--out", root / "head")
+    return data, store, root / "head"
+
+
+def test_inspect_counts_sizes_problems_duplicates_and_a_leak(tmp_path):
+    data = make_images(tmp_path / "d", {"train": {"a": 4, "b": 3}, "valid": {"a": 2, "b": 2}}, size=(80, 60))
+    shutil.copy(data / "train/a/a_000.jpg", data / "valid/b/leaked.jpg")
+    shutil.copy(data / "train/a/a_001.jpg", data / "train/b/copy.jpg")
+    (data / "train/a/empty.jpg").write_bytes(b"")
+    good = (data / "train/b/b_000.jpg").read_bytes()
+    (data / "train/b/cut.jpg").write_bytes(good[: len(good) // 2])
+    report = run_json("inspect", data, "--out", tmp_path / "out")
+    assert report["splits"]["train"]["classes"] == {"a": 4, "b": 4}  # b: 3 + copy; empty and cut are unreadable
+    assert report["splits"]["valid"]["images"] == 5 and report["splits"]["valid"]["balance"] == round(2 / 3, 3)
+    assert report["width"] == {"min": 80, "median": 80, "max": 80} and report["formats"] == {"JPEG": 13}
+    assert {u["path"] for u in report["unreadable"]} == {"train/a/empty.jpg", "train/b/cut.jpg"}
+    groups = sorted(sorted(d["paths"]) for d in report["duplicates"])
+    assert groups == [["train/a/a_000.jpg", "valid/b/leaked.jpg"], ["train/a/a_001.jpg", "train/b/copy.jpg"]]
+    assert [sorted(d["paths"]) for d in report["leaks"]] == [["train/a/a_000.jpg", "valid/b/leaked.jpg"]]
+    valid_png(report["contact_sheet"])
+    text = run_cli("inspect", data, "--out", tmp_path / "out")
+    assert "leak" in text.stderr and "empty.jpg" in text.stderr
+
+
+def test_metrics_against_a_hand_computed_confusion_matrix():
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    predicted = np.array([0, 1, 0, 1, 1, 0])
+    probs = np.full((6, 3), 0.1)
+    probs[np.arange(6), predicted] = 0.8
+    m = classification_metrics(labels, probs, ["x", "y", "z"])
+    assert m["confusion_matrix"] == [[2, 1, 0], [0, 2, 0], [1, 0, 0]]
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["per_class"]["x"] == pytest.approx({"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "support": 3})
+    assert m["per_class"]["y"]["precision"] == pytest.approx(2 / 3) and m["per_class"]["y"]["recall"] == 1
+    assert m["per_class"]["z"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert m["log_loss"] == pytest.approx(-(4 * np.log(0.8) + 2 * np.log(0.1)) / 6)
+    assert m["most_confused"][0]["count"] == 1 and len(m["most_confused"]) == 2
+    assert top_losses(labels, probs, 2) == [1, 5] or set(top_losses(labels, probs, 2)) == {1, 5}
+
+
+def test_load_model_predicts_what_the_head_says_on_cached_features(trained):
+    import torch
+
+    from pipeline import load_model
+    from stages.head import load_head
+    from store.reader import FeatureStore
+
+    data, store, run = trained
+    model = load_model(run)
+    files = sorted((data / "valid").rglob("*.jpg"))
+    predictions = {r["path"]: r for r in model.predict(files, top_k=3)}
+    head, _ = load_head(run)
+    with FeatureStore(store) as fs:
+        s = fs.feature_set()
+        cached = torch.softmax(head(torch.from_numpy(s.features("valid")[()]).float()), 1).detach().numpy()
+        paths = s.column("valid", "paths")
+    for path, expected in zip(paths, cached):
+        got = predictions[str(data / path)]
+        assert got["class"] == model.classes[int(expected.argmax())]
+        assert got["probability"] == pytest.approx(float(expected.max()), abs=0.02)
+        assert len(got["top_k"]) == 3
+
+
+def test_predict_mixed_inputs_and_a_broken_file(trained, tmp_path):
+    data, _, run = trained
+    (tmp_path / "broken.jpg").write_bytes(b"not really a jpeg")
+    single = data / "valid/a/a_000.jpg"
+    result = run_json("predict", run, single, data / "valid/b", tmp_path / "broken.jpg", "--top-k", "2",
+                      "--out", tmp_path / "p.csv")
+    assert len(result["predictions"]) == 5 and result["errors"][0]["path"].endswith("broken.jpg")
+    with open(tmp_path / "p.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 5 and set(rows[0]) >= {"path", "class", "probability", "a", "b", "c"}
+    assert all(abs(sum(float(r[c]) for c in "abc") - 1) < 1e-4 for r in rows)
+    out = run_json("predict", run, data / "valid", "--tta", "--out", tmp_path / "p.json")
+    saved = json.loads((tmp_path / "p.json").read_text())
+    assert len(saved) == 12 and {"tta_class", "tta_probabilities"} <= set(saved[0]) and out["errors"] == []
+    text = run_cli("predict", run, single, tmp_path / "broken.jpg")
+    assert "a_000.jpg" in text.stdout and "unreadable" in text.stderr
+
+
+def test_tta_changes_nothing_on_flip_and_shift_invariant_images(trained, tmp_path):
+    from pipeline import load_model
+
+    _, _, run = trained
+    for i, colour in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
+        Image.new("RGB", (120, 90), colour).save(tmp_path / f"solid{i}.png")
+    model = load_model(run)
+    files = sorted(tmp_path.glob("*.png"))
+    for predictions, failed in model.predict_files(files, tta=True):
+        assert not failed
+        for p in predictions:
+            np.testing.assert_allclose(p.tta_probabilities, p.probabilities, atol=1e-5)
+
+
+def test_evaluate_writes_plots_and_matches_the_store(trained, tmp_path):
+    data, store, run = trained
+    raw = run_json("evaluate", run, data / "valid", "--out", tmp_path / "raw")
+    cached = run_json("evaluate", run, data / "valid", "--store", store, "--out", tmp_path / "cached")
+    assert raw["images"] == cached["images"] == 12
+    assert raw["accuracy"] == cached["accuracy"] and raw["confusion_matrix"] == cached["confusion_matrix"]
+    assert raw["log_loss"] == pytest.approx(cached["log_loss"], abs=0.02)
+    for key in ("confusion_png", "top_losses_png"):
+        valid_png(raw[key])
+    assert json.loads((tmp_path / "raw" / "metrics.json").read_text())["accuracy"] == raw["accuracy"]
+    assert len(raw["top_losses"]) == 9
+    tta = run_json("evaluate", run, data / "valid", "--tta", "--out", tmp_path / "tta")
+    assert tta["tta"] and tta["images"] == 12
+
+
+def test_class_names_must_match(trained, tmp_path):
+    _, _, run = trained
+    make_images(tmp_path / "split", {"": {"a": 1, "zebra": 1}})
+    proc = run_cli("evaluate", run, tmp_path / "split", check=False)
+    assert proc.returncode == 1 and "do not match the model's classes" in proc.stderr and "zebra" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_tampered_model_directory(trained, tmp_path):
+    _, _, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "head.safetensors").write_bytes(b"garbage")
+    proc = run_cli("predict", copy, tmp_path, check=False)
+    assert proc.returncode == 1 and "is damaged" in proc.stderr
+    (copy / "config.json").unlink()
+    proc = run_cli("predict", copy, tmp_path, check=False)
+    assert proc.returncode == 1 and "config.json is missing" in proc.stderr
