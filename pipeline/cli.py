@@ -280,6 +280,49 @@ def runs_cmd(
         _leaderboard(rows, f"{len(rows)} runs under {root}")
 
 
+@app.command(epilog="Examples:\n\n    pipeline finetune data/dogscats --head runs/head-a --epochs 1 --lr 1e-3 --out runs/ft-a\n\n"
+             "    pipeline finetune data/dogscats --head runs/head-a --resume runs/ft-a\n\n"
+             "    pipeline featurize data/dogscats --store runs/ft.h5 --weights runs/ft-a/backbone.safetensors")
+def finetune(
+    data_dir: Path = typer.Argument(..., help="The data folder the head was trained on (train/ and valid/)."),
+    head_dir: Path = typer.Option(..., "--head", help="Run directory written by train-head."),
+    epochs: int = typer.Option(1, help="Epochs."),
+    lr: float = typer.Option(1e-3, help="Learning rate of the head; earlier layer groups get less."),
+    lr_mult: float = typer.Option(100.0, help="Ratio of the head's rate to the earliest group's (geometric spread)."),
+    wd: float = typer.Option(1e-4, help="AdamW weight decay."),
+    unfreeze: str = typer.Option("all", help="all, or gradual (one more layer group per epoch, later groups first)."),
+    train_bn: bool = typer.Option(False, "--train-bn", help="Update batch-norm statistics (frozen by default)."),
+    batch_size: int = typer.Option(32, help="Images per step."),
+    seed: int = typer.Option(0, help="Seed of the order, augmentation and dropout."),
+    precision: str = typer.Option("auto", help="auto (bf16 autocast on a GPU, fp32 on a CPU), fp32 or bf16."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    resume: Optional[Path] = typer.Option(None, help="Continue a stopped fine-tune from its checkpoint."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/ft-TIMESTAMP)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+):
+    """Unfreeze the backbone and train it with the head end to end: differential learning rates, live DALI
+    augmentation, one-cycle schedule, a checkpoint every epoch."""
+    from datetime import datetime
+
+    from pipeline.finetune import finetune as run_finetune
+    from stages.finetune import FinetuneConfig
+
+    cfg = FinetuneConfig(epochs=epochs, lr=lr, lr_mult=lr_mult, wd=wd, unfreeze=unfreeze, train_bn=train_bn,
+                         batch_size=batch_size, seed=seed, precision=precision)
+    out_dir = out_dir or Path("runs") / f"ft-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    table = EpochTable(err if as_json else out)
+    table.header()
+    with progress_bar("finetune", unit="step") as update:
+        result = run_finetune(data_dir, head_dir, out_dir, cfg, resume, device, on_epoch=table.row, on_step=update)
+    if as_json:
+        _print_json(result)
+        return
+    before = result["before"] or {}
+    out.print(f"valid accuracy {before.get('accuracy', float('nan')):.4f} before, {result['accuracy']:.4f} after; "
+              f"{result['train_images_per_second']:.1f} img/s; weights, config.json, metrics.json, curves.png in "
+              f"{result['run']}", highlight=False)
+
+
 @app.command(epilog="Examples:\n\n    pipeline inspect data/dogscats\n\n    pipeline inspect data/photos --valid-pct 0.2 --json")
 def inspect(
     data_dir: Path = typer.Argument(..., help="Data folder, laid out as for featurize."),

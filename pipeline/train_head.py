@@ -90,13 +90,13 @@ def save_head_run(out: Path, head: Head, cfg: TrainConfig, history: list[dict], 
                "accuracy": valid["accuracy"] if valid else None, "valid_loss": valid["loss"] if valid else None,
                "per_class_accuracy": {cached.classes[c]: a for c, a in valid["per_class_accuracy"].items()}
                if valid else {}}
-    _write_json(out / "config.json", config)
-    _write_json(out / "metrics.json", metrics)
+    write_json(out / "config.json", config)
+    write_json(out / "metrics.json", metrics)
     plot_training_curves(history, step_losses, out / "curves.png")
     return metrics
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict) -> None:
     """Write JSON atomically: a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2) + "\n")

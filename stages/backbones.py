@@ -42,14 +42,21 @@ class Preprocessing:
 class FeatureExtractor(nn.Module):
     """Uniform contract: images (N,3,H,W) -> pooled features (N,D); `classifier` maps features to ImageNet logits."""
 
-    def __init__(self, body: nn.Module, classifier: nn.Module, feature_dim: int):
+    def __init__(self, body: nn.Module, classifier: nn.Module, feature_dim: int, classifier_name: str):
         super().__init__()
         self.body = body
         self.classifier = classifier
         self.feature_dim = feature_dim
+        self.classifier_name = classifier_name
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.body(images)
+
+    def architecture_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights as the original architecture names them, classifier included: loadable with --weights."""
+        state = dict(self.body.state_dict())
+        state.update({f"{self.classifier_name}.{k}": v for k, v in self.classifier.state_dict().items()})
+        return state
 
 
 @dataclass
@@ -200,7 +207,7 @@ def _timm_extractor(arch: str, num_classes: int) -> tuple[nn.Module, Callable[[n
     def finish(m: nn.Module) -> FeatureExtractor:
         classifier = m.get_classifier()
         m.reset_classifier(0)
-        return FeatureExtractor(m, classifier, m.num_features)
+        return FeatureExtractor(m, classifier, m.num_features, m.pretrained_cfg.get("classifier", "classifier"))
 
     return model, finish
 
@@ -215,7 +222,7 @@ def _torchvision_extractor(arch: str, num_classes: int):
         name, linear = [(n, mod) for n, mod in m.named_modules() if isinstance(mod, nn.Linear)][-1]
         parent = m.get_submodule(name.rsplit(".", 1)[0]) if "." in name else m
         setattr(parent, name.rsplit(".", 1)[-1], nn.Identity())
-        return FeatureExtractor(m, linear, linear.in_features)
+        return FeatureExtractor(m, linear, linear.in_features, name)
 
     return model, finish
 

@@ -72,17 +72,19 @@ class ImageClassifier:
 
 
 def backbone_for(feature_set: dict, run_dir: Path) -> Backbone:
-    """The backbone a head was trained on, checked against the weights hash recorded at training time."""
-    name, weights = feature_set["backbone"], None
-    if name not in REGISTRY:
-        weights = feature_set.get("weights_path")
-        if not weights or not Path(weights).is_file():
-            raise PipelineError(f"{run_dir} needs the backbone weights {weights or '(unrecorded)'}, which are missing; "
-                                "restore them or retrain the head")
-    backbone = create_backbone(name, weights, feature_set.get("arch") if weights else None)
+    """The backbone a head was trained on (its recorded weights file, else the packaged weights), checked against
+    the weights hash recorded at training time."""
+    name, weights = feature_set["backbone"], feature_set.get("weights_path")
+    if not weights or not Path(weights).is_file():
+        if name not in REGISTRY:
+            raise PipelineError(f"{run_dir} needs the backbone weights {weights or '(unrecorded)'}, which are "
+                                "missing; restore them or retrain")
+        weights = None
+    arch = feature_set.get("arch") if name not in REGISTRY else None
+    backbone = create_backbone(name if name in REGISTRY else "", weights, arch)
     if backbone.weights_sha256 != feature_set["weights_sha256"]:
         raise PipelineError(f"the weights of {name} ({backbone.weights_path}) differ from those {run_dir} was trained "
-                            f"on (sha256 {feature_set['weights_sha256'][:12]}); reinstall them or retrain the head")
+                            f"on (sha256 {feature_set['weights_sha256'][:12]}); reinstall them or retrain")
     return backbone
 
 

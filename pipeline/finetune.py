@@ -1,0 +1,85 @@
+"""finetune: unfreeze the backbone under a trained head and train both on live-augmented images."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from pipeline.plots import plot_training_curves
+from pipeline.runtime import cpu_count, tune_allocator
+from pipeline.train_head import write_json
+from stages.backbones import file_sha256
+from stages.decode import resolve_device
+from stages.errors import PipelineError
+from stages.files import scan_dataset
+from stages.finetune import FinetuneConfig, Finetuner, read_checkpoint
+from stages.head import HEAD_FILE, load_head
+from stages.model import backbone_for
+
+BACKBONE_FILE = "backbone.safetensors"
+
+
+def _split(dataset, name: str) -> tuple[list[str], np.ndarray] | None:
+    files = dataset.splits.get(name)
+    if not files:
+        return None
+    return [str(dataset.root / f.path) for f in files], np.asarray([f.label for f in files])
+
+
+def finetune(data_dir: Path, head_dir: Path, out: Path, cfg: FinetuneConfig, resume: Path | None = None,
+             device: str = "auto", on_epoch: Callable[[dict], None] | None = None,
+             on_step: Callable[[int, int], None] | None = None) -> dict:
+    """Fine-tune from a train-head run (or continue a stopped fine-tune); write a run directory predict can use."""
+    from safetensors.torch import save_file
+
+    tune_allocator()
+    torch.set_num_threads(cpu_count())
+    state = None
+    if resume is not None:
+        state = read_checkpoint(resume)
+        cfg, out = FinetuneConfig(**state["config"]), resume
+    device = resolve_device(device)
+    if cfg.precision == "auto":
+        cfg = replace(cfg, precision="bf16" if device == "cuda" else "fp32")
+    head, head_config = load_head(head_dir)
+    backbone = backbone_for(head_config["feature_set"], head_dir)
+    dataset = scan_dataset(data_dir)
+    if dataset.classes != head_config["classes"]:
+        raise PipelineError(f"classes of {data_dir} ({', '.join(dataset.classes)}) differ from those of {head_dir} "
+                            f"({', '.join(head_config['classes'])}); fine-tune on the data the head was trained for")
+    train, valid = _split(dataset, "train"), _split(dataset, "valid")
+    if train is None:
+        raise PipelineError(f"{data_dir} has no train/ images to fine-tune on")
+    tuner = Finetuner(backbone, head, cfg, device, out)
+    steps_per_epoch = -(-len(train[0]) // cfg.batch_size)
+    if state is not None:
+        tuner.restore(state, steps_per_epoch)
+    elif valid:
+        tuner.before = tuner.evaluate(*valid)
+    started = time.perf_counter()
+    tuner.fit(train, valid, on_epoch=on_epoch, on_step=on_step)
+    seconds = time.perf_counter() - started
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tuner.model.backbone.architecture_state_dict().items()},
+              str(out / BACKBONE_FILE))
+    save_file({k: v.detach().contiguous().cpu() for k, v in tuner.model.head.state_dict().items()}, str(out / HEAD_FILE))
+    feature_set = {**head_config["feature_set"], "store": None, "set": None,
+                   "weights_sha256": file_sha256(out / BACKBONE_FILE), "weights_path": str((out / BACKBONE_FILE).resolve())}
+    config = {"kind": "finetune", "head": head_config["head"], "classes": head_config["classes"],
+              "train": {**cfg.to_dict(), "head": head_config["head"]["head"], "from_head": str(head_dir)},
+              "feature_set": feature_set, "created": datetime.now().isoformat(timespec="seconds")}
+    last = tuner.history[-1] if tuner.history else {}
+    images = len(train[0]) * (cfg.epochs - (state["epoch"] if state else 0))
+    metrics = {"history": tuner.history, "before": tuner.before, "accuracy": last.get("accuracy"),
+               "valid_loss": last.get("valid_loss"), "train_seconds": seconds,
+               "train_images_per_second": images / seconds if seconds else None}
+    write_json(out / "config.json", config)
+    write_json(out / "metrics.json", metrics)
+    plot_training_curves(tuner.history, tuner.step_losses, out / "curves.png")
+    return {"run": str(out), **metrics}

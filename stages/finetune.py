@@ -1,0 +1,241 @@
+"""Fine-tune: the backbone and a trained head as one model, trained end to end on live DALI-augmented images."""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stages.backbones import Backbone
+from stages.decode import ImageDecoder
+from stages.errors import PipelineError
+from stages.files import read_image_file
+from stages.head import Head, make_scheduler
+
+UNFREEZE = ("all", "gradual")
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class FinetuneConfig:
+    """Hyperparameters of a fine-tuning run."""
+
+    epochs: int = 1
+    lr: float = 1e-3
+    lr_mult: float = 100.0
+    wd: float = 1e-4
+    unfreeze: str = "all"
+    train_bn: bool = False
+    batch_size: int = 32
+    seed: int = 0
+    precision: str = "fp32"
+    clip: float = 1.0
+
+    def validate(self) -> None:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise PipelineError(f"--lr {self.lr} is out of range; give a positive learning rate such as 1e-3")
+        if self.lr_mult < 1:
+            raise PipelineError(f"--lr-mult {self.lr_mult} is out of range; give 1 or more (100 spreads rates 100x)")
+        if self.unfreeze not in UNFREEZE:
+            raise PipelineError(f"--unfreeze {self.unfreeze!r} is not one of {', '.join(UNFREEZE)}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise PipelineError(f"--precision {self.precision!r} is not one of auto, fp32, bf16")
+        if self.epochs < 1 or self.batch_size < 1 or self.wd < 0:
+            raise PipelineError("--epochs and --batch-size must be at least 1, --wd at least 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class FullModel(nn.Module):
+    """Images to logits: the backbone's pooled features into the head (its standardization included)."""
+
+    def __init__(self, backbone: nn.Module, head: Head):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
+
+
+def layer_groups(model: FullModel) -> list[list[nn.Parameter]]:
+    """Earliest first: the backbone's parameters in forward order split in two (stem and early blocks; later
+    blocks), then the head."""
+    body = list(model.backbone.body.parameters())
+    half = len(body) // 2
+    return [body[:half], body[half:], list(model.head.parameters())]
+
+
+def group_learning_rates(lr: float, lr_mult: float, groups: int = 3) -> list[float]:
+    """The head gets lr; earlier groups get geometrically less, down to lr / lr_mult for the earliest."""
+    return [lr / lr_mult ** ((groups - 1 - i) / (groups - 1)) for i in range(groups)]
+
+
+def trainable_groups(epoch: int, unfreeze: str, groups: int = 3) -> int:
+    """How many groups (counted from the head back) train in an epoch: all, or one more per epoch."""
+    return groups if unfreeze == "all" else min(groups, epoch + 1)
+
+
+def set_trainable(groups: list[list[nn.Parameter]], count: int) -> None:
+    for i, params in enumerate(groups):
+        for p in params:
+            p.requires_grad_(i >= len(groups) - count)
+
+
+def freeze_batchnorm_statistics(model: nn.Module) -> None:
+    """Keep every batch norm of the backbone in eval mode, so its running statistics never change."""
+    for module in model.backbone.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+class Finetuner:
+    """Trains a FullModel on image files with per-epoch checkpoints; resumes where a stop left off."""
+
+    def __init__(self, backbone: Backbone, head: Head, cfg: FinetuneConfig, device: str, out: Path):
+        cfg.validate()
+        torch.manual_seed(cfg.seed)  # dropout draws: the same seed gives the same run
+        self.cfg, self.device, self.out = cfg, device, out
+        self.preprocessing = backbone.preprocessing
+        self.model = FullModel(backbone.model.requires_grad_(True), head).to(device)
+        self.groups = layer_groups(self.model)
+        rates = group_learning_rates(cfg.lr, cfg.lr_mult, len(self.groups))
+        self.optimizer = torch.optim.AdamW([{"params": g, "lr": r} for g, r in zip(self.groups, rates)],
+                                           weight_decay=cfg.wd)
+        self.scheduler = None
+        self.epoch, self.step = 0, 0
+        self.before: dict | None = None  # valid metrics before any training step
+        self.history: list[dict] = []
+        self.step_losses: list[float] = []
+
+    # Data --------------------------------------------------------------------------------------------
+    def _decoder(self, train: bool) -> ImageDecoder:
+        return ImageDecoder(self.preprocessing, views=1 if train else 0, device=self.device,
+                            batch_size=self.cfg.batch_size, seed=self.cfg.seed, num_threads=1)
+
+    def epoch_order(self, files: list[str], epoch: int) -> list[int]:
+        """The shuffled order of an epoch, from (seed, epoch) alone: a resumed run sees the same order."""
+        return list(np.random.default_rng([self.cfg.seed, epoch]).permutation(len(files)))
+
+    @staticmethod
+    def _items(files: list[str], order: list[int]):
+        return ((files[i], (lambda path=files[i]: read_image_file(Path(path))[0])) for i in order)
+
+    # Training ----------------------------------------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16,
+                              enabled=self.cfg.precision == "bf16")
+
+    def _train_mode(self, epoch: int) -> None:
+        set_trainable(self.groups, trainable_groups(epoch, self.cfg.unfreeze, len(self.groups)))
+        self.model.train()
+        if not self.cfg.train_bn:
+            freeze_batchnorm_statistics(self.model)
+
+    @torch.no_grad()
+    def evaluate(self, files: list[str], labels: np.ndarray) -> dict:
+        """Valid loss and accuracy on the plain view."""
+        self.model.eval()
+        index = {f: i for i, f in enumerate(files)}
+        loss, correct, seen = 0.0, 0, 0
+        for batch in self._decoder(False).decode(self._items(files, range(len(files)))):
+            if not batch.keys:
+                continue
+            y = torch.as_tensor([labels[index[k]] for k in batch.keys], device=self.device)
+            with self._autocast():
+                logits = self.model(batch.images[:, 0].contiguous(memory_format=torch.channels_last)).float()
+            loss += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+        return {"valid_loss": loss / max(1, seen), "accuracy": correct / max(1, seen)}
+
+    def fit(self, train: tuple[list[str], np.ndarray], valid: tuple[list[str], np.ndarray] | None,
+            on_epoch: Callable[[dict], None] | None = None, on_step: Callable[[int, int], None] | None = None) -> None:
+        """Train from the current epoch and step to cfg.epochs, checkpointing at every epoch end and on Ctrl-C."""
+        files, labels = train
+        steps_per_epoch = math.ceil(len(files) / self.cfg.batch_size)
+        if self.scheduler is None:
+            self.scheduler = make_scheduler(self.optimizer, "onecycle", self.cfg.lr, steps_per_epoch * self.cfg.epochs)
+        index = {f: i for i, f in enumerate(files)}
+        while self.epoch < self.cfg.epochs:
+            started = time.perf_counter()
+            self._train_mode(self.epoch)
+            order = self.epoch_order(files, self.epoch)[self.step * self.cfg.batch_size:]
+            try:
+                for batch in self._decoder(True).decode(self._items(files, order), epoch=self.epoch):
+                    self._train_step(batch, labels, index)
+                    if on_step:
+                        on_step(self.step, steps_per_epoch)
+            except KeyboardInterrupt:
+                self.save_checkpoint()
+                raise
+            row = {"epoch": self.epoch,
+                   "train_loss": float(np.mean(self.step_losses[-steps_per_epoch:])) if self.step_losses else float("nan")}
+            if valid is not None:
+                row.update(self.evaluate(*valid))
+            row["time"] = time.perf_counter() - started
+            self.history.append(row)
+            self.epoch, self.step = self.epoch + 1, 0
+            self.save_checkpoint()
+            if on_epoch:
+                on_epoch(row)
+
+    def _train_step(self, batch, labels: np.ndarray, index: dict) -> None:
+        if batch.keys:
+            x = batch.images[:, 1].contiguous(memory_format=torch.channels_last)
+            y = torch.as_tensor([labels[index[k]] for k in batch.keys], device=self.device)
+            with self._autocast():
+                loss = F.cross_entropy(self.model(x).float(), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_([p for g in self.groups for p in g if p.requires_grad], self.cfg.clip)
+            self.optimizer.step()
+            self.step_losses.append(loss.item())
+        self.scheduler.step()
+        self.step += 1
+
+    # Checkpoints -------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """Model, optimizer, scheduler, position and RNG state, written atomically."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
+                 "torch_rng": torch.get_rng_state(), "history": self.history, "step_losses": self.step_losses,
+                 "before": self.before, "config": self.cfg.to_dict()}
+        path = self.out / CHECKPOINT
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def restore(self, state: dict, steps_per_epoch: int) -> None:
+        """Continue from a checkpoint written with this run's settings (see read_checkpoint)."""
+        self.model.load_state_dict(state["model"])
+        self.scheduler = make_scheduler(self.optimizer, "onecycle", self.cfg.lr, steps_per_epoch * self.cfg.epochs)
+        self.scheduler.load_state_dict(state["scheduler"])
+        # After the scheduler: building it resets each group's lr to the schedule's start.
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.history, self.step_losses = state["history"], state["step_losses"]
+        self.before = state.get("before")
+
+
+def read_checkpoint(directory: Path) -> dict:
+    """A fine-tuning checkpoint (tensors and plain values only: loaded with weights_only=True)."""
+    path = directory / CHECKPOINT
+    if not path.is_file():
+        raise PipelineError(f"{directory} has no {CHECKPOINT}; give a directory written by pipeline finetune")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise PipelineError(f"{path} is damaged ({str(exc).splitlines()[0][:100]}); "
+                            "start again without --resume") from None

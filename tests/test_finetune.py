@@ -1,0 +1,146 @@
+"""Fine-tuning on a real but tiny timm model: two paths agree, learning rates, unfreezing, frozen BN, resume."""
+import copy
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from conftest import make_images, run_json
+from stages.decode import ImageDecoder
+from stages.finetune import (FinetuneConfig, Finetuner, group_learning_rates, read_checkpoint)
+from stages.head import load_head
+from stages.model import backbone_for
+
+ARCH = "test_efficientnet"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Generated images, a tiny timm backbone's weights, a store featurized with them, and a head: (data, head_dir)."""
+    root = tmp_path_factory.mktemp("ft")
+    data = make_images(root / "data", {"train": {"a": 6, "b": 6}, "valid": {"a": 3, "b": 3}})
+    torch.manual_seed(0)
+    weights = root / "tiny.pth"
+    torch.save(timm.create_model(ARCH, pretrained=False).state_dict(), weights)
+    run_json("featurize", data, "--store", root / "s.h5", "--weights", weights, "--arch", ARCH, "--precision", "fp32")
+    run_json("train-head", "--store", root / "s.h5", "--head", "mlp", "--epochs", "3", "--batch-size", "4",
+             "--out", root / "head")
+    return data, root / "head"
+
+
+def tuner(tiny, out, **overrides):
+    data, head_dir = tiny
+    head, config = load_head(head_dir)
+    backbone = backbone_for(config["feature_set"], head_dir)
+    cfg = FinetuneConfig(**{"epochs": 2, "batch_size": 4, "lr": 1e-3, **overrides})
+    return Finetuner(backbone, head, cfg, "cpu", out)
+
+
+def split(data, name):
+    files = sorted(str(p) for p in (data / name).rglob("*.jpg"))
+    return files, np.asarray([0 if "/a/" in f else 1 for f in files])
+
+
+def test_full_model_equals_head_on_cached_features(tiny, tmp_path):
+    from store.reader import FeatureStore
+
+    data, head_dir = tiny
+    t = tuner(tiny, tmp_path)
+    t.model.eval()
+    files, _ = split(data, "valid")
+    decoder = ImageDecoder(t.preprocessing, batch_size=4)
+    with torch.no_grad():
+        full = torch.cat([torch.softmax(t.model(b.images[:, 0]), 1) for b in
+                          decoder.decode((f, (lambda f=f: np.fromfile(f, np.uint8))) for f in files)])
+        head, config = load_head(head_dir)
+        with FeatureStore(config["feature_set"]["store"]) as fs:
+            cached = torch.softmax(head(torch.from_numpy(fs.feature_set().features("valid")[()]).float()), 1)
+    torch.testing.assert_close(full, cached, atol=2e-3, rtol=0)
+
+
+def test_learning_rate_of_each_group(tiny, tmp_path):
+    assert group_learning_rates(1e-3, 100) == pytest.approx([1e-5, 1e-4, 1e-3])
+    t = tuner(tiny, tmp_path, lr=2e-3, lr_mult=10)
+    assert [g["lr"] for g in t.optimizer.param_groups] == pytest.approx([2e-4, 2e-3 / 10 ** 0.5, 2e-3])
+    sizes = [len(g["params"]) for g in t.optimizer.param_groups]
+    assert sizes[0] > 0 and sizes[1] > 0 and sizes[2] == len(list(t.model.head.parameters()))
+
+
+def test_gradual_unfreezing_changes_which_parameters_get_gradients(tiny, tmp_path):
+    t = tuner(tiny, tmp_path, unfreeze="gradual")
+    x = torch.rand(2, 3, 160, 160) * 2 - 1
+    for epoch, trained in ((0, [False, False, True]), (1, [False, True, True]), (2, [True, True, True])):
+        t._train_mode(epoch)
+        t.optimizer.zero_grad(set_to_none=True)
+        t.model(x).sum().backward()
+        got = [all(p.grad is not None for p in group) for group in t.groups]
+        assert got == trained, epoch
+        assert [any(p.grad is not None for p in group) for group in t.groups] == trained
+
+
+def bn_stats(model):
+    return [m.running_mean.clone() for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+@pytest.mark.parametrize("train_bn", [False, True])
+def test_batchnorm_statistics_frozen_unless_asked(tiny, tmp_path, train_bn):
+    data, _ = tiny
+    t = tuner(tiny, tmp_path, epochs=1, train_bn=train_bn)
+    before = bn_stats(t.model)
+    t.fit(split(data, "train"), None)
+    changed = any(not torch.equal(a, b) for a, b in zip(before, bn_stats(t.model)))
+    assert changed == train_bn
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("where", ["epoch end", "mid-epoch"])
+def test_resume_after_a_stop_equals_an_uninterrupted_run(tiny, tmp_path, where):
+    data, _ = tiny
+    train, valid = split(data, "train"), split(data, "valid")
+    whole = tuner(tiny, tmp_path / "whole")
+    whole.fit(train, valid)
+
+    stopped = tuner(tiny, tmp_path / "stopped")
+
+    def stop_at_epoch(row):
+        raise KeyboardInterrupt
+
+    def stop_mid_epoch(step, total):
+        if stopped.epoch == 1 and step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        if where == "epoch end":
+            stopped.fit(train, valid, on_epoch=stop_at_epoch)
+        else:
+            stopped.fit(train, valid, on_step=stop_mid_epoch)
+    state = read_checkpoint(tmp_path / "stopped")
+    assert (state["epoch"], state["step"]) == ((1, 0) if where == "epoch end" else (1, 2))
+    resumed = tuner(tiny, tmp_path / "stopped")
+    resumed.restore(state, steps_per_epoch=3)
+    resumed.fit(train, valid)
+    assert [r["train_loss"] for r in resumed.history] == pytest.approx([r["train_loss"] for r in whole.history])
+    for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_cli_finetune_then_predict_and_featurize_again(tiny, tmp_path):
+    data, head_dir = tiny
+    result = run_json("finetune", data, "--head", head_dir, "--epochs", "1", "--batch-size", "4", "--out", tmp_path / "ft")
+    assert result["before"]["accuracy"] is not None and len(result["history"]) == 1
+    for name in ("backbone.safetensors", "head.safetensors", "config.json", "metrics.json", "curves.png",
+                 "checkpoint.pt"):
+        assert (tmp_path / "ft" / name).exists(), name
+    predictions = run_json("predict", tmp_path / "ft", data / "valid")["predictions"]
+    assert len(predictions) == 6
+    again = run_json("featurize", data, "--store", tmp_path / "new.h5", "--weights", tmp_path / "ft/backbone.safetensors",
+                     "--arch", ARCH, "--precision", "fp32")
+    _, config = load_head(head_dir)
+    info = run_json("store", "info", tmp_path / "new.h5")
+    assert info["sets"][0]["weights_sha256"] != config["feature_set"]["weights_sha256"] and again["featurized"] == 18
+    resumed = run_json("finetune", data, "--head", head_dir, "--resume", tmp_path / "ft")
+    assert len(resumed["history"]) == 1  # already finished: nothing more to do
