@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import csv
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pipeline.atomic import atomic_output, write_json
 from pipeline.plots import plot_confusion_matrix, plot_image_grid
 from pipeline.train_head import check_compatible
 from stages.errors import PipelineError
@@ -68,9 +68,9 @@ def _top(probs: np.ndarray, classes: list[str], k: int) -> dict:
 def _write_predictions(out: Path, rows: list[dict], classes: list[str], tta: bool) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".json":
-        out.write_text(json.dumps(rows, indent=2) + "\n")
+        write_json(out, rows)
         return
-    with out.open("w", newline="") as f:
+    with atomic_output(out) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         extra = [f"tta_{c}" for c in classes] if tta else []
         writer.writerow(["path", "class", "probability", *classes, *(["tta_class", "tta_probability"] if tta else []),
@@ -163,12 +163,15 @@ def evaluate(run_dir: Path, split_dir: Path, out: Path | None = None, tta: bool 
     metrics.update({
         "run": str(run_dir), "split": str(split_dir), "tta": tta, "from_store": store is not None,
         "unreadable": failed, "seconds": round(time.perf_counter() - started, 3),
-        "confusion_png": str(plot_confusion_matrix(metrics["confusion_matrix"], model.classes, out / "confusion.png")),
-        "top_losses_png": str(plot_image_grid(captions, out / "top_losses.png", "top losses: actual -> predicted (p)")),
+        "confusion_png": str(out / "confusion.png"), "top_losses_png": str(out / "top_losses.png"),
         "top_losses": [{"path": str(files[i]), "true": model.classes[labels[i]],
                         "predicted": model.classes[int(probabilities[i].argmax())],
                         "probability": float(probabilities[i].max())} for i in worst],
     })
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    with atomic_output(out / "confusion.png") as tmp:
+        plot_confusion_matrix(metrics["confusion_matrix"], model.classes, tmp)
+    with atomic_output(out / "top_losses.png") as tmp:
+        plot_image_grid(captions, tmp, "top losses: actual -> predicted (p)")
+    write_json(out / "metrics.json", metrics)
     metrics["metrics_json"] = str(out / "metrics.json")
     return metrics

@@ -18,7 +18,8 @@ from stages.errors import PipelineError
 from stages.files import Dataset, Fingerprint, content_sha256, read_image_file, scan_dataset, stat_fingerprint
 from store.reader import FileRows, open_h5, split_file_index, split_skipped
 from store.schema import FEATURE_DTYPES, SETS, set_name
-from store.writer import Journal, RowRun, SplitPlan, SplitRows, StoreLock, now_iso, write_store
+from store.writer import (Journal, RowRun, SplitPlan, SplitRows, StoreLock, now_iso, remove_stale_temporaries,
+                          write_store)
 
 Progress = Callable[[int, int], None]
 
@@ -304,6 +305,7 @@ def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> dict:
     name = set_name(identity)
     journal = Journal(store_path, name)
     with StoreLock(store_path):
+        remove_stale_temporaries(store_path)
         old = open_h5(store_path) if store_path.exists() else None
         parts = []
         try:

@@ -1,7 +1,6 @@
 """finetune: unfreeze the backbone under a trained head and train both on live-augmented images."""
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import replace
 from datetime import datetime
@@ -13,7 +12,7 @@ import torch
 
 from pipeline.plots import plot_training_curves
 from pipeline.runtime import cpu_count, tune_allocator
-from pipeline.train_head import write_json
+from pipeline.atomic import atomic_output, write_json
 from stages.backbones import file_sha256
 from stages.decode import resolve_device
 from stages.errors import PipelineError
@@ -66,9 +65,10 @@ def finetune(data_dir: Path, head_dir: Path, out: Path, cfg: FinetuneConfig, res
     tuner.fit(train, valid, on_epoch=on_epoch, on_step=on_step)
     seconds = time.perf_counter() - started
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tuner.model.backbone.architecture_state_dict().items()},
-              str(out / BACKBONE_FILE))
-    save_file({k: v.detach().contiguous().cpu() for k, v in tuner.model.head.state_dict().items()}, str(out / HEAD_FILE))
+    for name, state in ((BACKBONE_FILE, tuner.model.backbone.architecture_state_dict()),
+                        (HEAD_FILE, tuner.model.head.state_dict())):
+        with atomic_output(out / name) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
     feature_set = {**head_config["feature_set"], "store": None, "set": None,
                    "weights_sha256": file_sha256(out / BACKBONE_FILE), "weights_path": str((out / BACKBONE_FILE).resolve())}
     config = {"kind": "finetune", "head": head_config["head"], "classes": head_config["classes"],
@@ -81,5 +81,6 @@ def finetune(data_dir: Path, head_dir: Path, out: Path, cfg: FinetuneConfig, res
                "train_images_per_second": images / seconds if seconds else None}
     write_json(out / "config.json", config)
     write_json(out / "metrics.json", metrics)
-    plot_training_curves(tuner.history, tuner.step_losses, out / "curves.png")
+    with atomic_output(out / "curves.png") as tmp:
+        plot_training_curves(tuner.history, tuner.step_losses, tmp)
     return {"run": str(out), **metrics}

@@ -5,6 +5,7 @@ import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from pipeline.atomic import atomic_output
 from pipeline.plots import plot_contact_sheet
 from stages.files import BadImage, content_sha256, scan_dataset, vet_image_bytes
 
@@ -57,7 +58,9 @@ def inspect_folder(data_dir: Path, out: Path, valid_pct: float | None = None, se
         members = [dataset.root / f.path for f in dataset.splits[first] if f.label == (label if dataset.classes else -1)]
         samples[name] = members[:: max(1, len(members) // SAMPLES_PER_CLASS)][:SAMPLES_PER_CLASS]
     out.mkdir(parents=True, exist_ok=True)
-    sheet = plot_contact_sheet(samples, out / "samples.png", SAMPLES_PER_CLASS)
+    with atomic_output(out / "samples.png") as tmp:
+        plot_contact_sheet(samples, tmp, SAMPLES_PER_CLASS)
+    sheet = out / "samples.png"
 
     def spread(values):
         return {"min": min(values), "median": statistics.median(values), "max": max(values)} if values else None

@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from pipeline.atomic import atomic_output, write_json
 from pipeline.plots import plot_lr_find, plot_training_curves
 from stages.errors import PipelineError
 from stages.head import (HEAD_FILE, Head, SplitFeatures, TrainConfig, evaluate_head, lr_find, parse_size,
@@ -82,7 +83,8 @@ def save_head_run(out: Path, head: Head, cfg: TrainConfig, history: list[dict], 
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out / HEAD_FILE))
+    with atomic_output(out / HEAD_FILE) as tmp:
+        save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(tmp))
     config = {"kind": "head", "head": head.spec(), "classes": cached.classes, "train": cfg.to_dict(),
               "feature_set": feature_set_identity(cached.store, cached.feature_set),
               "created": datetime.now().isoformat(timespec="seconds")}
@@ -92,15 +94,9 @@ def save_head_run(out: Path, head: Head, cfg: TrainConfig, history: list[dict], 
                if valid else {}}
     write_json(out / "config.json", config)
     write_json(out / "metrics.json", metrics)
-    plot_training_curves(history, step_losses, out / "curves.png")
+    with atomic_output(out / "curves.png") as tmp:
+        plot_training_curves(history, step_losses, tmp)
     return metrics
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def expand_grid(heads: list[str], lrs: list, wds: list[float], epochs: list[int], views: list[int],
@@ -124,7 +120,9 @@ def find_lr(cached: CachedFeatures, cfg: TrainConfig, out: Path | None = None, *
     result = lr_find(cached.train_rows(cfg.views), cfg, len(cached.classes), **sweep)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        result["plot"] = str(plot_lr_find(result, out / "lr_find.png"))
+        with atomic_output(out / "lr_find.png") as tmp:
+            plot_lr_find(result, tmp)
+        result["plot"] = str(out / "lr_find.png")
     return result
 
 

@@ -80,8 +80,36 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_h5(path: Path, fill) -> None:
+ROW_OVERHEAD_BYTES = 256  # per-row columns and HDF5 bookkeeping, generously
+
+
+def ensure_space(path: Path, needed: int) -> None:
+    """Refuse to start a write that cannot fit on the disk or under the process's file-size limit.
+
+    HDF5 reports a failed write only when the file is flushed or closed, and h5py can crash the process then;
+    checking first turns a full disk into a clear error.
+    """
+    import resource
+
+    stat = os.statvfs(path.parent)
+    free = stat.f_bavail * stat.f_frsize
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    limit = min(free, soft if soft != resource.RLIM_INFINITY else free)
+    if needed > limit:
+        raise PipelineError(f"no space left writing {path}: it needs about {needed / 1e6:.1f} MB and "
+                            f"{limit / 1e6:.1f} MB can be written; free disk space and rerun "
+                            "(work already committed is kept)")
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Temporary files of writers that were killed (a live writer holds the lock, so none is in use)."""
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        stale.unlink(missing_ok=True)
+
+
+def _atomic_h5(path: Path, fill, needed: int) -> None:
     """Write an HDF5 file under a temporary name, fsync, rename into place; remove the temporary on failure."""
+    ensure_space(path, needed)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with h5py.File(tmp, "w", locking=False) as f:
@@ -142,7 +170,10 @@ class Journal:
                 _write_columns(g, r.columns, ROW_COLUMNS)
                 _write_columns(g.create_group(SKIPPED), r.skipped, SKIPPED_COLUMNS)
 
-        _atomic_h5(path, fill)
+        rows_total = sum(r.num_rows + len(r.skipped["paths"]) for r in rows.values())
+        width = max((r.features[0].shape[1] for r in rows.values() if r.features), default=0)
+        _atomic_h5(path, fill, rows_total * (width * np.dtype(FEATURE_DTYPES[feature_dtype]).itemsize
+                                             + ROW_OVERHEAD_BYTES) + (1 << 16))
         return path
 
     def clear(self) -> None:
@@ -206,4 +237,7 @@ def write_store(store_path: Path, set_name: str, set_attrs: dict, plans: dict[st
             _write_columns(g, plan.columns, ROW_COLUMNS)
             _write_columns(g.create_group(SKIPPED), plan.skipped, SKIPPED_COLUMNS)
 
-    _atomic_h5(store_path, fill)
+    rows = sum(len(p.columns["paths"]) + len(p.skipped["paths"]) for p in plans.values())
+    kept = os.path.getsize(keep_sets_from.filename) if keep_sets_from is not None else 0
+    _atomic_h5(store_path, fill, kept + rows * (feature_dim * np.dtype(dtype).itemsize + ROW_OVERHEAD_BYTES)
+               + (1 << 16))

@@ -1,5 +1,4 @@
 """Killed featurize runs: the store always opens, and a rerun ends with what an uninterrupted run writes."""
-import os
 import signal
 import subprocess
 import sys

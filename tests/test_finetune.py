@@ -1,5 +1,4 @@
 """Fine-tuning on a real but tiny timm model: two paths agree, learning rates, unfreezing, frozen BN, resume."""
-import copy
 
 import numpy as np
 import pytest

@@ -11,7 +11,7 @@ from conftest import run_cli, run_json
 from pipeline.train_head import check_compatible, load_cached_features
 from stages.head import load_head
 from stages.errors import PipelineError
-from stages.head import SplitFeatures, TrainConfig, schedule_values, select_rows, suggest_lr, train_head, smooth
+from stages.head import TrainConfig, schedule_values, suggest_lr, train_head, smooth
 from store.reader import FeatureStore
 
 

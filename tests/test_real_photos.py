@@ -1,6 +1,5 @@
 """On the real dogs-vs-cats photos (skipped when ../shared/data is absent): the features are right and useful."""
 import h5py
-import numpy as np
 import pytest
 import torch
 

@@ -1,0 +1,174 @@
+"""Every bad input gets a clear one-line answer; a full disk, a reader beside a writer, hostile files lose nothing."""
+import os
+import resource
+import signal
+import subprocess
+import sys
+import threading
+
+import h5py
+import pytest
+
+from conftest import REPO, make_images, png_bomb, run_cli, run_json
+
+
+def one_line_error(proc, *fragments):
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def featurize_error(data, store, *args):
+    return run_cli("featurize", data, "--store", store, *args, check=False)
+
+
+def test_bad_data_folders(tmp_path):
+    store = tmp_path / "s.h5"
+    one_line_error(featurize_error(tmp_path / "missing", store), "missing does not exist")
+    (tmp_path / "empty").mkdir()
+    one_line_error(featurize_error(tmp_path / "empty", store), "neither train/ valid/ split folders nor class folders")
+    (tmp_path / "noclass" / "train").mkdir(parents=True)
+    one_line_error(featurize_error(tmp_path / "noclass", store), "train has no class folders")
+    one = make_images(tmp_path / "one", {"train": {"a": 2}})
+    one_line_error(featurize_error(one, store), "only one class")
+    differ = make_images(tmp_path / "differ", {"train": {"a": 1, "b": 1}, "valid": {"a": 1, "c": 1}})
+    one_line_error(featurize_error(differ, store), "other class folders", "b, c")
+    hollow = make_images(tmp_path / "hollow", {"train": {"a": 1, "b": 1}})
+    (hollow / "train" / "c").mkdir()
+    one_line_error(featurize_error(hollow, store), "class folder(s) c", "no training images")
+    one_line_error(featurize_error(one, store, "--valid-pct", "2"), "--valid-pct 2.0 is out of range")
+    assert not store.exists()
+
+
+def test_odd_names_symlink_loops_and_a_png_bomb_still_featurize(tmp_path):
+    data = make_images(tmp_path / "data", {"train": {"a": 2, "b": 2}})
+    (data / "train/a/a_000.jpg").rename(data / "train/a/with space é ü.jpg")
+    (data / "train/b/loop").symlink_to(data / "train/b")
+    (data / "train/a/bomb.png").write_bytes(png_bomb(30_000, 30_000))
+    summary = run_json("featurize", data, "--store", tmp_path / "s.h5")
+    assert summary["images"] == {"train": 4}
+    assert [s["path"] for s in summary["skipped"]] == ["train/a/bomb.png"]
+    with h5py.File(tmp_path / "s.h5") as f:
+        (name,) = list(f["sets"])
+        assert "train/a/with space é ü.jpg" in [p.decode() for p in f["sets"][name]["train/paths"][()]]
+
+
+def test_bad_stores(small_set, tmp_path):
+    not_h5 = tmp_path / "notes.h5"
+    not_h5.write_text("hello")
+    one_line_error(featurize_error(small_set, not_h5), "is not an HDF5 file")
+    one_line_error(run_cli("train-head", "--store", not_h5, check=False), "is not an HDF5 file")
+    good = tmp_path / "good.h5"
+    run_json("featurize", small_set, "--store", good)
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    one_line_error(run_cli("store", "info", truncated, check=False), "is damaged")
+    with h5py.File(good, "a") as f:
+        f.attrs["schema_version"] = 99
+    one_line_error(run_cli("train-head", "--store", good, check=False), "schema version 99")
+    one_line_error(featurize_error(small_set, "/sys/store.h5"), "choose a --store in a writable folder")
+    one_line_error(featurize_error(small_set, tmp_path), "is a folder")
+
+
+def test_options_out_of_range_elsewhere(small_set, tmp_path):
+    store = tmp_path / "s.h5"
+    run_json("featurize", small_set, "--store", store)
+    run_json("train-head", "--store", store, "--out", tmp_path / "head")
+    one_line_error(run_cli("predict", tmp_path / "head", small_set, "--top-k", "0", check=False), "--top-k 0")
+    one_line_error(run_cli("predict", tmp_path / "head", tmp_path / "nothing.jpg", check=False), "does not exist")
+    one_line_error(run_cli("train-head", "--store", store, "--set", "nope", check=False), "no feature set 'nope'")
+    one_line_error(run_cli("finetune", small_set, "--head", tmp_path / "head", "--lr-mult", "0.5", check=False),
+                   "--lr-mult 0.5")
+    proc = run_cli("--debug", "predict", tmp_path / "head", small_set, "--top-k", "0", check=False)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr
+
+
+def limited_file_size(limit):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_full_disk_gives_a_clear_error_and_keeps_committed_work(small_set, tmp_path):
+    store = tmp_path / "s.h5"
+    first = run_json("featurize", small_set, "--store", store)
+    before = store.read_bytes()
+    make_images(small_set / "train", {"": {"a": 6}}, seed=4)  # adds train/a/a_000.. with new content
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "featurize", str(small_set), "--store", str(store)],
+                          cwd=REPO, capture_output=True, text=True, preexec_fn=limited_file_size(len(before) + 70_000))
+    one_line_error(proc, "no space left writing", "committed is kept")
+    assert store.read_bytes() == before
+    again = run_json("featurize", small_set, "--store", store)
+    assert again["images"]["train"] == first["images"]["train"] + 1  # a_000..a_004 changed, a_005 is new
+    assert again["featurized"] == 0 and again["reused"] == 22  # the six were committed to the journal
+
+
+def test_a_reader_sees_only_committed_snapshots(small_set, tmp_path):
+    store = tmp_path / "s.h5"
+    run_json("featurize", small_set, "--store", store)
+    make_images(small_set, {"train": {"a": 12, "b": 12, "c": 12}}, seed=8)  # more images in the same folders
+    for path in small_set.rglob("*.jpg"):
+        os.utime(path)  # touched: hashes are checked, new files featurized
+    writer = subprocess.Popen([sys.executable, "-m", "pipeline", "featurize", str(small_set), "--store", str(store),
+                               "--batch-size", "4", "--commit-every", "4"], cwd=REPO, stderr=subprocess.PIPE)
+    seen, errors = set(), []
+
+    def read_until_done():
+        while writer.poll() is None:
+            try:
+                with h5py.File(store, "r", locking=False) as f:
+                    for name in f["sets"]:
+                        g = f["sets"][name]["train"]
+                        n = g["features"].shape[0]
+                        assert n == len(g["paths"]) == len(g["labels"]) == len(g["sha256"])
+                        seen.add(n)
+            except Exception as exc:  # recorded: the assertion below fails on any inconsistent read
+                errors.append(repr(exc))
+
+    reader = threading.Thread(target=read_until_done)
+    reader.start()
+    writer.wait(timeout=300)
+    reader.join()
+    assert writer.returncode == 0 and not errors, errors[:3]
+    assert seen
+
+
+def test_hostile_files_run_no_code(tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pth"
+    evil.write_bytes(pickle.dumps({"weight": Payload()}))
+    one_line_error(run_cli("featurize", tmp_path, "--store", tmp_path / "s.h5", "--weights", evil, "--arch", "resnet18",
+                           check=False))
+    from stages.errors import PipelineError
+    from stages.finetune import read_checkpoint
+
+    (tmp_path / "ft").mkdir()
+    (tmp_path / "ft" / "checkpoint.pt").write_bytes(evil.read_bytes())
+    with pytest.raises(PipelineError, match="is damaged"):
+        read_checkpoint(tmp_path / "ft")
+    assert not marker.exists()
+
+
+def test_store_paths_cannot_escape_the_data_folder(small_set, tmp_path):
+    store = tmp_path / "s.h5"
+    run_json("featurize", small_set, "--store", store)
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes((small_set / "train/a/a_000.jpg").read_bytes())
+    with h5py.File(store, "a") as f:
+        (name,) = list(f["sets"])
+        paths = f["sets"][name]["train/paths"]
+        paths[0] = "../secret.jpg"
+    again = run_json("featurize", small_set, "--store", store)
+    with h5py.File(store) as f:
+        assert "../secret.jpg" not in [p.decode() for p in f["sets"][again["set"]]["train/paths"][()]]
+    assert again["images"]["train"] == 15
