@@ -73,7 +73,7 @@ def bench_featurize(quick: bool) -> dict:
         run = FeatureRunner(backbone.model, "cpu", precision, 224)
         run(images)
         started, n = time.perf_counter(), 0
-        while time.perf_counter() - started < (3 if quick else 15):
+        while time.perf_counter() - started < (1 if quick else 15):
             run(images)
             n += len(images)
         bounds[precision] = n / (time.perf_counter() - started)
@@ -141,7 +141,7 @@ def bench_stream(quick: bool) -> dict:
 
     from bench.synthetic import write_feature_store
 
-    n = 50_000 if quick else 1_000_000
+    n = 20_000 if quick else 1_000_000
     tmp = Path(tempfile.mkdtemp())
     store = tmp / "big.h5"
     rng = np.random.default_rng(0)
@@ -178,7 +178,7 @@ def bench_scale(quick: bool) -> dict:
     """Featurize peak RSS and img/s on generated sets of two sizes: memory must not grow with N."""
     from pipeline.demo import make_demo_images
 
-    sizes = (90, 360) if quick else (1_000, 20_000)
+    sizes = (60, 120) if quick else (1_000, 20_000)
     rows = []
     for n in sizes:
         tmp = Path(tempfile.mkdtemp())

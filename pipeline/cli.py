@@ -458,6 +458,7 @@ def main() -> None:
         DEBUG = True
         sys.argv.remove("--debug")
     signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         code = app(standalone_mode=False)  # returns the exit code of typer.Exit and --help
     except PipelineError as exc:

@@ -147,7 +147,8 @@ class _Run:
         self.opts, self.dataset, self.journal = opts, dataset, journal
         self.backbone, self.device, self.precision = backbone, device, precision
         self.progress = progress
-        self.forward = FeatureRunner(backbone.model, device, precision, backbone.preprocessing.size)
+        self.forward = FeatureRunner(backbone.model, device, precision, backbone.preprocessing.size,
+                                     cache_key=backbone.weights_sha256)
         self.fingerprints: dict[str, Fingerprint] = {}
         self.pending = {split: SplitRows() for split in dataset.splits}
         self.pending_rows = 0

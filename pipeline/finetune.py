@@ -65,17 +65,17 @@ def finetune(data_dir: Path, head_dir: Path, out: Path, cfg: FinetuneConfig, res
     tuner.fit(train, valid, on_epoch=on_epoch, on_step=on_step)
     seconds = time.perf_counter() - started
     out.mkdir(parents=True, exist_ok=True)
-    for name, state in ((BACKBONE_FILE, tuner.model.backbone.architecture_state_dict()),
-                        (HEAD_FILE, tuner.model.head.state_dict())):
+    for name, weights in ((BACKBONE_FILE, tuner.model.backbone.architecture_state_dict()),
+                          (HEAD_FILE, tuner.model.head.state_dict())):
         with atomic_output(out / name) as tmp:
-            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
+            save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp))
     feature_set = {**head_config["feature_set"], "store": None, "set": None,
                    "weights_sha256": file_sha256(out / BACKBONE_FILE), "weights_path": str((out / BACKBONE_FILE).resolve())}
     config = {"kind": "finetune", "head": head_config["head"], "classes": head_config["classes"],
               "train": {**cfg.to_dict(), "head": head_config["head"]["head"], "from_head": str(head_dir)},
               "feature_set": feature_set, "created": datetime.now().isoformat(timespec="seconds")}
     last = tuner.history[-1] if tuner.history else {}
-    images = len(train[0]) * (cfg.epochs - (state["epoch"] if state else 0))
+    images = len(train[0]) * (cfg.epochs - (state["epoch"] if state is not None else 0))
     metrics = {"history": tuner.history, "before": tuner.before, "accuracy": last.get("accuracy"),
                "valid_loss": last.get("valid_loss"), "train_seconds": seconds,
                "train_images_per_second": images / seconds if seconds else None}

@@ -349,16 +349,26 @@ class FeatureRunner:
     0.997 or better to fp32 on real photos). A model that cannot be traced runs eagerly instead.
     """
 
-    def __init__(self, model: nn.Module, device: str, precision: str, input_size: int):
+    # Frozen modules by (weights identity, precision, size): TorchScript never frees what a trace compiles
+    # (about 57 MB for Lite0), so a process that loads the same backbone again reuses the first trace.
+    _frozen: dict[tuple, torch.jit.ScriptModule] = {}
+
+    def __init__(self, model: nn.Module, device: str, precision: str, input_size: int, cache_key: str | None = None):
         self.device = torch.device(device)
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         model = model.to(device=self.device, memory_format=torch.channels_last).eval()
         self.autocast = precision == "bf16" and self.device.type != "cpu"
         self.module = model
         if self.device.type == "cpu":
-            self.module = self._frozen(model, input_size) or model.to(self.dtype)
+            key = (cache_key, precision, input_size)
+            frozen = self._frozen.get(key) if cache_key else None
+            if frozen is None:
+                frozen = self._freeze(model, input_size)
+                if frozen is not None and cache_key:
+                    self._frozen[key] = frozen
+            self.module = frozen or model.to(self.dtype)
 
-    def _frozen(self, model: nn.Module, size: int):
+    def _freeze(self, model: nn.Module, size: int):
         example = torch.zeros(2, 3, size, size, dtype=self.dtype).contiguous(memory_format=torch.channels_last)
         try:
             model = copy.deepcopy(model)

@@ -33,7 +33,8 @@ class ImageClassifier:
         self.device = resolve_device(device)
         self.precision = precision
         self.batch_size = batch_size
-        self.forward = FeatureRunner(backbone.model, self.device, precision, backbone.preprocessing.size)
+        self.forward = FeatureRunner(backbone.model, self.device, precision, backbone.preprocessing.size,
+                                     cache_key=backbone.weights_sha256)
         self.head.to(self.device)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:

@@ -143,3 +143,25 @@ def test_cli_finetune_then_predict_and_featurize_again(tiny, tmp_path):
     assert info["sets"][0]["weights_sha256"] != config["feature_set"]["weights_sha256"] and again["featurized"] == 18
     resumed = run_json("finetune", data, "--head", head_dir, "--resume", tmp_path / "ft")
     assert len(resumed["history"]) == 1  # already finished: nothing more to do
+
+
+def test_cli_finetune_killed_then_resumed_equals_uninterrupted(tiny, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    data, head_dir = tiny
+    args = ["finetune", str(data), "--head", str(head_dir), "--epochs", "2", "--batch-size", "4"]
+    whole = run_json(*args, "--out", tmp_path / "whole")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--out", str(tmp_path / "killed")], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "killed" / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    resumed = run_json("finetune", data, "--head", head_dir, "--resume", tmp_path / "killed")
+    assert [r["train_loss"] for r in resumed["history"]] == pytest.approx([r["train_loss"] for r in whole["history"]])
+    assert resumed["accuracy"] == whole["accuracy"]

@@ -172,3 +172,30 @@ def test_store_paths_cannot_escape_the_data_folder(small_set, tmp_path):
     with h5py.File(store) as f:
         assert "../secret.jpg" not in [p.decode() for p in f["sets"][again["set"]]["train/paths"][()]]
     assert again["images"]["train"] == 15
+
+
+def test_soak_handles_threads_and_memory_stay_flat(tmp_path):
+    """featurize, train-head and evaluate in a loop, in one process: nothing accumulates."""
+    import resource
+
+    from pipeline.evaluate import evaluate
+    from pipeline.featurize import FeaturizeOptions, featurize
+    from pipeline.train_head import load_cached_features, train_grid
+    from stages.head import TrainConfig
+    from store.reader import FeatureStore
+
+    data = make_images(tmp_path / "data", {"train": {"a": 6, "b": 6}, "valid": {"a": 3, "b": 3}})
+    rounds, marks = 4, []
+    for round_ in range(rounds):
+        make_images(tmp_path / "new", {"train": {"a": 1}}, seed=100 + round_)
+        (tmp_path / "new/train/a/a_000.jpg").replace(data / f"train/a/new_{round_}.jpg")
+        featurize(FeaturizeOptions(data_dir=data, store=tmp_path / "s.h5", batch_size=8))
+        with FeatureStore(tmp_path / "s.h5") as fs:
+            train_grid(load_cached_features(fs), [TrainConfig(epochs=2)], tmp_path / "head")
+        evaluate(tmp_path / "head", data / "valid", tmp_path / "eval", store=tmp_path / "s.h5")
+        rss = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+        marks.append((len(os.listdir("/proc/self/fd")), threading.active_count(), rss))
+        print(f"round {round_}: fds {marks[-1][0]}, threads {marks[-1][1]}, rss {rss / 2**20:.0f} MB")
+    first, last = marks[1], marks[-1]  # round 0 warms caches (imports, the traced model)
+    assert last[0] <= first[0] and last[1] <= first[1]
+    assert last[2] - first[2] < 64 * 2**20, marks
