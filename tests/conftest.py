@@ -69,6 +69,17 @@ def dogscats_store(tmp_path_factory):
     return store, summary
 
 
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A small generated set, featurized, with a head trained on it: (data, store, run)."""
+    root = tmp_path_factory.mktemp("trained")
+    data = make_images(root / "data", {"train": {"a": 8, "b": 8, "c": 8}, "valid": {"a": 4, "b": 4, "c": 4}})
+    store = root / "s.h5"
+    run_json("featurize", data, "--store", store, "--batch-size", "8")
+    run_json("train-head", "--store", store, "--epochs", "8", "--batch-size", "8", "--out", root / "head")
+    return data, store, root / "head"
+
+
 @pytest.fixture
 def small_set(tmp_path) -> Path:
     """train 3 classes x 5 images, valid 3 x 2: 21 images."""

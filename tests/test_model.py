@@ -16,17 +16,6 @@ def valid_png(path, min_side=200):
         assert png.format == "PNG" and min(png.size) >= min_side, (path, png.size)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A small generated set, featurized, with a head trained on it: (data, store, run)."""
-    root = tmp_path_factory.mktemp("model")
-    data = make_images(root / "data", {"train": {"a": 8, "b": 8, "c": 8}, "valid": {"a": 4, "b": 4, "c": 4}})
-    store = root / "s.h5"
-    run_json("featurize", data, "--store", store, "--batch-size", "8")
-    run_json("train-head", "--store", store, "--epochs", "8", "--batch-size", "8", "--out", root / "head")
-    return data, store, root / "head"
-
-
 def test_inspect_counts_sizes_problems_duplicates_and_a_leak(tmp_path):
     data = make_images(tmp_path / "d", {"train": {"a": 4, "b": 3}, "valid": {"a": 2, "b": 2}}, size=(80, 60))
     shutil.copy(data / "train/a/a_000.jpg", data / "valid/b/leaked.jpg")

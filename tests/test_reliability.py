@@ -72,16 +72,13 @@ def test_bad_stores(small_set, tmp_path):
     one_line_error(featurize_error(small_set, tmp_path), "is a folder")
 
 
-def test_options_out_of_range_elsewhere(small_set, tmp_path):
-    store = tmp_path / "s.h5"
-    run_json("featurize", small_set, "--store", store)
-    run_json("train-head", "--store", store, "--out", tmp_path / "head")
-    one_line_error(run_cli("predict", tmp_path / "head", small_set, "--top-k", "0", check=False), "--top-k 0")
-    one_line_error(run_cli("predict", tmp_path / "head", tmp_path / "nothing.jpg", check=False), "does not exist")
+def test_options_out_of_range_elsewhere(trained, tmp_path):
+    data, store, head = trained
+    one_line_error(run_cli("predict", head, data, "--top-k", "0", check=False), "--top-k 0")
+    one_line_error(run_cli("predict", head, tmp_path / "nothing.jpg", check=False), "does not exist")
     one_line_error(run_cli("train-head", "--store", store, "--set", "nope", check=False), "no feature set 'nope'")
-    one_line_error(run_cli("finetune", small_set, "--head", tmp_path / "head", "--lr-mult", "0.5", check=False),
-                   "--lr-mult 0.5")
-    proc = run_cli("--debug", "predict", tmp_path / "head", small_set, "--top-k", "0", check=False)
+    one_line_error(run_cli("finetune", data, "--head", head, "--lr-mult", "0.5", check=False), "--lr-mult 0.5")
+    proc = run_cli("--debug", "predict", head, data, "--top-k", "0", check=False)
     assert proc.returncode == 1 and "Traceback" in proc.stderr
 
 
