@@ -57,7 +57,8 @@ def _human_bytes(n: int) -> str:
 @app.command(epilog="Examples:\n\n"
              "    pipeline featurize data/dogscats --store runs/dogscats.h5\n\n"
              "    pipeline featurize data/photos --valid-pct 0.2 --seed 0 --store runs/photos.h5 --views 4\n\n"
-             "    pipeline featurize data/dogscats --store runs/ft.h5 --weights runs/ft-a/backbone.safetensors")
+             "    pipeline featurize data/dogscats --store runs/ft.h5 --weights runs/ft-a/backbone.safetensors\n\n"
+             "    torchrun --nproc_per_node 2 -m pipeline featurize data/dogscats --store runs/dogscats.h5")
 def featurize(
     data_dir: Path = typer.Argument(..., help="Folder of train/ valid/ [test/] class folders, or one folder of class folders."),
     store: Path = typer.Option(..., "--store", "-s", help="HDF5 feature store to create or update."),
@@ -73,6 +74,8 @@ def featurize(
     batch_size: int = typer.Option(32, help="Images per batch."),
     commit_every: int = typer.Option(2048, help="Commit to the journal after this many feature rows (a kill loses "
                                                 "at most this much work)."),
+    num_shards: int = typer.Option(1, help="For batch schedulers: split the work into this many shards..."),
+    shard_id: int = typer.Option(0, help="...and do this one (0-based); a later run without them merges."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):
     """Decode images with DALI, run the frozen backbone once, stream features into the store (only what changed)."""
@@ -80,7 +83,7 @@ def featurize(
 
     opts = FeaturizeOptions(data_dir=data_dir, store=store, backbone=backbone, weights=weights, arch=arch, views=views,
                             seed=seed, valid_pct=valid_pct, dtype=dtype, precision=precision, device=device,
-                            batch_size=batch_size, commit_rows=commit_every)
+                            batch_size=batch_size, commit_rows=commit_every, num_shards=num_shards, shard_id=shard_id)
     with progress_bar("featurize") as update:
         summary = run_featurize(opts, progress=update)
     if as_json:
@@ -94,7 +97,11 @@ def featurize(
 
 def _print_featurize_summary(s: dict) -> None:
     for note in s["notes"]:
-        err.print(f"[yellow]note:[/] {note}")
+        err.print(f"[yellow]note:[/] {note}", highlight=False)
+    if not s["merged"]:
+        rate = f", {s['images_per_second']} img/s" if s["images_per_second"] else ""
+        out.print(f"{s['shard']}: featurized {s['featurized']} images in {s['seconds']:.1f} s{rate}", highlight=False)
+        return
     for bad in s["skipped"]:
         err.print(f"[yellow]skipped[/] {bad['path']}: {bad['reason']}", highlight=False)
     images = ", ".join(f"{split} {n}" for split, n in s["images"].items())

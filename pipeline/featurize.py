@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 import torch
 
+from pipeline.distributed import Shard, current_shard
 from pipeline.runtime import cpu_count, tune_allocator
 from stages.backbones import DEFAULT_BACKBONE, FeatureRunner, create_backbone, resolve_precision
 from stages.decode import Augmentation, ImageDecoder, resolve_device
@@ -42,6 +43,8 @@ class FeaturizeOptions:
     batch_size: int = 32
     commit_rows: int = 2048  # journal commit after this many rows (or commit_seconds), whichever comes first
     commit_seconds: float = 30.0
+    num_shards: int = 1
+    shard_id: int = 0
 
 
 @dataclass
@@ -168,7 +171,8 @@ class _Run:
 
     def _featurize_split(self, split: str, files: list, total: int) -> None:
         decoder = ImageDecoder(self.backbone.preprocessing, views=_views_in(split, self.opts.views), device=self.device,
-                               batch_size=self.opts.batch_size, seed=self.opts.seed, num_threads=cpu_count())
+                               batch_size=self.opts.batch_size, seed=self.opts.seed,
+                               num_threads=torch.get_num_threads())
         labels = {f.path: f.label for f in files}
         for batch in decoder.decode((f.path, self._loader(f.path)) for f in files):
             for key, reason in batch.failed:
@@ -286,7 +290,11 @@ def _up_to_date(old_set: h5py.Group | None, plans: dict[str, SplitPlan], classes
 
 
 def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> dict:
-    """Bring the store's feature set for these settings up to date with the data folder; return a summary."""
+    """Bring the store's feature set for these settings up to date with the data folder; return a summary.
+
+    Sharded (torchrun ranks, or --num-shards/--shard-id), each process featurizes its share of the missing files
+    into its own journal parts; then torchrun's rank 0, or a later plain run, merges every part into the store.
+    """
     started = time.perf_counter()
     tune_allocator()
     if opts.dtype not in FEATURE_DTYPES:
@@ -300,13 +308,39 @@ def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> dict:
         store_path.parent.mkdir(parents=True, exist_ok=True)
     dataset = scan_dataset(opts.data_dir, opts.valid_pct, opts.seed)
     device = resolve_device(opts.device)
+    shard = current_shard(opts.num_shards, opts.shard_id, device)
     precision = resolve_precision(opts.precision, device)
     backbone = create_backbone(opts.backbone, opts.weights, opts.arch)
     identity = set_identity(backbone, opts.views, opts.seed, precision, opts.dtype)
-    name = set_name(identity)
-    journal = Journal(store_path, name)
+    job = _Job(opts, dataset, backbone, identity, device, precision, store_path, progress)
+    if shard.count == 1:
+        with StoreLock(store_path):
+            remove_stale_temporaries(store_path)
+            return job.run(shard, merge=True, started=started)
+    with StoreLock(store_path, shared=True):
+        mine = job.run(shard, merge=False, started=started)
+    if not shard.distributed:
+        return mine
+    shard.barrier()  # every rank's parts are committed
+    if shard.index != 0:
+        return mine
     with StoreLock(store_path):
-        remove_stale_temporaries(store_path)
+        merged = job.run(Shard(), merge=True, started=started)
+    return {**merged, "shards": shard.count, "featurized": merged["featurized"] + mine["featurized"],
+            "rank0_featurized": mine["featurized"]}
+
+
+class _Job:
+    """One featurize invocation's settings, run for one shard with or without merging into the store."""
+
+    def __init__(self, opts, dataset, backbone, identity, device, precision, store_path, progress):
+        self.opts, self.dataset, self.backbone, self.identity = opts, dataset, backbone, identity
+        self.device, self.precision, self.store_path, self.progress = device, precision, store_path, progress
+        self.name = set_name(identity)
+
+    def run(self, shard: Shard, merge: bool, started: float) -> dict:
+        opts, dataset, name, store_path = self.opts, self.dataset, self.name, self.store_path
+        journal = Journal(store_path, name, shard.index)
         old = open_h5(store_path) if store_path.exists() else None
         parts = []
         try:
@@ -319,12 +353,15 @@ def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> dict:
                 sources.add(f"part:{part.name}", parts[-1], newest=True)
             had_parts = bool(parts)
             decisions, todo = _decide(dataset, sources, opts.views)
+            if shard.count > 1:  # a file's shard follows from its place in the whole data set, not in what is left
+                place = {(split, f.path): i for i, (split, f) in
+                         enumerate((split, f) for split, files in dataset.splits.items() for f in files)}
+                todo = [(split, f) for split, f in todo if place[split, f.path] % shard.count == shard.index]
             reused = sum(1 for split in decisions.values() for d in split.values() if d.source)
-            run = None
-            interrupted = False
+            run, interrupted, loop_seconds = None, False, 0.0
             if todo:
-                torch.set_num_threads(cpu_count())
-                run = _Run(opts, dataset, backbone, journal, device, precision, progress)
+                torch.set_num_threads(max(1, cpu_count() // shard.local_count))
+                run = _Run(opts, dataset, self.backbone, journal, self.device, self.precision, self.progress)
                 loop_started = time.perf_counter()
                 try:
                     run.run(todo)
@@ -335,16 +372,24 @@ def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> dict:
                     if f"part:{part.name}" not in sources.files:
                         parts.append(h5py.File(part, "r", locking=False))
                         sources.add(f"new:{part.name}", parts[-1], newest=True)
+            computed = run.done - run.skipped if run else 0
+            counts = {"featurized": computed, "reused": reused, "seconds": round(time.perf_counter() - started, 3),
+                      "images_per_second": round(computed / loop_seconds, 1) if computed else None,
+                      "interrupted": interrupted, "set": name, "store": str(store_path), "device": self.device,
+                      "precision": self.precision, "backbone": self.backbone.name, "views": opts.views}
+            if not merge:
+                return {**counts, "shard": shard.label, "merged": False, "up_to_date": False,
+                        "notes": [f"{shard.label}: parts in {journal.dir}; a run without --shard-id merges them"]}
             plans = _plan(dataset, decisions, sources, opts.views)
             up_to_date = not todo and _up_to_date(old_set, plans, dataset.classes, had_parts)
             if not up_to_date:
-                attrs = {**identity, "classes": dataset.classes, "data_dir": str(Path(opts.data_dir).resolve()),
-                         "weights_path": backbone.weights_path,
+                attrs = {**self.identity, "classes": dataset.classes, "data_dir": str(Path(opts.data_dir).resolve()),
+                         "weights_path": self.backbone.weights_path,
                          **{k: v for k, v in dataset.describe().items() if v is not None},
-                         "versions": _library_versions(), "device": device,
+                         "versions": _library_versions(), "device": self.device,
                          "created": old_set.attrs.get("created", now_iso()) if old_set is not None else now_iso(),
                          "updated": now_iso()}
-                write_store(store_path, name, attrs, plans, sources.files, backbone.feature_dim, opts.dtype, old)
+                write_store(store_path, name, attrs, plans, sources.files, self.backbone.feature_dim, opts.dtype, old)
         finally:
             for f in parts:
                 f.close()
@@ -352,18 +397,10 @@ def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> dict:
                 old.close()
         if not up_to_date:
             journal.clear()
-    seconds = time.perf_counter() - started
-    computed = run.done - run.skipped if run else 0
-    skipped = [{"split": s, "path": p, "reason": plan.skipped["reasons"][i]}
-               for s, plan in plans.items() for i, p in enumerate(plan.skipped["paths"])]
-    summary = {
-        "store": str(store_path), "set": name, "data_dir": str(opts.data_dir), "up_to_date": up_to_date,
-        "images": {s: len(set(p.columns["paths"])) for s, p in plans.items()},
-        "rows": {s: len(p.columns["paths"]) for s, p in plans.items()},
-        "featurized": computed, "reused": reused,
-        "skipped": skipped, "classes": dataset.classes, "backbone": backbone.name, "device": device,
-        "precision": precision, "views": opts.views, "seconds": round(seconds, 3),
-        "images_per_second": round(computed / loop_seconds, 1) if computed else None,
-        "store_bytes": os.path.getsize(store_path), "notes": dataset.notes, "interrupted": interrupted,
-    }
-    return summary
+        skipped = [{"split": s, "path": p, "reason": plan.skipped["reasons"][i]}
+                   for s, plan in plans.items() for i, p in enumerate(plan.skipped["paths"])]
+        return {**counts, "data_dir": str(opts.data_dir), "up_to_date": up_to_date, "merged": True,
+                "images": {s: len(set(p.columns["paths"])) for s, p in plans.items()},
+                "rows": {s: len(p.columns["paths"]) for s, p in plans.items()},
+                "skipped": skipped, "classes": dataset.classes, "store_bytes": os.path.getsize(store_path),
+                "notes": dataset.notes}

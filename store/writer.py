@@ -30,8 +30,9 @@ def now_iso() -> str:
 class StoreLock:
     """An exclusive advisory lock on `STORE.lock`, released by the kernel even when the process is killed."""
 
-    def __init__(self, store_path: Path):
+    def __init__(self, store_path: Path, shared: bool = False):
         self.path = store_path.with_name(store_path.name + ".lock")
+        self.shared = shared  # shards of one job write only their own journal parts, side by side
         self._fd = None
 
     def __enter__(self) -> "StoreLock":
@@ -40,14 +41,15 @@ class StoreLock:
         except OSError as exc:
             raise PipelineError(f"cannot create {self.path}: {exc.strerror}; choose a --store in a writable folder") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
             os.close(fd)
             raise PipelineError(f"store {self.path.with_suffix('')} is being written by another featurize "
                                 f"(pid {holder or '?'}); wait for it to finish or use another --store") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        if not self.shared:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._fd = fd
         return self
 
@@ -138,9 +140,10 @@ def _write_columns(group: h5py.Group, columns: dict[str, list], spec: dict) -> N
 class Journal:
     """The committed parts of an unfinished run for one feature set, in `STORE.journal/`."""
 
-    def __init__(self, store_path: Path, set_name: str):
+    def __init__(self, store_path: Path, set_name: str, shard: int = 0):
         self.dir = store_path.with_name(store_path.name + ".journal")
         self.set_name = set_name
+        self.shard = shard  # each shard numbers its own parts, so shards never collide
 
     def parts(self) -> list[Path]:
         """Committed parts in commit order; leftovers of a killed write are removed."""
@@ -156,9 +159,9 @@ class Journal:
         if not rows:
             return None
         self.dir.mkdir(exist_ok=True)
-        existing = self.parts()
-        seq = int(existing[-1].stem.rsplit("-", 1)[-1]) + 1 if existing else 0
-        path = self.dir / f"{self.set_name}.part-{seq:06d}.h5"
+        own = [p for p in self.parts() if p.stem.rsplit("-", 2)[-2] == f"{self.shard:03d}"]
+        seq = int(own[-1].stem.rsplit("-", 1)[-1]) + 1 if own else 0
+        path = self.dir / f"{self.set_name}.part-{self.shard:03d}-{seq:06d}.h5"
 
         def fill(f: h5py.File) -> None:
             f.attrs["set_name"] = self.set_name

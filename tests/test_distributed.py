@@ -1,0 +1,66 @@
+"""Sharded featurize: torchrun ranks (gloo on the CPU) and batch-scheduler shards equal one process."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, make_images, run_json
+from test_crash import assert_same_content, content, parts
+
+ARGS = ("--batch-size", "4", "--commit-every", "4", "--views", "1", "--precision", "fp32")
+
+
+@pytest.fixture(scope="module")
+def shard_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    data = make_images(root / "data", {"train": {"a": 8, "b": 8, "c": 8}, "valid": {"a": 2, "b": 2, "c": 2}})
+    run_json("featurize", data, "--store", root / "reference.h5", *ARGS)
+    return data, content(root / "reference.h5")
+
+
+def torchrun(data, store, **kwargs):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "pipeline", "featurize", str(data), "--store", str(store), *ARGS, "--json"]
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_torchrun_two_ranks_equal_one_process(shard_set, tmp_path):
+    data, reference = shard_set
+    proc = torchrun(data, tmp_path / "s.h5")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert '"shards": 2' in out and "rank 1/2" in out
+    assert_same_content(content(tmp_path / "s.h5"), reference)
+
+
+def test_batch_scheduler_shards_then_a_merge_equal_one_process(shard_set, tmp_path):
+    data, reference = shard_set
+    store = tmp_path / "s.h5"
+    shards = [run_json("featurize", data, "--store", store, *ARGS, "--num-shards", "2", "--shard-id", str(i))
+              for i in (0, 1)]
+    assert sum(s["featurized"] for s in shards) == 30 and not store.exists()
+    merged = run_json("featurize", data, "--store", store, *ARGS)
+    assert merged["featurized"] == 0 and merged["reused"] == 30
+    assert_same_content(content(store), reference)
+
+
+def test_a_killed_rank_stops_the_job_and_a_rerun_completes(shard_set, tmp_path):
+    data, reference = shard_set
+    store = tmp_path / "s.h5"
+    proc = torchrun(data, store)
+    deadline = time.monotonic() + 300
+    while parts(store) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # torchrun starts each rank as its own child (in a session of its own)
+    workers = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                  text=True).stdout.split()]
+    assert len(workers) == 2, workers
+    os.kill(max(workers), signal.SIGKILL)  # one rank dies
+    _, err = proc.communicate(timeout=300)  # the job stops rather than hangs
+    assert proc.returncode != 0
+    rerun = run_json("featurize", data, "--store", store, *ARGS)
+    assert rerun["featurized"] < 30
+    assert_same_content(content(store), reference)
