@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import traceback
@@ -318,9 +319,12 @@ def finetune(
                          batch_size=batch_size, seed=seed, precision=precision)
     out_dir = out_dir or Path("runs") / f"ft-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     table = EpochTable(err if as_json else out)
-    table.header()
+    if int(os.environ.get("RANK", "0")) == 0:
+        table.header()
     with progress_bar("finetune", unit="step") as update:
         result = run_finetune(data_dir, head_dir, out_dir, cfg, resume, device, on_epoch=table.row, on_step=update)
+    if result.get("quiet"):  # a torchrun rank other than 0
+        return
     if as_json:
         _print_json(result)
         return

@@ -13,6 +13,7 @@ import torch
 from pipeline.plots import plot_training_curves
 from pipeline.runtime import cpu_count, tune_allocator
 from pipeline.atomic import atomic_output, write_json
+from pipeline.distributed import current_shard
 from stages.backbones import file_sha256
 from stages.decode import resolve_device
 from stages.errors import PipelineError
@@ -44,6 +45,9 @@ def finetune(data_dir: Path, head_dir: Path, out: Path, cfg: FinetuneConfig, res
         state = read_checkpoint(resume)
         cfg, out = FinetuneConfig(**state["config"]), resume
     device = resolve_device(device)
+    shard = current_shard(device=device)
+    if shard.index != 0:  # one rank prints the table
+        on_epoch = on_step = None
     if cfg.precision == "auto":
         cfg = replace(cfg, precision="bf16" if device == "cuda" else "fp32")
     head, head_config = load_head(head_dir)
@@ -55,7 +59,7 @@ def finetune(data_dir: Path, head_dir: Path, out: Path, cfg: FinetuneConfig, res
     train, valid = _split(dataset, "train"), _split(dataset, "valid")
     if train is None:
         raise PipelineError(f"{data_dir} has no train/ images to fine-tune on")
-    tuner = Finetuner(backbone, head, cfg, device, out)
+    tuner = Finetuner(backbone, head, cfg, device, out, shard.index, shard.count)
     steps_per_epoch = -(-len(train[0]) // cfg.batch_size)
     if state is not None:
         tuner.restore(state, steps_per_epoch)
@@ -64,6 +68,8 @@ def finetune(data_dir: Path, head_dir: Path, out: Path, cfg: FinetuneConfig, res
     started = time.perf_counter()
     tuner.fit(train, valid, on_epoch=on_epoch, on_step=on_step)
     seconds = time.perf_counter() - started
+    if shard.index != 0:
+        return {"run": str(out), "rank": shard.index, "quiet": True}
     out.mkdir(parents=True, exist_ok=True)
     for name, weights in ((BACKBONE_FILE, tuner.model.backbone.architecture_state_dict()),
                           (HEAD_FILE, tuner.model.head.state_dict())):
@@ -83,4 +89,4 @@ def finetune(data_dir: Path, head_dir: Path, out: Path, cfg: FinetuneConfig, res
     write_json(out / "metrics.json", metrics)
     with atomic_output(out / "curves.png") as tmp:
         plot_training_curves(tuner.history, tuner.step_losses, tmp)
-    return {"run": str(out), **metrics}
+    return {"run": str(out), "processes": shard.count, **metrics}

@@ -100,12 +100,18 @@ def freeze_batchnorm_statistics(model: nn.Module) -> None:
 class Finetuner:
     """Trains a FullModel on image files with per-epoch checkpoints; resumes where a stop left off."""
 
-    def __init__(self, backbone: Backbone, head: Head, cfg: FinetuneConfig, device: str, out: Path):
+    def __init__(self, backbone: Backbone, head: Head, cfg: FinetuneConfig, device: str, out: Path,
+                 rank: int = 0, world: int = 1):
         cfg.validate()
+        if cfg.batch_size % world:
+            raise PipelineError(f"--batch-size {cfg.batch_size} is the global batch: give a multiple of the "
+                                f"{world} ranks")
         torch.manual_seed(cfg.seed)  # dropout draws: the same seed gives the same run
         self.cfg, self.device, self.out = cfg, device, out
+        self.rank, self.world, self.local_batch = rank, world, cfg.batch_size // world
         self.preprocessing = backbone.preprocessing
         self.model = FullModel(backbone.model.requires_grad_(True), head).to(device)
+        self.model.backbone.classifier.requires_grad_(False)  # the ImageNet classifier is carried, never used
         self.groups = layer_groups(self.model)
         rates = group_learning_rates(cfg.lr, cfg.lr_mult, len(self.groups))
         self.optimizer = torch.optim.AdamW([{"params": g, "lr": r} for g, r in zip(self.groups, rates)],
@@ -115,11 +121,27 @@ class Finetuner:
         self.before: dict | None = None  # valid metrics before any training step
         self.history: list[dict] = []
         self.step_losses: list[float] = []
+        self.forward = self.model  # under torchrun, a DistributedDataParallel wrapper of it
 
     # Data --------------------------------------------------------------------------------------------
     def _decoder(self, train: bool) -> ImageDecoder:
         return ImageDecoder(self.preprocessing, views=1 if train else 0, device=self.device,
-                            batch_size=self.cfg.batch_size, seed=self.cfg.seed, num_threads=1)
+                            batch_size=self.local_batch, seed=self.cfg.seed, num_threads=1)
+
+    def _my_share(self, order: list[int]) -> list[int]:
+        """This rank's slice of every global batch (all of it in one process)."""
+        start, size = self.rank * self.local_batch, self.local_batch
+        return [i for s in range(0, len(order), self.cfg.batch_size) for i in order[s + start:s + start + size]]
+
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        """Sums over ranks (the values themselves in one process)."""
+        if self.world == 1:
+            return values
+        import torch.distributed as dist
+
+        tensor = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
 
     def epoch_order(self, files: list[str], epoch: int) -> list[int]:
         """The shuffled order of an epoch, from (seed, epoch) alone: a resumed run sees the same order."""
@@ -139,6 +161,10 @@ class Finetuner:
         self.model.train()
         if not self.cfg.train_bn:
             freeze_batchnorm_statistics(self.model)
+        if self.world > 1:  # rebuilt each epoch: DDP registers the parameters that train when it is built
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward = DistributedDataParallel(self.model)
 
     @torch.no_grad()
     def evaluate(self, files: list[str], labels: np.ndarray) -> dict:
@@ -146,7 +172,7 @@ class Finetuner:
         self.model.eval()
         index = {f: i for i, f in enumerate(files)}
         loss, correct, seen = 0.0, 0, 0
-        for batch in self._decoder(False).decode(self._items(files, range(len(files)))):
+        for batch in self._decoder(False).decode(self._items(files, range(self.rank, len(files), self.world))):
             if not batch.keys:
                 continue
             y = torch.as_tensor([labels[index[k]] for k in batch.keys], device=self.device)
@@ -155,6 +181,7 @@ class Finetuner:
             loss += F.cross_entropy(logits, y, reduction="sum").item()
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
+        loss, correct, seen = self._all_reduce([loss, correct, seen])
         return {"valid_loss": loss / max(1, seen), "accuracy": correct / max(1, seen)}
 
     def fit(self, train: tuple[list[str], np.ndarray], valid: tuple[list[str], np.ndarray] | None,
@@ -168,7 +195,7 @@ class Finetuner:
         while self.epoch < self.cfg.epochs:
             started = time.perf_counter()
             self._train_mode(self.epoch)
-            order = self.epoch_order(files, self.epoch)[self.step * self.cfg.batch_size:]
+            order = self._my_share(self.epoch_order(files, self.epoch)[self.step * self.cfg.batch_size:])
             try:
                 for batch in self._decoder(True).decode(self._items(files, order), epoch=self.epoch):
                     self._train_step(batch, labels, index)
@@ -193,24 +220,26 @@ class Finetuner:
             x = batch.images[:, 1].contiguous(memory_format=torch.channels_last)
             y = torch.as_tensor([labels[index[k]] for k in batch.keys], device=self.device)
             with self._autocast():
-                loss = F.cross_entropy(self.model(x).float(), y)
+                loss = F.cross_entropy(self.forward(x).float(), y)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # under DDP the gradients arrive averaged over ranks: the global batch's
             nn.utils.clip_grad_norm_([p for g in self.groups for p in g if p.requires_grad], self.cfg.clip)
             self.optimizer.step()
-            self.step_losses.append(loss.item())
+            self.step_losses.append(self._all_reduce([loss.item()])[0] / self.world)
         self.scheduler.step()
         self.step += 1
 
     # Checkpoints -------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """Model, optimizer, scheduler, position and RNG state, written atomically."""
+        """Model, optimizer, scheduler, position and RNG state, written atomically (by rank 0 alone)."""
+        path = self.out / CHECKPOINT
+        if self.rank != 0:
+            return path
         self.out.mkdir(parents=True, exist_ok=True)
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
                  "torch_rng": torch.get_rng_state(), "history": self.history, "step_losses": self.step_losses,
-                 "before": self.before, "config": self.cfg.to_dict()}
-        path = self.out / CHECKPOINT
+                 "before": self.before, "config": self.cfg.to_dict(), "world_size": self.world}
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         torch.save(state, tmp)
         os.replace(tmp, path)
@@ -218,6 +247,9 @@ class Finetuner:
 
     def restore(self, state: dict, steps_per_epoch: int) -> None:
         """Continue from a checkpoint written with this run's settings (see read_checkpoint)."""
+        if state.get("world_size", 1) != self.world:
+            raise PipelineError(f"the checkpoint was written by {state.get('world_size', 1)} processes; "
+                                f"resume with the same number (not {self.world})")
         self.model.load_state_dict(state["model"])
         self.scheduler = make_scheduler(self.optimizer, "onecycle", self.cfg.lr, steps_per_epoch * self.cfg.epochs)
         self.scheduler.load_state_dict(state["scheduler"])

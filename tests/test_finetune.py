@@ -165,3 +165,30 @@ def test_cli_finetune_killed_then_resumed_equals_uninterrupted(tiny, tmp_path):
     resumed = run_json("finetune", data, "--head", head_dir, "--resume", tmp_path / "killed")
     assert [r["train_loss"] for r in resumed["history"]] == pytest.approx([r["train_loss"] for r in whole["history"]])
     assert resumed["accuracy"] == whole["accuracy"]
+
+
+def test_two_process_finetune_follows_one_process_with_the_same_global_batch(tiny, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    data, head_dir = tiny
+    _, config = load_head(head_dir)
+    # A linear head: no dropout or batch norm, whose draws would differ between one and two processes.
+    run_json("train-head", "--store", config["feature_set"]["store"], "--head", "linear", "--epochs", "3",
+             "--batch-size", "4", "--out", tmp_path / "linear")
+    args = ["finetune", str(data), "--head", str(tmp_path / "linear"), "--epochs", "2", "--batch-size", "4", "--json"]
+    one = run_json(*args[:-1], "--out", tmp_path / "one")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "pipeline", *args, "--out", str(tmp_path / "two")], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads(proc.stdout)
+    assert two["processes"] == 2
+    assert [r["train_loss"] for r in two["history"]] == pytest.approx([r["train_loss"] for r in one["history"]],
+                                                                        rel=1e-3)
+    assert [r["valid_loss"] for r in two["history"]] == pytest.approx([r["valid_loss"] for r in one["history"]],
+                                                                        rel=1e-3)
+    assert read_checkpoint(tmp_path / "two")["world_size"] == 2
