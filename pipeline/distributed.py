@@ -18,12 +18,6 @@ class Shard:
     local_index: int = 0
     local_count: int = 1
 
-    def barrier(self) -> None:
-        if self.distributed:
-            import torch.distributed as dist
-
-            dist.barrier()
-
     @property
     def label(self) -> str:
         return f"rank {self.index}/{self.count}" if self.distributed else f"shard {self.index}/{self.count}"

@@ -321,13 +321,17 @@ def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> dict:
         mine = job.run(shard, merge=False, started=started)
     if not shard.distributed:
         return mine
-    shard.barrier()  # every rank's parts are committed
+    import torch.distributed as dist
+
+    ranks = [None] * shard.count
+    dist.all_gather_object(ranks, {k: mine[k] for k in ("shard", "featurized", "images_per_second")})  # a barrier too
     if shard.index != 0:
         return mine
     with StoreLock(store_path):
         merged = job.run(Shard(), merge=True, started=started)
-    return {**merged, "shards": shard.count, "featurized": merged["featurized"] + mine["featurized"],
-            "rank0_featurized": mine["featurized"]}
+    featurized = sum(r["featurized"] for r in ranks)
+    return {**merged, "shards": ranks, "featurized": featurized, "reused": merged["reused"] - featurized,
+            "images_per_second": round(sum(r["images_per_second"] or 0 for r in ranks), 1) or None}
 
 
 class _Job:

@@ -1,4 +1,5 @@
 """Sharded featurize: torchrun ranks (gloo on the CPU) and batch-scheduler shards equal one process."""
+import json
 import os
 import signal
 import subprocess
@@ -32,7 +33,9 @@ def test_torchrun_two_ranks_equal_one_process(shard_set, tmp_path):
     proc = torchrun(data, tmp_path / "s.h5")
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
-    assert '"shards": 2' in out and "rank 1/2" in out
+    summary = json.loads(out)
+    assert [r["shard"] for r in summary["shards"]] == ["rank 0/2", "rank 1/2"]
+    assert summary["featurized"] == 16 and summary["reused"] == 0
     assert_same_content(content(tmp_path / "s.h5"), reference)
 
 
