@@ -87,6 +87,10 @@ def featurize(
                             batch_size=batch_size, commit_rows=commit_every, num_shards=num_shards, shard_id=shard_id)
     with progress_bar("featurize") as update:
         summary = run_featurize(opts, progress=update)
+    if not summary["merged"] and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun rank other than 0: a log line
+        err.print(f"{summary['shard']}: featurized {summary['featurized']} images in {summary['seconds']:.1f} s",
+                  highlight=False)
+        return
     if as_json:
         _print_json(summary)
     else:
