@@ -15,7 +15,6 @@ class Shard:
     index: int = 0
     count: int = 1
     distributed: bool = False
-    local_index: int = 0
     local_count: int = 1
 
     @property
@@ -38,7 +37,7 @@ def current_shard(num_shards: int = 1, shard_id: int = 0, device: str = "cpu") -
         if not dist.is_initialized():
             # A rank that dies makes torchrun stop the others; the timeout only bounds a wedged collective.
             dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=timedelta(minutes=60))
-        return Shard(dist.get_rank(), world, True, local, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        return Shard(dist.get_rank(), world, True, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if num_shards < 1 or not 0 <= shard_id < num_shards:
         raise PipelineError(f"--shard-id {shard_id} is out of range for --num-shards {num_shards}; "
                             "give 0 <= --shard-id < --num-shards")

@@ -146,9 +146,6 @@ class SplitFeatures:
     def in_memory(self) -> bool:
         return self.memory is not None
 
-    def nbytes(self) -> int:
-        return self.num_rows * self.dataset.shape[1] * self.dataset.dtype.itemsize
-
     def _groups(self, rng: np.random.Generator | None) -> Iterator[tuple[int, int, np.ndarray]]:
         """Per buffer: the row span read and the selected rows in it, shuffled when rng is given."""
         n = self.dataset.shape[0]

@@ -91,13 +91,6 @@ class FeatureSet:
         values = self._split(split)[name][()]
         return _decode_strings(values)
 
-    def num_rows(self, split: str) -> int:
-        return self._split(split)["features"].shape[0]
-
-    def file_index(self, split: str) -> dict[str, FileRows]:
-        """Per source file: its rows and fingerprint, for the cache check."""
-        return split_file_index(self._split(split))
-
     def skipped(self, split: str) -> dict[str, dict]:
         """Files of a split that could not be featurized: path to reason and fingerprint."""
         return split_skipped(self.group[split]) if split in self.group else {}
