@@ -101,8 +101,7 @@ def labelled_split(split_dir: Path, classes: list[str]) -> tuple[list[Path], np.
     return files, np.asarray(labels)
 
 
-def _probabilities_from_store(model: ImageClassifier, config: dict, run_dir: Path, store: Path,
-                              files: list[Path]) -> np.ndarray:
+def _probabilities_from_store(head, config: dict, run_dir: Path, store: Path, files: list[Path]) -> np.ndarray:
     """Probabilities for the files from cached view-0 features; every file must be in the store."""
     from store.reader import FeatureStore
 
@@ -115,7 +114,7 @@ def _probabilities_from_store(model: ImageClassifier, config: dict, run_dir: Pat
         for i, f in enumerate(files):
             if f.resolve().is_relative_to(data_dir):
                 position[f.resolve().relative_to(data_dir).as_posix()] = i
-        probabilities = np.full((len(files), len(model.classes)), np.nan)
+        probabilities = np.full((len(files), len(config["classes"])), np.nan)
         for split in feature_set.splits:
             paths, views = feature_set.column(split, "paths"), feature_set.column(split, "view")
             rows = np.asarray([(row, position[p]) for row, (p, v) in enumerate(zip(paths, views))
@@ -123,7 +122,7 @@ def _probabilities_from_store(model: ImageClassifier, config: dict, run_dir: Pat
             if len(rows):
                 x = torch.from_numpy(feature_set.features(split)[rows[:, 0]]).float()
                 with torch.no_grad():
-                    probabilities[rows[:, 1]] = torch.softmax(model.head(x), 1).numpy()
+                    probabilities[rows[:, 1]] = torch.softmax(head(x), 1).numpy()
     missing = np.flatnonzero(np.isnan(probabilities[:, 0]))
     if len(missing):
         raise PipelineError(f"store {store} does not hold {files[missing[0]]} (it was featurized from {data_dir}); "
@@ -137,15 +136,16 @@ def evaluate(run_dir: Path, split_dir: Path, out: Path | None = None, tta: bool 
     from stages.head import load_head
 
     started = time.perf_counter()
-    _, config = load_head(run_dir)
-    model = load_model(run_dir, device=device)
-    files, labels = labelled_split(split_dir, model.classes)
+    head, config = load_head(run_dir)
+    classes = config["classes"]
+    files, labels = labelled_split(split_dir, classes)
     failed = []
-    if store is not None:
+    if store is not None:  # cached features: the head alone, no backbone to build
         if tta:
             raise PipelineError("--tta needs raw images; drop --store to evaluate with TTA")
-        probabilities = _probabilities_from_store(model, config, run_dir, store, files)
+        probabilities = _probabilities_from_store(head, config, run_dir, store, files)
     else:
+        model = load_model(run_dir, device=device)
         by_path = {}
         for predictions, bad in model.predict_files(files, tta=tta):
             for p in predictions:
@@ -154,22 +154,22 @@ def evaluate(run_dir: Path, split_dir: Path, out: Path | None = None, tta: bool 
         keep = [i for i, f in enumerate(files) if str(f) in by_path]
         probabilities = np.stack([by_path[str(files[i])] for i in keep])
         files, labels = [files[i] for i in keep], labels[keep]
-    metrics = classification_metrics(labels, probabilities, model.classes)
+    metrics = classification_metrics(labels, probabilities, classes)
     out = out or run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     worst = top_losses(labels, probabilities)
-    captions = [(files[i], f"{model.classes[labels[i]]} -> {model.classes[int(probabilities[i].argmax())]} "
+    captions = [(files[i], f"{classes[labels[i]]} -> {classes[int(probabilities[i].argmax())]} "
                            f"({probabilities[i].max():.2f})\n{files[i].name}") for i in worst]
     metrics.update({
         "run": str(run_dir), "split": str(split_dir), "tta": tta, "from_store": store is not None,
         "unreadable": failed, "seconds": round(time.perf_counter() - started, 3),
         "confusion_png": str(out / "confusion.png"), "top_losses_png": str(out / "top_losses.png"),
-        "top_losses": [{"path": str(files[i]), "true": model.classes[labels[i]],
-                        "predicted": model.classes[int(probabilities[i].argmax())],
+        "top_losses": [{"path": str(files[i]), "true": classes[labels[i]],
+                        "predicted": classes[int(probabilities[i].argmax())],
                         "probability": float(probabilities[i].max())} for i in worst],
     })
     with atomic_output(out / "confusion.png") as tmp:
-        plot_confusion_matrix(metrics["confusion_matrix"], model.classes, tmp)
+        plot_confusion_matrix(metrics["confusion_matrix"], classes, tmp)
     with atomic_output(out / "top_losses.png") as tmp:
         plot_image_grid(captions, tmp, "top losses: actual -> predicted (p)")
     write_json(out / "metrics.json", metrics)
