@@ -14,7 +14,7 @@ from pipeline.train_head import check_compatible
 from stages.errors import PipelineError
 from stages.files import IMAGE_EXTENSIONS, _class_folders, _walk_images
 from stages.metrics import classification_metrics, top_losses
-from stages.model import ImageClassifier, load_model
+from stages.model import ImageClassifier, load_model, top_classes
 
 
 def expand_inputs(inputs: list[Path]) -> list[Path]:
@@ -44,9 +44,9 @@ def predict(model: ImageClassifier, inputs: list[Path], top_k: int = 1, tta: boo
     rows, errors = [], []
     for predictions, failed in model.predict_files(files, tta=tta):
         for p in predictions:
-            row = {"path": p.path, **_top(p.probabilities, model.classes, top_k)}
+            row = {"path": p.path, **top_classes(p.probabilities, model.classes, top_k)}
             if tta:
-                row.update({f"tta_{k}": v for k, v in _top(p.tta_probabilities, model.classes, top_k).items()})
+                row.update({f"tta_{k}": v for k, v in top_classes(p.tta_probabilities, model.classes, top_k).items()})
             row["probabilities"] = {c: float(v) for c, v in zip(model.classes, p.probabilities)}
             if tta:
                 row["tta_probabilities"] = {c: float(v) for c, v in zip(model.classes, p.tta_probabilities)}
@@ -57,12 +57,6 @@ def predict(model: ImageClassifier, inputs: list[Path], top_k: int = 1, tta: boo
         _write_predictions(out, rows, model.classes, tta)
     return {"predictions": rows, "errors": errors, "seconds": round(seconds, 3),
             "images_per_second": round(len(rows) / seconds, 1) if rows else None, "out": str(out) if out else None}
-
-
-def _top(probs: np.ndarray, classes: list[str], k: int) -> dict:
-    order = np.argsort(-probs)[:k]
-    return {"class": classes[order[0]], "probability": float(probs[order[0]]),
-            "top_k": [[classes[i], float(probs[i])] for i in order]}
 
 
 def _write_predictions(out: Path, rows: list[dict], classes: list[str], tta: bool) -> None:

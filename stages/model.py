@@ -24,6 +24,13 @@ class Prediction:
     tta_probabilities: np.ndarray | None = None
 
 
+def top_classes(probabilities: np.ndarray, classes: list[str], k: int) -> dict:
+    """The most likely class, its probability, and the k most likely as [class, probability] pairs."""
+    order = np.argsort(-probabilities)[:k]
+    return {"class": classes[order[0]], "probability": float(probabilities[order[0]]),
+            "top_k": [[classes[i], float(probabilities[i])] for i in order]}
+
+
 class ImageClassifier:
     """Image files in, class probabilities out: the DALI decode stage, the backbone and the head."""
 
@@ -65,9 +72,7 @@ class ImageClassifier:
         for predictions, failed in self.predict_files(paths, tta):
             for p in predictions:
                 probs = p.tta_probabilities if tta else p.probabilities
-                order = np.argsort(-probs)[:top_k]
-                results.append({"path": p.path, "class": self.classes[order[0]], "probability": float(probs[order[0]]),
-                                "top_k": [(self.classes[i], float(probs[i])) for i in order]})
+                results.append({"path": p.path, **top_classes(probs, self.classes, top_k)})
             results += [{"path": path, "error": reason} for path, reason in failed]
         return results
 

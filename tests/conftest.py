@@ -55,6 +55,15 @@ def run_cli(*args, check: bool = True, timeout: float = 600, env: dict | None = 
     return proc
 
 
+def one_line_error(proc, *fragments):
+    """Exit code 1 and one line on stderr, naming every fragment, with no traceback."""
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
 def run_json(*args) -> dict:
     return json.loads(run_cli(*args, "--json").stdout)
 

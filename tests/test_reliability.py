@@ -9,15 +9,7 @@ import threading
 import h5py
 import pytest
 
-from conftest import REPO, make_images, png_bomb, run_cli, run_json
-
-
-def one_line_error(proc, *fragments):
-    assert proc.returncode == 1, (proc.returncode, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
+from conftest import REPO, make_images, one_line_error, png_bomb, run_cli, run_json
 
 
 def featurize_error(data, store, *args):
