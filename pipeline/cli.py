@@ -157,44 +157,58 @@ def _split_list(option: str, text: str, convert) -> list:
 
 
 class EpochTable:
-    """fast.ai's per-epoch table, printed row by row as epochs end."""
+    """fast.ai's per-epoch table, printed row by row as epochs end (logreg: a row per L2 strength tried)."""
 
-    COLUMNS = ("epoch", "train_loss", "valid_loss", "accuracy", "time")
+    EPOCHS = ("epoch", "train_loss", "valid_loss", "accuracy", "time")
+    STRENGTHS = ("l2", "cv_loss", "cv_accuracy", "time")
 
-    def __init__(self, console: Console):
-        self.console = console
+    def __init__(self, console: Console, columns: tuple[str, ...] = EPOCHS):
+        self.console, self.columns = console, columns
 
     def header(self) -> None:
-        self.console.print("".join(f"{c:<12}" for c in self.COLUMNS), style="bold", highlight=False)
+        self.console.print("".join(f"{c:<12}" for c in self.columns), style="bold", highlight=False)
 
     def row(self, r: dict) -> None:
-        minutes, seconds = divmod(int(round(r["time"])), 60)
-        cells = [str(r["epoch"]), f"{r['train_loss']:.6f}", f"{r.get('valid_loss', float('nan')):.6f}",
-                 f"{r.get('accuracy', float('nan')):.6f}", f"{minutes:02d}:{seconds:02d}"]
-        self.console.print("".join(f"{c:<12}" for c in cells), highlight=False)
+        self.console.print("".join(f"{self._cell(c, r.get(c, float('nan'))):<12}" for c in self.columns),
+                           highlight=False)
+
+    @staticmethod
+    def _cell(column: str, value) -> str:
+        if column == "time":
+            minutes, seconds = divmod(value, 60)
+            return f"{int(minutes):02d}:{seconds:05.2f}" if value < 10 else f"{int(minutes):02d}:{int(seconds):02d}"
+        if column == "l2":
+            return f"{value:.2g}"
+        return str(value) if isinstance(value, int) else f"{value:.6f}"
 
 
 def _leaderboard(rows: list[dict], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for column in ("#", "head", "lr", "wd", "epochs", "views", "accuracy", "valid_loss", "run"):
+    for column in ("#", "head", "lr", "wd", "epochs", "l2", "views", "accuracy", "valid_loss", "run"):
         table.add_column(column, justify="right" if column not in ("head", "run") else "left")
+
+    def cell(value, spec: str = "g") -> str:
+        return "-" if value is None else format(value, spec)
+
     for i, r in enumerate(rows, 1):
-        acc = f"{r['accuracy']:.4f}" if r.get("accuracy") is not None else "-"
-        loss = f"{r['valid_loss']:.4f}" if r.get("valid_loss") is not None else "-"
-        table.add_row(str(i), str(r.get("head")), f"{r['lr']:g}" if r.get("lr") else "-", f"{r.get('wd', 0):g}"
-                      if r.get("wd") is not None else "-", str(r.get("epochs")), str(r.get("views")), acc, loss, r["run"])
+        table.add_row(str(i), str(r.get("head")), cell(r.get("lr")), cell(r.get("wd")), cell(r.get("epochs"), ""),
+                      cell(r.get("l2"), ".2g"), cell(r.get("views"), ""), cell(r.get("accuracy"), ".4f"),
+                      cell(r.get("valid_loss"), ".4f"), r["run"])
     out.print(table)
 
 
 @app.command("train-head", epilog="Examples:\n\n"
-             "    pipeline train-head --store runs/dogscats.h5 --epochs 3 --lr 1e-2 --out runs/head-a\n\n"
-             "    pipeline train-head --store runs/dogscats.h5 --head linear,mlp --lr 3e-3,1e-2,3e-2 --wd 0,1e-4 --views 0,4\n\n"
-             "    pipeline train-head --store runs/dogscats.h5 --lr auto")
+             "    pipeline train-head --store runs/dogscats.h5 --out runs/head-a\n\n"
+             "    pipeline train-head --store runs/dogscats.h5 --head linear --epochs 10 --lr 1e-2\n\n"
+             "    pipeline train-head --store runs/dogscats.h5 --head logreg,linear,mlp --lr 3e-3,1e-2,3e-2 --views 0,4\n\n"
+             "    pipeline train-head --store runs/dogscats.h5 --head mlp --lr auto")
 def train_head_cmd(
     store: Path = typer.Option(..., "--store", "-s", help="Feature store written by featurize."),
-    head: str = typer.Option("linear", help="linear or mlp; comma-separated for a grid."),
+    head: str = typer.Option("logreg", help="logreg (L-BFGS to convergence, L2 by 5-fold cross-validation on "
+                                            "train), linear or mlp (AdamW); comma-separated for a grid."),
+    l2: str = typer.Option("auto", help="logreg's L2 strength: auto (cross-validated on train) or values."),
     lr: str = typer.Option("1e-2", help="Learning rate, 'auto' (lr-find's suggestion), or a comma-separated grid."),
     wd: str = typer.Option("1e-4", help="AdamW weight decay; comma-separated for a grid."),
     epochs: str = typer.Option("3", help="Epochs; comma-separated for a grid."),
@@ -204,6 +218,9 @@ def train_head_cmd(
     seed: int = typer.Option(0, help="Seed: the same seed gives the same numbers."),
     hidden: int = typer.Option(512, help="Hidden units of the mlp head."),
     dropout: float = typer.Option(0.5, help="Dropout of the mlp head."),
+    calibrate: bool = typer.Option(True, help="Fit a temperature on out-of-fold logits of train, for honest "
+                                              "probabilities (--no-calibrate skips it)."),
+    folds: int = typer.Option(5, help="Cross-validation folds (logreg's L2, and the temperature)."),
     set_name: Optional[str] = typer.Option(None, "--set", help="Feature set to use (default: the latest)."),
     max_memory: str = typer.Option("4G", help="Load features into memory up to this size; stream from HDF5 beyond."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (a grid writes one subdirectory per run)."),
@@ -216,62 +233,75 @@ def train_head_cmd(
 
     default_threads()
     auto = lr.strip() == "auto"
-    base = TrainConfig(batch_size=batch_size, schedule=schedule, seed=seed, hidden=hidden, dropout=dropout)
+    base = TrainConfig(batch_size=batch_size, schedule=schedule, seed=seed, hidden=hidden, dropout=dropout,
+                       calibrate=calibrate, folds=folds)
+    l2s = [None] if l2.strip() == "auto" else _split_list("--l2", l2, float)
     configs = expand_grid(_split_list("--head", head, str), [1.0] if auto else _split_list("--lr", lr, float),
                           _split_list("--wd", wd, float), _split_list("--epochs", epochs, int),
-                          _split_list("--views", views, int), base)
+                          _split_list("--views", views, int), base, l2s)
     out_dir = out_dir or default_out()
-    table = EpochTable(err if as_json else out)
+    console = err if as_json else out
+    epochs_table, strengths_table = EpochTable(console), EpochTable(console, EpochTable.STRENGTHS)
     with FeatureStore(store) as fs:
         cached = load_cached_features(fs, set_name, max_memory)
 
         def on_run(i: int, cfg) -> None:
             if len(configs) > 1 or auto:
-                table.console.print(f"\n[bold]run {i + 1}/{len(configs)}[/]: {cfg.head} lr {cfg.lr:g} wd {cfg.wd:g} "
-                                    f"epochs {cfg.epochs} views {cfg.views}", highlight=False)
-            table.header()
+                settings = (f"l2 {'auto' if cfg.l2 is None else f'{cfg.l2:g}'}" if cfg.head == "logreg" else
+                            f"lr {cfg.lr:g} wd {cfg.wd:g} epochs {cfg.epochs}")
+                console.print(f"\n[bold]run {i + 1}/{len(configs)}[/]: {cfg.head} {settings} views {cfg.views}",
+                              highlight=False)
+            (strengths_table if cfg.head == "logreg" else epochs_table).header()
 
-        board = train_grid(cached, configs, out_dir, auto_lr=auto, on_run=on_run, on_epoch=table.row)
+        board = train_grid(cached, configs, out_dir, auto_lr=auto, on_run=on_run, on_epoch=epochs_table.row,
+                           on_strength=strengths_table.row)
     if as_json:
         _print_json(board)
     elif len(board) > 1:
         _leaderboard(board, f"{len(board)} runs on {store}")
     else:
-        out.print(f"valid accuracy {board[0]['accuracy']:.4f}; head, config.json, metrics.json, curves.png in "
-                  f"{board[0]['run']}", highlight=False)
+        b = board[0]
+        chosen = f"l2 {b['l2']:.2g} (5-fold cv on train), " if b["head"] == "logreg" else ""
+        out.print(f"valid accuracy {b['accuracy']:.4f}, log loss {b['valid_loss']:.4f}; {chosen}temperature "
+                  f"{b['temperature']:.3f}; head, config.json, metrics.json, curves.png in {b['run']}", highlight=False)
 
 
-@app.command("lr-find", epilog="Example:\n\n    pipeline lr-find --store runs/dogscats.h5 --head mlp --out runs/lr")
+@app.command("lr-find", epilog="Examples:\n\n    pipeline lr-find --store runs/dogscats.h5 --out runs/lr\n\n"
+             "    pipeline lr-find --store runs/dogscats.h5 --head mlp --epochs 10 --json")
 def lr_find_cmd(
     store: Path = typer.Option(..., "--store", "-s", help="Feature store written by featurize."),
-    head: str = typer.Option("linear", help="linear or mlp."),
+    head: str = typer.Option("linear", help="linear or mlp (logreg needs no learning rate)."),
     wd: float = typer.Option(1e-4, help="AdamW weight decay."),
+    epochs: int = typer.Option(3, help="Epochs each probe trains, as the run it is for would."),
+    schedule: str = typer.Option("onecycle", help="Schedule each probe trains with."),
     views: int = typer.Option(0, help="Augmented views to use besides view 0."),
     batch_size: int = typer.Option(256, help="Rows per step."),
-    start_lr: float = typer.Option(1e-7, help="First learning rate of the sweep."),
-    end_lr: float = typer.Option(10.0, help="Last learning rate of the sweep."),
-    num_iter: int = typer.Option(100, help="Steps of the sweep."),
+    start_lr: float = typer.Option(1e-5, help="Lowest learning rate tried."),
+    end_lr: float = typer.Option(1.0, help="Highest learning rate tried."),
+    num_lrs: int = typer.Option(21, help="Rates tried, evenly spaced on a log scale (21: four per decade)."),
     seed: int = typer.Option(0, help="Seed."),
     set_name: Optional[str] = typer.Option(None, "--set", help="Feature set to use (default: the latest)."),
     max_memory: str = typer.Option("4G", help="Load features into memory up to this size."),
     out_dir: Path = typer.Option(Path("runs/lr-find"), "--out", help="Where lr_find.png goes."),
-    as_json: bool = typer.Option(False, "--json", help="Print the curve and suggestions as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print the curve and the suggestion as JSON."),
 ):
-    """Learning-rate range test on cached features: a PNG of loss against lr, and suggested learning rates."""
+    """Learning-rate range test on cached features: a fresh head per rate, scored on a held-out fold of train;
+    a PNG of loss against lr, and the suggested rate (what --lr auto uses)."""
     from stages.head import TrainConfig
     from pipeline.train_head import default_threads, find_lr, load_cached_features
     from store.reader import FeatureStore
 
     default_threads()
+    cfg = TrainConfig(head=head, wd=wd, epochs=epochs, schedule=schedule, views=views, batch_size=batch_size,
+                      seed=seed)
     with FeatureStore(store) as fs:
         cached = load_cached_features(fs, set_name, max_memory)
-        result = find_lr(cached, TrainConfig(head=head, wd=wd, views=views, batch_size=batch_size, seed=seed),
-                         out_dir, start_lr=start_lr, end_lr=end_lr, num_iter=num_iter)
+        result = find_lr(cached, cfg, out_dir, start_lr=start_lr, end_lr=end_lr, num_lrs=num_lrs)
     if as_json:
         _print_json(result)
         return
-    out.print(f"suggested lr: {result['valley']:.2e} (valley, what --lr auto uses), {result['steepest']:.2e} "
-              f"(steepest), {result['minimum_div10']:.2e} (minimum/10); plot {result['plot']}", highlight=False)
+    out.print(f"suggested lr: {result['suggestion']:.2e} (lowest held-out loss over {len(result['lrs'])} rates, "
+              f"{result['epochs']} epoch(s) each; what --lr auto uses); plot {result['plot']}", highlight=False)
 
 
 @app.command("runs", epilog="Examples:\n\n    pipeline runs\n\n    pipeline runs --store runs/dogscats.h5 --json")
@@ -425,7 +455,8 @@ def evaluate(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ):
-    """Accuracy, per-class precision/recall/F1, log loss, confusion matrix and top-losses PNGs, most-confused pairs."""
+    """Accuracy, per-class precision/recall/F1, log loss, calibration error (ECE), confusion matrix, reliability
+    diagram and top-losses PNGs, most-confused pairs."""
     from pipeline.evaluate import evaluate as run_evaluate
 
     m = run_evaluate(model_dir, split_dir, out_dir, tta, store, device)
@@ -434,7 +465,8 @@ def evaluate(
         return
     from rich.table import Table
 
-    out.print(f"accuracy {m['accuracy']:.4f}, log loss {m['log_loss']:.4f} on {m['images']} images"
+    out.print(f"accuracy {m['accuracy']:.4f}, log loss {m['log_loss']:.4f}, calibration error {m['ece']:.4f} "
+              f"(ECE, {m['ece_bins']} bins) on {m['images']} images"
               f"{' with TTA' if tta else ''}{' from cached features' if store else ''} in {m['seconds']:.1f} s",
               highlight=False)
     table = Table()
@@ -445,7 +477,8 @@ def evaluate(
     out.print(table)
     for pair in m["most_confused"][:5]:
         out.print(f"most confused: {pair['true']} taken for {pair['predicted']} {pair['count']} times", highlight=False)
-    out.print(f"plots: {m['confusion_png']}, {m['top_losses_png']}; metrics: {m['metrics_json']}", highlight=False)
+    out.print(f"plots: {m['confusion_png']}, {m['reliability_png']}, {m['top_losses_png']}; metrics: "
+              f"{m['metrics_json']}", highlight=False)
 
 
 @app.command(epilog="Example:\n\n    pipeline demo --out runs/demo")

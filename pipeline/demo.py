@@ -71,17 +71,23 @@ def run_demo(out_dir: Path, progress: Callable[[int, int], None] | None = None,
     default_threads()
     with FeatureStore(store) as fs:
         cached = load_cached_features(fs)
-        found = find_lr(cached, TrainConfig(), out_dir / "lr-find")
-        say(f"3. lr-find: suggested lr {found['valley']:.2e}; plot {found['plot']}")
-        board = train_grid(cached, [TrainConfig(lr=found["valley"], epochs=5, views=2)], out_dir / "head")
-    say(f"4. train-head: valid accuracy {board[0]['accuracy']:.4f}; model in {board[0]['run']}")
+        found = find_lr(cached, TrainConfig(head="linear", views=2), out_dir / "lr-find")
+        say(f"3. lr-find (linear head): suggested lr {found['suggestion']:.2e}; plot {found['plot']}")
+        board = train_grid(cached, [TrainConfig(views=2), TrainConfig(head="linear", lr=found["suggestion"], views=2)],
+                           out_dir / "heads")
+    for run in board:
+        setting = f"l2 {run['l2']:.2g} by 5-fold cv" if run["head"] == "logreg" else f"lr {run['lr']:.2e}"
+        say(f"4. train-head {run['head']} ({setting}): valid accuracy {run['accuracy']:.4f}, log loss "
+            f"{run['valid_loss']:.4f}; model in {run['run']}")
     metrics = evaluate(Path(board[0]["run"]), data / "valid", out_dir / "eval")
-    say(f"5. evaluate: accuracy {metrics['accuracy']:.4f}; {metrics['confusion_png']}, {metrics['top_losses_png']}")
+    say(f"5. evaluate {board[0]['run']}: accuracy {metrics['accuracy']:.4f}, calibration error {metrics['ece']:.4f}; "
+        f"{metrics['confusion_png']}, {metrics['reliability_png']}, {metrics['top_losses_png']}")
     samples = [data / "valid" / kind / f"{kind}_000.jpg" for kind in DEMO_CLASSES]
     predictions = predict(load_model(board[0]["run"]), samples)["predictions"]
     for p in predictions:
         say(f"6. predict: {p['path']} -> {p['class']} ({p['probability']:.3f})")
     say(f"next: pipeline runs --dir {out_dir}; pipeline store info {store}")
-    return {"data_dir": str(data), "store": str(store), "featurize": summary, "lr_find": found["valley"],
-            "head": board[0], "evaluate": {k: metrics[k] for k in ("accuracy", "confusion_png", "top_losses_png")},
+    return {"data_dir": str(data), "store": str(store), "featurize": summary, "lr_find": found["suggestion"],
+            "heads": board, "evaluate": {k: metrics[k] for k in ("accuracy", "ece", "confusion_png", "reliability_png",
+                                                                "top_losses_png")},
             "predictions": predictions}

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from pipeline.atomic import atomic_output, write_json
-from pipeline.plots import plot_confusion_matrix, plot_image_grid
+from pipeline.plots import plot_confusion_matrix, plot_image_grid, plot_reliability
 from pipeline.train_head import check_compatible
 from stages.errors import PipelineError
 from stages.files import IMAGE_EXTENSIONS, _class_folders, _walk_images
@@ -158,12 +158,15 @@ def evaluate(run_dir: Path, split_dir: Path, out: Path | None = None, tta: bool 
         "run": str(run_dir), "split": str(split_dir), "tta": tta, "from_store": store is not None,
         "unreadable": failed, "seconds": round(time.perf_counter() - started, 3),
         "confusion_png": str(out / "confusion.png"), "top_losses_png": str(out / "top_losses.png"),
+        "reliability_png": str(out / "reliability.png"),
         "top_losses": [{"path": str(files[i]), "true": classes[labels[i]],
                         "predicted": classes[int(probabilities[i].argmax())],
                         "probability": float(probabilities[i].max())} for i in worst],
     })
     with atomic_output(out / "confusion.png") as tmp:
         plot_confusion_matrix(metrics["confusion_matrix"], classes, tmp)
+    with atomic_output(out / "reliability.png") as tmp:
+        plot_reliability(metrics["reliability"], metrics["ece"], tmp)
     with atomic_output(out / "top_losses.png") as tmp:
         plot_image_grid(captions, tmp, "top losses: actual -> predicted (p)")
     write_json(out / "metrics.json", metrics)

@@ -29,19 +29,62 @@ def plot_training_curves(history: list[dict], step_losses: list[float], path: Pa
     return path
 
 
+def plot_cv_path(path: list[dict], chosen: float | None, out: Path) -> Path:
+    """logreg's cross-validation: out-of-fold loss and accuracy against the L2 strength, the choice marked."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    strengths = [row["l2"] for row in path]
+    left.plot(strengths, [row["cv_loss"] for row in path], "o-")
+    right.plot(strengths, [row["cv_accuracy"] for row in path], "o-", color="tab:green")
+    for ax, label in ((left, "out-of-fold cross-entropy"), (right, "out-of-fold accuracy")):
+        ax.set_xscale("log")
+        ax.set(xlabel="L2 strength", ylabel=label)
+        ax.grid(alpha=0.3)
+        if chosen:
+            ax.axvline(chosen, color="tab:purple", linestyle="--", label=f"chosen: {chosen:.2g}")
+            ax.legend()
+    fig.suptitle("logreg: k-fold cross-validation on the training split")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def plot_lr_find(result: dict, path: Path) -> Path:
-    """Smoothed loss against learning rate on a log axis, the suggestions marked."""
+    """Held-out and train loss of a fresh head per learning rate, on a log axis, the suggestion marked."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(result["lrs"], result["smoothed"], label="smoothed loss")
-    ax.plot(result["lrs"], result["losses"], alpha=0.25, label="loss")
-    for key, label, colour in (("steepest", "steepest", "tab:red"), ("minimum_div10", "minimum/10", "tab:green"),
-                               ("valley", "valley (--lr auto)", "tab:purple")):
-        ax.axvline(result[key], color=colour, linestyle="--", label=f"{label}: {result[key]:.2e}")
+    ax.plot(result["lrs"], result["held_out_loss"], "o-", label="held-out loss (a fold of train)")
+    ax.plot(result["lrs"], result["train_loss"], "o-", alpha=0.4, label="train loss (last epoch)")
+    ax.axvline(result["suggestion"], color="tab:purple", linestyle="--",
+               label=f"suggestion (--lr auto): {result['suggestion']:.2e}")
     ax.set_xscale("log")
-    top = max(result["smoothed"][: max(1, len(result["smoothed"]) // 2)])
-    ax.set_ylim(min(result["smoothed"]) * 0.9, top * 1.5 if top > 0 else None)
-    ax.set(xlabel="learning rate", ylabel="loss", title="lr-find")
+    finite = [v for v in result["held_out_loss"] + result["train_loss"] if v == v and v != float("inf")]
+    if finite:
+        ax.set_ylim(0, min(max(finite), 4 * max(min(finite), 1e-3)) * 1.1)
+    ax.set(xlabel="learning rate", ylabel="cross-entropy",
+           title=f"lr-find: a fresh head per rate, {result['epochs']} epoch(s) each")
+    ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_reliability(bins: list[dict], ece: float, path: Path) -> Path:
+    """Reliability diagram: accuracy against confidence per bin (the diagonal is honest), image counts below."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5.5, 6.5), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    filled = [b for b in bins if b["count"]]
+    width = bins[0]["high"] - bins[0]["low"]
+    top.bar([b["low"] for b in filled], [b["accuracy"] for b in filled], width=width, align="edge",
+            edgecolor="black", alpha=0.7, label="accuracy")
+    top.bar([b["low"] for b in filled], [b["confidence"] - b["accuracy"] for b in filled], width=width,
+            bottom=[b["accuracy"] for b in filled], align="edge", color="tab:red", alpha=0.3, label="gap")
+    top.plot([0, 1], [0, 1], "k--", label="perfectly calibrated")
+    top.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=f"reliability: ECE {ece:.4f} ({len(bins)} bins)")
+    top.legend(loc="upper left")
+    bottom.bar([b["low"] for b in bins], [b["count"] for b in bins], width=width, align="edge", edgecolor="black")
+    bottom.set(xlabel="confidence (top-class probability)", ylabel="images")
+    bottom.set_yscale("symlog")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -14,10 +14,12 @@ import numpy as np
 import torch
 
 from pipeline.atomic import atomic_output, write_json
-from pipeline.plots import plot_lr_find, plot_training_curves
+from pipeline.plots import plot_cv_path, plot_lr_find, plot_training_curves
+from stages.calibration import fit_temperature, image_folds
 from stages.errors import PipelineError
-from stages.head import (HEAD_FILE, Head, SplitFeatures, TrainConfig, evaluate_head, lr_find, parse_size,
-                         select_rows, train_head)
+from stages.head import (HEAD_FILE, Head, SplitFeatures, TrainConfig, evaluate_head, lr_find, out_of_fold_logits,
+                         parse_size, select_rows, train_head)
+from stages.linear_probe import train_logreg
 from store.reader import FeatureSet, FeatureStore
 
 COMPATIBLE_FIELDS = ("backbone", "arch", "weights_sha256", "preprocessing", "feature_dim")
@@ -32,6 +34,7 @@ class CachedFeatures:
     train: SplitFeatures
     valid: SplitFeatures | None
     views_in_store: int
+    memory_limit: int
 
     @property
     def classes(self) -> list[str]:
@@ -39,6 +42,12 @@ class CachedFeatures:
 
     def train_rows(self, views: int) -> SplitFeatures:
         return self.train.select(select_rows(self.feature_set.column("train", "view"), views))
+
+    def folds(self, rows: SplitFeatures, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per selected train row: its cross-validation fold (by image, stratified) and whether it is a plain view."""
+        paths = self.feature_set.column("train", "paths")
+        return (image_folds([paths[r] for r in rows.rows], rows.labels[rows.rows].numpy(), k, seed),
+                self.feature_set.column("train", "view")[rows.rows] == 0)
 
 
 def load_cached_features(store: FeatureStore, set_name: str | None = None, max_memory: str = "4G") -> CachedFeatures:
@@ -56,7 +65,7 @@ def load_cached_features(store: FeatureStore, set_name: str | None = None, max_m
         vf = fs.features("valid")
         valid = SplitFeatures(vf, fs.column("valid", "labels"), select_rows(fs.column("valid", "view"), 0),
                               vf.size * vf.dtype.itemsize <= limit)
-    return CachedFeatures(store.path, fs, train, valid, int(fs.attrs.get("views", 0)))
+    return CachedFeatures(store.path, fs, train, valid, int(fs.attrs.get("views", 0)), limit)
 
 
 def feature_set_identity(store_path: Path, fs: FeatureSet) -> dict:
@@ -88,25 +97,39 @@ def save_head_run(out: Path, head: Head, cfg: TrainConfig, history: list[dict], 
     config = {"kind": "head", "head": head.spec(), "classes": cached.classes, "train": cfg.to_dict(),
               "feature_set": feature_set_identity(cached.store, cached.feature_set),
               "created": datetime.now().isoformat(timespec="seconds")}
-    metrics = {"history": history, "train_seconds": seconds,
+    metrics = {"history": history, "train_seconds": seconds, "temperature": float(head.temperature),
                "accuracy": valid["accuracy"] if valid else None, "valid_loss": valid["loss"] if valid else None,
+               "valid_ece": valid["ece"] if valid else None,
                "per_class_accuracy": {cached.classes[c]: a for c, a in valid["per_class_accuracy"].items()}
                if valid else {}}
     write_json(out / "config.json", config)
     write_json(out / "metrics.json", metrics)
     with atomic_output(out / "curves.png") as tmp:
-        plot_training_curves(history, step_losses, tmp)
+        if cfg.head == "logreg":
+            plot_cv_path(history, cfg.l2, tmp)
+        else:
+            plot_training_curves(history, step_losses, tmp)
     return metrics
 
 
 def expand_grid(heads: list[str], lrs: list, wds: list[float], epochs: list[int], views: list[int],
-                base: TrainConfig) -> list[TrainConfig]:
-    """Every combination of the listed values, in a stable order."""
-    return [replace(base, head=h, lr=lr, wd=wd, epochs=e, views=v)
-            for h, lr, wd, e, v in itertools.product(heads, lrs, wds, epochs, views)]
+                base: TrainConfig, l2s: list[float | None] = (None,)) -> list[TrainConfig]:
+    """Every combination of the listed values that makes a different run, in a stable order.
+
+    logreg takes no lr, wd or epochs, and the AdamW heads no l2: each head is crossed only with its own options.
+    """
+    configs, seen = [], set()
+    for h, lr, wd, e, v, l2 in itertools.product(heads, lrs, wds, epochs, views, l2s):
+        cfg = replace(base, head=h, lr=lr, wd=wd, epochs=e, views=v, l2=l2 if h == "logreg" else None)
+        if run_name(cfg) not in seen:
+            seen.add(run_name(cfg))
+            configs.append(cfg)
+    return configs
 
 
 def run_name(cfg: TrainConfig) -> str:
+    if cfg.head == "logreg":
+        return f"logreg-l2{'auto' if cfg.l2 is None else f'{cfg.l2:g}'}-v{cfg.views}"
     return f"{cfg.head}-lr{cfg.lr:g}-wd{cfg.wd:g}-e{cfg.epochs}-v{cfg.views}"
 
 
@@ -117,7 +140,11 @@ def default_out(root: Path = Path("runs")) -> Path:
 def find_lr(cached: CachedFeatures, cfg: TrainConfig, out: Path | None = None, **sweep) -> dict:
     """lr-find on cached features; writes lr_find.png into out when given."""
     cfg.validate(cached.views_in_store)
-    result = lr_find(cached.train_rows(cfg.views), cfg, len(cached.classes), **sweep)
+    if cfg.head == "logreg":
+        raise PipelineError("logreg is fitted by L-BFGS and takes no learning rate; lr-find a linear or mlp head")
+    rows = cached.train_rows(cfg.views)
+    folds, plain = cached.folds(rows, cfg.folds, cfg.seed)
+    result = lr_find(rows, folds, plain, cfg, len(cached.classes), **sweep)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         with atomic_output(out / "lr_find.png") as tmp:
@@ -126,35 +153,62 @@ def find_lr(cached: CachedFeatures, cfg: TrainConfig, out: Path | None = None, *
     return result
 
 
+def fit_head(cached: CachedFeatures, cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None,
+             on_strength: Callable[[dict], None] | None = None) -> tuple[Head, TrainConfig, list[dict], list[float]]:
+    """One head on the cached train split, calibrated on out-of-fold logits of train (never valid) unless told not.
+
+    Returns the head, the config as run (logreg's chosen l2 filled in), its history (epochs, or logreg's
+    cross-validation path) and per-step losses.
+    """
+    rows = cached.train_rows(cfg.views)
+    folds, plain = cached.folds(rows, cfg.folds, cfg.seed)
+    num_classes = len(cached.classes)
+    if cfg.head == "logreg":
+        cv_max_rows = max(1000, cached.memory_limit // (4 * 3 * rows.dataset.shape[1]))  # x, its transpose, folds
+        head, fit = train_logreg(rows, folds, plain, num_classes, cfg.l2, cfg.calibrate, cfg.seed, cv_max_rows,
+                                 on_strength)
+        return head, replace(cfg, l2=fit["l2"]), fit["path"], []
+    head, history, steps = train_head(rows, cached.valid, cfg, num_classes, on_epoch=on_epoch)
+    if cfg.calibrate:
+        head.temperature.fill_(fit_temperature(*out_of_fold_logits(rows, folds, plain, cfg, num_classes)))
+    return head, cfg, history, steps
+
+
 def train_grid(cached: CachedFeatures, configs: list[TrainConfig], out: Path, auto_lr: bool = False,
                on_run: Callable[[int, TrainConfig], None] | None = None,
-               on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+               on_epoch: Callable[[dict], None] | None = None,
+               on_strength: Callable[[dict], None] | None = None) -> list[dict]:
     """Train every config on the same loaded features; return the leaderboard (best valid accuracy first)."""
     for cfg in configs:
         cfg.validate(cached.views_in_store)
     board = []
     for i, cfg in enumerate(configs):
-        if auto_lr:
-            found = find_lr(cached, cfg)
-            cfg = replace(cfg, lr=found["valley"])
+        if auto_lr and cfg.head != "logreg":
+            cfg = replace(cfg, lr=find_lr(cached, cfg)["suggestion"])
         run_dir = out if len(configs) == 1 else out / run_name(cfg)
         if on_run:
             on_run(i, cfg)
         started = time.perf_counter()
-        head, history, steps = train_head(cached.train_rows(cfg.views), cached.valid, cfg, len(cached.classes),
-                                          on_epoch=on_epoch)
+        head, cfg, history, steps = fit_head(cached, cfg, on_epoch, on_strength)
         seconds = time.perf_counter() - started
         valid = evaluate_head(head, cached.valid) if cached.valid is not None else None
         metrics = save_head_run(run_dir, head, cfg, history, steps, valid, cached, seconds)
         board.append({"run": str(run_dir), **{k: getattr(cfg, k) for k in ("head", "lr", "wd", "epochs", "views")},
+                      **({"lr": None, "wd": None, "epochs": None} if cfg.head == "logreg" else {}),
+                      "l2": cfg.l2,
+                      "temperature": float(head.temperature),
                       "accuracy": metrics["accuracy"], "valid_loss": metrics["valid_loss"],
-                      "train_loss": history[-1]["train_loss"], "seconds": round(seconds, 3)})
+                      "seconds": round(seconds, 3)})
     return rank(board)
 
 
 def rank(rows: list[dict]) -> list[dict]:
     """Best first: highest valid accuracy, then lowest valid loss."""
-    return sorted(rows, key=lambda r: (-(r.get("accuracy") or 0), r.get("valid_loss") or float("inf")))
+    def key(r: dict) -> tuple[float, float]:
+        accuracy, loss = r.get("accuracy"), r.get("valid_loss")
+        return -(accuracy if accuracy is not None else 0), loss if loss is not None else float("inf")
+
+    return sorted(rows, key=key)
 
 
 def list_runs(root: Path, store: Path | None = None) -> list[dict]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stages.calibration import expected_calibration_error
 from stages.errors import PipelineError
 
 SCHEDULES = ("onecycle", "cosine", "constant")
@@ -42,14 +43,19 @@ def _mlp(dim: int, classes: int, hidden: int, dropout: float) -> nn.Module:
                          nn.BatchNorm1d(hidden), nn.Dropout(dropout), nn.Linear(hidden, classes))
 
 
-HEADS: dict[str, Callable[[int, int, int, float], nn.Module]] = {"linear": _linear, "mlp": _mlp}
+# logreg is the linear classifier fitted to convergence by L-BFGS (stages/linear_probe.py), not by AdamW.
+HEADS: dict[str, Callable[[int, int, int, float], nn.Module]] = {"logreg": _linear, "linear": _linear, "mlp": _mlp}
 
 
 class Head(nn.Module):
-    """Standardize, then a linear or MLP classifier: features (N,D) -> logits (N,C)."""
+    """Standardize, then a linear or MLP classifier, then the calibration temperature: features (N,D) -> logits (N,C).
+
+    The temperature (1 while training) is fitted on out-of-fold logits of the training split, so that softmax of
+    the output gives honest probabilities; it never changes which class wins.
+    """
 
     def __init__(self, kind: str, feature_dim: int, num_classes: int, hidden: int = 512, dropout: float = 0.5,
-                 mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
+                 mean: torch.Tensor | None = None, std: torch.Tensor | None = None, temperature: float = 1.0):
         super().__init__()
         if kind not in HEADS:
             raise PipelineError(f"unknown head {kind!r}; choose one of {', '.join(HEADS)}")
@@ -58,9 +64,10 @@ class Head(nn.Module):
         self.standardize = Standardize(mean if mean is not None else torch.zeros(feature_dim),
                                        std if std is not None else torch.ones(feature_dim))
         self.classifier = HEADS[kind](feature_dim, num_classes, hidden, dropout)
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.standardize(features.float()))
+        return self.classifier(self.standardize(features.float())) / self.temperature
 
     def spec(self) -> dict:
         return {"head": self.kind, "feature_dim": self.feature_dim, "num_classes": self.num_classes,
@@ -73,9 +80,9 @@ class Head(nn.Module):
 
 @dataclass
 class TrainConfig:
-    """Hyperparameters of one head run."""
+    """Hyperparameters of one head run (logreg uses l2, folds and views; the AdamW heads the rest)."""
 
-    head: str = "linear"
+    head: str = "logreg"
     epochs: int = 3
     lr: float = 1e-2
     wd: float = 1e-4
@@ -85,6 +92,9 @@ class TrainConfig:
     views: int = 0
     hidden: int = 512
     dropout: float = 0.5
+    l2: float | None = None  # logreg's L2 strength; None: chosen by k-fold cross-validation on train
+    calibrate: bool = True  # fit a temperature on out-of-fold logits of the training split
+    folds: int = 5
 
     def validate(self, views_in_store: int) -> None:
         if self.head not in HEADS:
@@ -99,6 +109,10 @@ class TrainConfig:
             raise PipelineError(f"--schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if not 0 <= self.dropout < 1:
             raise PipelineError(f"--dropout {self.dropout} is out of range; give a fraction in [0, 1)")
+        if self.l2 is not None and not (self.l2 >= 0 and math.isfinite(self.l2)):
+            raise PipelineError(f"--l2 {self.l2} is out of range; give auto or a strength >= 0 such as 0.1")
+        if self.folds < 2:
+            raise PipelineError(f"--folds {self.folds} is out of range; give 2 or more")
         if self.views < 0 or self.views > views_in_store:
             raise PipelineError(f"--views {self.views} is more than the store holds ({views_in_store} augmented "
                                 f"views per image); featurize with --views {self.views} or ask for fewer")
@@ -246,18 +260,19 @@ def schedule_values(schedule: str, lr: float, total_steps: int) -> list[float]:
 
 @torch.no_grad()
 def evaluate_head(head: Head, data: SplitFeatures, batch_size: int = 4096) -> dict:
-    """Loss, accuracy, per-class accuracy and predictions of a head on a split, in row order."""
+    """Loss, accuracy, calibration error and per-class accuracy of a head on a split."""
     head.eval()
-    losses, predictions, labels = [], [], []
+    losses, probabilities, labels = [], [], []
     for x, y in data.batches(batch_size):
         logits = head(x)
         losses.append(F.cross_entropy(logits, y, reduction="sum").item())
-        predictions.append(logits.argmax(1))
+        probabilities.append(logits.softmax(1))
         labels.append(y)
-    predicted, truth = torch.cat(predictions), torch.cat(labels)
+    probs, truth = torch.cat(probabilities), torch.cat(labels)
+    predicted = probs.argmax(1)
     per_class = {int(c): (predicted[truth == c] == c).float().mean().item() for c in truth.unique()}
     return {"loss": sum(losses) / len(truth), "accuracy": (predicted == truth).float().mean().item(),
-            "per_class_accuracy": per_class}
+            "ece": expected_calibration_error(probs.numpy(), truth.numpy()), "per_class_accuracy": per_class}
 
 
 def train_head(train: SplitFeatures, valid: SplitFeatures | None, cfg: TrainConfig, num_classes: int,
@@ -297,80 +312,58 @@ def train_head(train: SplitFeatures, valid: SplitFeatures | None, cfg: TrainConf
     return head, history, step_losses
 
 
-def smooth(values: list[float], beta: float = 0.98) -> list[float]:
-    """Exponential moving average with bias correction, as fast.ai's lr_find uses."""
-    out, avg = [], 0.0
-    for i, v in enumerate(values, start=1):
-        avg = beta * avg + (1 - beta) * v
-        out.append(avg / (1 - beta ** i))
-    return out
+@torch.no_grad()
+def out_of_fold_logits(train: SplitFeatures, folds: np.ndarray, plain: np.ndarray, cfg: TrainConfig,
+                       num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of each plain-view training row from a head trained the same way on the other folds."""
+    logits, labels = [], []
+    for fold in range(int(folds.max()) + 1):
+        with torch.enable_grad():
+            head = train_head(train.select(train.rows[folds != fold]), None, cfg, num_classes)[0].eval()
+        for x, y in train.select(train.rows[(folds == fold) & plain]).batches(4096):
+            logits.append(head(x))
+            labels.append(y)
+    return torch.cat(logits), torch.cat(labels)
 
 
-def suggest_lr(lrs: list[float], smoothed: list[float]) -> dict:
-    """Suggestions from an lr-find curve: steepest descent, minimum/10, and fast.ai's 'valley'.
+LR_FIND_MAX_STEPS = 200  # the most optimizer steps one probe of lr-find takes
 
-    The valley (the middle of the longest decreasing stretch of the curve) is what `--lr auto` uses: on
-    cached features a head learns so fast that the smoothed minimum lags to just before divergence.
+
+def lr_find(train: SplitFeatures, folds: np.ndarray, plain: np.ndarray, cfg: TrainConfig, num_classes: int,
+            start_lr: float = 1e-5, end_lr: float = 1.0, num_lrs: int = 21,
+            on_lr: Callable[[dict], None] | None = None) -> dict:
+    """Learning-rate range test for heads on cached features: a fresh head per rate, each trained as the run
+    would be (its schedule and epochs, at most LR_FIND_MAX_STEPS steps) on all folds of train but the first and
+    scored on the plain views of that held-out fold; the suggestion is the rate with the lowest held-out loss.
+
+    fast.ai's single sweep with a smoothed loss suits a network that learns over thousands of steps; a head on
+    cached features learns in a handful, so that sweep's curve measures time, not learning rate.
     """
-    lrs_a, loss = np.asarray(lrs), np.asarray(smoothed)
-    best = int(np.argmin(loss))
-    # Steepest descent before the minimum, ignoring the noisy first tenth of the sweep.
-    start = min(len(loss) // 10, max(best - 1, 0))
-    slopes = np.gradient(loss, np.log10(lrs_a)) if len(loss) > 1 else np.zeros(1)
-    steepest = start + int(np.argmin(slopes[start:max(best, start + 1)]))
-    return {"steepest": float(lrs_a[steepest]), "minimum_div10": float(lrs_a[best] / 10),
-            "minimum": float(lrs_a[best]), "valley": float(lrs_a[_valley(loss)])}
-
-
-def _valley(loss: np.ndarray) -> int:
-    """Index halfway into the longest decreasing subsequence of the loss curve."""
-    n = len(loss)
-    length = np.ones(n, dtype=int)
-    for i in range(1, n):
-        earlier = length[:i][loss[:i] > loss[i]]
-        if len(earlier):
-            length[i] = earlier.max() + 1
-    end = int(np.argmax(length))
-    start = end - int(length[end]) + 1
-    return start + (end - start) // 2
-
-
-def lr_find(train: SplitFeatures, cfg: TrainConfig, num_classes: int, start_lr: float = 1e-7, end_lr: float = 10.0,
-            num_iter: int = 100, stop_factor: float = 4.0) -> dict:
-    """Learning-rate range test: an exponential sweep that stops once the smoothed loss exceeds 4x its best."""
     if not 0 < start_lr < end_lr:
         raise PipelineError(f"lr-find range {start_lr}..{end_lr} is empty; give 0 < --start-lr < --end-lr")
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    mean, std = train.mean_std()
-    head = Head(cfg.head, train.dataset.shape[1], num_classes, cfg.hidden, cfg.dropout, mean, std).train()
-    optimizer = torch.optim.AdamW(head.parameters(), lr=start_lr, weight_decay=cfg.wd)
-    factor = (end_lr / start_lr) ** (1 / max(1, num_iter - 1))
-    lrs, losses = [], []
-    batches = iter(())
-    for i in range(num_iter):
-        lr = start_lr * factor ** i
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        try:
-            x, y = next(batches)
-        except StopIteration:
-            batches = train.batches(cfg.batch_size, rng)
-            x, y = next(batches)
-        loss = F.cross_entropy(head(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        lrs.append(lr)
-        losses.append(loss.item())
-        smoothed = smooth(losses)
-        if not math.isfinite(losses[-1]) or (i > 10 and smoothed[-1] > stop_factor * min(smoothed)):
+    if num_lrs < 2:
+        raise PipelineError(f"--num-lrs {num_lrs} is out of range; give 2 or more")
+    fit_rows = train.select(train.rows[folds != 0])
+    held = train.select(train.rows[(folds == 0) & plain])
+    steps_per_epoch = math.ceil(fit_rows.num_rows / cfg.batch_size)
+    epochs = max(1, min(cfg.epochs, LR_FIND_MAX_STEPS // steps_per_epoch))
+    rows = []
+    for lr in np.geomspace(start_lr, end_lr, num_lrs):
+        probe = replace(cfg, lr=float(lr), epochs=epochs)
+        head, history, _ = train_head(fit_rows, None, probe, num_classes)
+        scored = evaluate_head(head, held)
+        rows.append({"lr": float(lr), "held_out_loss": scored["loss"], "held_out_accuracy": scored["accuracy"],
+                     "train_loss": history[-1]["train_loss"]})
+        if on_lr:
+            on_lr(rows[-1])
+        best = min(r["held_out_loss"] for r in rows)
+        if not math.isfinite(scored["loss"]) or scored["loss"] > 4 * best:  # diverged: higher rates only get worse
             break
-    smoothed = smooth(losses)
-    if not all(math.isfinite(v) for v in smoothed):
-        finite = [i for i, v in enumerate(smoothed) if math.isfinite(v)]
-        lrs, losses, smoothed = [lrs[i] for i in finite], [losses[i] for i in finite], [smoothed[i] for i in finite]
-    return {"lrs": lrs, "losses": losses, "smoothed": smoothed, **suggest_lr(lrs, smoothed)}
+    finite = [r for r in rows if math.isfinite(r["held_out_loss"])]
+    best = min(finite, key=lambda r: r["held_out_loss"])
+    return {"lrs": [r["lr"] for r in rows], "held_out_loss": [r["held_out_loss"] for r in rows],
+            "held_out_accuracy": [r["held_out_accuracy"] for r in rows], "train_loss": [r["train_loss"] for r in rows],
+            "suggestion": best["lr"], "epochs": epochs, "held_out_rows": held.num_rows}
 
 
 def load_head(run_dir: Path | str) -> tuple[Head, dict]:
@@ -386,7 +379,9 @@ def load_head(run_dir: Path | str) -> tuple[Head, dict]:
     try:
         config = json.loads((run_dir / "config.json").read_text())
         head = Head.from_spec(config["head"])
-        head.load_state_dict(load_file(str(run_dir / HEAD_FILE)), strict=True)
+        state = load_file(str(run_dir / HEAD_FILE))
+        state.setdefault("temperature", torch.tensor(1.0))  # heads saved before calibration existed
+        head.load_state_dict(state, strict=True)
     except (ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise PipelineError(f"{run_dir} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
                             "train the head again") from None

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from stages.calibration import ECE_BINS, expected_calibration_error, reliability_bins
+
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict:
-    """Accuracy, log loss, per-class precision/recall/F1, the confusion matrix and the most-confused pairs."""
+    """Accuracy, log loss, calibration error (with its bins), per-class precision/recall/F1, the confusion matrix
+    and the most-confused pairs."""
     labels = np.asarray(labels, dtype=int)
     probabilities = np.asarray(probabilities, dtype=np.float64)
     predicted = probabilities.argmax(1)
@@ -25,7 +28,11 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, classe
     pairs = [(classes[t], classes[p], int(confusion[t, p])) for t in range(k) for p in range(k)
              if t != p and confusion[t, p]]
     pairs.sort(key=lambda x: -x[2])
+    wrong = probabilities.max(1)[predicted != labels]
     return {"images": int(len(labels)), "accuracy": float((predicted == labels).mean()), "log_loss": log_loss,
+            "ece": expected_calibration_error(probabilities, labels), "ece_bins": ECE_BINS,
+            "reliability": reliability_bins(probabilities, labels),
+            "max_wrong_probability": float(wrong.max()) if len(wrong) else None,
             "per_class": per_class, "confusion_matrix": confusion.tolist(), "classes": list(classes),
             "most_confused": [{"true": t, "predicted": p, "count": c} for t, p, c in pairs]}
 

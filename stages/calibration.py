@@ -1,0 +1,68 @@
+"""Honest probabilities: folds for out-of-fold predictions, temperature scaling, calibration error."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ECE_BINS = 15
+
+
+def image_folds(paths, labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Fold 0..k-1 of every row, stratified by class; all rows (views) of one image share a fold.
+
+    Images are ordered by a hash of (seed, path) within each class and dealt round-robin, so the folds do not
+    depend on row order and a file keeps its fold when others are added.
+    """
+    labels = np.asarray(labels)
+    first: dict[str, int] = {}
+    for row, path in enumerate(paths):
+        first.setdefault(path, row)
+    fold_of: dict[str, int] = {}
+    for label in np.unique(labels):
+        images = [p for p, row in first.items() if labels[row] == label]
+        images.sort(key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).digest())
+        fold_of.update({p: i % k for i, p in enumerate(images)})
+    return np.asarray([fold_of[p] for p in paths], dtype=np.int64)
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature T that minimizes the log loss of softmax(logits / T) (Guo et al., 2017)."""
+    logits, labels = logits.detach().float(), labels.long()
+    log_t = torch.zeros((), requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=1, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.detach().exp().clamp(0.05, 20.0))
+
+
+def reliability_bins(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> list[dict]:
+    """Per equal-width confidence bin: its range, image count, mean confidence and accuracy."""
+    confidence = probabilities.max(1)
+    correct = probabilities.argmax(1) == np.asarray(labels)
+    edges = np.linspace(0, 1, bins + 1)
+    # Bin b holds (edges[b], edges[b+1]]; a confidence of exactly 0 can only mean an empty row, put in bin 0.
+    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    rows = []
+    for b in range(bins):
+        inside = which == b
+        n = int(inside.sum())
+        rows.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": n,
+                     "confidence": float(confidence[inside].mean()) if n else None,
+                     "accuracy": float(correct[inside].mean()) if n else None})
+    return rows
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE: the count-weighted mean gap between confidence and accuracy over equal-width confidence bins."""
+    total = len(labels)
+    return float(sum(r["count"] / total * abs(r["confidence"] - r["accuracy"])
+                     for r in reliability_bins(probabilities, labels, bins) if r["count"]))
