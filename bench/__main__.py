@@ -1,4 +1,4 @@
-"""python -m bench [featurize heads stream scale] [--quick]: figures side by side with a reference from the same run."""
+"""python -m bench [featurize heads stream scale accuracy] [--quick]: figures side by side with a reference from the same run."""
 from __future__ import annotations
 
 import argparse
@@ -163,8 +163,8 @@ def bench_stream(quick: bool) -> dict:
         return n / (time.perf_counter() - started)
 
     def train_rate() -> float:
-        result, _ = run_json_command(pipeline_cmd("train-head", "--store", store, "--epochs", "1", "--max-memory", "1M",
-                                                  "--out", tmp / "run"))
+        result, _ = run_json_command(pipeline_cmd("train-head", "--store", store, "--head", "linear", "--epochs", "1",
+                                                  "--no-calibrate", "--max-memory", "1M", "--out", tmp / "run"))
         metrics = json.loads((Path(result[0]["run"]) / "metrics.json").read_text())
         return n / metrics["train_seconds"]
 
@@ -192,7 +192,62 @@ def bench_scale(quick: bool) -> dict:
     return report("scale" + ("-quick" if quick else ""), rows)
 
 
-BENCHMARKS = {"featurize": bench_featurize, "heads": bench_heads, "stream": bench_stream, "scale": bench_scale}
+GRID_LRS, GRID_EPOCHS = ("3e-3", "1e-2", "3e-2"), ("3", "10", "30")
+
+
+def accuracy_sets(tmp: Path, quick: bool) -> list[tuple[str, Path]]:
+    """dogscats and flowers5 from ../shared/data where present (not in quick mode), and the demo set."""
+    from pipeline.demo import make_demo_images
+
+    sets = [] if quick else [(name, SHARED / name) for name in ("dogscats", "flowers5") if (SHARED / name).is_dir()]
+    return sets + [("demo", make_demo_images(tmp / "demo"))]
+
+
+def bench_accuracy(quick: bool) -> dict:
+    """Per data set: the default head against the best linear run of a grid, lr-find's suggestion against the grid's
+    best rate, calibration (ECE, the most confident mistake) and the default fine-tune."""
+    tmp = Path(tempfile.mkdtemp())
+    rows, record = [], {}
+    for name, data in accuracy_sets(tmp, quick):
+        store = tmp / f"{name}.h5"
+        run_json_command(pipeline_cmd("featurize", data, "--store", store))
+        default, head_wall = run_json_command(pipeline_cmd("train-head", "--store", store, "--out", tmp / name / "head"))
+        grid, grid_wall = run_json_command(pipeline_cmd(
+            "train-head", "--store", store, "--head", "linear", "--lr", ",".join(GRID_LRS), "--epochs",
+            ",".join(GRID_EPOCHS), "--no-calibrate", "--out", tmp / name / "grid"))
+        by_loss = min(grid, key=lambda r: r["valid_loss"])
+        found, _ = run_json_command(pipeline_cmd("lr-find", "--store", store, "--out", tmp / name / "lr"))
+        evaluated, _ = run_json_command(pipeline_cmd("evaluate", default[0]["run"], data / "valid", "--store", store))
+        ft, ft_wall = run_json_command(pipeline_cmd("finetune", data, "--head", default[0]["run"],
+                                                    "--out", tmp / name / "ft"))
+        ft_eval, _ = run_json_command(pipeline_cmd("evaluate", ft["run"], data / "valid"))
+        ratio = found["suggestion"] / by_loss["lr"]
+        rows += [
+            Row(f"{name}: default train-head vs best linear run of the grid, valid accuracy", default[0]["accuracy"],
+                grid[0]["accuracy"], "", note=f"logreg l2 {default[0]['l2']:.2g} in {head_wall:.1f} s; grid best "
+                f"lr {grid[0]['lr']:g} epochs {grid[0]['epochs']} ({len(grid)} runs, {grid_wall:.0f} s)"),
+            Row(f"{name}: default train-head vs best grid run, valid log loss", default[0]["valid_loss"],
+                by_loss["valid_loss"], "", higher_is_better=False,
+                note=f"grid best by loss: lr {by_loss['lr']:g} epochs {by_loss['epochs']}"),
+            Row(f"{name}: lr-find suggestion vs the grid's best lr (by valid loss)", found["suggestion"],
+                by_loss["lr"], "lr", note=f"factor {max(ratio, 1 / ratio):.2f} (target <= 3)"),
+            Row(f"{name}: default head calibration, ECE (15 bins)", evaluated["ece"], None, "",
+                higher_is_better=False, note=f"most confident mistake p = {evaluated['max_wrong_probability']}; "
+                f"temperature {default[0]['temperature']:.3f}"),
+            Row(f"{name}: default finetune vs the head it starts from, valid accuracy", ft["accuracy"],
+                ft["before"]["accuracy"], "", note=f"{ft_wall / 60:.1f} min wall, "
+                f"{ft['train_images_per_second']:.1f} img/s training; ECE after {ft_eval['ece']:.4f}, "
+                f"most confident mistake p = {ft_eval['max_wrong_probability']}"),
+        ]
+        record[name] = {"default": default[0], "grid": grid, "lr_find": found["suggestion"], "ece": evaluated["ece"],
+                        "finetune": {k: ft[k] for k in ("accuracy", "before", "history", "train_images_per_second")},
+                        "finetune_wall_s": ft_wall, "finetune_ece": ft_eval["ece"]}
+    shutil.rmtree(tmp)
+    return report("accuracy" + ("-quick" if quick else ""), rows, {"sets": record})
+
+
+BENCHMARKS = {"featurize": bench_featurize, "heads": bench_heads, "stream": bench_stream, "scale": bench_scale,
+              "accuracy": bench_accuracy}
 
 
 def main() -> None:

@@ -334,6 +334,9 @@ def finetune(
     wd: float = typer.Option(1e-4, help="AdamW weight decay."),
     unfreeze: str = typer.Option("all", help="all, or gradual (one more layer group per epoch, later groups first)."),
     train_bn: bool = typer.Option(False, "--train-bn", help="Update batch-norm statistics (frozen by default)."),
+    crop_area: float = typer.Option(0.25, help="Smallest area of the random-resized crop, as a fraction of the image."),
+    keep_best: bool = typer.Option(False, "--keep-best", help="End with the weights of the epoch with the best valid "
+                                   "accuracy, the starting model included (chooses by valid: report another split)."),
     batch_size: int = typer.Option(32, help="Images per step."),
     seed: int = typer.Option(0, help="Seed of the order, augmentation and dropout."),
     precision: str = typer.Option("auto", help="auto (bf16 autocast on a GPU, fp32 on a CPU), fp32 or bf16."),
@@ -350,7 +353,8 @@ def finetune(
     from stages.finetune import FinetuneConfig
 
     cfg = FinetuneConfig(epochs=epochs, lr=lr, lr_mult=lr_mult, wd=wd, unfreeze=unfreeze, train_bn=train_bn,
-                         batch_size=batch_size, seed=seed, precision=precision)
+                         batch_size=batch_size, seed=seed, precision=precision, crop_area=crop_area,
+                         keep_best=keep_best)
     out_dir = out_dir or Path("runs") / f"ft-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     table = EpochTable(err if as_json else out)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -65,9 +65,12 @@ def finetune(data_dir: Path, head_dir: Path, out: Path, cfg: FinetuneConfig, res
         tuner.restore(state, steps_per_epoch)
     elif valid:
         tuner.before = tuner.evaluate(*valid)
+        if cfg.keep_best:
+            tuner.remember_if_best(-1, tuner.before)
     started = time.perf_counter()
     tuner.fit(train, valid, on_epoch=on_epoch, on_step=on_step)
     seconds = time.perf_counter() - started
+    kept = tuner.restore_best()
     if shard.index != 0:
         return {"run": str(out), "rank": shard.index, "quiet": True}
     out.mkdir(parents=True, exist_ok=True)
@@ -80,9 +83,10 @@ def finetune(data_dir: Path, head_dir: Path, out: Path, cfg: FinetuneConfig, res
     config = {"kind": "finetune", "head": head_config["head"], "classes": head_config["classes"],
               "train": {**cfg.to_dict(), "head": head_config["head"]["head"], "from_head": str(head_dir)},
               "feature_set": feature_set, "created": datetime.now().isoformat(timespec="seconds")}
-    last = tuner.history[-1] if tuner.history else {}
+    last = kept or (tuner.history[-1] if tuner.history else {})
     images = len(train[0]) * (cfg.epochs - (state["epoch"] if state is not None else 0))
-    metrics = {"history": tuner.history, "before": tuner.before, "accuracy": last.get("accuracy"),
+    metrics = {"history": tuner.history, "before": tuner.before, "kept_epoch": kept["epoch"] if kept else None,
+               "accuracy": last.get("accuracy"),
                "valid_loss": last.get("valid_loss"), "train_seconds": seconds,
                "train_images_per_second": images / seconds if seconds else None}
     write_json(out / "config.json", config)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.backbones import Backbone
-from stages.decode import ImageDecoder
+from stages.decode import Augmentation, ImageDecoder
 from stages.errors import PipelineError
 from stages.files import read_image_file
 from stages.head import Head, make_scheduler
@@ -37,6 +37,8 @@ class FinetuneConfig:
     seed: int = 0
     precision: str = "fp32"
     clip: float = 1.0
+    crop_area: float = 0.25  # smallest area of a random-resized crop, as a fraction of the image
+    keep_best: bool = False  # end with the weights of the epoch with the best valid accuracy (fastai's SaveModelCallback)
 
     def validate(self) -> None:
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -47,6 +49,8 @@ class FinetuneConfig:
             raise PipelineError(f"--unfreeze {self.unfreeze!r} is not one of {', '.join(UNFREEZE)}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise PipelineError(f"--precision {self.precision!r} is not one of auto, fp32, bf16")
+        if not 0 < self.crop_area <= 1:
+            raise PipelineError(f"--crop-area {self.crop_area} is out of range; give a fraction in (0, 1]")
         if self.epochs < 1 or self.batch_size < 1 or self.wd < 0:
             raise PipelineError("--epochs and --batch-size must be at least 1, --wd at least 0")
 
@@ -121,12 +125,14 @@ class Finetuner:
         self.before: dict | None = None  # valid metrics before any training step
         self.history: list[dict] = []
         self.step_losses: list[float] = []
+        self.best: dict | None = None  # with keep_best: the best epoch's metrics and weights
         self.forward = self.model  # under torchrun, a DistributedDataParallel wrapper of it
 
     # Data --------------------------------------------------------------------------------------------
     def _decoder(self, train: bool) -> ImageDecoder:
         return ImageDecoder(self.preprocessing, views=1 if train else 0, device=self.device,
-                            batch_size=self.local_batch, seed=self.cfg.seed, num_threads=1)
+                            batch_size=self.local_batch, seed=self.cfg.seed, num_threads=1,
+                            augmentation=Augmentation(scale=(self.cfg.crop_area, 1.0)))
 
     def _my_share(self, order: list[int]) -> list[int]:
         """This rank's slice of every global batch (all of it in one process)."""
@@ -210,10 +216,27 @@ class Finetuner:
                 row.update(self.evaluate(*valid))
             row["time"] = time.perf_counter() - started
             self.history.append(row)
+            if self.cfg.keep_best and valid is not None:
+                self.remember_if_best(self.epoch, row)
             self.epoch, self.step = self.epoch + 1, 0
             self.save_checkpoint()
             if on_epoch:
                 on_epoch(row)
+
+    def remember_if_best(self, epoch: int, metrics: dict) -> None:
+        """Keep a copy of the weights when their valid accuracy is the best so far (ties: lower valid loss);
+        epoch -1 is the model fine-tuning starts from."""
+        best = self.best
+        if best is None or (metrics["accuracy"], -metrics["valid_loss"]) > (best["accuracy"], -best["valid_loss"]):
+            self.best = {"epoch": epoch, "accuracy": metrics["accuracy"], "valid_loss": metrics["valid_loss"],
+                         "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()}}
+
+    def restore_best(self) -> dict | None:
+        """Load the kept weights (keep_best) and return their epoch and metrics; None without keep_best."""
+        if self.best is None:
+            return None
+        self.model.load_state_dict(self.best["model"])
+        return {k: v for k, v in self.best.items() if k != "model"}
 
     def _train_step(self, batch, labels: np.ndarray, index: dict) -> None:
         if batch.keys:
@@ -239,7 +262,7 @@ class Finetuner:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
                  "torch_rng": torch.get_rng_state(), "history": self.history, "step_losses": self.step_losses,
-                 "before": self.before, "config": self.cfg.to_dict(), "world_size": self.world}
+                 "before": self.before, "best": self.best, "config": self.cfg.to_dict(), "world_size": self.world}
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         torch.save(state, tmp)
         os.replace(tmp, path)
@@ -259,6 +282,7 @@ class Finetuner:
         self.epoch, self.step = state["epoch"], state["step"]
         self.history, self.step_losses = state["history"], state["step_losses"]
         self.before = state.get("before")
+        self.best = state.get("best")
 
 
 def read_checkpoint(directory: Path) -> dict:
