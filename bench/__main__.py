@@ -216,12 +216,15 @@ def bench_accuracy(quick: bool) -> dict:
             "train-head", "--store", store, "--head", "linear", "--lr", ",".join(GRID_LRS), "--epochs",
             ",".join(GRID_EPOCHS), "--no-calibrate", "--out", tmp / name / "grid"))
         by_loss = min(grid, key=lambda r: r["valid_loss"])
+        # lr-find probes with the run's epochs (3 by default): the rate it should find is the best at that budget.
+        same_budget = min((r for r in grid if r["epochs"] == 3), key=lambda r: r["valid_loss"])
         found, _ = run_json_command(pipeline_cmd("lr-find", "--store", store, "--out", tmp / name / "lr"))
         evaluated, _ = run_json_command(pipeline_cmd("evaluate", default[0]["run"], data / "valid", "--store", store))
         ft, ft_wall = run_json_command(pipeline_cmd("finetune", data, "--head", default[0]["run"],
                                                     "--out", tmp / name / "ft"))
         ft_eval, _ = run_json_command(pipeline_cmd("evaluate", ft["run"], data / "valid"))
-        ratio = found["suggestion"] / by_loss["lr"]
+        ratio = found["suggestion"] / same_budget["lr"]
+        overall = found["suggestion"] / by_loss["lr"]
         rows += [
             Row(f"{name}: default train-head vs best linear run of the grid, valid accuracy", default[0]["accuracy"],
                 grid[0]["accuracy"], "", note=f"logreg l2 {default[0]['l2']:.2g} in {head_wall:.1f} s; grid best "
@@ -229,8 +232,9 @@ def bench_accuracy(quick: bool) -> dict:
             Row(f"{name}: default train-head vs best grid run, valid log loss", default[0]["valid_loss"],
                 by_loss["valid_loss"], "", higher_is_better=False,
                 note=f"grid best by loss: lr {by_loss['lr']:g} epochs {by_loss['epochs']}"),
-            Row(f"{name}: lr-find suggestion vs the grid's best lr (by valid loss)", found["suggestion"],
-                by_loss["lr"], "lr", note=f"factor {max(ratio, 1 / ratio):.2f} (target <= 3)"),
+            Row(f"{name}: lr-find suggestion vs the grid's best lr at 3 epochs (by valid loss)", found["suggestion"],
+                same_budget["lr"], "lr", note=f"factor {max(ratio, 1 / ratio):.2f} (target <= 3); against the best "
+                f"of all epochs (lr {by_loss['lr']:g}): factor {max(overall, 1 / overall):.2f}"),
             Row(f"{name}: default head calibration, ECE (15 bins)", evaluated["ece"], None, "",
                 higher_is_better=False, note=f"most confident mistake p = {evaluated['max_wrong_probability']}; "
                 f"temperature {default[0]['temperature']:.3f}"),

@@ -328,15 +328,16 @@ def runs_cmd(
 def finetune(
     data_dir: Path = typer.Argument(..., help="The data folder the head was trained on (train/ and valid/)."),
     head_dir: Path = typer.Option(..., "--head", help="Run directory written by train-head."),
-    epochs: int = typer.Option(1, help="Epochs."),
+    epochs: int = typer.Option(3, help="Epochs."),
     lr: float = typer.Option(1e-3, help="Learning rate of the head; earlier layer groups get less."),
     lr_mult: float = typer.Option(100.0, help="Ratio of the head's rate to the earliest group's (geometric spread)."),
     wd: float = typer.Option(1e-4, help="AdamW weight decay."),
     unfreeze: str = typer.Option("all", help="all, or gradual (one more layer group per epoch, later groups first)."),
     train_bn: bool = typer.Option(False, "--train-bn", help="Update batch-norm statistics (frozen by default)."),
-    crop_area: float = typer.Option(0.25, help="Smallest area of the random-resized crop, as a fraction of the image."),
-    keep_best: bool = typer.Option(False, "--keep-best", help="End with the weights of the epoch with the best valid "
-                                   "accuracy, the starting model included (chooses by valid: report another split)."),
+    crop_area: float = typer.Option(0.5, help="Smallest area of the random-resized crop, as a fraction of the image."),
+    keep_best: bool = typer.Option(True, help="End with the weights of the epoch with the best valid accuracy, the "
+                                   "starting model included, so fine-tuning never hands back a worse model "
+                                   "(it chooses by valid: judge the result on another split)."),
     batch_size: int = typer.Option(32, help="Images per step."),
     seed: int = typer.Option(0, help="Seed of the order, augmentation and dropout."),
     precision: str = typer.Option("auto", help="auto (bf16 autocast on a GPU, fp32 on a CPU), fp32 or bf16."),

@@ -29,8 +29,13 @@ def image_folds(paths, labels: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The temperature T that minimizes the log loss of softmax(logits / T) (Guo et al., 2017)."""
+    """The temperature T that minimizes the log loss of softmax(logits / T) (Guo et al., 2017).
+
+    Without a single mistake the loss falls for ever as T shrinks, which says nothing about new images: T stays 1.
+    """
     logits, labels = logits.detach().float(), labels.long()
+    if bool((logits.argmax(1) == labels).all()):
+        return 1.0
     log_t = torch.zeros((), requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=1, max_iter=100, line_search_fn="strong_wolfe")
 

@@ -214,8 +214,11 @@ class SplitFeatures:
             total += x.sum(0)
             square += x.square().sum(0)
         mean = total / self.num_rows
-        std = (square / self.num_rows - mean.square()).clamp_min(0).sqrt()
-        return mean.float(), std.float().clamp_min(1e-6)
+        std = (square / self.num_rows - mean.square()).clamp_min(0).sqrt().float()
+        # A feature (near) constant on train can earn no weight, yet divided by its tiny spread it explodes on an
+        # image where it fires (generated images: 1e6 standard deviations): an infinite spread drops it instead.
+        dead = std <= 1e-3 * std.mean()
+        return mean.float(), std.masked_fill(dead, float("inf"))
 
 
 def select_rows(views: np.ndarray, max_view: int) -> np.ndarray:

@@ -44,9 +44,17 @@ def test_logistic_regression_beats_the_2018_figure(dogscats_store):
     assert accuracy >= 0.987, accuracy
 
 
-def test_default_train_head_beats_99(dogscats_store, tmp_path):
-    board = run_json("train-head", "--store", dogscats_store[0], "--out", tmp_path / "head")
-    assert board[0]["accuracy"] >= 0.990, board
+def test_default_head_matches_a_converged_probe_and_is_calibrated(dogscats_store, tmp_path):
+    """The default head (nothing chosen on valid) is as good as the best AdamW linear run, with honest probabilities."""
+    store = dogscats_store[0]
+    [head] = run_json("train-head", "--store", store, "--out", tmp_path / "head")
+    grid = run_json("train-head", "--store", store, "--head", "linear", "--lr", "3e-3,1e-2,3e-2", "--epochs", "3,10",
+                    "--no-calibrate", "--out", tmp_path / "grid")
+    assert head["head"] == "logreg" and head["accuracy"] >= 0.99
+    assert head["accuracy"] >= grid[0]["accuracy"] - 0.002, (head, grid[0])
+    metrics = run_json("evaluate", tmp_path / "head", shared_dataset("dogscats") / "valid", "--store", store,
+                       "--out", tmp_path / "eval")
+    assert metrics["ece"] <= 0.02 and metrics["max_wrong_probability"] <= 0.999, metrics["ece"]
 
 
 def test_rerun_decodes_nothing(dogscats_store):
