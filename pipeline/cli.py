@@ -368,7 +368,10 @@ def finetune(
         _print_json(result)
         return
     before = result["before"] or {}
-    out.print(f"valid accuracy {before.get('accuracy', float('nan')):.4f} before, {result['accuracy']:.4f} after; "
+    kept = result.get("kept_epoch")
+    kept_note = "" if kept is None else " (the starting model: no epoch beat it)" if kept < 0 else f" (epoch {kept})"
+    out.print(f"valid accuracy {before.get('accuracy', float('nan')):.4f} before, {result['accuracy']:.4f} after"
+              f"{kept_note}; "
               f"{result['train_images_per_second']:.1f} img/s; weights, config.json, metrics.json, curves.png in "
               f"{result['run']}", highlight=False)
 

@@ -164,7 +164,8 @@ def fit_head(cached: CachedFeatures, cfg: TrainConfig, on_epoch: Callable[[dict]
     folds, plain = cached.folds(rows, cfg.folds, cfg.seed)
     num_classes = len(cached.classes)
     if cfg.head == "logreg":
-        cv_max_rows = max(1000, cached.memory_limit // (4 * 3 * rows.dataset.shape[1]))  # x, its transpose, folds
+        # float32 rows held during cross-validation: the sample, and each fold's training copy with its transpose.
+        cv_max_rows = max(1000, cached.memory_limit // (4 * (1 + 2 * cfg.folds) * rows.dataset.shape[1]))
         head, fit = train_logreg(rows, folds, plain, num_classes, cfg.l2, cfg.calibrate, cfg.seed, cv_max_rows,
                                  on_strength)
         return head, replace(cfg, l2=fit["l2"]), fit["path"], []

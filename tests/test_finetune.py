@@ -192,3 +192,18 @@ def test_two_process_finetune_follows_one_process_with_the_same_global_batch(tin
     assert [r["valid_loss"] for r in two["history"]] == pytest.approx([r["valid_loss"] for r in one["history"]],
                                                                         rel=1e-3)
     assert read_checkpoint(tmp_path / "two")["world_size"] == 2
+
+
+def test_keep_best_hands_back_the_starting_model_when_training_only_hurts(tiny, tmp_path):
+    data, _ = tiny
+    t = tuner(tiny, tmp_path, epochs=1, lr=10.0, lr_mult=1.0, clip=1e3)
+    start = {k: v.clone() for k, v in t.model.state_dict().items()}
+    valid = split(data, "valid")
+    t.before = t.evaluate(*valid)
+    t.remember_if_best(-1, t.before)
+    t.fit(split(data, "train"), valid)
+    assert (t.history[-1]["accuracy"], -t.history[-1]["valid_loss"]) < (t.before["accuracy"], -t.before["valid_loss"])
+    assert not all(torch.equal(v, t.model.state_dict()[k]) for k, v in start.items())
+    kept = t.restore_best()
+    assert kept["epoch"] == -1 and kept["accuracy"] == t.before["accuracy"]
+    assert all(torch.equal(v, t.model.state_dict()[k]) for k, v in start.items())

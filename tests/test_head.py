@@ -251,3 +251,17 @@ def test_bad_options_are_one_line_errors(blob_store, tmp_path, args, message):
 def test_missing_store_is_a_clear_error(tmp_path):
     proc = run_cli("train-head", "--store", tmp_path / "none.h5", check=False)
     assert proc.returncode == 1 and "does not exist" in proc.stderr and "pipeline featurize" in proc.stderr
+
+
+def test_a_feature_constant_on_train_cannot_explode_on_valid(tmp_path):
+    """Generated images leave some features at exactly 0 on train; one firing on valid must not decide the class."""
+    train = separable_features(90, classes=3, seed=0)
+    train[0][:, :5] = 0  # dead on train
+    valid = separable_features(30, classes=3, seed=0)
+    valid[0][:, :5] = 3.0  # fires on every valid image
+    store = write_feature_store(tmp_path / "dead.h5", train, valid, classes=("x", "y", "z"))
+    for head in ("logreg", "linear"):
+        [run] = run_json("train-head", "--store", store, "--head", head, "--out", tmp_path / head)
+        assert run["accuracy"] > 0.95 and run["valid_loss"] < 0.5, run
+    model, _ = load_head(tmp_path / "logreg")
+    assert torch.isinf(model.standardize.std[:5]).all() and torch.isfinite(model.standardize.std[5:]).all()

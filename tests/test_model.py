@@ -48,6 +48,7 @@ def test_metrics_against_a_hand_computed_confusion_matrix():
     assert m["per_class"]["y"]["precision"] == pytest.approx(2 / 3) and m["per_class"]["y"]["recall"] == 1
     assert m["per_class"]["z"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
     assert m["log_loss"] == pytest.approx(-(4 * np.log(0.8) + 2 * np.log(0.1)) / 6)
+    assert m["ece"] == pytest.approx(abs(0.8 - 4 / 6)) and m["max_wrong_probability"] == pytest.approx(0.8)
     assert m["most_confused"][0]["count"] == 1 and len(m["most_confused"]) == 2
     assert top_losses(labels, probs, 2) == [1, 5] or set(top_losses(labels, probs, 2)) == {1, 5}
 
@@ -114,7 +115,9 @@ def test_evaluate_writes_plots_and_matches_the_store(trained, tmp_path):
     assert raw["images"] == cached["images"] == 12
     assert raw["accuracy"] == cached["accuracy"] and raw["confusion_matrix"] == cached["confusion_matrix"]
     assert raw["log_loss"] == pytest.approx(cached["log_loss"], abs=0.02)
-    for key in ("confusion_png", "top_losses_png"):
+    assert raw["ece"] == pytest.approx(cached["ece"], abs=0.02) and len(raw["reliability"]) == raw["ece_bins"] == 15
+    assert sum(b["count"] for b in raw["reliability"]) == 12
+    for key in ("confusion_png", "reliability_png", "top_losses_png"):
         valid_png(raw[key])
     assert json.loads((tmp_path / "raw" / "metrics.json").read_text())["accuracy"] == raw["accuracy"]
     assert len(raw["top_losses"]) == 9
@@ -140,3 +143,13 @@ def test_tampered_model_directory(trained, tmp_path):
     (copy / "config.json").unlink()
     proc = run_cli("predict", copy, tmp_path, check=False)
     assert proc.returncode == 1 and "config.json is missing" in proc.stderr
+
+
+@pytest.mark.slow
+def test_demo_classifies_its_generated_images_without_a_confident_mistake(tmp_path):
+    summary = run_json("demo", "--out", tmp_path / "demo")
+    assert [run["accuracy"] for run in summary["heads"]] == [1.0, 1.0]
+    assert {run["head"] for run in summary["heads"]} == {"logreg", "linear"}
+    assert summary["evaluate"]["accuracy"] == 1.0 and summary["evaluate"]["ece"] < 0.02
+    for p in summary["predictions"]:
+        assert p["class"] in p["path"]
