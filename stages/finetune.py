@@ -227,8 +227,9 @@ class Finetuner:
         """Keep a copy of the weights when their valid accuracy is the best so far (ties: lower valid loss);
         epoch -1 is the model fine-tuning starts from."""
         best = self.best
-        if best is None or (metrics["accuracy"], -metrics["valid_loss"]) > (best["accuracy"], -best["valid_loss"]):
-            self.best = {"epoch": epoch, "accuracy": metrics["accuracy"], "valid_loss": metrics["valid_loss"],
+        loss = metrics["valid_loss"] if math.isfinite(metrics["valid_loss"]) else float("inf")  # diverged: worst
+        if best is None or (metrics["accuracy"], -loss) > (best["accuracy"], -best["valid_loss"]):
+            self.best = {"epoch": epoch, "accuracy": metrics["accuracy"], "valid_loss": loss,
                          "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()}}
 
     def restore_best(self) -> dict | None:
