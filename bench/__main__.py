@@ -1,4 +1,4 @@
-"""python -m bench [featurize heads stream scale accuracy] [--quick]: figures side by side with a reference from the same run."""
+"""python -m bench [featurize heads stream scale accuracy] [--quick]: figures beside a reference from the same run."""
 from __future__ import annotations
 
 import argparse
@@ -211,7 +211,8 @@ def bench_accuracy(quick: bool) -> dict:
     for name, data in accuracy_sets(tmp, quick):
         store = tmp / f"{name}.h5"
         run_json_command(pipeline_cmd("featurize", data, "--store", store))
-        default, head_wall = run_json_command(pipeline_cmd("train-head", "--store", store, "--out", tmp / name / "head"))
+        default, head_wall = run_json_command(pipeline_cmd("train-head", "--store", store,
+                                                           "--out", tmp / name / "head"))
         grid, grid_wall = run_json_command(pipeline_cmd(
             "train-head", "--store", store, "--head", "linear", "--lr", ",".join(GRID_LRS), "--epochs",
             ",".join(GRID_EPOCHS), "--no-calibrate", "--out", tmp / name / "grid"))

@@ -202,7 +202,7 @@ def _leaderboard(rows: list[dict], title: str) -> None:
 @app.command("train-head", epilog="Examples:\n\n"
              "    pipeline train-head --store runs/dogscats.h5 --out runs/head-a\n\n"
              "    pipeline train-head --store runs/dogscats.h5 --head linear --epochs 10 --lr 1e-2\n\n"
-             "    pipeline train-head --store runs/dogscats.h5 --head logreg,linear,mlp --lr 3e-3,1e-2,3e-2 --views 0,4\n\n"
+             "    pipeline train-head --store runs/dogscats.h5 --head logreg,linear,mlp --lr 3e-3,1e-2 --views 0,4\n\n"
              "    pipeline train-head --store runs/dogscats.h5 --head mlp --lr auto")
 def train_head_cmd(
     store: Path = typer.Option(..., "--store", "-s", help="Feature store written by featurize."),

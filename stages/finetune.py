@@ -38,7 +38,7 @@ class FinetuneConfig:
     precision: str = "fp32"
     clip: float = 1.0
     crop_area: float = 0.5  # smallest area of a random-resized crop: 0.25 of a 128 px photo leaves too little
-    keep_best: bool = True  # end with the best epoch's weights by valid accuracy, the start included (SaveModelCallback)
+    keep_best: bool = True  # end with the best epoch's weights by valid accuracy, the start included
 
     def validate(self) -> None:
         if not (self.lr > 0 and math.isfinite(self.lr)):

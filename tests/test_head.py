@@ -86,7 +86,8 @@ def test_cli_lr_find_and_auto(blob_store, tmp_path):
     assert losses[result["suggestion"]] < losses[result["lrs"][0]] / 2  # the lowest rates barely learn
     with Image.open(result["plot"]) as png:
         assert png.format == "PNG" and png.size[0] >= 400
-    board = run_json("train-head", "--store", blob_store, "--head", "linear", "--lr", "auto", "--out", tmp_path / "auto")
+    board = run_json("train-head", "--store", blob_store, "--head", "linear", "--lr", "auto",
+                     "--out", tmp_path / "auto")
     assert board[0]["lr"] == pytest.approx(result["suggestion"]) and board[0]["accuracy"] > 0.9
     one_line_error(run_cli("lr-find", "--store", blob_store, "--head", "logreg", check=False), "takes no learning rate")
 
