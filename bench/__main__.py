@@ -251,8 +251,37 @@ def bench_accuracy(quick: bool) -> dict:
     return report("accuracy" + ("-quick" if quick else ""), rows, {"sets": record})
 
 
+def bench_export(quick: bool) -> dict:
+    """The exported ONNX model in a Pillow + onnxruntime script against `pipeline predict` on the same photos."""
+    tmp = Path(tempfile.mkdtemp())
+    data, label = photo_folder(tmp, quick)
+    (data / "train").symlink_to(data / "valid")  # a head to export: its accuracy is not what is measured here
+    run_json_command(pipeline_cmd("featurize", data, "--store", tmp / "s.h5"))
+    run_json_command(pipeline_cmd("train-head", "--store", tmp / "s.h5", "--out", tmp / "head"))
+    exported, export_wall = run_json_command(pipeline_cmd("export", tmp / "head", "--out", tmp / "model.onnx"))
+    walls = {}
+
+    def deployed():
+        result, walls["onnx"] = run_json_command([sys.executable, "bench/onnx_predict.py", str(tmp / "model.onnx"),
+                                                  str(data / "valid")])
+        return result["images_per_second"]
+
+    def predict():
+        result, walls["predict"] = run_json_command(pipeline_cmd("predict", tmp / "head", data / "valid"))
+        return result["images_per_second"]
+
+    pairs = 1 if quick else 3
+    onnx_rate, predict_rate, rate_pairs = alternate(deployed, predict, pairs)
+    rows = [Row(f"exported ONNX (Pillow + onnxruntime script) vs pipeline predict, {label}, loop", onnx_rate,
+                predict_rate, "img/s", pairs=rate_pairs,
+                note=f"whole process, last pair: {walls['onnx']:.1f} s vs {walls['predict']:.1f} s; export took "
+                     f"{export_wall:.0f} s, {exported['bytes'] / 2**20:.1f} MB")]
+    shutil.rmtree(tmp)
+    return report("export" + ("-quick" if quick else ""), rows, {"export": exported})
+
+
 BENCHMARKS = {"featurize": bench_featurize, "heads": bench_heads, "stream": bench_stream, "scale": bench_scale,
-              "accuracy": bench_accuracy}
+              "accuracy": bench_accuracy, "export": bench_export}
 
 
 def main() -> None:

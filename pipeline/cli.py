@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from stages.errors import PipelineError
@@ -489,6 +490,28 @@ def evaluate(
               f"{m['metrics_json']}", highlight=False)
 
 
+@app.command(epilog="Examples:\n\n    pipeline export runs/head-a --out model.onnx\n\n"
+             "    pipeline export runs/ft-a --out model.pt --format torchscript --json")
+def export(
+    model_dir: Path = typer.Argument(..., help="Run directory written by train-head (or finetune)."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="The file to write (default MODEL/model.onnx, "
+                                                                "or model.pt for torchscript)."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx (needs pip install -e '.[export]') or torchscript."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
+):
+    """One file that classifies photos without this project: uint8 RGB crops in, calibrated probabilities out
+    (normalization, backbone, head and temperature inside; class names and preprocessing in its metadata)."""
+    from pipeline.export import export_run
+
+    result = export_run(model_dir, out_file, fmt)
+    if as_json:
+        _print_json(result)
+        return
+    out.print(f"wrote {result['out']} ({_human_bytes(result['bytes'])}, {result['format']}) in {result['seconds']:.1f} "
+              f"s: input {result['input']}, output {result['output']}; classes {', '.join(result['classes'])}",
+              highlight=False)
+
+
 @app.command(epilog="Example:\n\n    pipeline demo --out runs/demo")
 def demo(
     out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Where the demo writes its images and store."),
@@ -520,7 +543,7 @@ def main() -> None:
     except PipelineError as exc:
         if DEBUG:
             traceback.print_exc()
-        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -535,7 +558,7 @@ def main() -> None:
             sys.exit(130)
         if DEBUG:
             raise
-        err.print(f"[red]error:[/] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+        err.print(f"[red]error:[/] {type(exc).__name__}: {escape(str(exc))} (rerun with --debug for the traceback)",
                   highlight=False, soft_wrap=True)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)

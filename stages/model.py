@@ -94,11 +94,15 @@ def backbone_for(feature_set: dict, run_dir: Path) -> Backbone:
     return backbone
 
 
-def load_model(run_dir: str | Path, device: str = "auto", batch_size: int = 32) -> ImageClassifier:
-    """Rebuild the full image-to-class model from a directory written by train-head."""
+def load_run(run_dir: str | Path) -> tuple[Backbone, Head, dict]:
+    """The backbone, head and config of a directory written by train-head or finetune."""
     run_dir = Path(run_dir)
     head, config = load_head(run_dir)
-    feature_set = config["feature_set"]
-    backbone = backbone_for(feature_set, run_dir)
-    return ImageClassifier(backbone, head, config["classes"], precision=feature_set.get("precision", "fp32"),
+    return backbone_for(config["feature_set"], run_dir), head, config
+
+
+def load_model(run_dir: str | Path, device: str = "auto", batch_size: int = 32) -> ImageClassifier:
+    """Rebuild the full image-to-class model from a directory written by train-head or finetune."""
+    backbone, head, config = load_run(run_dir)
+    return ImageClassifier(backbone, head, config["classes"], precision=config["feature_set"].get("precision", "fp32"),
                            device=device, batch_size=batch_size)

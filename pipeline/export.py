@@ -1,0 +1,51 @@
+"""export: a run directory as one ONNX (or TorchScript) file for deployment without this project."""
+from __future__ import annotations
+
+import os
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from pipeline.atomic import atomic_output
+from stages.errors import PipelineError
+from stages.export import FORMATS, INPUT, OUTPUT, export_classifier, require_onnx
+
+
+def pipeline_version() -> str:
+    try:
+        return version("pipeline")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def _check_writable(path: Path) -> None:
+    folder = path.parent
+    if not folder.is_dir():
+        raise PipelineError(f"--out {path}: the folder {folder} does not exist; create it or choose another path")
+    if path.is_dir():
+        raise PipelineError(f"--out {path} is a folder; give a file name such as {path / 'model.onnx'}")
+    if not os.access(folder, os.W_OK):
+        raise PipelineError(f"--out {path}: the folder {folder} is not writable; choose another path")
+
+
+def export_run(run_dir: Path, out: Path | None = None, fmt: str = "onnx") -> dict:
+    """Write a train-head or finetune run as one file; returns where, its size, format and metadata."""
+    from stages.model import load_run
+
+    if fmt not in FORMATS:
+        raise PipelineError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if fmt == "onnx":
+        require_onnx()  # before loading anything: a missing extra is said at once
+    backbone, head, config = load_run(run_dir)
+    out = Path(out) if out is not None else Path(run_dir) / f"model{FORMATS[fmt]}"
+    _check_writable(out)
+    started = time.perf_counter()
+    try:
+        with atomic_output(out) as tmp:
+            metadata = export_classifier(backbone, head, config["classes"], tmp, fmt, pipeline_version())
+    except OSError as exc:
+        raise PipelineError(f"--out {out} could not be written ({exc.strerror or exc}); choose another path") from None
+    size = backbone.preprocessing.size
+    return {"out": str(out), "format": fmt, "bytes": out.stat().st_size, "seconds": time.perf_counter() - started,
+            "input": f"{INPUT}: uint8 (N, {size}, {size}, 3) RGB", "output": f"{OUTPUT}: float32 (N, "
+            f"{len(config['classes'])})", "classes": config["classes"], "metadata": metadata}
