@@ -280,8 +280,46 @@ def bench_export(quick: bool) -> dict:
     return report("export" + ("-quick" if quick else ""), rows, {"export": exported})
 
 
+def bench_audit(quick: bool) -> dict:
+    """pipeline audit on generated N x 1280 stores, beside the default train-head on the same store (the audit
+    cross-validates the same head, then adds the similarity pass)."""
+    import h5py
+
+    from bench.synthetic import write_feature_store
+
+    tmp = Path(tempfile.mkdtemp())
+    rows = []
+    for n in ((1_000,) if quick else (10_000, 100_000)):
+        rng = np.random.default_rng(0)
+        labels = rng.integers(0, 5, n)
+        means = rng.standard_normal((5, 1280), dtype=np.float32) * 0.15  # classes 7 sd apart, as real features are
+        features = rng.standard_normal((n, 1280), dtype=np.float32) + means[labels]
+        flipped = rng.random(n) < 0.01  # 1 % wrong labels for the audit to find
+        labels = np.where(flipped, (labels + 1) % 5, labels)
+        cut = n * 4 // 5
+        store = write_feature_store(tmp / f"s{n}.h5", (features[:cut], labels[:cut], np.zeros(cut, np.uint8)),
+                                    (features[cut:], labels[cut:], np.zeros(n - cut, np.uint8)),
+                                    classes=tuple("abcde"), chunk_rows=1024)
+        with h5py.File(store, "r+") as f:  # one distinct file hash per row
+            for split, count in (("train", cut), ("valid", n - cut)):
+                f[f"sets/efficientnet_lite0-test/{split}/sha256"][...] = np.array(
+                    [f"{split}{i:058d}".encode() for i in range(count)], dtype="S64")
+        del features
+        audited, audit_wall = run_json_command(pipeline_cmd("audit", "--store", store, "--out", tmp / f"a{n}",
+                                                            "--pictures", "0"))
+        _, head_wall = run_json_command(pipeline_cmd("train-head", "--store", store, "--out", tmp / f"h{n}"))
+        rows.append(Row(f"audit of {n:,} generated rows (1280-d, 5 classes) vs default train-head on them, wall",
+                        audit_wall, head_wall, "s", higher_is_better=False,
+                        note=f"{len(audited['label_issues'])} label issues ({int(flipped.sum())} planted), "
+                             f"{len(audited['duplicates'])} near-copies, "
+                             f"{len(audited['outliers'])} outliers; audit's own time {audited['seconds']:.1f} s"))
+    shutil.rmtree(tmp)
+    return report("audit" + ("-quick" if quick else ""), rows)
+
+
 BENCHMARKS = {"featurize": bench_featurize, "heads": bench_heads, "stream": bench_stream, "scale": bench_scale,
-              "accuracy": bench_accuracy, "export": bench_export}
+              "accuracy": bench_accuracy, "export": bench_export,
+              "audit": bench_audit}
 
 
 def main() -> None:

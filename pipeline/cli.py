@@ -490,6 +490,49 @@ def evaluate(
               f"{m['metrics_json']}", highlight=False)
 
 
+@app.command(epilog="Examples:\n\n    pipeline audit --store runs/dogscats.h5\n\n"
+             "    pipeline audit --store runs/flowers5.h5 --out runs/audit-flowers --threshold 0.95 --json")
+def audit(
+    store: Path = typer.Option(..., "--store", "-s", help="Feature store to audit (read only; nothing is decoded)."),
+    set_name: Optional[str] = typer.Option(None, "--set", help="Feature set (default: the store's only one)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where the CSVs, PNGs and audit.json go "
+                                                               "(default runs/audit-TIMESTAMP)."),
+    threshold: float = typer.Option(0.92, help="Cosine similarity of features from which two images count as "
+                                               "near-copies, in (0, 1]."),
+    neighbours: int = typer.Option(5, help="Nearest neighbours averaged for the outlier distance."),
+    folds: int = typer.Option(5, help="Cross-validation folds for out-of-sample probabilities on train."),
+    pictures: int = typer.Option(24, help="Findings drawn in label_issues.png and duplicates.png."),
+    as_json: bool = typer.Option(False, "--json", help="Print the findings as JSON."),
+):
+    """Likely label errors (confident learning on out-of-sample probabilities), exact and near copies (train/valid
+    leaks flagged) and outliers, from the cached features in seconds; never moves or changes your files."""
+    from pipeline.audit import audit as run_audit
+
+    result = run_audit(store, set_name, out_dir, threshold, neighbours, folds, pictures)
+    if as_json:
+        _print_json(result)
+        return
+    from rich.table import Table
+
+    out.print(f"{result['images']} images ({result['labelled']} labelled) of set {result['set']} in "
+              f"{result['seconds']:.1f} s: {len(result['label_issues'])} likely label issues, "
+              f"{len(result['duplicates'])} copies or near-copies ({result['leaks']} across train and valid/test), "
+              f"{len(result['outliers'])} outliers", highlight=False)
+    table = Table(title="most likely label issues")
+    for column in ("path", "given", "suggested", "label quality"):
+        table.add_column(column, justify="right" if column == "label quality" else "left")
+    for issue in result["label_issues"][:10]:
+        table.add_row(issue["path"], issue["given"], issue["suggested"], f"{issue['score']:.4f}")
+    if result["label_issues"]:
+        out.print(table)
+    for d in result["duplicates"][:5]:
+        out.print(f"{d['kind']} copy {d['similarity']:.3f}{' (leak)' if d['leak'] else ''}: {d['a']} ~ {d['b']}",
+                  highlight=False)
+    files = result["files"]
+    out.print(f"pictures: {files['label_issues']}, {files['duplicates']}, {files['map']}; CSVs and audit.json in "
+              f"{result['out']}", highlight=False)
+
+
 @app.command(epilog="Examples:\n\n    pipeline export runs/head-a --out model.onnx\n\n"
              "    pipeline export runs/ft-a --out model.pt --format torchscript --json")
 def export(

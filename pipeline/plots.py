@@ -133,7 +133,7 @@ def plot_image_grid(items: list[tuple[Path, str]], path: Path, title: str, colum
         ax.imshow(_thumbnail(image_path))
         ax.set_title(caption, fontsize=9)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the title above the first row
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -149,6 +149,28 @@ def plot_contact_sheet(samples: dict[str, list[Path]], path: Path, per_row: int 
         axes[r, 0].set_title(name, loc="left", fontsize=10, fontweight="bold")
         for c, image_path in enumerate(paths[:per_row]):
             axes[r, c].imshow(_thumbnail(image_path, 128))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_feature_map(points, labels, classes: list[str], marks: dict[str, list[int]], path: Path) -> Path:
+    """A 2-D map of the images coloured by class (grey: unlabelled), flagged rows marked by kind."""
+    fig, ax = plt.subplots(figsize=(8, 7))
+    colours = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    unlabelled = labels < 0
+    if unlabelled.any():
+        ax.scatter(*points[unlabelled].T, s=6, c="lightgrey", label="unlabelled")
+    for c, name in enumerate(classes):
+        ax.scatter(*points[labels == c].T, s=6, color=colours(c % colours.N), alpha=0.6, label=name)
+    for (kind, rows), (marker, colour) in zip(marks.items(), (("x", "red"), ("o", "black"), ("^", "purple"))):
+        if rows:
+            style = {"color": colour} if marker == "x" else {"facecolors": "none", "edgecolors": colour}
+            ax.scatter(*points[rows].T, s=40, marker=marker, linewidths=1, label=f"{kind} ({len(rows)})", **style)
+    ax.set(xlabel="principal component 1", ylabel="principal component 2", title="features, first two principal "
+           "components")
+    ax.legend(fontsize=8, markerscale=1.5, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -114,7 +114,8 @@ def train_logreg(train: SplitFeatures, folds: np.ndarray, plain: np.ndarray, num
     """Fit a logreg head on the selected train rows (folds and plain-view mask given per selected row).
 
     With l2 None the strength is cross-validated; the final fit uses every row, from memory or streamed from HDF5
-    (full-batch gradients either way). Returns the head (temperature set when calibrate) and a summary.
+    (full-batch gradients either way). Returns the head (temperature set when calibrate) and a summary (with the
+    out-of-fold logits, before the temperature, of the cross-validated rows in their order).
     """
     mean, std = train.mean_std()
 
@@ -139,7 +140,8 @@ def train_logreg(train: SplitFeatures, folds: np.ndarray, plain: np.ndarray, num
         cv = cross_validate(x, y, folds[sample], plain[sample], num_classes, L2_GRID if l2 is None else (l2,),
                             on_strength)
         init = torch.stack(cv["weights"]).mean(0)
-        summary.update(l2=cv["l2"], path=cv["path"], cv_loss=cv["cv_loss"], cv_accuracy=cv["cv_accuracy"])
+        summary.update(l2=cv["l2"], path=cv["path"], cv_loss=cv["cv_loss"], cv_accuracy=cv["cv_accuracy"],
+                       out_of_fold_logits=cv["logits"])
         if calibrate:
             summary["temperature"] = fit_temperature(cv["logits"], cv["labels"])
     started = time.perf_counter()

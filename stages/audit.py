@@ -1,0 +1,154 @@
+"""Audit a labelled image set from its cached features: likely label errors, near-copies and leaks, outliers.
+
+Label errors by confident learning (cleanlab) on out-of-sample probabilities of the logreg head; copies and
+outliers from one blocked pass of cosine similarities, memory bounded whatever the number of images.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from stages.calibration import image_folds
+from stages.errors import PipelineError
+from stages.head import SplitFeatures
+
+# Raw cosine of pooled Lite0 features (measured, bench/results/audit.md): a copy re-encoded at JPEG quality 75 and
+# resized to 0.9x keeps >= 0.94 to its original on dogscats photos; two different photos never exceeded 0.87.
+NEAR_COPY_COSINE = 0.92
+NEIGHBOURS = 5
+SIMILARITY_BLOCK_BYTES = 256 * 2**20  # one block of the similarity matrix: rows x all images, float32
+
+
+@dataclass
+class AuditRows:
+    """The plain view of every image of a feature set: features, labels (-1 unlabelled), split, path, sha256."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    splits: np.ndarray
+    paths: list[str]
+    sha256: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def out_of_sample_probabilities(rows: AuditRows, num_classes: int, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Per labelled row, class probabilities from a model that never saw it: k-fold logreg heads on train (the
+    L2 strength cross-validated, the temperature fitted out of fold), one head on all of train for the rest."""
+    from stages.linear_probe import train_logreg
+
+    train = np.flatnonzero((rows.splits == "train") & (rows.labels >= 0))
+    other = np.flatnonzero((rows.splits != "train") & (rows.labels >= 0))
+    data = _InMemory(rows.features, np.maximum(rows.labels, 0))
+    split = SplitFeatures(data, data.labels, train, in_memory=True)
+    fold = image_folds([rows.paths[i] for i in train], rows.labels[train], folds, seed)
+    head, fit = train_logreg(split, fold, np.ones(len(train), bool), num_classes, seed=seed,
+                             cv_max_rows=len(train))
+    probabilities = np.full((len(rows), num_classes), np.nan, np.float32)
+    probabilities[train] = torch.softmax(fit["out_of_fold_logits"] / head.temperature, 1).numpy()
+    if len(other):
+        with torch.no_grad():
+            probabilities[other] = torch.softmax(head(torch.from_numpy(rows.features[other])), 1).numpy()
+    return probabilities
+
+
+class _InMemory:
+    """An array standing in for an HDF5 dataset, so SplitFeatures reads audit rows already in memory."""
+
+    def __init__(self, features: np.ndarray, labels: np.ndarray):
+        self.array, self.labels = features, labels
+        self.shape, self.dtype, self.size, self.chunks = features.shape, features.dtype, features.size, None
+
+    def __getitem__(self, index):
+        return self.array[index]
+
+
+def label_issues(labels: np.ndarray, probabilities: np.ndarray) -> list[tuple[int, int, float]]:
+    """(row, suggested class, label quality) of the rows confident learning flags, most likely mislabeled first.
+
+    Label quality is the out-of-sample probability of the given label (cleanlab's self-confidence): lower is
+    more suspicious. Rows without a label (-1) are ignored.
+    """
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    labelled = np.flatnonzero(labels >= 0)
+    given, probs = labels[labelled], probabilities[labelled]
+    ranked = find_label_issues(given, probs, return_indices_ranked_by="self_confidence")
+    quality = get_label_quality_scores(given, probs, method="self_confidence")
+    return [(int(labelled[i]), int(probs[i].argmax()), float(quality[i])) for i in ranked]
+
+
+def normalized(features: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def similarity_scan(features: np.ndarray, threshold: float = NEAR_COPY_COSINE, neighbours: int = NEIGHBOURS,
+                    block_bytes: int = SIMILARITY_BLOCK_BYTES) -> tuple[list[tuple[int, int, float]], np.ndarray]:
+    """All pairs (i < j) with cosine >= threshold, and each row's mean cosine to its nearest neighbours.
+
+    Rows are compared block by block against all others (one matrix product per block), so memory stays at
+    block_bytes for any number of images.
+    """
+    x = normalized(features)
+    n = len(x)
+    k = min(neighbours, n - 1)
+    block = max(1, min(n, block_bytes // (4 * max(1, n))))
+    pairs, nearest = [], np.zeros(n, np.float32)
+    for start in range(0, n, block):
+        sim = x[start:start + block] @ x.T
+        rows = torch.arange(len(sim))
+        sim[rows, rows + start] = -math.inf  # an image is not its own neighbour
+        if k > 0:
+            nearest[start:start + len(sim)] = sim.topk(k, dim=1).values.mean(1).numpy()
+        i, j = torch.nonzero(sim >= threshold, as_tuple=True)
+        keep = i + start < j
+        pairs += [(int(a) + start, int(b), float(sim[a, b])) for a, b in zip(i[keep], j[keep])]
+    return sorted(pairs, key=lambda p: -p[2]), nearest
+
+
+def exact_copies(sha256: list[str]) -> list[tuple[int, int]]:
+    """Pairs (i < j) of rows whose source files have the same content hash."""
+    by_hash: dict[str, list[int]] = {}
+    for row, digest in enumerate(sha256):
+        by_hash.setdefault(digest, []).append(row)
+    return [(a, b) for rows in by_hash.values() for n, a in enumerate(rows) for b in rows[n + 1:]]
+
+
+def outlier_rows(nearest: np.ndarray) -> tuple[np.ndarray, float]:
+    """Rows far from every other image: kNN distance (1 - mean cosine to the nearest neighbours) beyond Tukey's
+    far-out fence (third quartile + 3 x interquartile range). Returns the rows, farthest first, and the fence."""
+    distance = 1 - nearest
+    q1, q3 = np.quantile(distance, [0.25, 0.75])
+    fence = float(q3 + 3 * (q3 - q1))
+    rows = np.flatnonzero(distance > fence)
+    return rows[np.argsort(-distance[rows])], fence
+
+
+def feature_map(features: np.ndarray) -> np.ndarray:
+    """A 2-D map of the features: their first two principal components."""
+    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    x = x - x.mean(0)
+    _, _, v = torch.pca_lowrank(x, q=2, center=False, niter=4)
+    return (x @ v).numpy()
+
+
+def check_auditable(rows: AuditRows, classes: list[str], where: str) -> None:
+    """Refuse sets without labelled training images of two or more classes."""
+    train = (rows.splits == "train") & (rows.labels >= 0)
+    if len(rows) == 0:
+        raise PipelineError(f"{where} holds no images; featurize a data folder into it first")
+    if not train.any():
+        raise PipelineError(f"{where} has no labelled train images; audit needs a train/ split of class folders")
+    present = np.unique(rows.labels[train])
+    if len(classes) < 2 or len(present) < 2:
+        raise PipelineError(f"{where} has {len(present)} class with train images; audit needs two or more")
+    smallest = np.bincount(rows.labels[train], minlength=len(classes)).min()
+    if smallest < 2:
+        raise PipelineError(f"{where}: class {classes[int(np.argmin(np.bincount(rows.labels[train])))]} has "
+                            f"{smallest} train image; out-of-sample probabilities need two or more per class")

@@ -1,0 +1,102 @@
+"""pipeline audit: planted label flips, re-encoded copies across splits and errors, on real stores."""
+
+import csv
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from conftest import make_images, one_line_error, run_cli, run_json, shared_dataset
+from stages.audit import exact_copies, outlier_rows, similarity_scan
+
+
+def folder_digest(root):
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_similarity_scan_in_blocks_equals_the_full_matrix():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 16)).astype(np.float32)
+    x[250] = x[10] * 3 + 0.01  # a scaled near-copy
+    x[299] = x[0]
+    pairs, nearest = similarity_scan(x, threshold=0.9, neighbours=3, block_bytes=4 * 300 * 7)  # 7-row blocks
+    z = x / np.linalg.norm(x, axis=1, keepdims=True)
+    full = z @ z.T
+    np.fill_diagonal(full, -np.inf)
+    expected = {(i, j) for i, j in zip(*np.nonzero(full >= 0.9)) if i < j}
+    assert {(a, b) for a, b, _ in pairs} == expected and (10, 250) in expected and (0, 299) in expected
+    np.testing.assert_allclose(nearest, np.sort(full, 1)[:, -3:].mean(1), rtol=1e-5)
+    assert exact_copies(["h1", "h2", "h1", "h3", "h1"]) == [(0, 2), (0, 4), (2, 4)]
+    far, fence = outlier_rows(np.r_[np.full(99, 0.9), 0.1])
+    assert list(far) == [99] and fence == pytest.approx(0.1)  # no spread among the rest: the fence sits on them
+
+
+def test_audit_writes_findings_pictures_and_never_touches_the_data(trained, tmp_path):
+    data, store, _ = trained
+    before = folder_digest(data)
+    result = run_json("audit", "--store", store, "--out", tmp_path / "audit")
+    assert folder_digest(data) == before
+    assert result["images"] == result["labelled"] == 36 and result["classes"] == ["a", "b", "c"]
+    for key in ("label_issues", "duplicates", "outliers"):
+        assert isinstance(result[key], list)
+        with open(tmp_path / "audit" / f"{key}.csv") as f:
+            assert len(list(csv.DictReader(f))) == len(result[key])
+    for name in ("label_issues", "duplicates", "map"):
+        assert Image.open(tmp_path / "audit" / f"{name}.png").size[0] > 300
+    assert json.loads((tmp_path / "audit" / "audit.json").read_text())["images"] == 36
+    for issue in result["label_issues"]:
+        assert set(issue) == {"path", "split", "given", "suggested", "score"} and (data / issue["path"]).is_file()
+
+
+def test_audit_errors_are_one_line(tmp_path):
+    unlabelled = make_images(tmp_path / "u", {"test": {"x": 4}})
+    run_json("featurize", unlabelled, "--store", tmp_path / "u.h5")
+    one_line_error(run_cli("audit", "--store", tmp_path / "u.h5", "--out", tmp_path / "o", check=False),
+                   "u.h5", "no labelled train images")
+    lonely = make_images(tmp_path / "l", {"train": {"a": 4, "b": 1}})
+    run_json("featurize", lonely, "--store", tmp_path / "l.h5")
+    one_line_error(run_cli("audit", "--store", tmp_path / "l.h5", "--out", tmp_path / "o", check=False),
+                   "class b has 1 train image")
+    one_line_error(run_cli("audit", "--store", tmp_path / "l.h5", "--threshold", "1.5", check=False), "--threshold")
+    one_line_error(run_cli("audit", "--store", tmp_path / "missing.h5", check=False), "missing.h5")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_audit_finds_flipped_labels_and_planted_copies_in_real_photos(tmp_path):
+    """Real dogscats photos: 6 labels flipped, 4 train photos re-encoded (JPEG 75, 0.9x) into valid."""
+    source = shared_dataset("dogscats")
+    data = tmp_path / "data"
+    flipped, planted = [], []
+    for split, count in (("train", 120), ("valid", 40)):
+        for cls, other in (("cats", "dogs"), ("dogs", "cats")):
+            for n, path in enumerate(sorted((source / split / cls).iterdir())[:count]):
+                flip = split == "train" and n < 3
+                target = data / split / (other if flip else cls) / path.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(path.read_bytes())
+                if flip:
+                    flipped.append(target.relative_to(data).as_posix())
+                elif split == "train" and n in (10, 11):
+                    image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+                    copy = data / "valid" / cls / f"copy-{path.name}"
+                    copy.parent.mkdir(parents=True, exist_ok=True)
+                    image.resize((int(image.width * 0.9), int(image.height * 0.9)), Image.BICUBIC).save(copy, quality=75)
+                    planted.append((target.relative_to(data).as_posix(), copy.relative_to(data).as_posix()))
+    run_json("featurize", data, "--store", tmp_path / "s.h5")
+    result = run_json("audit", "--store", tmp_path / "s.h5", "--out", tmp_path / "audit")
+    ranked = [i["path"] for i in result["label_issues"]]
+    assert set(flipped) <= set(ranked[:10]), (flipped, ranked[:10])
+    for issue in result["label_issues"]:
+        if issue["path"] in flipped:
+            assert issue["suggested"] != issue["given"]
+    found = {(d["a"], d["b"]): d for d in result["duplicates"]}
+    for train_path, copy_path in planted:
+        pair = found.get((train_path, copy_path)) or found.get((copy_path, train_path))
+        assert pair and pair["kind"] == "near" and pair["leak"], (train_path, copy_path)
+    unplanted = [d for d in result["duplicates"] if "copy-" not in d["a"] + d["b"]]
+    assert not unplanted, unplanted  # different photos of similar cats are not copies
