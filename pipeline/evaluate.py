@@ -12,7 +12,7 @@ from pipeline.atomic import atomic_output, write_json
 from pipeline.plots import plot_confusion_matrix, plot_image_grid, plot_reliability
 from pipeline.train_head import check_compatible
 from stages.errors import PipelineError
-from stages.files import IMAGE_EXTENSIONS, _class_folders, _walk_images
+from stages.files import IMAGE_EXTENSIONS, class_folders, find_images
 from stages.metrics import classification_metrics, top_losses
 from stages.model import ImageClassifier, load_model, top_classes
 
@@ -22,7 +22,7 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
     files = []
     for item in inputs:
         if item.is_dir():
-            files += _walk_images(item)
+            files += find_images(item)
         elif item.exists():
             files.append(item)
         else:
@@ -80,14 +80,14 @@ def labelled_split(split_dir: Path, classes: list[str]) -> tuple[list[Path], np.
     """Images of a folder of class folders, labelled with the model's class indices; other names are an error."""
     if not split_dir.is_dir():
         raise PipelineError(f"split folder {split_dir} does not exist; give a folder of class folders")
-    folders = _class_folders(split_dir)
+    folders = class_folders(split_dir)
     unknown = [f for f in folders if f not in classes]
     if unknown or not folders:
         raise PipelineError(f"class folders of {split_dir} ({', '.join(folders) or 'none'}) do not match the model's "
                             f"classes ({', '.join(classes)}); give a split with the classes the model was trained on")
     files, labels = [], []
     for name in folders:
-        images = _walk_images(split_dir / name)
+        images = find_images(split_dir / name)
         files += images
         labels += [classes.index(name)] * len(images)
     if not files:

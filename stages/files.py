@@ -57,31 +57,76 @@ def _is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def _walk_images(folder: Path) -> list[Path]:
-    """All image files below a folder, recursively, in sorted order; symlink loops are not followed twice."""
-    found, seen = [], set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames.sort()
-        found.extend(Path(dirpath) / name for name in sorted(filenames) if _is_image_name(Path(name)))
-    return sorted(found)
+class _ImageWalker:
+    """Finds image files below the folders of one scan, visiting each real directory and each real file once.
+
+    A symlinked folder is not followed when it leads back into a folder the scan owns (a class folder or test/),
+    to one of their ancestors (a loop), or to a folder already visited: its images would otherwise be stored
+    again, under the wrong class. Hidden folders are skipped like hidden files.
+    """
+
+    def __init__(self, owned: list[Path]):
+        self.owned = [os.path.realpath(p) for p in owned]
+        self.visited: set[str] = set()
+        self.files: dict[str, str] = {}
+        self.notes: list[str] = []
+
+    def _refuse(self, link: str) -> str | None:
+        target = os.path.realpath(link)
+        for owned in self.owned:
+            if target == owned or target.startswith(owned + os.sep):
+                return f"it leads to {target}, which is scanned by its own path"
+            if owned.startswith(target + os.sep):
+                return f"it leads to {target}, a folder above the images (a loop)"
+        return f"it leads to {target}, already scanned" if target in self.visited else None
+
+    def walk(self, folder: Path) -> list[Path]:
+        """All image files below a folder, recursively, in sorted order."""
+        found = []
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+            self.visited.add(os.path.realpath(dirpath))
+            keep = []
+            for name in sorted(dirnames):
+                full = os.path.join(dirpath, name)
+                reason = self._refuse(full) if os.path.islink(full) else None
+                if reason:
+                    self.notes.append(f"symlinked folder {full} skipped: {reason}")
+                elif not name.startswith("."):
+                    keep.append(name)
+            dirnames[:] = keep
+            for name in sorted(filenames):
+                path = Path(dirpath) / name
+                if not _is_image_name(path):
+                    continue
+                real = os.path.realpath(path)
+                if path.is_symlink() and any(real.startswith(owned + os.sep) for owned in self.owned):
+                    self.notes.append(f"symlink {path} skipped: it leads to {real}, which is scanned by its own path")
+                    continue
+                if real in self.files:
+                    self.notes.append(f"{path} is the file {self.files[real]} reached by another path; stored once")
+                    continue
+                self.files[real] = str(path)
+                found.append(path)
+        return sorted(found)
 
 
-def _class_folders(split_dir: Path) -> list[str]:
+def find_images(folder: Path) -> list[Path]:
+    """All image files below one folder (symlinked folders and files followed once), sorted."""
+    return _ImageWalker([folder]).walk(folder)
+
+
+def class_folders(split_dir: Path) -> list[str]:
+    """The class folder names of a split folder, sorted; hidden folders are not classes."""
     return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _labelled(root: Path, split_dir: Path, classes: list[str]) -> list[ImageFile]:
+def _labelled(root: Path, split_dir: Path, classes: list[str], walker: _ImageWalker) -> list[ImageFile]:
     index = {name: i for i, name in enumerate(classes)}
     files = []
     for name in classes:
         folder = split_dir / name
         if folder.is_dir():
-            files += [ImageFile(p.relative_to(root).as_posix(), index[name]) for p in _walk_images(folder)]
+            files += [ImageFile(p.relative_to(root).as_posix(), index[name]) for p in walker.walk(folder)]
     return sorted(files, key=lambda f: f.path)
 
 
@@ -117,19 +162,21 @@ def scan_dataset(root: str | Path, valid_pct: float | None = None, seed: int = 0
         if not labelled:
             classes = []
         else:
-            classes = _class_folders(root / labelled[0])
+            classes = class_folders(root / labelled[0])
             if not classes:
                 raise PipelineError(f"{root / labelled[0]} has no class folders; put each class's images in "
                                     f"{root / labelled[0]}/CLASS_NAME/")
             for other in labelled[1:]:
-                other_classes = _class_folders(root / other)
+                other_classes = class_folders(root / other)
                 if other_classes != classes:
                     extra = sorted(set(other_classes) ^ set(classes))
                     raise PipelineError(f"{root / other} has other class folders than {root / labelled[0]} "
                                         f"(differ: {', '.join(extra)}); give both splits the same classes")
-        splits = {s: _labelled(root, root / s, classes) for s in labelled}
+        walker = _ImageWalker([root / s / c for s in labelled for c in classes] +
+                              ([root / "test"] if "test" in present else []))
+        splits = {s: _labelled(root, root / s, classes, walker) for s in labelled}
         if "test" in present:
-            splits["test"] = [ImageFile(p.relative_to(root).as_posix(), UNLABELLED) for p in _walk_images(root / "test")]
+            splits["test"] = [ImageFile(p.relative_to(root).as_posix(), UNLABELLED) for p in walker.walk(root / "test")]
         layout = "splits"
         if valid_pct is not None:
             if "valid" in splits:
@@ -138,11 +185,12 @@ def scan_dataset(root: str | Path, valid_pct: float | None = None, seed: int = 0
                 splits["train"], splits["valid"] = _holdout(splits["train"], valid_pct, seed)
                 layout = "splits+holdout"
     else:
-        classes = _class_folders(root)
+        classes = class_folders(root)
         if not classes:
             raise PipelineError(f"{root} has neither train/ valid/ split folders nor class folders; "
                                 "lay it out as DATA/train/CLASS/*.jpg and DATA/valid/CLASS/*.jpg")
-        everything = _labelled(root, root, classes)
+        walker = _ImageWalker([root / c for c in classes])
+        everything = _labelled(root, root, classes, walker)
         if valid_pct is None:
             splits = {"train": everything}
             notes.append(f"{root} has no split folders: all images go to train; pass --valid-pct 0.2 for a valid split")
@@ -150,6 +198,7 @@ def scan_dataset(root: str | Path, valid_pct: float | None = None, seed: int = 0
             train, valid = _holdout(everything, valid_pct, seed)
             splits = {"train": train, "valid": valid}
         layout = "classes"
+    notes += walker.notes
     if not any(splits.values()):
         raise PipelineError(f"{root} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     if classes and "train" in splits:

@@ -72,3 +72,25 @@ def test_header_vetting(tmp_path, content, reason):
     path.write_bytes(content)
     with pytest.raises(BadImage, match=reason):
         read_image_file(path)
+
+
+def test_symlinks_are_followed_once_and_never_into_another_class(tmp_path):
+    data = make_images(tmp_path / "data", {"train": {"a": 3, "b": 3}, "valid": {"a": 2, "b": 2}})
+    make_images(tmp_path / "data" / "train" / "a" / ".hidden", {"": {"x": 2}})
+    make_images(tmp_path / "elsewhere", {"": {"extra": 2}})
+    (data / "train" / "b" / "loop").symlink_to("..")  # the split folder: every class again, as b
+    (data / "train" / "a" / "up").symlink_to("../../..")  # above the data folder
+    (data / "train" / "a" / "into-b").symlink_to("../b")
+    (data / "train" / "a" / "b-file.jpg").symlink_to("../b/b_000.jpg")
+    (data / "train" / "b" / "outside").symlink_to(tmp_path / "elsewhere" / "extra")  # followed, once
+    (data / "train" / "b" / "outside-again").symlink_to(tmp_path / "elsewhere" / "extra")
+    ds = scan_dataset(data)
+    train = {f.path: f.label for f in ds.splits["train"]}
+    assert sorted(train) == sorted([f"train/a/a_{i:03d}.jpg" for i in range(3)] +
+                                   [f"train/b/b_{i:03d}.jpg" for i in range(3)] +
+                                   [f"train/b/outside/extra_{i:03d}.jpg" for i in range(2)])
+    assert all(label == (0 if path.startswith("train/a/") else 1) for path, label in train.items())
+    assert len(ds.splits["valid"]) == 4 and not set(train) & {f.path for f in ds.splits["valid"]}
+    notes = " ".join(ds.notes)
+    for name in ("loop", "up", "into-b", "b-file.jpg", "outside-again"):
+        assert f"/{name}" in notes, (name, ds.notes)
