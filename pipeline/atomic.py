@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +21,21 @@ def atomic_output(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def strict_json(data) -> str:
+    """JSON that every parser reads: NaN and infinities (a diverged lr-find rate, say) become null."""
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(data), indent=2, default=str, allow_nan=False)
+
+
 def write_json(path: Path, data) -> None:
-    """Write JSON atomically."""
+    """Write strict JSON atomically."""
     with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        tmp.write_text(strict_json(data) + "\n")

@@ -1,7 +1,6 @@
 """The `pipeline` command: thin wrappers that parse options and call stages/ and store/."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -45,7 +44,9 @@ def progress_bar(description: str, unit: str = "img"):
 
 
 def _print_json(data) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    from pipeline.atomic import strict_json
+
+    sys.stdout.write(strict_json(data) + "\n")
 
 
 def _human_bytes(n: int) -> str:

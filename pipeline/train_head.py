@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, replace
@@ -193,6 +194,7 @@ def train_grid(cached: CachedFeatures, configs: list[TrainConfig], out: Path, au
         head, cfg, history, steps = fit_head(cached, cfg, on_epoch, on_strength)
         seconds = time.perf_counter() - started
         valid = evaluate_head(head, cached.valid) if cached.valid is not None else None
+        check_finite(run_name(cfg), head, history, valid)
         metrics = save_head_run(run_dir, head, cfg, history, steps, valid, cached, seconds)
         board.append({"run": str(run_dir), **{k: getattr(cfg, k) for k in ("head", "lr", "wd", "epochs", "views")},
                       **({"lr": None, "wd": None, "epochs": None} if cfg.head == "logreg" else {}),
@@ -201,6 +203,19 @@ def train_grid(cached: CachedFeatures, configs: list[TrainConfig], out: Path, au
                       "accuracy": metrics["accuracy"], "valid_loss": metrics["valid_loss"],
                       "seconds": round(seconds, 3)})
     return rank(board)
+
+
+def check_finite(name: str, head: Head, history: list[dict], valid: dict | None) -> None:
+    """A run whose weights, losses or valid metrics are NaN or infinite ends the command before anything is saved."""
+    last = history[-1] if history else {}
+    numbers = {"train loss": last.get("train_loss", last.get("cv_loss", 0.0)),
+               "valid loss": valid["loss"] if valid else 0.0, "valid accuracy": valid["accuracy"] if valid else 0.0}
+    bad = [k for k, v in numbers.items() if v is not None and not math.isfinite(v)]
+    if not all(torch.isfinite(p).all() for p in head.classifier.parameters()):
+        bad.insert(0, "weights")
+    if bad:
+        raise PipelineError(f"run {name} ended with non-finite {', '.join(bad)}: lower --lr (or check the store with "
+                            "pipeline store info --verify); nothing was saved for it")
 
 
 def rank(rows: list[dict]) -> list[dict]:

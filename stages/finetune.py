@@ -245,6 +245,10 @@ class Finetuner:
             y = torch.as_tensor([labels[index[k]] for k in batch.keys], device=self.device)
             with self._autocast():
                 loss = F.cross_entropy(self.forward(x).float(), y)
+            if not torch.isfinite(loss):  # the weights are about to be lost: keep the last checkpoint instead
+                raise PipelineError(f"fine-tuning diverged at epoch {self.epoch + 1}, step {self.step + 1} (loss "
+                                    f"{loss.item()}); lower --lr, or --resume {self.out} from the last epoch's "
+                                    "checkpoint")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()  # under DDP the gradients arrive averaged over ranks: the global batch's
             nn.utils.clip_grad_norm_([p for g in self.groups for p in g if p.requires_grad], self.cfg.clip)

@@ -213,6 +213,9 @@ class SplitFeatures:
             x = x.double()
             total += x.sum(0)
             square += x.square().sum(0)
+        if not (torch.isfinite(total).all() and torch.isfinite(square).all()):
+            raise PipelineError(f"the stored features {getattr(self.dataset, 'name', '')} hold NaN or infinite values: "
+                                "the store is damaged; featurize into a new --store")
         mean = total / self.num_rows
         std = (square / self.num_rows - mean.square()).clamp_min(0).sqrt().float()
         # A feature (near) constant on train can earn no weight, yet divided by its tiny spread it explodes on an

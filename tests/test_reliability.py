@@ -188,3 +188,37 @@ def test_soak_handles_threads_and_memory_stay_flat(tmp_path):
     first, last = marks[1], marks[-1]  # round 0 warms caches (imports, the traced model)
     assert last[0] <= first[0] and last[1] <= first[1]
     assert last[2] - first[2] < 64 * 2**20, marks
+
+
+def test_non_finite_features_stop_train_head_and_lr_find(trained, tmp_path):
+    import shutil
+
+    _, store, _ = trained
+    damaged = shutil.copy(store, tmp_path / "damaged.h5")
+    with h5py.File(damaged, "r+") as f:
+        [name] = list(f["sets"])
+        f[f"sets/{name}/train/features"][3, :5] = float("nan")
+    for command in (["train-head"], ["lr-find", "--head", "linear"]):
+        proc = run_cli(*command, "--store", damaged, "--out", tmp_path / "run", check=False)
+        one_line_error(proc, "NaN or infinite", "featurize into a new --store")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_diverging_head_is_an_error_and_json_stays_strict(trained, tmp_path):
+    import json
+
+    _, store, _ = trained
+    proc = run_cli("train-head", "--store", store, "--head", "linear", "--lr", "1e30", "--no-calibrate",
+                   "--out", tmp_path / "run", check=False)
+    one_line_error(proc, "non-finite", "lower --lr")
+    assert not (tmp_path / "run").exists()
+    found = run_cli("lr-find", "--store", store, "--head", "linear", "--end-lr", "1e30", "--num-lrs", "8",
+                    "--out", tmp_path / "lr", "--json")
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in JSON")
+
+    result = json.loads(found.stdout, parse_constant=refuse)
+    assert None in result["held_out_loss"] or max(result["held_out_loss"]) > 1  # the diverged rates are there
+    for path in (tmp_path / "lr").glob("*.json"):
+        json.loads(path.read_text(), parse_constant=refuse)
