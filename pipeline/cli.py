@@ -121,19 +121,34 @@ def _print_featurize_summary(s: dict) -> None:
     out.print(f"store {s['store']} ({_human_bytes(s['store_bytes'])}), set {s['set']}: {images}")
 
 
-@store_app.command("info", epilog="Example:\n\n    pipeline store info runs/dogscats.h5 --json")
+@store_app.command("info", epilog="Examples:\n\n    pipeline store info runs/dogscats.h5 --json\n\n"
+                   "    pipeline store info runs/dogscats.h5 --verify")
 def store_info(
     store: Path = typer.Argument(..., help="Feature store file."),
+    verify: bool = typer.Option(False, "--verify", help="Also read every byte and check its checksum (exit code 1 "
+                                                        "when something is damaged)."),
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ):
     """Show the feature sets of a store: backbone, weights, preprocessing, splits, counts, classes, size."""
-    from store.reader import FeatureStore
+    from store.reader import FeatureStore, verify_store
 
     with FeatureStore(store) as fs:
         info = fs.info()
+        if verify:
+            info["damaged"] = verify_store(fs)
     if as_json:
         _print_json(info)
-        return
+    else:
+        _print_store_info(info)
+    if info.get("damaged"):
+        where = "; ".join(f"{d['set']} {d['split']}: {d['damage']}" for d in info["damaged"])
+        raise PipelineError(f"store {store} is damaged ({where[:300]}); featurize again to recompute the damaged "
+                            "rows")
+    if verify and not as_json:
+        out.print("verified: every dataset matches its checksum", highlight=False)
+
+
+def _print_store_info(info: dict) -> None:
     out.print(f"{info['path']}: {_human_bytes(info['size_bytes'])}, schema v{info['schema_version']}, "
               f"{len(info['sets'])} feature set(s)")
     for s in info["sets"]:

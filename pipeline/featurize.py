@@ -18,6 +18,7 @@ from stages.decode import Augmentation, ImageDecoder, resolve_device
 from stages.errors import PipelineError
 from stages.files import Dataset, Fingerprint, content_sha256, read_image_file, scan_dataset, stat_fingerprint
 from store.reader import FileRows, open_h5, split_file_index, split_skipped
+from store.verify import verify_split
 from store.schema import FEATURE_DTYPES, SETS, set_name
 from store.writer import (Journal, RowRun, SplitPlan, SplitRows, StoreLock, now_iso, remove_stale_temporaries,
                           write_store)
@@ -64,6 +65,7 @@ class _Sources:
 
     files: dict[str, h5py.File | h5py.Group] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)
+    damaged: dict[tuple[str, str], set[str] | None] = field(default_factory=dict)  # paths not to reuse; None: all
 
     def add(self, name: str, root, newest: bool) -> None:
         self.files[name] = root
@@ -71,8 +73,52 @@ class _Sources:
 
     def groups(self, split: str):
         for name in self.order:
-            if split in self.files[name]:
+            if split in self.files[name] and self.damaged.get((name, split), ()) is not None:
                 yield name, self.files[name][split]
+
+    def index(self, name: str, group: h5py.Group) -> tuple[dict[str, FileRows], dict[str, dict]]:
+        """The reusable files of a source's split: its index less the files whose rows failed verification."""
+        bad = self.damaged.get((name, group.name.rsplit("/", 1)[-1]), set())
+        return ({k: v for k, v in split_file_index(group).items() if k not in bad},
+                {k: v for k, v in split_skipped(group).items() if k not in bad})
+
+    def verify_store(self, old_set: h5py.Group, where: str) -> list[str]:
+        """Check every byte of the old store's set; damaged files are featurized again. Returns notes."""
+        notes = []
+        for split in [s for s in old_set if isinstance(old_set[s], h5py.Group)]:
+            damage = verify_split(old_set[split])
+            if not damage:
+                continue
+            if damage.columns:
+                self.damaged["store", split] = None
+                notes.append(f"{where} {split}: {damage.describe()} failed verification; every {split} image is "
+                             "featurized again")
+                continue
+            paths = old_set[split]["paths"][()]
+            bad = {(p.decode() if isinstance(p, bytes) else p) for a, b in damage.rows for p in paths[a:b]}
+            self.damaged["store", split] = bad
+            notes.append(f"{where} {split}: {damage.describe()} failed verification; featurized again: "
+                         f"{', '.join(sorted(bad)[:5])}{' ...' if len(bad) > 5 else ''}")
+        return notes
+
+
+def open_journal_part(part: Path) -> tuple[h5py.File | None, str | None]:
+    """A journal part opened and verified; a damaged one is renamed PART.damaged and its rows done again."""
+    try:
+        f = h5py.File(part, "r", locking=False)
+        try:
+            damage = {s: verify_split(f[s]) for s in f if isinstance(f[s], h5py.Group)}
+        except (OSError, KeyError) as exc:
+            damage = {"part": str(exc).splitlines()[0][:80]}
+        if not any(damage.values()):
+            return f, None
+        f.close()
+        reason = "; ".join(f"{s}: {d.describe() if hasattr(d, 'describe') else d}" for s, d in damage.items() if d)
+    except OSError as exc:
+        reason = str(exc).splitlines()[0][:80]
+    aside = part.with_name(part.name + ".damaged")
+    os.replace(part, aside)
+    return None, f"journal part {part} is damaged ({reason}); set aside as {aside.name}, its images featurized again"
 
 
 def set_identity(backbone, views: int, seed: int, precision: str, dtype: str) -> dict:
@@ -100,7 +146,7 @@ def _decide(dataset: Dataset, sources: _Sources, views: int) -> tuple[dict[str, 
     todo = []
     for split, files in dataset.splits.items():
         count = _views_in(split, views) + 1
-        indexes = [(name, split_file_index(g), split_skipped(g)) for name, g in sources.groups(split)]
+        indexes = [(name, *sources.index(name, g)) for name, g in sources.groups(split)]
         decisions[split] = {}
         for f in files:
             path = dataset.root / f.path
@@ -350,12 +396,18 @@ class _Job:
         try:
             old_set = old[SETS][name] if old is not None and SETS in old and name in old[SETS] else None
             sources = _Sources()
+            repairs = []
             if old_set is not None:
                 sources.add("store", old_set, newest=False)
+                repairs += sources.verify_store(old_set, f"store {store_path}")
             for part in journal.parts():
-                parts.append(h5py.File(part, "r", locking=False))
-                sources.add(f"part:{part.name}", parts[-1], newest=True)
-            had_parts = bool(parts)
+                opened, note = open_journal_part(part)
+                if note:
+                    repairs.append(note)
+                    continue
+                parts.append(opened)
+                sources.add(f"part:{part.name}", opened, newest=True)
+            had_parts = bool(parts) or bool(sources.damaged)
             decisions, todo = _decide(dataset, sources, opts.views)
             if shard.count > 1:  # a file's shard follows from its place in the whole data set, not in what is left
                 place = {(split, f.path): i for i, (split, f) in
@@ -383,7 +435,7 @@ class _Job:
                       "precision": self.precision, "backbone": self.backbone.name, "views": opts.views}
             if not merge:
                 return {**counts, "shard": shard.label, "merged": False, "up_to_date": False,
-                        "notes": [f"{shard.label}: parts in {journal.dir}; a run without --shard-id merges them"]}
+                        "notes": repairs + [f"{shard.label}: parts in {journal.dir}; a run without --shard-id merges them"]}
             plans = _plan(dataset, decisions, sources, opts.views)
             up_to_date = not todo and _up_to_date(old_set, plans, dataset.classes, had_parts)
             if not up_to_date:
@@ -407,4 +459,4 @@ class _Job:
                 "images": {s: len(set(p.columns["paths"])) for s, p in plans.items()},
                 "rows": {s: len(p.columns["paths"]) for s, p in plans.items()},
                 "skipped": skipped, "classes": dataset.classes, "store_bytes": os.path.getsize(store_path),
-                "notes": dataset.notes}
+                "notes": dataset.notes + repairs}

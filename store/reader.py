@@ -11,6 +11,7 @@ import numpy as np
 
 from stages.errors import PipelineError
 from store.schema import IDENTITY_FIELDS, SCHEMA_VERSION, SETS, SKIPPED
+from store.verify import CheckedDataset, read_or_fail, verify_split
 
 
 @dataclass(frozen=True)
@@ -84,12 +85,16 @@ class FeatureSet:
     def splits(self) -> list[str]:
         return [name for name in ("train", "valid", "test") if name in self.group]
 
-    def features(self, split: str) -> h5py.Dataset:
-        return self._split(split)["features"]
+    def features(self, split: str) -> CheckedDataset:
+        """The split's features; a read of a damaged chunk is an error, never numbers."""
+        return CheckedDataset(self._split(split)["features"], self.where)
 
     def column(self, split: str, name: str) -> np.ndarray:
-        values = self._split(split)[name][()]
-        return _decode_strings(values)
+        return _decode_strings(read_or_fail(self._split(split)[name], self.where))
+
+    @property
+    def where(self) -> str:
+        return f"store {self.group.file.filename}"
 
     def skipped(self, split: str) -> dict[str, dict]:
         """Files of a split that could not be featurized: path to reason and fingerprint."""
@@ -151,6 +156,21 @@ class FeatureStore:
                                                          "created", "updated", "versions")}})
         return {"path": str(self.path), "size_bytes": os.path.getsize(self.path),
                 "schema_version": int(self.file.attrs["schema_version"]), "sets": sets}
+
+
+def verify_store(store: FeatureStore) -> list[dict]:
+    """Every set and split read and checked byte by byte; returns what failed: [{set, split, damage}]."""
+    failed = []
+    for name in store.set_names:
+        group = store.file[SETS][name]
+        for split in [s for s in group if isinstance(group[s], h5py.Group)]:
+            try:
+                damage = verify_split(group[split]).describe()
+            except (OSError, KeyError) as exc:  # its metadata itself is unreadable
+                damage = f"unreadable ({str(exc).splitlines()[0][:80]})"
+            if damage:
+                failed.append({"set": name, "split": split, "damage": damage})
+    return failed
 
 
 def _attr(value):

@@ -19,6 +19,7 @@ import numpy as np
 
 from stages.errors import PipelineError
 from store.schema import CHUNK_ROWS, FEATURE_DTYPES, ROW_COLUMNS, SCHEMA_VERSION, SETS, SKIPPED, SKIPPED_COLUMNS, STR
+from store.verify import create_checked
 
 COPY_BLOCK_ROWS = 8192
 
@@ -133,8 +134,7 @@ def _atomic_h5(path: Path, fill, needed: int) -> None:
 
 def _write_columns(group: h5py.Group, columns: dict[str, list], spec: dict) -> None:
     for name, dtype in spec.items():
-        values = np.asarray(columns[name], dtype=object if dtype is STR else dtype)
-        group.create_dataset(name, data=values, dtype=dtype)
+        create_checked(group, name, np.asarray(columns[name], dtype=object if dtype is STR else dtype), dtype)
 
 
 class Journal:
@@ -169,7 +169,7 @@ class Journal:
                 g = f.create_group(split)
                 dim = r.features[0].shape[1] if r.features else 0
                 data = np.concatenate(r.features) if r.features else np.zeros((0, dim))
-                g.create_dataset("features", data=data.astype(FEATURE_DTYPES[feature_dtype]))
+                create_checked(g, "features", data.astype(FEATURE_DTYPES[feature_dtype]))
                 _write_columns(g, r.columns, ROW_COLUMNS)
                 _write_columns(g.create_group(SKIPPED), r.skipped, SKIPPED_COLUMNS)
 
@@ -226,8 +226,8 @@ def write_store(store_path: Path, set_name: str, set_attrs: dict, plans: dict[st
         for split, plan in plans.items():
             g = group.create_group(split)
             n = len(plan.columns["paths"])
-            out = g.create_dataset("features", shape=(n, feature_dim), dtype=dtype,
-                                   chunks=(max(1, min(n, CHUNK_ROWS)), feature_dim) if n else None)
+            out = g.create_dataset("features", shape=(n, feature_dim), dtype=dtype, fletcher32=True,
+                                   chunks=(max(1, min(n, CHUNK_ROWS)), feature_dim) if n else True)
             row = 0
             for run in plan.runs:
                 src = sources[run.source][split]["features"]

@@ -222,3 +222,78 @@ def test_a_diverging_head_is_an_error_and_json_stays_strict(trained, tmp_path):
     assert None in result["held_out_loss"] or max(result["held_out_loss"]) > 1  # the diverged rates are there
     for path in (tmp_path / "lr").glob("*.json"):
         json.loads(path.read_text(), parse_constant=refuse)
+
+
+def _chunk_offset(store, dataset: str) -> int:
+    with h5py.File(store) as f:
+        [name] = list(f["sets"])
+        return f[f"sets/{name}/{dataset}"].id.get_chunk_info(0).byte_offset
+
+
+def _features(store):
+    with h5py.File(store) as f:
+        [name] = list(f["sets"])
+        return {split: f[f"sets/{name}/{split}/features"][()] for split in ("train", "valid")}
+
+
+def _scribble(path, offset: int, size: int = 64) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(os.urandom(size))
+
+
+@pytest.mark.parametrize("target", ["train/features", "valid/labels", "train/sha256"])
+def test_damaged_store_bytes_never_become_numbers(trained, tmp_path, target):
+    import numpy as np
+    import shutil
+
+    data, store, _ = trained
+    clean = _features(store)
+    damaged = shutil.copy(store, tmp_path / "s.h5")
+    _scribble(damaged, _chunk_offset(damaged, target) + 8)
+    one_line_error(run_cli("store", "info", damaged, "--verify", check=False), str(damaged), "damaged",
+                   target.split("/")[0])
+    if target != "train/sha256":
+        one_line_error(run_cli("train-head", "--store", damaged, "--out", tmp_path / "h", check=False),
+                       str(damaged), "damaged", "featurize again")
+    repaired = run_json("featurize", data, "--store", damaged)
+    assert any("failed verification" in note for note in repaired["notes"]) and repaired["featurized"] > 0
+    run_cli("store", "info", damaged, "--verify")
+    for split, values in _features(damaged).items():
+        np.testing.assert_array_equal(values, clean[split])
+
+
+def test_damaged_store_metadata_is_a_clear_error(trained, tmp_path):
+    import shutil
+
+    _, store, _ = trained
+    damaged = shutil.copy(store, tmp_path / "s.h5")
+    _scribble(damaged, 0, 512)  # the superblock
+    one_line_error(run_cli("store", "info", damaged, "--verify", check=False), str(damaged))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "junk", "scribble"])
+def test_damaged_journal_part_is_set_aside_and_redone(trained, tmp_path, damage):
+    import numpy as np
+
+    data, store, _ = trained
+    clean = _features(store)
+    run_json("featurize", data, "--store", tmp_path / "s.h5", "--num-shards", "2", "--shard-id", "0",
+             "--commit-every", "4")
+    parts = sorted((tmp_path / "s.h5.journal").glob("*.part-*.h5"))
+    assert len(parts) >= 2
+    part = parts[1]
+    if damage == "truncate":
+        os.truncate(part, part.stat().st_size // 2)
+    elif damage == "junk":
+        part.write_bytes(b"junk!")
+    else:
+        with h5py.File(part) as f:
+            split = [s for s in f if isinstance(f[s], h5py.Group)][0]
+            offset = f[f"{split}/features"].id.get_chunk_info(0).byte_offset
+        _scribble(part, offset + 8)
+    result = run_json("featurize", data, "--store", tmp_path / "s.h5")
+    assert any(part.name in note and "set aside" in note for note in result["notes"]), result["notes"]
+    assert (part.parent / (part.name + ".damaged")).exists()
+    for split, values in _features(tmp_path / "s.h5").items():
+        np.testing.assert_array_equal(values, clean[split])
