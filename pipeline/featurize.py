@@ -12,10 +12,10 @@ import numpy as np
 import torch
 
 from pipeline.distributed import Shard, current_shard
-from pipeline.runtime import cpu_count, tune_allocator
+from pipeline.runtime import available_memory, cpu_count, tune_allocator
 from stages.backbones import DEFAULT_BACKBONE, FeatureRunner, create_backbone, resolve_precision
-from stages.decode import Augmentation, ImageDecoder, resolve_device
-from stages.errors import PipelineError
+from stages.decode import Augmentation, ImageDecoder, batch_memory_bytes, resolve_device
+from stages.errors import MAX_VIEWS, SEED_MAX, PipelineError, check_memory, check_range
 from stages.files import Dataset, Fingerprint, content_sha256, read_image_file, scan_dataset, stat_fingerprint
 from store.reader import FileRows, open_h5, split_file_index, split_skipped
 from store.verify import verify_split
@@ -345,10 +345,11 @@ def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> dict:
     tune_allocator()
     if opts.dtype not in FEATURE_DTYPES:
         raise PipelineError(f"--dtype {opts.dtype!r} is not one of {', '.join(FEATURE_DTYPES)}")
-    for option, value, low in (("--views", opts.views, 0), ("--batch-size", opts.batch_size, 1),
-                               ("--commit-every", opts.commit_rows, 1)):
-        if value < low:
-            raise PipelineError(f"{option} {value} is out of range; give a number >= {low}")
+    for option, value, low, high in (("--views", opts.views, 0, MAX_VIEWS), ("--batch-size", opts.batch_size, 1, None),
+                                     ("--commit-every", opts.commit_rows, 1, None), ("--seed", opts.seed, 0, SEED_MAX),
+                                     ("--num-shards", opts.num_shards, 1, None)):
+        check_range(option, value, low, high)
+    check_range("--shard-id", opts.shard_id, 0, opts.num_shards - 1)
     store_path = Path(opts.store)
     if not store_path.parent.exists():
         store_path.parent.mkdir(parents=True, exist_ok=True)
@@ -357,6 +358,9 @@ def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> dict:
     shard = current_shard(opts.num_shards, opts.shard_id, device)
     precision = resolve_precision(opts.precision, device)
     backbone = create_backbone(opts.backbone, opts.weights, opts.arch)
+    check_memory(f"--batch-size {opts.batch_size} x (--views {opts.views} + 1)", batch_memory_bytes(opts.batch_size, opts.views,
+                                                                    backbone.preprocessing.size),
+                 available_memory(), f"{opts.batch_size} images x {opts.views + 1} decoded views")
     identity = set_identity(backbone, opts.views, opts.seed, precision, opts.dtype)
     job = _Job(opts, dataset, backbone, identity, device, precision, store_path, progress)
     if shard.count == 1:

@@ -11,12 +11,12 @@ import numpy as np
 import torch
 
 from pipeline.plots import plot_training_curves
-from pipeline.runtime import cpu_count, tune_allocator
+from pipeline.runtime import available_memory, cpu_count, tune_allocator
 from pipeline.atomic import atomic_output, write_json
 from pipeline.distributed import current_shard
 from stages.backbones import file_sha256
-from stages.decode import resolve_device
-from stages.errors import PipelineError
+from stages.decode import batch_memory_bytes, resolve_device
+from stages.errors import PipelineError, check_memory
 from stages.files import scan_dataset
 from stages.finetune import FinetuneConfig, Finetuner, read_checkpoint
 from stages.head import HEAD_FILE, load_head
@@ -59,6 +59,10 @@ def finetune(data_dir: Path, head_dir: Path, out: Path, cfg: FinetuneConfig, res
     train, valid = _split(dataset, "train"), _split(dataset, "valid")
     if train is None:
         raise PipelineError(f"{data_dir} has no train/ images to fine-tune on")
+    cfg.validate()
+    check_memory(f"--batch-size {cfg.batch_size}", batch_memory_bytes(cfg.batch_size // shard.count, 1, backbone.preprocessing.size,
+                                                    training=True), available_memory(),
+                 f"training on {cfg.batch_size // shard.count} images per step")
     tuner = Finetuner(backbone, head, cfg, device, out, shard.index, shard.count)
     steps_per_epoch = -(-len(train[0]) // cfg.batch_size)
     if state is not None:

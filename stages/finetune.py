@@ -15,7 +15,7 @@ from torch import nn
 
 from stages.backbones import Backbone
 from stages.decode import Augmentation, ImageDecoder
-from stages.errors import PipelineError
+from stages.errors import SEED_MAX, PipelineError, check_range
 from stages.files import read_image_file
 from stages.head import Head, make_scheduler
 
@@ -51,8 +51,9 @@ class FinetuneConfig:
             raise PipelineError(f"--precision {self.precision!r} is not one of auto, fp32, bf16")
         if not 0 < self.crop_area <= 1:
             raise PipelineError(f"--crop-area {self.crop_area} is out of range; give a fraction in (0, 1]")
-        if self.epochs < 1 or self.batch_size < 1 or self.wd < 0:
-            raise PipelineError("--epochs and --batch-size must be at least 1, --wd at least 0")
+        for option, value, low, high in (("--epochs", self.epochs, 1, 10_000), ("--batch-size", self.batch_size, 1, 4096),
+                                         ("--wd", self.wd, 0, None), ("--seed", self.seed, 0, SEED_MAX)):
+            check_range(option, value, low, high)
 
     def to_dict(self) -> dict:
         return asdict(self)

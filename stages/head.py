@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.calibration import expected_calibration_error
-from stages.errors import PipelineError
+from stages.errors import SEED_MAX, PipelineError, check_range
 
 SCHEDULES = ("onecycle", "cosine", "constant")
 HEAD_FILE = "head.safetensors"
@@ -103,16 +103,16 @@ class TrainConfig:
             raise PipelineError(f"--lr {self.lr} is out of range; give a positive learning rate such as 1e-2")
         if self.wd < 0:
             raise PipelineError(f"--wd {self.wd} is out of range; give a weight decay >= 0")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise PipelineError("--epochs and --batch-size must be at least 1")
+        for option, value, low, high in (("--epochs", self.epochs, 1, 100_000), ("--batch-size", self.batch_size, 1, 2**24),
+                                         ("--seed", self.seed, 0, SEED_MAX), ("--hidden", self.hidden, 1, 2**16)):
+            check_range(option, value, low, high)
         if self.schedule not in SCHEDULES:
             raise PipelineError(f"--schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if not 0 <= self.dropout < 1:
             raise PipelineError(f"--dropout {self.dropout} is out of range; give a fraction in [0, 1)")
         if self.l2 is not None and not (self.l2 >= 0 and math.isfinite(self.l2)):
             raise PipelineError(f"--l2 {self.l2} is out of range; give auto or a strength >= 0 such as 0.1")
-        if self.folds < 2:
-            raise PipelineError(f"--folds {self.folds} is out of range; give 2 or more")
+        check_range("--folds", self.folds, 2, 100)
         if self.views < 0 or self.views > views_in_store:
             raise PipelineError(f"--views {self.views} is more than the store holds ({views_in_store} augmented "
                                 f"views per image); featurize with --views {self.views} or ask for fewer")
@@ -347,8 +347,7 @@ def lr_find(train: SplitFeatures, folds: np.ndarray, plain: np.ndarray, cfg: Tra
     """
     if not 0 < start_lr < end_lr:
         raise PipelineError(f"lr-find range {start_lr}..{end_lr} is empty; give 0 < --start-lr < --end-lr")
-    if num_lrs < 2:
-        raise PipelineError(f"--num-lrs {num_lrs} is out of range; give 2 or more")
+    check_range("--num-lrs", num_lrs, 2, 1000)
     fit_rows = train.select(train.rows[folds != 0])
     held = train.select(train.rows[(folds == 0) & plain])
     steps_per_epoch = math.ceil(fit_rows.num_rows / cfg.batch_size)

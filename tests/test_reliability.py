@@ -297,3 +297,23 @@ def test_damaged_journal_part_is_set_aside_and_redone(trained, tmp_path, damage)
     assert (part.parent / (part.name + ".damaged")).exists()
     for split, values in _features(tmp_path / "s.h5").items():
         np.testing.assert_array_equal(values, clean[split])
+
+
+def test_every_option_is_bounded_before_work_starts(trained, tmp_path):
+    data, store, head = trained
+    s = tmp_path / "s.h5"
+    for args, fragments in (
+            (("--views", "256"), ("--views 256", "from 0 to 255")),
+            (("--views", "200"), ("needs about", "GB", "--views")),
+            (("--batch-size", "100000000"), ("--batch-size", "needs about", "GB")),
+            (("--seed", "99999999999999999999"), ("--seed", "from 0 to 9223372036854775807")),
+            (("--seed", "-1"), ("--seed -1",)),
+            (("--num-shards", "2", "--shard-id", "2"), ("--shard-id 2", "from 0 to 1"))):
+        one_line_error(run_cli("featurize", data, "--store", s, *args, check=False), *fragments)
+    assert not s.exists()
+    for args, fragment in ((("--folds", "1"), "--folds 1"), (("--seed", "-5"), "--seed -5"),
+                           (("--head", "linear", "--epochs", "0"), "--epochs 0")):
+        one_line_error(run_cli("train-head", "--store", store, *args, "--out", tmp_path / "h", check=False), fragment)
+    one_line_error(run_cli("lr-find", "--store", store, "--num-lrs", "1", check=False), "--num-lrs 1", "from 2")
+    one_line_error(run_cli("finetune", data, "--head", head, "--batch-size", "5000", check=False),
+                   "--batch-size 5000", "from 1 to 4096")
