@@ -19,7 +19,7 @@ from stages.decode import batch_memory_bytes, resolve_device
 from stages.errors import PipelineError, check_memory
 from stages.files import scan_dataset
 from stages.finetune import FinetuneConfig, Finetuner, read_checkpoint
-from stages.head import HEAD_FILE, load_head
+from stages.head import HEAD_FILE, load_head, seal_config
 from stages.model import backbone_for
 
 BACKBONE_FILE = "backbone.safetensors"
@@ -93,7 +93,7 @@ def finetune(data_dir: Path, head_dir: Path, out: Path, cfg: FinetuneConfig, res
                "accuracy": last.get("accuracy"),
                "valid_loss": last.get("valid_loss"), "train_seconds": seconds,
                "train_images_per_second": images / seconds if seconds else None}
-    write_json(out / "config.json", config)
+    write_json(out / "config.json", seal_config(config))
     write_json(out / "metrics.json", metrics)
     with atomic_output(out / "curves.png") as tmp:
         plot_training_curves(tuner.history, tuner.step_losses, tmp)

@@ -19,7 +19,7 @@ from pipeline.plots import plot_cv_path, plot_lr_find, plot_training_curves
 from stages.calibration import fit_temperature, image_folds
 from stages.errors import PipelineError
 from stages.head import (HEAD_FILE, Head, SplitFeatures, TrainConfig, evaluate_head, lr_find, out_of_fold_logits,
-                         parse_size, select_rows, train_head)
+                         parse_size, seal_config, select_rows, train_head)
 from stages.linear_probe import train_logreg
 from store.reader import FeatureSet, FeatureStore
 
@@ -103,7 +103,7 @@ def save_head_run(out: Path, head: Head, cfg: TrainConfig, history: list[dict], 
                "valid_ece": valid["ece"] if valid else None,
                "per_class_accuracy": {cached.classes[c]: a for c, a in valid["per_class_accuracy"].items()}
                if valid else {}}
-    write_json(out / "config.json", config)
+    write_json(out / "config.json", seal_config(config))
     write_json(out / "metrics.json", metrics)
     with atomic_output(out / "curves.png") as tmp:
         if cfg.head == "logreg":

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_images, run_cli, run_json
+from conftest import make_images, one_line_error, run_cli, run_json
 from stages.metrics import classification_metrics, top_losses
 
 
@@ -153,3 +153,26 @@ def test_demo_classifies_its_generated_images_without_a_confident_mistake(tmp_pa
     assert summary["evaluate"]["accuracy"] == 1.0 and summary["evaluate"]["ece"] < 0.02
     for p in summary["predictions"]:
         assert p["class"] in p["path"]
+
+
+def test_edited_or_damaged_config_is_named_not_mistaken(trained, tmp_path):
+    _, _, run = trained
+    config = json.loads((run / "config.json").read_text())
+    assert len(config["checksum"]) == 64
+
+    def predict_with(content, *fragments):
+        copy = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(run, copy)
+        (copy / "config.json").write_text(content if isinstance(content, str) else json.dumps(content))
+        one_line_error(run_cli("predict", copy, tmp_path, check=False), str(copy / "config.json"), *fragments)
+
+    swapped = {**config, "classes": config["classes"][::-1]}
+    predict_with(swapped, "edited after training")
+    predict_with({**config, "feature_set": {**config["feature_set"], "backbone": "efficientnet_lite1"}},
+                 "edited after training")
+    unsealed = {k: v for k, v in config.items() if k != "checksum"}
+    predict_with({**unsealed, "classes": ["a", "b", "c", "d"]}, "names 4 classes but the head has 3 outputs")
+    predict_with({**unsealed, "classes": ["a", "a", "b"]}, "distinct names")
+    predict_with({**unsealed, "head": {"head": "linear"}}, "'head' must hold")
+    predict_with("[]", "not an object")
+    predict_with("{not json", "is damaged")
