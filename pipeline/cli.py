@@ -242,6 +242,7 @@ def train_head_cmd(
     set_name: Optional[str] = typer.Option(None, "--set", help="Feature set to use (default: the latest)."),
     max_memory: str = typer.Option("4G", help="Load features into memory up to this size; stream from HDF5 beyond."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (a grid writes one subdirectory per run)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace runs already in --out (refused otherwise)."),
     as_json: bool = typer.Option(False, "--json", help="Print the leaderboard as JSON."),
 ):
     """Train heads on cached features: the epoch table per run, then a leaderboard when several run."""
@@ -271,7 +272,7 @@ def train_head_cmd(
                               highlight=False)
             (strengths_table if cfg.head == "logreg" else epochs_table).header()
 
-        board = train_grid(cached, configs, out_dir, auto_lr=auto, on_run=on_run, on_epoch=epochs_table.row,
+        board = train_grid(cached, configs, out_dir, auto_lr=auto, overwrite=overwrite, on_run=on_run, on_epoch=epochs_table.row,
                            on_strength=strengths_table.row)
     if as_json:
         _print_json(board)
@@ -499,7 +500,8 @@ def evaluate(
     for column in ("class", "precision", "recall", "f1", "support"):
         table.add_column(column, justify="left" if column == "class" else "right")
     for name, c in m["per_class"].items():
-        table.add_row(name, f"{c['precision']:.4f}", f"{c['recall']:.4f}", f"{c['f1']:.4f}", str(c["support"]))
+        table.add_row(name, *[f"{c[k]:.4f}" if c[k] is not None else "undefined" for k in ("precision", "recall", "f1")],
+                      str(c["support"]))
     out.print(table)
     for pair in m["most_confused"][:5]:
         out.print(f"most confused: {pair['true']} taken for {pair['predicted']} {pair['count']} times", highlight=False)

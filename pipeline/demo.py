@@ -74,7 +74,7 @@ def run_demo(out_dir: Path, progress: Callable[[int, int], None] | None = None,
         found = find_lr(cached, TrainConfig(head="linear", views=2), out_dir / "lr-find")
         say(f"3. lr-find (linear head): suggested lr {found['suggestion']:.2e}; plot {found['plot']}")
         board = train_grid(cached, [TrainConfig(views=2), TrainConfig(head="linear", lr=found["suggestion"], views=2)],
-                           out_dir / "heads")
+                           out_dir / "heads", overwrite=True)  # the demo is rerun as a whole
     for run in board:
         setting = f"l2 {run['l2']:.2g} by 5-fold cv" if run["head"] == "logreg" else f"lr {run['lr']:.2e}"
         say(f"4. train-head {run['head']} ({setting}): valid accuracy {run['accuracy']:.4f}, log loss "

@@ -177,12 +177,17 @@ def fit_head(cached: CachedFeatures, cfg: TrainConfig, on_epoch: Callable[[dict]
 
 
 def train_grid(cached: CachedFeatures, configs: list[TrainConfig], out: Path, auto_lr: bool = False,
-               on_run: Callable[[int, TrainConfig], None] | None = None,
+               overwrite: bool = False, on_run: Callable[[int, TrainConfig], None] | None = None,
                on_epoch: Callable[[dict], None] | None = None,
                on_strength: Callable[[dict], None] | None = None) -> list[dict]:
     """Train every config on the same loaded features; return the leaderboard (best valid accuracy first)."""
     for cfg in configs:
         cfg.validate(cached.views_in_store)
+    existing = [d for d in ([out] if len(configs) == 1 else [out / run_name(c) for c in configs])
+                if (d / "config.json").exists()]
+    if existing and not overwrite:
+        raise PipelineError(f"--out {existing[0]} already holds a run; give another --out, or --overwrite to "
+                            "replace it")
     board = []
     for i, cfg in enumerate(configs):
         if auto_lr and cfg.head != "logreg":

@@ -18,11 +18,12 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, classe
     per_class = {}
     for i, name in enumerate(classes):
         tp = confusion[i, i]
-        precision = tp / confusion[:, i].sum() if confusion[:, i].sum() else 0.0
-        recall = tp / confusion[i].sum() if confusion[i].sum() else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[name] = {"precision": float(precision), "recall": float(recall), "f1": float(f1),
-                           "support": int(confusion[i].sum())}
+        # Undefined (None) rather than 0: no image was predicted as the class, or none of it was present.
+        precision = float(tp / confusion[:, i].sum()) if confusion[:, i].sum() else None
+        recall = float(tp / confusion[i].sum()) if confusion[i].sum() else None
+        f1 = (2 * precision * recall / (precision + recall) if precision + recall else 0.0) \
+            if precision is not None and recall is not None else None
+        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": int(confusion[i].sum())}
     eps = 1e-15
     log_loss = float(-np.log(np.clip(probabilities[np.arange(len(labels)), labels], eps, 1)).mean())
     pairs = [(classes[t], classes[p], int(confusion[t, p])) for t in range(k) for p in range(k)

@@ -272,3 +272,14 @@ def test_a_feature_constant_on_train_cannot_explode_on_valid(tmp_path):
         assert run["accuracy"] > 0.95 and run["valid_loss"] < 0.5, run
     model, _ = load_head(tmp_path / "logreg")
     assert torch.isinf(model.standardize.std[:5]).all() and torch.isfinite(model.standardize.std[5:]).all()
+
+
+def test_train_head_refuses_to_overwrite_a_run_unless_asked(trained, tmp_path):
+    _, store, _ = trained
+    first = run_json("train-head", "--store", store, "--out", tmp_path / "run")
+    before = (tmp_path / "run" / "head.safetensors").read_bytes()
+    one_line_error(run_cli("train-head", "--store", store, "--head", "linear", "--out", tmp_path / "run", check=False),
+                   str(tmp_path / "run"), "--overwrite")
+    assert (tmp_path / "run" / "head.safetensors").read_bytes() == before
+    again = run_json("train-head", "--store", store, "--head", "linear", "--out", tmp_path / "run", "--overwrite")
+    assert again[0]["head"] == "linear" and first[0]["head"] == "logreg"
