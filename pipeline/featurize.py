@@ -19,7 +19,7 @@ from stages.errors import MAX_VIEWS, SEED_MAX, PipelineError, check_memory, chec
 from stages.files import Dataset, Fingerprint, content_sha256, read_image_file, scan_dataset, stat_fingerprint
 from store.reader import FileRows, open_h5, split_file_index, split_skipped
 from store.verify import verify_split
-from store.schema import FEATURE_DTYPES, SETS, set_name
+from store.schema import FEATURE_DTYPES, SETS, SPLITS, set_name
 from store.writer import (Journal, RowRun, SplitPlan, SplitRows, StoreLock, now_iso, remove_stale_temporaries,
                           write_store)
 
@@ -55,6 +55,7 @@ class _Decision:
     file_label: int
     fingerprint: Fingerprint
     source: str | None = None  # where reusable rows lie: "store" or a journal part name
+    source_split: str | None = None  # the split of the source they lie in
     rows: FileRows | None = None
     skip_reason: str | None = None
 
@@ -146,7 +147,9 @@ def _decide(dataset: Dataset, sources: _Sources, views: int) -> tuple[dict[str, 
     todo = []
     for split, files in dataset.splits.items():
         count = _views_in(split, views) + 1
-        indexes = [(name, *sources.index(name, g)) for name, g in sources.groups(split)]
+        # The same split first; with no augmented views a file's row is the same in any split (--valid-pct changed).
+        others = [s for s in SPLITS if s != split and _views_in(s, views) + 1 == count]
+        indexes = [(name, src, *sources.index(name, g)) for src in [split, *others] for name, g in sources.groups(src)]
         decisions[split] = {}
         for f in files:
             path = dataset.root / f.path
@@ -157,10 +160,11 @@ def _decide(dataset: Dataset, sources: _Sources, views: int) -> tuple[dict[str, 
                 continue
             decision = _Decision(f.label, fp)
             same_size = False
-            for name, index, skipped in indexes:
+            for name, src, index, skipped in indexes:
                 rows, bad = index.get(f.path), skipped.get(f.path)
                 if rows and rows.count == count and (rows.size, rows.mtime_ns) == (fp.size, fp.mtime_ns):
-                    decision.source, decision.rows, decision.fingerprint = name, rows, Fingerprint(fp.size, fp.mtime_ns, rows.sha256)
+                    decision.source, decision.source_split, decision.rows = name, src, rows
+                    decision.fingerprint = Fingerprint(fp.size, fp.mtime_ns, rows.sha256)
                     break
                 if bad and (bad["size"], bad["mtime_ns"]) == (fp.size, fp.mtime_ns):
                     decision.skip_reason, decision.fingerprint = bad["reason"], Fingerprint(fp.size, fp.mtime_ns, bad["sha256"])
@@ -180,10 +184,10 @@ def _reuse_by_content(decision: _Decision, path: Path, indexes, key: str, count:
         sha = content_sha256(path.read_bytes())
     except OSError:
         return
-    for name, index, _ in indexes:
+    for name, src, index, _ in indexes:
         rows = index.get(key)
         if rows and rows.count == count and rows.sha256 == sha:
-            decision.source, decision.rows = name, rows
+            decision.source, decision.source_split, decision.rows = name, src, rows
             decision.fingerprint = Fingerprint(decision.fingerprint.size, decision.fingerprint.mtime_ns, sha)
             return
 
@@ -292,15 +296,17 @@ def _plan(dataset: Dataset, decisions, sources: _Sources, views: int) -> dict[st
             if d.source is None and d.skip_reason is None and f.path in fresh:
                 name, found = fresh[f.path]
                 if isinstance(found, FileRows):
-                    d.source, d.rows, d.fingerprint = name, found, Fingerprint(found.size, found.mtime_ns, found.sha256)
+                    d.source, d.source_split, d.rows = name, split, found
+                    d.fingerprint = Fingerprint(found.size, found.mtime_ns, found.sha256)
                 else:
                     d.skip_reason, d.fingerprint = found["reason"], Fingerprint(found["size"], found["mtime_ns"], found["sha256"])
             if d.source is not None:
                 last = runs[-1] if runs else None
-                if last and last.source == d.source and last.start + last.count == d.rows.start:
-                    runs[-1] = RowRun(last.source, last.start, last.count + count)
+                if last and (last.source, last.split) == (d.source, d.source_split) \
+                        and last.start + last.count == d.rows.start:
+                    runs[-1] = RowRun(last.source, last.start, last.count + count, last.split)
                 else:
-                    runs.append(RowRun(d.source, d.rows.start, count))
+                    runs.append(RowRun(d.source, d.rows.start, count, d.source_split))
                 for view in range(count):
                     for name, value in (("labels", d.file_label), ("paths", f.path), ("view", view),
                                         ("size", d.fingerprint.size), ("mtime_ns", d.fingerprint.mtime_ns),
@@ -325,7 +331,7 @@ def _up_to_date(old_set: h5py.Group | None, plans: dict[str, SplitPlan], classes
     for split, plan in plans.items():
         old = old_set[split]
         n = old["features"].shape[0]
-        if plan.runs != ([RowRun("store", 0, n)] if n else []):
+        if plan.runs != ([RowRun("store", 0, n, split)] if n else []):
             return False
         for name in ("labels", "mtime_ns"):
             if not np.array_equal(old[name][()], np.asarray(plan.columns[name], dtype=old[name].dtype)):

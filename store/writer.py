@@ -188,11 +188,12 @@ class Journal:
 
 @dataclass(frozen=True)
 class RowRun:
-    """Consecutive rows [start, start+count) of a split in one source file (the old store or a journal part)."""
+    """Consecutive rows [start, start+count) of a split of one source file (the old store or a journal part)."""
 
     source: str
     start: int
     count: int
+    split: str  # the source's split: a file keeps its rows when it moves between splits (--valid-pct changed)
 
 
 @dataclass
@@ -230,7 +231,7 @@ def write_store(store_path: Path, set_name: str, set_attrs: dict, plans: dict[st
                                    chunks=(max(1, min(n, CHUNK_ROWS)), feature_dim) if n else True)
             row = 0
             for run in plan.runs:
-                src = sources[run.source][split]["features"]
+                src = sources[run.source][run.split]["features"]
                 for offset in range(0, run.count, COPY_BLOCK_ROWS):
                     k = min(COPY_BLOCK_ROWS, run.count - offset)
                     out[row:row + k] = src[run.start + offset:run.start + offset + k]

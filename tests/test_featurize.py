@@ -152,3 +152,21 @@ def test_unlabelled_test_split(small_set, tmp_path):
     f, group = only_set(tmp_path / "s.h5")
     with f:
         assert list(group["test"]["labels"][()]) == [-1, -1]
+
+
+def test_changing_valid_pct_reuses_every_unchanged_row(tmp_path):
+    data = make_images(tmp_path / "data", {"": {"a": 10, "b": 10}})
+    featurize(data, tmp_path / "s.h5", "--valid-pct", "0.2")
+    moved = featurize(data, tmp_path / "s.h5", "--valid-pct", "0.4")
+    assert moved["images"] == {"train": 12, "valid": 8} and moved["featurized"] == 0 and moved["reused"] == 20
+    fresh = featurize(data, tmp_path / "fresh.h5", "--valid-pct", "0.4")
+    assert fresh["featurized"] == 20
+    for store in ("s.h5", "fresh.h5"):
+        f, group = only_set(tmp_path / store)
+        with f:
+            rows = {split: (list(group[split]["paths"].asstr()[()]), group[split]["features"][()]) for split in group}
+        if store == "s.h5":
+            reused = rows
+    for split, (paths, features) in rows.items():
+        assert reused[split][0] == paths
+        np.testing.assert_array_equal(reused[split][1], features)
