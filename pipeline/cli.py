@@ -1,6 +1,7 @@
 """The `pipeline` command: thin wrappers that parse options and call stages/ and store/."""
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
@@ -592,6 +593,16 @@ def _on_sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
+def _exit(code: int) -> None:
+    """Exit at once: Python's exit handlers run and output is flushed, but the native libraries' own teardown
+    (measured 1.6 s for DALI, torch and CUDA's, after featurize has printed its summary) is skipped. Everything
+    written is already closed and fsynced by then."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main() -> None:
     """Entry point: one-line errors without traceback unless --debug is given anywhere on the command line."""
     global DEBUG
@@ -606,21 +617,22 @@ def main() -> None:
         if DEBUG:
             traceback.print_exc()
         err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+        _exit(1)
     except KeyboardInterrupt:
         err.print("interrupted")
-        sys.exit(130)
+        _exit(130)
     except typer.Exit as exc:
-        sys.exit(exc.exit_code)
+        _exit(exc.exit_code)
     except Exception as exc:  # usage errors (typer's click exceptions show themselves) and the unexpected
         if hasattr(exc, "show") and hasattr(exc, "exit_code"):
             exc.show()
-            sys.exit(exc.exit_code)
+            _exit(exc.exit_code)
         if type(exc).__name__ == "Abort":
-            sys.exit(130)
+            _exit(130)
         if DEBUG:
-            raise
+            traceback.print_exc()
+            _exit(1)
         err.print(f"[red]error:[/] {type(exc).__name__}: {escape(str(exc))} (rerun with --debug for the traceback)",
                   highlight=False, soft_wrap=True)
-        sys.exit(1)
-    sys.exit(code if isinstance(code, int) else 0)
+        _exit(1)
+    _exit(code if isinstance(code, int) else 0)
