@@ -31,7 +31,7 @@ def write_feature_store(path: Path, train: tuple, valid: tuple | None = None, cl
             g.create_dataset("view", data=np.asarray(view, np.uint8))
             g.create_dataset("paths", data=[f"{split}/{i // (views + 1 if split == 'train' else 1)}.jpg"
                                             for i in range(len(labels))], dtype=h5py.string_dtype())
-            for name in ("size", "mtime_ns"):
+            for name in ("size", "mtime_ns", "ctime_ns"):
                 g.create_dataset(name, data=np.zeros(len(labels), np.int64))
             g.create_dataset("sha256", data=np.array([b"0" * 64] * len(labels)), dtype="S64")
     return path

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +19,7 @@ from stages.errors import MAX_VIEWS, SEED_MAX, PipelineError, check_memory, chec
 from stages.files import Dataset, Fingerprint, content_sha256, read_image_file, scan_dataset, stat_fingerprint
 from store.reader import FileRows, open_h5, split_file_index, split_skipped
 from store.verify import verify_split
-from store.schema import FEATURE_DTYPES, SETS, SPLITS, set_name
+from store.schema import FEATURE_DTYPES, ROW_COLUMNS, SETS, SKIPPED_COLUMNS, SPLITS, set_name
 from store.writer import (Journal, RowRun, SplitPlan, SplitRows, StoreLock, now_iso, remove_stale_temporaries,
                           write_store)
 
@@ -162,12 +162,12 @@ def _decide(dataset: Dataset, sources: _Sources, views: int) -> tuple[dict[str, 
             same_size = False
             for name, src, index, skipped in indexes:
                 rows, bad = index.get(f.path), skipped.get(f.path)
-                if rows and rows.count == count and (rows.size, rows.mtime_ns) == (fp.size, fp.mtime_ns):
+                if rows and rows.count == count and fp.same_stat(rows.size, rows.mtime_ns, rows.ctime_ns):
                     decision.source, decision.source_split, decision.rows = name, src, rows
-                    decision.fingerprint = Fingerprint(fp.size, fp.mtime_ns, rows.sha256)
+                    decision.fingerprint = replace(fp, sha256=rows.sha256)
                     break
-                if bad and (bad["size"], bad["mtime_ns"]) == (fp.size, fp.mtime_ns):
-                    decision.skip_reason, decision.fingerprint = bad["reason"], Fingerprint(fp.size, fp.mtime_ns, bad["sha256"])
+                if bad and fp.same_stat(bad["size"], bad["mtime_ns"], bad["ctime_ns"]):
+                    decision.skip_reason, decision.fingerprint = bad["reason"], replace(fp, sha256=bad["sha256"])
                     break
                 same_size |= bool(rows and rows.count == count and rows.size == fp.size)
             else:
@@ -188,7 +188,7 @@ def _reuse_by_content(decision: _Decision, path: Path, indexes, key: str, count:
         rows = index.get(key)
         if rows and rows.count == count and rows.sha256 == sha:
             decision.source, decision.source_split, decision.rows = name, src, rows
-            decision.fingerprint = Fingerprint(decision.fingerprint.size, decision.fingerprint.mtime_ns, sha)
+            decision.fingerprint = replace(decision.fingerprint, sha256=sha)
             return
 
 
@@ -251,14 +251,14 @@ class _Run:
             fp = self.fingerprints[key]
             for view in range(views):
                 for name, value in (("labels", labels[key]), ("paths", key), ("view", view), ("size", fp.size),
-                                    ("mtime_ns", fp.mtime_ns), ("sha256", fp.sha256)):
+                                    ("mtime_ns", fp.mtime_ns), ("ctime_ns", fp.ctime_ns), ("sha256", fp.sha256)):
                     rows.columns[name].append(value)
         self.pending_rows += len(keys) * views
 
     def _add_skipped(self, split: str, key: str, reason: str) -> None:
         fp = self.fingerprints.get(key) or _safe_stat(self.dataset.root / key)
         for name, value in (("paths", key), ("reasons", reason), ("size", fp.size), ("mtime_ns", fp.mtime_ns),
-                            ("sha256", fp.sha256)):
+                            ("ctime_ns", fp.ctime_ns), ("sha256", fp.sha256)):
             self.pending[split].skipped[name].append(value)
         self.skipped += 1
 
@@ -289,17 +289,18 @@ def _plan(dataset: Dataset, decisions, sources: _Sources, views: int) -> dict[st
                 for key, bad in split_skipped(g).items():
                     fresh.setdefault(key, (name, bad))
         runs: list[RowRun] = []
-        columns = {k: [] for k in ("labels", "paths", "view", "size", "mtime_ns", "sha256")}
-        skipped = {k: [] for k in ("paths", "reasons", "size", "mtime_ns", "sha256")}
+        columns = {k: [] for k in ROW_COLUMNS}
+        skipped = {k: [] for k in SKIPPED_COLUMNS}
         for f in files:
             d = decisions[split][f.path]
             if d.source is None and d.skip_reason is None and f.path in fresh:
                 name, found = fresh[f.path]
                 if isinstance(found, FileRows):
                     d.source, d.source_split, d.rows = name, split, found
-                    d.fingerprint = Fingerprint(found.size, found.mtime_ns, found.sha256)
+                    d.fingerprint = Fingerprint(found.size, found.mtime_ns, found.sha256, found.ctime_ns)
                 else:
-                    d.skip_reason, d.fingerprint = found["reason"], Fingerprint(found["size"], found["mtime_ns"], found["sha256"])
+                    d.skip_reason = found["reason"]
+                    d.fingerprint = Fingerprint(found["size"], found["mtime_ns"], found["sha256"], found["ctime_ns"])
             if d.source is not None:
                 last = runs[-1] if runs else None
                 if last and (last.source, last.split) == (d.source, d.source_split) \
@@ -310,11 +311,12 @@ def _plan(dataset: Dataset, decisions, sources: _Sources, views: int) -> dict[st
                 for view in range(count):
                     for name, value in (("labels", d.file_label), ("paths", f.path), ("view", view),
                                         ("size", d.fingerprint.size), ("mtime_ns", d.fingerprint.mtime_ns),
-                                        ("sha256", d.fingerprint.sha256)):
+                                        ("ctime_ns", d.fingerprint.ctime_ns), ("sha256", d.fingerprint.sha256)):
                         columns[name].append(value)
             elif d.skip_reason is not None:
                 for name, value in (("paths", f.path), ("reasons", d.skip_reason), ("size", d.fingerprint.size),
-                                    ("mtime_ns", d.fingerprint.mtime_ns), ("sha256", d.fingerprint.sha256)):
+                                    ("mtime_ns", d.fingerprint.mtime_ns), ("ctime_ns", d.fingerprint.ctime_ns),
+                                    ("sha256", d.fingerprint.sha256)):
                     skipped[name].append(value)
         plans[split] = SplitPlan(runs, columns, skipped)
     return plans
@@ -333,8 +335,8 @@ def _up_to_date(old_set: h5py.Group | None, plans: dict[str, SplitPlan], classes
         n = old["features"].shape[0]
         if plan.runs != ([RowRun("store", 0, n, split)] if n else []):
             return False
-        for name in ("labels", "mtime_ns"):
-            if not np.array_equal(old[name][()], np.asarray(plan.columns[name], dtype=old[name].dtype)):
+        for name in ("labels", "mtime_ns", "ctime_ns"):
+            if name not in old or not np.array_equal(old[name][()], np.asarray(plan.columns[name], dtype=old[name].dtype)):
                 return False
         if sorted(split_skipped(old)) != sorted(plan.skipped["paths"]):
             return False

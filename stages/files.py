@@ -51,6 +51,11 @@ class Fingerprint:
     size: int
     mtime_ns: int
     sha256: str = ""
+    ctime_ns: int = 0  # changes with any write, even one that restores size and mtime
+
+    def same_stat(self, size: int, mtime_ns: int, ctime_ns: int) -> bool:
+        """The cheap check: size, mtime and ctime all as recorded."""
+        return (self.size, self.mtime_ns, self.ctime_ns) == (size, mtime_ns, ctime_ns)
 
 
 def _is_image_name(path: Path) -> bool:
@@ -215,7 +220,7 @@ def scan_dataset(root: str | Path, valid_pct: float | None = None, seed: int = 0
 def stat_fingerprint(path: Path) -> Fingerprint:
     """Size and mtime of a file, without reading it."""
     st = path.stat()
-    return Fingerprint(st.st_size, st.st_mtime_ns)
+    return Fingerprint(st.st_size, st.st_mtime_ns, "", st.st_ctime_ns)
 
 
 def content_sha256(data: bytes) -> str:
@@ -255,6 +260,6 @@ def read_image_file(path: Path) -> tuple[np.ndarray, Fingerprint]:
         data = path.read_bytes()
     except OSError as exc:
         raise BadImage(f"cannot read: {exc.strerror or exc}") from None
-    fingerprint = Fingerprint(st.st_size, st.st_mtime_ns, content_sha256(data))
+    fingerprint = Fingerprint(st.st_size, st.st_mtime_ns, content_sha256(data), st.st_ctime_ns)
     vet_image_bytes(data)
     return np.frombuffer(data, dtype=np.uint8), fingerprint

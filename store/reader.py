@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 
 from stages.errors import PipelineError
-from store.schema import IDENTITY_FIELDS, SCHEMA_VERSION, SETS, SKIPPED
+from store.schema import IDENTITY_FIELDS, SCHEMA_VERSION, SETS, SKIPPED, UNKNOWN_CTIME
 from store.verify import CheckedDataset, read_or_fail, verify_split
 
 
@@ -23,6 +23,7 @@ class FileRows:
     size: int
     mtime_ns: int
     sha256: str
+    ctime_ns: int = UNKNOWN_CTIME
 
 
 def open_h5(path: Path) -> h5py.File:
@@ -51,13 +52,14 @@ def split_file_index(group: h5py.Group) -> dict[str, FileRows]:
     """Per source file of a split group (of a store or a journal part): its rows and fingerprint."""
     paths = _decode_strings(group["paths"][()])
     sizes, mtimes, hashes = group["size"][()], group["mtime_ns"][()], group["sha256"][()]
+    ctimes = _ctimes(group, len(paths))
     index: dict[str, FileRows] = {}
     for row, path in enumerate(paths):
         prev = index.get(path)
         if prev is not None:
-            index[path] = FileRows(prev.start, prev.count + 1, prev.size, prev.mtime_ns, prev.sha256)
+            index[path] = FileRows(prev.start, prev.count + 1, prev.size, prev.mtime_ns, prev.sha256, prev.ctime_ns)
         else:
-            index[path] = FileRows(row, 1, int(sizes[row]), int(mtimes[row]), hashes[row].decode())
+            index[path] = FileRows(row, 1, int(sizes[row]), int(mtimes[row]), hashes[row].decode(), int(ctimes[row]))
     return index
 
 
@@ -67,8 +69,14 @@ def split_skipped(group: h5py.Group) -> dict[str, dict]:
         return {}
     g = group[SKIPPED]
     paths, reasons = _decode_strings(g["paths"][()]), _decode_strings(g["reasons"][()])
-    return {p: {"reason": r, "size": int(s), "mtime_ns": int(m), "sha256": h.decode()}
-            for p, r, s, m, h in zip(paths, reasons, g["size"][()], g["mtime_ns"][()], g["sha256"][()])}
+    return {p: {"reason": r, "size": int(s), "mtime_ns": int(m), "ctime_ns": int(c), "sha256": h.decode()}
+            for p, r, s, m, c, h in zip(paths, reasons, g["size"][()], g["mtime_ns"][()], _ctimes(g, len(paths)),
+                                        g["sha256"][()])}
+
+
+def _ctimes(group: h5py.Group, n: int) -> np.ndarray:
+    """The ctime_ns column, or UNKNOWN_CTIME for stores written before it existed."""
+    return group["ctime_ns"][()] if "ctime_ns" in group else np.full(n, UNKNOWN_CTIME, np.int64)
 
 
 class FeatureSet:

@@ -7,8 +7,9 @@
         labels     (N,)   int32              class index into the set's `classes`, -1 when unlabelled
         paths      (N,)   utf-8 str          relative to the data folder, POSIX separators
         view       (N,)   uint8              0 = plain centre crop, 1..K = seeded augmented views
-        size, mtime_ns (N,) int64; sha256 (N,) 64 ASCII bytes: the source file's fingerprint
-        skipped/   paths, reasons, size, mtime_ns, sha256: files that could not be featurized
+        size, mtime_ns, ctime_ns (N,) int64; sha256 (N,) 64 ASCII bytes: the source file's fingerprint
+        skipped/   paths, reasons, size, mtime_ns, ctime_ns, sha256: files that could not be featurized
+    Every fixed-size dataset is chunked with Fletcher-32 checksums; string datasets carry attrs["sha256"].
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ ROW_COLUMNS = {
     "view": np.uint8,
     "size": np.int64,
     "mtime_ns": np.int64,
+    "ctime_ns": np.int64,
     "sha256": "S64",
 }
 SKIPPED_COLUMNS = {
@@ -40,8 +42,10 @@ SKIPPED_COLUMNS = {
     "reasons": STR,
     "size": np.int64,
     "mtime_ns": np.int64,
+    "ctime_ns": np.int64,
     "sha256": "S64",
 }
+UNKNOWN_CTIME = -1  # rows of stores written before ctime_ns was recorded: the content hash decides
 # Identity fields: two feature sets are interchangeable exactly when all of these agree.
 IDENTITY_FIELDS = ("backbone", "arch", "weights_sha256", "preprocessing", "feature_dim", "views", "seed",
                    "augmentation", "precision", "dtype")

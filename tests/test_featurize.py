@@ -170,3 +170,15 @@ def test_changing_valid_pct_reuses_every_unchanged_row(tmp_path):
     for split, (paths, features) in rows.items():
         assert reused[split][0] == paths
         np.testing.assert_array_equal(reused[split][1], features)
+
+
+def test_a_file_swapped_with_its_size_and_mtime_restored_is_recomputed(small_set, tmp_path):
+    featurize(small_set, tmp_path / "s.h5")
+    target = small_set / "train" / "a" / "a_000.jpg"
+    st = target.stat()
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other content
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # size and mtime as before; ctime cannot be restored
+    again = featurize(small_set, tmp_path / "s.h5")
+    assert again["featurized"] + len(again["skipped"]) == 1 and again["reused"] == 20
