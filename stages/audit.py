@@ -19,6 +19,7 @@ from stages.head import SplitFeatures
 # resized to 0.9x keeps >= 0.94 to its original on dogscats photos; two different photos never exceeded 0.87.
 NEAR_COPY_COSINE = 0.92
 NEIGHBOURS = 5
+CV_MAX_ROWS = 10_000  # the L2 strength is cross-validated on at most this many training rows (a seeded sample)
 SIMILARITY_BLOCK_BYTES = 256 * 2**20  # one block of the similarity matrix: rows x all images, float32
 
 
@@ -39,7 +40,7 @@ class AuditRows:
 def out_of_sample_probabilities(rows: AuditRows, num_classes: int, folds: int = 5, seed: int = 0) -> np.ndarray:
     """Per labelled row, class probabilities from a model that never saw it: k-fold logreg heads on train (the
     L2 strength cross-validated, the temperature fitted out of fold), one head on all of train for the rest."""
-    from stages.linear_probe import train_logreg
+    from stages.linear_probe import fold_logits, train_logreg
 
     train = np.flatnonzero((rows.splits == "train") & (rows.labels >= 0))
     other = np.flatnonzero((rows.splits != "train") & (rows.labels >= 0))
@@ -47,9 +48,15 @@ def out_of_sample_probabilities(rows: AuditRows, num_classes: int, folds: int = 
     split = SplitFeatures(data, data.labels, train, in_memory=True)
     fold = image_folds([rows.paths[i] for i in train], rows.labels[train], folds, seed)
     head, fit = train_logreg(split, fold, np.ones(len(train), bool), num_classes, seed=seed,
-                             cv_max_rows=len(train))
+                             cv_max_rows=CV_MAX_ROWS)
+    logits = fit["out_of_fold_logits"]
+    if fit["cv_rows"] < len(train):  # the strength came from a sample: every row's out-of-fold logits at it
+        with torch.no_grad():
+            x = head.standardize(torch.from_numpy(rows.features[train]))
+        init = torch.cat([head.classifier.weight.detach(), head.classifier.bias.detach()[:, None]], 1)
+        logits = fold_logits(x, split.labels[train], fold, fit["l2"], init)
     probabilities = np.full((len(rows), num_classes), np.nan, np.float32)
-    probabilities[train] = torch.softmax(fit["out_of_fold_logits"] / head.temperature, 1).numpy()
+    probabilities[train] = torch.softmax(logits / head.temperature, 1).numpy()
     if len(other):
         with torch.no_grad():
             probabilities[other] = torch.softmax(head(torch.from_numpy(rows.features[other])), 1).numpy()
