@@ -175,6 +175,46 @@ def bench_stream(quick: bool) -> dict:
             "rows/s", note="train includes a standardization pass", pairs=pairs)])
 
 
+def bench_checksums(quick: bool) -> dict:
+    """What Fletcher-32 checksums cost: sequential h5py reads of the same features with and without them, and
+    featurize's full verification pass over a store."""
+    import h5py
+
+    from bench.synthetic import write_feature_store
+    from store.verify import verify_split
+
+    n = 20_000 if quick else 1_000_000
+    tmp = Path(tempfile.mkdtemp())
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((n, 1280), dtype=np.float32).astype(np.float16)
+    split = (features, np.zeros(n, np.int32), np.zeros(n, np.uint8))
+    stores = {flag: write_feature_store(tmp / f"{flag}.h5", split, chunk_rows=1024, checksums=flag)
+              for flag in (True, False)}
+    del features
+
+    def read_rate(flag: bool):
+        def run() -> float:
+            started = time.perf_counter()
+            with h5py.File(stores[flag], "r") as f:
+                ds = f["sets/efficientnet_lite0-test/train/features"]
+                for i in range(0, n, 16384):
+                    ds[i:i + 16384]
+            return n / (time.perf_counter() - started)
+        return run
+
+    checked, plain, pairs = alternate(read_rate(True), read_rate(False), 1 if quick else 3)
+    with h5py.File(stores[True], "r") as f:
+        started = time.perf_counter()
+        verify_split(f["sets/efficientnet_lite0-test/train"])
+        verify = time.perf_counter() - started
+    shutil.rmtree(tmp)
+    return report("checksums" + ("-quick" if quick else ""), [
+        Row(f"h5py sequential read, {n:,} x 1280 fp16, with Fletcher-32 vs without", checked, plain, "rows/s",
+            pairs=pairs, note="train-head's streamed reads and featurize's copies pay this"),
+        Row(f"featurize's verification pass over {n:,} rows (checksums and NaN check)", n / verify, None, "rows/s",
+            note=f"{verify:.2f} s")])
+
+
 def bench_scale(quick: bool) -> dict:
     """Featurize peak RSS and img/s on generated sets of two sizes: memory must not grow with N."""
     from pipeline.demo import make_demo_images
@@ -321,7 +361,7 @@ def bench_audit(quick: bool) -> dict:
 
 
 BENCHMARKS = {"featurize": bench_featurize, "heads": bench_heads, "stream": bench_stream, "scale": bench_scale,
-              "accuracy": bench_accuracy, "export": bench_export,
+              "accuracy": bench_accuracy, "export": bench_export, "checksums": bench_checksums,
               "audit": bench_audit}
 
 

@@ -8,8 +8,9 @@ import numpy as np
 
 
 def write_feature_store(path: Path, train: tuple, valid: tuple | None = None, classes=("a", "b"), views: int = 0,
-                        backbone: str = "efficientnet_lite0", chunk_rows: int = 64) -> Path:
-    """A store written with plain h5py from the schema in README.md: (features, labels, view) per split."""
+                        backbone: str = "efficientnet_lite0", chunk_rows: int = 64, checksums: bool = True) -> Path:
+    """A store written with plain h5py from the schema in README.md: (features, labels, view) per split; the
+    features with Fletcher-32 checksums as featurize writes them, or without (to measure what they cost)."""
     import h5py
 
     identity = {"backbone": backbone, "arch": "tf_efficientnet_lite0", "weights_sha256": "0" * 64,
@@ -26,7 +27,8 @@ def write_feature_store(path: Path, train: tuple, valid: tuple | None = None, cl
                 continue
             features, labels, view = content
             g = group.create_group(split)
-            g.create_dataset("features", data=features, chunks=(min(chunk_rows, len(features)), features.shape[1]))
+            g.create_dataset("features", data=features, chunks=(min(chunk_rows, len(features)), features.shape[1]),
+                             fletcher32=checksums)
             g.create_dataset("labels", data=np.asarray(labels, np.int32))
             g.create_dataset("view", data=np.asarray(view, np.uint8))
             g.create_dataset("paths", data=[f"{split}/{i // (views + 1 if split == 'train' else 1)}.jpg"
