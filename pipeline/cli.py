@@ -137,17 +137,21 @@ def store_info(
     with FeatureStore(store) as fs:
         info = fs.info()
         if verify:
-            info["damaged"] = verify_store(fs)
+            info["verification"] = verify_store(fs)
     if as_json:
         _print_json(info)
     else:
         _print_store_info(info)
-    if info.get("damaged"):
-        where = "; ".join(f"{d['set']} {d['split']}: {d['damage']}" for d in info["damaged"])
+    damaged = [d for d in info.get("verification", []) if d["damage"]]
+    if damaged:
+        where = "; ".join(f"{d['set']} {d['split']}: {d['damage']}" for d in damaged)
         raise PipelineError(f"store {store} is damaged ({where[:300]}); featurize again to recompute the damaged "
                             "rows")
+    unchecked = [f"{d['set']} {d['split']}" for d in info.get("verification", []) if d.get("unchecked")]
     if verify and not as_json:
-        out.print("verified: every dataset matches its checksum", highlight=False)
+        out.print("verified: every dataset matches its checksum" if not unchecked else
+                  f"verified: no NaN or infinite features; {', '.join(unchecked)} were written before checksums "
+                  "existed (the next featurize rewrites them with checksums)", highlight=False)
 
 
 def _print_store_info(info: dict) -> None:
