@@ -21,8 +21,9 @@ def read_rows(fs: FeatureSet) -> AuditRows:
     for split in fs.splits:
         plain = np.flatnonzero(fs.column(split, "view") == 0)
         features = fs.features(split)[()][plain] if len(plain) else np.zeros((0, fs.features(split).shape[1]))
+        paths = fs.column(split, "paths")
         parts.append((features.astype(np.float32), fs.column(split, "labels")[plain],
-                      np.full(len(plain), split), [fs.column(split, "paths")[i] for i in plain],
+                      np.full(len(plain), split), [paths[i] for i in plain],
                       [bytes(h).decode() for h in fs.column(split, "sha256")[plain]]))
     if not parts:
         return AuditRows(np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, str), [], [])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from conftest import REPO, make_images, one_line_error, run_cli, run_json, shared_dataset
+from conftest import REPO, one_line_error, run_cli, run_json, shared_dataset
 
 ort = pytest.importorskip("onnxruntime", reason="the export extra is not installed: pip install -e '.[export]'")
 

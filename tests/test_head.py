@@ -13,7 +13,7 @@ from stages.head import load_head
 from stages.errors import PipelineError
 from stages.calibration import expected_calibration_error, fit_temperature, image_folds, reliability_bins
 from stages.head import Head, TrainConfig, schedule_values, train_head
-from stages.linear_probe import L2_GRID, solve, train_logreg
+from stages.linear_probe import L2_GRID, train_logreg
 from store.reader import FeatureStore
 
 
