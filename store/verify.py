@@ -92,7 +92,7 @@ def read_or_fail(ds: h5py.Dataset, where: str, selection=()):
         raise PipelineError(f"{where} is damaged: {ds.name} fails its checksum ({str(exc).splitlines()[0][:80]}); "
                             "featurize again to recompute the damaged rows (pipeline store info --verify lists "
                             "them)") from None
-    if selection == () and DIGEST_ATTR in ds.attrs and strings_digest(values) != ds.attrs[DIGEST_ATTR]:
+    if isinstance(selection, tuple) and selection == () and DIGEST_ATTR in ds.attrs and strings_digest(values) != ds.attrs[DIGEST_ATTR]:
         raise PipelineError(f"{where} is damaged: {ds.name} does not match its checksum; featurize again to "
                             "rewrite it (pipeline store info --verify lists what is damaged)")
     return values

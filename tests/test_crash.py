@@ -122,13 +122,13 @@ def test_train_head_killed_leaves_whole_files_and_reruns_to_the_same_result(tmp_
     reference = run_json(*grid, "--out", tmp_path / "reference")
     rng = np.random.default_rng(3)
     for trial in range(3):
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, grid), "--out", str(tmp_path / "grid")],
-                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, grid), "--out", str(tmp_path / "grid"),
+                                 "--overwrite"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(3, 9))
         proc.kill()
         proc.wait()
         for path in (tmp_path / "grid").rglob("*.json") if (tmp_path / "grid").exists() else []:
             json.loads(path.read_text())  # every file there is whole
-    again = run_json(*grid, "--out", tmp_path / "grid")
+    again = run_json(*grid, "--out", tmp_path / "grid", "--overwrite")  # rerunning replaces what a kill left
     strip = lambda board: [{k: v for k, v in r.items() if k not in ("run", "seconds")} for r in board]  # noqa: E731
     assert strip(again) == strip(reference)

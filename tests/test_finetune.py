@@ -196,15 +196,25 @@ def test_two_process_finetune_follows_one_process_with_the_same_global_batch(tin
 
 def test_keep_best_hands_back_the_starting_model_when_training_only_hurts(tiny, tmp_path):
     data, _ = tiny
-    t = tuner(tiny, tmp_path, epochs=1, lr=10.0, lr_mult=1.0, clip=1e3)
+    t = tuner(tiny, tmp_path, epochs=1, lr=1.0, lr_mult=1.0, clip=1e3)
     start = {k: v.clone() for k, v in t.model.state_dict().items()}
     valid = split(data, "valid")
     t.before = t.evaluate(*valid)
     t.remember_if_best(-1, t.before)
     t.fit(split(data, "train"), valid)
     last = t.history[-1]
-    assert last["accuracy"] < t.before["accuracy"] or not last["valid_loss"] < t.before["valid_loss"]  # nan: diverged
+    assert last["accuracy"] < t.before["accuracy"] or not last["valid_loss"] < t.before["valid_loss"]
     assert not all(torch.equal(v, t.model.state_dict()[k]) for k, v in start.items())
     kept = t.restore_best()
     assert kept["epoch"] == -1 and kept["accuracy"] == t.before["accuracy"]
     assert all(torch.equal(v, t.model.state_dict()[k]) for k, v in start.items())
+
+
+def test_a_diverging_fine_tune_stops_with_an_error_and_keeps_its_checkpoint(tiny, tmp_path):
+    from stages.errors import PipelineError
+
+    data, _ = tiny
+    t = tuner(tiny, tmp_path, epochs=2, lr=10.0, lr_mult=1.0, clip=1e3)
+    with pytest.raises(PipelineError, match="diverged at epoch"):
+        t.fit(split(data, "train"), split(data, "valid"))
+    assert not (tmp_path / "checkpoint.pt").exists() or read_checkpoint(tmp_path)["step"] == 0

@@ -180,7 +180,7 @@ def test_soak_handles_threads_and_memory_stay_flat(tmp_path):
         (tmp_path / "new/train/a/a_000.jpg").replace(data / f"train/a/new_{round_}.jpg")
         featurize(FeaturizeOptions(data_dir=data, store=tmp_path / "s.h5", batch_size=8))
         with FeatureStore(tmp_path / "s.h5") as fs:
-            train_grid(load_cached_features(fs), [TrainConfig(epochs=2)], tmp_path / "head")
+            train_grid(load_cached_features(fs), [TrainConfig(epochs=2)], tmp_path / "head", overwrite=True)
         evaluate(tmp_path / "head", data / "valid", tmp_path / "eval", store=tmp_path / "s.h5")
         rss = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
         marks.append((len(os.listdir("/proc/self/fd")), threading.active_count(), rss))
