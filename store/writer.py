@@ -137,6 +137,17 @@ def _write_columns(group: h5py.Group, columns: dict[str, list], spec: dict) -> N
         create_checked(group, name, np.asarray(columns[name], dtype=object if dtype is STR else dtype), dtype)
 
 
+def _writer_alive(temporary_name: str) -> bool:
+    """Whether the process that named a temporary file (its pid is the suffix) is still running."""
+    try:
+        os.kill(int(temporary_name.rsplit("-", 1)[-1]), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Journal:
     """The committed parts of an unfinished run for one feature set, in `STORE.journal/`."""
 
@@ -150,7 +161,8 @@ class Journal:
         if not self.dir.is_dir():
             return []
         for stale in self.dir.glob(".*.tmp-*"):
-            stale.unlink(missing_ok=True)
+            if not _writer_alive(stale.name):  # shards share the journal: a live shard's temporary is its own
+                stale.unlink(missing_ok=True)
         return sorted(self.dir.glob(f"{self.set_name}.part-*.h5"))
 
     def commit(self, rows: dict[str, SplitRows], feature_dtype: str) -> Path | None:
