@@ -11,7 +11,7 @@ import numpy as np
 from pipeline.atomic import atomic_output, write_json
 from stages.audit import (NEAR_COPY_COSINE, NEIGHBOURS, AuditRows, check_auditable, exact_copies, feature_map,
                           label_issues, out_of_sample_probabilities, outlier_rows, similarity_scan)
-from stages.errors import PipelineError
+from stages.errors import check_range
 from store.reader import FeatureSet, FeatureStore
 
 
@@ -39,10 +39,9 @@ def default_out(root: Path = Path("runs")) -> Path:
 def audit(store_path: Path, set_name: str | None = None, out: Path | None = None, threshold: float = NEAR_COPY_COSINE,
           neighbours: int = NEIGHBOURS, folds: int = 5, pictures: int = 24, seed: int = 0) -> dict:
     """Audit one feature set of a store; write audit.json, a CSV per finding and three PNGs into out."""
-    if not 0 < threshold <= 1:
-        raise PipelineError(f"--threshold {threshold} is out of range; give a cosine in (0, 1], such as 0.92")
-    if folds < 2 or neighbours < 1 or pictures < 0:
-        raise PipelineError("--folds must be 2 or more, --neighbours 1 or more, --pictures 0 or more")
+    for option, value, low, high in (("--threshold", threshold, 1e-6, 1.0), ("--folds", folds, 2, 100),
+                                     ("--neighbours", neighbours, 1, 1000), ("--pictures", pictures, 0, 1000)):
+        check_range(option, value, low, high)
     started = time.perf_counter()
     with FeatureStore(store_path) as store:
         fs = store.feature_set(set_name)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pipeline.atomic import atomic_output
 from stages.errors import PipelineError
-from stages.export import FORMATS, INPUT, OUTPUT, export_classifier, require_onnx
+from stages.export import FORMATS, INPUT, OUTPUT, check_format, export_classifier
 
 
 def pipeline_version() -> str:
@@ -32,10 +32,7 @@ def export_run(run_dir: Path, out: Path | None = None, fmt: str = "onnx") -> dic
     """Write a train-head or finetune run as one file; returns where, its size, format and metadata."""
     from stages.model import load_run
 
-    if fmt not in FORMATS:
-        raise PipelineError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
-    if fmt == "onnx":
-        require_onnx()  # before loading anything: a missing extra is said at once
+    check_format(fmt)  # before loading anything: a missing extra is said at once
     backbone, head, config = load_run(run_dir)
     out = Path(out) if out is not None else Path(run_dir) / f"model{FORMATS[fmt]}"
     _check_writable(out)

@@ -67,6 +67,7 @@ class _Sources:
     files: dict[str, h5py.File | h5py.Group] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)
     damaged: dict[tuple[str, str], set[str] | None] = field(default_factory=dict)  # paths not to reuse; None: all
+    indexes: dict[tuple[str, str], tuple] = field(default_factory=dict)  # built once per (source, split)
 
     def add(self, name: str, root, newest: bool) -> None:
         self.files[name] = root
@@ -79,9 +80,12 @@ class _Sources:
 
     def index(self, name: str, group: h5py.Group) -> tuple[dict[str, FileRows], dict[str, dict]]:
         """The reusable files of a source's split: its index less the files whose rows failed verification."""
-        bad = self.damaged.get((name, group.name.rsplit("/", 1)[-1]), set())
-        return ({k: v for k, v in split_file_index(group).items() if k not in bad},
-                {k: v for k, v in split_skipped(group).items() if k not in bad})
+        key = (name, group.name.rsplit("/", 1)[-1])
+        if key not in self.indexes:
+            bad = self.damaged.get(key, set())
+            self.indexes[key] = ({k: v for k, v in split_file_index(group).items() if k not in bad},
+                                 {k: v for k, v in split_skipped(group).items() if k not in bad})
+        return self.indexes[key]
 
     def verify_store(self, old_set: h5py.Group, where: str) -> list[str]:
         """Check every byte of the old store's set; damaged files are featurized again. Returns notes."""
@@ -322,11 +326,11 @@ def _plan(dataset: Dataset, decisions, sources: _Sources, views: int) -> dict[st
     return plans
 
 
-def _up_to_date(old_set: h5py.Group | None, plans: dict[str, SplitPlan], classes: list[str], had_parts: bool) -> bool:
+def _up_to_date(old_set: h5py.Group | None, plans: dict[str, SplitPlan], classes: list[str], rewrite: bool) -> bool:
     """True when the new content equals the old store's byte for byte: then the store is left untouched."""
     import json
 
-    if old_set is None or had_parts or json.loads(old_set.attrs.get("classes", "[]")) != classes:
+    if old_set is None or rewrite or json.loads(old_set.attrs.get("classes", "[]")) != classes:
         return False
     if set(plans) != set(old_set):
         return False
@@ -421,7 +425,7 @@ class _Job:
                     continue
                 parts.append(opened)
                 sources.add(f"part:{part.name}", opened, newest=True)
-            had_parts = bool(parts) or bool(sources.damaged)
+            rewrite = bool(parts) or bool(sources.damaged)  # parts to merge, or damage to repair
             decisions, todo = _decide(dataset, sources, opts.views)
             if shard.count > 1:  # a file's shard follows from its place in the whole data set, not in what is left
                 place = {(split, f.path): i for i, (split, f) in
@@ -451,7 +455,7 @@ class _Job:
                 return {**counts, "shard": shard.label, "merged": False, "up_to_date": False,
                         "notes": repairs + [f"{shard.label}: parts in {journal.dir}; a run without --shard-id merges them"]}
             plans = _plan(dataset, decisions, sources, opts.views)
-            up_to_date = not todo and _up_to_date(old_set, plans, dataset.classes, had_parts)
+            up_to_date = not todo and _up_to_date(old_set, plans, dataset.classes, rewrite)
             if not up_to_date:
                 attrs = {**self.identity, "classes": dataset.classes, "data_dir": str(Path(opts.data_dir).resolve()),
                          "weights_path": self.backbone.weights_path,

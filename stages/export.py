@@ -89,13 +89,18 @@ def export_torchscript(module: DeployableClassifier, size: int, metadata: dict[s
         torch.jit.save(traced, str(path), _extra_files={f"{key}.txt": value for key, value in metadata.items()})
 
 
-def export_classifier(backbone: Backbone, head: Head, classes: list[str], path: Path, fmt: str,
-                      version: str) -> dict[str, str]:
-    """Write backbone and head as one `fmt` file at `path`; returns the metadata written with it."""
+def check_format(fmt: str) -> None:
+    """A known format whose packages are installed."""
     if fmt not in FORMATS:
         raise PipelineError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     if fmt == "onnx":
         require_onnx()
+
+
+def export_classifier(backbone: Backbone, head: Head, classes: list[str], path: Path, fmt: str,
+                      version: str) -> dict[str, str]:
+    """Write backbone and head as one `fmt` file at `path`; returns the metadata written with it."""
+    check_format(fmt)
     metadata = deployment_metadata(backbone, classes, version)
     write = export_onnx if fmt == "onnx" else export_torchscript
     write(DeployableClassifier(backbone, head), backbone.preprocessing.size, metadata, path)

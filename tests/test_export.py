@@ -8,20 +8,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
 
 from conftest import REPO, one_line_error, run_cli, run_json, shared_dataset
 
 ort = pytest.importorskip("onnxruntime", reason="the export extra is not installed: pip install -e '.[export]'")
-
-
-def pillow_crop(path, resize: int, crop: int) -> np.ndarray:
-    """The README snippet's preprocessing: EXIF-upright RGB, shorter side to `resize`, the centre crop."""
-    image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
-    w, h = image.size
-    image = image.resize((resize * w // min(w, h), resize * h // min(w, h)), Image.BILINEAR)
-    left, top = round((image.width - crop) / 2), round((image.height - crop) / 2)
-    return np.asarray(image.crop((left, top, left + crop, top + crop)))
+from bench.onnx_predict import crop as pillow_crop  # noqa: E402  (the README snippet's preprocessing, as a function)
 
 
 def project_probabilities(run, crops: np.ndarray) -> np.ndarray:
