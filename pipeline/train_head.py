@@ -58,13 +58,16 @@ def load_cached_features(store: FeatureStore, set_name: str | None = None, max_m
         raise PipelineError(f"store {store.path} set {fs.name} has no train split; featurize a folder with train/")
     limit = parse_size(max_memory)
     views = fs.column("train", "view")
+    if not len(views):
+        raise PipelineError(f"store {store.path} set {fs.name} has no train rows; add images under train/ and "
+                            "featurize again")
     features = fs.features("train")
     in_memory = features.size * features.dtype.itemsize <= limit
     train = SplitFeatures(features, fs.column("train", "labels"), np.arange(len(views)), in_memory)
     valid = None
-    if "valid" in fs.splits:
+    if "valid" in fs.splits and len(valid_labels := fs.column("valid", "labels")):  # an empty valid/ is no valid
         vf = fs.features("valid")
-        valid = SplitFeatures(vf, fs.column("valid", "labels"), select_rows(fs.column("valid", "view"), 0),
+        valid = SplitFeatures(vf, valid_labels, select_rows(fs.column("valid", "view"), 0),
                               vf.size * vf.dtype.itemsize <= limit)
     return CachedFeatures(store.path, fs, train, valid, int(fs.attrs.get("views", 0)), limit)
 

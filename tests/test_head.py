@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from bench.synthetic import separable_features, write_feature_store
-from conftest import one_line_error, run_cli, run_json
+from conftest import make_images, one_line_error, run_cli, run_json
 from pipeline.train_head import check_compatible, load_cached_features
 from stages.head import load_head
 from stages.errors import PipelineError
@@ -283,3 +283,13 @@ def test_train_head_refuses_to_overwrite_a_run_unless_asked(trained, tmp_path):
     assert (tmp_path / "run" / "head.safetensors").read_bytes() == before
     again = run_json("train-head", "--store", store, "--head", "linear", "--out", tmp_path / "run", "--overwrite")
     assert again[0]["head"] == "linear" and first[0]["head"] == "logreg"
+
+
+def test_a_valid_split_left_empty_trains_without_validation(tmp_path):
+    """valid/ reaching only train's files (stored once, in train) leaves valid empty: the head trains, unscored."""
+    data = make_images(tmp_path / "data", {"train": {"a": 6, "b": 6}})
+    (data / "valid").symlink_to(data / "train")
+    summary = run_json("featurize", data, "--store", tmp_path / "s.h5", "--batch-size", "8")
+    assert summary["images"]["train"] == 12 and not summary["images"].get("valid")
+    [run] = run_json("train-head", "--store", tmp_path / "s.h5", "--out", tmp_path / "head")
+    assert run["accuracy"] is None and (tmp_path / "head" / "head.safetensors").is_file()
