@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.atomic import atomic_output, write_json
+from stages.atomic import atomic_output, write_json
 from stages.audit import (NEAR_COPY_COSINE, NEIGHBOURS, AuditRows, check_auditable, exact_copies, feature_map,
                           label_issues, out_of_sample_probabilities, outlier_rows, similarity_scan)
 from stages.errors import check_range

@@ -45,7 +45,7 @@ def progress_bar(description: str, unit: str = "img"):
 
 
 def _print_json(data) -> None:
-    from pipeline.atomic import strict_json
+    from stages.atomic import strict_json
 
     sys.stdout.write(strict_json(data) + "\n")
 
@@ -335,7 +335,7 @@ def runs_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ):
     """Leaderboard of every run so far: settings and valid scores, best first."""
-    from pipeline.train_head import list_runs
+    from stages.rundir import list_runs
 
     rows = list_runs(root, store)
     if as_json:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.atomic import atomic_output, write_json
+from stages.atomic import atomic_output, write_json
 from pipeline.plots import plot_confusion_matrix, plot_image_grid, plot_reliability
 from pipeline.train_head import check_compatible
 from stages.errors import PipelineError

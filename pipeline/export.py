@@ -6,7 +6,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from pipeline.atomic import atomic_output
+from stages.atomic import atomic_output
 from stages.errors import PipelineError
 from stages.export import FORMATS, INPUT, OUTPUT, check_format, export_classifier
 

@@ -13,7 +13,8 @@ import torch
 
 from pipeline.distributed import Shard, current_shard
 from pipeline.runtime import available_memory, cpu_count, tune_allocator
-from stages.backbones import DEFAULT_BACKBONE, FeatureRunner, create_backbone, resolve_precision
+from stages.backbones import (DEFAULT_BACKBONE, REGISTRY, FeatureRunner, backbone_identity, create_backbone,
+                              resolve_precision)
 from stages.decode import Augmentation, ImageDecoder, batch_memory_bytes, resolve_device
 from stages.errors import MAX_VIEWS, SEED_MAX, PipelineError, check_memory, check_range
 from stages.files import Dataset, Fingerprint, content_sha256, read_image_file, scan_dataset, stat_fingerprint
@@ -126,9 +127,9 @@ def open_journal_part(part: Path) -> tuple[h5py.File | None, str | None]:
     return None, f"journal part {part} is damaged ({reason}); set aside as {aside.name}, its images featurized again"
 
 
-def set_identity(backbone, views: int, seed: int, precision: str, dtype: str) -> dict:
-    """The fields that make two feature sets interchangeable."""
-    return {**backbone.identity(), "views": views, "seed": seed,
+def set_identity(backbone: dict, views: int, seed: int, precision: str, dtype: str) -> dict:
+    """The fields that make two feature sets interchangeable: the backbone's identity and these settings."""
+    return {**backbone, "views": views, "seed": seed,
             "augmentation": Augmentation().to_dict() if views else None, "precision": precision, "dtype": dtype}
 
 
@@ -371,11 +372,16 @@ def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> dict:
     device = resolve_device(opts.device)
     shard = current_shard(opts.num_shards, opts.shard_id, device)
     precision = resolve_precision(opts.precision, device)
-    backbone = create_backbone(opts.backbone, opts.weights, opts.arch)
-    check_memory(f"--batch-size {opts.batch_size} x (--views {opts.views} + 1)", batch_memory_bytes(opts.batch_size, opts.views,
-                                                                    backbone.preprocessing.size),
+    # A registered backbone's identity is known without building it: an up-to-date store answers at once.
+    backbone = None
+    known = backbone_identity(opts.backbone, opts.weights, opts.arch)
+    if known is None:
+        backbone = create_backbone(opts.backbone, opts.weights, opts.arch)
+        known = backbone.identity()
+    check_memory(f"--batch-size {opts.batch_size} x (--views {opts.views} + 1)",
+                 batch_memory_bytes(opts.batch_size, opts.views, known["preprocessing"]["size"]),
                  available_memory(), f"{opts.batch_size} images x {opts.views + 1} decoded views")
-    identity = set_identity(backbone, opts.views, opts.seed, precision, opts.dtype)
+    identity = set_identity(known, opts.views, opts.seed, precision, opts.dtype)
     job = _Job(opts, dataset, backbone, identity, device, precision, store_path, progress)
     if shard.count == 1:
         with StoreLock(store_path):
@@ -402,9 +408,23 @@ class _Job:
     """One featurize invocation's settings, run for one shard with or without merging into the store."""
 
     def __init__(self, opts, dataset, backbone, identity, device, precision, store_path, progress):
-        self.opts, self.dataset, self.backbone, self.identity = opts, dataset, backbone, identity
+        self.opts, self.dataset, self._backbone, self.identity = opts, dataset, backbone, identity
         self.device, self.precision, self.store_path, self.progress = device, precision, store_path, progress
         self.name = set_name(identity)
+
+    def backbone(self):
+        """The backbone, built on first need: a run with nothing to compute never builds it."""
+        if self._backbone is None:
+            opts = self.opts
+            self._backbone = create_backbone(opts.backbone, opts.weights, opts.arch)
+            if self._backbone.identity()["weights_sha256"] != self.identity["weights_sha256"]:
+                raise PipelineError(f"the weights of {opts.backbone} changed while featurizing; rerun")
+        return self._backbone
+
+    def weights_path(self) -> str:
+        if self._backbone is not None:
+            return self._backbone.weights_path
+        return str(REGISTRY[self.opts.backbone].weights_path(self.opts.backbone, self.opts.weights))
 
     def run(self, shard: Shard, merge: bool, started: float) -> dict:
         opts, dataset, name, store_path = self.opts, self.dataset, self.name, self.store_path
@@ -435,7 +455,7 @@ class _Job:
             run, interrupted, loop_seconds = None, False, 0.0
             if todo:
                 torch.set_num_threads(max(1, cpu_count() // shard.local_count))
-                run = _Run(opts, dataset, self.backbone, journal, self.device, self.precision, self.progress)
+                run = _Run(opts, dataset, self.backbone(), journal, self.device, self.precision, self.progress)
                 loop_started = time.perf_counter()
                 try:
                     run.run(todo)
@@ -450,7 +470,7 @@ class _Job:
             counts = {"featurized": computed, "reused": reused, "seconds": round(time.perf_counter() - started, 3),
                       "images_per_second": round(computed / loop_seconds, 1) if computed else None,
                       "interrupted": interrupted, "set": name, "store": str(store_path), "device": self.device,
-                      "precision": self.precision, "backbone": self.backbone.name, "views": opts.views}
+                      "precision": self.precision, "backbone": self.identity["backbone"], "views": opts.views}
             if not merge:
                 return {**counts, "shard": shard.label, "merged": False, "up_to_date": False,
                         "notes": repairs + [f"{shard.label}: parts in {journal.dir}; a run without --shard-id merges them"]}
@@ -458,12 +478,12 @@ class _Job:
             up_to_date = not todo and _up_to_date(old_set, plans, dataset.classes, rewrite)
             if not up_to_date:
                 attrs = {**self.identity, "classes": dataset.classes, "data_dir": str(Path(opts.data_dir).resolve()),
-                         "weights_path": self.backbone.weights_path,
+                         "weights_path": self.weights_path(),
                          **{k: v for k, v in dataset.describe().items() if v is not None},
                          "versions": _library_versions(), "device": self.device,
                          "created": old_set.attrs.get("created", now_iso()) if old_set is not None else now_iso(),
                          "updated": now_iso()}
-                write_store(store_path, name, attrs, plans, sources.files, self.backbone.feature_dim, opts.dtype, old)
+                write_store(store_path, name, attrs, plans, sources.files, self.identity["feature_dim"], opts.dtype, old)
         finally:
             for f in parts:
                 f.close()

@@ -12,17 +12,15 @@ import torch
 
 from pipeline.plots import plot_training_curves
 from pipeline.runtime import available_memory, cpu_count, tune_allocator
-from pipeline.atomic import atomic_output, write_json
 from pipeline.distributed import current_shard
 from stages.backbones import file_sha256
 from stages.decode import batch_memory_bytes, resolve_device
 from stages.errors import PipelineError, check_memory
 from stages.files import scan_dataset
 from stages.finetune import FinetuneConfig, Finetuner, read_checkpoint
-from stages.head import HEAD_FILE, load_head, seal_config
+from stages.head import load_head
 from stages.model import backbone_for
-
-BACKBONE_FILE = "backbone.safetensors"
+from stages.rundir import BACKBONE_WEIGHTS, HEAD_WEIGHTS, write_run, write_weights
 
 
 def _split(dataset, name: str) -> tuple[list[str], np.ndarray] | None:
@@ -36,8 +34,6 @@ def finetune(data_dir: Path, head_dir: Path, out: Path, cfg: FinetuneConfig, res
              device: str = "auto", on_epoch: Callable[[dict], None] | None = None,
              on_step: Callable[[int, int], None] | None = None) -> dict:
     """Fine-tune from a train-head run (or continue a stopped fine-tune); write a run directory predict can use."""
-    from safetensors.torch import save_file
-
     tune_allocator()
     torch.set_num_threads(cpu_count())
     state = None
@@ -77,13 +73,10 @@ def finetune(data_dir: Path, head_dir: Path, out: Path, cfg: FinetuneConfig, res
     kept = tuner.restore_best()
     if shard.index != 0:
         return {"run": str(out), "rank": shard.index, "quiet": True}
-    out.mkdir(parents=True, exist_ok=True)
-    for name, weights in ((BACKBONE_FILE, tuner.model.backbone.architecture_state_dict()),
-                          (HEAD_FILE, tuner.model.head.state_dict())):
-        with atomic_output(out / name) as tmp:
-            save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp))
+    write_weights(out, {BACKBONE_WEIGHTS: tuner.model.backbone.architecture_state_dict()})
     feature_set = {**head_config["feature_set"], "store": None, "set": None,
-                   "weights_sha256": file_sha256(out / BACKBONE_FILE), "weights_path": str((out / BACKBONE_FILE).resolve())}
+                   "weights_sha256": file_sha256(out / BACKBONE_WEIGHTS),
+                   "weights_path": str((out / BACKBONE_WEIGHTS).resolve())}
     config = {"kind": "finetune", "head": head_config["head"], "classes": head_config["classes"],
               "train": {**cfg.to_dict(), "head": head_config["head"]["head"], "from_head": str(head_dir)},
               "feature_set": feature_set, "created": datetime.now().isoformat(timespec="seconds")}
@@ -93,8 +86,6 @@ def finetune(data_dir: Path, head_dir: Path, out: Path, cfg: FinetuneConfig, res
                "accuracy": last.get("accuracy"),
                "valid_loss": last.get("valid_loss"), "train_seconds": seconds,
                "train_images_per_second": images / seconds if seconds else None}
-    write_json(out / "config.json", seal_config(config))
-    write_json(out / "metrics.json", metrics)
-    with atomic_output(out / "curves.png") as tmp:
-        plot_training_curves(tuner.history, tuner.step_losses, tmp)
+    write_run(out, {HEAD_WEIGHTS: tuner.model.head.state_dict()}, config,
+              metrics, lambda path: plot_training_curves(tuner.history, tuner.step_losses, path))
     return {"run": str(out), "processes": shard.count, **metrics}

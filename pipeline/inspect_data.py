@@ -5,7 +5,7 @@ import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from pipeline.atomic import atomic_output
+from stages.atomic import atomic_output
 from pipeline.plots import plot_contact_sheet
 from stages.files import BadImage, content_sha256, scan_dataset, vet_image_bytes
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 import time
@@ -14,13 +13,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline.atomic import atomic_output, write_json
+from stages.atomic import atomic_output
 from pipeline.plots import plot_cv_path, plot_lr_find, plot_training_curves
 from stages.calibration import fit_temperature, image_folds
 from stages.errors import PipelineError
-from stages.head import (HEAD_FILE, Head, SplitFeatures, TrainConfig, evaluate_head, lr_find, out_of_fold_logits,
-                         parse_size, seal_config, select_rows, train_head)
+from stages.head import (Head, SplitFeatures, TrainConfig, evaluate_head, lr_find, out_of_fold_logits, parse_size,
+                         select_rows, train_head)
 from stages.linear_probe import train_logreg
+from stages.rundir import HEAD_WEIGHTS, is_run, rank_runs, write_run
 from store.reader import FeatureSet, FeatureStore
 
 COMPATIBLE_FIELDS = ("backbone", "arch", "weights_sha256", "preprocessing", "feature_dim")
@@ -92,12 +92,7 @@ def check_compatible(config: dict, fs: FeatureSet, run_dir: Path | str) -> None:
 
 def save_head_run(out: Path, head: Head, cfg: TrainConfig, history: list[dict], step_losses: list[float],
                   valid: dict | None, cached: CachedFeatures, seconds: float) -> dict:
-    """Write head weights, config.json, metrics.json and curves.png into out; return the metrics."""
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_output(out / HEAD_FILE) as tmp:
-        save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(tmp))
+    """Write the head's run directory (stages.rundir); return the metrics."""
     config = {"kind": "head", "head": head.spec(), "classes": cached.classes, "train": cfg.to_dict(),
               "feature_set": feature_set_identity(cached.store, cached.feature_set),
               "created": datetime.now().isoformat(timespec="seconds")}
@@ -106,13 +101,14 @@ def save_head_run(out: Path, head: Head, cfg: TrainConfig, history: list[dict], 
                "valid_ece": valid["ece"] if valid else None,
                "per_class_accuracy": {cached.classes[c]: a for c, a in valid["per_class_accuracy"].items()}
                if valid else {}}
-    write_json(out / "config.json", seal_config(config))
-    write_json(out / "metrics.json", metrics)
-    with atomic_output(out / "curves.png") as tmp:
+
+    def plot(path: Path) -> None:
         if cfg.head == "logreg":
-            plot_cv_path(history, cfg.l2, tmp)
+            plot_cv_path(history, cfg.l2, path)
         else:
-            plot_training_curves(history, step_losses, tmp)
+            plot_training_curves(history, step_losses, path)
+
+    write_run(out, {HEAD_WEIGHTS: head.state_dict()}, config, metrics, plot)
     return metrics
 
 
@@ -187,7 +183,7 @@ def train_grid(cached: CachedFeatures, configs: list[TrainConfig], out: Path, au
     for cfg in configs:
         cfg.validate(cached.views_in_store)
     existing = [d for d in ([out] if len(configs) == 1 else [out / run_name(c) for c in configs])
-                if (d / "config.json").exists()]
+                if is_run(d)]
     if existing and not overwrite:
         raise PipelineError(f"--out {existing[0]} already holds a run; give another --out, or --overwrite to "
                             "replace it")
@@ -210,7 +206,7 @@ def train_grid(cached: CachedFeatures, configs: list[TrainConfig], out: Path, au
                       "temperature": float(head.temperature),
                       "accuracy": metrics["accuracy"], "valid_loss": metrics["valid_loss"],
                       "seconds": round(seconds, 3)})
-    return rank(board)
+    return rank_runs(board)
 
 
 def check_finite(name: str, head: Head, history: list[dict], valid: dict | None) -> None:
@@ -224,36 +220,6 @@ def check_finite(name: str, head: Head, history: list[dict], valid: dict | None)
     if bad:
         raise PipelineError(f"run {name} ended with non-finite {', '.join(bad)}: lower --lr (or check the store with "
                             "pipeline store info --verify); nothing was saved for it")
-
-
-def rank(rows: list[dict]) -> list[dict]:
-    """Best first: highest valid accuracy, then lowest valid loss."""
-    def key(r: dict) -> tuple[float, float]:
-        accuracy, loss = r.get("accuracy"), r.get("valid_loss")
-        return -(accuracy if accuracy is not None else 0), loss if loss is not None else float("inf")
-
-    return sorted(rows, key=key)
-
-
-def list_runs(root: Path, store: Path | None = None) -> list[dict]:
-    """Every run under root (head or fine-tune) with its settings and scores, best first."""
-    rows = []
-    for config_path in sorted(root.rglob("config.json")):
-        try:
-            config = json.loads(config_path.read_text())
-            metrics = json.loads((config_path.parent / "metrics.json").read_text())
-        except (OSError, ValueError):
-            continue
-        feature_set = config.get("feature_set", {})
-        if store is not None and feature_set.get("store") != str(store.resolve()):
-            continue
-        train = config.get("train", {})
-        rows.append({"run": str(config_path.parent), "kind": config.get("kind"), "head": train.get("head"),
-                     "lr": train.get("lr"), "wd": train.get("wd"), "epochs": train.get("epochs"),
-                     "views": train.get("views"), "backbone": feature_set.get("backbone"),
-                     "accuracy": metrics.get("accuracy"), "valid_loss": metrics.get("valid_loss"),
-                     "created": config.get("created")})
-    return rank(rows)
 
 
 def default_threads() -> None:

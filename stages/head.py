@@ -1,8 +1,6 @@
 """Heads on cached features: the modules, the batch order (in memory or streamed from HDF5), training and lr-find."""
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -17,9 +15,9 @@ from torch import nn
 
 from stages.calibration import expected_calibration_error
 from stages.errors import SEED_MAX, PipelineError, check_range
+from stages.rundir import HEAD_WEIGHTS, read_config, read_weights
 
 SCHEDULES = ("onecycle", "cosine", "constant")
-HEAD_FILE = "head.safetensors"
 
 
 class Standardize(nn.Module):
@@ -372,60 +370,15 @@ def lr_find(train: SplitFeatures, folds: np.ndarray, plain: np.ndarray, cfg: Tra
             "suggestion": best["lr"], "epochs": epochs, "held_out_rows": held.num_rows}
 
 
-def config_checksum(config: dict) -> str:
-    """sha256 of a run's config.json content, its own checksum field left out."""
-    content = {k: v for k, v in config.items() if k != "checksum"}
-    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def seal_config(config: dict) -> dict:
-    """The config with its checksum, so that a hand-edited config.json is recognised as edited."""
-    return {**config, "checksum": config_checksum(json.loads(json.dumps(config, default=str)))}
-
-
-def check_config(config, run_dir: Path) -> None:
-    """Refuse a config.json that does not describe the head beside it: wrong shape, edited, or inconsistent."""
-    where = f"{run_dir / 'config.json'}"
-    if not isinstance(config, dict):
-        raise PipelineError(f"{where} is damaged: it holds {type(config).__name__}, not an object; train again")
-    if "checksum" in config and config["checksum"] != config_checksum(config):
-        raise PipelineError(f"{where} was edited after training (its checksum does not match its content); "
-                            "restore the original or train again")
-    spec, classes, feature_set = config.get("head"), config.get("classes"), config.get("feature_set")
-    expected = {"head": str, "feature_dim": int, "num_classes": int, "hidden": int, "dropout": (int, float)}
-    if not isinstance(spec, dict) or any(not isinstance(spec.get(k), t) for k, t in expected.items()):
-        raise PipelineError(f"{where} is damaged: 'head' must hold {', '.join(expected)}; train again")
-    if (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)
-            or len(set(classes)) != len(classes)):
-        raise PipelineError(f"{where} is damaged: 'classes' must be a list of distinct names; train again")
-    if len(classes) != spec["num_classes"]:
-        raise PipelineError(f"{where} names {len(classes)} classes but the head has {spec['num_classes']} outputs; "
-                            "restore the original config.json or train again")
-    if not isinstance(feature_set, dict) or not all(isinstance(feature_set.get(k), str)
-                                                    for k in ("backbone", "weights_sha256")):
-        raise PipelineError(f"{where} is damaged: 'feature_set' must name the backbone and its weights_sha256; "
-                            "train again")
-
-
 def load_head(run_dir: Path | str) -> tuple[Head, dict]:
     """Rebuild a trained head and its config from a run directory, checking the config against the head."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     run_dir = Path(run_dir)
-    for name in ("config.json", HEAD_FILE):
-        if not (run_dir / name).is_file():
-            raise PipelineError(f"{run_dir} is not a head run: {name} is missing; give a directory written by "
-                                "pipeline train-head")
-    try:
-        config = json.loads((run_dir / "config.json").read_text())
-    except (ValueError, OSError) as exc:
-        raise PipelineError(f"{run_dir / 'config.json'} is damaged ({str(exc).splitlines()[0][:100]}); "
-                            "train again") from None
-    check_config(config, run_dir)
+    config = read_config(run_dir)
     try:
         head = Head.from_spec(config["head"])
-        state = load_file(str(run_dir / HEAD_FILE))
+        state = read_weights(run_dir / HEAD_WEIGHTS)
         state.setdefault("temperature", torch.tensor(1.0))  # heads saved before calibration existed
         head.load_state_dict(state, strict=True)
     except (ValueError, KeyError, RuntimeError, SafetensorError) as exc:

@@ -17,6 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from stages.atomic import atomic_output, writer_alive
 from stages.errors import PipelineError
 from store.schema import CHUNK_ROWS, FEATURE_DTYPES, ROW_COLUMNS, SCHEMA_VERSION, SETS, SKIPPED, SKIPPED_COLUMNS, STR
 from store.verify import create_checked
@@ -75,14 +76,6 @@ class SplitRows:
         return not self.columns["paths"] and not self.skipped["paths"]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 ROW_OVERHEAD_BYTES = 256  # per-row columns and HDF5 bookkeeping, generously
 
 
@@ -111,23 +104,17 @@ def remove_stale_temporaries(path: Path) -> None:
 
 
 def _atomic_h5(path: Path, fill, needed: int) -> None:
-    """Write an HDF5 file under a temporary name, fsync, rename into place; remove the temporary on failure."""
+    """Write an HDF5 file atomically (stages.atomic), with no-space and permission errors said in one line."""
     ensure_space(path, needed)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with h5py.File(tmp, "w", locking=False) as f:
+        with atomic_output(path) as tmp, h5py.File(tmp, "w", locking=False) as f:
             fill(f)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and (exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-                                         or "No space" in str(exc) or "File too large" in str(exc)):
+    except OSError as exc:
+        if (exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+                or "No space" in str(exc) or "File too large" in str(exc)):
             raise PipelineError(f"no space left writing {path}; free disk space and rerun "
                                 "(work already committed is kept)") from None
-        if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
             raise PipelineError(f"cannot write {path}: {exc.strerror}; choose a --store in a writable folder") from None
         raise
 
@@ -135,17 +122,6 @@ def _atomic_h5(path: Path, fill, needed: int) -> None:
 def _write_columns(group: h5py.Group, columns: dict[str, list], spec: dict) -> None:
     for name, dtype in spec.items():
         create_checked(group, name, np.asarray(columns[name], dtype=object if dtype is STR else dtype), dtype)
-
-
-def _writer_alive(temporary_name: str) -> bool:
-    """Whether the process that named a temporary file (its pid is the suffix) is still running."""
-    try:
-        os.kill(int(temporary_name.rsplit("-", 1)[-1]), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Journal:
@@ -161,7 +137,7 @@ class Journal:
         if not self.dir.is_dir():
             return []
         for stale in self.dir.glob(".*.tmp-*"):
-            if not _writer_alive(stale.name):  # shards share the journal: a live shard's temporary is its own
+            if not writer_alive(stale):  # shards share the journal: a live shard's temporary is its own
                 stale.unlink(missing_ok=True)
         return sorted(self.dir.glob(f"{self.set_name}.part-*.h5"))
 

