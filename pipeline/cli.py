@@ -359,12 +359,15 @@ def finetune(
     unfreeze: str = typer.Option("all", help="all, or gradual (one more layer group per epoch, later groups first)."),
     train_bn: bool = typer.Option(False, "--train-bn", help="Update batch-norm statistics (frozen by default)."),
     crop_area: float = typer.Option(0.5, help="Smallest area of the random-resized crop, as a fraction of the image."),
+    train_size: Optional[int] = typer.Option(None, help="Side of the training crops in pixels (default: the "
+                                             "backbone's input size); validation keeps the backbone's size."),
     keep_best: bool = typer.Option(True, help="End with the weights of the epoch with the best valid accuracy, the "
                                    "starting model included, so fine-tuning never hands back a worse model "
                                    "(it chooses by valid: judge the result on another split)."),
     batch_size: int = typer.Option(32, help="Images per step."),
     seed: int = typer.Option(0, help="Seed of the order, augmentation and dropout."),
-    precision: str = typer.Option("auto", help="auto (bf16 autocast on a GPU, fp32 on a CPU), fp32 or bf16."),
+    precision: str = typer.Option("auto", help="auto (bf16 autocast on a GPU and on CPUs with native bf16, fp32 "
+                                  "elsewhere), fp32 or bf16."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     resume: Optional[Path] = typer.Option(None, help="Continue a stopped fine-tune from its checkpoint."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/ft-TIMESTAMP)."),
@@ -379,7 +382,7 @@ def finetune(
 
     cfg = FinetuneConfig(epochs=epochs, lr=lr, lr_mult=lr_mult, wd=wd, unfreeze=unfreeze, train_bn=train_bn,
                          batch_size=batch_size, seed=seed, precision=precision, crop_area=crop_area,
-                         keep_best=keep_best)
+                         train_size=train_size, keep_best=keep_best)
     out_dir = out_dir or Path("runs") / f"ft-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     table = EpochTable(err if as_json else out)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -13,7 +13,7 @@ import torch
 from pipeline.plots import plot_training_curves
 from pipeline.runtime import available_memory, cpu_count, tune_allocator
 from pipeline.distributed import current_shard
-from stages.backbones import file_sha256
+from stages.backbones import file_sha256, resolve_precision
 from stages.decode import batch_memory_bytes, resolve_device
 from stages.errors import PipelineError, check_memory
 from stages.files import scan_dataset
@@ -44,8 +44,7 @@ def finetune(data_dir: Path, head_dir: Path, out: Path, cfg: FinetuneConfig, res
     shard = current_shard(device=device)
     if shard.index != 0:  # one rank prints the table
         on_epoch = on_step = None
-    if cfg.precision == "auto":
-        cfg = replace(cfg, precision="bf16" if device == "cuda" else "fp32")
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device))
     head, head_config = load_head(head_dir)
     backbone = backbone_for(head_config["feature_set"], head_dir)
     dataset = scan_dataset(data_dir)

@@ -103,7 +103,7 @@ def _resize_and_crops(image, preprocessing: Preprocessing, tta: bool) -> list:
 
 
 def _build_pipeline(preprocessing: Preprocessing, views: int, device: str, batch_size: int, num_threads: int,
-                    tta: bool = False):
+                    tta: bool = False, plain: bool = True):
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device == "cuda"
@@ -117,7 +117,7 @@ def _build_pipeline(preprocessing: Preprocessing, views: int, device: str, batch
         normalize = dict(mean=list(preprocessing.mean), std=list(preprocessing.std),
                          output_layout="HWC", dtype=types.FLOAT)
         outputs = [fn.crop_mirror_normalize(crop, mirror=mirror, **normalize)
-                   for crop, mirror in _resize_and_crops(image, preprocessing, tta)]
+                   for crop, mirror in _resize_and_crops(image, preprocessing, tta)] if plain else []
         for view in range(1, views + 1):
             anchor = fn.external_source(name=f"anchor{view}", dtype=types.FLOAT, ndim=1)
             shape = fn.external_source(name=f"shape{view}", dtype=types.FLOAT, ndim=1)
@@ -149,7 +149,8 @@ _DONE = object()
 class ImageDecoder:
     """Decodes (key, encoded bytes) items into batches in input order, every item exactly once.
 
-    View 0 is the plain resize-and-centre-crop; views 1..K are seeded random resized crops with flips.
+    View 0 is the plain resize-and-centre-crop; views 1..K are seeded random resized crops with flips (with
+    plain=False, only those: views 1..K come out as 0..K-1).
     With tta=True the views are instead the TTA_VIEWS: plain, flipped, and two corner crops.
     A file DALI cannot decode is reported in `failed` and does not cost its batch-mates.
     Decoding runs in a background thread so it overlaps with whatever consumes the batches.
@@ -157,9 +158,11 @@ class ImageDecoder:
 
     def __init__(self, preprocessing: Preprocessing, views: int = 0, device: str = "cpu", batch_size: int = 64,
                  num_threads: int = 1, prefetch: int = 2, seed: int = 0, augmentation: Augmentation = Augmentation(),
-                 tta: bool = False):
+                 tta: bool = False, plain: bool = True):
         if tta and views:
             raise ValueError("TTA views and augmented views are exclusive")
+        if not (plain or views):
+            raise ValueError("a decoder without the plain view needs augmented views")
         self.preprocessing = preprocessing
         self.views = views
         self.device = device
@@ -169,12 +172,13 @@ class ImageDecoder:
         self.seed = seed
         self.augmentation = augmentation
         self.tta = tta
+        self.plain = plain  # training decodes only its augmented views
         self._pipe = None
 
     def _pipeline(self):
         if self._pipe is None:
             self._pipe = _build_pipeline(self.preprocessing, self.views, self.device, self.batch_size,
-                                         self.num_threads, self.tta)
+                                         self.num_threads, self.tta, self.plain)
         return self._pipe
 
     def _run(self, keys: list[str], data: list[np.ndarray], epoch: int) -> torch.Tensor:
@@ -205,7 +209,7 @@ class ImageDecoder:
 
     def _empty(self) -> torch.Tensor:
         s = self.preprocessing.size
-        views = len(TTA_VIEWS) if self.tta else self.views + 1
+        views = len(TTA_VIEWS) if self.tta else self.views + self.plain
         return torch.empty((0, views, 3, s, s), device="cuda" if self.device == "cuda" else "cpu")
 
     def decode(self, items: Iterable[tuple[str, Callable[[], np.ndarray]]], epoch: int = 0) -> Iterator[DecodedBatch]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.backbones import Backbone
+from stages.backbones import PRECISIONS, Backbone
 from stages.decode import Augmentation, ImageDecoder
 from stages.atomic import atomic_output
 from stages.errors import SEED_MAX, PipelineError, check_range
@@ -38,6 +38,7 @@ class FinetuneConfig:
     precision: str = "fp32"
     clip: float = 1.0
     crop_area: float = 0.5  # smallest area of a random-resized crop: 0.25 of a 128 px photo leaves too little
+    train_size: int | None = None  # side of the training crops; None: the backbone's input size
     keep_best: bool = True  # end with the best epoch's weights by valid accuracy, the start included
 
     def validate(self) -> None:
@@ -47,10 +48,12 @@ class FinetuneConfig:
             raise PipelineError(f"--lr-mult {self.lr_mult} is out of range; give 1 or more (100 spreads rates 100x)")
         if self.unfreeze not in UNFREEZE:
             raise PipelineError(f"--unfreeze {self.unfreeze!r} is not one of {', '.join(UNFREEZE)}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise PipelineError(f"--precision {self.precision!r} is not one of auto, fp32, bf16")
+        if self.precision not in PRECISIONS:
+            raise PipelineError(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if not 0 < self.crop_area <= 1:
             raise PipelineError(f"--crop-area {self.crop_area} is out of range; give a fraction in (0, 1]")
+        if self.train_size is not None:
+            check_range("--train-size", self.train_size, 32, 1024)
         for option, value, low, high in (("--epochs", self.epochs, 1, 10_000), ("--batch-size", self.batch_size, 1, 4096),
                                          ("--wd", self.wd, 0, None), ("--seed", self.seed, 0, SEED_MAX)):
             check_range(option, value, low, high)
@@ -115,7 +118,7 @@ class Finetuner:
         self.cfg, self.device, self.out = cfg, device, out
         self.rank, self.world, self.local_batch = rank, world, cfg.batch_size // world
         self.preprocessing = backbone.preprocessing
-        self.model = FullModel(backbone.model.requires_grad_(True), head).to(device)
+        self.model = FullModel(backbone.model.requires_grad_(True), head).to(device, memory_format=torch.channels_last)
         self.model.backbone.classifier.requires_grad_(False)  # the ImageNet classifier is carried, never used
         self.groups = layer_groups(self.model)
         rates = group_learning_rates(cfg.lr, cfg.lr_mult, len(self.groups))
@@ -131,7 +134,11 @@ class Finetuner:
 
     # Data --------------------------------------------------------------------------------------------
     def _decoder(self, train: bool) -> ImageDecoder:
-        return ImageDecoder(self.preprocessing, views=1 if train else 0, device=self.device,
+        preprocessing = self.preprocessing
+        if train and self.cfg.train_size:
+            preprocessing = replace(preprocessing, size=self.cfg.train_size,
+                                    resize=round(self.cfg.train_size * preprocessing.resize / preprocessing.size))
+        return ImageDecoder(preprocessing, views=1 if train else 0, plain=not train, device=self.device,
                             batch_size=self.local_batch, seed=self.cfg.seed, num_threads=1,
                             augmentation=Augmentation(scale=(self.cfg.crop_area, 1.0)))
 
@@ -242,7 +249,7 @@ class Finetuner:
 
     def _train_step(self, batch, labels: np.ndarray, index: dict) -> None:
         if batch.keys:
-            x = batch.images[:, 1].contiguous(memory_format=torch.channels_last)
+            x = batch.images[:, 0].contiguous(memory_format=torch.channels_last)
             y = torch.as_tensor([labels[index[k]] for k in batch.keys], device=self.device)
             with self._autocast():
                 loss = F.cross_entropy(self.forward(x).float(), y)

@@ -8,6 +8,7 @@ import torch
 from conftest import make_images, run_json
 from stages.decode import ImageDecoder
 from stages.finetune import (FinetuneConfig, Finetuner, group_learning_rates, read_checkpoint)
+from stages.errors import PipelineError
 from stages.head import load_head
 from stages.model import backbone_for
 
@@ -218,3 +219,17 @@ def test_a_diverging_fine_tune_stops_with_an_error_and_keeps_its_checkpoint(tiny
     with pytest.raises(PipelineError, match="diverged at epoch"):
         t.fit(split(data, "train"), split(data, "valid"))
     assert not (tmp_path / "checkpoint.pt").exists() or read_checkpoint(tmp_path)["step"] == 0
+
+
+def test_training_crops_at_train_size_validation_at_the_backbone_size(tiny, tmp_path):
+    """--train-size: the training batches are that size (augmented view only), validation keeps the backbone's."""
+    data, _ = tiny
+    t = tuner(tiny, tmp_path, epochs=1, train_size=96)
+    seen = []
+    t.model.register_forward_pre_hook(lambda module, inputs: seen.append(tuple(inputs[0].shape[1:])))
+    t.fit(split(data, "train"), split(data, "valid"))
+    size = t.preprocessing.size
+    assert (3, 96, 96) in seen and (3, size, size) in seen and size != 96
+    assert len([s for s in seen if s == (3, 96, 96)]) == 3  # 12 training images in batches of 4, one view each
+    with pytest.raises(PipelineError, match="--train-size 8 is out of range"):
+        FinetuneConfig(train_size=8).validate()
