@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.gpu import bench_gpu
+from pipeline.runtime import configure_process
 from bench.harness import REPO, Row, alternate, peak_rss_command, pipeline_cmd, report, run_json_command
 
 SHARED = REPO.parent / "shared" / "data"
@@ -42,7 +43,6 @@ def bench_featurize(quick: bool) -> dict:
     """Ours (default and fp32) against torchvision ImageFolder+DataLoader fp32 and the backbone-alone bound."""
     import torch
 
-    from pipeline.runtime import tune_allocator
     from stages.backbones import FeatureRunner, create_backbone
 
     tmp = Path(tempfile.mkdtemp())
@@ -73,7 +73,6 @@ def bench_featurize(quick: bool) -> dict:
     fp32, ref32, fp32_pairs = alternate(ours("--precision", "fp32"), reference, pairs)
 
     # The bound: the same backbone on ready tensors, same precision and process settings as ours.
-    tune_allocator()
     torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
     backbone = create_backbone()
     images = torch.rand(32, 3, 224, 224) * 2 - 1
@@ -380,12 +379,10 @@ def bench_finetune(quick: bool) -> dict:
     this CPU offers, against the plain NCHW fp32 step (what finetune ran before)."""
     import torch
 
-    from pipeline.runtime import tune_allocator
     from stages.backbones import cpu_has_bf16, create_backbone
     from stages.finetune import FinetuneConfig, Finetuner
     from stages.head import Head
 
-    tune_allocator()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     seconds = 3 if quick else 20
 
@@ -439,6 +436,7 @@ def main() -> None:
     parser.add_argument("names", nargs="*", help=f"benchmarks to run: {', '.join(BENCHMARKS)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="small inputs, one pair: a smoke check in under 2 minutes")
     args = parser.parse_args()
+    configure_process()
     unknown = set(args.names) - set(BENCHMARKS)
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(sorted(unknown))}; choose from {', '.join(BENCHMARKS)}")

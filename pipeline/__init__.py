@@ -1,18 +1,18 @@
 """pipeline: transfer learning for image classification on a cached feature store.
 
-    from pipeline import load_model
+    from pipeline import configure_process, load_model
+    configure_process()  # optional: the process settings the CLI uses (before torch is imported)
     load_model("runs/head-a").predict(["a.jpg"])
 """
-import os
-
-# Decode threads share the cores with torch's OpenMP pool: idle OpenMP threads must sleep, not spin
-# (measured 10 % faster featurize on 2 cores). Only effective before torch is first imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from pipeline.runtime import configure_process
 
 
 def __getattr__(name):
-    if name == "load_model":  # imported on first use: torch loads after the setting above
+    if name == "load_model":  # imported on first use, so that configure_process() can run before torch loads
         from stages.model import load_model
 
         return load_model
     raise AttributeError(name)
+
+
+__all__ = ["configure_process", "load_model"]

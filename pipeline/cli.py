@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from pipeline.runtime import configure_process
 from stages.errors import PipelineError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
@@ -252,10 +253,9 @@ def train_head_cmd(
 ):
     """Train heads on cached features: the epoch table per run, then a leaderboard when several run."""
     from stages.head import TrainConfig
-    from pipeline.train_head import default_out, default_threads, expand_grid, load_cached_features, train_grid
+    from pipeline.train_head import default_out, expand_grid, load_cached_features, train_grid
     from store.reader import FeatureStore
 
-    default_threads()
     auto = lr.strip() == "auto"
     base = TrainConfig(batch_size=batch_size, schedule=schedule, seed=seed, hidden=hidden, dropout=dropout,
                        calibrate=calibrate, folds=folds)
@@ -312,10 +312,9 @@ def lr_find_cmd(
     """Learning-rate range test on cached features: a fresh head per rate, scored on a held-out fold of train;
     a PNG of loss against lr, and the suggested rate (what --lr auto uses)."""
     from stages.head import TrainConfig
-    from pipeline.train_head import default_threads, find_lr, load_cached_features
+    from pipeline.train_head import find_lr, load_cached_features
     from store.reader import FeatureStore
 
-    default_threads()
     cfg = TrainConfig(head=head, wd=wd, epochs=epochs, schedule=schedule, views=views, batch_size=batch_size,
                       seed=seed)
     with FeatureStore(store) as fs:
@@ -613,6 +612,7 @@ def _exit(code: int) -> None:
 def main() -> None:
     """Entry point: one-line errors without traceback unless --debug is given anywhere on the command line."""
     global DEBUG
+    configure_process()
     if "--debug" in sys.argv[1:]:
         DEBUG = True
         sys.argv.remove("--debug")

@@ -57,7 +57,7 @@ def run_demo(out_dir: Path, progress: Callable[[int, int], None] | None = None,
     """The whole flow on generated images: featurize, lr-find, train-head, evaluate, predict; where everything went."""
     from pipeline.evaluate import evaluate, predict
     from pipeline.featurize import FeaturizeOptions, featurize
-    from pipeline.train_head import default_threads, find_lr, load_cached_features, train_grid
+    from pipeline.train_head import find_lr, load_cached_features, train_grid
     from stages.head import TrainConfig
     from stages.model import load_model
     from store.reader import FeatureStore
@@ -68,7 +68,6 @@ def run_demo(out_dir: Path, progress: Callable[[int, int], None] | None = None,
     summary = featurize(FeaturizeOptions(data_dir=data, store=store, views=2), progress=progress)
     state = "already up to date" if summary["up_to_date"] else f"featurized {summary['featurized']} images"
     say(f"2. feature store: {store} ({state}, {summary['seconds']:.1f} s; set {summary['set']})")
-    default_threads()
     with FeatureStore(store) as fs:
         cached = load_cached_features(fs)
         found = find_lr(cached, TrainConfig(head="linear", views=2), out_dir / "lr-find")

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from pipeline.distributed import Shard, current_shard
-from pipeline.runtime import available_memory, cpu_count, tune_allocator
+from pipeline.runtime import available_memory, cpu_count, torch_threads
 from stages.backbones import (DEFAULT_BACKBONE, REGISTRY, FeatureRunner, backbone_identity, create_backbone,
                               resolve_precision)
 from stages.decode import Augmentation, ImageDecoder, batch_memory_bytes, resolve_device
@@ -47,6 +47,7 @@ class FeaturizeOptions:
     commit_seconds: float = 30.0
     num_shards: int = 1
     shard_id: int = 0
+    threads: int | None = None  # torch's threads while featurizing; None: the cores, shared among local ranks
 
 
 @dataclass
@@ -357,7 +358,6 @@ def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> dict:
     into its own journal parts; then torchrun's rank 0, or a later plain run, merges every part into the store.
     """
     started = time.perf_counter()
-    tune_allocator()
     if opts.dtype not in FEATURE_DTYPES:
         raise PipelineError(f"--dtype {opts.dtype!r} is not one of {', '.join(FEATURE_DTYPES)}")
     for option, value, low, high in (("--views", opts.views, 0, MAX_VIEWS), ("--batch-size", opts.batch_size, 1, None),
@@ -454,11 +454,11 @@ class _Job:
             reused = sum(1 for split in decisions.values() for d in split.values() if d.source)
             run, interrupted, loop_seconds = None, False, 0.0
             if todo:
-                torch.set_num_threads(max(1, cpu_count() // shard.local_count))
                 run = _Run(opts, dataset, self.backbone(), journal, self.device, self.precision, self.progress)
                 loop_started = time.perf_counter()
                 try:
-                    run.run(todo)
+                    with torch_threads(opts.threads or cpu_count() // shard.local_count):
+                        run.run(todo)
                 except KeyboardInterrupt:
                     interrupted = True  # what was decoded is committed; write the store with it, then stop
                 loop_seconds = time.perf_counter() - loop_started

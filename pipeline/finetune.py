@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 from pipeline.plots import plot_training_curves
-from pipeline.runtime import available_memory, cpu_count, tune_allocator
+from pipeline.runtime import available_memory, cpu_count, torch_threads
 from pipeline.distributed import current_shard
 from stages.backbones import file_sha256, resolve_precision
 from stages.decode import batch_memory_bytes, resolve_device
@@ -32,10 +31,9 @@ def _split(dataset, name: str) -> tuple[list[str], np.ndarray] | None:
 
 def finetune(data_dir: Path, head_dir: Path, out: Path, cfg: FinetuneConfig, resume: Path | None = None,
              device: str = "auto", on_epoch: Callable[[dict], None] | None = None,
-             on_step: Callable[[int, int], None] | None = None) -> dict:
-    """Fine-tune from a train-head run (or continue a stopped fine-tune); write a run directory predict can use."""
-    tune_allocator()
-    torch.set_num_threads(cpu_count())
+             on_step: Callable[[int, int], None] | None = None, threads: int | None = None) -> dict:
+    """Fine-tune from a train-head run (or continue a stopped fine-tune); write a run directory predict can use.
+    threads: torch's threads while training (None: the cores, shared among this machine's ranks)."""
     state = None
     if resume is not None:
         state = read_checkpoint(resume)
@@ -62,13 +60,14 @@ def finetune(data_dir: Path, head_dir: Path, out: Path, cfg: FinetuneConfig, res
     steps_per_epoch = -(-len(train[0]) // cfg.batch_size)
     if state is not None:
         tuner.restore(state, steps_per_epoch)
-    elif valid:
-        tuner.before = tuner.evaluate(*valid)
-        if cfg.keep_best:
-            tuner.remember_if_best(-1, tuner.before)
-    started = time.perf_counter()
-    tuner.fit(train, valid, on_epoch=on_epoch, on_step=on_step)
-    seconds = time.perf_counter() - started
+    with torch_threads(threads or cpu_count() // shard.local_count):
+        if state is None and valid:
+            tuner.before = tuner.evaluate(*valid)
+            if cfg.keep_best:
+                tuner.remember_if_best(-1, tuner.before)
+        started = time.perf_counter()
+        tuner.fit(train, valid, on_epoch=on_epoch, on_step=on_step)
+        seconds = time.perf_counter() - started
     kept = tuner.restore_best()
     if shard.index != 0:
         return {"run": str(out), "rank": shard.index, "quiet": True}

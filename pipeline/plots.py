@@ -4,14 +4,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+# Figures are built as objects and saved by file name (Agg renders a PNG): no pyplot, no process-wide backend.
 
 
 def plot_training_curves(history: list[dict], step_losses: list[float], path: Path) -> Path:
     """Train loss per step and valid loss per epoch on the left, valid accuracy per epoch on the right."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    left, right = fig.subplots(1, 2)
     steps_per_epoch = len(step_losses) / max(1, len(history))
     left.plot([(i + 1) / steps_per_epoch for i in range(len(step_losses))], step_losses, label="train loss (step)",
               alpha=0.7)
@@ -25,13 +26,13 @@ def plot_training_curves(history: list[dict], step_losses: list[float], path: Pa
     right.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
 def plot_cv_path(path: list[dict], chosen: float | None, out: Path) -> Path:
     """logreg's cross-validation: out-of-fold loss and accuracy against the L2 strength, the choice marked."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    left, right = fig.subplots(1, 2)
     strengths = [row["l2"] for row in path]
     left.plot(strengths, [row["cv_loss"] for row in path], "o-")
     right.plot(strengths, [row["cv_accuracy"] for row in path], "o-", color="tab:green")
@@ -45,13 +46,13 @@ def plot_cv_path(path: list[dict], chosen: float | None, out: Path) -> Path:
     fig.suptitle("logreg: k-fold cross-validation on the training split")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
-    plt.close(fig)
     return out
 
 
 def plot_lr_find(result: dict, path: Path) -> Path:
     """Held-out and train loss of a fresh head per learning rate, on a log axis, the suggestion marked."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     ax.plot(result["lrs"], result["held_out_loss"], "o-", label="held-out loss (a fold of train)")
     ax.plot(result["lrs"], result["train_loss"], "o-", alpha=0.4, label="train loss (last epoch)")
     ax.axvline(result["suggestion"], color="tab:purple", linestyle="--",
@@ -66,13 +67,13 @@ def plot_lr_find(result: dict, path: Path) -> Path:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
 def plot_reliability(bins: list[dict], ece: float, path: Path) -> Path:
     """Reliability diagram: accuracy against confidence per bin (the diagonal is honest), image counts below."""
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5.5, 6.5), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    fig = Figure(figsize=(5.5, 6.5))
+    top, bottom = fig.subplots(2, 1, gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
     filled = [b for b in bins if b["count"]]
     width = bins[0]["high"] - bins[0]["low"]
     top.bar([b["low"] for b in filled], [b["accuracy"] for b in filled], width=width, align="edge",
@@ -87,7 +88,6 @@ def plot_reliability(bins: list[dict], ece: float, path: Path) -> Path:
     bottom.set_yscale("symlog")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -97,7 +97,8 @@ def plot_confusion_matrix(matrix: list[list[int]], classes: list[str], path: Pat
 
     m = np.asarray(matrix)
     size = max(4, 0.6 * len(classes) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig = Figure(figsize=(size, size))
+    ax = fig.subplots()
     ax.imshow(m, cmap="Blues")
     ticks = range(len(classes))
     ax.set_xticks(ticks, classes, rotation=45, ha="right")
@@ -107,7 +108,6 @@ def plot_confusion_matrix(matrix: list[list[int]], classes: list[str], path: Pat
     ax.set(xlabel="predicted", ylabel="actual", title="confusion matrix")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -126,7 +126,8 @@ def _thumbnail(path: Path, size: int = 160):
 def plot_image_grid(items: list[tuple[Path, str]], path: Path, title: str, columns: int = 3) -> Path:
     """Images with a caption each (fastai's plot_top_losses)."""
     rows = max(1, -(-len(items) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows), squeeze=False)
+    fig = Figure(figsize=(3.2 * columns, 3.4 * rows))
+    axes = fig.subplots(rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (image_path, caption) in zip(axes.flat, items):
@@ -135,14 +136,14 @@ def plot_image_grid(items: list[tuple[Path, str]], path: Path, title: str, colum
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the title above the first row
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
 def plot_contact_sheet(samples: dict[str, list[Path]], path: Path, per_row: int = 8) -> Path:
     """One labelled row of sample images per class."""
     rows = max(1, len(samples))
-    fig, axes = plt.subplots(rows, per_row, figsize=(1.6 * per_row, 1.8 * rows), squeeze=False)
+    fig = Figure(figsize=(1.6 * per_row, 1.8 * rows))
+    axes = fig.subplots(rows, per_row, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for r, (name, paths) in enumerate(samples.items()):
@@ -151,14 +152,14 @@ def plot_contact_sheet(samples: dict[str, list[Path]], path: Path, per_row: int 
             axes[r, c].imshow(_thumbnail(image_path, 128))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
 def plot_feature_map(points, labels, classes: list[str], marks: dict[str, list[int]], path: Path) -> Path:
     """A 2-D map of the images coloured by class (grey: unlabelled), flagged rows marked by kind."""
-    fig, ax = plt.subplots(figsize=(8, 7))
-    colours = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    fig = Figure(figsize=(8, 7))
+    ax = fig.subplots()
+    colours = matplotlib.colormaps.get_cmap("tab10" if len(classes) <= 10 else "tab20")
     unlabelled = labels < 0
     if unlabelled.any():
         ax.scatter(*points[unlabelled].T, s=6, c="lightgrey", label="unlabelled")
@@ -173,5 +174,4 @@ def plot_feature_map(points, labels, classes: list[str], marks: dict[str, list[i
     ax.legend(fontsize=8, markerscale=1.5, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

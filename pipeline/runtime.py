@@ -1,13 +1,42 @@
-"""Process-wide settings that decide CPU throughput: the allocator, and how cores are shared."""
+"""Process-wide settings that decide CPU throughput, made once and visibly: configure_process() at the entry point;
+library calls take their thread count as a parameter and hand the process back as they found it."""
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import os
+from contextlib import contextmanager
+from typing import Iterator
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 _tuned = False
+
+
+def configure_process() -> None:
+    """The settings this project measured best on the CPU, for the whole process: call it first thing (the CLI does).
+
+    - OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning, so DALI's decode threads get the
+      cores (featurize 10 % faster on 2 cores). Read by torch when it is first imported: set it before.
+    - glibc keeps freed memory in its heap (tune_allocator).
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    tune_allocator()
+
+
+@contextmanager
+def torch_threads(count: int | None) -> Iterator[int]:
+    """Run a block with torch's intra-op pool at `count` threads (None: every core this process may use), then put
+    the caller's setting back."""
+    import torch
+
+    before = torch.get_num_threads()
+    count = max(1, count or cpu_count())
+    torch.set_num_threads(count)
+    try:
+        yield count
+    finally:
+        torch.set_num_threads(before)
 
 
 def tune_allocator() -> bool:

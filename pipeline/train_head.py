@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -13,6 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from pipeline.runtime import cpu_count, torch_threads
 from stages.atomic import atomic_output
 from pipeline.plots import plot_cv_path, plot_lr_find, plot_training_curves
 from stages.calibration import fit_temperature, image_folds
@@ -137,14 +137,21 @@ def default_out(root: Path = Path("runs")) -> Path:
     return root / f"head-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def find_lr(cached: CachedFeatures, cfg: TrainConfig, out: Path | None = None, **sweep) -> dict:
+def head_threads(threads: int | None) -> int:
+    """Heads are small: a few threads are as fast as many and leave cores for the rest of the machine."""
+    return threads or min(4, cpu_count())
+
+
+def find_lr(cached: CachedFeatures, cfg: TrainConfig, out: Path | None = None, threads: int | None = None,
+            **sweep) -> dict:
     """lr-find on cached features; writes lr_find.png into out when given."""
     cfg.validate(cached.views_in_store)
     if cfg.head == "logreg":
         raise PipelineError("logreg is fitted by L-BFGS and takes no learning rate; lr-find a linear or mlp head")
     rows = cached.train_rows(cfg.views)
     folds, plain = cached.folds(rows, cfg.folds, cfg.seed)
-    result = lr_find(rows, folds, plain, cfg, len(cached.classes), **sweep)
+    with torch_threads(head_threads(threads)):
+        result = lr_find(rows, folds, plain, cfg, len(cached.classes), **sweep)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         with atomic_output(out / "lr_find.png") as tmp:
@@ -178,8 +185,13 @@ def fit_head(cached: CachedFeatures, cfg: TrainConfig, on_epoch: Callable[[dict]
 def train_grid(cached: CachedFeatures, configs: list[TrainConfig], out: Path, auto_lr: bool = False,
                overwrite: bool = False, on_run: Callable[[int, TrainConfig], None] | None = None,
                on_epoch: Callable[[dict], None] | None = None,
-               on_strength: Callable[[dict], None] | None = None) -> list[dict]:
+               on_strength: Callable[[dict], None] | None = None, threads: int | None = None) -> list[dict]:
     """Train every config on the same loaded features; return the leaderboard (best valid accuracy first)."""
+    with torch_threads(head_threads(threads)):
+        return _train_grid(cached, configs, out, auto_lr, overwrite, on_run, on_epoch, on_strength)
+
+
+def _train_grid(cached, configs, out, auto_lr, overwrite, on_run, on_epoch, on_strength) -> list[dict]:
     for cfg in configs:
         cfg.validate(cached.views_in_store)
     existing = [d for d in ([out] if len(configs) == 1 else [out / run_name(c) for c in configs])
@@ -222,6 +234,3 @@ def check_finite(name: str, head: Head, history: list[dict], valid: dict | None)
                             "pipeline store info --verify); nothing was saved for it")
 
 
-def default_threads() -> None:
-    """Heads are small: a few threads are as fast as many and leave cores for the rest of the machine."""
-    torch.set_num_threads(min(4, os.cpu_count() or 1))

@@ -12,7 +12,8 @@ import numpy as np
 from stages.errors import PipelineError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
-SPLIT_NAMES = ("train", "valid", "test")
+SPLIT_NAMES = ("train", "valid", "test")  # the one list of split names: the store and every command use it
+LABELLED_SPLITS = SPLIT_NAMES[:2]  # test/ may hold unlabelled images
 # Decoders DALI handles; PIL names them in Image.format.
 DECODABLE_FORMATS = frozenset({"JPEG", "PNG", "BMP", "TIFF", "WEBP", "MPO"})
 # Refuse images that declare more pixels than this (a decompression bomb): 100 megapixels.
@@ -163,7 +164,7 @@ def scan_dataset(root: str | Path, valid_pct: float | None = None, seed: int = 0
     present = [s for s in SPLIT_NAMES if (root / s).is_dir()]
     notes = []
     if present:
-        labelled = [s for s in ("train", "valid") if s in present]
+        labelled = [s for s in LABELLED_SPLITS if s in present]
         if not labelled:
             classes = []
         else:

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 
 from stages.errors import PipelineError
-from store.schema import IDENTITY_FIELDS, SCHEMA_VERSION, SETS, SKIPPED, UNKNOWN_CTIME
+from store.schema import IDENTITY_FIELDS, SCHEMA_VERSION, SETS, SKIPPED, SPLITS, UNKNOWN_CTIME
 from store.verify import CheckedDataset, read_or_fail, verify_split
 
 
@@ -91,7 +91,7 @@ class FeatureSet:
 
     @property
     def splits(self) -> list[str]:
-        return [name for name in ("train", "valid", "test") if name in self.group]
+        return [name for name in SPLITS if name in self.group]
 
     def features(self, split: str) -> CheckedDataset:
         """The split's features; a read of a damaged chunk is an error, never numbers."""

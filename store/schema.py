@@ -19,10 +19,11 @@ import json
 import h5py
 import numpy as np
 
+from stages.files import SPLIT_NAMES as SPLITS  # noqa: F401 (the store names its split groups so)
+
 SCHEMA_VERSION = 1
 SETS = "sets"
 SKIPPED = "skipped"
-SPLITS = ("train", "valid", "test")
 FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
 CHUNK_ROWS = 1024
 
