@@ -1,4 +1,5 @@
 """python -m bench [featurize heads stream scale accuracy] [--quick]: figures beside a reference from the same run."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.gpu import bench_gpu
-from pipeline.runtime import configure_process
 from bench.harness import REPO, Row, alternate, peak_rss_command, pipeline_cmd, report, run_json_command
+from pipeline.runtime import configure_process
 
 SHARED = REPO.parent / "shared" / "data"
 
@@ -54,22 +55,27 @@ def bench_featurize(quick: bool) -> dict:
     def ours(*extra):
         def run():
             count[0] += 1
-            summary, wall = run_json_command(pipeline_cmd("featurize", data, "--store", tmp / f"s{count[0]}.h5", *extra))
+            summary, wall = run_json_command(
+                pipeline_cmd("featurize", data, "--store", tmp / f"s{count[0]}.h5", *extra)
+            )
             walls["ours"].append(wall)
             return summary["images_per_second"]
+
         return run
 
     def reference():
-        result, wall = run_json_command([sys.executable, "bench/reference_featurize.py", str(data / "valid"),
-                                         "--out", str(tmp / "reference.npy")])
+        result, wall = run_json_command(
+            [sys.executable, "bench/reference_featurize.py", str(data / "valid"), "--out", str(tmp / "reference.npy")]
+        )
         walls["reference"].append(wall)
         return result["images_per_second"]
 
     default, ref, default_pairs = alternate(ours(), reference, pairs)
     whole = {k: float(np.median(v)) for k, v in walls.items()}
     _, rerun_wall = run_json_command(pipeline_cmd("featurize", data, "--store", tmp / "s1.h5"))
-    import_walls = [run_json_command([sys.executable, "-c", "import torch, json; print(json.dumps({}))"])[1]
-                    for _ in range(pairs)]
+    import_walls = [
+        run_json_command([sys.executable, "-c", "import torch, json; print(json.dumps({}))"])[1] for _ in range(pairs)
+    ]
     fp32, ref32, fp32_pairs = alternate(ours("--precision", "fp32"), reference, pairs)
 
     # The bound: the same backbone on ready tensors, same precision and process settings as ours.
@@ -96,20 +102,35 @@ def bench_featurize(quick: bool) -> dict:
             ours_features = f["sets"][name]["valid"]["features"][()].astype(np.float32)
             used = f["sets"][name].attrs["precision"]
         cos = (ours_features * reference_features).sum(1) / (
-            np.linalg.norm(ours_features, axis=1) * np.linalg.norm(reference_features, axis=1))
+            np.linalg.norm(ours_features, axis=1) * np.linalg.norm(reference_features, axis=1)
+        )
         cosines[f"{precision} ({used})"] = float(cos.min())
     shutil.rmtree(tmp)
     rows = [
         Row("featurize default vs torchvision fp32, loop", default, ref, "img/s", note=label, pairs=default_pairs),
-        Row("featurize default vs torchvision fp32, whole process (start-up included)", whole["ours"],
-            whole["reference"], "s", higher_is_better=False, note="median wall; target >= 3x"),
-        Row("up-to-date featurize rerun vs `python -c 'import torch'`, wall", rerun_wall, min(import_walls), "s",
-            higher_is_better=False, note="target ratio >= 0.67x (at most 1.5x the import)"),
+        Row(
+            "featurize default vs torchvision fp32, whole process (start-up included)",
+            whole["ours"],
+            whole["reference"],
+            "s",
+            higher_is_better=False,
+            note="median wall; target >= 3x",
+        ),
+        Row(
+            "up-to-date featurize rerun vs `python -c 'import torch'`, wall",
+            rerun_wall,
+            min(import_walls),
+            "s",
+            higher_is_better=False,
+            note="target ratio >= 0.67x (at most 1.5x the import)",
+        ),
         Row("featurize fp32 vs torchvision fp32", fp32, ref32, "img/s", pairs=fp32_pairs),
         Row("featurize fp32 vs fp32 backbone-alone bound", fp32, bounds["fp32"], "img/s", note="target >= 0.8x"),
         Row("featurize default vs bf16 backbone-alone bound", default, bounds["bf16"], "img/s"),
-        *[Row(f"min cosine to torchvision features, {k}", v, None, "", note="fp32 target >= 0.999")
-          for k, v in cosines.items()],
+        *[
+            Row(f"min cosine to torchvision features, {k}", v, None, "", note="fp32 target >= 0.999")
+            for k, v in cosines.items()
+        ],
     ]
     return report("featurize" + ("-quick" if quick else ""), rows)
 
@@ -129,21 +150,47 @@ def bench_heads(quick: bool) -> dict:
     first, first_wall = run_json_command(pipeline_cmd("featurize", data, "--store", store, "--views", views))
     rerun, rerun_wall = run_json_command(pipeline_cmd("featurize", data, "--store", store, "--views", views))
     head, head_wall = run_json_command(pipeline_cmd("train-head", "--store", store, "--out", tmp / "head"))
-    grid_args = (["--head", "linear", "--lr", "1e-2", "--views", f"0,{views}"] if quick else
-                 ["--head", "linear,mlp", "--lr", "3e-3,1e-2,3e-2", "--wd", "0,1e-4", "--views", f"0,{views}"])
+    grid_args = (
+        ["--head", "linear", "--lr", "1e-2", "--views", f"0,{views}"]
+        if quick
+        else ["--head", "linear,mlp", "--lr", "3e-3,1e-2,3e-2", "--wd", "0,1e-4", "--views", f"0,{views}"]
+    )
     grid, grid_wall = run_json_command(pipeline_cmd("train-head", "--store", store, *grid_args, "--out", tmp / "grid"))
     shutil.rmtree(tmp)
     recompute = len(grid) * (first_wall + head_wall)
     rows = [
-        Row(f"featurize (first run, --views {views}), wall", first_wall, None, "s", higher_is_better=False,
-            note=f"{label}; {first['images_per_second']} img/s"),
-        Row("featurize rerun vs first run, wall", rerun_wall, first_wall, "s", higher_is_better=False,
-            note=f"up to date: {rerun['up_to_date']}"),
-        Row("default train-head, wall vs featurize wall", head_wall, first_wall, "s", higher_is_better=False,
-            note=f"valid accuracy {head[0]['accuracy']:.4f}"),
-        Row(f"{len(grid)}-run grid vs {len(grid)} x (featurize + head)", grid_wall, recompute, "s",
-            higher_is_better=False, note=f"best {grid[0]['head']} lr {grid[0]['lr']:g} wd {grid[0]['wd']:g}: "
-                                         f"{grid[0]['accuracy']:.4f}"),
+        Row(
+            f"featurize (first run, --views {views}), wall",
+            first_wall,
+            None,
+            "s",
+            higher_is_better=False,
+            note=f"{label}; {first['images_per_second']} img/s",
+        ),
+        Row(
+            "featurize rerun vs first run, wall",
+            rerun_wall,
+            first_wall,
+            "s",
+            higher_is_better=False,
+            note=f"up to date: {rerun['up_to_date']}",
+        ),
+        Row(
+            "default train-head, wall vs featurize wall",
+            head_wall,
+            first_wall,
+            "s",
+            higher_is_better=False,
+            note=f"valid accuracy {head[0]['accuracy']:.4f}",
+        ),
+        Row(
+            f"{len(grid)}-run grid vs {len(grid)} x (featurize + head)",
+            grid_wall,
+            recompute,
+            "s",
+            higher_is_better=False,
+            note=f"best {grid[0]['head']} lr {grid[0]['lr']:g} wd {grid[0]['wd']:g}: {grid[0]['accuracy']:.4f}",
+        ),
     ]
     return report("heads" + ("-quick" if quick else ""), rows, {"leaderboard": grid})
 
@@ -162,7 +209,9 @@ def bench_stream(quick: bool) -> dict:
     features = np.empty((n, 1280), np.float16)
     for i in range(0, n, 65536):  # generated in blocks to keep this process small
         k = min(65536, n - i)
-        features[i:i + k] = (rng.standard_normal((k, 1280), dtype=np.float32) + labels[i:i + k, None]).astype(np.float16)
+        features[i : i + k] = (rng.standard_normal((k, 1280), dtype=np.float32) + labels[i : i + k, None]).astype(
+            np.float16
+        )
     write_feature_store(store, (features, labels, np.zeros(n, np.uint8)), chunk_rows=1024)
     del features
 
@@ -171,20 +220,44 @@ def bench_stream(quick: bool) -> dict:
         with h5py.File(store, "r") as f:
             ds = f["sets/efficientnet_lite0-test/train/features"]
             for i in range(0, n, 16384):
-                ds[i:i + 16384]
+                ds[i : i + 16384]
         return n / (time.perf_counter() - started)
 
     def train_rate() -> float:
-        result, _ = run_json_command(pipeline_cmd("train-head", "--store", store, "--head", "linear", "--epochs", "1",
-                                                  "--no-calibrate", "--max-memory", "1M", "--out", tmp / "run"))
+        result, _ = run_json_command(
+            pipeline_cmd(
+                "train-head",
+                "--store",
+                store,
+                "--head",
+                "linear",
+                "--epochs",
+                "1",
+                "--no-calibrate",
+                "--max-memory",
+                "1M",
+                "--out",
+                tmp / "run",
+            )
+        )
         metrics = json.loads((Path(result[0]["run"]) / "metrics.json").read_text())
         return n / metrics["train_seconds"]
 
     ours, ref, pairs = alternate(train_rate, h5py_rate, 1 if quick else 3)
     shutil.rmtree(tmp)
-    return report("stream" + ("-quick" if quick else ""), [
-        Row(f"train-head streamed (linear, 1 epoch, {n:,} x 1280 fp16) vs h5py sequential read", ours, ref,
-            "rows/s", note="train includes a standardization pass", pairs=pairs)])
+    return report(
+        "stream" + ("-quick" if quick else ""),
+        [
+            Row(
+                f"train-head streamed (linear, 1 epoch, {n:,} x 1280 fp16) vs h5py sequential read",
+                ours,
+                ref,
+                "rows/s",
+                note="train includes a standardization pass",
+                pairs=pairs,
+            )
+        ],
+    )
 
 
 def bench_checksums(quick: bool) -> dict:
@@ -200,8 +273,9 @@ def bench_checksums(quick: bool) -> dict:
     rng = np.random.default_rng(0)
     features = rng.standard_normal((n, 1280), dtype=np.float32).astype(np.float16)
     split = (features, np.zeros(n, np.int32), np.zeros(n, np.uint8))
-    stores = {flag: write_feature_store(tmp / f"{flag}.h5", split, chunk_rows=1024, checksums=flag)
-              for flag in (True, False)}
+    stores = {
+        flag: write_feature_store(tmp / f"{flag}.h5", split, chunk_rows=1024, checksums=flag) for flag in (True, False)
+    }
     del features
 
     def read_rate(flag: bool):
@@ -210,8 +284,9 @@ def bench_checksums(quick: bool) -> dict:
             with h5py.File(stores[flag], "r") as f:
                 ds = f["sets/efficientnet_lite0-test/train/features"]
                 for i in range(0, n, 16384):
-                    ds[i:i + 16384]
+                    ds[i : i + 16384]
             return n / (time.perf_counter() - started)
+
         return run
 
     checked, plain, pairs = alternate(read_rate(True), read_rate(False), 1 if quick else 3)
@@ -220,11 +295,26 @@ def bench_checksums(quick: bool) -> dict:
         verify_split(f["sets/efficientnet_lite0-test/train"])
         verify = time.perf_counter() - started
     shutil.rmtree(tmp)
-    return report("checksums" + ("-quick" if quick else ""), [
-        Row(f"h5py sequential read, {n:,} x 1280 fp16, with Fletcher-32 vs without", checked, plain, "rows/s",
-            pairs=pairs, note="train-head's streamed reads and featurize's copies pay this"),
-        Row(f"featurize's verification pass over {n:,} rows (checksums and NaN check)", n / verify, None, "rows/s",
-            note=f"{verify:.2f} s")])
+    return report(
+        "checksums" + ("-quick" if quick else ""),
+        [
+            Row(
+                f"h5py sequential read, {n:,} x 1280 fp16, with Fletcher-32 vs without",
+                checked,
+                plain,
+                "rows/s",
+                pairs=pairs,
+                note="train-head's streamed reads and featurize's copies pay this",
+            ),
+            Row(
+                f"featurize's verification pass over {n:,} rows (checksums and NaN check)",
+                n / verify,
+                None,
+                "rows/s",
+                note=f"{verify:.2f} s",
+            ),
+        ],
+    )
 
 
 def bench_scale(quick: bool) -> dict:
@@ -238,8 +328,16 @@ def bench_scale(quick: bool) -> dict:
         data = make_demo_images(tmp / "data", {"train": n // 3})
         summary, wall, peak = peak_rss_command(pipeline_cmd("featurize", data, "--store", tmp / "s.h5"))
         rows.append(Row(f"featurize {n:,} generated images: img/s", summary["images_per_second"], None, "img/s"))
-        rows.append(Row(f"featurize {n:,} generated images: peak RSS", peak, None, "MB", higher_is_better=False,
-                        note=f"wall {wall:.0f} s"))
+        rows.append(
+            Row(
+                f"featurize {n:,} generated images: peak RSS",
+                peak,
+                None,
+                "MB",
+                higher_is_better=False,
+                note=f"wall {wall:.0f} s",
+            )
+        )
         shutil.rmtree(tmp)
     return report("scale" + ("-quick" if quick else ""), rows)
 
@@ -263,42 +361,89 @@ def bench_accuracy(quick: bool) -> dict:
     for name, data in accuracy_sets(tmp, quick):
         store = tmp / f"{name}.h5"
         run_json_command(pipeline_cmd("featurize", data, "--store", store))
-        default, head_wall = run_json_command(pipeline_cmd("train-head", "--store", store,
-                                                           "--out", tmp / name / "head"))
-        grid, grid_wall = run_json_command(pipeline_cmd(
-            "train-head", "--store", store, "--head", "linear", "--lr", ",".join(GRID_LRS), "--epochs",
-            ",".join(GRID_EPOCHS), "--no-calibrate", "--out", tmp / name / "grid"))
+        default, head_wall = run_json_command(
+            pipeline_cmd("train-head", "--store", store, "--out", tmp / name / "head")
+        )
+        grid, grid_wall = run_json_command(
+            pipeline_cmd(
+                "train-head",
+                "--store",
+                store,
+                "--head",
+                "linear",
+                "--lr",
+                ",".join(GRID_LRS),
+                "--epochs",
+                ",".join(GRID_EPOCHS),
+                "--no-calibrate",
+                "--out",
+                tmp / name / "grid",
+            )
+        )
         by_loss = min(grid, key=lambda r: r["valid_loss"])
         # lr-find probes with the run's epochs (3 by default): the rate it should find is the best at that budget.
         same_budget = min((r for r in grid if r["epochs"] == 3), key=lambda r: r["valid_loss"])
         found, _ = run_json_command(pipeline_cmd("lr-find", "--store", store, "--out", tmp / name / "lr"))
         evaluated, _ = run_json_command(pipeline_cmd("evaluate", default[0]["run"], data / "valid", "--store", store))
-        ft, ft_wall = run_json_command(pipeline_cmd("finetune", data, "--head", default[0]["run"],
-                                                    "--out", tmp / name / "ft"))
+        ft, ft_wall = run_json_command(
+            pipeline_cmd("finetune", data, "--head", default[0]["run"], "--out", tmp / name / "ft")
+        )
         ft_eval, _ = run_json_command(pipeline_cmd("evaluate", ft["run"], data / "valid"))
         ratio = found["suggestion"] / same_budget["lr"]
         overall = found["suggestion"] / by_loss["lr"]
         rows += [
-            Row(f"{name}: default train-head vs best linear run of the grid, valid accuracy", default[0]["accuracy"],
-                grid[0]["accuracy"], "", note=f"logreg l2 {default[0]['l2']:.2g} in {head_wall:.1f} s; grid best "
-                f"lr {grid[0]['lr']:g} epochs {grid[0]['epochs']} ({len(grid)} runs, {grid_wall:.0f} s)"),
-            Row(f"{name}: default train-head vs best grid run, valid log loss", default[0]["valid_loss"],
-                by_loss["valid_loss"], "", higher_is_better=False,
-                note=f"grid best by loss: lr {by_loss['lr']:g} epochs {by_loss['epochs']}"),
-            Row(f"{name}: lr-find suggestion vs the grid's best lr at 3 epochs (by valid loss)", found["suggestion"],
-                same_budget["lr"], "lr", note=f"factor {max(ratio, 1 / ratio):.2f} (target <= 3); against the best "
-                f"of all epochs (lr {by_loss['lr']:g}): factor {max(overall, 1 / overall):.2f}"),
-            Row(f"{name}: default head calibration, ECE (15 bins)", evaluated["ece"], None, "",
-                higher_is_better=False, note=f"most confident mistake p = {evaluated['max_wrong_probability']}; "
-                f"temperature {default[0]['temperature']:.3f}"),
-            Row(f"{name}: default finetune vs the head it starts from, valid accuracy", ft["accuracy"],
-                ft["before"]["accuracy"], "", note=f"{ft_wall / 60:.1f} min wall, "
+            Row(
+                f"{name}: default train-head vs best linear run of the grid, valid accuracy",
+                default[0]["accuracy"],
+                grid[0]["accuracy"],
+                "",
+                note=f"logreg l2 {default[0]['l2']:.2g} in {head_wall:.1f} s; grid best "
+                f"lr {grid[0]['lr']:g} epochs {grid[0]['epochs']} ({len(grid)} runs, {grid_wall:.0f} s)",
+            ),
+            Row(
+                f"{name}: default train-head vs best grid run, valid log loss",
+                default[0]["valid_loss"],
+                by_loss["valid_loss"],
+                "",
+                higher_is_better=False,
+                note=f"grid best by loss: lr {by_loss['lr']:g} epochs {by_loss['epochs']}",
+            ),
+            Row(
+                f"{name}: lr-find suggestion vs the grid's best lr at 3 epochs (by valid loss)",
+                found["suggestion"],
+                same_budget["lr"],
+                "lr",
+                note=f"factor {max(ratio, 1 / ratio):.2f} (target <= 3); against the best "
+                f"of all epochs (lr {by_loss['lr']:g}): factor {max(overall, 1 / overall):.2f}",
+            ),
+            Row(
+                f"{name}: default head calibration, ECE (15 bins)",
+                evaluated["ece"],
+                None,
+                "",
+                higher_is_better=False,
+                note=f"most confident mistake p = {evaluated['max_wrong_probability']}; "
+                f"temperature {default[0]['temperature']:.3f}",
+            ),
+            Row(
+                f"{name}: default finetune vs the head it starts from, valid accuracy",
+                ft["accuracy"],
+                ft["before"]["accuracy"],
+                "",
+                note=f"{ft_wall / 60:.1f} min wall, "
                 f"{ft['train_images_per_second']:.1f} img/s training; ECE after {ft_eval['ece']:.4f}, "
-                f"most confident mistake p = {ft_eval['max_wrong_probability']}"),
+                f"most confident mistake p = {ft_eval['max_wrong_probability']}",
+            ),
         ]
-        record[name] = {"default": default[0], "grid": grid, "lr_find": found["suggestion"], "ece": evaluated["ece"],
-                        "finetune": {k: ft[k] for k in ("accuracy", "before", "history", "train_images_per_second")},
-                        "finetune_wall_s": ft_wall, "finetune_ece": ft_eval["ece"]}
+        record[name] = {
+            "default": default[0],
+            "grid": grid,
+            "lr_find": found["suggestion"],
+            "ece": evaluated["ece"],
+            "finetune": {k: ft[k] for k in ("accuracy", "before", "history", "train_images_per_second")},
+            "finetune_wall_s": ft_wall,
+            "finetune_ece": ft_eval["ece"],
+        }
     shutil.rmtree(tmp)
     return report("accuracy" + ("-quick" if quick else ""), rows, {"sets": record})
 
@@ -316,8 +461,9 @@ def bench_export(quick: bool) -> dict:
     walls = {}
 
     def deployed():
-        result, walls["onnx"] = run_json_command([sys.executable, "bench/onnx_predict.py", str(tmp / "model.onnx"),
-                                                  str(data / "valid")])
+        result, walls["onnx"] = run_json_command(
+            [sys.executable, "bench/onnx_predict.py", str(tmp / "model.onnx"), str(data / "valid")]
+        )
         return result["images_per_second"]
 
     def predict():
@@ -326,10 +472,17 @@ def bench_export(quick: bool) -> dict:
 
     pairs = 1 if quick else 3
     onnx_rate, predict_rate, rate_pairs = alternate(deployed, predict, pairs)
-    rows = [Row(f"exported ONNX (Pillow + onnxruntime script) vs pipeline predict, {label}, loop", onnx_rate,
-                predict_rate, "img/s", pairs=rate_pairs,
-                note=f"whole process, last pair: {walls['onnx']:.1f} s vs {walls['predict']:.1f} s; export took "
-                     f"{export_wall:.0f} s, {exported['bytes'] / 2**20:.1f} MB")]
+    rows = [
+        Row(
+            f"exported ONNX (Pillow + onnxruntime script) vs pipeline predict, {label}, loop",
+            onnx_rate,
+            predict_rate,
+            "img/s",
+            pairs=rate_pairs,
+            note=f"whole process, last pair: {walls['onnx']:.1f} s vs {walls['predict']:.1f} s; export took "
+            f"{export_wall:.0f} s, {exported['bytes'] / 2**20:.1f} MB",
+        )
+    ]
     shutil.rmtree(tmp)
     return report("export" + ("-quick" if quick else ""), rows, {"export": exported})
 
@@ -344,7 +497,7 @@ def bench_audit(quick: bool) -> dict:
 
     tmp = Path(tempfile.mkdtemp())
     rows = []
-    for n in ((2_000,) if quick else (10_000, 100_000)):
+    for n in (2_000,) if quick else (10_000, 100_000):
         rng = np.random.default_rng(0)
         labels = rng.integers(0, 5, n)
         means = rng.standard_normal((5, 1280), dtype=np.float32) * 0.15  # classes 7 sd apart, as real features are
@@ -352,23 +505,37 @@ def bench_audit(quick: bool) -> dict:
         flipped = rng.random(n) < 0.01  # 1 % wrong labels for the audit to find
         labels = np.where(flipped, (labels + 1) % 5, labels)
         cut = n * 4 // 5
-        store = write_feature_store(tmp / f"s{n}.h5", (features[:cut], labels[:cut], np.zeros(cut, np.uint8)),
-                                    (features[cut:], labels[cut:], np.zeros(n - cut, np.uint8)),
-                                    classes=tuple("abcde"), chunk_rows=1024)
+        store = write_feature_store(
+            tmp / f"s{n}.h5",
+            (features[:cut], labels[:cut], np.zeros(cut, np.uint8)),
+            (features[cut:], labels[cut:], np.zeros(n - cut, np.uint8)),
+            classes=tuple("abcde"),
+            chunk_rows=1024,
+        )
         with h5py.File(store, "r+") as f:  # one distinct file hash per row
             for split, count in (("train", cut), ("valid", n - cut)):
                 f[f"sets/efficientnet_lite0-test/{split}/sha256"][...] = np.array(
-                    [f"{split}{i:058d}".encode() for i in range(count)], dtype="S64")
-        audited, audit_wall = run_json_command(pipeline_cmd("audit", "--store", store, "--out", tmp / f"a{n}",
-                                                            "--pictures", "0"))
+                    [f"{split}{i:058d}".encode() for i in range(count)], dtype="S64"
+                )
+        audited, audit_wall = run_json_command(
+            pipeline_cmd("audit", "--store", store, "--out", tmp / f"a{n}", "--pictures", "0")
+        )
         started = time.perf_counter()
         NearestNeighbors(n_neighbors=6, metric="cosine", algorithm="brute").fit(features).kneighbors(features)
         knn = time.perf_counter() - started
         found = len({i["path"] for i in audited["label_issues"]})
-        rows.append(Row(f"audit of {n:,} generated rows (1280-d, 5 classes), whole process, vs scikit-learn "
-                        "brute-force cosine kNN alone", audit_wall, knn, "s", higher_is_better=False,
-                        note=f"{found} label issues flagged ({int(flipped.sum())} planted), "
-                             f"{len(audited['duplicates'])} near-copies, {len(audited['outliers'])} outliers"))
+        rows.append(
+            Row(
+                f"audit of {n:,} generated rows (1280-d, 5 classes), whole process, vs scikit-learn "
+                "brute-force cosine kNN alone",
+                audit_wall,
+                knn,
+                "s",
+                higher_is_better=False,
+                note=f"{found} label issues flagged ({int(flipped.sum())} planted), "
+                f"{len(audited['duplicates'])} near-copies, {len(audited['outliers'])} outliers",
+            )
+        )
         del features
     shutil.rmtree(tmp)
     return report("audit" + ("-quick" if quick else ""), rows)
@@ -413,22 +580,52 @@ def bench_finetune(quick: bool) -> dict:
         return n / (time.perf_counter() - started)
 
     before = steps_per_second(224, False, "fp32")
-    rows = [Row("finetune step, 224 px fp32 channels_last vs NCHW", steps_per_second(224, True, "fp32"), before,
-                "img/s", note="batch 32, Lite0 + linear head, AdamW")]
+    rows = [
+        Row(
+            "finetune step, 224 px fp32 channels_last vs NCHW",
+            steps_per_second(224, True, "fp32"),
+            before,
+            "img/s",
+            note="batch 32, Lite0 + linear head, AdamW",
+        )
+    ]
     for size in (160, 128):
-        rows.append(Row(f"finetune step, {size} px fp32 channels_last vs 224 px NCHW", steps_per_second(size, True, "fp32"),
-                        before, "img/s", note="--train-size"))
+        rows.append(
+            Row(
+                f"finetune step, {size} px fp32 channels_last vs 224 px NCHW",
+                steps_per_second(size, True, "fp32"),
+                before,
+                "img/s",
+                note="--train-size",
+            )
+        )
     if cpu_has_bf16():
-        rows.append(Row("finetune step, 224 px bf16 autocast vs fp32 NCHW", steps_per_second(224, True, "bf16"),
-                        before, "img/s", note="native bf16: the auto precision here"))
+        rows.append(
+            Row(
+                "finetune step, 224 px bf16 autocast vs fp32 NCHW",
+                steps_per_second(224, True, "bf16"),
+                before,
+                "img/s",
+                note="native bf16: the auto precision here",
+            )
+        )
     else:
         rows.append(Row("finetune step, bf16", None, None, "", note="this CPU has no native bf16 (auto stays fp32)"))
     return report("finetune" + ("-quick" if quick else ""), rows)
 
 
-BENCHMARKS = {"featurize": bench_featurize, "heads": bench_heads, "stream": bench_stream, "scale": bench_scale,
-              "accuracy": bench_accuracy, "export": bench_export, "checksums": bench_checksums,
-              "audit": bench_audit, "finetune": bench_finetune, "gpu": bench_gpu}
+BENCHMARKS = {
+    "featurize": bench_featurize,
+    "heads": bench_heads,
+    "stream": bench_stream,
+    "scale": bench_scale,
+    "accuracy": bench_accuracy,
+    "export": bench_export,
+    "checksums": bench_checksums,
+    "audit": bench_audit,
+    "finetune": bench_finetune,
+    "gpu": bench_gpu,
+}
 
 
 def main() -> None:

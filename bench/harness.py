@@ -1,4 +1,5 @@
 """Benchmark harness: ours and a reference alternate (A B A B ...), medians and pair-by-pair ratios, saved results."""
+
 from __future__ import annotations
 
 import json
@@ -8,9 +9,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -18,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @dataclass
 class Row:
-    """One figure of a benchmark: ours, the reference, ratio (ours/reference, or reference/ours when lower is better)."""
+    """One figure of a benchmark: ours, the reference, and ours/reference (reference/ours when lower is better)."""
 
     figure: str
     ours: float | None
@@ -58,15 +59,23 @@ def machine() -> dict:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "gpu": gpu, "python": platform.python_version(),
-            "torch": torch.__version__, "dali": nvidia.dali.__version__, "h5py": h5py.__version__}
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "dali": nvidia.dali.__version__,
+        "h5py": h5py.__version__,
+    }
 
 
 def run_json_command(args: list[str], env: dict | None = None, timeout: float = 3600) -> tuple[dict, float]:
     """Run a command that prints JSON on stdout; return it and the wall seconds."""
     started = time.perf_counter()
-    proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        args, capture_output=True, text=True, cwd=REPO, timeout=timeout, env={**os.environ, **(env or {})}
+    )
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
@@ -105,18 +114,33 @@ def report(name: str, rows: list[Row], extra: dict | None = None) -> dict:
         return "-" if v is None else f"{v:,.4g}" if isinstance(v, float) else str(v)
 
     for r in rows:
-        table.add_row(r.figure, fmt(r.ours), fmt(r.reference), "-" if r.ratio is None else f"{r.ratio:.2f}x",
-                      r.unit, r.note)
+        table.add_row(
+            r.figure, fmt(r.ours), fmt(r.reference), "-" if r.ratio is None else f"{r.ratio:.2f}x", r.unit, r.note
+        )
     Console(width=160).print(table)
-    record = {"name": name, "machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "rows": [{**r.__dict__, "ratio": r.ratio} for r in rows], **(extra or {})}
+    record = {
+        "name": name,
+        "machine": machine(),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "rows": [{**r.__dict__, "ratio": r.ratio} for r in rows],
+        **(extra or {}),
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     m = record["machine"]
-    lines = [f"# bench {name}", "", f"{record['when']}; {m['cpu']}, {m['cores']} cores, GPU {m['gpu'] or 'none'}; "
-             f"torch {m['torch']}, DALI {m['dali']}, h5py {m['h5py']}", "",
-             "| figure | ours | reference | ratio | unit | note |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r.figure} | {fmt(r.ours)} | {fmt(r.reference)} | {'-' if r.ratio is None else f'{r.ratio:.2f}x'} "
-              f"| {r.unit} | {r.note} |" for r in rows]
+    lines = [
+        f"# bench {name}",
+        "",
+        f"{record['when']}; {m['cpu']}, {m['cores']} cores, GPU {m['gpu'] or 'none'}; "
+        f"torch {m['torch']}, DALI {m['dali']}, h5py {m['h5py']}",
+        "",
+        "| figure | ours | reference | ratio | unit | note |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r.figure} | {fmt(r.ours)} | {fmt(r.reference)} | {'-' if r.ratio is None else f'{r.ratio:.2f}x'} "
+        f"| {r.unit} | {r.note} |"
+        for r in rows
+    ]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     return record

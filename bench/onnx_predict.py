@@ -2,6 +2,7 @@
 
 python bench/onnx_predict.py MODEL.onnx FOLDER  ->  JSON {images, seconds, images_per_second} on stdout
 """
+
 import json
 import sys
 import time
@@ -27,7 +28,7 @@ def main() -> None:
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     started = time.perf_counter()
     for i in range(0, len(paths), 32):
-        batch = np.stack([crop(p, prep["resize"], prep["crop"]) for p in paths[i:i + 32]])
+        batch = np.stack([crop(p, prep["resize"], prep["crop"]) for p in paths[i : i + 32]])
         session.run(["probabilities"], {"images": batch})
     seconds = time.perf_counter() - started
     print(json.dumps({"images": len(paths), "seconds": seconds, "images_per_second": len(paths) / seconds}))

@@ -4,6 +4,7 @@ Prints {"images", "seconds", "images_per_second"} (the loop alone) as JSON; --ou
 
     python bench/reference_featurize.py ../shared/data/dogscats/valid --out /tmp/reference.npy
 """
+
 import argparse
 import json
 import time
@@ -25,8 +26,14 @@ def main() -> None:
     args = parser.parse_args()
     backbone = create_backbone()
     pp = backbone.preprocessing
-    transform = T.Compose([T.Resize(pp.resize), T.CenterCrop(pp.size), T.ToTensor(),
-                           T.Normalize([m / 255 for m in pp.mean], [s / 255 for s in pp.std])])
+    transform = T.Compose(
+        [
+            T.Resize(pp.resize),
+            T.CenterCrop(pp.size),
+            T.ToTensor(),
+            T.Normalize([m / 255 for m in pp.mean], [s / 255 for s in pp.std]),
+        ]
+    )
     loader = DataLoader(ImageFolder(args.folder, transform), batch_size=args.batch_size, num_workers=2)
     model = backbone.model.eval().to(memory_format=torch.channels_last)
     features = []

@@ -1,9 +1,10 @@
 """pipeline: transfer learning for image classification on a cached feature store.
 
-    from pipeline import configure_process, load_model
-    configure_process()  # optional: the process settings the CLI uses (before torch is imported)
-    load_model("runs/head-a").predict(["a.jpg"])
+from pipeline import configure_process, load_model
+configure_process()  # optional: the process settings the CLI uses (before torch is imported)
+load_model("runs/head-a").predict(["a.jpg"])
 """
+
 from pipeline.runtime import configure_process
 
 

@@ -1,4 +1,5 @@
 """The `pipeline` command: thin wrappers that parse options and call stages/ and store/."""
+
 from __future__ import annotations
 
 import atexit
@@ -18,9 +19,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pipeline.runtime import configure_process
 from stages.errors import PipelineError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
-                  help="Transfer learning for image classification: featurize once with a frozen backbone, "
-                       "then train heads on the cached features in seconds.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+    help="Transfer learning for image classification: featurize once with a frozen backbone, "
+    "then train heads on the cached features in seconds.",
+)
 store_app = typer.Typer(no_args_is_help=True, help="Look inside a feature store.")
 app.add_typer(store_app, name="store")
 err = Console(stderr=True, soft_wrap=True)
@@ -32,8 +37,15 @@ DEBUG = False
 @contextmanager
 def progress_bar(description: str, unit: str = "img"):
     """A rich progress bar on stderr with rate and ETA; yields a callback (done, total)."""
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    ]
     with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task(description, total=None, rate="")
 
@@ -59,42 +71,67 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-@app.command(epilog="Examples:\n\n"
-             "    pipeline featurize data/dogscats --store runs/dogscats.h5\n\n"
-             "    pipeline featurize data/photos --valid-pct 0.2 --seed 0 --store runs/photos.h5 --views 4\n\n"
-             "    pipeline featurize data/dogscats --store runs/ft.h5 --weights runs/ft-a/backbone.safetensors\n\n"
-             "    torchrun --nproc_per_node 2 -m pipeline featurize data/dogscats --store runs/dogscats.h5")
+@app.command(
+    epilog="Examples:\n\n"
+    "    pipeline featurize data/dogscats --store runs/dogscats.h5\n\n"
+    "    pipeline featurize data/photos --valid-pct 0.2 --seed 0 --store runs/photos.h5 --views 4\n\n"
+    "    pipeline featurize data/dogscats --store runs/ft.h5 --weights runs/ft-a/backbone.safetensors\n\n"
+    "    torchrun --nproc_per_node 2 -m pipeline featurize data/dogscats --store runs/dogscats.h5"
+)
 def featurize(
-    data_dir: Path = typer.Argument(..., help="Folder of train/ valid/ [test/] class folders, or one folder of class folders."),
+    data_dir: Path = typer.Argument(
+        ..., help="Folder of train/ valid/ [test/] class folders, or one folder of class folders."
+    ),
     store: Path = typer.Option(..., "--store", "-s", help="HDF5 feature store to create or update."),
     backbone: str = typer.Option("efficientnet_lite0", help="Registered backbone (efficientnet_lite0/1/2)."),
-    weights: Optional[Path] = typer.Option(None, help="Local state_dict (.pth/.safetensors) instead of packaged weights."),
+    weights: Optional[Path] = typer.Option(
+        None, help="Local state_dict (.pth/.safetensors) instead of packaged weights."
+    ),
     arch: Optional[str] = typer.Option(None, help="timm or torchvision architecture for --weights."),
-    views: int = typer.Option(0, help="Augmented views stored per training image, besides the plain view 0 (0-255; "
-                                      "memory checked first)."),
+    views: int = typer.Option(
+        0, help="Augmented views stored per training image, besides the plain view 0 (0-255; memory checked first)."
+    ),
     seed: int = typer.Option(0, help="Seed for augmented views and for --valid-pct (0 to 2^63-1)."),
     valid_pct: Optional[float] = typer.Option(None, help="Hold out this fraction of a labelled folder as valid."),
     dtype: str = typer.Option("float16", help="Stored feature dtype: float16 or float32."),
     precision: str = typer.Option("auto", help="Forward precision: auto (bf16 where measured faster), fp32, bf16."),
     device: str = typer.Option("auto", help="auto, cpu or cuda (GPU decode and forward)."),
     batch_size: int = typer.Option(32, help="Images per batch (1 or more; refused when it cannot fit in memory)."),
-    commit_every: int = typer.Option(2048, help="Commit to the journal after this many feature rows (a kill loses "
-                                                "at most this much work)."),
+    commit_every: int = typer.Option(
+        2048, help="Commit to the journal after this many feature rows (a kill loses at most this much work)."
+    ),
     num_shards: int = typer.Option(1, help="For batch schedulers: split the work into this many shards..."),
     shard_id: int = typer.Option(0, help="...and do this one (0-based); a later run without them merges."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):
     """Decode images with DALI, run the frozen backbone once, stream features into the store (only what changed)."""
-    from pipeline.featurize import FeaturizeOptions, featurize as run_featurize
+    from pipeline.featurize import FeaturizeOptions
+    from pipeline.featurize import featurize as run_featurize
 
-    opts = FeaturizeOptions(data_dir=data_dir, store=store, backbone=backbone, weights=weights, arch=arch, views=views,
-                            seed=seed, valid_pct=valid_pct, dtype=dtype, precision=precision, device=device,
-                            batch_size=batch_size, commit_rows=commit_every, num_shards=num_shards, shard_id=shard_id)
+    opts = FeaturizeOptions(
+        data_dir=data_dir,
+        store=store,
+        backbone=backbone,
+        weights=weights,
+        arch=arch,
+        views=views,
+        seed=seed,
+        valid_pct=valid_pct,
+        dtype=dtype,
+        precision=precision,
+        device=device,
+        batch_size=batch_size,
+        commit_rows=commit_every,
+        num_shards=num_shards,
+        shard_id=shard_id,
+    )
     with progress_bar("featurize") as update:
         summary = run_featurize(opts, progress=update)
     if not summary["merged"] and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun rank other than 0: a log line
-        err.print(f"{summary['shard']}: featurized {summary['featurized']} images in {summary['seconds']:.1f} s",
-                  highlight=False)
+        err.print(
+            f"{summary['shard']}: featurized {summary['featurized']} images in {summary['seconds']:.1f} s",
+            highlight=False,
+        )
         return
     if as_json:
         _print_json(summary)
@@ -119,17 +156,23 @@ def _print_featurize_summary(s: dict) -> None:
         out.print(f"up to date: {s['store']} ({s['set']}: {images}) in {s['seconds']:.1f} s, nothing decoded")
         return
     rate = f", {s['images_per_second']} img/s" if s["images_per_second"] else ""
-    out.print(f"featurized {s['featurized']} images, reused {s['reused']}, skipped {len(s['skipped'])} "
-              f"in {s['seconds']:.1f} s{rate} ({s['backbone']}, {s['device']}, {s['precision']})")
+    out.print(
+        f"featurized {s['featurized']} images, reused {s['reused']}, skipped {len(s['skipped'])} "
+        f"in {s['seconds']:.1f} s{rate} ({s['backbone']}, {s['device']}, {s['precision']})"
+    )
     out.print(f"store {s['store']} ({_human_bytes(s['store_bytes'])}), set {s['set']}: {images}")
 
 
-@store_app.command("info", epilog="Examples:\n\n    pipeline store info runs/dogscats.h5 --json\n\n"
-                   "    pipeline store info runs/dogscats.h5 --verify")
+@store_app.command(
+    "info",
+    epilog="Examples:\n\n    pipeline store info runs/dogscats.h5 --json\n\n"
+    "    pipeline store info runs/dogscats.h5 --verify",
+)
 def store_info(
     store: Path = typer.Argument(..., help="Feature store file."),
-    verify: bool = typer.Option(False, "--verify", help="Also read every byte and check its checksum (exit code 1 "
-                                                        "when something is damaged)."),
+    verify: bool = typer.Option(
+        False, "--verify", help="Also read every byte and check its checksum (exit code 1 when something is damaged)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ):
     """Show the feature sets of a store: backbone, weights, preprocessing, splits, counts, classes, size."""
@@ -146,23 +189,32 @@ def store_info(
     damaged = [d for d in info.get("verification", []) if d["damage"]]
     if damaged:
         where = "; ".join(f"{d['set']} {d['split']}: {d['damage']}" for d in damaged)
-        raise PipelineError(f"store {store} is damaged ({where[:300]}); featurize again to recompute the damaged "
-                            "rows")
+        raise PipelineError(f"store {store} is damaged ({where[:300]}); featurize again to recompute the damaged rows")
     unchecked = [f"{d['set']} {d['split']}" for d in info.get("verification", []) if d.get("unchecked")]
     if verify and not as_json:
-        out.print("verified: every dataset matches its checksum" if not unchecked else
-                  f"verified: no NaN or infinite features; {', '.join(unchecked)} were written before checksums "
-                  "existed (the next featurize rewrites them with checksums)", highlight=False)
+        out.print(
+            "verified: every dataset matches its checksum"
+            if not unchecked
+            else f"verified: no NaN or infinite features; {', '.join(unchecked)} were written before checksums "
+            "existed (the next featurize rewrites them with checksums)",
+            highlight=False,
+        )
 
 
 def _print_store_info(info: dict) -> None:
-    out.print(f"{info['path']}: {_human_bytes(info['size_bytes'])}, schema v{info['schema_version']}, "
-              f"{len(info['sets'])} feature set(s)")
+    out.print(
+        f"{info['path']}: {_human_bytes(info['size_bytes'])}, schema v{info['schema_version']}, "
+        f"{len(info['sets'])} feature set(s)"
+    )
     for s in info["sets"]:
         pp = s["preprocessing"]
-        out.print(f"\n[bold]{s['name']}[/]  backbone {s['backbone']} ({s['arch']}), weights sha256 {s['weights_sha256'][:12]}")
+        out.print(
+            f"\n[bold]{s['name']}[/]  backbone {s['backbone']} ({s['arch']}), weights sha256 {s['weights_sha256'][:12]}"
+        )
         out.print(f"  preprocessing: resize {pp['resize']}, crop {pp['size']}, mean {pp['mean']}, std {pp['std']}")
-        out.print(f"  features: {s['feature_dim']} x {s['dtype']} ({s['precision']}), views {s['views']}, seed {s['seed']}")
+        out.print(
+            f"  features: {s['feature_dim']} x {s['dtype']} ({s['precision']}), views {s['views']}, seed {s['seed']}"
+        )
         out.print(f"  classes ({len(s['classes'])}): {', '.join(s['classes'])}")
         for split, c in s["splits"].items():
             out.print(f"  {split}: {c['images']} images, {c['rows']} rows, {c['skipped']} skipped")
@@ -193,8 +245,9 @@ class EpochTable:
         self.console.print("".join(f"{c:<12}" for c in self.columns), style="bold", highlight=False)
 
     def row(self, r: dict) -> None:
-        self.console.print("".join(f"{self._cell(c, r.get(c, float('nan'))):<12}" for c in self.columns),
-                           highlight=False)
+        self.console.print(
+            "".join(f"{self._cell(c, r.get(c, float('nan'))):<12}" for c in self.columns), highlight=False
+        )
 
     @staticmethod
     def _cell(column: str, value) -> str:
@@ -217,21 +270,36 @@ def _leaderboard(rows: list[dict], title: str) -> None:
         return "-" if value is None else format(value, spec)
 
     for i, r in enumerate(rows, 1):
-        table.add_row(str(i), str(r.get("head")), cell(r.get("lr")), cell(r.get("wd")), cell(r.get("epochs"), ""),
-                      cell(r.get("l2"), ".2g"), cell(r.get("views"), ""), cell(r.get("accuracy"), ".4f"),
-                      cell(r.get("valid_loss"), ".4f"), r["run"])
+        table.add_row(
+            str(i),
+            str(r.get("head")),
+            cell(r.get("lr")),
+            cell(r.get("wd")),
+            cell(r.get("epochs"), ""),
+            cell(r.get("l2"), ".2g"),
+            cell(r.get("views"), ""),
+            cell(r.get("accuracy"), ".4f"),
+            cell(r.get("valid_loss"), ".4f"),
+            r["run"],
+        )
     out.print(table)
 
 
-@app.command("train-head", epilog="Examples:\n\n"
-             "    pipeline train-head --store runs/dogscats.h5 --out runs/head-a\n\n"
-             "    pipeline train-head --store runs/dogscats.h5 --head linear --epochs 10 --lr 1e-2\n\n"
-             "    pipeline train-head --store runs/dogscats.h5 --head logreg,linear,mlp --lr 3e-3,1e-2 --views 0,4\n\n"
-             "    pipeline train-head --store runs/dogscats.h5 --head mlp --lr auto")
+@app.command(
+    "train-head",
+    epilog="Examples:\n\n"
+    "    pipeline train-head --store runs/dogscats.h5 --out runs/head-a\n\n"
+    "    pipeline train-head --store runs/dogscats.h5 --head linear --epochs 10 --lr 1e-2\n\n"
+    "    pipeline train-head --store runs/dogscats.h5 --head logreg,linear,mlp --lr 3e-3,1e-2 --views 0,4\n\n"
+    "    pipeline train-head --store runs/dogscats.h5 --head mlp --lr auto",
+)
 def train_head_cmd(
     store: Path = typer.Option(..., "--store", "-s", help="Feature store written by featurize."),
-    head: str = typer.Option("logreg", help="logreg (L-BFGS to convergence, L2 by 5-fold cross-validation on "
-                                            "train), linear or mlp (AdamW); comma-separated for a grid."),
+    head: str = typer.Option(
+        "logreg",
+        help="logreg (L-BFGS to convergence, L2 by 5-fold cross-validation on "
+        "train), linear or mlp (AdamW); comma-separated for a grid.",
+    ),
     l2: str = typer.Option("auto", help="logreg's L2 strength: auto (cross-validated on train) or values."),
     lr: str = typer.Option("1e-2", help="Learning rate, 'auto' (lr-find's suggestion), or a comma-separated grid."),
     wd: str = typer.Option("1e-4", help="AdamW weight decay; comma-separated for a grid."),
@@ -242,27 +310,44 @@ def train_head_cmd(
     seed: int = typer.Option(0, help="Seed: the same seed gives the same numbers (0 to 2^63-1)."),
     hidden: int = typer.Option(512, help="Hidden units of the mlp head."),
     dropout: float = typer.Option(0.5, help="Dropout of the mlp head."),
-    calibrate: bool = typer.Option(True, help="Fit a temperature on out-of-fold logits of train, for honest "
-                                              "probabilities (--no-calibrate skips it)."),
+    calibrate: bool = typer.Option(
+        True,
+        help="Fit a temperature on out-of-fold logits of train, for honest probabilities (--no-calibrate skips it).",
+    ),
     folds: int = typer.Option(5, help="Cross-validation folds (logreg's L2, and the temperature), 2-100."),
     set_name: Optional[str] = typer.Option(None, "--set", help="Feature set to use (default: the latest)."),
     max_memory: str = typer.Option("4G", help="Load features into memory up to this size; stream from HDF5 beyond."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (a grid writes one subdirectory per run)."),
+    out_dir: Optional[Path] = typer.Option(
+        None, "--out", help="Run directory (a grid writes one subdirectory per run)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace runs already in --out (refused otherwise)."),
     as_json: bool = typer.Option(False, "--json", help="Print the leaderboard as JSON."),
 ):
     """Train heads on cached features: the epoch table per run, then a leaderboard when several run."""
-    from stages.head import TrainConfig
     from pipeline.train_head import default_out, expand_grid, load_cached_features, train_grid
+    from stages.head import TrainConfig
     from store.reader import FeatureStore
 
     auto = lr.strip() == "auto"
-    base = TrainConfig(batch_size=batch_size, schedule=schedule, seed=seed, hidden=hidden, dropout=dropout,
-                       calibrate=calibrate, folds=folds)
+    base = TrainConfig(
+        batch_size=batch_size,
+        schedule=schedule,
+        seed=seed,
+        hidden=hidden,
+        dropout=dropout,
+        calibrate=calibrate,
+        folds=folds,
+    )
     l2s = [None] if l2.strip() == "auto" else _split_list("--l2", l2, float)
-    configs = expand_grid(_split_list("--head", head, str), [1.0] if auto else _split_list("--lr", lr, float),
-                          _split_list("--wd", wd, float), _split_list("--epochs", epochs, int),
-                          _split_list("--views", views, int), base, l2s)
+    configs = expand_grid(
+        _split_list("--head", head, str),
+        [1.0] if auto else _split_list("--lr", lr, float),
+        _split_list("--wd", wd, float),
+        _split_list("--epochs", epochs, int),
+        _split_list("--views", views, int),
+        base,
+        l2s,
+    )
     out_dir = out_dir or default_out()
     console = err if as_json else out
     epochs_table, strengths_table = EpochTable(console), EpochTable(console, EpochTable.STRENGTHS)
@@ -271,14 +356,26 @@ def train_head_cmd(
 
         def on_run(i: int, cfg) -> None:
             if len(configs) > 1 or auto:
-                settings = (f"l2 {'auto' if cfg.l2 is None else f'{cfg.l2:g}'}" if cfg.head == "logreg" else
-                            f"lr {cfg.lr:g} wd {cfg.wd:g} epochs {cfg.epochs}")
-                console.print(f"\n[bold]run {i + 1}/{len(configs)}[/]: {cfg.head} {settings} views {cfg.views}",
-                              highlight=False)
+                settings = (
+                    f"l2 {'auto' if cfg.l2 is None else f'{cfg.l2:g}'}"
+                    if cfg.head == "logreg"
+                    else f"lr {cfg.lr:g} wd {cfg.wd:g} epochs {cfg.epochs}"
+                )
+                console.print(
+                    f"\n[bold]run {i + 1}/{len(configs)}[/]: {cfg.head} {settings} views {cfg.views}", highlight=False
+                )
             (strengths_table if cfg.head == "logreg" else epochs_table).header()
 
-        board = train_grid(cached, configs, out_dir, auto_lr=auto, overwrite=overwrite, on_run=on_run, on_epoch=epochs_table.row,
-                           on_strength=strengths_table.row)
+        board = train_grid(
+            cached,
+            configs,
+            out_dir,
+            auto_lr=auto,
+            overwrite=overwrite,
+            on_run=on_run,
+            on_epoch=epochs_table.row,
+            on_strength=strengths_table.row,
+        )
     if as_json:
         _print_json(board)
     elif len(board) > 1:
@@ -286,12 +383,18 @@ def train_head_cmd(
     else:
         b = board[0]
         chosen = f"l2 {b['l2']:.2g} (5-fold cv on train), " if b["head"] == "logreg" else ""
-        out.print(f"valid accuracy {b['accuracy']:.4f}, log loss {b['valid_loss']:.4f}; {chosen}temperature "
-                  f"{b['temperature']:.3f}; head, config.json, metrics.json, curves.png in {b['run']}", highlight=False)
+        out.print(
+            f"valid accuracy {b['accuracy']:.4f}, log loss {b['valid_loss']:.4f}; {chosen}temperature "
+            f"{b['temperature']:.3f}; head, config.json, metrics.json, curves.png in {b['run']}",
+            highlight=False,
+        )
 
 
-@app.command("lr-find", epilog="Examples:\n\n    pipeline lr-find --store runs/dogscats.h5 --out runs/lr\n\n"
-             "    pipeline lr-find --store runs/dogscats.h5 --head mlp --epochs 10 --json")
+@app.command(
+    "lr-find",
+    epilog="Examples:\n\n    pipeline lr-find --store runs/dogscats.h5 --out runs/lr\n\n"
+    "    pipeline lr-find --store runs/dogscats.h5 --head mlp --epochs 10 --json",
+)
 def lr_find_cmd(
     store: Path = typer.Option(..., "--store", "-s", help="Feature store written by featurize."),
     head: str = typer.Option("linear", help="linear or mlp (logreg needs no learning rate)."),
@@ -311,20 +414,22 @@ def lr_find_cmd(
 ):
     """Learning-rate range test on cached features: a fresh head per rate, scored on a held-out fold of train;
     a PNG of loss against lr, and the suggested rate (what --lr auto uses)."""
-    from stages.head import TrainConfig
     from pipeline.train_head import find_lr, load_cached_features
+    from stages.head import TrainConfig
     from store.reader import FeatureStore
 
-    cfg = TrainConfig(head=head, wd=wd, epochs=epochs, schedule=schedule, views=views, batch_size=batch_size,
-                      seed=seed)
+    cfg = TrainConfig(head=head, wd=wd, epochs=epochs, schedule=schedule, views=views, batch_size=batch_size, seed=seed)
     with FeatureStore(store) as fs:
         cached = load_cached_features(fs, set_name, max_memory)
         result = find_lr(cached, cfg, out_dir, start_lr=start_lr, end_lr=end_lr, num_lrs=num_lrs)
     if as_json:
         _print_json(result)
         return
-    out.print(f"suggested lr: {result['suggestion']:.2e} (lowest held-out loss over {len(result['lrs'])} rates, "
-              f"{result['epochs']} epoch(s) each; what --lr auto uses); plot {result['plot']}", highlight=False)
+    out.print(
+        f"suggested lr: {result['suggestion']:.2e} (lowest held-out loss over {len(result['lrs'])} rates, "
+        f"{result['epochs']} epoch(s) each; what --lr auto uses); plot {result['plot']}",
+        highlight=False,
+    )
 
 
 @app.command("runs", epilog="Examples:\n\n    pipeline runs\n\n    pipeline runs --store runs/dogscats.h5 --json")
@@ -345,9 +450,11 @@ def runs_cmd(
         _leaderboard(rows, f"{len(rows)} runs under {root}")
 
 
-@app.command(epilog="Examples:\n\n    pipeline finetune data/dogscats --head runs/head-a --epochs 1 --lr 1e-3 --out runs/ft-a\n\n"
-             "    pipeline finetune data/dogscats --head runs/head-a --resume runs/ft-a\n\n"
-             "    pipeline featurize data/dogscats --store runs/ft.h5 --weights runs/ft-a/backbone.safetensors")
+@app.command(
+    epilog="Examples:\n\n    pipeline finetune data/dogscats --head runs/head-a --out runs/ft-a\n\n"
+    "    pipeline finetune data/dogscats --head runs/head-a --resume runs/ft-a\n\n"
+    "    pipeline featurize data/dogscats --store runs/ft.h5 --weights runs/ft-a/backbone.safetensors"
+)
 def finetune(
     data_dir: Path = typer.Argument(..., help="The data folder the head was trained on (train/ and valid/)."),
     head_dir: Path = typer.Option(..., "--head", help="Run directory written by train-head."),
@@ -358,15 +465,22 @@ def finetune(
     unfreeze: str = typer.Option("all", help="all, or gradual (one more layer group per epoch, later groups first)."),
     train_bn: bool = typer.Option(False, "--train-bn", help="Update batch-norm statistics (frozen by default)."),
     crop_area: float = typer.Option(0.5, help="Smallest area of the random-resized crop, as a fraction of the image."),
-    train_size: Optional[int] = typer.Option(None, help="Side of the training crops in pixels (default: the "
-                                             "backbone's input size); validation keeps the backbone's size."),
-    keep_best: bool = typer.Option(True, help="End with the weights of the epoch with the best valid accuracy, the "
-                                   "starting model included, so fine-tuning never hands back a worse model "
-                                   "(it chooses by valid: judge the result on another split)."),
+    train_size: Optional[int] = typer.Option(
+        None,
+        help="Side of the training crops in pixels (default: the "
+        "backbone's input size); validation keeps the backbone's size.",
+    ),
+    keep_best: bool = typer.Option(
+        True,
+        help="End with the weights of the epoch with the best valid accuracy, the "
+        "starting model included, so fine-tuning never hands back a worse model "
+        "(it chooses by valid: judge the result on another split).",
+    ),
     batch_size: int = typer.Option(32, help="Images per step."),
     seed: int = typer.Option(0, help="Seed of the order, augmentation and dropout."),
-    precision: str = typer.Option("auto", help="auto (bf16 autocast on a GPU and on CPUs with native bf16, fp32 "
-                                  "elsewhere), fp32 or bf16."),
+    precision: str = typer.Option(
+        "auto", help="auto (bf16 autocast on a GPU and on CPUs with native bf16, fp32 elsewhere), fp32 or bf16."
+    ),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     resume: Optional[Path] = typer.Option(None, help="Continue a stopped fine-tune from its checkpoint."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/ft-TIMESTAMP)."),
@@ -379,9 +493,20 @@ def finetune(
     from pipeline.finetune import finetune as run_finetune
     from stages.finetune import FinetuneConfig
 
-    cfg = FinetuneConfig(epochs=epochs, lr=lr, lr_mult=lr_mult, wd=wd, unfreeze=unfreeze, train_bn=train_bn,
-                         batch_size=batch_size, seed=seed, precision=precision, crop_area=crop_area,
-                         train_size=train_size, keep_best=keep_best)
+    cfg = FinetuneConfig(
+        epochs=epochs,
+        lr=lr,
+        lr_mult=lr_mult,
+        wd=wd,
+        unfreeze=unfreeze,
+        train_bn=train_bn,
+        batch_size=batch_size,
+        seed=seed,
+        precision=precision,
+        crop_area=crop_area,
+        train_size=train_size,
+        keep_best=keep_best,
+    )
     out_dir = out_dir or Path("runs") / f"ft-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     table = EpochTable(err if as_json else out)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -396,13 +521,18 @@ def finetune(
     before = result["before"] or {}
     kept = result.get("kept_epoch")
     kept_note = "" if kept is None else " (the starting model: no epoch beat it)" if kept < 0 else f" (epoch {kept})"
-    out.print(f"valid accuracy {before.get('accuracy', float('nan')):.4f} before, {result['accuracy']:.4f} after"
-              f"{kept_note}; "
-              f"{result['train_images_per_second']:.1f} img/s; weights, config.json, metrics.json, curves.png in "
-              f"{result['run']}", highlight=False)
+    out.print(
+        f"valid accuracy {before.get('accuracy', float('nan')):.4f} before, {result['accuracy']:.4f} after"
+        f"{kept_note}; "
+        f"{result['train_images_per_second']:.1f} img/s; weights, config.json, metrics.json, curves.png in "
+        f"{result['run']}",
+        highlight=False,
+    )
 
 
-@app.command(epilog="Examples:\n\n    pipeline inspect data/dogscats\n\n    pipeline inspect data/photos --valid-pct 0.2 --json")
+@app.command(
+    epilog="Examples:\n\n    pipeline inspect data/dogscats\n\n    pipeline inspect data/photos --valid-pct 0.2 --json"
+)
 def inspect(
     data_dir: Path = typer.Argument(..., help="Data folder, laid out as for featurize."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Where samples.png goes (default runs/inspect-NAME)."),
@@ -426,24 +556,38 @@ def inspect(
     table.add_column("total", justify="right")
     table.add_column("balance", justify="right")
     for split, info in report["splits"].items():
-        table.add_row(split, *[str(info["classes"].get(c, 0)) for c in report["classes"] or ["(unlabelled)"]],
-                      str(info["images"]), str(info["balance"]))
+        table.add_row(
+            split,
+            *[str(info["classes"].get(c, 0)) for c in report["classes"] or ["(unlabelled)"]],
+            str(info["images"]),
+            str(info["balance"]),
+        )
     out.print(table)
     w, h = report["width"], report["height"]
     if w:
-        out.print(f"sizes: width {w['min']}-{w['max']} (median {w['median']}), height {h['min']}-{h['max']} "
-                  f"(median {h['median']}); formats {report['formats']}; modes {report['modes']}", highlight=False)
+        out.print(
+            f"sizes: width {w['min']}-{w['max']} (median {w['median']}), height {h['min']}-{h['max']} "
+            f"(median {h['median']}); formats {report['formats']}; modes {report['modes']}",
+            highlight=False,
+        )
     for bad in report["unreadable"]:
         err.print(f"[yellow]unreadable[/] {bad['path']}: {bad['reason']}", highlight=False)
     for dup in report["duplicates"]:
-        kind = "[red]leak[/] (same file in " + " and ".join(dup["splits"]) + ")" if len(dup["splits"]) > 1 else "duplicate"
+        kind = (
+            "[red]leak[/] (same file in " + " and ".join(dup["splits"]) + ")" if len(dup["splits"]) > 1 else "duplicate"
+        )
         err.print(f"{kind}: {', '.join(dup['paths'])}", highlight=False)
-    out.print(f"{len(report['unreadable'])} unreadable, {len(report['duplicates'])} duplicate groups, "
-              f"{len(report['leaks'])} leaks; samples: {report['contact_sheet']}", highlight=False)
+    out.print(
+        f"{len(report['unreadable'])} unreadable, {len(report['duplicates'])} duplicate groups, "
+        f"{len(report['leaks'])} leaks; samples: {report['contact_sheet']}",
+        highlight=False,
+    )
 
 
-@app.command(epilog="Examples:\n\n    pipeline predict runs/head-a photo1.jpg photo2.png some/folder/ --top-k 2 --out preds.csv\n\n"
-             "    pipeline predict runs/head-a photos/ --tta --json")
+@app.command(
+    epilog="Examples:\n\n    pipeline predict runs/head-a photo1.jpg some/folder/ --top-k 2 --out preds.csv\n\n"
+    "    pipeline predict runs/head-a photos/ --tta --json"
+)
 def predict(
     model_dir: Path = typer.Argument(..., help="Run directory written by train-head (or finetune)."),
     inputs: list[Path] = typer.Argument(..., help="Image files and folders (searched recursively)."),
@@ -473,17 +617,24 @@ def predict(
     out.print(table)
     for e in result["errors"]:
         err.print(f"[yellow]unreadable[/] {e['path']}: {e['error']}", highlight=False)
-    out.print(f"{len(result['predictions'])} images in {result['seconds']:.1f} s ({result['images_per_second']} img/s)"
-              + (f"; probabilities in {result['out']}" if result["out"] else ""), highlight=False)
+    out.print(
+        f"{len(result['predictions'])} images in {result['seconds']:.1f} s ({result['images_per_second']} img/s)"
+        + (f"; probabilities in {result['out']}" if result["out"] else ""),
+        highlight=False,
+    )
 
 
-@app.command(epilog="Examples:\n\n    pipeline evaluate runs/head-a data/dogscats/valid --out runs/head-a/eval\n\n"
-             "    pipeline evaluate runs/head-a data/dogscats/valid --store runs/dogscats.h5\n\n"
-             "    pipeline evaluate runs/ft-a data/dogscats/valid --tta")
+@app.command(
+    epilog="Examples:\n\n    pipeline evaluate runs/head-a data/dogscats/valid --out runs/head-a/eval\n\n"
+    "    pipeline evaluate runs/head-a data/dogscats/valid --store runs/dogscats.h5\n\n"
+    "    pipeline evaluate runs/ft-a data/dogscats/valid --tta"
+)
 def evaluate(
     model_dir: Path = typer.Argument(..., help="Run directory written by train-head (or finetune)."),
     split_dir: Path = typer.Argument(..., help="A folder of class folders with the model's class names."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where the PNGs and metrics.json go (default MODEL/eval)."),
+    out_dir: Optional[Path] = typer.Option(
+        None, "--out", help="Where the PNGs and metrics.json go (default MODEL/eval)."
+    ),
     tta: bool = typer.Option(False, "--tta", help="Average over flipped and shifted crops."),
     store: Optional[Path] = typer.Option(None, "--store", help="Use cached features from this store (seconds)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -499,32 +650,43 @@ def evaluate(
         return
     from rich.table import Table
 
-    out.print(f"accuracy {m['accuracy']:.4f}, log loss {m['log_loss']:.4f}, calibration error {m['ece']:.4f} "
-              f"(ECE, {m['ece_bins']} bins) on {m['images']} images"
-              f"{' with TTA' if tta else ''}{' from cached features' if store else ''} in {m['seconds']:.1f} s",
-              highlight=False)
+    out.print(
+        f"accuracy {m['accuracy']:.4f}, log loss {m['log_loss']:.4f}, calibration error {m['ece']:.4f} "
+        f"(ECE, {m['ece_bins']} bins) on {m['images']} images"
+        f"{' with TTA' if tta else ''}{' from cached features' if store else ''} in {m['seconds']:.1f} s",
+        highlight=False,
+    )
     table = Table()
     for column in ("class", "precision", "recall", "f1", "support"):
         table.add_column(column, justify="left" if column == "class" else "right")
     for name, c in m["per_class"].items():
-        table.add_row(name, *[f"{c[k]:.4f}" if c[k] is not None else "undefined" for k in ("precision", "recall", "f1")],
-                      str(c["support"]))
+        table.add_row(
+            name,
+            *[f"{c[k]:.4f}" if c[k] is not None else "undefined" for k in ("precision", "recall", "f1")],
+            str(c["support"]),
+        )
     out.print(table)
     for pair in m["most_confused"][:5]:
         out.print(f"most confused: {pair['true']} taken for {pair['predicted']} {pair['count']} times", highlight=False)
-    out.print(f"plots: {m['confusion_png']}, {m['reliability_png']}, {m['top_losses_png']}; metrics: "
-              f"{m['metrics_json']}", highlight=False)
+    out.print(
+        f"plots: {m['confusion_png']}, {m['reliability_png']}, {m['top_losses_png']}; metrics: {m['metrics_json']}",
+        highlight=False,
+    )
 
 
-@app.command(epilog="Examples:\n\n    pipeline audit --store runs/dogscats.h5\n\n"
-             "    pipeline audit --store runs/flowers5.h5 --out runs/audit-flowers --threshold 0.95 --json")
+@app.command(
+    epilog="Examples:\n\n    pipeline audit --store runs/dogscats.h5\n\n"
+    "    pipeline audit --store runs/flowers5.h5 --out runs/audit-flowers --threshold 0.95 --json"
+)
 def audit(
     store: Path = typer.Option(..., "--store", "-s", help="Feature store to audit (read only; nothing is decoded)."),
     set_name: Optional[str] = typer.Option(None, "--set", help="Feature set (default: the store's only one)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where the CSVs, PNGs and audit.json go "
-                                                               "(default runs/audit-TIMESTAMP)."),
-    threshold: float = typer.Option(0.92, help="Cosine similarity of features from which two images count as "
-                                               "near-copies, in (0, 1]."),
+    out_dir: Optional[Path] = typer.Option(
+        None, "--out", help="Where the CSVs, PNGs and audit.json go (default runs/audit-TIMESTAMP)."
+    ),
+    threshold: float = typer.Option(
+        0.92, help="Cosine similarity of features from which two images count as near-copies, in (0, 1]."
+    ),
     neighbours: int = typer.Option(5, help="Nearest neighbours averaged for the outlier distance."),
     folds: int = typer.Option(5, help="Cross-validation folds for out-of-sample probabilities on train."),
     pictures: int = typer.Option(24, help="Findings drawn in label_issues.png and duplicates.png."),
@@ -540,10 +702,13 @@ def audit(
         return
     from rich.table import Table
 
-    out.print(f"{result['images']} images ({result['labelled']} labelled) of set {result['set']} in "
-              f"{result['seconds']:.1f} s: {len(result['label_issues'])} likely label issues, "
-              f"{len(result['duplicates'])} copies or near-copies ({result['leaks']} across train and valid/test), "
-              f"{len(result['outliers'])} outliers", highlight=False)
+    out.print(
+        f"{result['images']} images ({result['labelled']} labelled) of set {result['set']} in "
+        f"{result['seconds']:.1f} s: {len(result['label_issues'])} likely label issues, "
+        f"{len(result['duplicates'])} copies or near-copies ({result['leaks']} across train and valid/test), "
+        f"{len(result['outliers'])} outliers",
+        highlight=False,
+    )
     table = Table(title="most likely label issues")
     for column in ("path", "given", "suggested", "label quality"):
         table.add_column(column, justify="right" if column == "label quality" else "left")
@@ -552,19 +717,27 @@ def audit(
     if result["label_issues"]:
         out.print(table)
     for d in result["duplicates"][:5]:
-        out.print(f"{d['kind']} copy {d['similarity']:.3f}{' (leak)' if d['leak'] else ''}: {d['a']} ~ {d['b']}",
-                  highlight=False)
+        out.print(
+            f"{d['kind']} copy {d['similarity']:.3f}{' (leak)' if d['leak'] else ''}: {d['a']} ~ {d['b']}",
+            highlight=False,
+        )
     files = result["files"]
-    out.print(f"pictures: {files['label_issues']}, {files['duplicates']}, {files['map']}; CSVs and audit.json in "
-              f"{result['out']}", highlight=False)
+    out.print(
+        f"pictures: {files['label_issues']}, {files['duplicates']}, {files['map']}; CSVs and audit.json in "
+        f"{result['out']}",
+        highlight=False,
+    )
 
 
-@app.command(epilog="Examples:\n\n    pipeline export runs/head-a --out model.onnx\n\n"
-             "    pipeline export runs/ft-a --out model.pt --format torchscript --json")
+@app.command(
+    epilog="Examples:\n\n    pipeline export runs/head-a --out model.onnx\n\n"
+    "    pipeline export runs/ft-a --out model.pt --format torchscript --json"
+)
 def export(
     model_dir: Path = typer.Argument(..., help="Run directory written by train-head (or finetune)."),
-    out_file: Optional[Path] = typer.Option(None, "--out", help="The file to write (default MODEL/model.onnx, "
-                                                                "or model.pt for torchscript)."),
+    out_file: Optional[Path] = typer.Option(
+        None, "--out", help="The file to write (default MODEL/model.onnx, or model.pt for torchscript)."
+    ),
     fmt: str = typer.Option("onnx", "--format", help="onnx (needs pip install -e '.[export]') or torchscript."),
     as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
 ):
@@ -576,9 +749,11 @@ def export(
     if as_json:
         _print_json(result)
         return
-    out.print(f"wrote {result['out']} ({_human_bytes(result['bytes'])}, {result['format']}) in {result['seconds']:.1f} "
-              f"s: input {result['input']}, output {result['output']}; classes {', '.join(result['classes'])}",
-              highlight=False)
+    out.print(
+        f"wrote {result['out']} ({_human_bytes(result['bytes'])}, {result['format']}) in {result['seconds']:.1f} "
+        f"s: input {result['input']}, output {result['output']}; classes {', '.join(result['classes'])}",
+        highlight=False,
+    )
 
 
 @app.command(epilog="Example:\n\n    pipeline demo --out runs/demo")
@@ -639,7 +814,10 @@ def main() -> None:
         if DEBUG:
             traceback.print_exc()
             _exit(1)
-        err.print(f"[red]error:[/] {type(exc).__name__}: {escape(str(exc))} (rerun with --debug for the traceback)",
-                  highlight=False, soft_wrap=True)
+        err.print(
+            f"[red]error:[/] {type(exc).__name__}: {escape(str(exc))} (rerun with --debug for the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
         _exit(1)
     _exit(code if isinstance(code, int) else 0)

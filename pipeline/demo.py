@@ -1,8 +1,9 @@
 """The built-in demo: a generated image set of visually distinct classes, run through the whole flow."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -35,8 +36,9 @@ def draw_example(kind: str, rng: np.random.Generator, size: tuple[int, int] = (1
     return image
 
 
-def make_demo_images(root: Path, per_class: dict[str, int] | None = None, seed: int = 0,
-                     classes: tuple[str, ...] = DEMO_CLASSES) -> Path:
+def make_demo_images(
+    root: Path, per_class: dict[str, int] | None = None, seed: int = 0, classes: tuple[str, ...] = DEMO_CLASSES
+) -> Path:
     """Write DATA/train and DATA/valid folders of generated JPEGs; existing files are kept as they are."""
     per_class = per_class or {"train": 30, "valid": 10}
     rng = np.random.default_rng(seed)
@@ -52,8 +54,9 @@ def make_demo_images(root: Path, per_class: dict[str, int] | None = None, seed: 
     return root
 
 
-def run_demo(out_dir: Path, progress: Callable[[int, int], None] | None = None,
-             say: Callable[[str], None] = print) -> dict:
+def run_demo(
+    out_dir: Path, progress: Callable[[int, int], None] | None = None, say: Callable[[str], None] = print
+) -> dict:
     """The whole flow on generated images: featurize, lr-find, train-head, evaluate, predict; where everything went."""
     from pipeline.evaluate import evaluate, predict
     from pipeline.featurize import FeaturizeOptions, featurize
@@ -72,21 +75,34 @@ def run_demo(out_dir: Path, progress: Callable[[int, int], None] | None = None,
         cached = load_cached_features(fs)
         found = find_lr(cached, TrainConfig(head="linear", views=2), out_dir / "lr-find")
         say(f"3. lr-find (linear head): suggested lr {found['suggestion']:.2e}; plot {found['plot']}")
-        board = train_grid(cached, [TrainConfig(views=2), TrainConfig(head="linear", lr=found["suggestion"], views=2)],
-                           out_dir / "heads", overwrite=True)  # the demo is rerun as a whole
+        board = train_grid(
+            cached,
+            [TrainConfig(views=2), TrainConfig(head="linear", lr=found["suggestion"], views=2)],
+            out_dir / "heads",
+            overwrite=True,
+        )  # the demo is rerun as a whole
     for run in board:
         setting = f"l2 {run['l2']:.2g} by 5-fold cv" if run["head"] == "logreg" else f"lr {run['lr']:.2e}"
-        say(f"4. train-head {run['head']} ({setting}): valid accuracy {run['accuracy']:.4f}, log loss "
-            f"{run['valid_loss']:.4f}; model in {run['run']}")
+        say(
+            f"4. train-head {run['head']} ({setting}): valid accuracy {run['accuracy']:.4f}, log loss "
+            f"{run['valid_loss']:.4f}; model in {run['run']}"
+        )
     metrics = evaluate(Path(board[0]["run"]), data / "valid", out_dir / "eval")
-    say(f"5. evaluate {board[0]['run']}: accuracy {metrics['accuracy']:.4f}, calibration error {metrics['ece']:.4f}; "
-        f"{metrics['confusion_png']}, {metrics['reliability_png']}, {metrics['top_losses_png']}")
+    say(
+        f"5. evaluate {board[0]['run']}: accuracy {metrics['accuracy']:.4f}, calibration error {metrics['ece']:.4f}; "
+        f"{metrics['confusion_png']}, {metrics['reliability_png']}, {metrics['top_losses_png']}"
+    )
     samples = [data / "valid" / kind / f"{kind}_000.jpg" for kind in DEMO_CLASSES]
     predictions = predict(load_model(board[0]["run"]), samples)["predictions"]
     for p in predictions:
         say(f"6. predict: {p['path']} -> {p['class']} ({p['probability']:.3f})")
     say(f"next: pipeline runs --dir {out_dir}; pipeline store info {store}")
-    return {"data_dir": str(data), "store": str(store), "featurize": summary, "lr_find": found["suggestion"],
-            "heads": board, "evaluate": {k: metrics[k] for k in ("accuracy", "ece", "confusion_png", "reliability_png",
-                                                                "top_losses_png")},
-            "predictions": predictions}
+    return {
+        "data_dir": str(data),
+        "store": str(store),
+        "featurize": summary,
+        "lr_find": found["suggestion"],
+        "heads": board,
+        "evaluate": {k: metrics[k] for k in ("accuracy", "ece", "confusion_png", "reliability_png", "top_losses_png")},
+        "predictions": predictions,
+    }

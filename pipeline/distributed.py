@@ -1,4 +1,5 @@
 """Which share of the work this process does: one process, a batch-scheduler shard, or a torchrun rank."""
+
 from __future__ import annotations
 
 import os
@@ -39,6 +40,7 @@ def current_shard(num_shards: int = 1, shard_id: int = 0, device: str = "cpu") -
             dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=timedelta(minutes=60))
         return Shard(dist.get_rank(), world, True, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if num_shards < 1 or not 0 <= shard_id < num_shards:
-        raise PipelineError(f"--shard-id {shard_id} is out of range for --num-shards {num_shards}; "
-                            "give 0 <= --shard-id < --num-shards")
+        raise PipelineError(
+            f"--shard-id {shard_id} is out of range for --num-shards {num_shards}; give 0 <= --shard-id < --num-shards"
+        )
     return Shard(shard_id, num_shards, False)

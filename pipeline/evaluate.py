@@ -1,4 +1,5 @@
 """predict and evaluate: a trained model on new images, and its scores with plots on a labelled split."""
+
 from __future__ import annotations
 
 import csv
@@ -8,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.atomic import atomic_output, write_json
 from pipeline.plots import plot_confusion_matrix, plot_image_grid, plot_reliability
 from pipeline.train_head import check_compatible
+from stages.atomic import atomic_output, write_json
 from stages.errors import PipelineError
 from stages.files import IMAGE_EXTENSIONS, class_folders, find_images
 from stages.metrics import classification_metrics, top_losses
@@ -32,8 +33,9 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
     return files
 
 
-def predict(model: ImageClassifier, inputs: list[Path], top_k: int = 1, tta: bool = False,
-            out: Path | None = None) -> dict:
+def predict(
+    model: ImageClassifier, inputs: list[Path], top_k: int = 1, tta: bool = False, out: Path | None = None
+) -> dict:
     """Predictions for every input image; all class probabilities to .csv or .json when out is given."""
     if top_k < 1:
         raise PipelineError(f"--top-k {top_k} is out of range; give 1 or more")
@@ -55,8 +57,13 @@ def predict(model: ImageClassifier, inputs: list[Path], top_k: int = 1, tta: boo
     seconds = time.perf_counter() - started
     if out is not None:
         _write_predictions(out, rows, model.classes, tta)
-    return {"predictions": rows, "errors": errors, "seconds": round(seconds, 3),
-            "images_per_second": round(len(rows) / seconds, 1) if rows else None, "out": str(out) if out else None}
+    return {
+        "predictions": rows,
+        "errors": errors,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(len(rows) / seconds, 1) if rows else None,
+        "out": str(out) if out else None,
+    }
 
 
 def _write_predictions(out: Path, rows: list[dict], classes: list[str], tta: bool) -> None:
@@ -67,13 +74,20 @@ def _write_predictions(out: Path, rows: list[dict], classes: list[str], tta: boo
     with atomic_output(out) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         extra = [f"tta_{c}" for c in classes] if tta else []
-        writer.writerow(["path", "class", "probability", *classes, *(["tta_class", "tta_probability"] if tta else []),
-                         *extra])
+        writer.writerow(
+            ["path", "class", "probability", *classes, *(["tta_class", "tta_probability"] if tta else []), *extra]
+        )
         for r in rows:
-            writer.writerow([r["path"], r["class"], f"{r['probability']:.6f}",
-                             *[f"{r['probabilities'][c]:.6f}" for c in classes],
-                             *([r["tta_class"], f"{r['tta_probability']:.6f}"] if tta else []),
-                             *([f"{r['tta_probabilities'][c]:.6f}" for c in classes] if tta else [])])
+            writer.writerow(
+                [
+                    r["path"],
+                    r["class"],
+                    f"{r['probability']:.6f}",
+                    *[f"{r['probabilities'][c]:.6f}" for c in classes],
+                    *([r["tta_class"], f"{r['tta_probability']:.6f}"] if tta else []),
+                    *([f"{r['tta_probabilities'][c]:.6f}" for c in classes] if tta else []),
+                ]
+            )
 
 
 def labelled_split(split_dir: Path, classes: list[str]) -> tuple[list[Path], np.ndarray]:
@@ -83,8 +97,10 @@ def labelled_split(split_dir: Path, classes: list[str]) -> tuple[list[Path], np.
     folders = class_folders(split_dir)
     unknown = [f for f in folders if f not in classes]
     if unknown or not folders:
-        raise PipelineError(f"class folders of {split_dir} ({', '.join(folders) or 'none'}) do not match the model's "
-                            f"classes ({', '.join(classes)}); give a split with the classes the model was trained on")
+        raise PipelineError(
+            f"class folders of {split_dir} ({', '.join(folders) or 'none'}) do not match the model's "
+            f"classes ({', '.join(classes)}); give a split with the classes the model was trained on"
+        )
     files, labels = [], []
     for name in folders:
         images = find_images(split_dir / name)
@@ -111,21 +127,30 @@ def _probabilities_from_store(head, config: dict, run_dir: Path, store: Path, fi
         probabilities = np.full((len(files), len(config["classes"])), np.nan)
         for split in feature_set.splits:
             paths, views = feature_set.column(split, "paths"), feature_set.column(split, "view")
-            rows = np.asarray([(row, position[p]) for row, (p, v) in enumerate(zip(paths, views))
-                               if v == 0 and p in position]).reshape(-1, 2)
+            rows = np.asarray(
+                [(row, position[p]) for row, (p, v) in enumerate(zip(paths, views)) if v == 0 and p in position]
+            ).reshape(-1, 2)
             if len(rows):
                 x = torch.from_numpy(feature_set.features(split)[rows[:, 0]]).float()
                 with torch.no_grad():
                     probabilities[rows[:, 1]] = torch.softmax(head(x), 1).numpy()
     missing = np.flatnonzero(np.isnan(probabilities[:, 0]))
     if len(missing):
-        raise PipelineError(f"store {store} does not hold {files[missing[0]]} (it was featurized from {data_dir}); "
-                            "featurize that folder first or evaluate without --store")
+        raise PipelineError(
+            f"store {store} does not hold {files[missing[0]]} (it was featurized from {data_dir}); "
+            "featurize that folder first or evaluate without --store"
+        )
     return probabilities
 
 
-def evaluate(run_dir: Path, split_dir: Path, out: Path | None = None, tta: bool = False, store: Path | None = None,
-             device: str = "auto") -> dict:
+def evaluate(
+    run_dir: Path,
+    split_dir: Path,
+    out: Path | None = None,
+    tta: bool = False,
+    store: Path | None = None,
+    device: str = "auto",
+) -> dict:
     """Metrics, confusion matrix and top losses of a model on a labelled split; from cached features with store."""
     from stages.head import load_head
 
@@ -152,17 +177,36 @@ def evaluate(run_dir: Path, split_dir: Path, out: Path | None = None, tta: bool 
     out = out or run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     worst = top_losses(labels, probabilities)
-    captions = [(files[i], f"{classes[labels[i]]} -> {classes[int(probabilities[i].argmax())]} "
-                           f"({probabilities[i].max():.2f})\n{files[i].name}") for i in worst]
-    metrics.update({
-        "run": str(run_dir), "split": str(split_dir), "tta": tta, "from_store": store is not None,
-        "unreadable": failed, "seconds": round(time.perf_counter() - started, 3),
-        "confusion_png": str(out / "confusion.png"), "top_losses_png": str(out / "top_losses.png"),
-        "reliability_png": str(out / "reliability.png"),
-        "top_losses": [{"path": str(files[i]), "true": classes[labels[i]],
-                        "predicted": classes[int(probabilities[i].argmax())],
-                        "probability": float(probabilities[i].max())} for i in worst],
-    })
+    captions = [
+        (
+            files[i],
+            f"{classes[labels[i]]} -> {classes[int(probabilities[i].argmax())]} "
+            f"({probabilities[i].max():.2f})\n{files[i].name}",
+        )
+        for i in worst
+    ]
+    metrics.update(
+        {
+            "run": str(run_dir),
+            "split": str(split_dir),
+            "tta": tta,
+            "from_store": store is not None,
+            "unreadable": failed,
+            "seconds": round(time.perf_counter() - started, 3),
+            "confusion_png": str(out / "confusion.png"),
+            "top_losses_png": str(out / "top_losses.png"),
+            "reliability_png": str(out / "reliability.png"),
+            "top_losses": [
+                {
+                    "path": str(files[i]),
+                    "true": classes[labels[i]],
+                    "predicted": classes[int(probabilities[i].argmax())],
+                    "probability": float(probabilities[i].max()),
+                }
+                for i in worst
+            ],
+        }
+    )
     with atomic_output(out / "confusion.png") as tmp:
         plot_confusion_matrix(metrics["confusion_matrix"], classes, tmp)
     with atomic_output(out / "reliability.png") as tmp:

@@ -1,4 +1,5 @@
 """export: a run directory as one ONNX (or TorchScript) file for deployment without this project."""
+
 from __future__ import annotations
 
 import os
@@ -43,6 +44,13 @@ def export_run(run_dir: Path, out: Path | None = None, fmt: str = "onnx") -> dic
     except OSError as exc:
         raise PipelineError(f"--out {out} could not be written ({exc.strerror or exc}); choose another path") from None
     size = backbone.preprocessing.size
-    return {"out": str(out), "format": fmt, "bytes": out.stat().st_size, "seconds": time.perf_counter() - started,
-            "input": f"{INPUT}: uint8 (N, {size}, {size}, 3) RGB", "output": f"{OUTPUT}: float32 (N, "
-            f"{len(config['classes'])})", "classes": config["classes"], "metadata": metadata}
+    return {
+        "out": str(out),
+        "format": fmt,
+        "bytes": out.stat().st_size,
+        "seconds": time.perf_counter() - started,
+        "input": f"{INPUT}: uint8 (N, {size}, {size}, 3) RGB",
+        "output": f"{OUTPUT}: float32 (N, {len(config['classes'])})",
+        "classes": config["classes"],
+        "metadata": metadata,
+    }

@@ -1,11 +1,12 @@
 """Featurize: image files -> DALI decode -> frozen backbone -> feature store, computing only what the store lacks."""
+
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import h5py
 import numpy as np
@@ -13,16 +14,30 @@ import torch
 
 from pipeline.distributed import Shard, current_shard
 from pipeline.runtime import available_memory, cpu_count, torch_threads
-from stages.backbones import (DEFAULT_BACKBONE, REGISTRY, FeatureRunner, backbone_identity, create_backbone,
-                              resolve_precision)
+from stages.backbones import (
+    DEFAULT_BACKBONE,
+    REGISTRY,
+    FeatureRunner,
+    backbone_identity,
+    create_backbone,
+    resolve_precision,
+)
 from stages.decode import Augmentation, ImageDecoder, batch_memory_bytes, resolve_device
 from stages.errors import MAX_VIEWS, SEED_MAX, PipelineError, check_memory, check_range
 from stages.files import Dataset, Fingerprint, content_sha256, read_image_file, scan_dataset, stat_fingerprint
 from store.reader import FileRows, open_h5, split_file_index, split_skipped
-from store.verify import verify_split
 from store.schema import FEATURE_DTYPES, ROW_COLUMNS, SETS, SKIPPED_COLUMNS, SPLITS, set_name
-from store.writer import (Journal, RowRun, SplitPlan, SplitRows, StoreLock, now_iso, remove_stale_temporaries,
-                          write_store)
+from store.verify import verify_split
+from store.writer import (
+    Journal,
+    RowRun,
+    SplitPlan,
+    SplitRows,
+    StoreLock,
+    now_iso,
+    remove_stale_temporaries,
+    write_store,
+)
 
 Progress = Callable[[int, int], None]
 
@@ -85,8 +100,10 @@ class _Sources:
         key = (name, group.name.rsplit("/", 1)[-1])
         if key not in self.indexes:
             bad = self.damaged.get(key, set())
-            self.indexes[key] = ({k: v for k, v in split_file_index(group).items() if k not in bad},
-                                 {k: v for k, v in split_skipped(group).items() if k not in bad})
+            self.indexes[key] = (
+                {k: v for k, v in split_file_index(group).items() if k not in bad},
+                {k: v for k, v in split_skipped(group).items() if k not in bad},
+            )
         return self.indexes[key]
 
     def verify_store(self, old_set: h5py.Group, where: str) -> list[str]:
@@ -98,14 +115,17 @@ class _Sources:
                 continue
             if damage.columns:
                 self.damaged["store", split] = None
-                notes.append(f"{where} {split}: {damage.describe()} failed verification; every {split} image is "
-                             "featurized again")
+                notes.append(
+                    f"{where} {split}: {damage.describe()} failed verification; every {split} image is featurized again"
+                )
                 continue
             paths = old_set[split]["paths"][()]
             bad = {(p.decode() if isinstance(p, bytes) else p) for a, b in damage.rows for p in paths[a:b]}
             self.damaged["store", split] = bad
-            notes.append(f"{where} {split}: {damage.describe()} failed verification; featurized again: "
-                         f"{', '.join(sorted(bad)[:5])}{' ...' if len(bad) > 5 else ''}")
+            notes.append(
+                f"{where} {split}: {damage.describe()} failed verification; featurized again: "
+                f"{', '.join(sorted(bad)[:5])}{' ...' if len(bad) > 5 else ''}"
+            )
         return notes
 
 
@@ -130,16 +150,27 @@ def open_journal_part(part: Path) -> tuple[h5py.File | None, str | None]:
 
 def set_identity(backbone: dict, views: int, seed: int, precision: str, dtype: str) -> dict:
     """The fields that make two feature sets interchangeable: the backbone's identity and these settings."""
-    return {**backbone, "views": views, "seed": seed,
-            "augmentation": Augmentation().to_dict() if views else None, "precision": precision, "dtype": dtype}
+    return {
+        **backbone,
+        "views": views,
+        "seed": seed,
+        "augmentation": Augmentation().to_dict() if views else None,
+        "precision": precision,
+        "dtype": dtype,
+    }
 
 
 def _library_versions() -> dict:
     import nvidia.dali
     import timm
 
-    return {"torch": torch.__version__, "dali": nvidia.dali.__version__, "timm": timm.__version__,
-            "h5py": h5py.__version__, "numpy": np.__version__}
+    return {
+        "torch": torch.__version__,
+        "dali": nvidia.dali.__version__,
+        "timm": timm.__version__,
+        "h5py": h5py.__version__,
+        "numpy": np.__version__,
+    }
 
 
 def _views_in(split: str, views: int) -> int:
@@ -162,7 +193,9 @@ def _decide(dataset: Dataset, sources: _Sources, views: int) -> tuple[dict[str, 
             try:
                 fp = stat_fingerprint(path)
             except OSError as exc:
-                decisions[split][f.path] = _Decision(f.label, Fingerprint(0, 0), skip_reason=f"cannot read: {exc.strerror}")
+                decisions[split][f.path] = _Decision(
+                    f.label, Fingerprint(0, 0), skip_reason=f"cannot read: {exc.strerror}"
+                )
                 continue
             decision = _Decision(f.label, fp)
             same_size = False
@@ -201,13 +234,22 @@ def _reuse_by_content(decision: _Decision, path: Path, indexes, key: str, count:
 class _Run:
     """The featurizing part of a run: decode and forward the files to do, committing to the journal as it goes."""
 
-    def __init__(self, opts: FeaturizeOptions, dataset: Dataset, backbone, journal: Journal, device: str,
-                 precision: str, progress: Progress | None):
+    def __init__(
+        self,
+        opts: FeaturizeOptions,
+        dataset: Dataset,
+        backbone,
+        journal: Journal,
+        device: str,
+        precision: str,
+        progress: Progress | None,
+    ):
         self.opts, self.dataset, self.journal = opts, dataset, journal
         self.backbone, self.device, self.precision = backbone, device, precision
         self.progress = progress
-        self.forward = FeatureRunner(backbone.model, device, precision, backbone.preprocessing.size,
-                                     cache_key=backbone.weights_sha256)
+        self.forward = FeatureRunner(
+            backbone.model, device, precision, backbone.preprocessing.size, cache_key=backbone.weights_sha256
+        )
         self.fingerprints: dict[str, Fingerprint] = {}
         self.pending = {split: SplitRows() for split in dataset.splits}
         self.pending_rows = 0
@@ -226,9 +268,14 @@ class _Run:
             self._commit()
 
     def _featurize_split(self, split: str, files: list, total: int) -> None:
-        decoder = ImageDecoder(self.backbone.preprocessing, views=_views_in(split, self.opts.views), device=self.device,
-                               batch_size=self.opts.batch_size, seed=self.opts.seed,
-                               num_threads=torch.get_num_threads())
+        decoder = ImageDecoder(
+            self.backbone.preprocessing,
+            views=_views_in(split, self.opts.views),
+            device=self.device,
+            batch_size=self.opts.batch_size,
+            seed=self.opts.seed,
+            num_threads=torch.get_num_threads(),
+        )
         labels = {f.path: f.label for f in files}
         for batch in decoder.decode((f.path, self._loader(f.path)) for f in files):
             for key, reason in batch.failed:
@@ -240,7 +287,10 @@ class _Run:
             self.done += len(batch.keys) + len(batch.failed)
             if self.progress:
                 self.progress(self.done, total)
-            if self.pending_rows >= self.opts.commit_rows or time.monotonic() - self.last_commit >= self.opts.commit_seconds:
+            if (
+                self.pending_rows >= self.opts.commit_rows
+                or time.monotonic() - self.last_commit >= self.opts.commit_seconds
+            ):
                 self._commit()
 
     def _loader(self, key: str):
@@ -248,6 +298,7 @@ class _Run:
             data, fp = read_image_file(self.dataset.root / key)
             self.fingerprints[key] = fp
             return data
+
         return load
 
     def _add_rows(self, split: str, keys: list[str], labels: dict, features: np.ndarray, views: int) -> None:
@@ -256,15 +307,28 @@ class _Run:
         for key in keys:
             fp = self.fingerprints[key]
             for view in range(views):
-                for name, value in (("labels", labels[key]), ("paths", key), ("view", view), ("size", fp.size),
-                                    ("mtime_ns", fp.mtime_ns), ("ctime_ns", fp.ctime_ns), ("sha256", fp.sha256)):
+                for name, value in (
+                    ("labels", labels[key]),
+                    ("paths", key),
+                    ("view", view),
+                    ("size", fp.size),
+                    ("mtime_ns", fp.mtime_ns),
+                    ("ctime_ns", fp.ctime_ns),
+                    ("sha256", fp.sha256),
+                ):
                     rows.columns[name].append(value)
         self.pending_rows += len(keys) * views
 
     def _add_skipped(self, split: str, key: str, reason: str) -> None:
         fp = self.fingerprints.get(key) or _safe_stat(self.dataset.root / key)
-        for name, value in (("paths", key), ("reasons", reason), ("size", fp.size), ("mtime_ns", fp.mtime_ns),
-                            ("ctime_ns", fp.ctime_ns), ("sha256", fp.sha256)):
+        for name, value in (
+            ("paths", key),
+            ("reasons", reason),
+            ("size", fp.size),
+            ("mtime_ns", fp.mtime_ns),
+            ("ctime_ns", fp.ctime_ns),
+            ("sha256", fp.sha256),
+        ):
             self.pending[split].skipped[name].append(value)
         self.skipped += 1
 
@@ -309,20 +373,34 @@ def _plan(dataset: Dataset, decisions, sources: _Sources, views: int) -> dict[st
                     d.fingerprint = Fingerprint(found["size"], found["mtime_ns"], found["sha256"], found["ctime_ns"])
             if d.source is not None:
                 last = runs[-1] if runs else None
-                if last and (last.source, last.split) == (d.source, d.source_split) \
-                        and last.start + last.count == d.rows.start:
+                if (
+                    last
+                    and (last.source, last.split) == (d.source, d.source_split)
+                    and last.start + last.count == d.rows.start
+                ):
                     runs[-1] = RowRun(last.source, last.start, last.count + count, last.split)
                 else:
                     runs.append(RowRun(d.source, d.rows.start, count, d.source_split))
                 for view in range(count):
-                    for name, value in (("labels", d.file_label), ("paths", f.path), ("view", view),
-                                        ("size", d.fingerprint.size), ("mtime_ns", d.fingerprint.mtime_ns),
-                                        ("ctime_ns", d.fingerprint.ctime_ns), ("sha256", d.fingerprint.sha256)):
+                    for name, value in (
+                        ("labels", d.file_label),
+                        ("paths", f.path),
+                        ("view", view),
+                        ("size", d.fingerprint.size),
+                        ("mtime_ns", d.fingerprint.mtime_ns),
+                        ("ctime_ns", d.fingerprint.ctime_ns),
+                        ("sha256", d.fingerprint.sha256),
+                    ):
                         columns[name].append(value)
             elif d.skip_reason is not None:
-                for name, value in (("paths", f.path), ("reasons", d.skip_reason), ("size", d.fingerprint.size),
-                                    ("mtime_ns", d.fingerprint.mtime_ns), ("ctime_ns", d.fingerprint.ctime_ns),
-                                    ("sha256", d.fingerprint.sha256)):
+                for name, value in (
+                    ("paths", f.path),
+                    ("reasons", d.skip_reason),
+                    ("size", d.fingerprint.size),
+                    ("mtime_ns", d.fingerprint.mtime_ns),
+                    ("ctime_ns", d.fingerprint.ctime_ns),
+                    ("sha256", d.fingerprint.sha256),
+                ):
                     skipped[name].append(value)
         plans[split] = SplitPlan(runs, columns, skipped)
     return plans
@@ -344,7 +422,9 @@ def _up_to_date(old_set: h5py.Group | None, plans: dict[str, SplitPlan], classes
         if plan.runs != ([RowRun("store", 0, n, split)] if n else []):
             return False
         for name in ("labels", "mtime_ns", "ctime_ns"):
-            if name not in old or not np.array_equal(old[name][()], np.asarray(plan.columns[name], dtype=old[name].dtype)):
+            if name not in old or not np.array_equal(
+                old[name][()], np.asarray(plan.columns[name], dtype=old[name].dtype)
+            ):
                 return False
         if sorted(split_skipped(old)) != sorted(plan.skipped["paths"]):
             return False
@@ -360,9 +440,13 @@ def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> dict:
     started = time.perf_counter()
     if opts.dtype not in FEATURE_DTYPES:
         raise PipelineError(f"--dtype {opts.dtype!r} is not one of {', '.join(FEATURE_DTYPES)}")
-    for option, value, low, high in (("--views", opts.views, 0, MAX_VIEWS), ("--batch-size", opts.batch_size, 1, None),
-                                     ("--commit-every", opts.commit_rows, 1, None), ("--seed", opts.seed, 0, SEED_MAX),
-                                     ("--num-shards", opts.num_shards, 1, None)):
+    for option, value, low, high in (
+        ("--views", opts.views, 0, MAX_VIEWS),
+        ("--batch-size", opts.batch_size, 1, None),
+        ("--commit-every", opts.commit_rows, 1, None),
+        ("--seed", opts.seed, 0, SEED_MAX),
+        ("--num-shards", opts.num_shards, 1, None),
+    ):
         check_range(option, value, low, high)
     check_range("--shard-id", opts.shard_id, 0, opts.num_shards - 1)
     store_path = Path(opts.store)
@@ -378,9 +462,12 @@ def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> dict:
     if known is None:
         backbone = create_backbone(opts.backbone, opts.weights, opts.arch)
         known = backbone.identity()
-    check_memory(f"--batch-size {opts.batch_size} x (--views {opts.views} + 1)",
-                 batch_memory_bytes(opts.batch_size, opts.views, known["preprocessing"]["size"]),
-                 available_memory(), f"{opts.batch_size} images x {opts.views + 1} decoded views")
+    check_memory(
+        f"--batch-size {opts.batch_size} x (--views {opts.views} + 1)",
+        batch_memory_bytes(opts.batch_size, opts.views, known["preprocessing"]["size"]),
+        available_memory(),
+        f"{opts.batch_size} images x {opts.views + 1} decoded views",
+    )
     identity = set_identity(known, opts.views, opts.seed, precision, opts.dtype)
     job = _Job(opts, dataset, backbone, identity, device, precision, store_path, progress)
     if shard.count == 1:
@@ -400,8 +487,13 @@ def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> dict:
     with StoreLock(store_path):
         merged = job.run(Shard(), merge=True, started=started)
     featurized = sum(r["featurized"] for r in ranks)
-    return {**merged, "shards": ranks, "featurized": featurized, "reused": merged["reused"] - featurized,
-            "images_per_second": round(sum(r["images_per_second"] or 0 for r in ranks), 1) or None}
+    return {
+        **merged,
+        "shards": ranks,
+        "featurized": featurized,
+        "reused": merged["reused"] - featurized,
+        "images_per_second": round(sum(r["images_per_second"] or 0 for r in ranks), 1) or None,
+    }
 
 
 class _Job:
@@ -448,8 +540,10 @@ class _Job:
             rewrite = bool(parts) or bool(sources.damaged)  # parts to merge, or damage to repair
             decisions, todo = _decide(dataset, sources, opts.views)
             if shard.count > 1:  # a file's shard follows from its place in the whole data set, not in what is left
-                place = {(split, f.path): i for i, (split, f) in
-                         enumerate((split, f) for split, files in dataset.splits.items() for f in files)}
+                place = {
+                    (split, f.path): i
+                    for i, (split, f) in enumerate((split, f) for split, files in dataset.splits.items() for f in files)
+                }
                 todo = [(split, f) for split, f in todo if place[split, f.path] % shard.count == shard.index]
             reused = sum(1 for split in decisions.values() for d in split.values() if d.source)
             run, interrupted, loop_seconds = None, False, 0.0
@@ -467,23 +561,44 @@ class _Job:
                         parts.append(h5py.File(part, "r", locking=False))
                         sources.add(f"new:{part.name}", parts[-1], newest=True)
             computed = run.done - run.skipped if run else 0
-            counts = {"featurized": computed, "reused": reused, "seconds": round(time.perf_counter() - started, 3),
-                      "images_per_second": round(computed / loop_seconds, 1) if computed else None,
-                      "interrupted": interrupted, "set": name, "store": str(store_path), "device": self.device,
-                      "precision": self.precision, "backbone": self.identity["backbone"], "views": opts.views}
+            counts = {
+                "featurized": computed,
+                "reused": reused,
+                "seconds": round(time.perf_counter() - started, 3),
+                "images_per_second": round(computed / loop_seconds, 1) if computed else None,
+                "interrupted": interrupted,
+                "set": name,
+                "store": str(store_path),
+                "device": self.device,
+                "precision": self.precision,
+                "backbone": self.identity["backbone"],
+                "views": opts.views,
+            }
             if not merge:
-                return {**counts, "shard": shard.label, "merged": False, "up_to_date": False,
-                        "notes": repairs + [f"{shard.label}: parts in {journal.dir}; a run without --shard-id merges them"]}
+                return {
+                    **counts,
+                    "shard": shard.label,
+                    "merged": False,
+                    "up_to_date": False,
+                    "notes": repairs + [f"{shard.label}: parts in {journal.dir}; a run without --shard-id merges them"],
+                }
             plans = _plan(dataset, decisions, sources, opts.views)
             up_to_date = not todo and _up_to_date(old_set, plans, dataset.classes, rewrite)
             if not up_to_date:
-                attrs = {**self.identity, "classes": dataset.classes, "data_dir": str(Path(opts.data_dir).resolve()),
-                         "weights_path": self.weights_path(),
-                         **{k: v for k, v in dataset.describe().items() if v is not None},
-                         "versions": _library_versions(), "device": self.device,
-                         "created": old_set.attrs.get("created", now_iso()) if old_set is not None else now_iso(),
-                         "updated": now_iso()}
-                write_store(store_path, name, attrs, plans, sources.files, self.identity["feature_dim"], opts.dtype, old)
+                attrs = {
+                    **self.identity,
+                    "classes": dataset.classes,
+                    "data_dir": str(Path(opts.data_dir).resolve()),
+                    "weights_path": self.weights_path(),
+                    **{k: v for k, v in dataset.describe().items() if v is not None},
+                    "versions": _library_versions(),
+                    "device": self.device,
+                    "created": old_set.attrs.get("created", now_iso()) if old_set is not None else now_iso(),
+                    "updated": now_iso(),
+                }
+                write_store(
+                    store_path, name, attrs, plans, sources.files, self.identity["feature_dim"], opts.dtype, old
+                )
         finally:
             for f in parts:
                 f.close()
@@ -491,10 +606,20 @@ class _Job:
                 old.close()
         if not up_to_date:
             journal.clear()
-        skipped = [{"split": s, "path": p, "reason": plan.skipped["reasons"][i]}
-                   for s, plan in plans.items() for i, p in enumerate(plan.skipped["paths"])]
-        return {**counts, "data_dir": str(opts.data_dir), "up_to_date": up_to_date, "merged": True,
-                "images": {s: len(set(p.columns["paths"])) for s, p in plans.items()},
-                "rows": {s: len(p.columns["paths"]) for s, p in plans.items()},
-                "skipped": skipped, "classes": dataset.classes, "store_bytes": os.path.getsize(store_path),
-                "notes": dataset.notes + repairs}
+        skipped = [
+            {"split": s, "path": p, "reason": plan.skipped["reasons"][i]}
+            for s, plan in plans.items()
+            for i, p in enumerate(plan.skipped["paths"])
+        ]
+        return {
+            **counts,
+            "data_dir": str(opts.data_dir),
+            "up_to_date": up_to_date,
+            "merged": True,
+            "images": {s: len(set(p.columns["paths"])) for s, p in plans.items()},
+            "rows": {s: len(p.columns["paths"]) for s, p in plans.items()},
+            "skipped": skipped,
+            "classes": dataset.classes,
+            "store_bytes": os.path.getsize(store_path),
+            "notes": dataset.notes + repairs,
+        }

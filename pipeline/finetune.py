@@ -1,17 +1,18 @@
 """finetune: unfreeze the backbone under a trained head and train both on live-augmented images."""
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
+from pipeline.distributed import current_shard
 from pipeline.plots import plot_training_curves
 from pipeline.runtime import available_memory, cpu_count, torch_threads
-from pipeline.distributed import current_shard
 from stages.backbones import file_sha256, resolve_precision
 from stages.decode import batch_memory_bytes, resolve_device
 from stages.errors import PipelineError, check_memory
@@ -29,9 +30,17 @@ def _split(dataset, name: str) -> tuple[list[str], np.ndarray] | None:
     return [str(dataset.root / f.path) for f in files], np.asarray([f.label for f in files])
 
 
-def finetune(data_dir: Path, head_dir: Path, out: Path, cfg: FinetuneConfig, resume: Path | None = None,
-             device: str = "auto", on_epoch: Callable[[dict], None] | None = None,
-             on_step: Callable[[int, int], None] | None = None, threads: int | None = None) -> dict:
+def finetune(
+    data_dir: Path,
+    head_dir: Path,
+    out: Path,
+    cfg: FinetuneConfig,
+    resume: Path | None = None,
+    device: str = "auto",
+    on_epoch: Callable[[dict], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+    threads: int | None = None,
+) -> dict:
     """Fine-tune from a train-head run (or continue a stopped fine-tune); write a run directory predict can use.
     threads: torch's threads while training (None: the cores, shared among this machine's ranks)."""
     state = None
@@ -47,15 +56,20 @@ def finetune(data_dir: Path, head_dir: Path, out: Path, cfg: FinetuneConfig, res
     backbone = backbone_for(head_config["feature_set"], head_dir)
     dataset = scan_dataset(data_dir)
     if dataset.classes != head_config["classes"]:
-        raise PipelineError(f"classes of {data_dir} ({', '.join(dataset.classes)}) differ from those of {head_dir} "
-                            f"({', '.join(head_config['classes'])}); fine-tune on the data the head was trained for")
+        raise PipelineError(
+            f"classes of {data_dir} ({', '.join(dataset.classes)}) differ from those of {head_dir} "
+            f"({', '.join(head_config['classes'])}); fine-tune on the data the head was trained for"
+        )
     train, valid = _split(dataset, "train"), _split(dataset, "valid")
     if train is None:
         raise PipelineError(f"{data_dir} has no train/ images to fine-tune on")
     cfg.validate()
-    check_memory(f"--batch-size {cfg.batch_size}", batch_memory_bytes(cfg.batch_size // shard.count, 1, backbone.preprocessing.size,
-                                                    training=True), available_memory(),
-                 f"training on {cfg.batch_size // shard.count} images per step")
+    check_memory(
+        f"--batch-size {cfg.batch_size}",
+        batch_memory_bytes(cfg.batch_size // shard.count, 1, backbone.preprocessing.size, training=True),
+        available_memory(),
+        f"training on {cfg.batch_size // shard.count} images per step",
+    )
     tuner = Finetuner(backbone, head, cfg, device, out, shard.index, shard.count)
     steps_per_epoch = -(-len(train[0]) // cfg.batch_size)
     if state is not None:
@@ -72,18 +86,37 @@ def finetune(data_dir: Path, head_dir: Path, out: Path, cfg: FinetuneConfig, res
     if shard.index != 0:
         return {"run": str(out), "rank": shard.index, "quiet": True}
     write_weights(out, {BACKBONE_WEIGHTS: tuner.model.backbone.architecture_state_dict()})
-    feature_set = {**head_config["feature_set"], "store": None, "set": None,
-                   "weights_sha256": file_sha256(out / BACKBONE_WEIGHTS),
-                   "weights_path": str((out / BACKBONE_WEIGHTS).resolve())}
-    config = {"kind": "finetune", "head": head_config["head"], "classes": head_config["classes"],
-              "train": {**cfg.to_dict(), "head": head_config["head"]["head"], "from_head": str(head_dir)},
-              "feature_set": feature_set, "created": datetime.now().isoformat(timespec="seconds")}
+    feature_set = {
+        **head_config["feature_set"],
+        "store": None,
+        "set": None,
+        "weights_sha256": file_sha256(out / BACKBONE_WEIGHTS),
+        "weights_path": str((out / BACKBONE_WEIGHTS).resolve()),
+    }
+    config = {
+        "kind": "finetune",
+        "head": head_config["head"],
+        "classes": head_config["classes"],
+        "train": {**cfg.to_dict(), "head": head_config["head"]["head"], "from_head": str(head_dir)},
+        "feature_set": feature_set,
+        "created": datetime.now().isoformat(timespec="seconds"),
+    }
     last = kept or (tuner.history[-1] if tuner.history else {})
     images = len(train[0]) * (cfg.epochs - (state["epoch"] if state is not None else 0))
-    metrics = {"history": tuner.history, "before": tuner.before, "kept_epoch": kept["epoch"] if kept else None,
-               "accuracy": last.get("accuracy"),
-               "valid_loss": last.get("valid_loss"), "train_seconds": seconds,
-               "train_images_per_second": images / seconds if seconds else None}
-    write_run(out, {HEAD_WEIGHTS: tuner.model.head.state_dict()}, config,
-              metrics, lambda path: plot_training_curves(tuner.history, tuner.step_losses, path))
+    metrics = {
+        "history": tuner.history,
+        "before": tuner.before,
+        "kept_epoch": kept["epoch"] if kept else None,
+        "accuracy": last.get("accuracy"),
+        "valid_loss": last.get("valid_loss"),
+        "train_seconds": seconds,
+        "train_images_per_second": images / seconds if seconds else None,
+    }
+    write_run(
+        out,
+        {HEAD_WEIGHTS: tuner.model.head.state_dict()},
+        config,
+        metrics,
+        lambda path: plot_training_curves(tuner.history, tuner.step_losses, path),
+    )
     return {"run": str(out), "processes": shard.count, **metrics}

@@ -1,12 +1,13 @@
 """inspect: what a data folder holds, what is wrong with it, and a contact sheet of samples per class."""
+
 from __future__ import annotations
 
 import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from stages.atomic import atomic_output
 from pipeline.plots import plot_contact_sheet
+from stages.atomic import atomic_output
 from stages.files import BadImage, content_sha256, scan_dataset, vet_image_bytes
 
 SAMPLES_PER_CLASS = 8
@@ -47,15 +48,23 @@ def inspect_folder(data_dir: Path, out: Path, valid_pct: float | None = None, se
             formats[fmt] += 1
             modes[mode] += 1
         total = sum(counts.values())
-        splits[split] = {"images": total, "classes": dict(sorted(counts.items())),
-                         "balance": round(min(counts.values()) / max(counts.values()), 3) if counts else None}
-    duplicates = [{"paths": [p for _, p in group], "splits": sorted({s for s, _ in group})}
-                  for group in by_hash.values() if len(group) > 1]
+        splits[split] = {
+            "images": total,
+            "classes": dict(sorted(counts.items())),
+            "balance": round(min(counts.values()) / max(counts.values()), 3) if counts else None,
+        }
+    duplicates = [
+        {"paths": [p for _, p in group], "splits": sorted({s for s, _ in group})}
+        for group in by_hash.values()
+        if len(group) > 1
+    ]
     leaks = [d for d in duplicates if len(d["splits"]) > 1]
     samples = {}
     first = "train" if "train" in dataset.splits else next(iter(dataset.splits))
     for label, name in enumerate(dataset.classes or ["(unlabelled)"]):
-        members = [dataset.root / f.path for f in dataset.splits[first] if f.label == (label if dataset.classes else -1)]
+        members = [
+            dataset.root / f.path for f in dataset.splits[first] if f.label == (label if dataset.classes else -1)
+        ]
         samples[name] = members[:: max(1, len(members) // SAMPLES_PER_CLASS)][:SAMPLES_PER_CLASS]
     out.mkdir(parents=True, exist_ok=True)
     with atomic_output(out / "samples.png") as tmp:
@@ -65,7 +74,18 @@ def inspect_folder(data_dir: Path, out: Path, valid_pct: float | None = None, se
     def spread(values):
         return {"min": min(values), "median": statistics.median(values), "max": max(values)} if values else None
 
-    return {"data_dir": str(data_dir), "layout": dataset.layout, "classes": dataset.classes, "splits": splits,
-            "width": spread(widths), "height": spread(heights), "formats": dict(formats), "modes": dict(modes),
-            "unreadable": unreadable, "duplicates": duplicates, "leaks": leaks, "contact_sheet": str(sheet),
-            "notes": dataset.notes}
+    return {
+        "data_dir": str(data_dir),
+        "layout": dataset.layout,
+        "classes": dataset.classes,
+        "splits": splits,
+        "width": spread(widths),
+        "height": spread(heights),
+        "formats": dict(formats),
+        "modes": dict(modes),
+        "unreadable": unreadable,
+        "duplicates": duplicates,
+        "leaks": leaks,
+        "contact_sheet": str(sheet),
+        "notes": dataset.notes,
+    }

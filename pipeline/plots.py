@@ -1,4 +1,5 @@
 """PNG plots where a picture says more than a table: training curves and the lr-find curve."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +15,9 @@ def plot_training_curves(history: list[dict], step_losses: list[float], path: Pa
     fig = Figure(figsize=(10, 4))
     left, right = fig.subplots(1, 2)
     steps_per_epoch = len(step_losses) / max(1, len(history))
-    left.plot([(i + 1) / steps_per_epoch for i in range(len(step_losses))], step_losses, label="train loss (step)",
-              alpha=0.7)
+    left.plot(
+        [(i + 1) / steps_per_epoch for i in range(len(step_losses))], step_losses, label="train loss (step)", alpha=0.7
+    )
     epochs = [row["epoch"] + 1 for row in history]
     if history and "valid_loss" in history[0]:
         left.plot(epochs, [row["valid_loss"] for row in history], "o-", label="valid loss")
@@ -55,14 +57,21 @@ def plot_lr_find(result: dict, path: Path) -> Path:
     ax = fig.subplots()
     ax.plot(result["lrs"], result["held_out_loss"], "o-", label="held-out loss (a fold of train)")
     ax.plot(result["lrs"], result["train_loss"], "o-", alpha=0.4, label="train loss (last epoch)")
-    ax.axvline(result["suggestion"], color="tab:purple", linestyle="--",
-               label=f"suggestion (--lr auto): {result['suggestion']:.2e}")
+    ax.axvline(
+        result["suggestion"],
+        color="tab:purple",
+        linestyle="--",
+        label=f"suggestion (--lr auto): {result['suggestion']:.2e}",
+    )
     ax.set_xscale("log")
     finite = [v for v in result["held_out_loss"] + result["train_loss"] if v == v and v != float("inf")]
     if finite:
         ax.set_ylim(0, min(max(finite), 4 * max(min(finite), 1e-3)) * 1.1)
-    ax.set(xlabel="learning rate", ylabel="cross-entropy",
-           title=f"lr-find: a fresh head per rate, {result['epochs']} epoch(s) each")
+    ax.set(
+        xlabel="learning rate",
+        ylabel="cross-entropy",
+        title=f"lr-find: a fresh head per rate, {result['epochs']} epoch(s) each",
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -76,10 +85,25 @@ def plot_reliability(bins: list[dict], ece: float, path: Path) -> Path:
     top, bottom = fig.subplots(2, 1, gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
     filled = [b for b in bins if b["count"]]
     width = bins[0]["high"] - bins[0]["low"]
-    top.bar([b["low"] for b in filled], [b["accuracy"] for b in filled], width=width, align="edge",
-            edgecolor="black", alpha=0.7, label="accuracy")
-    top.bar([b["low"] for b in filled], [b["confidence"] - b["accuracy"] for b in filled], width=width,
-            bottom=[b["accuracy"] for b in filled], align="edge", color="tab:red", alpha=0.3, label="gap")
+    top.bar(
+        [b["low"] for b in filled],
+        [b["accuracy"] for b in filled],
+        width=width,
+        align="edge",
+        edgecolor="black",
+        alpha=0.7,
+        label="accuracy",
+    )
+    top.bar(
+        [b["low"] for b in filled],
+        [b["confidence"] - b["accuracy"] for b in filled],
+        width=width,
+        bottom=[b["accuracy"] for b in filled],
+        align="edge",
+        color="tab:red",
+        alpha=0.3,
+        label="gap",
+    )
     top.plot([0, 1], [0, 1], "k--", label="perfectly calibrated")
     top.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=f"reliability: ECE {ece:.4f} ({len(bins)} bins)")
     top.legend(loc="upper left")
@@ -169,8 +193,9 @@ def plot_feature_map(points, labels, classes: list[str], marks: dict[str, list[i
         if rows:
             style = {"color": colour} if marker == "x" else {"facecolors": "none", "edgecolors": colour}
             ax.scatter(*points[rows].T, s=40, marker=marker, linewidths=1, label=f"{kind} ({len(rows)})", **style)
-    ax.set(xlabel="principal component 1", ylabel="principal component 2", title="features, first two principal "
-           "components")
+    ax.set(
+        xlabel="principal component 1", ylabel="principal component 2", title="features, first two principal components"
+    )
     ax.legend(fontsize=8, markerscale=1.5, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -1,12 +1,13 @@
 """Process-wide settings that decide CPU throughput, made once and visibly: configure_process() at the entry point;
 library calls take their thread count as a parameter and hand the process back as they found it."""
+
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3

@@ -1,24 +1,34 @@
 """train-head, lr-find and runs: head experiments on a feature store's cached features."""
+
 from __future__ import annotations
 
 import itertools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
+from pipeline.plots import plot_cv_path, plot_lr_find, plot_training_curves
 from pipeline.runtime import cpu_count, torch_threads
 from stages.atomic import atomic_output
-from pipeline.plots import plot_cv_path, plot_lr_find, plot_training_curves
 from stages.calibration import fit_temperature, image_folds
 from stages.errors import PipelineError
-from stages.head import (Head, SplitFeatures, TrainConfig, evaluate_head, lr_find, out_of_fold_logits, parse_size,
-                         select_rows, train_head)
+from stages.head import (
+    Head,
+    SplitFeatures,
+    TrainConfig,
+    evaluate_head,
+    lr_find,
+    out_of_fold_logits,
+    parse_size,
+    select_rows,
+    train_head,
+)
 from stages.linear_probe import train_logreg
 from stages.rundir import HEAD_WEIGHTS, is_run, rank_runs, write_run
 from store.reader import FeatureSet, FeatureStore
@@ -47,8 +57,10 @@ class CachedFeatures:
     def folds(self, rows: SplitFeatures, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """Per selected train row: its cross-validation fold (by image, stratified) and whether it is a plain view."""
         paths = self.feature_set.column("train", "paths")
-        return (image_folds([paths[r] for r in rows.rows], rows.labels[rows.rows].numpy(), k, seed),
-                self.feature_set.column("train", "view")[rows.rows] == 0)
+        return (
+            image_folds([paths[r] for r in rows.rows], rows.labels[rows.rows].numpy(), k, seed),
+            self.feature_set.column("train", "view")[rows.rows] == 0,
+        )
 
 
 def load_cached_features(store: FeatureStore, set_name: str | None = None, max_memory: str = "4G") -> CachedFeatures:
@@ -59,23 +71,29 @@ def load_cached_features(store: FeatureStore, set_name: str | None = None, max_m
     limit = parse_size(max_memory)
     views = fs.column("train", "view")
     if not len(views):
-        raise PipelineError(f"store {store.path} set {fs.name} has no train rows; add images under train/ and "
-                            "featurize again")
+        raise PipelineError(
+            f"store {store.path} set {fs.name} has no train rows; add images under train/ and featurize again"
+        )
     features = fs.features("train")
     in_memory = features.size * features.dtype.itemsize <= limit
     train = SplitFeatures(features, fs.column("train", "labels"), np.arange(len(views)), in_memory)
     valid = None
     if "valid" in fs.splits and len(valid_labels := fs.column("valid", "labels")):  # an empty valid/ is no valid
         vf = fs.features("valid")
-        valid = SplitFeatures(vf, valid_labels, select_rows(fs.column("valid", "view"), 0),
-                              vf.size * vf.dtype.itemsize <= limit)
+        valid = SplitFeatures(
+            vf, valid_labels, select_rows(fs.column("valid", "view"), 0), vf.size * vf.dtype.itemsize <= limit
+        )
     return CachedFeatures(store.path, fs, train, valid, int(fs.attrs.get("views", 0)), limit)
 
 
 def feature_set_identity(store_path: Path, fs: FeatureSet) -> dict:
     """What a head needs to know of the features it was trained on, to rebuild the model from raw images."""
-    return {"store": str(store_path.resolve()), "set": fs.name, "weights_path": fs.attrs.get("weights_path"),
-            **fs.identity}
+    return {
+        "store": str(store_path.resolve()),
+        "set": fs.name,
+        "weights_path": fs.attrs.get("weights_path"),
+        **fs.identity,
+    }
 
 
 def check_compatible(config: dict, fs: FeatureSet, run_dir: Path | str) -> None:
@@ -84,23 +102,42 @@ def check_compatible(config: dict, fs: FeatureSet, run_dir: Path | str) -> None:
     differ = [k for k in COMPATIBLE_FIELDS if trained.get(k) != fs.identity.get(k)]
     if differ:
         field = differ[0]
-        raise PipelineError(f"{run_dir} was trained on features of {trained.get('backbone')} "
-                            f"({field} {str(trained.get(field))[:16]}), but set {fs.name} holds "
-                            f"{fs.identity.get('backbone')} ({field} {str(fs.identity.get(field))[:16]}); "
-                            "use a store featurized with the same backbone, weights and preprocessing")
+        raise PipelineError(
+            f"{run_dir} was trained on features of {trained.get('backbone')} "
+            f"({field} {str(trained.get(field))[:16]}), but set {fs.name} holds "
+            f"{fs.identity.get('backbone')} ({field} {str(fs.identity.get(field))[:16]}); "
+            "use a store featurized with the same backbone, weights and preprocessing"
+        )
 
 
-def save_head_run(out: Path, head: Head, cfg: TrainConfig, history: list[dict], step_losses: list[float],
-                  valid: dict | None, cached: CachedFeatures, seconds: float) -> dict:
+def save_head_run(
+    out: Path,
+    head: Head,
+    cfg: TrainConfig,
+    history: list[dict],
+    step_losses: list[float],
+    valid: dict | None,
+    cached: CachedFeatures,
+    seconds: float,
+) -> dict:
     """Write the head's run directory (stages.rundir); return the metrics."""
-    config = {"kind": "head", "head": head.spec(), "classes": cached.classes, "train": cfg.to_dict(),
-              "feature_set": feature_set_identity(cached.store, cached.feature_set),
-              "created": datetime.now().isoformat(timespec="seconds")}
-    metrics = {"history": history, "train_seconds": seconds, "temperature": float(head.temperature),
-               "accuracy": valid["accuracy"] if valid else None, "valid_loss": valid["loss"] if valid else None,
-               "valid_ece": valid["ece"] if valid else None,
-               "per_class_accuracy": {cached.classes[c]: a for c, a in valid["per_class_accuracy"].items()}
-               if valid else {}}
+    config = {
+        "kind": "head",
+        "head": head.spec(),
+        "classes": cached.classes,
+        "train": cfg.to_dict(),
+        "feature_set": feature_set_identity(cached.store, cached.feature_set),
+        "created": datetime.now().isoformat(timespec="seconds"),
+    }
+    metrics = {
+        "history": history,
+        "train_seconds": seconds,
+        "temperature": float(head.temperature),
+        "accuracy": valid["accuracy"] if valid else None,
+        "valid_loss": valid["loss"] if valid else None,
+        "valid_ece": valid["ece"] if valid else None,
+        "per_class_accuracy": {cached.classes[c]: a for c, a in valid["per_class_accuracy"].items()} if valid else {},
+    }
 
     def plot(path: Path) -> None:
         if cfg.head == "logreg":
@@ -112,8 +149,15 @@ def save_head_run(out: Path, head: Head, cfg: TrainConfig, history: list[dict], 
     return metrics
 
 
-def expand_grid(heads: list[str], lrs: list, wds: list[float], epochs: list[int], views: list[int],
-                base: TrainConfig, l2s: list[float | None] = (None,)) -> list[TrainConfig]:
+def expand_grid(
+    heads: list[str],
+    lrs: list,
+    wds: list[float],
+    epochs: list[int],
+    views: list[int],
+    base: TrainConfig,
+    l2s: list[float | None] = (None,),
+) -> list[TrainConfig]:
     """Every combination of the listed values that makes a different run, in a stable order.
 
     logreg takes no lr, wd or epochs, and the AdamW heads no l2: each head is crossed only with its own options.
@@ -142,8 +186,9 @@ def head_threads(threads: int | None) -> int:
     return threads or min(4, cpu_count())
 
 
-def find_lr(cached: CachedFeatures, cfg: TrainConfig, out: Path | None = None, threads: int | None = None,
-            **sweep) -> dict:
+def find_lr(
+    cached: CachedFeatures, cfg: TrainConfig, out: Path | None = None, threads: int | None = None, **sweep
+) -> dict:
     """lr-find on cached features; writes lr_find.png into out when given."""
     cfg.validate(cached.views_in_store)
     if cfg.head == "logreg":
@@ -160,8 +205,12 @@ def find_lr(cached: CachedFeatures, cfg: TrainConfig, out: Path | None = None, t
     return result
 
 
-def fit_head(cached: CachedFeatures, cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None,
-             on_strength: Callable[[dict], None] | None = None) -> tuple[Head, TrainConfig, list[dict], list[float]]:
+def fit_head(
+    cached: CachedFeatures,
+    cfg: TrainConfig,
+    on_epoch: Callable[[dict], None] | None = None,
+    on_strength: Callable[[dict], None] | None = None,
+) -> tuple[Head, TrainConfig, list[dict], list[float]]:
     """One head on the cached train split, calibrated on out-of-fold logits of train (never valid) unless told not.
 
     Returns the head, the config as run (logreg's chosen l2 filled in), its history (epochs, or logreg's
@@ -173,8 +222,9 @@ def fit_head(cached: CachedFeatures, cfg: TrainConfig, on_epoch: Callable[[dict]
     if cfg.head == "logreg":
         # float32 rows held during cross-validation: the sample, and each fold's training copy with its transpose.
         cv_max_rows = max(1000, cached.memory_limit // (4 * (1 + 2 * cfg.folds) * rows.dataset.shape[1]))
-        head, fit = train_logreg(rows, folds, plain, num_classes, cfg.l2, cfg.calibrate, cfg.seed, cv_max_rows,
-                                 on_strength)
+        head, fit = train_logreg(
+            rows, folds, plain, num_classes, cfg.l2, cfg.calibrate, cfg.seed, cv_max_rows, on_strength
+        )
         return head, replace(cfg, l2=fit["l2"]), fit["path"], []
     head, history, steps = train_head(rows, cached.valid, cfg, num_classes, on_epoch=on_epoch)
     if cfg.calibrate:
@@ -182,10 +232,17 @@ def fit_head(cached: CachedFeatures, cfg: TrainConfig, on_epoch: Callable[[dict]
     return head, cfg, history, steps
 
 
-def train_grid(cached: CachedFeatures, configs: list[TrainConfig], out: Path, auto_lr: bool = False,
-               overwrite: bool = False, on_run: Callable[[int, TrainConfig], None] | None = None,
-               on_epoch: Callable[[dict], None] | None = None,
-               on_strength: Callable[[dict], None] | None = None, threads: int | None = None) -> list[dict]:
+def train_grid(
+    cached: CachedFeatures,
+    configs: list[TrainConfig],
+    out: Path,
+    auto_lr: bool = False,
+    overwrite: bool = False,
+    on_run: Callable[[int, TrainConfig], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    on_strength: Callable[[dict], None] | None = None,
+    threads: int | None = None,
+) -> list[dict]:
     """Train every config on the same loaded features; return the leaderboard (best valid accuracy first)."""
     with torch_threads(head_threads(threads)):
         return _train_grid(cached, configs, out, auto_lr, overwrite, on_run, on_epoch, on_strength)
@@ -194,11 +251,11 @@ def train_grid(cached: CachedFeatures, configs: list[TrainConfig], out: Path, au
 def _train_grid(cached, configs, out, auto_lr, overwrite, on_run, on_epoch, on_strength) -> list[dict]:
     for cfg in configs:
         cfg.validate(cached.views_in_store)
-    existing = [d for d in ([out] if len(configs) == 1 else [out / run_name(c) for c in configs])
-                if is_run(d)]
+    existing = [d for d in ([out] if len(configs) == 1 else [out / run_name(c) for c in configs]) if is_run(d)]
     if existing and not overwrite:
-        raise PipelineError(f"--out {existing[0]} already holds a run; give another --out, or --overwrite to "
-                            "replace it")
+        raise PipelineError(
+            f"--out {existing[0]} already holds a run; give another --out, or --overwrite to replace it"
+        )
     board = []
     for i, cfg in enumerate(configs):
         if auto_lr and cfg.head != "logreg":
@@ -212,25 +269,34 @@ def _train_grid(cached, configs, out, auto_lr, overwrite, on_run, on_epoch, on_s
         valid = evaluate_head(head, cached.valid) if cached.valid is not None else None
         check_finite(run_name(cfg), head, history, valid)
         metrics = save_head_run(run_dir, head, cfg, history, steps, valid, cached, seconds)
-        board.append({"run": str(run_dir), **{k: getattr(cfg, k) for k in ("head", "lr", "wd", "epochs", "views")},
-                      **({"lr": None, "wd": None, "epochs": None} if cfg.head == "logreg" else {}),
-                      "l2": cfg.l2,
-                      "temperature": float(head.temperature),
-                      "accuracy": metrics["accuracy"], "valid_loss": metrics["valid_loss"],
-                      "seconds": round(seconds, 3)})
+        board.append(
+            {
+                "run": str(run_dir),
+                **{k: getattr(cfg, k) for k in ("head", "lr", "wd", "epochs", "views")},
+                **({"lr": None, "wd": None, "epochs": None} if cfg.head == "logreg" else {}),
+                "l2": cfg.l2,
+                "temperature": float(head.temperature),
+                "accuracy": metrics["accuracy"],
+                "valid_loss": metrics["valid_loss"],
+                "seconds": round(seconds, 3),
+            }
+        )
     return rank_runs(board)
 
 
 def check_finite(name: str, head: Head, history: list[dict], valid: dict | None) -> None:
     """A run whose weights, losses or valid metrics are NaN or infinite ends the command before anything is saved."""
     last = history[-1] if history else {}
-    numbers = {"train loss": last.get("train_loss", last.get("cv_loss", 0.0)),
-               "valid loss": valid["loss"] if valid else 0.0, "valid accuracy": valid["accuracy"] if valid else 0.0}
+    numbers = {
+        "train loss": last.get("train_loss", last.get("cv_loss", 0.0)),
+        "valid loss": valid["loss"] if valid else 0.0,
+        "valid accuracy": valid["accuracy"] if valid else 0.0,
+    }
     bad = [k for k, v in numbers.items() if v is not None and not math.isfinite(v)]
     if not all(torch.isfinite(p).all() for p in head.classifier.parameters()):
         bad.insert(0, "weights")
     if bad:
-        raise PipelineError(f"run {name} ended with non-finite {', '.join(bad)}: lower --lr (or check the store with "
-                            "pipeline store info --verify); nothing was saved for it")
-
-
+        raise PipelineError(
+            f"run {name} ended with non-finite {', '.join(bad)}: lower --lr (or check the store with "
+            "pipeline store info --verify); nothing was saved for it"
+        )

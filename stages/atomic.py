@@ -3,15 +3,16 @@
 The one way this project writes a file: under a temporary name beside the target, fsynced, renamed into place, the
 folder fsynced. Feature stores, journal parts, checkpoints, run directories and exports all go through it.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import os
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 _TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)(\.[^.]*)?$")
 
@@ -65,6 +66,7 @@ def atomic_output(path: Path | str) -> Iterator[Path]:
 
 def strict_json(data) -> str:
     """JSON that every parser reads: NaN and infinities (a diverged lr-find rate, say) become null."""
+
     def clean(value):
         if isinstance(value, float) and not math.isfinite(value):
             return None

@@ -3,6 +3,7 @@
 Label errors by confident learning (cleanlab) on out-of-sample probabilities of the logreg head; copies and
 outliers from one blocked pass of cosine similarities, memory bounded whatever the number of images.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,8 +48,7 @@ def out_of_sample_probabilities(rows: AuditRows, num_classes: int, folds: int = 
     data = _InMemory(rows.features, np.maximum(rows.labels, 0))
     split = SplitFeatures(data, data.labels, train, in_memory=True)
     fold = image_folds([rows.paths[i] for i in train], rows.labels[train], folds, seed)
-    head, fit = train_logreg(split, fold, np.ones(len(train), bool), num_classes, seed=seed,
-                             cv_max_rows=CV_MAX_ROWS)
+    head, fit = train_logreg(split, fold, np.ones(len(train), bool), num_classes, seed=seed, cv_max_rows=CV_MAX_ROWS)
     logits = fit["out_of_fold_logits"]
     if fit["cv_rows"] < len(train):  # the strength came from a sample: every row's out-of-fold logits at it
         with torch.no_grad():
@@ -95,8 +95,12 @@ def normalized(features: np.ndarray) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def similarity_scan(features: np.ndarray, threshold: float = NEAR_COPY_COSINE, neighbours: int = NEIGHBOURS,
-                    block_bytes: int = SIMILARITY_BLOCK_BYTES) -> tuple[list[tuple[int, int, float]], np.ndarray]:
+def similarity_scan(
+    features: np.ndarray,
+    threshold: float = NEAR_COPY_COSINE,
+    neighbours: int = NEIGHBOURS,
+    block_bytes: int = SIMILARITY_BLOCK_BYTES,
+) -> tuple[list[tuple[int, int, float]], np.ndarray]:
     """All pairs (i < j) with cosine >= threshold, and each row's mean cosine to its nearest neighbours.
 
     Rows are compared block by block against all others (one matrix product per block), so memory stays at
@@ -108,11 +112,11 @@ def similarity_scan(features: np.ndarray, threshold: float = NEAR_COPY_COSINE, n
     block = max(1, min(n, block_bytes // (4 * max(1, n))))
     pairs, nearest = [], np.zeros(n, np.float32)
     for start in range(0, n, block):
-        sim = x[start:start + block] @ x.T
+        sim = x[start : start + block] @ x.T
         rows = torch.arange(len(sim))
         sim[rows, rows + start] = -math.inf  # an image is not its own neighbour
         if k > 0:
-            nearest[start:start + len(sim)] = sim.topk(k, dim=1).values.mean(1).numpy()
+            nearest[start : start + len(sim)] = sim.topk(k, dim=1).values.mean(1).numpy()
         i, j = torch.nonzero(sim >= threshold, as_tuple=True)
         keep = i + start < j
         pairs += [(int(a) + start, int(b), float(sim[a, b])) for a, b in zip(i[keep], j[keep])]
@@ -124,7 +128,7 @@ def exact_copies(sha256: list[str]) -> list[tuple[int, int]]:
     by_hash: dict[str, list[int]] = {}
     for row, digest in enumerate(sha256):
         by_hash.setdefault(digest, []).append(row)
-    return [(a, b) for rows in by_hash.values() for n, a in enumerate(rows) for b in rows[n + 1:]]
+    return [(a, b) for rows in by_hash.values() for n, a in enumerate(rows) for b in rows[n + 1 :]]
 
 
 def outlier_rows(nearest: np.ndarray) -> tuple[np.ndarray, float]:
@@ -157,5 +161,7 @@ def check_auditable(rows: AuditRows, classes: list[str], where: str) -> None:
         raise PipelineError(f"{where} has {len(present)} class with train images; audit needs two or more")
     smallest = np.bincount(rows.labels[train], minlength=len(classes)).min()
     if smallest < 2:
-        raise PipelineError(f"{where}: class {classes[int(np.argmin(np.bincount(rows.labels[train])))]} has "
-                            f"{smallest} train image; out-of-sample probabilities need two or more per class")
+        raise PipelineError(
+            f"{where}: class {classes[int(np.argmin(np.bincount(rows.labels[train])))]} has "
+            f"{smallest} train image; out-of-sample probabilities need two or more per class"
+        )

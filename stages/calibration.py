@@ -1,4 +1,5 @@
 """Honest probabilities: folds for out-of-fold predictions, temperature scaling, calibration error."""
+
 from __future__ import annotations
 
 import hashlib
@@ -60,14 +61,25 @@ def reliability_bins(probabilities: np.ndarray, labels: np.ndarray, bins: int = 
     for b in range(bins):
         inside = which == b
         n = int(inside.sum())
-        rows.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": n,
-                     "confidence": float(confidence[inside].mean()) if n else None,
-                     "accuracy": float(correct[inside].mean()) if n else None})
+        rows.append(
+            {
+                "low": float(edges[b]),
+                "high": float(edges[b + 1]),
+                "count": n,
+                "confidence": float(confidence[inside].mean()) if n else None,
+                "accuracy": float(correct[inside].mean()) if n else None,
+            }
+        )
     return rows
 
 
 def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
     """ECE: the count-weighted mean gap between confidence and accuracy over equal-width confidence bins."""
     total = len(labels)
-    return float(sum(r["count"] / total * abs(r["confidence"] - r["accuracy"])
-                     for r in reliability_bins(probabilities, labels, bins) if r["count"]))
+    return float(
+        sum(
+            r["count"] / total * abs(r["confidence"] - r["accuracy"])
+            for r in reliability_bins(probabilities, labels, bins)
+            if r["count"]
+        )
+    )

@@ -3,14 +3,15 @@
 Each view's random crop and flip come from a hash of (seed, file key, view, epoch), computed here and fed to DALI,
 so a view is the same whichever batch, process or resumed run decodes it.
 """
+
 from __future__ import annotations
 
 import hashlib
 import math
 import queue
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -92,8 +93,14 @@ def _resize_and_crops(image, preprocessing: Preprocessing, tta: bool) -> list:
         return half + odd * (half - 2 * dmath.floor(half / 2))
 
     def crop(x, y):
-        return fn.slice(resized, fn.stack(x, y), types.Constant([size, size], types.FLOAT), axis_names="WH",
-                        normalized_anchor=False, normalized_shape=False)
+        return fn.slice(
+            resized,
+            fn.stack(x, y),
+            types.Constant([size, size], types.FLOAT),
+            axis_names="WH",
+            normalized_anchor=False,
+            normalized_shape=False,
+        )
 
     plain = crop(centre(out_w), centre(out_h))
     if not tta:
@@ -102,30 +109,56 @@ def _resize_and_crops(image, preprocessing: Preprocessing, tta: bool) -> list:
     return [(plain, 0), (plain, 1), (crop(zero, zero), 0), (crop(out_w - size, out_h - size), 0)]
 
 
-def _build_pipeline(preprocessing: Preprocessing, views: int, device: str, batch_size: int, num_threads: int,
-                    tta: bool = False, plain: bool = True):
+def _build_pipeline(
+    preprocessing: Preprocessing,
+    views: int,
+    device: str,
+    batch_size: int,
+    num_threads: int,
+    tta: bool = False,
+    plain: bool = True,
+):
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device == "cuda"
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, prefetch_queue_depth=1,
-                  device_id=torch.cuda.current_device() if gpu else None)
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        prefetch_queue_depth=1,
+        device_id=torch.cuda.current_device() if gpu else None,
+    )
     def image_pipeline():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
         image = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
         # HWC output viewed as NCHW is already channels_last, the layout the backbone runs fastest in.
-        normalize = dict(mean=list(preprocessing.mean), std=list(preprocessing.std),
-                         output_layout="HWC", dtype=types.FLOAT)
-        outputs = [fn.crop_mirror_normalize(crop, mirror=mirror, **normalize)
-                   for crop, mirror in _resize_and_crops(image, preprocessing, tta)] if plain else []
+        normalize = dict(
+            mean=list(preprocessing.mean), std=list(preprocessing.std), output_layout="HWC", dtype=types.FLOAT
+        )
+        outputs = (
+            [
+                fn.crop_mirror_normalize(crop, mirror=mirror, **normalize)
+                for crop, mirror in _resize_and_crops(image, preprocessing, tta)
+            ]
+            if plain
+            else []
+        )
         for view in range(1, views + 1):
             anchor = fn.external_source(name=f"anchor{view}", dtype=types.FLOAT, ndim=1)
             shape = fn.external_source(name=f"shape{view}", dtype=types.FLOAT, ndim=1)
             mirror = fn.external_source(name=f"mirror{view}", dtype=types.INT32, ndim=0)
-            crop = fn.slice(image, anchor, shape, axis_names="WH", normalized_anchor=True, normalized_shape=True,
-                            out_of_bounds_policy="trim_to_shape")
-            crop = fn.resize(crop, size=(preprocessing.size, preprocessing.size), antialias=True,
-                             interp_type=types.INTERP_LINEAR)
+            crop = fn.slice(
+                image,
+                anchor,
+                shape,
+                axis_names="WH",
+                normalized_anchor=True,
+                normalized_shape=True,
+                out_of_bounds_policy="trim_to_shape",
+            )
+            crop = fn.resize(
+                crop, size=(preprocessing.size, preprocessing.size), antialias=True, interp_type=types.INTERP_LINEAR
+            )
             outputs.append(fn.crop_mirror_normalize(crop, mirror=mirror, **normalize))
         return tuple(outputs)
 
@@ -156,9 +189,19 @@ class ImageDecoder:
     Decoding runs in a background thread so it overlaps with whatever consumes the batches.
     """
 
-    def __init__(self, preprocessing: Preprocessing, views: int = 0, device: str = "cpu", batch_size: int = 64,
-                 num_threads: int = 1, prefetch: int = 2, seed: int = 0, augmentation: Augmentation = Augmentation(),
-                 tta: bool = False, plain: bool = True):
+    def __init__(
+        self,
+        preprocessing: Preprocessing,
+        views: int = 0,
+        device: str = "cpu",
+        batch_size: int = 64,
+        num_threads: int = 1,
+        prefetch: int = 2,
+        seed: int = 0,
+        augmentation: Augmentation = Augmentation(),
+        tta: bool = False,
+        plain: bool = True,
+    ):
         if tta and views:
             raise ValueError("TTA views and augmented views are exclusive")
         if not (plain or views):
@@ -177,8 +220,9 @@ class ImageDecoder:
 
     def _pipeline(self):
         if self._pipe is None:
-            self._pipe = _build_pipeline(self.preprocessing, self.views, self.device, self.batch_size,
-                                         self.num_threads, self.tta, self.plain)
+            self._pipe = _build_pipeline(
+                self.preprocessing, self.views, self.device, self.batch_size, self.num_threads, self.tta, self.plain
+            )
         return self._pipe
 
     def _run(self, keys: list[str], data: list[np.ndarray], epoch: int) -> torch.Tensor:

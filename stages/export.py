@@ -3,6 +3,7 @@
 The exported model takes what any image library gives after resizing and cropping (uint8 RGB, N x S x S x 3) and
 returns calibrated class probabilities, so deployment code needs neither this project nor torch.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,14 +42,20 @@ def deployment_metadata(backbone: Backbone, classes: list[str], version: str) ->
     """What deployment code needs besides the graph: class names in output order and how to prepare a photo."""
     pre = backbone.preprocessing
     preprocessing = {
-        "resize": pre.resize, "crop": pre.size, "interpolation": "bilinear, antialiased (Pillow Image.BILINEAR)",
+        "resize": pre.resize,
+        "crop": pre.size,
+        "interpolation": "bilinear, antialiased (Pillow Image.BILINEAR)",
         "steps": f"shorter side to {pre.resize} (longer side floor(resize * long / short)), then the centre "
-                 f"{pre.size}x{pre.size} crop (offset round((side - crop) / 2), half to even)",
+        f"{pre.size}x{pre.size} crop (offset round((side - crop) / 2), half to even)",
         "input": f"uint8 RGB, shape (N, {pre.size}, {pre.size}, 3); normalization is inside the model",
     }
-    return {"classes": json.dumps(classes), "preprocessing": json.dumps(preprocessing),
-            "backbone": backbone.name, "weights_sha256": backbone.weights_sha256,
-            "pipeline_version": version}
+    return {
+        "classes": json.dumps(classes),
+        "preprocessing": json.dumps(preprocessing),
+        "backbone": backbone.name,
+        "weights_sha256": backbone.weights_sha256,
+        "pipeline_version": version,
+    }
 
 
 def require_onnx() -> None:
@@ -60,8 +67,10 @@ def require_onnx() -> None:
         except ImportError:
             missing.append(name)
     if missing:
-        raise PipelineError(f"export to ONNX needs {', '.join(missing)}: pip install -e '.[export]' "
-                            "(in the project folder), or use --format torchscript")
+        raise PipelineError(
+            f"export to ONNX needs {', '.join(missing)}: pip install -e '.[export]' "
+            "(in the project folder), or use --format torchscript"
+        )
 
 
 def export_onnx(module: DeployableClassifier, size: int, metadata: dict[str, str], path: Path) -> None:
@@ -71,8 +80,15 @@ def export_onnx(module: DeployableClassifier, size: int, metadata: dict[str, str
     example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(module, (example,), input_names=[INPUT], output_names=[OUTPUT], dynamo=True,
-                                    dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+        program = torch.onnx.export(
+            module,
+            (example,),
+            input_names=[INPUT],
+            output_names=[OUTPUT],
+            dynamo=True,
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            verbose=False,
+        )
     proto = program.model_proto
     for key, value in metadata.items():
         proto.metadata_props.add(key=key, value=value)
@@ -97,8 +113,9 @@ def check_format(fmt: str) -> None:
         require_onnx()
 
 
-def export_classifier(backbone: Backbone, head: Head, classes: list[str], path: Path, fmt: str,
-                      version: str) -> dict[str, str]:
+def export_classifier(
+    backbone: Backbone, head: Head, classes: list[str], path: Path, fmt: str, version: str
+) -> dict[str, str]:
     """Write backbone and head as one `fmt` file at `path`; returns the metadata written with it."""
     check_format(fmt)
     metadata = deployment_metadata(backbone, classes, version)

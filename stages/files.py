@@ -1,4 +1,5 @@
 """Image files: find the splits and classes of a data folder, fingerprint files, read and vet their bytes."""
+
 from __future__ import annotations
 
 import hashlib
@@ -170,16 +171,21 @@ def scan_dataset(root: str | Path, valid_pct: float | None = None, seed: int = 0
         else:
             classes = class_folders(root / labelled[0])
             if not classes:
-                raise PipelineError(f"{root / labelled[0]} has no class folders; put each class's images in "
-                                    f"{root / labelled[0]}/CLASS_NAME/")
+                raise PipelineError(
+                    f"{root / labelled[0]} has no class folders; put each class's images in "
+                    f"{root / labelled[0]}/CLASS_NAME/"
+                )
             for other in labelled[1:]:
                 other_classes = class_folders(root / other)
                 if other_classes != classes:
                     extra = sorted(set(other_classes) ^ set(classes))
-                    raise PipelineError(f"{root / other} has other class folders than {root / labelled[0]} "
-                                        f"(differ: {', '.join(extra)}); give both splits the same classes")
-        walker = _ImageWalker([root / s / c for s in labelled for c in classes] +
-                              ([root / "test"] if "test" in present else []))
+                    raise PipelineError(
+                        f"{root / other} has other class folders than {root / labelled[0]} "
+                        f"(differ: {', '.join(extra)}); give both splits the same classes"
+                    )
+        walker = _ImageWalker(
+            [root / s / c for s in labelled for c in classes] + ([root / "test"] if "test" in present else [])
+        )
         splits = {s: _labelled(root, root / s, classes, walker) for s in labelled}
         if "test" in present:
             splits["test"] = [ImageFile(p.relative_to(root).as_posix(), UNLABELLED) for p in walker.walk(root / "test")]
@@ -193,8 +199,10 @@ def scan_dataset(root: str | Path, valid_pct: float | None = None, seed: int = 0
     else:
         classes = class_folders(root)
         if not classes:
-            raise PipelineError(f"{root} has neither train/ valid/ split folders nor class folders; "
-                                "lay it out as DATA/train/CLASS/*.jpg and DATA/valid/CLASS/*.jpg")
+            raise PipelineError(
+                f"{root} has neither train/ valid/ split folders nor class folders; "
+                "lay it out as DATA/train/CLASS/*.jpg and DATA/valid/CLASS/*.jpg"
+            )
         walker = _ImageWalker([root / c for c in classes])
         everything = _labelled(root, root, classes, walker)
         if valid_pct is None:
@@ -210,12 +218,16 @@ def scan_dataset(root: str | Path, valid_pct: float | None = None, seed: int = 0
     if classes and "train" in splits:
         empty = [c for i, c in enumerate(classes) if not any(f.label == i for f in splits["train"])]
         if empty:
-            raise PipelineError(f"class folder(s) {', '.join(empty)} in {root} have no training images; "
-                                "add images or remove the folder")
+            raise PipelineError(
+                f"class folder(s) {', '.join(empty)} in {root} have no training images; add images or remove the folder"
+            )
         if len(classes) < 2:
-            raise PipelineError(f"{root} has only one class ({classes[0]}); a classifier needs at least two class folders")
-    return Dataset(root=root, classes=classes, splits=splits, layout=layout,
-                   valid_pct=valid_pct, seed=seed, notes=notes)
+            raise PipelineError(
+                f"{root} has only one class ({classes[0]}); a classifier needs at least two class folders"
+            )
+    return Dataset(
+        root=root, classes=classes, splits=splits, layout=layout, valid_pct=valid_pct, seed=seed, notes=notes
+    )
 
 
 def stat_fingerprint(path: Path) -> Fingerprint:

@@ -1,20 +1,21 @@
 """Fine-tune: the backbone and a trained head as one model, trained end to end on live DALI-augmented images."""
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stages.atomic import atomic_output
 from stages.backbones import PRECISIONS, Backbone
 from stages.decode import Augmentation, ImageDecoder
-from stages.atomic import atomic_output
 from stages.errors import SEED_MAX, PipelineError, check_range
 from stages.files import read_image_file
 from stages.head import Head, make_scheduler
@@ -54,8 +55,12 @@ class FinetuneConfig:
             raise PipelineError(f"--crop-area {self.crop_area} is out of range; give a fraction in (0, 1]")
         if self.train_size is not None:
             check_range("--train-size", self.train_size, 32, 1024)
-        for option, value, low, high in (("--epochs", self.epochs, 1, 10_000), ("--batch-size", self.batch_size, 1, 4096),
-                                         ("--wd", self.wd, 0, None), ("--seed", self.seed, 0, SEED_MAX)):
+        for option, value, low, high in (
+            ("--epochs", self.epochs, 1, 10_000),
+            ("--batch-size", self.batch_size, 1, 4096),
+            ("--wd", self.wd, 0, None),
+            ("--seed", self.seed, 0, SEED_MAX),
+        ):
             check_range(option, value, low, high)
 
     def to_dict(self) -> dict:
@@ -108,12 +113,14 @@ def freeze_batchnorm_statistics(model: nn.Module) -> None:
 class Finetuner:
     """Trains a FullModel on image files with per-epoch checkpoints; resumes where a stop left off."""
 
-    def __init__(self, backbone: Backbone, head: Head, cfg: FinetuneConfig, device: str, out: Path,
-                 rank: int = 0, world: int = 1):
+    def __init__(
+        self, backbone: Backbone, head: Head, cfg: FinetuneConfig, device: str, out: Path, rank: int = 0, world: int = 1
+    ):
         cfg.validate()
         if cfg.batch_size % world:
-            raise PipelineError(f"--batch-size {cfg.batch_size} is the global batch: give a multiple of the "
-                                f"{world} ranks")
+            raise PipelineError(
+                f"--batch-size {cfg.batch_size} is the global batch: give a multiple of the {world} ranks"
+            )
         torch.manual_seed(cfg.seed)  # dropout draws: the same seed gives the same run
         self.cfg, self.device, self.out = cfg, device, out
         self.rank, self.world, self.local_batch = rank, world, cfg.batch_size // world
@@ -122,8 +129,9 @@ class Finetuner:
         self.model.backbone.classifier.requires_grad_(False)  # the ImageNet classifier is carried, never used
         self.groups = layer_groups(self.model)
         rates = group_learning_rates(cfg.lr, cfg.lr_mult, len(self.groups))
-        self.optimizer = torch.optim.AdamW([{"params": g, "lr": r} for g, r in zip(self.groups, rates)],
-                                           weight_decay=cfg.wd)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": g, "lr": r} for g, r in zip(self.groups, rates)], weight_decay=cfg.wd
+        )
         self.scheduler = None
         self.epoch, self.step = 0, 0
         self.before: dict | None = None  # valid metrics before any training step
@@ -136,16 +144,26 @@ class Finetuner:
     def _decoder(self, train: bool) -> ImageDecoder:
         preprocessing = self.preprocessing
         if train and self.cfg.train_size:
-            preprocessing = replace(preprocessing, size=self.cfg.train_size,
-                                    resize=round(self.cfg.train_size * preprocessing.resize / preprocessing.size))
-        return ImageDecoder(preprocessing, views=1 if train else 0, plain=not train, device=self.device,
-                            batch_size=self.local_batch, seed=self.cfg.seed, num_threads=1,
-                            augmentation=Augmentation(scale=(self.cfg.crop_area, 1.0)))
+            preprocessing = replace(
+                preprocessing,
+                size=self.cfg.train_size,
+                resize=round(self.cfg.train_size * preprocessing.resize / preprocessing.size),
+            )
+        return ImageDecoder(
+            preprocessing,
+            views=1 if train else 0,
+            plain=not train,
+            device=self.device,
+            batch_size=self.local_batch,
+            seed=self.cfg.seed,
+            num_threads=1,
+            augmentation=Augmentation(scale=(self.cfg.crop_area, 1.0)),
+        )
 
     def _my_share(self, order: list[int]) -> list[int]:
         """This rank's slice of every global batch (all of it in one process)."""
         start, size = self.rank * self.local_batch, self.local_batch
-        return [i for s in range(0, len(order), self.cfg.batch_size) for i in order[s + start:s + start + size]]
+        return [i for s in range(0, len(order), self.cfg.batch_size) for i in order[s + start : s + start + size]]
 
     def _all_reduce(self, values: list[float]) -> list[float]:
         """Sums over ranks (the values themselves in one process)."""
@@ -167,8 +185,9 @@ class Finetuner:
 
     # Training ----------------------------------------------------------------------------------------
     def _autocast(self):
-        return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16,
-                              enabled=self.cfg.precision == "bf16")
+        return torch.autocast(
+            torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"
+        )
 
     def _train_mode(self, epoch: int) -> None:
         set_trainable(self.groups, trainable_groups(epoch, self.cfg.unfreeze, len(self.groups)))
@@ -198,8 +217,13 @@ class Finetuner:
         loss, correct, seen = self._all_reduce([loss, correct, seen])
         return {"valid_loss": loss / max(1, seen), "accuracy": correct / max(1, seen)}
 
-    def fit(self, train: tuple[list[str], np.ndarray], valid: tuple[list[str], np.ndarray] | None,
-            on_epoch: Callable[[dict], None] | None = None, on_step: Callable[[int, int], None] | None = None) -> None:
+    def fit(
+        self,
+        train: tuple[list[str], np.ndarray],
+        valid: tuple[list[str], np.ndarray] | None,
+        on_epoch: Callable[[dict], None] | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> None:
         """Train from the current epoch and step to cfg.epochs, checkpointing at every epoch end and on Ctrl-C."""
         files, labels = train
         steps_per_epoch = math.ceil(len(files) / self.cfg.batch_size)
@@ -209,7 +233,7 @@ class Finetuner:
         while self.epoch < self.cfg.epochs:
             started = time.perf_counter()
             self._train_mode(self.epoch)
-            order = self._my_share(self.epoch_order(files, self.epoch)[self.step * self.cfg.batch_size:])
+            order = self._my_share(self.epoch_order(files, self.epoch)[self.step * self.cfg.batch_size :])
             try:
                 for batch in self._decoder(True).decode(self._items(files, order), epoch=self.epoch):
                     self._train_step(batch, labels, index)
@@ -218,8 +242,10 @@ class Finetuner:
             except KeyboardInterrupt:
                 self.save_checkpoint()
                 raise
-            row = {"epoch": self.epoch,
-                   "train_loss": float(np.mean(self.step_losses[-steps_per_epoch:])) if self.step_losses else float("nan")}
+            row = {
+                "epoch": self.epoch,
+                "train_loss": float(np.mean(self.step_losses[-steps_per_epoch:])) if self.step_losses else float("nan"),
+            }
             if valid is not None:
                 row.update(self.evaluate(*valid))
             row["time"] = time.perf_counter() - started
@@ -237,8 +263,12 @@ class Finetuner:
         best = self.best
         loss = metrics["valid_loss"] if math.isfinite(metrics["valid_loss"]) else float("inf")  # diverged: worst
         if best is None or (metrics["accuracy"], -loss) > (best["accuracy"], -best["valid_loss"]):
-            self.best = {"epoch": epoch, "accuracy": metrics["accuracy"], "valid_loss": loss,
-                         "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()}}
+            self.best = {
+                "epoch": epoch,
+                "accuracy": metrics["accuracy"],
+                "valid_loss": loss,
+                "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            }
 
     def restore_best(self) -> dict | None:
         """Load the kept weights (keep_best) and return their epoch and metrics; None without keep_best."""
@@ -254,9 +284,11 @@ class Finetuner:
             with self._autocast():
                 loss = F.cross_entropy(self.forward(x).float(), y)
             if not torch.isfinite(loss):  # the weights are about to be lost: keep the last checkpoint instead
-                raise PipelineError(f"fine-tuning diverged at epoch {self.epoch + 1}, step {self.step + 1} (loss "
-                                    f"{loss.item()}); lower --lr, or --resume {self.out} from the last epoch's "
-                                    "checkpoint")
+                raise PipelineError(
+                    f"fine-tuning diverged at epoch {self.epoch + 1}, step {self.step + 1} (loss "
+                    f"{loss.item()}); lower --lr, or --resume {self.out} from the last epoch's "
+                    "checkpoint"
+                )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()  # under DDP the gradients arrive averaged over ranks: the global batch's
             nn.utils.clip_grad_norm_([p for g in self.groups for p in g if p.requires_grad], self.cfg.clip)
@@ -272,10 +304,20 @@ class Finetuner:
         if self.rank != 0:
             return path
         self.out.mkdir(parents=True, exist_ok=True)
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
-                 "torch_rng": torch.get_rng_state(), "history": self.history, "step_losses": self.step_losses,
-                 "before": self.before, "best": self.best, "config": self.cfg.to_dict(), "world_size": self.world}
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "torch_rng": torch.get_rng_state(),
+            "history": self.history,
+            "step_losses": self.step_losses,
+            "before": self.before,
+            "best": self.best,
+            "config": self.cfg.to_dict(),
+            "world_size": self.world,
+        }
         with atomic_output(path) as tmp:
             torch.save(state, tmp)
         return path
@@ -283,8 +325,10 @@ class Finetuner:
     def restore(self, state: dict, steps_per_epoch: int) -> None:
         """Continue from a checkpoint written with this run's settings (see read_checkpoint)."""
         if state.get("world_size", 1) != self.world:
-            raise PipelineError(f"the checkpoint was written by {state.get('world_size', 1)} processes; "
-                                f"resume with the same number (not {self.world})")
+            raise PipelineError(
+                f"the checkpoint was written by {state.get('world_size', 1)} processes; "
+                f"resume with the same number (not {self.world})"
+            )
         self.model.load_state_dict(state["model"])
         self.scheduler = make_scheduler(self.optimizer, "onecycle", self.cfg.lr, steps_per_epoch * self.cfg.epochs)
         self.scheduler.load_state_dict(state["scheduler"])
@@ -305,5 +349,6 @@ def read_checkpoint(directory: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise PipelineError(f"{path} is damaged ({str(exc).splitlines()[0][:100]}); "
-                            "start again without --resume") from None
+        raise PipelineError(
+            f"{path} is damaged ({str(exc).splitlines()[0][:100]}); start again without --resume"
+        ) from None

@@ -1,11 +1,12 @@
 """Heads on cached features: the modules, the batch order (in memory or streamed from HDF5), training and lr-find."""
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
 
 import h5py
 import numpy as np
@@ -38,8 +39,14 @@ def _linear(dim: int, classes: int, hidden: int, dropout: float) -> nn.Module:
 
 def _mlp(dim: int, classes: int, hidden: int, dropout: float) -> nn.Module:
     # fast.ai's head: batch norm and dropout around one hidden layer.
-    return nn.Sequential(nn.Dropout(dropout / 2), nn.Linear(dim, hidden), nn.ReLU(inplace=True),
-                         nn.BatchNorm1d(hidden), nn.Dropout(dropout), nn.Linear(hidden, classes))
+    return nn.Sequential(
+        nn.Dropout(dropout / 2),
+        nn.Linear(dim, hidden),
+        nn.ReLU(inplace=True),
+        nn.BatchNorm1d(hidden),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, classes),
+    )
 
 
 # logreg is the linear classifier fitted to convergence by L-BFGS (stages/linear_probe.py), not by AdamW.
@@ -53,15 +60,25 @@ class Head(nn.Module):
     the output gives honest probabilities; it never changes which class wins.
     """
 
-    def __init__(self, kind: str, feature_dim: int, num_classes: int, hidden: int = 512, dropout: float = 0.5,
-                 mean: torch.Tensor | None = None, std: torch.Tensor | None = None, temperature: float = 1.0):
+    def __init__(
+        self,
+        kind: str,
+        feature_dim: int,
+        num_classes: int,
+        hidden: int = 512,
+        dropout: float = 0.5,
+        mean: torch.Tensor | None = None,
+        std: torch.Tensor | None = None,
+        temperature: float = 1.0,
+    ):
         super().__init__()
         if kind not in HEADS:
             raise PipelineError(f"unknown head {kind!r}; choose one of {', '.join(HEADS)}")
         self.kind, self.feature_dim, self.num_classes = kind, feature_dim, num_classes
         self.hidden, self.dropout = hidden, dropout
-        self.standardize = Standardize(mean if mean is not None else torch.zeros(feature_dim),
-                                       std if std is not None else torch.ones(feature_dim))
+        self.standardize = Standardize(
+            mean if mean is not None else torch.zeros(feature_dim), std if std is not None else torch.ones(feature_dim)
+        )
         self.classifier = HEADS[kind](feature_dim, num_classes, hidden, dropout)
         self.register_buffer("temperature", torch.tensor(float(temperature)))
 
@@ -69,11 +86,16 @@ class Head(nn.Module):
         return self.classifier(self.standardize(features.float())) / self.temperature
 
     def spec(self) -> dict:
-        return {"head": self.kind, "feature_dim": self.feature_dim, "num_classes": self.num_classes,
-                "hidden": self.hidden, "dropout": self.dropout}
+        return {
+            "head": self.kind,
+            "feature_dim": self.feature_dim,
+            "num_classes": self.num_classes,
+            "hidden": self.hidden,
+            "dropout": self.dropout,
+        }
 
     @classmethod
-    def from_spec(cls, spec: dict) -> "Head":
+    def from_spec(cls, spec: dict) -> Head:
         return cls(spec["head"], spec["feature_dim"], spec["num_classes"], spec["hidden"], spec["dropout"])
 
 
@@ -102,8 +124,12 @@ class TrainConfig:
             raise PipelineError(f"--lr {self.lr} is out of range; give a positive learning rate such as 1e-2")
         if self.wd < 0:
             raise PipelineError(f"--wd {self.wd} is out of range; give a weight decay >= 0")
-        for option, value, low, high in (("--epochs", self.epochs, 1, 100_000), ("--batch-size", self.batch_size, 1, 2**24),
-                                         ("--seed", self.seed, 0, SEED_MAX), ("--hidden", self.hidden, 1, 2**16)):
+        for option, value, low, high in (
+            ("--epochs", self.epochs, 1, 100_000),
+            ("--batch-size", self.batch_size, 1, 2**24),
+            ("--seed", self.seed, 0, SEED_MAX),
+            ("--hidden", self.hidden, 1, 2**16),
+        ):
             check_range(option, value, low, high)
         if self.schedule not in SCHEDULES:
             raise PipelineError(f"--schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
@@ -113,8 +139,10 @@ class TrainConfig:
             raise PipelineError(f"--l2 {self.l2} is out of range; give auto or a strength >= 0 such as 0.1")
         check_range("--folds", self.folds, 2, 100)
         if self.views < 0 or self.views > views_in_store:
-            raise PipelineError(f"--views {self.views} is more than the store holds ({views_in_store} augmented "
-                                f"views per image); featurize with --views {self.views} or ask for fewer")
+            raise PipelineError(
+                f"--views {self.views} is more than the store holds ({views_in_store} augmented "
+                f"views per image); featurize with --views {self.views} or ask for fewer"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -138,8 +166,15 @@ class SplitFeatures:
     chunk order, takes `buffer_chunks` chunks at a time and shuffles the rows within them.
     """
 
-    def __init__(self, features: h5py.Dataset, labels: np.ndarray, rows: np.ndarray, in_memory: bool,
-                 chunk_rows: int | None = None, buffer_chunks: int = 16):
+    def __init__(
+        self,
+        features: h5py.Dataset,
+        labels: np.ndarray,
+        rows: np.ndarray,
+        in_memory: bool,
+        chunk_rows: int | None = None,
+        buffer_chunks: int = 16,
+    ):
         self.dataset = features
         self.labels = torch.as_tensor(labels.astype(np.int64))
         self.rows = rows
@@ -148,7 +183,7 @@ class SplitFeatures:
         self.buffer_chunks = buffer_chunks
         self.memory = torch.from_numpy(features[()]) if in_memory else None
 
-    def select(self, rows: np.ndarray) -> "SplitFeatures":
+    def select(self, rows: np.ndarray) -> SplitFeatures:
         """The same split (sharing its in-memory copy) with other rows selected."""
         other = object.__new__(SplitFeatures)
         other.__dict__.update(self.__dict__)
@@ -168,7 +203,7 @@ class SplitFeatures:
         wanted = np.zeros(n, dtype=bool)
         wanted[self.rows] = True
         for i in range(0, len(chunks), self.buffer_chunks):
-            group = np.sort(chunks[i:i + self.buffer_chunks])
+            group = np.sort(chunks[i : i + self.buffer_chunks])
             rows = np.concatenate([np.arange(c * self.chunk_rows, min(n, (c + 1) * self.chunk_rows)) for c in group])
             rows = rows[wanted[rows]]
             if rng is not None:
@@ -186,7 +221,9 @@ class SplitFeatures:
         position = np.searchsorted(offsets, rows)
         return torch.from_numpy(block[position])
 
-    def batches(self, batch_size: int, rng: np.random.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self, batch_size: int, rng: np.random.Generator | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(features float32, labels) batches over the selected rows; shuffled when rng is given."""
         carry_x, carry_y = [], []
         held = 0
@@ -199,7 +236,7 @@ class SplitFeatures:
                 x, y = torch.cat(carry_x), torch.cat(carry_y)
                 full = (held // batch_size) * batch_size
                 for i in range(0, full, batch_size):
-                    yield x[i:i + batch_size].float(), y[i:i + batch_size]
+                    yield x[i : i + batch_size].float(), y[i : i + batch_size]
                 carry_x, carry_y, held = [x[full:]], [y[full:]], held - full
         if held:
             yield torch.cat(carry_x).float(), torch.cat(carry_y)
@@ -213,8 +250,10 @@ class SplitFeatures:
             total += x.sum(0)
             square += x.square().sum(0)
         if not (torch.isfinite(total).all() and torch.isfinite(square).all()):
-            raise PipelineError(f"the stored features {getattr(self.dataset, 'name', '')} hold NaN or infinite values: "
-                                "the store is damaged; featurize into a new --store")
+            raise PipelineError(
+                f"the stored features {getattr(self.dataset, 'name', '')} hold NaN or infinite values: "
+                "the store is damaged; featurize into a new --store"
+            )
         mean = total / self.num_rows
         std = (square / self.num_rows - mean.square()).clamp_min(0).sqrt().float()
         # A feature (near) constant on train can earn no weight, yet divided by its tiny spread it explodes on an
@@ -245,9 +284,11 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, lr: float, t
             return _cosine_between(1 / 25, 1.0, step / up)
         return _cosine_between(1.0, 1 / 25e4, (step - up) / max(1, total_steps - up))
 
-    factors = {"onecycle": one_cycle,
-               "cosine": lambda step: _cosine_between(1.0, 0.0, step / total_steps),
-               "constant": lambda step: 1.0}
+    factors = {
+        "onecycle": one_cycle,
+        "cosine": lambda step: _cosine_between(1.0, 0.0, step / total_steps),
+        "constant": lambda step: 1.0,
+    }
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factors[schedule])
 
 
@@ -276,12 +317,22 @@ def evaluate_head(head: Head, data: SplitFeatures, batch_size: int = 4096) -> di
     probs, truth = torch.cat(probabilities), torch.cat(labels)
     predicted = probs.argmax(1)
     per_class = {int(c): (predicted[truth == c] == c).float().mean().item() for c in truth.unique()}
-    return {"loss": sum(losses) / len(truth), "accuracy": (predicted == truth).float().mean().item(),
-            "ece": expected_calibration_error(probs.numpy(), truth.numpy()), "per_class_accuracy": per_class}
+    return {
+        "loss": sum(losses) / len(truth),
+        "accuracy": (predicted == truth).float().mean().item(),
+        "ece": expected_calibration_error(probs.numpy(), truth.numpy()),
+        "per_class_accuracy": per_class,
+    }
 
 
-def train_head(train: SplitFeatures, valid: SplitFeatures | None, cfg: TrainConfig, num_classes: int,
-               on_epoch: Callable[[dict], None] | None = None, on_step: Callable[[int, int], None] | None = None):
+def train_head(
+    train: SplitFeatures,
+    valid: SplitFeatures | None,
+    cfg: TrainConfig,
+    num_classes: int,
+    on_epoch: Callable[[dict], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+):
     """Train a fresh head on cached features; returns the head, its per-epoch history and per-step losses."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -318,8 +369,9 @@ def train_head(train: SplitFeatures, valid: SplitFeatures | None, cfg: TrainConf
 
 
 @torch.no_grad()
-def out_of_fold_logits(train: SplitFeatures, folds: np.ndarray, plain: np.ndarray, cfg: TrainConfig,
-                       num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def out_of_fold_logits(
+    train: SplitFeatures, folds: np.ndarray, plain: np.ndarray, cfg: TrainConfig, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels of each plain-view training row from a head trained the same way on the other folds."""
     logits, labels = [], []
     for fold in range(int(folds.max()) + 1):
@@ -334,9 +386,17 @@ def out_of_fold_logits(train: SplitFeatures, folds: np.ndarray, plain: np.ndarra
 LR_FIND_MAX_STEPS = 200  # the most optimizer steps one probe of lr-find takes
 
 
-def lr_find(train: SplitFeatures, folds: np.ndarray, plain: np.ndarray, cfg: TrainConfig, num_classes: int,
-            start_lr: float = 1e-5, end_lr: float = 1.0, num_lrs: int = 21,
-            on_lr: Callable[[dict], None] | None = None) -> dict:
+def lr_find(
+    train: SplitFeatures,
+    folds: np.ndarray,
+    plain: np.ndarray,
+    cfg: TrainConfig,
+    num_classes: int,
+    start_lr: float = 1e-5,
+    end_lr: float = 1.0,
+    num_lrs: int = 21,
+    on_lr: Callable[[dict], None] | None = None,
+) -> dict:
     """Learning-rate range test for heads on cached features: a fresh head per rate, each trained as the run
     would be (its schedule and epochs, at most LR_FIND_MAX_STEPS steps) on all folds of train but the first and
     scored on the plain views of that held-out fold; the suggestion is the rate with the lowest held-out loss.
@@ -356,8 +416,14 @@ def lr_find(train: SplitFeatures, folds: np.ndarray, plain: np.ndarray, cfg: Tra
         probe = replace(cfg, lr=float(lr), epochs=epochs)
         head, history, _ = train_head(fit_rows, None, probe, num_classes)
         scored = evaluate_head(head, held)
-        rows.append({"lr": float(lr), "held_out_loss": scored["loss"], "held_out_accuracy": scored["accuracy"],
-                     "train_loss": history[-1]["train_loss"]})
+        rows.append(
+            {
+                "lr": float(lr),
+                "held_out_loss": scored["loss"],
+                "held_out_accuracy": scored["accuracy"],
+                "train_loss": history[-1]["train_loss"],
+            }
+        )
         if on_lr:
             on_lr(rows[-1])
         best = min(r["held_out_loss"] for r in rows)
@@ -365,9 +431,15 @@ def lr_find(train: SplitFeatures, folds: np.ndarray, plain: np.ndarray, cfg: Tra
             break
     finite = [r for r in rows if math.isfinite(r["held_out_loss"])]
     best = min(finite, key=lambda r: r["held_out_loss"])
-    return {"lrs": [r["lr"] for r in rows], "held_out_loss": [r["held_out_loss"] for r in rows],
-            "held_out_accuracy": [r["held_out_accuracy"] for r in rows], "train_loss": [r["train_loss"] for r in rows],
-            "suggestion": best["lr"], "epochs": epochs, "held_out_rows": held.num_rows}
+    return {
+        "lrs": [r["lr"] for r in rows],
+        "held_out_loss": [r["held_out_loss"] for r in rows],
+        "held_out_accuracy": [r["held_out_accuracy"] for r in rows],
+        "train_loss": [r["train_loss"] for r in rows],
+        "suggestion": best["lr"],
+        "epochs": epochs,
+        "held_out_rows": held.num_rows,
+    }
 
 
 def load_head(run_dir: Path | str) -> tuple[Head, dict]:
@@ -382,6 +454,7 @@ def load_head(run_dir: Path | str) -> tuple[Head, dict]:
         state.setdefault("temperature", torch.tensor(1.0))  # heads saved before calibration existed
         head.load_state_dict(state, strict=True)
     except (ValueError, KeyError, RuntimeError, SafetensorError) as exc:
-        raise PipelineError(f"{run_dir} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
-                            "train the head again") from None
+        raise PipelineError(
+            f"{run_dir} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); train the head again"
+        ) from None
     return head.eval(), config

@@ -3,10 +3,11 @@
 Its L2 strength is chosen by k-fold cross-validation on the training split alone (the linear-probe protocol of the
 CLIP paper), and its temperature is fitted on the out-of-fold logits of that choice, so neither ever sees valid.
 """
+
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -37,8 +38,15 @@ def solve(batches: Batches, rows: int, init: torch.Tensor, l2: float, max_iter: 
     whether the rows are in memory or streamed.
     """
     weight = init.clone()
-    optimizer = torch.optim.LBFGS([weight], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-5,
-                                  tolerance_change=1e-10, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        [weight],
+        lr=1,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=1e-5,
+        tolerance_change=1e-10,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         w, b = weight[:, :-1], weight[:, -1:]
@@ -65,8 +73,15 @@ def _logits(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return x @ weight[:, :-1].T + weight[:, -1]
 
 
-def cross_validate(x: torch.Tensor, y: torch.Tensor, folds: np.ndarray, scored: np.ndarray, num_classes: int,
-                   grid: tuple[float, ...] = L2_GRID, on_strength: Callable[[dict], None] | None = None) -> dict:
+def cross_validate(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    folds: np.ndarray,
+    scored: np.ndarray,
+    num_classes: int,
+    grid: tuple[float, ...] = L2_GRID,
+    on_strength: Callable[[dict], None] | None = None,
+) -> dict:
     """Walk an L2 path from strong to weak with k-fold fits warm-started along it; keep the best out-of-fold loss.
 
     Rows are scored out of fold where `scored` is true (the plain views); returns the chosen strength, its
@@ -88,9 +103,12 @@ def cross_validate(x: torch.Tensor, y: torch.Tensor, folds: np.ndarray, scored: 
             weights[f] = solve(lambda batch=batch: [batch], len(batch[2]), weights[f], l2)
             oof[held] = _logits(weights[f], xh)
         logits, labels = oof[scored_t], y[scored_t]
-        row = {"l2": l2, "cv_loss": F.cross_entropy(logits, labels).item(),
-               "cv_accuracy": (logits.argmax(1) == labels).float().mean().item(),
-               "time": time.perf_counter() - started}
+        row = {
+            "l2": l2,
+            "cv_loss": F.cross_entropy(logits, labels).item(),
+            "cv_accuracy": (logits.argmax(1) == labels).float().mean().item(),
+            "time": time.perf_counter() - started,
+        }
         path.append(row)
         if on_strength:
             on_strength(row)
@@ -107,8 +125,8 @@ def fold_logits(x: torch.Tensor, y: torch.Tensor, folds: np.ndarray, l2: float, 
     logits = torch.zeros(len(y), init.shape[0])
     for f in range(int(folds.max()) + 1):
         inside, held = torch.from_numpy(folds != f), torch.from_numpy(folds == f)
-        batch = as_batch(x[inside], y[inside])
-        logits[held] = _logits(solve(lambda: [batch], len(batch[2]), init, l2), x[held])
+        batches = [as_batch(x[inside], y[inside])]
+        logits[held] = _logits(solve(lambda rows=batches: rows, len(batches[0][2]), init, l2), x[held])
     return logits
 
 
@@ -119,9 +137,17 @@ def _sample(train: SplitFeatures, max_rows: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(train.num_rows, max_rows, replace=False))
 
 
-def train_logreg(train: SplitFeatures, folds: np.ndarray, plain: np.ndarray, num_classes: int, l2: float | None = None,
-                 calibrate: bool = True, seed: int = 0, cv_max_rows: int = 200_000,
-                 on_strength: Callable[[dict], None] | None = None) -> tuple[Head, dict]:
+def train_logreg(
+    train: SplitFeatures,
+    folds: np.ndarray,
+    plain: np.ndarray,
+    num_classes: int,
+    l2: float | None = None,
+    calibrate: bool = True,
+    seed: int = 0,
+    cv_max_rows: int = 200_000,
+    on_strength: Callable[[dict], None] | None = None,
+) -> tuple[Head, dict]:
     """Fit a logreg head on the selected train rows (folds and plain-view mask given per selected row).
 
     With l2 None the strength is cross-validated; the final fit uses every row, from memory or streamed from HDF5
@@ -148,11 +174,17 @@ def train_logreg(train: SplitFeatures, folds: np.ndarray, plain: np.ndarray, num
     summary = {"l2": l2, "temperature": 1.0, "cv_rows": len(sample), "path": []}
     init = torch.zeros(num_classes, x.shape[1] + 1)
     if l2 is None or calibrate:  # out-of-fold logits: to choose the strength, and to fit the temperature on
-        cv = cross_validate(x, y, folds[sample], plain[sample], num_classes, L2_GRID if l2 is None else (l2,),
-                            on_strength)
+        cv = cross_validate(
+            x, y, folds[sample], plain[sample], num_classes, L2_GRID if l2 is None else (l2,), on_strength
+        )
         init = torch.stack(cv["weights"]).mean(0)
-        summary.update(l2=cv["l2"], path=cv["path"], cv_loss=cv["cv_loss"], cv_accuracy=cv["cv_accuracy"],
-                       out_of_fold_logits=cv["logits"])
+        summary.update(
+            l2=cv["l2"],
+            path=cv["path"],
+            cv_loss=cv["cv_loss"],
+            cv_accuracy=cv["cv_accuracy"],
+            out_of_fold_logits=cv["logits"],
+        )
         if calibrate:
             summary["temperature"] = fit_temperature(cv["logits"], cv["labels"])
     started = time.perf_counter()
@@ -163,4 +195,3 @@ def train_logreg(train: SplitFeatures, folds: np.ndarray, plain: np.ndarray, num
         head.classifier.weight.copy_(weight[:, :-1])
         head.classifier.bias.copy_(weight[:, -1])
     return head, summary
-

@@ -1,4 +1,5 @@
 """Classification metrics from true labels and predicted probabilities."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,21 +22,32 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, classe
         # Undefined (None) rather than 0: no image was predicted as the class, or none of it was present.
         precision = float(tp / confusion[:, i].sum()) if confusion[:, i].sum() else None
         recall = float(tp / confusion[i].sum()) if confusion[i].sum() else None
-        f1 = (2 * precision * recall / (precision + recall) if precision + recall else 0.0) \
-            if precision is not None and recall is not None else None
+        f1 = (
+            (2 * precision * recall / (precision + recall) if precision + recall else 0.0)
+            if precision is not None and recall is not None
+            else None
+        )
         per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": int(confusion[i].sum())}
     eps = 1e-15
     log_loss = float(-np.log(np.clip(probabilities[np.arange(len(labels)), labels], eps, 1)).mean())
-    pairs = [(classes[t], classes[p], int(confusion[t, p])) for t in range(k) for p in range(k)
-             if t != p and confusion[t, p]]
+    pairs = [
+        (classes[t], classes[p], int(confusion[t, p])) for t in range(k) for p in range(k) if t != p and confusion[t, p]
+    ]
     pairs.sort(key=lambda x: -x[2])
     wrong = probabilities.max(1)[predicted != labels]
-    return {"images": int(len(labels)), "accuracy": float((predicted == labels).mean()), "log_loss": log_loss,
-            "ece": expected_calibration_error(probabilities, labels), "ece_bins": ECE_BINS,
-            "reliability": reliability_bins(probabilities, labels),
-            "max_wrong_probability": float(wrong.max()) if len(wrong) else None,
-            "per_class": per_class, "confusion_matrix": confusion.tolist(), "classes": list(classes),
-            "most_confused": [{"true": t, "predicted": p, "count": c} for t, p, c in pairs]}
+    return {
+        "images": int(len(labels)),
+        "accuracy": float((predicted == labels).mean()),
+        "log_loss": log_loss,
+        "ece": expected_calibration_error(probabilities, labels),
+        "ece_bins": ECE_BINS,
+        "reliability": reliability_bins(probabilities, labels),
+        "max_wrong_probability": float(wrong.max()) if len(wrong) else None,
+        "per_class": per_class,
+        "confusion_matrix": confusion.tolist(),
+        "classes": list(classes),
+        "most_confused": [{"true": t, "predicted": p, "count": c} for t, p, c in pairs],
+    }
 
 
 def top_losses(labels: np.ndarray, probabilities: np.ndarray, k: int = 9) -> list[int]:

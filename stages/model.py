@@ -1,9 +1,10 @@
 """The full image-to-class model rebuilt from a run directory: backbone, head and preprocessing in one object."""
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -27,21 +28,32 @@ class Prediction:
 def top_classes(probabilities: np.ndarray, classes: list[str], k: int) -> dict:
     """The most likely class, its probability, and the k most likely as [class, probability] pairs."""
     order = np.argsort(-probabilities)[:k]
-    return {"class": classes[order[0]], "probability": float(probabilities[order[0]]),
-            "top_k": [[classes[i], float(probabilities[i])] for i in order]}
+    return {
+        "class": classes[order[0]],
+        "probability": float(probabilities[order[0]]),
+        "top_k": [[classes[i], float(probabilities[i])] for i in order],
+    }
 
 
 class ImageClassifier:
     """Image files in, class probabilities out: the DALI decode stage, the backbone and the head."""
 
-    def __init__(self, backbone: Backbone, head: Head, classes: list[str], precision: str = "fp32",
-                 device: str = "auto", batch_size: int = 32):
+    def __init__(
+        self,
+        backbone: Backbone,
+        head: Head,
+        classes: list[str],
+        precision: str = "fp32",
+        device: str = "auto",
+        batch_size: int = 32,
+    ):
         self.backbone, self.head, self.classes = backbone, head.eval(), classes
         self.device = resolve_device(device)
         self.precision = precision
         self.batch_size = batch_size
-        self.forward = FeatureRunner(backbone.model, self.device, precision, backbone.preprocessing.size,
-                                     cache_key=backbone.weights_sha256)
+        self.forward = FeatureRunner(
+            backbone.model, self.device, precision, backbone.preprocessing.size, cache_key=backbone.weights_sha256
+        )
         self.head.to(self.device)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -50,8 +62,9 @@ class ImageClassifier:
     @torch.no_grad()
     def predict_files(self, paths: Iterable[str | Path], tta: bool = False) -> Iterator[tuple[list[Prediction], list]]:
         """Per decoded batch: predictions of the files that decoded, and (path, reason) of those that did not."""
-        decoder = ImageDecoder(self.backbone.preprocessing, device=self.device, batch_size=self.batch_size, tta=tta,
-                               num_threads=2)
+        decoder = ImageDecoder(
+            self.backbone.preprocessing, device=self.device, batch_size=self.batch_size, tta=tta, num_threads=2
+        )
 
         def loader(path):
             return lambda: read_image_file(Path(path))[0]
@@ -83,14 +96,18 @@ def backbone_for(feature_set: dict, run_dir: Path) -> Backbone:
     name, weights = feature_set["backbone"], feature_set.get("weights_path")
     if not weights or not Path(weights).is_file():
         if name not in REGISTRY:
-            raise PipelineError(f"{run_dir} needs the backbone weights {weights or '(unrecorded)'}, which are "
-                                "missing; restore them or retrain")
+            raise PipelineError(
+                f"{run_dir} needs the backbone weights {weights or '(unrecorded)'}, which are "
+                "missing; restore them or retrain"
+            )
         weights = None
     arch = feature_set.get("arch") if name not in REGISTRY else None
     backbone = create_backbone(name if name in REGISTRY else "", weights, arch)
     if backbone.weights_sha256 != feature_set["weights_sha256"]:
-        raise PipelineError(f"the weights of {name} ({backbone.weights_path}) differ from those {run_dir} was trained "
-                            f"on (sha256 {feature_set['weights_sha256'][:12]}); reinstall them or retrain")
+        raise PipelineError(
+            f"the weights of {name} ({backbone.weights_path}) differ from those {run_dir} was trained "
+            f"on (sha256 {feature_set['weights_sha256'][:12]}); reinstall them or retrain"
+        )
     return backbone
 
 
@@ -104,5 +121,11 @@ def load_run(run_dir: str | Path) -> tuple[Backbone, Head, dict]:
 def load_model(run_dir: str | Path, device: str = "auto", batch_size: int = 32) -> ImageClassifier:
     """Rebuild the full image-to-class model from a directory written by train-head or finetune."""
     backbone, head, config = load_run(run_dir)
-    return ImageClassifier(backbone, head, config["classes"], precision=config["feature_set"].get("precision", "fp32"),
-                           device=device, batch_size=batch_size)
+    return ImageClassifier(
+        backbone,
+        head,
+        config["classes"],
+        precision=config["feature_set"].get("precision", "fp32"),
+        device=device,
+        batch_size=batch_size,
+    )

@@ -4,12 +4,13 @@ API read. Its file names, its config's seal and checks, and the listing of runs 
 A run directory holds config.json (sealed with a checksum), metrics.json, head.safetensors, curves.png, and for a
 fine-tune backbone.safetensors and checkpoint.pt. Reading a listing imports neither torch nor safetensors.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from stages.atomic import atomic_output, write_json
 from stages.errors import PipelineError
@@ -39,22 +40,31 @@ def check_config(config, run_dir: Path) -> None:
     if not isinstance(config, dict):
         raise PipelineError(f"{where} is damaged: it holds {type(config).__name__}, not an object; train again")
     if "checksum" in config and config["checksum"] != config_checksum(config):
-        raise PipelineError(f"{where} was edited after training (its checksum does not match its content); "
-                            "restore the original or train again")
+        raise PipelineError(
+            f"{where} was edited after training (its checksum does not match its content); "
+            "restore the original or train again"
+        )
     spec, classes, feature_set = config.get("head"), config.get("classes"), config.get("feature_set")
     expected = {"head": str, "feature_dim": int, "num_classes": int, "hidden": int, "dropout": (int, float)}
     if not isinstance(spec, dict) or any(not isinstance(spec.get(k), t) for k, t in expected.items()):
         raise PipelineError(f"{where} is damaged: 'head' must hold {', '.join(expected)}; train again")
-    if (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)
-            or len(set(classes)) != len(classes)):
+    if (
+        not isinstance(classes, list)
+        or not all(isinstance(c, str) for c in classes)
+        or len(set(classes)) != len(classes)
+    ):
         raise PipelineError(f"{where} is damaged: 'classes' must be a list of distinct names; train again")
     if len(classes) != spec["num_classes"]:
-        raise PipelineError(f"{where} names {len(classes)} classes but the head has {spec['num_classes']} outputs; "
-                            "restore the original config.json or train again")
-    if not isinstance(feature_set, dict) or not all(isinstance(feature_set.get(k), str)
-                                                    for k in ("backbone", "weights_sha256")):
-        raise PipelineError(f"{where} is damaged: 'feature_set' must name the backbone and its weights_sha256; "
-                            "train again")
+        raise PipelineError(
+            f"{where} names {len(classes)} classes but the head has {spec['num_classes']} outputs; "
+            "restore the original config.json or train again"
+        )
+    if not isinstance(feature_set, dict) or not all(
+        isinstance(feature_set.get(k), str) for k in ("backbone", "weights_sha256")
+    ):
+        raise PipelineError(
+            f"{where} is damaged: 'feature_set' must name the backbone and its weights_sha256; train again"
+        )
 
 
 def is_run(directory: Path) -> bool:
@@ -66,13 +76,13 @@ def read_config(run_dir: Path | str) -> dict:
     run_dir = Path(run_dir)
     for name in (CONFIG, HEAD_WEIGHTS):
         if not (run_dir / name).is_file():
-            raise PipelineError(f"{run_dir} is not a head run: {name} is missing; give a directory written by "
-                                "pipeline train-head")
+            raise PipelineError(
+                f"{run_dir} is not a head run: {name} is missing; give a directory written by pipeline train-head"
+            )
     try:
         config = json.loads((run_dir / CONFIG).read_text())
     except (ValueError, OSError) as exc:
-        raise PipelineError(f"{run_dir / CONFIG} is damaged ({str(exc).splitlines()[0][:100]}); "
-                            "train again") from None
+        raise PipelineError(f"{run_dir / CONFIG} is damaged ({str(exc).splitlines()[0][:100]}); train again") from None
     check_config(config, run_dir)
     return config
 
@@ -94,8 +104,9 @@ def write_weights(out: Path, weights: dict[str, dict]) -> None:
             save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
 
 
-def write_run(out: Path, weights: dict[str, dict], config: dict, metrics: dict,
-              plot_curves: Callable[[Path], None]) -> None:
+def write_run(
+    out: Path, weights: dict[str, dict], config: dict, metrics: dict, plot_curves: Callable[[Path], None]
+) -> None:
     """Write a run directory: the weights, then the sealed config (last but the metrics and curves, so that a
     config.json always describes weights already in place)."""
     write_weights(out, weights)
@@ -107,6 +118,7 @@ def write_run(out: Path, weights: dict[str, dict], config: dict, metrics: dict,
 
 def rank_runs(rows: list[dict]) -> list[dict]:
     """Best first: highest valid accuracy, then lowest valid loss."""
+
     def key(r: dict) -> tuple[float, float]:
         accuracy, loss = r.get("accuracy"), r.get("valid_loss")
         return -(accuracy if accuracy is not None else 0), loss if loss is not None else float("inf")
@@ -127,9 +139,19 @@ def list_runs(root: Path, store: Path | None = None) -> list[dict]:
         if store is not None and feature_set.get("store") != str(store.resolve()):
             continue
         train = config.get("train", {})
-        rows.append({"run": str(config_path.parent), "kind": config.get("kind"), "head": train.get("head"),
-                     "lr": train.get("lr"), "wd": train.get("wd"), "epochs": train.get("epochs"),
-                     "views": train.get("views"), "backbone": feature_set.get("backbone"),
-                     "accuracy": metrics.get("accuracy"), "valid_loss": metrics.get("valid_loss"),
-                     "created": config.get("created")})
+        rows.append(
+            {
+                "run": str(config_path.parent),
+                "kind": config.get("kind"),
+                "head": train.get("head"),
+                "lr": train.get("lr"),
+                "wd": train.get("wd"),
+                "epochs": train.get("epochs"),
+                "views": train.get("views"),
+                "backbone": feature_set.get("backbone"),
+                "accuracy": metrics.get("accuracy"),
+                "valid_loss": metrics.get("valid_loss"),
+                "created": config.get("created"),
+            }
+        )
     return rank_runs(rows)

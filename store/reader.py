@@ -1,4 +1,5 @@
 """Read a feature store: validate it, list its feature sets, hand out features and per-row columns."""
+
 from __future__ import annotations
 
 import json
@@ -33,18 +34,23 @@ def open_h5(path: Path) -> h5py.File:
     if path.is_dir():
         raise PipelineError(f"store {path} is a folder; give the path of an .h5 file")
     if not h5py.is_hdf5(str(path)):
-        raise PipelineError(f"store {path} is not an HDF5 file; give a store written by pipeline featurize "
-                            "or choose a new --store path")
+        raise PipelineError(
+            f"store {path} is not an HDF5 file; give a store written by pipeline featurize or choose a new --store path"
+        )
     try:
         f = h5py.File(path, "r", locking=False)
     except OSError as exc:
-        raise PipelineError(f"store {path} is damaged and cannot be opened ({str(exc).splitlines()[0]}); "
-                            "move it away and featurize again") from None
+        raise PipelineError(
+            f"store {path} is damaged and cannot be opened ({str(exc).splitlines()[0]}); "
+            "move it away and featurize again"
+        ) from None
     version = f.attrs.get("schema_version")
     if version != SCHEMA_VERSION:
         f.close()
-        raise PipelineError(f"store {path} has schema version {version}, this pipeline reads version "
-                            f"{SCHEMA_VERSION}; featurize again into a new --store")
+        raise PipelineError(
+            f"store {path} has schema version {version}, this pipeline reads version "
+            f"{SCHEMA_VERSION}; featurize again into a new --store"
+        )
     return f
 
 
@@ -69,9 +75,12 @@ def split_skipped(group: h5py.Group) -> dict[str, dict]:
         return {}
     g = group[SKIPPED]
     paths, reasons = _decode_strings(g["paths"][()]), _decode_strings(g["reasons"][()])
-    return {p: {"reason": r, "size": int(s), "mtime_ns": int(m), "ctime_ns": int(c), "sha256": h.decode()}
-            for p, r, s, m, c, h in zip(paths, reasons, g["size"][()], g["mtime_ns"][()], _ctimes(g, len(paths)),
-                                        g["sha256"][()])}
+    return {
+        p: {"reason": r, "size": int(s), "mtime_ns": int(m), "ctime_ns": int(c), "sha256": h.decode()}
+        for p, r, s, m, c, h in zip(
+            paths, reasons, g["size"][()], g["mtime_ns"][()], _ctimes(g, len(paths)), g["sha256"][()]
+        )
+    }
 
 
 def _ctimes(group: h5py.Group, n: int) -> np.ndarray:
@@ -121,7 +130,7 @@ class FeatureStore:
         self.path = Path(path)
         self.file = open_h5(self.path)
 
-    def __enter__(self) -> "FeatureStore":
+    def __enter__(self) -> FeatureStore:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -138,15 +147,19 @@ class FeatureStore:
         """The named set; else the only set, or the most recently updated one matching the given identity fields."""
         if name is not None:
             if name not in self.set_names:
-                raise PipelineError(f"store {self.path} has no feature set {name!r} "
-                                    f"(it has: {', '.join(self.set_names) or 'none'})")
+                raise PipelineError(
+                    f"store {self.path} has no feature set {name!r} (it has: {', '.join(self.set_names) or 'none'})"
+                )
             return FeatureSet(self.file[SETS][name])
         sets = [FeatureSet(self.file[SETS][n]) for n in self.set_names]
         sets = [s for s in sets if all(s.attrs.get(k) == v for k, v in identity.items() if v is not None)]
         if not sets:
             wanted = ", ".join(f"{k}={v}" for k, v in identity.items() if v is not None)
-            raise PipelineError(f"store {self.path} holds no feature set" + (f" with {wanted}" if wanted else "")
-                                + f"; featurize into it first (sets: {', '.join(self.set_names) or 'none'})")
+            raise PipelineError(
+                f"store {self.path} holds no feature set"
+                + (f" with {wanted}" if wanted else "")
+                + f"; featurize into it first (sets: {', '.join(self.set_names) or 'none'})"
+            )
         return max(sets, key=lambda s: s.attrs.get("updated", ""))
 
     def info(self) -> dict:
@@ -157,13 +170,25 @@ class FeatureStore:
             splits = {}
             for split in fs.splits:
                 paths = fs.column(split, "paths")
-                splits[split] = {"rows": len(paths), "images": len(set(paths)),
-                                 "skipped": len(fs.skipped(split))}
-            sets.append({"name": name, **fs.identity, "classes": fs.classes, "splits": splits,
-                         **{k: fs.attrs.get(k) for k in ("data_dir", "layout", "valid_pct", "split_seed",
-                                                         "created", "updated", "versions")}})
-        return {"path": str(self.path), "size_bytes": os.path.getsize(self.path),
-                "schema_version": int(self.file.attrs["schema_version"]), "sets": sets}
+                splits[split] = {"rows": len(paths), "images": len(set(paths)), "skipped": len(fs.skipped(split))}
+            sets.append(
+                {
+                    "name": name,
+                    **fs.identity,
+                    "classes": fs.classes,
+                    "splits": splits,
+                    **{
+                        k: fs.attrs.get(k)
+                        for k in ("data_dir", "layout", "valid_pct", "split_seed", "created", "updated", "versions")
+                    },
+                }
+            )
+        return {
+            "path": str(self.path),
+            "size_bytes": os.path.getsize(self.path),
+            "schema_version": int(self.file.attrs["schema_version"]),
+            "sets": sets,
+        }
 
 
 def verify_store(store: FeatureStore) -> list[dict]:

@@ -1,16 +1,17 @@
 """The feature store's layout, in one place; README.md documents the same for readers using plain h5py.
 
-    /                               attrs: schema_version, created, updated
-    /sets/<set_name>/               attrs: identity (JSON) and its fields, classes (JSON), data_dir, layout, ...
-    /sets/<set_name>/<split>/       one group per split: train, valid, test
-        features   (N, D) float16|float32   one row per (image, view), rows sorted by (path, view)
-        labels     (N,)   int32              class index into the set's `classes`, -1 when unlabelled
-        paths      (N,)   utf-8 str          relative to the data folder, POSIX separators
-        view       (N,)   uint8              0 = plain centre crop, 1..K = seeded augmented views
-        size, mtime_ns, ctime_ns (N,) int64; sha256 (N,) 64 ASCII bytes: the source file's fingerprint
-        skipped/   paths, reasons, size, mtime_ns, ctime_ns, sha256: files that could not be featurized
-    Every fixed-size dataset is chunked with Fletcher-32 checksums; string datasets carry attrs["sha256"].
+/                               attrs: schema_version, created, updated
+/sets/<set_name>/               attrs: identity (JSON) and its fields, classes (JSON), data_dir, layout, ...
+/sets/<set_name>/<split>/       one group per split: train, valid, test
+    features   (N, D) float16|float32   one row per (image, view), rows sorted by (path, view)
+    labels     (N,)   int32              class index into the set's `classes`, -1 when unlabelled
+    paths      (N,)   utf-8 str          relative to the data folder, POSIX separators
+    view       (N,)   uint8              0 = plain centre crop, 1..K = seeded augmented views
+    size, mtime_ns, ctime_ns (N,) int64; sha256 (N,) 64 ASCII bytes: the source file's fingerprint
+    skipped/   paths, reasons, size, mtime_ns, ctime_ns, sha256: files that could not be featurized
+Every fixed-size dataset is chunked with Fletcher-32 checksums; string datasets carry attrs["sha256"].
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -48,8 +49,18 @@ SKIPPED_COLUMNS = {
 }
 UNKNOWN_CTIME = -1  # rows of stores written before ctime_ns was recorded: the content hash decides
 # Identity fields: two feature sets are interchangeable exactly when all of these agree.
-IDENTITY_FIELDS = ("backbone", "arch", "weights_sha256", "preprocessing", "feature_dim", "views", "seed",
-                   "augmentation", "precision", "dtype")
+IDENTITY_FIELDS = (
+    "backbone",
+    "arch",
+    "weights_sha256",
+    "preprocessing",
+    "feature_dim",
+    "views",
+    "seed",
+    "augmentation",
+    "precision",
+    "dtype",
+)
 
 
 def set_name(identity: dict) -> str:

@@ -4,6 +4,7 @@ Fixed-size datasets (features, labels, views, fingerprints) are chunked with HDF
 of a damaged chunk fails instead of returning numbers. Variable-length strings cannot take filters; their
 dataset carries the sha256 of its values as an attribute instead.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -89,12 +90,21 @@ def read_or_fail(ds: h5py.Dataset, where: str, selection=()):
     try:
         values = ds[selection]
     except OSError as exc:
-        raise PipelineError(f"{where} is damaged: {ds.name} fails its checksum ({str(exc).splitlines()[0][:80]}); "
-                            "featurize again to recompute the damaged rows (pipeline store info --verify lists "
-                            "them)") from None
-    if isinstance(selection, tuple) and selection == () and DIGEST_ATTR in ds.attrs and strings_digest(values) != ds.attrs[DIGEST_ATTR]:
-        raise PipelineError(f"{where} is damaged: {ds.name} does not match its checksum; featurize again to "
-                            "rewrite it (pipeline store info --verify lists what is damaged)")
+        raise PipelineError(
+            f"{where} is damaged: {ds.name} fails its checksum ({str(exc).splitlines()[0][:80]}); "
+            "featurize again to recompute the damaged rows (pipeline store info --verify lists "
+            "them)"
+        ) from None
+    if (
+        isinstance(selection, tuple)
+        and selection == ()
+        and DIGEST_ATTR in ds.attrs
+        and strings_digest(values) != ds.attrs[DIGEST_ATTR]
+    ):
+        raise PipelineError(
+            f"{where} is damaged: {ds.name} does not match its checksum; featurize again to "
+            "rewrite it (pipeline store info --verify lists what is damaged)"
+        )
     return values
 
 

@@ -4,6 +4,7 @@ Work in progress is committed as small journal parts beside the store (`STORE.jo
 temporary name, fsynced and renamed into place. A run ends by writing the new store to a temporary file and
 renaming it over the old one. Readers therefore always see a complete store, and a killed run resumes from its parts.
 """
+
 from __future__ import annotations
 
 import errno
@@ -37,18 +38,22 @@ class StoreLock:
         self.shared = shared  # shards of one job write only their own journal parts, side by side
         self._fd = None
 
-    def __enter__(self) -> "StoreLock":
+    def __enter__(self) -> StoreLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise PipelineError(f"cannot create {self.path}: {exc.strerror}; choose a --store in a writable folder") from None
+            raise PipelineError(
+                f"cannot create {self.path}: {exc.strerror}; choose a --store in a writable folder"
+            ) from None
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
             os.close(fd)
-            raise PipelineError(f"store {self.path.with_suffix('')} is being written by another featurize "
-                                f"(pid {holder or '?'}); wait for it to finish or use another --store") from None
+            raise PipelineError(
+                f"store {self.path.with_suffix('')} is being written by another featurize "
+                f"(pid {holder or '?'}); wait for it to finish or use another --store"
+            ) from None
         if not self.shared:
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
@@ -92,9 +97,11 @@ def ensure_space(path: Path, needed: int) -> None:
     soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
     limit = min(free, soft if soft != resource.RLIM_INFINITY else free)
     if needed > limit:
-        raise PipelineError(f"no space left writing {path}: it needs about {needed / 1e6:.1f} MB and "
-                            f"{limit / 1e6:.1f} MB can be written; free disk space and rerun "
-                            "(work already committed is kept)")
+        raise PipelineError(
+            f"no space left writing {path}: it needs about {needed / 1e6:.1f} MB and "
+            f"{limit / 1e6:.1f} MB can be written; free disk space and rerun "
+            "(work already committed is kept)"
+        )
 
 
 def remove_stale_temporaries(path: Path) -> None:
@@ -110,10 +117,14 @@ def _atomic_h5(path: Path, fill, needed: int) -> None:
         with atomic_output(path) as tmp, h5py.File(tmp, "w", locking=False) as f:
             fill(f)
     except OSError as exc:
-        if (exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-                or "No space" in str(exc) or "File too large" in str(exc)):
-            raise PipelineError(f"no space left writing {path}; free disk space and rerun "
-                                "(work already committed is kept)") from None
+        if (
+            exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+            or "No space" in str(exc)
+            or "File too large" in str(exc)
+        ):
+            raise PipelineError(
+                f"no space left writing {path}; free disk space and rerun (work already committed is kept)"
+            ) from None
         if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
             raise PipelineError(f"cannot write {path}: {exc.strerror}; choose a --store in a writable folder") from None
         raise
@@ -163,8 +174,11 @@ class Journal:
 
         rows_total = sum(r.num_rows + len(r.skipped["paths"]) for r in rows.values())
         width = max((r.features[0].shape[1] for r in rows.values() if r.features), default=0)
-        _atomic_h5(path, fill, rows_total * (width * np.dtype(FEATURE_DTYPES[feature_dtype]).itemsize
-                                             + ROW_OVERHEAD_BYTES) + (1 << 16))
+        _atomic_h5(
+            path,
+            fill,
+            rows_total * (width * np.dtype(FEATURE_DTYPES[feature_dtype]).itemsize + ROW_OVERHEAD_BYTES) + (1 << 16),
+        )
         return path
 
     def clear(self) -> None:
@@ -193,9 +207,16 @@ class SplitPlan:
     skipped: dict[str, list]
 
 
-def write_store(store_path: Path, set_name: str, set_attrs: dict, plans: dict[str, SplitPlan],
-                sources: dict[str, h5py.Group | h5py.File], feature_dim: int, feature_dtype: str,
-                keep_sets_from: h5py.File | None) -> None:
+def write_store(
+    store_path: Path,
+    set_name: str,
+    set_attrs: dict,
+    plans: dict[str, SplitPlan],
+    sources: dict[str, h5py.Group | h5py.File],
+    feature_dim: int,
+    feature_dtype: str,
+    keep_sets_from: h5py.File | None,
+) -> None:
     """Atomically replace the store with one whose set `set_name` is built from `plans`; other sets are copied."""
     dtype = FEATURE_DTYPES[feature_dtype]
 
@@ -215,14 +236,19 @@ def write_store(store_path: Path, set_name: str, set_attrs: dict, plans: dict[st
         for split, plan in plans.items():
             g = group.create_group(split)
             n = len(plan.columns["paths"])
-            out = g.create_dataset("features", shape=(n, feature_dim), dtype=dtype, fletcher32=True,
-                                   chunks=(max(1, min(n, CHUNK_ROWS)), feature_dim) if n else True)
+            out = g.create_dataset(
+                "features",
+                shape=(n, feature_dim),
+                dtype=dtype,
+                fletcher32=True,
+                chunks=(max(1, min(n, CHUNK_ROWS)), feature_dim) if n else True,
+            )
             row = 0
             for run in plan.runs:
                 src = sources[run.source][run.split]["features"]
                 for offset in range(0, run.count, COPY_BLOCK_ROWS):
                     k = min(COPY_BLOCK_ROWS, run.count - offset)
-                    out[row:row + k] = src[run.start + offset:run.start + offset + k]
+                    out[row : row + k] = src[run.start + offset : run.start + offset + k]
                     row += k
             if row != n:
                 raise AssertionError(f"store plan for {split}: {row} feature rows for {n} paths")
@@ -231,5 +257,6 @@ def write_store(store_path: Path, set_name: str, set_attrs: dict, plans: dict[st
 
     rows = sum(len(p.columns["paths"]) + len(p.skipped["paths"]) for p in plans.values())
     kept = os.path.getsize(keep_sets_from.filename) if keep_sets_from is not None else 0
-    _atomic_h5(store_path, fill, kept + rows * (feature_dim * np.dtype(dtype).itemsize + ROW_OVERHEAD_BYTES)
-               + (1 << 16))
+    _atomic_h5(
+        store_path, fill, kept + rows * (feature_dim * np.dtype(dtype).itemsize + ROW_OVERHEAD_BYTES) + (1 << 16)
+    )

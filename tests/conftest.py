@@ -1,4 +1,5 @@
 """Shared test helpers: generated image sets, the real CLI as a subprocess, the real photos when present."""
+
 from __future__ import annotations
 
 import io
@@ -48,8 +49,14 @@ def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
 def run_cli(*args, check: bool = True, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m pipeline ARGS` as a user would, capturing output."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=full_env, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=REPO,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"pipeline {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stderr[-3000:]}")
     return proc
@@ -104,5 +111,6 @@ def png_bomb(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
-
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    )

@@ -6,15 +6,18 @@ import json
 
 import numpy as np
 import pytest
+from conftest import make_images, one_line_error, run_cli, run_json, shared_dataset
 from PIL import Image, ImageOps
 
-from conftest import make_images, one_line_error, run_cli, run_json, shared_dataset
 from stages.audit import exact_copies, outlier_rows, similarity_scan
 
 
 def folder_digest(root):
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_similarity_scan_in_blocks_equals_the_full_matrix():
@@ -54,12 +57,17 @@ def test_audit_writes_findings_pictures_and_never_touches_the_data(trained, tmp_
 def test_audit_errors_are_one_line(tmp_path):
     unlabelled = make_images(tmp_path / "u", {"test": {"x": 4}})
     run_json("featurize", unlabelled, "--store", tmp_path / "u.h5")
-    one_line_error(run_cli("audit", "--store", tmp_path / "u.h5", "--out", tmp_path / "o", check=False),
-                   "u.h5", "no labelled train images")
+    one_line_error(
+        run_cli("audit", "--store", tmp_path / "u.h5", "--out", tmp_path / "o", check=False),
+        "u.h5",
+        "no labelled train images",
+    )
     lonely = make_images(tmp_path / "l", {"train": {"a": 4, "b": 1}})
     run_json("featurize", lonely, "--store", tmp_path / "l.h5")
-    one_line_error(run_cli("audit", "--store", tmp_path / "l.h5", "--out", tmp_path / "o", check=False),
-                   "class b has 1 train image")
+    one_line_error(
+        run_cli("audit", "--store", tmp_path / "l.h5", "--out", tmp_path / "o", check=False),
+        "class b has 1 train image",
+    )
     one_line_error(run_cli("audit", "--store", tmp_path / "l.h5", "--threshold", "1.5", check=False), "--threshold")
     one_line_error(run_cli("audit", "--store", tmp_path / "missing.h5", check=False), "missing.h5")
     assert not (tmp_path / "o").exists()
@@ -85,7 +93,9 @@ def test_audit_finds_flipped_labels_and_planted_copies_in_real_photos(tmp_path):
                     image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
                     copy = data / "valid" / cls / f"copy-{path.name}"
                     copy.parent.mkdir(parents=True, exist_ok=True)
-                    image.resize((int(image.width * 0.9), int(image.height * 0.9)), Image.BICUBIC).save(copy, quality=75)
+                    image.resize((int(image.width * 0.9), int(image.height * 0.9)), Image.BICUBIC).save(
+                        copy, quality=75
+                    )
                     planted.append((target.relative_to(data).as_posix(), copy.relative_to(data).as_posix()))
     run_json("featurize", data, "--store", tmp_path / "s.h5")
     result = run_json("audit", "--store", tmp_path / "s.h5", "--out", tmp_path / "audit")

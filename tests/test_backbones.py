@@ -1,4 +1,5 @@
 """The backbone registry, the packaged weights' key mapping, and local --weights/--arch."""
+
 import importlib.util
 
 import pytest
@@ -6,8 +7,16 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from stages.backbones import (REGISTRY, backbone_identity, create_backbone, file_sha256, list_backbones,
-                              load_checked, load_state_dict, map_efficientnet_lite_keys)
+from stages.backbones import (
+    REGISTRY,
+    backbone_identity,
+    create_backbone,
+    file_sha256,
+    list_backbones,
+    load_checked,
+    load_state_dict,
+    map_efficientnet_lite_keys,
+)
 from stages.errors import PipelineError
 
 
@@ -51,7 +60,9 @@ def test_tf_same_padding_is_used_and_the_pytorch_padded_twin_is_caught(lite0):
     """efficientnet_lite0 accepts the same weights without complaint but pads differently: features drift."""
     assert stem_matches_tf_same_padding(lite0.model.body)
     twin = timm.create_model("efficientnet_lite0", pretrained=False)
-    load_checked(twin, map_efficientnet_lite_keys(load_state_dict(REGISTRY["efficientnet_lite0"].weights()), twin), "twin")
+    load_checked(
+        twin, map_efficientnet_lite_keys(load_state_dict(REGISTRY["efficientnet_lite0"].weights()), twin), "twin"
+    )
     twin.reset_classifier(0)
     twin.eval()
     assert not stem_matches_tf_same_padding(twin)
@@ -79,12 +90,21 @@ def expected_data_config(name: str) -> tuple:
     if entry.build.__name__ == "timm_extractor":
         cfg = timm.create_model(entry.arch, pretrained=False).pretrained_cfg
         size = cfg["input_size"][-1]
-        return size, round(size / cfg["crop_pct"]), tuple(255 * m for m in cfg["mean"]), tuple(255 * s for s in cfg["std"])
+        return (
+            size,
+            round(size / cfg["crop_pct"]),
+            tuple(255 * m for m in cfg["mean"]),
+            tuple(255 * s for s in cfg["std"]),
+        )
     import torchvision
 
     transforms = torchvision.models.get_model_weights(entry.arch).IMAGENET1K_V1.transforms()  # metadata, no download
-    return (transforms.crop_size[0], transforms.resize_size[0], tuple(255 * m for m in transforms.mean),
-            tuple(255 * s for s in transforms.std))
+    return (
+        transforms.crop_size[0],
+        transforms.resize_size[0],
+        tuple(255 * m for m in transforms.mean),
+        tuple(255 * s for s in transforms.std),
+    )
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
@@ -97,7 +117,9 @@ def test_each_registered_backbone_builds_as_its_entry_says(name, tmp_path):
     pp = backbone.preprocessing
     assert backbone.arch == entry.arch and backbone.feature_dim == entry.feature_dim
     assert (pp.size, pp.resize) == expected_data_config(name)[:2]
-    assert pp.mean == pytest.approx(expected_data_config(name)[2]) and pp.std == pytest.approx(expected_data_config(name)[3])
+    assert pp.mean == pytest.approx(expected_data_config(name)[2]) and pp.std == pytest.approx(
+        expected_data_config(name)[3]
+    )
     assert backbone.model(torch.zeros(1, 3, pp.size, pp.size)).shape == (1, entry.feature_dim)
     assert backbone_identity(name, weights) == backbone.identity()
     if entry.arch.startswith("tf_"):
@@ -151,8 +173,11 @@ def test_unknown_backbone():
 def test_local_weights_for_torchvision_and_timm_archs(tmp_path, arch, dim):
     import torchvision
 
-    model = (torchvision.models.get_model(arch, weights=None, num_classes=7) if arch in torchvision.models.list_models()
-             else timm.create_model(arch, pretrained=False, num_classes=7))
+    model = (
+        torchvision.models.get_model(arch, weights=None, num_classes=7)
+        if arch in torchvision.models.list_models()
+        else timm.create_model(arch, pretrained=False, num_classes=7)
+    )
     path = tmp_path / "w.pth"
     torch.save(model.state_dict(), path)
     backbone = create_backbone(weights=path, arch=arch)

@@ -1,4 +1,5 @@
 """Killed featurize runs: the store always opens, and a rerun ends with what an uninterrupted run writes."""
+
 import json
 import signal
 import subprocess
@@ -8,15 +9,19 @@ import time
 import h5py
 import numpy as np
 import pytest
-
 from conftest import REPO, make_images, run_json
 
 ARGS = ("--batch-size", "4", "--commit-every", "4", "--views", "1", "--precision", "fp32")
 
 
 def start(data, store):
-    return subprocess.Popen([sys.executable, "-m", "pipeline", "featurize", str(data), "--store", str(store), *ARGS],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "featurize", str(data), "--store", str(store), *ARGS],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def parts(store):
@@ -66,7 +71,7 @@ def test_twenty_seeded_kills_in_a_row_then_a_rerun_equals_uninterrupted(crash_se
     data, reference = crash_set
     store = tmp_path / "s.h5"
     rng = np.random.default_rng(20)
-    for trial in range(20):
+    for _trial in range(20):
         proc = start(data, store)
         time.sleep(rng.uniform(0.5, 5.0))
         proc.kill()
@@ -115,15 +120,31 @@ def test_ctrl_c_commits_what_is_done(crash_set, tmp_path):
 def test_train_head_killed_leaves_whole_files_and_reruns_to_the_same_result(tmp_path):
     from bench.synthetic import separable_features, write_feature_store
 
-    store = write_feature_store(tmp_path / "s.h5", separable_features(2000, dim=64, views=0),
-                                separable_features(200, dim=64))
-    grid = ("train-head", "--store", store, "--head", "linear,mlp", "--lr", "1e-2,3e-2", "--epochs", "3",
-            "--batch-size", "16")
+    store = write_feature_store(
+        tmp_path / "s.h5", separable_features(2000, dim=64, views=0), separable_features(200, dim=64)
+    )
+    grid = (
+        "train-head",
+        "--store",
+        store,
+        "--head",
+        "linear,mlp",
+        "--lr",
+        "1e-2,3e-2",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+    )
     reference = run_json(*grid, "--out", tmp_path / "reference")
     rng = np.random.default_rng(3)
-    for trial in range(3):
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, grid), "--out", str(tmp_path / "grid"),
-                                 "--overwrite"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _trial in range(3):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", *map(str, grid), "--out", str(tmp_path / "grid"), "--overwrite"],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(rng.uniform(3, 9))
         proc.kill()
         proc.wait()

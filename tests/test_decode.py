@@ -1,12 +1,13 @@
 """The DALI decode stage: order, exactly-once, seeded views, image kinds and bad files."""
+
 import numpy as np
 import pytest
 import torch
+from conftest import encode
 from PIL import Image
 
-from conftest import encode
 from stages.backbones import Preprocessing
-from stages.decode import ImageDecoder, view_params, Augmentation
+from stages.decode import Augmentation, ImageDecoder, view_params
 from stages.files import BadImage, vet_image_bytes
 
 PP = Preprocessing(size=32, resize=36, mean=(127.5,) * 3, std=(127.5,) * 3)
@@ -24,7 +25,9 @@ def items_of(blobs: dict[str, bytes]):
         def load():
             vet_image_bytes(data)
             return np.frombuffer(data, np.uint8)
+
         return load
+
     return [(key, loader(data)) for key, data in blobs.items()]
 
 
@@ -95,8 +98,12 @@ def test_image_kinds_come_out_as_the_right_rgb():
         assert torch.equal(out[lossless], out["rgb"]), lossless
     for lossless in ("gray_png", "gray_alpha", "gray16"):
         assert torch.equal(out[lossless], out["gray"]), lossless
-    for lossy, reference in (("rgb_jpeg", "rgb"), ("cmyk_jpeg", "rgb"), ("gray_jpeg", "gray"),
-                             ("exif_jpeg", "rotated")):
+    for lossy, reference in (
+        ("rgb_jpeg", "rgb"),
+        ("cmyk_jpeg", "rgb"),
+        ("gray_jpeg", "gray"),
+        ("exif_jpeg", "rotated"),
+    ):
         assert (out[lossy] - out[reference]).abs().mean() < 0.05, lossy
     assert (out["exif_jpeg"] - out["rgb"]).abs().mean() > 0.2  # orientation really was applied
 
@@ -128,6 +135,7 @@ def test_bad_files_are_reported_and_cost_their_batch_mates_nothing():
 def test_loader_errors_become_failures():
     def broken():
         raise BadImage("cannot read: Permission denied")
+
     decoder = ImageDecoder(PP, batch_size=2)
     batches = list(decoder.decode([("a", broken), ("b", lambda: np.frombuffer(encode(picture(0), "PNG"), np.uint8))]))
     assert [b.keys for b in batches] == [["b"]] and batches[0].failed == [("a", "cannot read: Permission denied")]

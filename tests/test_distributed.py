@@ -1,4 +1,5 @@
 """Sharded featurize: torchrun ranks (gloo on the CPU) and batch-scheduler shards equal one process."""
+
 import json
 import os
 import signal
@@ -7,7 +8,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO, make_images, run_json
 from test_crash import assert_same_content, content, parts
 
@@ -23,8 +23,22 @@ def shard_set(tmp_path_factory):
 
 
 def torchrun(data, store, **kwargs):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "pipeline", "featurize", str(data), "--store", str(store), *ARGS, "--json"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "pipeline",
+        "featurize",
+        str(data),
+        "--store",
+        str(store),
+        *ARGS,
+        "--json",
+    ]
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
@@ -42,8 +56,9 @@ def test_torchrun_two_ranks_equal_one_process(shard_set, tmp_path):
 def test_batch_scheduler_shards_then_a_merge_equal_one_process(shard_set, tmp_path):
     data, reference = shard_set
     store = tmp_path / "s.h5"
-    shards = [run_json("featurize", data, "--store", store, *ARGS, "--num-shards", "2", "--shard-id", str(i))
-              for i in (0, 1)]
+    shards = [
+        run_json("featurize", data, "--store", store, *ARGS, "--num-shards", "2", "--shard-id", str(i)) for i in (0, 1)
+    ]
     assert sum(s["featurized"] for s in shards) == 16 and not store.exists()
     merged = run_json("featurize", data, "--store", store, *ARGS)
     assert merged["featurized"] == 0 and merged["reused"] == 16
@@ -58,8 +73,10 @@ def test_a_killed_rank_stops_the_job_and_a_rerun_completes(shard_set, tmp_path):
     while parts(store) < 2 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     # torchrun starts each rank as its own child (in a session of its own)
-    workers = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                                  text=True).stdout.split()]
+    workers = [
+        int(pid)
+        for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    ]
     assert len(workers) == 2, workers
     os.kill(max(workers), signal.SIGKILL)  # one rank dies
     _, err = proc.communicate(timeout=300)  # the job stops rather than hangs

@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, one_line_error, run_cli, run_json, shared_dataset
 
 ort = pytest.importorskip("onnxruntime", reason="the export extra is not installed: pip install -e '.[export]'")
@@ -44,7 +43,9 @@ def test_onnx_file_gives_the_projects_probabilities_on_the_same_crops(trained, t
     meta = session.get_modelmeta().custom_metadata_map
     config = json.loads((run / "config.json").read_text())
     assert json.loads(meta["classes"]) == config["classes"] == ["a", "b", "c"]
-    assert meta["weights_sha256"] == config["feature_set"]["weights_sha256"] and meta["backbone"] == "efficientnet_lite0"
+    assert (
+        meta["weights_sha256"] == config["feature_set"]["weights_sha256"] and meta["backbone"] == "efficientnet_lite0"
+    )
     prep = json.loads(meta["preprocessing"])
     assert (prep["resize"], prep["crop"]) == (256, 224) and meta["pipeline_version"]
     files = sorted((data / "valid").rglob("*.jpg"))
@@ -52,7 +53,7 @@ def test_onnx_file_gives_the_projects_probabilities_on_the_same_crops(trained, t
     expected = project_probabilities(run, crops)
     for batch in (crops[:1], crops[:5], crops):  # the batch dimension is dynamic
         got = onnx_probabilities(tmp_path / "model.onnx", batch)
-        np.testing.assert_allclose(got, expected[:len(batch)], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(got, expected[: len(batch)], atol=1e-4, rtol=0)
     np.testing.assert_allclose(got.sum(1), 1, atol=1e-5)
     assert (got.argmax(1) == [("abc".index(f.parent.name)) for f in files]).mean() == 1.0
 
@@ -74,28 +75,48 @@ def test_torchscript_file_agrees_and_carries_the_metadata(trained, tmp_path):
 @pytest.mark.slow
 def test_fine_tuned_run_exports_its_own_backbone(trained, tmp_path):
     data, _, run = trained
-    run_json("finetune", data, "--head", run, "--epochs", "1", "--batch-size", "8", "--no-keep-best",
-             "--out", tmp_path / "ft")
+    run_json(
+        "finetune",
+        data,
+        "--head",
+        run,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--no-keep-best",
+        "--out",
+        tmp_path / "ft",
+    )
     run_json("export", tmp_path / "ft", "--out", tmp_path / "ft.onnx")
     session = ort.InferenceSession(str(tmp_path / "ft.onnx"))
     meta = session.get_modelmeta().custom_metadata_map
-    assert meta["weights_sha256"] == json.loads((tmp_path / "ft/config.json").read_text())["feature_set"]["weights_sha256"]
+    assert (
+        meta["weights_sha256"] == json.loads((tmp_path / "ft/config.json").read_text())["feature_set"]["weights_sha256"]
+    )
     assert meta["weights_sha256"] != json.loads((run / "config.json").read_text())["feature_set"]["weights_sha256"]
     crops = np.stack([pillow_crop(f, 256, 224) for f in sorted((data / "valid").rglob("*.jpg"))[:3]])
-    np.testing.assert_allclose(onnx_probabilities(tmp_path / "ft.onnx", crops), project_probabilities(tmp_path / "ft", crops),
-                               atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        onnx_probabilities(tmp_path / "ft.onnx", crops),
+        project_probabilities(tmp_path / "ft", crops),
+        atol=1e-4,
+        rtol=0,
+    )
 
 
 def test_export_errors_are_one_line(trained, tmp_path):
     _, _, run = trained
     one_line_error(run_cli("export", tmp_path, check=False), str(tmp_path), "not a head run")
-    one_line_error(run_cli("export", run, "--out", tmp_path / "missing" / "m.onnx", check=False),
-                   "--out", "does not exist")
+    one_line_error(
+        run_cli("export", run, "--out", tmp_path / "missing" / "m.onnx", check=False), "--out", "does not exist"
+    )
     one_line_error(run_cli("export", run, "--out", tmp_path, check=False), "--out", "is a folder")
     one_line_error(run_cli("export", run, "--format", "tflite", check=False), "--format", "onnx, torchscript")
     # Without the extra: the same CLI in a process where the exporter's packages cannot be imported.
-    blocked = ("import sys; sys.modules.update(onnx=None, onnxscript=None); sys.argv = ['pipeline', 'export', "
-               f"{str(run)!r}, '--out', {str(tmp_path / 'm.onnx')!r}]; from pipeline.cli import main; main()")
+    blocked = (
+        "import sys; sys.modules.update(onnx=None, onnxscript=None); sys.argv = ['pipeline', 'export', "
+        f"{str(run)!r}, '--out', {str(tmp_path / 'm.onnx')!r}]; from pipeline.cli import main; main()"
+    )
     proc = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, cwd=REPO)
     one_line_error(proc, "onnx, onnxscript", "pip install -e '.[export]'")
     assert not (tmp_path / "m.onnx").exists()
@@ -113,9 +134,14 @@ def test_readme_snippet_on_real_photos_agrees_with_predict(dogscats_store, tmp_p
     session = ort.InferenceSession(str(tmp_path / "model.onnx"))
     classes = json.loads(session.get_modelmeta().custom_metadata_map["classes"])
     paths = sorted(expected)
-    got = np.concatenate([session.run(["probabilities"], {"images": np.stack([pillow_crop(p, 256, 224)
-                                                                              for p in paths[i:i + 64]])})[0]
-                          for i in range(0, len(paths), 64)])
+    got = np.concatenate(
+        [
+            session.run(["probabilities"], {"images": np.stack([pillow_crop(p, 256, 224) for p in paths[i : i + 64]])})[
+                0
+            ]
+            for i in range(0, len(paths), 64)
+        ]
+    )
     want = np.array([[expected[p]["probabilities"][c] for c in classes] for p in paths])
     assert len(paths) == len(predicted) == 999
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.99
@@ -123,7 +149,8 @@ def test_readme_snippet_on_real_photos_agrees_with_predict(dogscats_store, tmp_p
     # The snippet itself, verbatim from the README, on one photo.
     snippet = re.search(r"<!-- export-snippet -->\n```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)[1]
     (tmp_path / "snippet.py").write_text(snippet)
-    proc = subprocess.run([sys.executable, "snippet.py", paths[0]], capture_output=True, text=True, cwd=tmp_path,
-                          check=True)
+    proc = subprocess.run(
+        [sys.executable, "snippet.py", paths[0]], capture_output=True, text=True, cwd=tmp_path, check=True
+    )
     label, probability = proc.stdout.split()
     assert label == classes[int(got[0].argmax())] and abs(float(probability) - got[0].max()) < 1e-5

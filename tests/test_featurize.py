@@ -1,4 +1,5 @@
 """`pipeline featurize` as a user runs it: the store's content, the cache rules, bad files, sets and the lock."""
+
 import json
 import os
 import shutil
@@ -6,8 +7,8 @@ import shutil
 import h5py
 import numpy as np
 import pytest
-
 from conftest import make_images, one_line_error, png_bomb, run_cli, run_json
+
 from store.writer import StoreLock
 
 FAST = ("--batch-size", "8", "--precision", "fp32")
@@ -110,7 +111,8 @@ def test_bad_files_are_skipped_recorded_and_not_retried(small_set, tmp_path):
     f, group = only_set(store)
     with f:
         assert sorted(p.decode() for p in group["train"]["skipped"]["paths"][()]) == sorted(
-            r for r in reasons if r.startswith("train"))
+            r for r in reasons if r.startswith("train")
+        )
     assert featurize(small_set, store)["up_to_date"]
     text = run_cli("featurize", small_set, "--store", store, *FAST).stderr
     assert "skipped train/a/zero.jpg: empty file" in text
@@ -125,13 +127,16 @@ def test_second_writer_gets_a_clear_error(small_set, tmp_path):
     assert not store.exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--views", "-1"), "--views -1 is out of range"),
-    (("--dtype", "int8"), "--dtype 'int8'"),
-    (("--precision", "fp8"), "--precision 'fp8'"),
-    (("--device", "tpu"), "--device 'tpu'"),
-    (("--backbone", "resnet"), "unknown backbone 'resnet'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--views", "-1"), "--views -1 is out of range"),
+        (("--dtype", "int8"), "--dtype 'int8'"),
+        (("--precision", "fp8"), "--precision 'fp8'"),
+        (("--device", "tpu"), "--device 'tpu'"),
+        (("--backbone", "resnet"), "unknown backbone 'resnet'"),
+    ],
+)
 def test_bad_options_give_one_line_errors(small_set, tmp_path, args, message):
     one_line_error(run_cli("featurize", small_set, "--store", tmp_path / "s.h5", *args, check=False), message)
 
@@ -191,11 +196,19 @@ def imported_modules(*args) -> set[str]:
 
     from conftest import REPO
 
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "pipeline", *map(str, args)], capture_output=True,
-                          text=True, cwd=REPO, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "pipeline", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in proc.stderr.splitlines()
-            if line.startswith("import time:")}
+    return {
+        line.rsplit("|", 1)[-1].strip().split(".")[0]
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:")
+    }
 
 
 def test_an_up_to_date_store_answers_without_building_the_backbone(small_set, tmp_path):

@@ -1,9 +1,10 @@
 """Data folder layouts, the --valid-pct split, and header vetting of bad files."""
-import pytest
 
+import pytest
 from conftest import make_images, png_bomb
+
 from stages.errors import PipelineError
-from stages.files import BadImage, UNLABELLED, read_image_file, scan_dataset
+from stages.files import UNLABELLED, BadImage, read_image_file, scan_dataset
 
 
 def test_split_layout_with_unlabelled_test(tmp_path):
@@ -37,10 +38,13 @@ def test_single_folder_without_valid_pct_goes_to_train(tmp_path):
     assert list(ds.splits) == ["train"] and len(ds.splits["train"]) == 4 and ds.notes
 
 
-@pytest.mark.parametrize("layout, message", [
-    ({"train": {"a": 2}, "valid": {"a": 1}}, "only one class"),
-    ({"train": {"a": 2, "b": 2}, "valid": {"a": 1, "c": 1}}, "other class folders"),
-])
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ({"train": {"a": 2}, "valid": {"a": 1}}, "only one class"),
+        ({"train": {"a": 2, "b": 2}, "valid": {"a": 1, "c": 1}}, "other class folders"),
+    ],
+)
 def test_bad_layouts(tmp_path, layout, message):
     with pytest.raises(PipelineError, match=message):
         scan_dataset(make_images(tmp_path, layout))
@@ -61,12 +65,15 @@ def test_valid_pct_with_existing_valid_is_refused(tmp_path):
         scan_dataset(root, valid_pct=0.2)
 
 
-@pytest.mark.parametrize("content, reason", [
-    (b"", "empty file"),
-    (b"hello, I am text", "not an image"),
-    (png_bomb(100_000, 100_000), "decompression bomb"),
-    (png_bomb(12_000, 10_000), "exceeds the 100000000-pixel limit"),
-])
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"", "empty file"),
+        (b"hello, I am text", "not an image"),
+        (png_bomb(100_000, 100_000), "decompression bomb"),
+        (png_bomb(12_000, 10_000), "exceeds the 100000000-pixel limit"),
+    ],
+)
 def test_header_vetting(tmp_path, content, reason):
     path = tmp_path / "x.png"
     path.write_bytes(content)
@@ -86,9 +93,11 @@ def test_symlinks_are_followed_once_and_never_into_another_class(tmp_path):
     (data / "train" / "b" / "outside-again").symlink_to(tmp_path / "elsewhere" / "extra")
     ds = scan_dataset(data)
     train = {f.path: f.label for f in ds.splits["train"]}
-    assert sorted(train) == sorted([f"train/a/a_{i:03d}.jpg" for i in range(3)] +
-                                   [f"train/b/b_{i:03d}.jpg" for i in range(3)] +
-                                   [f"train/b/outside/extra_{i:03d}.jpg" for i in range(2)])
+    assert sorted(train) == sorted(
+        [f"train/a/a_{i:03d}.jpg" for i in range(3)]
+        + [f"train/b/b_{i:03d}.jpg" for i in range(3)]
+        + [f"train/b/outside/extra_{i:03d}.jpg" for i in range(2)]
+    )
     assert all(label == (0 if path.startswith("train/a/") else 1) for path, label in train.items())
     assert len(ds.splits["valid"]) == 4 and not set(train) & {f.path for f in ds.splits["valid"]}
     notes = " ".join(ds.notes)

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import timm
 import torch
-
 from conftest import make_images, run_json
+
 from stages.decode import ImageDecoder
-from stages.finetune import (FinetuneConfig, Finetuner, group_learning_rates, read_checkpoint)
 from stages.errors import PipelineError
+from stages.finetune import FinetuneConfig, Finetuner, group_learning_rates, read_checkpoint
 from stages.head import load_head
 from stages.model import backbone_for
 
@@ -24,8 +24,19 @@ def tiny(tmp_path_factory):
     weights = root / "tiny.pth"
     torch.save(timm.create_model(ARCH, pretrained=False).state_dict(), weights)
     run_json("featurize", data, "--store", root / "s.h5", "--weights", weights, "--arch", ARCH, "--precision", "fp32")
-    run_json("train-head", "--store", root / "s.h5", "--head", "mlp", "--epochs", "3", "--batch-size", "4",
-             "--out", root / "head")
+    run_json(
+        "train-head",
+        "--store",
+        root / "s.h5",
+        "--head",
+        "mlp",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "4",
+        "--out",
+        root / "head",
+    )
     return data, root / "head"
 
 
@@ -51,8 +62,12 @@ def test_full_model_equals_head_on_cached_features(tiny, tmp_path):
     files, _ = split(data, "valid")
     decoder = ImageDecoder(t.preprocessing, batch_size=4)
     with torch.no_grad():
-        full = torch.cat([torch.softmax(t.model(b.images[:, 0]), 1) for b in
-                          decoder.decode((f, (lambda f=f: np.fromfile(f, np.uint8))) for f in files)])
+        full = torch.cat(
+            [
+                torch.softmax(t.model(b.images[:, 0]), 1)
+                for b in decoder.decode((f, (lambda f=f: np.fromfile(f, np.uint8))) for f in files)
+            ]
+        )
         head, config = load_head(head_dir)
         with FeatureStore(config["feature_set"]["store"]) as fs:
             cached = torch.softmax(head(torch.from_numpy(fs.feature_set().features("valid")[()]).float()), 1)
@@ -62,7 +77,7 @@ def test_full_model_equals_head_on_cached_features(tiny, tmp_path):
 def test_learning_rate_of_each_group(tiny, tmp_path):
     assert group_learning_rates(1e-3, 100) == pytest.approx([1e-5, 1e-4, 1e-3])
     t = tuner(tiny, tmp_path, lr=2e-3, lr_mult=10)
-    assert [g["lr"] for g in t.optimizer.param_groups] == pytest.approx([2e-4, 2e-3 / 10 ** 0.5, 2e-3])
+    assert [g["lr"] for g in t.optimizer.param_groups] == pytest.approx([2e-4, 2e-3 / 10**0.5, 2e-3])
     sizes = [len(g["params"]) for g in t.optimizer.param_groups]
     assert sizes[0] > 0 and sizes[1] > 0 and sizes[2] == len(list(t.model.head.parameters()))
 
@@ -130,15 +145,33 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(tiny, tmp_path, where):
 
 def test_cli_finetune_then_predict_and_featurize_again(tiny, tmp_path):
     data, head_dir = tiny
-    result = run_json("finetune", data, "--head", head_dir, "--epochs", "1", "--batch-size", "4", "--out", tmp_path / "ft")
+    result = run_json(
+        "finetune", data, "--head", head_dir, "--epochs", "1", "--batch-size", "4", "--out", tmp_path / "ft"
+    )
     assert result["before"]["accuracy"] is not None and len(result["history"]) == 1
-    for name in ("backbone.safetensors", "head.safetensors", "config.json", "metrics.json", "curves.png",
-                 "checkpoint.pt"):
+    for name in (
+        "backbone.safetensors",
+        "head.safetensors",
+        "config.json",
+        "metrics.json",
+        "curves.png",
+        "checkpoint.pt",
+    ):
         assert (tmp_path / "ft" / name).exists(), name
     predictions = run_json("predict", tmp_path / "ft", data / "valid")["predictions"]
     assert len(predictions) == 6
-    again = run_json("featurize", data, "--store", tmp_path / "new.h5", "--weights", tmp_path / "ft/backbone.safetensors",
-                     "--arch", ARCH, "--precision", "fp32")
+    again = run_json(
+        "featurize",
+        data,
+        "--store",
+        tmp_path / "new.h5",
+        "--weights",
+        tmp_path / "ft/backbone.safetensors",
+        "--arch",
+        ARCH,
+        "--precision",
+        "fp32",
+    )
     _, config = load_head(head_dir)
     info = run_json("store", "info", tmp_path / "new.h5")
     assert info["sets"][0]["weights_sha256"] != config["feature_set"]["weights_sha256"] and again["featurized"] == 18
@@ -156,8 +189,12 @@ def test_cli_finetune_killed_then_resumed_equals_uninterrupted(tiny, tmp_path):
     data, head_dir = tiny
     args = ["finetune", str(data), "--head", str(head_dir), "--epochs", "2", "--batch-size", "4"]
     whole = run_json(*args, "--out", tmp_path / "whole")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--out", str(tmp_path / "killed")], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args, "--out", str(tmp_path / "killed")],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while not (tmp_path / "killed" / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -178,20 +215,49 @@ def test_two_process_finetune_follows_one_process_with_the_same_global_batch(tin
     data, head_dir = tiny
     _, config = load_head(head_dir)
     # A linear head: no dropout or batch norm, whose draws would differ between one and two processes.
-    run_json("train-head", "--store", config["feature_set"]["store"], "--head", "linear", "--epochs", "3",
-             "--batch-size", "4", "--out", tmp_path / "linear")
+    run_json(
+        "train-head",
+        "--store",
+        config["feature_set"]["store"],
+        "--head",
+        "linear",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "4",
+        "--out",
+        tmp_path / "linear",
+    )
     args = ["finetune", str(data), "--head", str(tmp_path / "linear"), "--epochs", "2", "--batch-size", "4", "--json"]
     one = run_json(*args[:-1], "--out", tmp_path / "one")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "pipeline", *args, "--out", str(tmp_path / "two")], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "pipeline",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads(proc.stdout)
     assert two["processes"] == 2
-    assert [r["train_loss"] for r in two["history"]] == pytest.approx([r["train_loss"] for r in one["history"]],
-                                                                        rel=1e-3)
-    assert [r["valid_loss"] for r in two["history"]] == pytest.approx([r["valid_loss"] for r in one["history"]],
-                                                                        rel=1e-3)
+    assert [r["train_loss"] for r in two["history"]] == pytest.approx(
+        [r["train_loss"] for r in one["history"]], rel=1e-3
+    )
+    assert [r["valid_loss"] for r in two["history"]] == pytest.approx(
+        [r["valid_loss"] for r in one["history"]], rel=1e-3
+    )
     assert read_checkpoint(tmp_path / "two")["world_size"] == 2
 
 

@@ -1,18 +1,18 @@
 """Heads on cached features: learning, schedules, determinism, streaming, grids, lr-find, compatibility, errors."""
+
 import json
 
 import numpy as np
 import pytest
 import torch
+from conftest import make_images, one_line_error, run_cli, run_json
 from PIL import Image
 
 from bench.synthetic import separable_features, write_feature_store
-from conftest import make_images, one_line_error, run_cli, run_json
 from pipeline.train_head import check_compatible, load_cached_features
-from stages.head import load_head
-from stages.errors import PipelineError
 from stages.calibration import expected_calibration_error, fit_temperature, image_folds, reliability_bins
-from stages.head import Head, TrainConfig, schedule_values, train_head
+from stages.errors import PipelineError
+from stages.head import Head, TrainConfig, load_head, schedule_values, train_head
 from stages.linear_probe import L2_GRID, train_logreg
 from store.reader import FeatureStore
 
@@ -32,7 +32,9 @@ def cached(store, max_memory="4G"):
 @pytest.mark.parametrize("head", ["linear", "mlp"])
 def test_each_head_learns_a_separable_problem(blob_store, head):
     data = cached(blob_store)
-    model, history, steps = train_head(data.train_rows(0), data.valid, TrainConfig(head=head, epochs=4, lr=1e-2, batch_size=32), 3)
+    model, history, steps = train_head(
+        data.train_rows(0), data.valid, TrainConfig(head=head, epochs=4, lr=1e-2, batch_size=32), 3
+    )
     assert history[-1]["accuracy"] > 0.95
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert len(steps) == 4 * int(np.ceil(300 / 32))
@@ -44,8 +46,8 @@ def test_schedule_shapes():
     peak = int(np.argmax(one))
     assert 20 <= peak <= 30 and abs(max(one) - 0.1) < 1e-3
     assert one[0] < 0.1 / 10 and one[-1] < 1e-4
-    assert all(a <= b + 1e-12 for a, b in zip(one[:peak], one[1:peak + 1]))
-    assert all(a >= b - 1e-12 for a, b in zip(one[peak:], one[peak + 1:]))
+    assert all(a <= b + 1e-12 for a, b in zip(one[:peak], one[1 : peak + 1]))
+    assert all(a >= b - 1e-12 for a, b in zip(one[peak:], one[peak + 1 :]))
     cosine = schedule_values("cosine", 0.1, 100)
     assert cosine[0] == 0.1 and cosine[-1] < 1e-3 and all(a >= b for a, b in zip(cosine, cosine[1:]))
     assert set(schedule_values("constant", 0.1, 10)) == {0.1}
@@ -86,8 +88,9 @@ def test_cli_lr_find_and_auto(blob_store, tmp_path):
     assert losses[result["suggestion"]] < losses[result["lrs"][0]] / 2  # the lowest rates barely learn
     with Image.open(result["plot"]) as png:
         assert png.format == "PNG" and png.size[0] >= 400
-    board = run_json("train-head", "--store", blob_store, "--head", "linear", "--lr", "auto",
-                     "--out", tmp_path / "auto")
+    board = run_json(
+        "train-head", "--store", blob_store, "--head", "linear", "--lr", "auto", "--out", tmp_path / "auto"
+    )
     assert board[0]["lr"] == pytest.approx(result["suggestion"]) and board[0]["accuracy"] > 0.9
     one_line_error(run_cli("lr-find", "--store", blob_store, "--head", "logreg", check=False), "takes no learning rate")
 
@@ -104,8 +107,13 @@ def test_lr_find_suggestion_is_near_the_best_rate_of_a_grid(blob_store):
     grid = np.geomspace(1e-4, 1, 9)
     held = rows.select(rows.rows[folds == 1])
     from stages.head import evaluate_head
-    loss = [evaluate_head(train_head(rows.select(rows.rows[folds != 1]), None, TrainConfig(head="linear", lr=lr), 3)[0],
-                          held)["loss"] for lr in grid]
+
+    loss = [
+        evaluate_head(
+            train_head(rows.select(rows.rows[folds != 1]), None, TrainConfig(head="linear", lr=lr), 3)[0], held
+        )["loss"]
+        for lr in grid
+    ]
     best = grid[int(np.argmin(loss))]
     assert best / 3 <= found["suggestion"] <= best * 3, (found["suggestion"], best)
 
@@ -118,8 +126,10 @@ def test_logreg_converges_to_the_regularized_optimum(blob_store):
     selected = torch.from_numpy(rows.rows)
     x = head.standardize(rows.memory[selected].float()).detach()
     w = torch.cat([head.classifier.weight, head.classifier.bias[:, None]], 1).detach().requires_grad_(True)
-    loss = (torch.nn.functional.cross_entropy(x @ w[:, :-1].T + w[:, -1], rows.labels[selected])
-            + 0.025 * w[:, :-1].square().sum())
+    loss = (
+        torch.nn.functional.cross_entropy(x @ w[:, :-1].T + w[:, -1], rows.labels[selected])
+        + 0.025 * w[:, :-1].square().sum()
+    )
     loss.backward()
     assert w.grad.abs().max() < 1e-4  # the gradient of the objective vanishes: fitted to convergence
     assert head.temperature == 1.0 and fit["l2"] == 0.05
@@ -134,7 +144,7 @@ def test_logreg_chooses_l2_by_cross_validation_on_train_alone(blob_store):
     assert fit["l2"] in L2_GRID and path == fit["path"]
     best = min(path, key=lambda r: r["cv_loss"])
     assert fit["l2"] == best["l2"] and fit["cv_loss"] == best["cv_loss"]
-    assert [r["l2"] for r in path] == list(L2_GRID[:len(path)])  # strong to weak, stopped once it got worse
+    assert [r["l2"] for r in path] == list(L2_GRID[: len(path)])  # strong to weak, stopped once it got worse
     assert path[-1]["cv_loss"] > best["cv_loss"] or len(path) == len(L2_GRID)
     assert 0.05 < fit["temperature"] < 20 and float(head.temperature) == pytest.approx(fit["temperature"])
 
@@ -185,8 +195,21 @@ def test_head_probabilities_use_the_temperature():
 
 
 def test_cli_grid_runs_every_combination_ranked_and_listed(blob_store, tmp_path):
-    board = run_json("train-head", "--store", blob_store, "--head", "linear,mlp", "--lr", "1e-2,1e-6",
-                     "--views", "0,2", "--epochs", "2", "--out", tmp_path / "grid")
+    board = run_json(
+        "train-head",
+        "--store",
+        blob_store,
+        "--head",
+        "linear,mlp",
+        "--lr",
+        "1e-2,1e-6",
+        "--views",
+        "0,2",
+        "--epochs",
+        "2",
+        "--out",
+        tmp_path / "grid",
+    )
     combos = {(r["head"], r["lr"], r["views"]) for r in board}
     assert len(board) == 8 and len(combos) == 8
     keys = [(-r["accuracy"], r["valid_loss"]) for r in board]
@@ -216,16 +239,22 @@ def test_cli_default_is_calibrated_logreg(blob_store, tmp_path):
     assert config["train"]["l2"] == run["l2"] and config["head"]["head"] == "logreg"
     head, _ = load_head(tmp_path / "default")
     assert float(head.temperature) == pytest.approx(run["temperature"]) == 1.0  # no out-of-fold mistake: left at 1
-    noisy = write_feature_store(tmp_path / "noisy.h5", separable_features(300, classes=3, noise=6.0),
-                                separable_features(90, classes=3, noise=6.0), classes=("x", "y", "z"))
+    noisy = write_feature_store(
+        tmp_path / "noisy.h5",
+        separable_features(300, classes=3, noise=6.0),
+        separable_features(90, classes=3, noise=6.0),
+        classes=("x", "y", "z"),
+    )
     [fitted] = run_json("train-head", "--store", noisy, "--out", tmp_path / "noisy")
     assert 0.4 < fitted["accuracy"] < 0.99 and fitted["temperature"] != 1.0
     assert float(load_head(tmp_path / "noisy")[0].temperature) == pytest.approx(fitted["temperature"])
-    [plain] = run_json("train-head", "--store", blob_store, "--no-calibrate", "--l2", str(run["l2"]),
-                       "--out", tmp_path / "plain")
+    [plain] = run_json(
+        "train-head", "--store", blob_store, "--no-calibrate", "--l2", str(run["l2"]), "--out", tmp_path / "plain"
+    )
     assert plain["temperature"] == 1.0 and plain["accuracy"] == run["accuracy"]
-    grid = run_json("train-head", "--store", blob_store, "--head", "logreg,linear", "--lr", "1e-2,3e-2",
-                    "--out", tmp_path / "grid")
+    grid = run_json(
+        "train-head", "--store", blob_store, "--head", "logreg,linear", "--lr", "1e-2,3e-2", "--out", tmp_path / "grid"
+    )
     assert sorted(r["head"] for r in grid) == ["linear", "linear", "logreg"]  # logreg takes no lr: run once
 
 
@@ -240,16 +269,19 @@ def test_config_refuses_features_of_another_backbone(blob_store, tmp_path):
         check_compatible(config, fs.feature_set(), tmp_path / "a")
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--lr", "-1"), "--lr -1.0 is out of range"),
-    (("--head", "transformer"), "--head 'transformer' is not one of logreg, linear, mlp"),
-    (("--views", "5"), "--views 5 is more than the store holds (2"),
-    (("--lr", "fast"), "--lr 'fast' is not a comma-separated list"),
-    (("--schedule", "step"), "--schedule 'step'"),
-    (("--max-memory", "lots"), "--max-memory 'lots' is not a size"),
-    (("--l2", "-1"), "--l2 -1.0 is out of range"),
-    (("--folds", "1"), "--folds 1 is out of range"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--lr", "-1"), "--lr -1.0 is out of range"),
+        (("--head", "transformer"), "--head 'transformer' is not one of logreg, linear, mlp"),
+        (("--views", "5"), "--views 5 is more than the store holds (2"),
+        (("--lr", "fast"), "--lr 'fast' is not a comma-separated list"),
+        (("--schedule", "step"), "--schedule 'step'"),
+        (("--max-memory", "lots"), "--max-memory 'lots' is not a size"),
+        (("--l2", "-1"), "--l2 -1.0 is out of range"),
+        (("--folds", "1"), "--folds 1 is out of range"),
+    ],
+)
 def test_bad_options_are_one_line_errors(blob_store, tmp_path, args, message):
     one_line_error(run_cli("train-head", "--store", blob_store, "--out", tmp_path / "x", *args, check=False), message)
 
@@ -267,8 +299,19 @@ def test_a_feature_constant_on_train_cannot_explode_on_valid(tmp_path):
     valid[0][:, :5] = 3.0  # fires on every valid image
     store = write_feature_store(tmp_path / "dead.h5", train, valid, classes=("x", "y", "z"))
     for head in ("logreg", "linear"):
-        [run] = run_json("train-head", "--store", store, "--head", head, "--epochs", "30", "--batch-size", "32",
-                         "--out", tmp_path / head)
+        [run] = run_json(
+            "train-head",
+            "--store",
+            store,
+            "--head",
+            head,
+            "--epochs",
+            "30",
+            "--batch-size",
+            "32",
+            "--out",
+            tmp_path / head,
+        )
         assert run["accuracy"] > 0.95 and run["valid_loss"] < 0.5, run
     model, _ = load_head(tmp_path / "logreg")
     assert torch.isinf(model.standardize.std[:5]).all() and torch.isfinite(model.standardize.std[5:]).all()
@@ -278,8 +321,11 @@ def test_train_head_refuses_to_overwrite_a_run_unless_asked(trained, tmp_path):
     _, store, _ = trained
     first = run_json("train-head", "--store", store, "--out", tmp_path / "run")
     before = (tmp_path / "run" / "head.safetensors").read_bytes()
-    one_line_error(run_cli("train-head", "--store", store, "--head", "linear", "--out", tmp_path / "run", check=False),
-                   str(tmp_path / "run"), "--overwrite")
+    one_line_error(
+        run_cli("train-head", "--store", store, "--head", "linear", "--out", tmp_path / "run", check=False),
+        str(tmp_path / "run"),
+        "--overwrite",
+    )
     assert (tmp_path / "run" / "head.safetensors").read_bytes() == before
     again = run_json("train-head", "--store", store, "--head", "linear", "--out", tmp_path / "run", "--overwrite")
     assert again[0]["head"] == "linear" and first[0]["head"] == "logreg"

@@ -1,13 +1,14 @@
 """inspect, the model directory round trip, predict, evaluate and TTA, as users run them."""
+
 import csv
 import json
 import shutil
 
 import numpy as np
 import pytest
+from conftest import make_images, one_line_error, run_cli, run_json
 from PIL import Image
 
-from conftest import make_images, one_line_error, run_cli, run_json
 from stages.metrics import classification_metrics, top_losses
 
 
@@ -83,8 +84,9 @@ def test_predict_mixed_inputs_and_a_broken_file(trained, tmp_path):
     data, _, run = trained
     (tmp_path / "broken.jpg").write_bytes(b"not really a jpeg")
     single = data / "valid/a/a_000.jpg"
-    result = run_json("predict", run, single, data / "valid/b", tmp_path / "broken.jpg", "--top-k", "2",
-                      "--out", tmp_path / "p.csv")
+    result = run_json(
+        "predict", run, single, data / "valid/b", tmp_path / "broken.jpg", "--top-k", "2", "--out", tmp_path / "p.csv"
+    )
     assert len(result["predictions"]) == 5 and result["errors"][0]["path"].endswith("broken.jpg")
     with open(tmp_path / "p.csv") as f:
         rows = list(csv.DictReader(f))
@@ -171,8 +173,9 @@ def test_edited_or_damaged_config_is_named_not_mistaken(trained, tmp_path):
 
     swapped = {**config, "classes": config["classes"][::-1]}
     predict_with(swapped, "edited after training")
-    predict_with({**config, "feature_set": {**config["feature_set"], "backbone": "efficientnet_lite1"}},
-                 "edited after training")
+    predict_with(
+        {**config, "feature_set": {**config["feature_set"], "backbone": "efficientnet_lite1"}}, "edited after training"
+    )
     unsealed = {k: v for k, v in config.items() if k != "checksum"}
     predict_with({**unsealed, "classes": ["a", "b", "c", "d"]}, "names 4 classes but the head has 3 outputs")
     predict_with({**unsealed, "classes": ["a", "a", "b"]}, "distinct names")

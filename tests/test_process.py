@@ -1,12 +1,13 @@
 """Process-wide settings: made by the entry point (configure_process), never by importing or calling the library."""
+
 import os
 import subprocess
 import sys
 
 import torch
+from conftest import REPO, make_images
 
 from bench.synthetic import separable_features, write_feature_store
-from conftest import REPO, make_images
 from pipeline.featurize import FeaturizeOptions, featurize
 from pipeline.train_head import find_lr, load_cached_features, train_grid
 from stages.head import TrainConfig
@@ -14,10 +15,12 @@ from store.reader import FeatureStore
 
 
 def test_importing_the_package_changes_nothing_and_configure_process_does_what_it_says():
-    code = ("import os, sys; import pipeline; assert 'OMP_WAIT_POLICY' not in os.environ; "
-            "assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules; "
-            "pipeline.configure_process(); assert os.environ['OMP_WAIT_POLICY'] == 'PASSIVE'; "
-            "import pipeline.plots; import matplotlib; assert matplotlib.get_backend() is not None; print('ok')")
+    code = (
+        "import os, sys; import pipeline; assert 'OMP_WAIT_POLICY' not in os.environ; "
+        "assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules; "
+        "pipeline.configure_process(); assert os.environ['OMP_WAIT_POLICY'] == 'PASSIVE'; "
+        "import pipeline.plots; import matplotlib; assert matplotlib.get_backend() is not None; print('ok')"
+    )
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
@@ -26,12 +29,21 @@ def test_importing_the_package_changes_nothing_and_configure_process_does_what_i
 def test_library_calls_take_threads_and_hand_the_process_back(tmp_path):
     torch.set_num_threads(1)
     seen = []
-    store = write_feature_store(tmp_path / "s.h5", separable_features(60, classes=3, seed=0),
-                                separable_features(30, classes=3, seed=0), classes=("x", "y", "z"))
+    store = write_feature_store(
+        tmp_path / "s.h5",
+        separable_features(60, classes=3, seed=0),
+        separable_features(30, classes=3, seed=0),
+        classes=("x", "y", "z"),
+    )
     with FeatureStore(store) as fs:
         cached = load_cached_features(fs)
-        train_grid(cached, [TrainConfig(head="linear", epochs=1)], tmp_path / "run", threads=2,
-                   on_epoch=lambda row: seen.append(torch.get_num_threads()))
+        train_grid(
+            cached,
+            [TrainConfig(head="linear", epochs=1)],
+            tmp_path / "run",
+            threads=2,
+            on_epoch=lambda row: seen.append(torch.get_num_threads()),
+        )
         assert seen == [2] and torch.get_num_threads() == 1
         find_lr(cached, TrainConfig(head="linear"), threads=2)
         assert torch.get_num_threads() == 1

@@ -1,9 +1,10 @@
 """On the real dogs-vs-cats photos (skipped when ../shared/data is absent): the features are right and useful."""
+
 import h5py
 import pytest
 import torch
-
 from conftest import run_json, shared_dataset
+
 from stages.backbones import create_backbone
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared_data]
@@ -48,12 +49,31 @@ def test_default_head_matches_a_converged_probe_and_is_calibrated(dogscats_store
     """The default head (nothing chosen on valid) is as good as the best AdamW linear run, with honest probabilities."""
     store = dogscats_store[0]
     [head] = run_json("train-head", "--store", store, "--out", tmp_path / "head")
-    grid = run_json("train-head", "--store", store, "--head", "linear", "--lr", "3e-3,1e-2,3e-2", "--epochs", "3,10",
-                    "--no-calibrate", "--out", tmp_path / "grid")
+    grid = run_json(
+        "train-head",
+        "--store",
+        store,
+        "--head",
+        "linear",
+        "--lr",
+        "3e-3,1e-2,3e-2",
+        "--epochs",
+        "3,10",
+        "--no-calibrate",
+        "--out",
+        tmp_path / "grid",
+    )
     assert head["head"] == "logreg" and head["accuracy"] >= 0.99
     assert head["accuracy"] >= grid[0]["accuracy"] - 0.002, (head, grid[0])
-    metrics = run_json("evaluate", tmp_path / "head", shared_dataset("dogscats") / "valid", "--store", store,
-                       "--out", tmp_path / "eval")
+    metrics = run_json(
+        "evaluate",
+        tmp_path / "head",
+        shared_dataset("dogscats") / "valid",
+        "--store",
+        store,
+        "--out",
+        tmp_path / "eval",
+    )
     assert metrics["ece"] <= 0.02 and metrics["max_wrong_probability"] <= 0.999, metrics["ece"]
 
 

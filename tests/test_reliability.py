@@ -1,4 +1,5 @@
 """Every bad input gets a clear one-line answer; a full disk, a reader beside a writer, hostile files lose nothing."""
+
 import os
 import resource
 import signal
@@ -8,7 +9,6 @@ import threading
 
 import h5py
 import pytest
-
 from conftest import REPO, make_images, one_line_error, png_bomb, run_cli, run_json
 
 
@@ -78,6 +78,7 @@ def limited_file_size(limit):
     def apply():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return apply
 
 
@@ -86,8 +87,13 @@ def test_full_disk_gives_a_clear_error_and_keeps_committed_work(small_set, tmp_p
     first = run_json("featurize", small_set, "--store", store)
     before = store.read_bytes()
     make_images(small_set / "train", {"": {"a": 6}}, seed=4)  # adds train/a/a_000.. with new content
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "featurize", str(small_set), "--store", str(store)],
-                          cwd=REPO, capture_output=True, text=True, preexec_fn=limited_file_size(len(before) + 70_000))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "featurize", str(small_set), "--store", str(store)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        preexec_fn=limited_file_size(len(before) + 70_000),
+    )
     one_line_error(proc, "no space left writing", "committed is kept")
     assert store.read_bytes() == before
     again = run_json("featurize", small_set, "--store", store)
@@ -101,8 +107,23 @@ def test_a_reader_sees_only_committed_snapshots(small_set, tmp_path):
     make_images(small_set, {"train": {"a": 12, "b": 12, "c": 12}}, seed=8)  # more images in the same folders
     for path in small_set.rglob("*.jpg"):
         os.utime(path)  # touched: hashes are checked, new files featurized
-    writer = subprocess.Popen([sys.executable, "-m", "pipeline", "featurize", str(small_set), "--store", str(store),
-                               "--batch-size", "4", "--commit-every", "4"], cwd=REPO, stderr=subprocess.PIPE)
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "featurize",
+            str(small_set),
+            "--store",
+            str(store),
+            "--batch-size",
+            "4",
+            "--commit-every",
+            "4",
+        ],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+    )
     seen, errors = set(), []
 
     def read_until_done():
@@ -136,8 +157,11 @@ def test_hostile_files_run_no_code(tmp_path):
 
     evil = tmp_path / "evil.pth"
     evil.write_bytes(pickle.dumps({"weight": Payload()}))
-    one_line_error(run_cli("featurize", tmp_path, "--store", tmp_path / "s.h5", "--weights", evil, "--arch", "resnet18",
-                           check=False))
+    one_line_error(
+        run_cli(
+            "featurize", tmp_path, "--store", tmp_path / "s.h5", "--weights", evil, "--arch", "resnet18", check=False
+        )
+    )
     from stages.errors import PipelineError
     from stages.finetune import read_checkpoint
 
@@ -208,12 +232,35 @@ def test_a_diverging_head_is_an_error_and_json_stays_strict(trained, tmp_path):
     import json
 
     _, store, _ = trained
-    proc = run_cli("train-head", "--store", store, "--head", "linear", "--lr", "1e30", "--no-calibrate",
-                   "--out", tmp_path / "run", check=False)
+    proc = run_cli(
+        "train-head",
+        "--store",
+        store,
+        "--head",
+        "linear",
+        "--lr",
+        "1e30",
+        "--no-calibrate",
+        "--out",
+        tmp_path / "run",
+        check=False,
+    )
     one_line_error(proc, "non-finite", "lower --lr")
     assert not (tmp_path / "run").exists()
-    found = run_cli("lr-find", "--store", store, "--head", "linear", "--end-lr", "1e30", "--num-lrs", "8",
-                    "--out", tmp_path / "lr", "--json")
+    found = run_cli(
+        "lr-find",
+        "--store",
+        store,
+        "--head",
+        "linear",
+        "--end-lr",
+        "1e30",
+        "--num-lrs",
+        "8",
+        "--out",
+        tmp_path / "lr",
+        "--json",
+    )
 
     def refuse(constant):
         raise AssertionError(f"{constant} in JSON")
@@ -243,19 +290,30 @@ def _scribble(path, offset: int, size: int = 64) -> None:
 
 
 def test_damaged_store_bytes_never_become_numbers(trained, tmp_path):
-    import numpy as np
     import shutil
+
+    import numpy as np
 
     data, store, _ = trained
     clean = _features(store)
     damaged = shutil.copy(store, tmp_path / "s.h5")
     _scribble(damaged, _chunk_offset(damaged, "train/features") + 8)
-    one_line_error(run_cli("train-head", "--store", damaged, "--out", tmp_path / "h", check=False),
-                   str(damaged), "damaged", "featurize again")
+    one_line_error(
+        run_cli("train-head", "--store", damaged, "--out", tmp_path / "h", check=False),
+        str(damaged),
+        "damaged",
+        "featurize again",
+    )
     for target in ("valid/labels", "train/sha256"):
         _scribble(damaged, _chunk_offset(damaged, target) + 8, 4)  # inside these small chunks
-    one_line_error(run_cli("store", "info", damaged, "--verify", check=False), str(damaged), "damaged",
-                   "train: feature rows", "column sha256", "valid: column labels")
+    one_line_error(
+        run_cli("store", "info", damaged, "--verify", check=False),
+        str(damaged),
+        "damaged",
+        "train: feature rows",
+        "column sha256",
+        "valid: column labels",
+    )
     repaired = run_json("featurize", data, "--store", damaged)
     assert sum("failed verification" in note for note in repaired["notes"]) == 2 and repaired["featurized"] == 36
     run_cli("store", "info", damaged, "--verify")
@@ -277,8 +335,20 @@ def test_damaged_journal_parts_are_set_aside_and_redone(trained, tmp_path):
 
     data, store, _ = trained
     clean = _features(store)
-    run_json("featurize", data, "--store", tmp_path / "s.h5", "--num-shards", "2", "--shard-id", "0",
-             "--commit-every", "2", "--batch-size", "2")
+    run_json(
+        "featurize",
+        data,
+        "--store",
+        tmp_path / "s.h5",
+        "--num-shards",
+        "2",
+        "--shard-id",
+        "0",
+        "--commit-every",
+        "2",
+        "--batch-size",
+        "2",
+    )
     parts = sorted((tmp_path / "s.h5.journal").glob("*.part-*.h5"))
     assert len(parts) >= 4
     os.truncate(parts[0], parts[0].stat().st_size // 2)
@@ -300,17 +370,24 @@ def test_every_option_is_bounded_before_work_starts(trained, tmp_path):
     data, store, head = trained
     s = tmp_path / "s.h5"
     for args, fragments in (
-            (("--views", "256"), ("--views 256", "from 0 to 255")),
-            (("--views", "200"), ("needs about", "GB", "--views")),
-            (("--batch-size", "100000000"), ("--batch-size", "needs about", "GB")),
-            (("--seed", "99999999999999999999"), ("--seed", "from 0 to 9223372036854775807")),
-            (("--seed", "-1"), ("--seed -1",)),
-            (("--num-shards", "2", "--shard-id", "2"), ("--shard-id 2", "from 0 to 1"))):
+        (("--views", "256"), ("--views 256", "from 0 to 255")),
+        (("--views", "200"), ("needs about", "GB", "--views")),
+        (("--batch-size", "100000000"), ("--batch-size", "needs about", "GB")),
+        (("--seed", "99999999999999999999"), ("--seed", "from 0 to 9223372036854775807")),
+        (("--seed", "-1"), ("--seed -1",)),
+        (("--num-shards", "2", "--shard-id", "2"), ("--shard-id 2", "from 0 to 1")),
+    ):
         one_line_error(run_cli("featurize", data, "--store", s, *args, check=False), *fragments)
     assert not s.exists()
-    for args, fragment in ((("--folds", "1"), "--folds 1"), (("--seed", "-5"), "--seed -5"),
-                           (("--head", "linear", "--epochs", "0"), "--epochs 0")):
+    for args, fragment in (
+        (("--folds", "1"), "--folds 1"),
+        (("--seed", "-5"), "--seed -5"),
+        (("--head", "linear", "--epochs", "0"), "--epochs 0"),
+    ):
         one_line_error(run_cli("train-head", "--store", store, *args, "--out", tmp_path / "h", check=False), fragment)
     one_line_error(run_cli("lr-find", "--store", store, "--num-lrs", "1", check=False), "--num-lrs 1", "from 2")
-    one_line_error(run_cli("finetune", data, "--head", head, "--batch-size", "5000", check=False),
-                   "--batch-size 5000", "from 1 to 4096")
+    one_line_error(
+        run_cli("finetune", data, "--head", head, "--batch-size", "5000", check=False),
+        "--batch-size 5000",
+        "from 1 to 4096",
+    )
