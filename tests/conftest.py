@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from PIL import Image
@@ -114,3 +115,30 @@ def png_bomb(width: int, height: int) -> bytes:
     return (
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
     )
+
+
+# Killed and sharded featurize runs compare stores by content.
+def parts(store):
+    journal = store.with_name(store.name + ".journal")
+    return len(list(journal.glob("*.part-*.h5"))) if journal.is_dir() else 0
+
+
+def content(store):
+    with h5py.File(store, "r") as f:
+        (name,) = list(f["sets"])
+        out = {}
+        for split, group in f["sets"][name].items():
+            out[split] = {k: group[k][()] for k in ("paths", "labels", "view", "sha256", "features")}
+        return name, out
+
+
+def assert_same_content(a, b):
+    assert a[0] == b[0]
+    assert a[1].keys() == b[1].keys()
+    for split in a[1]:
+        x, y = a[1][split], b[1][split]
+        for column in ("paths", "labels", "view", "sha256"):
+            assert np.array_equal(x[column], y[column]), (split, column)
+        fx, fy = x["features"].astype(np.float32), y["features"].astype(np.float32)
+        cosine = (fx * fy).sum(1) / np.linalg.norm(fx, axis=1) / np.linalg.norm(fy, axis=1)
+        assert cosine.min() > 0.9999, split

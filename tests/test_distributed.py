@@ -8,8 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, make_images, run_json
-from test_crash import assert_same_content, content, parts
+from conftest import REPO, assert_same_content, content, make_images, parts, run_json
 
 ARGS = ("--batch-size", "4", "--commit-every", "4", "--views", "1", "--precision", "fp32")
 
