@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 
 import h5py
 import numpy as np
@@ -47,6 +48,32 @@ SKIPPED_COLUMNS = {
     "ctime_ns": np.int64,
     "sha256": "S64",
 }
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One image file as the store records it: its fields are the per-row columns (less `view`, which counts a file's
+    rows) and the skipped-file columns (less `reasons`). A new column is an entry above and a field here."""
+
+    paths: str
+    labels: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    sha256: str
+
+    def add_rows(self, columns: dict[str, list], views: int) -> None:
+        """Append this file's rows (one per view) to per-row column lists."""
+        for view in range(views):
+            for name in ROW_COLUMNS:
+                columns[name].append(view if name == "view" else getattr(self, name))
+
+    def add_skipped(self, skipped: dict[str, list], reason: str) -> None:
+        """Append this file to skipped-file column lists."""
+        for name in SKIPPED_COLUMNS:
+            skipped[name].append(reason if name == "reasons" else getattr(self, name))
+
+
 UNKNOWN_CTIME = -1  # rows of stores written before ctime_ns was recorded: the content hash decides
 # Identity fields: two feature sets are interchangeable exactly when all of these agree.
 IDENTITY_FIELDS = (

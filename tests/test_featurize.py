@@ -225,3 +225,28 @@ def test_commands_that_need_no_model_import_no_torch(small_set, tmp_path):
     for args in (("runs", "--dir", tmp_path), ("store", "info", store), ("--help",), ("featurize", "--help")):
         modules = imported_modules(*args)
         assert not {"torch", "timm", "nvidia"} & modules, (args, {"torch", "timm", "nvidia"} & modules)
+
+
+def test_the_row_record_is_the_schemas_column_list():
+    """A store column is a schema entry and a FileRecord field: the record writes exactly the schema's columns."""
+    import dataclasses
+
+    from store.schema import ROW_COLUMNS, SKIPPED_COLUMNS, FileRecord
+
+    record = FileRecord("train/a/x.jpg", 1, 10, 20, 30, "ab" * 32)
+    columns, skipped = {k: [] for k in ROW_COLUMNS}, {k: [] for k in SKIPPED_COLUMNS}
+    record.add_rows(columns, 3)
+    record.add_skipped(skipped, "cannot decode")
+    assert (
+        columns["view"] == [0, 1, 2] and columns["paths"] == ["train/a/x.jpg"] * 3 and columns["ctime_ns"] == [30] * 3
+    )
+    assert skipped == {
+        "paths": ["train/a/x.jpg"],
+        "reasons": ["cannot decode"],
+        "size": [10],
+        "mtime_ns": [20],
+        "ctime_ns": [30],
+        "sha256": ["ab" * 32],
+    }
+    fields = {f.name for f in dataclasses.fields(FileRecord)}
+    assert fields == (set(ROW_COLUMNS) - {"view"}) | (set(SKIPPED_COLUMNS) - {"reasons"})
