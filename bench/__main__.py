@@ -566,7 +566,7 @@ def bench_finetune(quick: bool) -> dict:
         labels = torch.randint(0, 5, (32,))
 
         def step():
-            with tuner._autocast():
+            with tuner.autocast():
                 loss = torch.nn.functional.cross_entropy(tuner.model(images).float(), labels)
             tuner.optimizer.zero_grad()
             loss.backward()

@@ -184,7 +184,8 @@ class Finetuner:
         return ((files[i], (lambda path=files[i]: read_image_file(Path(path))[0])) for i in order)
 
     # Training ----------------------------------------------------------------------------------------
-    def _autocast(self):
+    def autocast(self):
+        """The precision context of the forward pass: bf16 autocast when the run is bf16."""
         return torch.autocast(
             torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"
         )
@@ -209,7 +210,7 @@ class Finetuner:
             if not batch.keys:
                 continue
             y = torch.as_tensor([labels[index[k]] for k in batch.keys], device=self.device)
-            with self._autocast():
+            with self.autocast():
                 logits = self.model(batch.images[:, 0].contiguous(memory_format=torch.channels_last)).float()
             loss += F.cross_entropy(logits, y, reduction="sum").item()
             correct += (logits.argmax(1) == y).sum().item()
@@ -281,7 +282,7 @@ class Finetuner:
         if batch.keys:
             x = batch.images[:, 0].contiguous(memory_format=torch.channels_last)
             y = torch.as_tensor([labels[index[k]] for k in batch.keys], device=self.device)
-            with self._autocast():
+            with self.autocast():
                 loss = F.cross_entropy(self.forward(x).float(), y)
             if not torch.isfinite(loss):  # the weights are about to be lost: keep the last checkpoint instead
                 raise PipelineError(
