@@ -17,7 +17,7 @@ from stages.backbones import file_sha256, resolve_precision
 from stages.decode import batch_memory_bytes, resolve_device
 from stages.errors import PipelineError, check_memory
 from stages.files import scan_dataset
-from stages.finetune import FinetuneConfig, Finetuner, read_checkpoint
+from stages.finetune import FinetuneConfig, Finetuner, Ranks, read_checkpoint
 from stages.head import load_head
 from stages.model import backbone_for
 from stages.rundir import BACKBONE_WEIGHTS, HEAD_WEIGHTS, write_run, write_weights
@@ -70,7 +70,7 @@ def finetune(
         available_memory(),
         f"training on {cfg.batch_size // shard.count} images per step",
     )
-    tuner = Finetuner(backbone, head, cfg, device, out, shard.index, shard.count)
+    tuner = Finetuner(backbone, head, cfg, device, out, Ranks(shard.index, shard.count))
     steps_per_epoch = -(-len(train[0]) // cfg.batch_size)
     if state is not None:
         tuner.restore(state, steps_per_epoch)

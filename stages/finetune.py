@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -110,20 +110,104 @@ def freeze_batchnorm_statistics(model: nn.Module) -> None:
             module.eval()
 
 
+@dataclass(frozen=True)
+class Ranks:
+    """The distributed context of a run: this process's rank among `world` (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+
+    def all_reduce(self, values: list[float]) -> list[float]:
+        """Sums over ranks (the values themselves in one process)."""
+        if self.world == 1:
+            return values
+        import torch.distributed as dist
+
+        tensor = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def share(self, order: list[int], batch_size: int) -> list[int]:
+        """This rank's slice of every global batch of `order` (all of it in one process)."""
+        size = batch_size // self.world
+        start = self.rank * size
+        return [i for s in range(0, len(order), batch_size) for i in order[s + start : s + start + size]]
+
+
+class Diverged(Exception):
+    """A training step's loss was not finite; the weights were not updated with it."""
+
+
+def train_one_epoch(
+    forward: nn.Module,
+    optimizer,
+    scheduler,
+    batches,
+    labels_of: Callable,
+    params: list,
+    clip: float,
+    autocast,
+    ranks: Ranks,
+) -> Iterator[float | None]:
+    """The training steps of one epoch over decoded batches of augmented views; yields each step's loss (averaged
+    over ranks), None for a batch in which nothing decoded. Raises Diverged before applying a non-finite loss."""
+    for batch in batches:
+        loss_value = None
+        if batch.keys:
+            x = batch.images[:, 0].contiguous(memory_format=torch.channels_last)
+            with autocast():
+                loss = F.cross_entropy(forward(x).float(), labels_of(batch.keys))
+            if not torch.isfinite(loss):
+                raise Diverged(loss.item())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # under DDP the gradients arrive averaged over ranks: the global batch's
+            nn.utils.clip_grad_norm_([p for p in params if p.requires_grad], clip)
+            optimizer.step()
+            loss_value = ranks.all_reduce([loss.item()])[0] / ranks.world
+        scheduler.step()
+        yield loss_value
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches, labels_of: Callable, autocast, ranks: Ranks) -> dict:
+    """Loss and accuracy on decoded batches of the plain view, summed over ranks."""
+    model.eval()
+    loss, correct, seen = 0.0, 0, 0
+    for batch in batches:
+        if not batch.keys:
+            continue
+        y = labels_of(batch.keys)
+        with autocast():
+            logits = model(batch.images[:, 0].contiguous(memory_format=torch.channels_last)).float()
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+    loss, correct, seen = ranks.all_reduce([loss, correct, seen])
+    return {"valid_loss": loss / max(1, seen), "accuracy": correct / max(1, seen)}
+
+
+def save_checkpoint(path: Path, state: dict) -> Path:
+    """Write a checkpoint (tensors and plain values) atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp:
+        torch.save(state, tmp)
+    return path
+
+
 class Finetuner:
-    """Trains a FullModel on image files with per-epoch checkpoints; resumes where a stop left off."""
+    """A fine-tuning run: the model and optimizer, the epochs (train_one_epoch, evaluate), the best epoch kept,
+    and a checkpoint at every epoch end and on Ctrl-C, from which a stopped run resumes exactly."""
 
     def __init__(
-        self, backbone: Backbone, head: Head, cfg: FinetuneConfig, device: str, out: Path, rank: int = 0, world: int = 1
+        self, backbone: Backbone, head: Head, cfg: FinetuneConfig, device: str, out: Path, ranks: Ranks = Ranks()
     ):
         cfg.validate()
-        if cfg.batch_size % world:
+        if cfg.batch_size % ranks.world:
             raise PipelineError(
-                f"--batch-size {cfg.batch_size} is the global batch: give a multiple of the {world} ranks"
+                f"--batch-size {cfg.batch_size} is the global batch: give a multiple of the {ranks.world} ranks"
             )
         torch.manual_seed(cfg.seed)  # dropout draws: the same seed gives the same run
-        self.cfg, self.device, self.out = cfg, device, out
-        self.rank, self.world, self.local_batch = rank, world, cfg.batch_size // world
+        self.cfg, self.device, self.out, self.ranks = cfg, device, out, ranks
         self.preprocessing = backbone.preprocessing
         self.model = FullModel(backbone.model.requires_grad_(True), head).to(device, memory_format=torch.channels_last)
         self.model.backbone.classifier.requires_grad_(False)  # the ImageNet classifier is carried, never used
@@ -139,9 +223,10 @@ class Finetuner:
         self.step_losses: list[float] = []
         self.best: dict | None = None  # with keep_best: the best epoch's metrics and weights
         self.forward = self.model  # under torchrun, a DistributedDataParallel wrapper of it
+        self._wrapped_for = None  # the trainable groups the DDP wrapper was built for
 
     # Data --------------------------------------------------------------------------------------------
-    def _decoder(self, train: bool) -> ImageDecoder:
+    def _batches(self, files: list[str], order, train: bool, epoch: int = 0):
         preprocessing = self.preprocessing
         if train and self.cfg.train_size:
             preprocessing = replace(
@@ -149,39 +234,26 @@ class Finetuner:
                 size=self.cfg.train_size,
                 resize=round(self.cfg.train_size * preprocessing.resize / preprocessing.size),
             )
-        return ImageDecoder(
+        decoder = ImageDecoder(
             preprocessing,
             views=1 if train else 0,
             plain=not train,
             device=self.device,
-            batch_size=self.local_batch,
+            batch_size=self.cfg.batch_size // self.ranks.world,
             seed=self.cfg.seed,
             num_threads=1,
             augmentation=Augmentation(scale=(self.cfg.crop_area, 1.0)),
         )
+        items = ((files[i], (lambda path=files[i]: read_image_file(Path(path))[0])) for i in order)
+        return decoder.decode(items, epoch=epoch)
 
-    def _my_share(self, order: list[int]) -> list[int]:
-        """This rank's slice of every global batch (all of it in one process)."""
-        start, size = self.rank * self.local_batch, self.local_batch
-        return [i for s in range(0, len(order), self.cfg.batch_size) for i in order[s + start : s + start + size]]
-
-    def _all_reduce(self, values: list[float]) -> list[float]:
-        """Sums over ranks (the values themselves in one process)."""
-        if self.world == 1:
-            return values
-        import torch.distributed as dist
-
-        tensor = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(tensor)
-        return tensor.tolist()
+    def _labels_of(self, files: list[str], labels: np.ndarray) -> Callable:
+        index = {f: i for i, f in enumerate(files)}
+        return lambda keys: torch.as_tensor([labels[index[k]] for k in keys], device=self.device)
 
     def epoch_order(self, files: list[str], epoch: int) -> list[int]:
         """The shuffled order of an epoch, from (seed, epoch) alone: a resumed run sees the same order."""
         return list(np.random.default_rng([self.cfg.seed, epoch]).permutation(len(files)))
-
-    @staticmethod
-    def _items(files: list[str], order: list[int]):
-        return ((files[i], (lambda path=files[i]: read_image_file(Path(path))[0])) for i in order)
 
     # Training ----------------------------------------------------------------------------------------
     def autocast(self):
@@ -191,32 +263,21 @@ class Finetuner:
         )
 
     def _train_mode(self, epoch: int) -> None:
-        set_trainable(self.groups, trainable_groups(epoch, self.cfg.unfreeze, len(self.groups)))
+        trainable = trainable_groups(epoch, self.cfg.unfreeze, len(self.groups))
+        set_trainable(self.groups, trainable)
         self.model.train()
         if not self.cfg.train_bn:
             freeze_batchnorm_statistics(self.model)
-        if self.world > 1:  # rebuilt each epoch: DDP registers the parameters that train when it is built
+        if self.ranks.world > 1 and self._wrapped_for != trainable:
+            # DDP registers the parameters that train when it is built: rebuilt when gradual unfreezing adds some.
             from torch.nn.parallel import DistributedDataParallel
 
-            self.forward = DistributedDataParallel(self.model)
+            self.forward, self._wrapped_for = DistributedDataParallel(self.model), trainable
 
-    @torch.no_grad()
     def evaluate(self, files: list[str], labels: np.ndarray) -> dict:
-        """Valid loss and accuracy on the plain view."""
-        self.model.eval()
-        index = {f: i for i, f in enumerate(files)}
-        loss, correct, seen = 0.0, 0, 0
-        for batch in self._decoder(False).decode(self._items(files, range(self.rank, len(files), self.world))):
-            if not batch.keys:
-                continue
-            y = torch.as_tensor([labels[index[k]] for k in batch.keys], device=self.device)
-            with self.autocast():
-                logits = self.model(batch.images[:, 0].contiguous(memory_format=torch.channels_last)).float()
-            loss += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
-        loss, correct, seen = self._all_reduce([loss, correct, seen])
-        return {"valid_loss": loss / max(1, seen), "accuracy": correct / max(1, seen)}
+        """Valid loss and accuracy on the plain view (each rank a strided share of the files)."""
+        batches = self._batches(files, range(self.ranks.rank, len(files), self.ranks.world), train=False)
+        return evaluate(self.model, batches, self._labels_of(files, labels), self.autocast, self.ranks)
 
     def fit(
         self,
@@ -230,16 +291,37 @@ class Finetuner:
         steps_per_epoch = math.ceil(len(files) / self.cfg.batch_size)
         if self.scheduler is None:
             self.scheduler = make_scheduler(self.optimizer, "onecycle", self.cfg.lr, steps_per_epoch * self.cfg.epochs)
-        index = {f: i for i, f in enumerate(files)}
+        labels_of = self._labels_of(files, labels)
+        params = [p for g in self.groups for p in g]
         while self.epoch < self.cfg.epochs:
             started = time.perf_counter()
             self._train_mode(self.epoch)
-            order = self._my_share(self.epoch_order(files, self.epoch)[self.step * self.cfg.batch_size :])
+            order = self.ranks.share(
+                self.epoch_order(files, self.epoch)[self.step * self.cfg.batch_size :], self.cfg.batch_size
+            )
+            batches = self._batches(files, order, train=True, epoch=self.epoch)
             try:
-                for batch in self._decoder(True).decode(self._items(files, order), epoch=self.epoch):
-                    self._train_step(batch, labels, index)
+                for loss in train_one_epoch(
+                    self.forward,
+                    self.optimizer,
+                    self.scheduler,
+                    batches,
+                    labels_of,
+                    params,
+                    self.cfg.clip,
+                    self.autocast,
+                    self.ranks,
+                ):
+                    if loss is not None:
+                        self.step_losses.append(loss)
+                    self.step += 1
                     if on_step:
                         on_step(self.step, steps_per_epoch)
+            except Diverged as exc:  # the weights are about to be lost: keep the last checkpoint instead
+                raise PipelineError(
+                    f"fine-tuning diverged at epoch {self.epoch + 1}, step {self.step + 1} (loss {exc.args[0]}); "
+                    f"lower --lr, or --resume {self.out} from the last epoch's checkpoint"
+                ) from None
             except KeyboardInterrupt:
                 self.save_checkpoint()
                 raise
@@ -278,57 +360,36 @@ class Finetuner:
         self.model.load_state_dict(self.best["model"])
         return {k: v for k, v in self.best.items() if k != "model"}
 
-    def _train_step(self, batch, labels: np.ndarray, index: dict) -> None:
-        if batch.keys:
-            x = batch.images[:, 0].contiguous(memory_format=torch.channels_last)
-            y = torch.as_tensor([labels[index[k]] for k in batch.keys], device=self.device)
-            with self.autocast():
-                loss = F.cross_entropy(self.forward(x).float(), y)
-            if not torch.isfinite(loss):  # the weights are about to be lost: keep the last checkpoint instead
-                raise PipelineError(
-                    f"fine-tuning diverged at epoch {self.epoch + 1}, step {self.step + 1} (loss "
-                    f"{loss.item()}); lower --lr, or --resume {self.out} from the last epoch's "
-                    "checkpoint"
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # under DDP the gradients arrive averaged over ranks: the global batch's
-            nn.utils.clip_grad_norm_([p for g in self.groups for p in g if p.requires_grad], self.cfg.clip)
-            self.optimizer.step()
-            self.step_losses.append(self._all_reduce([loss.item()])[0] / self.world)
-        self.scheduler.step()
-        self.step += 1
-
     # Checkpoints -------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """Model, optimizer, scheduler, position and RNG state, written atomically (by rank 0 alone)."""
+        """Model, optimizer, scheduler, position and RNG state (written by rank 0 alone)."""
         path = self.out / CHECKPOINT
-        if self.rank != 0:
+        if self.ranks.rank != 0:
             return path
-        self.out.mkdir(parents=True, exist_ok=True)
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "epoch": self.epoch,
-            "step": self.step,
-            "torch_rng": torch.get_rng_state(),
-            "history": self.history,
-            "step_losses": self.step_losses,
-            "before": self.before,
-            "best": self.best,
-            "config": self.cfg.to_dict(),
-            "world_size": self.world,
-        }
-        with atomic_output(path) as tmp:
-            torch.save(state, tmp)
-        return path
+        return save_checkpoint(
+            path,
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "epoch": self.epoch,
+                "step": self.step,
+                "torch_rng": torch.get_rng_state(),
+                "history": self.history,
+                "step_losses": self.step_losses,
+                "before": self.before,
+                "best": self.best,
+                "config": self.cfg.to_dict(),
+                "world_size": self.ranks.world,
+            },
+        )
 
     def restore(self, state: dict, steps_per_epoch: int) -> None:
         """Continue from a checkpoint written with this run's settings (see read_checkpoint)."""
-        if state.get("world_size", 1) != self.world:
+        if state.get("world_size", 1) != self.ranks.world:
             raise PipelineError(
                 f"the checkpoint was written by {state.get('world_size', 1)} processes; "
-                f"resume with the same number (not {self.world})"
+                f"resume with the same number (not {self.ranks.world})"
             )
         self.model.load_state_dict(state["model"])
         self.scheduler = make_scheduler(self.optimizer, "onecycle", self.cfg.lr, steps_per_epoch * self.cfg.epochs)
