@@ -458,13 +458,13 @@ def runs_cmd(
 def finetune(
     data_dir: Path = typer.Argument(..., help="The data folder the head was trained on (train/ and valid/)."),
     head_dir: Path = typer.Option(..., "--head", help="Run directory written by train-head."),
-    epochs: int = typer.Option(3, help="Epochs (1-10000)."),
+    epochs: int = typer.Option(4, help="Epochs (1-10000)."),
     lr: float = typer.Option(1e-3, help="Learning rate of the head; earlier layer groups get less."),
-    lr_mult: float = typer.Option(100.0, help="Ratio of the head's rate to the earliest group's (geometric spread)."),
+    lr_mult: float = typer.Option(10.0, help="Ratio of the head's rate to the earliest group's (geometric spread)."),
     wd: float = typer.Option(1e-4, help="AdamW weight decay."),
     unfreeze: str = typer.Option("all", help="all, or gradual (one more layer group per epoch, later groups first)."),
     train_bn: bool = typer.Option(False, "--train-bn", help="Update batch-norm statistics (frozen by default)."),
-    crop_area: float = typer.Option(0.5, help="Smallest area of the random-resized crop, as a fraction of the image."),
+    crop_area: float = typer.Option(0.8, help="Smallest area of the random-resized crop, as a fraction of the image."),
     train_size: Optional[int] = typer.Option(
         None,
         help="Side of the training crops in pixels (default: the "

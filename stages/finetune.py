@@ -28,9 +28,9 @@ UNFREEZE = ("all", "gradual")
 class FinetuneConfig:
     """Hyperparameters of a fine-tuning run."""
 
-    epochs: int = 3
+    epochs: int = 4
     lr: float = 1e-3
-    lr_mult: float = 100.0
+    lr_mult: float = 10.0
     wd: float = 1e-4
     unfreeze: str = "all"
     train_bn: bool = False
@@ -38,7 +38,7 @@ class FinetuneConfig:
     seed: int = 0
     precision: str = "fp32"
     clip: float = 1.0
-    crop_area: float = 0.5  # smallest area of a random-resized crop: 0.25 of a 128 px photo leaves too little
+    crop_area: float = 0.8  # smallest area of a random-resized crop (measured on flowers5: 0.8 beat 0.5)
     train_size: int | None = None  # side of the training crops; None: the backbone's input size
     keep_best: bool = True  # end with the best epoch's weights by valid accuracy, the start included
 
