@@ -11,6 +11,8 @@ from PIL import Image, ImageOps
 
 from stages.audit import exact_copies, outlier_rows, similarity_scan
 
+pytestmark = pytest.mark.slow  # every test here runs the CLI on images or kills processes
+
 
 def folder_digest(root):
     return {
@@ -73,7 +75,6 @@ def test_audit_errors_are_one_line(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.slow
 @pytest.mark.shared_data
 def test_audit_finds_flipped_labels_and_planted_copies_in_real_photos(tmp_path):
     """Real dogscats photos: 6 labels flipped, 4 train photos re-encoded (JPEG 75, 0.9x) into valid."""

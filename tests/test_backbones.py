@@ -201,6 +201,7 @@ def test_local_weights_that_do_not_fit(tmp_path):
         create_backbone(weights=tmp_path / "missing.pth", arch="resnet18")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision, min_cosine", [("fp32", 0.99999), ("bf16", 0.99)])
 def test_feature_runner_matches_the_eager_model(lite0, precision, min_cosine):
     import numpy as np

@@ -13,6 +13,8 @@ from conftest import REPO, assert_same_content, content, make_images, parts, run
 
 ARGS = ("--batch-size", "4", "--commit-every", "4", "--views", "1", "--precision", "fp32")
 
+pytestmark = pytest.mark.slow  # every test here runs the CLI on images or kills processes
+
 
 def start(data, store):
     return subprocess.Popen(
@@ -54,7 +56,6 @@ def reached(point: str, store, parts_before: int) -> bool:
 KILL_POINTS = ("start-up", "1 part", "2 parts", "4 parts", "store write")
 
 
-@pytest.mark.slow
 def test_twenty_kills_at_journal_points_then_a_rerun_equals_uninterrupted(crash_set, tmp_path):
     """Each run is killed at the next point of its life (polled, not slept for: the same points on any machine);
     a run with no work left at its point is let finish. The store opens after every kill."""

@@ -12,6 +12,8 @@ from conftest import REPO, assert_same_content, content, make_images, parts, run
 
 ARGS = ("--batch-size", "4", "--commit-every", "4", "--views", "1", "--precision", "fp32")
 
+pytestmark = pytest.mark.slow  # every test here runs the CLI on images or kills processes
+
 
 @pytest.fixture(scope="module")
 def shard_set(tmp_path_factory):

@@ -13,6 +13,8 @@ from conftest import REPO, one_line_error, run_cli, run_json, shared_dataset
 ort = pytest.importorskip("onnxruntime", reason="the export extra is not installed: pip install -e '.[export]'")
 from bench.onnx_predict import crop as pillow_crop  # noqa: E402  (the README snippet's preprocessing, as a function)
 
+pytestmark = pytest.mark.slow  # every test here runs the CLI on images or kills processes
+
 
 def project_probabilities(run, crops: np.ndarray) -> np.ndarray:
     """The project's own path on ready crops: DALI's normalization, the fp32 backbone runner, the head, softmax."""
@@ -72,7 +74,6 @@ def test_torchscript_file_agrees_and_carries_the_metadata(trained, tmp_path):
     np.testing.assert_allclose(got, project_probabilities(run, crops), atol=1e-4, rtol=0)
 
 
-@pytest.mark.slow
 def test_fine_tuned_run_exports_its_own_backbone(trained, tmp_path):
     data, _, run = trained
     run_json(
@@ -122,7 +123,6 @@ def test_export_errors_are_one_line(trained, tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
-@pytest.mark.slow
 @pytest.mark.shared_data
 def test_readme_snippet_on_real_photos_agrees_with_predict(dogscats_store, tmp_path):
     """Photos decoded by Pillow as the README snippet does: the exported model agrees with `pipeline predict`."""

@@ -24,6 +24,7 @@ def only_set(store):
     return f, f["sets"][name]
 
 
+@pytest.mark.slow
 def test_store_reads_with_plain_h5py(small_set, tmp_path):
     store = tmp_path / "s.h5"
     summary = featurize(small_set, store, "--views", "2")
@@ -48,6 +49,7 @@ def test_store_reads_with_plain_h5py(small_set, tmp_path):
         assert np.isfinite(features).all() and not np.allclose(features[0], features[1])
 
 
+@pytest.mark.slow
 def test_cache_hit_append_remove_change_touch(small_set, tmp_path):
     store = tmp_path / "s.h5"
     first = featurize(small_set, store)
@@ -83,6 +85,7 @@ def test_cache_hit_append_remove_change_touch(small_set, tmp_path):
     assert featurize(small_set, store)["up_to_date"]
 
 
+@pytest.mark.slow
 def test_other_settings_make_a_separate_set(small_set, tmp_path):
     store = tmp_path / "s.h5"
     a = featurize(small_set, store)
@@ -97,6 +100,7 @@ def test_other_settings_make_a_separate_set(small_set, tmp_path):
     assert a["set"] in text and "train: 15 images" in text
 
 
+@pytest.mark.slow
 def test_bad_files_are_skipped_recorded_and_not_retried(small_set, tmp_path):
     good = (small_set / "train/a/a_000.jpg").read_bytes()
     (small_set / "train/a/zero.jpg").write_bytes(b"")
@@ -118,6 +122,7 @@ def test_bad_files_are_skipped_recorded_and_not_retried(small_set, tmp_path):
     assert "skipped train/a/zero.jpg: empty file" in text
 
 
+@pytest.mark.slow
 def test_second_writer_gets_a_clear_error(small_set, tmp_path):
     store = tmp_path / "s.h5"
     with StoreLock(store):
@@ -141,6 +146,7 @@ def test_bad_options_give_one_line_errors(small_set, tmp_path, args, message):
     one_line_error(run_cli("featurize", small_set, "--store", tmp_path / "s.h5", *args, check=False), message)
 
 
+@pytest.mark.slow
 def test_valid_pct_split_is_recorded(tmp_path):
     data = make_images(tmp_path / "data", {"": {"a": 5, "b": 5}})
     summary = featurize(data, tmp_path / "s.h5", "--valid-pct", "0.2", "--seed", "3")
@@ -150,6 +156,7 @@ def test_valid_pct_split_is_recorded(tmp_path):
         assert group.attrs["layout"] == "classes" and group.attrs["valid_pct"] == 0.2 and group.attrs["split_seed"] == 3
 
 
+@pytest.mark.slow
 def test_unlabelled_test_split(small_set, tmp_path):
     make_images(small_set / "test", {"": {"loose": 2}})
     summary = featurize(small_set, tmp_path / "s.h5")
@@ -159,6 +166,7 @@ def test_unlabelled_test_split(small_set, tmp_path):
         assert list(group["test"]["labels"][()]) == [-1, -1]
 
 
+@pytest.mark.slow
 def test_changing_valid_pct_reuses_every_unchanged_row(tmp_path):
     data = make_images(tmp_path / "data", {"": {"a": 10, "b": 10}})
     featurize(data, tmp_path / "s.h5", "--valid-pct", "0.2")
@@ -177,6 +185,7 @@ def test_changing_valid_pct_reuses_every_unchanged_row(tmp_path):
         np.testing.assert_array_equal(reused[split][1], features)
 
 
+@pytest.mark.slow
 def test_a_file_swapped_with_its_size_and_mtime_restored_is_recomputed(small_set, tmp_path):
     featurize(small_set, tmp_path / "s.h5")
     target = small_set / "train" / "a" / "a_000.jpg"
@@ -211,6 +220,7 @@ def imported_modules(*args) -> set[str]:
     }
 
 
+@pytest.mark.slow
 def test_an_up_to_date_store_answers_without_building_the_backbone(small_set, tmp_path):
     """The identity comes from the registry and the weights' remembered hash: no timm, no DALI, nothing decoded."""
     store = tmp_path / "s.h5"
@@ -219,6 +229,7 @@ def test_an_up_to_date_store_answers_without_building_the_backbone(small_set, tm
     assert "h5py" in modules and not {"timm", "nvidia", "torchvision", "matplotlib"} & modules
 
 
+@pytest.mark.slow
 def test_commands_that_need_no_model_import_no_torch(small_set, tmp_path):
     store = tmp_path / "s.h5"
     featurize(small_set, store)

@@ -112,6 +112,7 @@ class Stop(Exception):
     pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["epoch end", "mid-epoch"])
 def test_resume_after_a_stop_equals_an_uninterrupted_run(tiny, tmp_path, where):
     data, _ = tiny
@@ -143,6 +144,7 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(tiny, tmp_path, where):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.slow
 def test_cli_finetune_then_predict_and_featurize_again(tiny, tmp_path):
     data, head_dir = tiny
     result = run_json(
@@ -179,6 +181,7 @@ def test_cli_finetune_then_predict_and_featurize_again(tiny, tmp_path):
     assert len(resumed["history"]) == 1  # already finished: nothing more to do
 
 
+@pytest.mark.slow
 def test_cli_finetune_killed_then_resumed_equals_uninterrupted(tiny, tmp_path):
     import subprocess
     import sys
@@ -205,6 +208,7 @@ def test_cli_finetune_killed_then_resumed_equals_uninterrupted(tiny, tmp_path):
     assert resumed["accuracy"] == whole["accuracy"]
 
 
+@pytest.mark.slow
 def test_two_process_finetune_follows_one_process_with_the_same_global_batch(tiny, tmp_path):
     import json
     import subprocess
@@ -261,6 +265,7 @@ def test_two_process_finetune_follows_one_process_with_the_same_global_batch(tin
     assert read_checkpoint(tmp_path / "two")["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_keep_best_hands_back_the_starting_model_when_training_only_hurts(tiny, tmp_path):
     data, _ = tiny
     t = tuner(tiny, tmp_path, epochs=1, lr=1.0, lr_mult=1.0, clip=1e3)

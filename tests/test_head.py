@@ -80,6 +80,7 @@ def test_batches_visit_every_selected_row_once(blob_store):
     assert len(seen) == 600 and sorted(seen.tolist()) == sorted(data.train.labels[torch.from_numpy(rows.rows)].tolist())
 
 
+@pytest.mark.slow
 def test_cli_lr_find_and_auto(blob_store, tmp_path):
     result = run_json("lr-find", "--store", blob_store, "--out", tmp_path / "lr")
     assert result["lrs"][0] == pytest.approx(1e-5) and len(result["lrs"]) <= 21
@@ -95,6 +96,7 @@ def test_cli_lr_find_and_auto(blob_store, tmp_path):
     one_line_error(run_cli("lr-find", "--store", blob_store, "--head", "logreg", check=False), "takes no learning rate")
 
 
+@pytest.mark.slow
 def test_lr_find_suggestion_is_near_the_best_rate_of_a_grid(blob_store):
     """The suggestion lands within a factor of 3 of the rate whose run does best out of fold."""
     from stages.head import lr_find
@@ -194,6 +196,7 @@ def test_head_probabilities_use_the_temperature():
     assert torch.allclose(head(x) * 2, head.classifier(head.standardize(x)))
 
 
+@pytest.mark.slow
 def test_cli_grid_runs_every_combination_ranked_and_listed(blob_store, tmp_path):
     board = run_json(
         "train-head",
@@ -232,6 +235,7 @@ def test_cli_grid_runs_every_combination_ranked_and_listed(blob_store, tmp_path)
     assert "cv_loss" in text and "l2" in text and "temperature" in text
 
 
+@pytest.mark.slow
 def test_cli_default_is_calibrated_logreg(blob_store, tmp_path):
     [run] = run_json("train-head", "--store", blob_store, "--out", tmp_path / "default")
     assert run["head"] == "logreg" and run["l2"] in L2_GRID and run["accuracy"] > 0.95
@@ -258,6 +262,7 @@ def test_cli_default_is_calibrated_logreg(blob_store, tmp_path):
     assert sorted(r["head"] for r in grid) == ["linear", "linear", "logreg"]  # logreg takes no lr: run once
 
 
+@pytest.mark.slow
 def test_config_refuses_features_of_another_backbone(blob_store, tmp_path):
     run_json("train-head", "--store", blob_store, "--out", tmp_path / "a")
     _, config = load_head(tmp_path / "a")
@@ -291,6 +296,7 @@ def test_missing_store_is_a_clear_error(tmp_path):
     assert proc.returncode == 1 and "does not exist" in proc.stderr and "pipeline featurize" in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_feature_constant_on_train_cannot_explode_on_valid(tmp_path):
     """Generated images leave some features at exactly 0 on train; one firing on valid must not decide the class."""
     train = separable_features(90, classes=3, seed=0)
@@ -317,6 +323,7 @@ def test_a_feature_constant_on_train_cannot_explode_on_valid(tmp_path):
     assert torch.isinf(model.standardize.std[:5]).all() and torch.isfinite(model.standardize.std[5:]).all()
 
 
+@pytest.mark.slow
 def test_train_head_refuses_to_overwrite_a_run_unless_asked(trained, tmp_path):
     _, store, _ = trained
     first = run_json("train-head", "--store", store, "--out", tmp_path / "run")
@@ -331,6 +338,7 @@ def test_train_head_refuses_to_overwrite_a_run_unless_asked(trained, tmp_path):
     assert again[0]["head"] == "linear" and first[0]["head"] == "logreg"
 
 
+@pytest.mark.slow
 def test_a_valid_split_left_empty_trains_without_validation(tmp_path):
     """valid/ reaching only train's files (stored once, in train) leaves valid empty: the head trains, unscored."""
     data = make_images(tmp_path / "data", {"train": {"a": 6, "b": 6}})

@@ -80,6 +80,7 @@ def test_load_model_predicts_what_the_head_says_on_cached_features(trained):
         assert len(got["top_k"]) == 3
 
 
+@pytest.mark.slow
 def test_predict_mixed_inputs_and_a_broken_file(trained, tmp_path):
     data, _, run = trained
     (tmp_path / "broken.jpg").write_bytes(b"not really a jpeg")
@@ -113,6 +114,7 @@ def test_tta_changes_nothing_on_flip_and_shift_invariant_images(trained, tmp_pat
             np.testing.assert_allclose(p.tta_probabilities, p.probabilities, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_evaluate_writes_plots_and_matches_the_store(trained, tmp_path):
     data, store, run = trained
     raw = run_json("evaluate", run, data / "valid", "--out", tmp_path / "raw")
@@ -138,6 +140,7 @@ def test_class_names_must_match(trained, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_tampered_model_directory(trained, tmp_path):
     _, _, run = trained
     copy = tmp_path / "run"
@@ -160,6 +163,7 @@ def test_demo_classifies_its_generated_images_without_a_confident_mistake(tmp_pa
         assert p["class"] in p["path"]
 
 
+@pytest.mark.slow
 def test_edited_or_damaged_config_is_named_not_mistaken(trained, tmp_path):
     _, _, run = trained
     config = json.loads((run / "config.json").read_text())

@@ -11,6 +11,8 @@ import h5py
 import pytest
 from conftest import REPO, make_images, one_line_error, png_bomb, run_cli, run_json
 
+pytestmark = pytest.mark.slow  # every test here runs the CLI on images or kills processes
+
 
 def featurize_error(data, store, *args):
     return run_cli("featurize", data, "--store", store, *args, check=False)
