@@ -51,7 +51,7 @@ def finetune(
     shard = current_shard(device=device)
     if shard.index != 0:  # one rank prints the table
         on_epoch = on_step = None
-    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device))
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device, training=True))
     head, head_config = load_head(head_dir)
     backbone = backbone_for(head_config["feature_set"], head_dir)
     dataset = scan_dataset(data_dir)
