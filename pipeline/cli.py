@@ -465,6 +465,9 @@ def finetune(
     unfreeze: str = typer.Option("all", help="all, or gradual (one more layer group per epoch, later groups first)."),
     train_bn: bool = typer.Option(False, "--train-bn", help="Update batch-norm statistics (frozen by default)."),
     crop_area: float = typer.Option(0.8, help="Smallest area of the random-resized crop, as a fraction of the image."),
+    label_smoothing: float = typer.Option(
+        0.0, help="Label smoothing of the training loss (0 to <1): less over-confident probabilities."
+    ),
     train_size: Optional[int] = typer.Option(
         None,
         help="Side of the training crops in pixels (default: the "
@@ -505,6 +508,7 @@ def finetune(
         precision=precision,
         crop_area=crop_area,
         train_size=train_size,
+        label_smoothing=label_smoothing,
         keep_best=keep_best,
     )
     out_dir = out_dir or Path("runs") / f"ft-{datetime.now().strftime('%Y%m%d-%H%M%S')}"

@@ -304,3 +304,15 @@ def test_training_crops_at_train_size_validation_at_the_backbone_size(tiny, tmp_
     assert len([s for s in seen if s == (3, 96, 96)]) == 3  # 12 training images in batches of 4, one view each
     with pytest.raises(PipelineError, match="--train-size 8 is out of range"):
         FinetuneConfig(train_size=8).validate()
+
+
+def test_label_smoothing_softens_the_training_targets(tiny, tmp_path):
+    """The same run with smoothed targets trains on a higher loss (the targets are never one-hot), and the option
+    is bounded."""
+    data, _ = tiny
+    plain, smoothed = tuner(tiny, tmp_path / "a", epochs=1), tuner(tiny, tmp_path / "b", epochs=1, label_smoothing=0.5)
+    plain.fit(split(data, "train"), None)
+    smoothed.fit(split(data, "train"), None)
+    assert smoothed.step_losses[0] > plain.step_losses[0]
+    with pytest.raises(PipelineError, match="--label-smoothing 1.0 is out of range"):
+        FinetuneConfig(label_smoothing=1.0).validate()
