@@ -233,7 +233,13 @@ def test_an_up_to_date_store_answers_without_building_the_backbone(small_set, tm
 def test_commands_that_need_no_model_import_no_torch(small_set, tmp_path):
     store = tmp_path / "s.h5"
     featurize(small_set, store)
-    for args in (("runs", "--dir", tmp_path), ("store", "info", store), ("--help",), ("featurize", "--help")):
+    for args in (
+        ("runs", "--dir", tmp_path),
+        ("store", "info", store),
+        ("--help",),
+        ("featurize", "--help"),
+        ("inspect", small_set, "--out", tmp_path / "inspect"),
+    ):
         modules = imported_modules(*args)
         assert not {"torch", "timm", "nvidia"} & modules, (args, {"torch", "timm", "nvidia"} & modules)
 
