@@ -466,7 +466,7 @@ def finetune(
     train_bn: bool = typer.Option(False, "--train-bn", help="Update batch-norm statistics (frozen by default)."),
     crop_area: float = typer.Option(0.8, help="Smallest area of the random-resized crop, as a fraction of the image."),
     label_smoothing: float = typer.Option(
-        0.0, help="Label smoothing of the training loss (0 to <1): less over-confident probabilities."
+        0.1, help="Label smoothing of the training loss (0 to <1): less over-confident probabilities."
     ),
     train_size: Optional[int] = typer.Option(
         None,

@@ -38,7 +38,7 @@ class FinetuneConfig:
     seed: int = 0
     precision: str = "fp32"
     clip: float = 1.0
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1  # measured on flowers5: 81.5 % vs 79.8 %, worst mistake p 0.969 vs 0.9996
     crop_area: float = 0.8  # smallest area of a random-resized crop (measured on flowers5: 0.8 beat 0.5)
     train_size: int | None = None  # side of the training crops; None: the backbone's input size
     keep_best: bool = True  # end with the best epoch's weights by valid accuracy, the start included
