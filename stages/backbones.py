@@ -224,8 +224,8 @@ REGISTRY: dict[str, BackboneEntry] = {
     )
     for i, size, crop_pct in ((0, 224, 0.875), (1, 240, 0.882), (2, 260, 0.890))
 }
-# A second family: torchvision's ResNet-50 from a local state_dict (its IMAGENET1K_V1 weights, torchvision's own key
-# names, no remap).
+# A second family: torchvision's ResNet-50, weights=None: the user gives a local state_dict file with --weights
+# (torchvision's key names, no remap); nothing is ever downloaded.
 REGISTRY["resnet50"] = BackboneEntry(
     arch="resnet50",
     build=torchvision_extractor,
