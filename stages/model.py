@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.backbones import REGISTRY, Backbone, FeatureRunner, create_backbone
+from stages.backbones import REGISTRY, Backbone, create_backbone
 from stages.decode import ImageDecoder, resolve_device
 from stages.errors import PipelineError
 from stages.files import read_image_file
 from stages.head import Head, load_head
+from stages.runner import FeatureRunner
 
 
 @dataclass
@@ -51,9 +52,7 @@ class ImageClassifier:
         self.device = resolve_device(device)
         self.precision = precision
         self.batch_size = batch_size
-        self.forward = FeatureRunner(
-            backbone.model, self.device, precision, backbone.preprocessing.size, cache_key=backbone.weights_sha256
-        )
+        self.forward = FeatureRunner.for_backbone(backbone, self.device, precision)
         self.head.to(self.device)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:

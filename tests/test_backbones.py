@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from stages.backbones import (
     REGISTRY,
-    backbone_identity,
     create_backbone,
     file_sha256,
     list_backbones,
@@ -114,6 +113,8 @@ def test_each_registered_backbone_builds_as_its_entry_says(name, tmp_path):
     entry = REGISTRY[name]
     weights = entry_weights(name, tmp_path)
     backbone = create_backbone(name, weights)
+    identity = backbone.identity()
+    assert not backbone.built  # the identity, data config and feature size are known without building
     pp = backbone.preprocessing
     assert backbone.arch == entry.arch and backbone.feature_dim == entry.feature_dim
     assert (pp.size, pp.resize) == expected_data_config(name)[:2]
@@ -121,7 +122,7 @@ def test_each_registered_backbone_builds_as_its_entry_says(name, tmp_path):
         expected_data_config(name)[3]
     )
     assert backbone.model(torch.zeros(1, 3, pp.size, pp.size)).shape == (1, entry.feature_dim)
-    assert backbone_identity(name, weights) == backbone.identity()
+    assert backbone.identity() == identity
     if entry.arch.startswith("tf_"):
         assert stem_matches_tf_same_padding(backbone.model.body)
 
@@ -155,7 +156,7 @@ def test_weights_hash_is_remembered_by_path_size_and_mtime(tmp_path, monkeypatch
 def test_fold_batchnorm_keeps_the_function(lite0):
     import copy
 
-    from stages.backbones import fold_batchnorm
+    from stages.runner import fold_batchnorm
 
     folded = copy.deepcopy(lite0.model)
     assert fold_batchnorm(folded, 224) == 49  # every conv+BN pair of Lite0
@@ -207,14 +208,14 @@ def test_feature_runner_matches_the_eager_model(lite0, precision, min_cosine):
     import numpy as np
 
     from pipeline.demo import DEMO_CLASSES, draw_example
-    from stages.backbones import FeatureRunner
+    from stages.runner import FeatureRunner
 
     rng = np.random.default_rng(0)
     pictures = [np.asarray(draw_example(DEMO_CLASSES[i % 3], rng, (224, 224))) for i in range(5)]
     x = torch.tensor(np.stack(pictures)).permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.no_grad():
         eager = lite0.model(x)
-    run = FeatureRunner(lite0.model, "cpu", precision, 224)  # traced once (with a batch of 2), then any batch size
+    run = FeatureRunner.for_model(lite0.model, "cpu", precision, 224)  # traced with a batch of 2, runs any size
     fast = run(x[:3])
     assert fast.dtype == torch.float32 and fast.shape == (3, 1280)
     assert F.cosine_similarity(fast, eager[:3]).min() > min_cosine

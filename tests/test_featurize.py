@@ -227,6 +227,14 @@ def test_an_up_to_date_store_answers_without_building_the_backbone(small_set, tm
     featurize(small_set, store)
     modules = imported_modules("featurize", small_set, "--store", store, *FAST)
     assert "h5py" in modules and not {"timm", "nvidia", "torchvision", "matplotlib"} & modules
+    # New images: the backbone's frozen trace, cached by the first run, is loaded; the model is never built.
+    make_images(tmp_path / "more", {"train": {"a": 1}}, seed=5)
+    (tmp_path / "more" / "train" / "a" / "a_000.jpg").rename(small_set / "train" / "a" / "new.jpg")
+    modules = imported_modules("featurize", small_set, "--store", store, *FAST)
+    assert not {"timm", "torchvision"} & modules
+    f, features = only_set(store)
+    with f:
+        assert "train/a/new.jpg" in [p.decode() for p in features["train"]["paths"][()]]
 
 
 @pytest.mark.slow

@@ -82,10 +82,18 @@ def test_learning_rate_of_each_group(tiny, tmp_path):
     assert sizes[0] > 0 and sizes[1] > 0 and sizes[2] == len(list(t.model.head.parameters()))
 
 
-def test_gradual_unfreezing_changes_which_parameters_get_gradients(tiny, tmp_path):
-    t = tuner(tiny, tmp_path, unfreeze="gradual")
+@pytest.mark.parametrize(
+    "unfreeze, trained_by_epoch",
+    [
+        ("gradual", [[False, False, True], [False, True, True], [True, True, True]]),
+        ("late", [[False, True, True]] * 3),
+        ("all", [[True, True, True]] * 3),
+    ],
+)
+def test_unfreezing_decides_which_parameters_get_gradients(tiny, tmp_path, unfreeze, trained_by_epoch):
+    t = tuner(tiny, tmp_path, unfreeze=unfreeze)
     x = torch.rand(2, 3, 160, 160) * 2 - 1
-    for epoch, trained in ((0, [False, False, True]), (1, [False, True, True]), (2, [True, True, True])):
+    for epoch, trained in enumerate(trained_by_epoch):
         t._train_mode(epoch)
         t.optimizer.zero_grad(set_to_none=True)
         t.model(x).sum().backward()
