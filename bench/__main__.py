@@ -466,16 +466,18 @@ def bench_export(quick: bool) -> dict:
     run_json_command(pipeline_cmd("featurize", data, "--store", tmp / "s.h5"))
     run_json_command(pipeline_cmd("train-head", "--store", tmp / "s.h5", "--out", tmp / "head"))
     exported, export_wall = run_json_command(pipeline_cmd("export", tmp / "head", "--out", tmp / "model.onnx"))
-    walls = {}
+    walls, classes = {}, {}
 
     def deployed():
         result, walls["onnx"] = run_json_command(
             [sys.executable, "bench/onnx_predict.py", str(tmp / "model.onnx"), str(data / "valid")]
         )
+        classes["onnx"] = {str(Path(p).resolve()): c for p, c in result["classes"].items()}
         return result["images_per_second"]
 
     def predict():
         result, walls["predict"] = run_json_command(pipeline_cmd("predict", tmp / "head", data / "valid"))
+        classes["predict"] = {str(Path(r["path"]).resolve()): r["class"] for r in result["predictions"]}
         return result["images_per_second"]
 
     pairs = 1 if quick else 3
@@ -489,7 +491,12 @@ def bench_export(quick: bool) -> dict:
             pairs=rate_pairs,
             note=f"whole process, last pair: {walls['onnx']:.1f} s vs {walls['predict']:.1f} s; export took "
             f"{export_wall:.0f} s, {exported['bytes'] / 2**20:.1f} MB",
-        )
+        ),
+        Row(
+            f"top-1 agreement of the ONNX script with pipeline predict, {label}",
+            float(np.mean([classes["onnx"][p] == c for p, c in classes["predict"].items()])),
+            note=f"{len(classes['predict'])} photos; the ONNX script decodes with Pillow, predict with DALI",
+        ),
     ]
     shutil.rmtree(tmp)
     return report("export" + ("-quick" if quick else ""), rows, {"export": exported})

@@ -1,6 +1,6 @@
 """A deployment script as a user of `pipeline export` writes it: Pillow, numpy and onnxruntime only.
 
-python bench/onnx_predict.py MODEL.onnx FOLDER  ->  JSON {images, seconds, images_per_second} on stdout
+python bench/onnx_predict.py MODEL.onnx FOLDER  ->  JSON {images, seconds, images_per_second, classes} on stdout
 """
 
 import json
@@ -26,12 +26,16 @@ def main() -> None:
     session = ort.InferenceSession(model)
     prep = json.loads(session.get_modelmeta().custom_metadata_map["preprocessing"])
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    names = json.loads(session.get_modelmeta().custom_metadata_map["classes"])
     started = time.perf_counter()
+    classes = {}
     for i in range(0, len(paths), 32):
         batch = np.stack([crop(p, prep["resize"], prep["crop"]) for p in paths[i : i + 32]])
-        session.run(["probabilities"], {"images": batch})
+        (probabilities,) = session.run(["probabilities"], {"images": batch})
+        classes.update({str(p): names[k] for p, k in zip(paths[i : i + 32], probabilities.argmax(1))})
     seconds = time.perf_counter() - started
-    print(json.dumps({"images": len(paths), "seconds": seconds, "images_per_second": len(paths) / seconds}))
+    result = {"images": len(paths), "seconds": seconds, "images_per_second": len(paths) / seconds, "classes": classes}
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

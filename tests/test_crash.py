@@ -7,7 +7,6 @@ import sys
 import time
 
 import h5py
-import numpy as np
 import pytest
 from conftest import REPO, assert_same_content, content, make_images, parts, run_json
 
@@ -112,38 +111,30 @@ def test_ctrl_c_commits_what_is_done(crash_set, tmp_path):
 
 
 def test_train_head_killed_leaves_whole_files_and_reruns_to_the_same_result(tmp_path):
+    """A grid killed at start-up, then after its 1st, 2nd and 3rd run (polled): every file left is whole, and a
+    rerun over what the kills left gives the uninterrupted grid's results."""
     from bench.synthetic import separable_features, write_feature_store
 
     store = write_feature_store(
-        tmp_path / "s.h5", separable_features(2000, dim=64, views=0), separable_features(200, dim=64)
+        tmp_path / "s.h5", separable_features(600, dim=64, views=0), separable_features(100, dim=64)
     )
-    grid = (
-        "train-head",
-        "--store",
-        store,
-        "--head",
-        "linear,mlp",
-        "--lr",
-        "1e-2,3e-2",
-        "--epochs",
-        "3",
-        "--batch-size",
-        "16",
-    )
+    grid = ("train-head", "--store", store, "--head", "linear,mlp", "--lr", "1e-2,3e-2", "--epochs", "3")
+    grid += ("--batch-size", "16")
     reference = run_json(*grid, "--out", tmp_path / "reference")
-    rng = np.random.default_rng(3)
-    for _trial in range(3):
+    out = tmp_path / "grid"
+    for runs_done in range(4):
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", *map(str, grid), "--out", str(tmp_path / "grid"), "--overwrite"],
+            [sys.executable, "-m", "pipeline", *map(str, grid), "--out", str(out), "--overwrite"],
             cwd=REPO,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        time.sleep(rng.uniform(3, 9))
+        if runs_done:
+            wait_for(lambda n=runs_done: len(list(out.glob("*/metrics.json"))) >= n, proc)
         proc.kill()
         proc.wait()
-        for path in (tmp_path / "grid").rglob("*.json") if (tmp_path / "grid").exists() else []:
+        for path in out.rglob("*.json") if out.exists() else []:
             json.loads(path.read_text())  # every file there is whole
-    again = run_json(*grid, "--out", tmp_path / "grid", "--overwrite")  # rerunning replaces what a kill left
+    again = run_json(*grid, "--out", out, "--overwrite")  # rerunning replaces what a kill left
     strip = lambda board: [{k: v for k, v in r.items() if k not in ("run", "seconds")} for r in board]  # noqa: E731
     assert strip(again) == strip(reference)
