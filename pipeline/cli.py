@@ -501,6 +501,7 @@ def finetune(
 ):
     """Unfreeze the backbone and train it with the head end to end: differential learning rates, live DALI
     augmentation, one-cycle schedule, a checkpoint every epoch."""
+    _check_run(head_dir)
     from datetime import datetime
 
     from pipeline.finetune import finetune as run_finetune
@@ -606,6 +607,13 @@ def inspect(
     )
 
 
+def _check_run(run_dir: Path) -> None:
+    """A run directory's config checked before torch is imported: a wrong or damaged run is named at once."""
+    from stages.rundir import read_config
+
+    read_config(run_dir)
+
+
 @app.command(
     epilog="Examples:\n\n    pipeline predict runs/head-a photo1.jpg some/folder/ --top-k 2 --out preds.csv\n\n"
     "    pipeline predict runs/head-a photos/ --tta --json"
@@ -620,6 +628,7 @@ def predict(
     as_json: bool = typer.Option(False, "--json", help="Print predictions as JSON."),
 ):
     """Classify images with a trained model; unreadable files are reported and do not stop the rest."""
+    _check_run(model_dir)
     from pipeline.evaluate import predict as run_predict
     from stages.model import load_model
 
@@ -664,6 +673,7 @@ def evaluate(
 ):
     """Accuracy, per-class precision/recall/F1, log loss, calibration error (ECE), confusion matrix, reliability
     diagram and top-losses PNGs, most-confused pairs."""
+    _check_run(model_dir)
     from pipeline.evaluate import evaluate as run_evaluate
 
     m = run_evaluate(model_dir, split_dir, out_dir, tta, store, device)
@@ -765,6 +775,7 @@ def export(
 ):
     """One file that classifies photos without this project: uint8 RGB crops in, calibrated probabilities out
     (normalization, backbone, head and temperature inside; class names and preprocessing in its metadata)."""
+    _check_run(model_dir)
     from pipeline.export import export_run
 
     result = export_run(model_dir, out_file, fmt)
