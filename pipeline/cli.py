@@ -243,12 +243,15 @@ class EpochTable:
         self.console, self.columns = console, columns
 
     def header(self) -> None:
-        self.console.print("".join(f"{c:<12}" for c in self.columns), style="bold", highlight=False)
+        self.console.print("".join(f"{c:<{self._width(c)}}" for c in self.columns), style="bold", highlight=False)
 
     def row(self, r: dict) -> None:
-        self.console.print(
-            "".join(f"{self._cell(c, r.get(c, float('nan'))):<12}" for c in self.columns), highlight=False
-        )
+        cells = (f"{self._cell(c, r.get(c, float('nan'))):<{self._width(c)}}" for c in self.columns)
+        self.console.print("".join(cells), highlight=False)
+
+    @staticmethod
+    def _width(column: str) -> int:
+        return max(12, len(column) + 2)
 
     @staticmethod
     def _cell(column: str, value) -> str:
