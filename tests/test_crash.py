@@ -111,8 +111,8 @@ def test_ctrl_c_commits_what_is_done(crash_set, tmp_path):
 
 
 def test_train_head_killed_leaves_whole_files_and_reruns_to_the_same_result(tmp_path):
-    """A grid killed at start-up, then after its 1st, 2nd and 3rd run (polled): every file left is whole, and a
-    rerun over what the kills left gives the uninterrupted grid's results."""
+    """A grid killed at start-up, then after its 1st and 3rd run (polled): every file left is whole, and a rerun
+    over what the kills left gives the uninterrupted grid's results."""
     from bench.synthetic import separable_features, write_feature_store
 
     store = write_feature_store(
@@ -122,7 +122,7 @@ def test_train_head_killed_leaves_whole_files_and_reruns_to_the_same_result(tmp_
     grid += ("--batch-size", "16")
     reference = run_json(*grid, "--out", tmp_path / "reference")
     out = tmp_path / "grid"
-    for runs_done in range(4):
+    for runs_done in (0, 1, 3):
         proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline", *map(str, grid), "--out", str(out), "--overwrite"],
             cwd=REPO,
