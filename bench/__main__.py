@@ -459,8 +459,7 @@ def bench_accuracy(quick: bool) -> dict:
                 ft["before"]["accuracy"],
                 "",
                 note=f"{ft_wall / 60:.1f} min wall, "
-                f"{ft['train_images_per_second']:.1f} img/s training; kept epoch {ft['kept_epoch']} (by "
-                f"{ft['kept_by']}), temperature {ft['temperature']:.3f}; ECE after {ft_eval['ece']:.4f}, "
+                f"{ft['train_images_per_second']:.1f} img/s training; ECE after {ft_eval['ece']:.4f}, "
                 f"most confident mistake p = {ft_eval['max_wrong_probability']}",
             ),
         ]
@@ -469,11 +468,7 @@ def bench_accuracy(quick: bool) -> dict:
             "grid": grid,
             "lr_find": found["suggestion"],
             "ece": evaluated["ece"],
-            "finetune": {
-                k: ft[k]
-                for k in ("accuracy", "before", "history", "train_images_per_second", "kept_epoch", "kept_by")
-                + ("temperature", "holdout_images")
-            },
+            "finetune": {k: ft[k] for k in ("accuracy", "before", "history", "train_images_per_second")},
             "finetune_wall_s": ft_wall,
             "finetune_ece": ft_eval["ece"],
         }
