@@ -236,7 +236,6 @@ class EpochTable:
     """fast.ai's per-epoch table, printed row by row as epochs end (logreg: a row per L2 strength tried)."""
 
     EPOCHS = ("epoch", "train_loss", "valid_loss", "accuracy", "time")
-    FINETUNE = ("epoch", "train_loss", "holdout_loss", "valid_loss", "accuracy", "time")
     STRENGTHS = ("l2", "cv_loss", "cv_accuracy", "time")
 
     def __init__(self, console: Console, columns: tuple[str, ...] = EPOCHS):
@@ -483,14 +482,9 @@ def finetune(
     ),
     keep_best: bool = typer.Option(
         True,
-        help="End with the weights of the epoch with the best holdout accuracy (valid's without a holdout), the "
-        "starting model included, so fine-tuning never hands back a worse model.",
-    ),
-    holdout: float = typer.Option(
-        0.1,
-        help="Fraction of train/ kept out of training (one of round(1/f) stratified folds): it chooses the kept "
-        "epoch and refits the temperature, so valid/ is never used to choose. 0: none (then valid chooses, and "
-        "the head's temperature stays).",
+        help="End with the weights of the epoch with the best valid accuracy, the "
+        "starting model included, so fine-tuning never hands back a worse model "
+        "(it chooses by valid: judge the result on another split).",
     ),
     batch_size: int = typer.Option(32, help="Images per step."),
     seed: int = typer.Option(0, help="Seed of the order, augmentation and dropout."),
@@ -524,10 +518,9 @@ def finetune(
         train_size=train_size,
         label_smoothing=label_smoothing,
         keep_best=keep_best,
-        holdout=holdout,
     )
     out_dir = out_dir or Path("runs") / f"ft-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    table = EpochTable(err if as_json else out, EpochTable.FINETUNE if holdout else EpochTable.EPOCHS)
+    table = EpochTable(err if as_json else out)
     if int(os.environ.get("RANK", "0")) == 0:
         table.header()
     with progress_bar("finetune", unit="step") as update:
@@ -538,18 +531,11 @@ def finetune(
         _print_json(result)
         return
     before = result["before"] or {}
-    kept, by = result.get("kept_epoch"), result.get("kept_by")
-    kept_note = (
-        ""
-        if kept is None
-        else f" (the starting model: no epoch beat it on {by})"
-        if kept < 0
-        else f" (epoch {kept}, the best on {by})"
-    )
-    after = result["accuracy"] if result["accuracy"] is not None else float("nan")
+    kept = result.get("kept_epoch")
+    kept_note = "" if kept is None else " (the starting model: no epoch beat it)" if kept < 0 else f" (epoch {kept})"
     out.print(
-        f"valid accuracy {before.get('accuracy', float('nan')):.4f} before, {after:.4f} after{kept_note}; "
-        f"temperature {result['temperature']:.3f}; "
+        f"valid accuracy {before.get('accuracy', float('nan')):.4f} before, {result['accuracy']:.4f} after"
+        f"{kept_note}; "
         f"{result['train_images_per_second']:.1f} img/s; weights, config.json, metrics.json, curves.png in "
         f"{result['run']}",
         highlight=False,

@@ -17,7 +17,7 @@ from stages.backbones import file_sha256, resolve_precision
 from stages.decode import batch_memory_bytes, resolve_device
 from stages.errors import PipelineError, check_memory
 from stages.files import scan_dataset
-from stages.finetune import FinetuneConfig, Finetuner, Ranks, read_checkpoint, split_holdout
+from stages.finetune import FinetuneConfig, Finetuner, Ranks, read_checkpoint
 from stages.head import load_head
 from stages.model import backbone_for
 from stages.rundir import BACKBONE_WEIGHTS, HEAD_WEIGHTS, write_run, write_weights
@@ -64,7 +64,6 @@ def finetune(
     if train is None:
         raise PipelineError(f"{data_dir} has no train/ images to fine-tune on")
     cfg.validate()
-    train, holdout = split_holdout(*train, cfg.holdout, cfg.seed)
     check_memory(
         f"--batch-size {cfg.batch_size}",
         batch_memory_bytes(cfg.batch_size // shard.count, 1, backbone.preprocessing.size, training=True),
@@ -76,16 +75,14 @@ def finetune(
     if state is not None:
         tuner.restore(state, steps_per_epoch)
     with torch_threads(threads or cpu_count() // shard.local_count):
-        if state is None:
-            tuner.before = tuner.measure(valid, holdout)
+        if state is None and valid:
+            tuner.before = tuner.evaluate(*valid)
             if cfg.keep_best:
                 tuner.remember_if_best(-1, tuner.before)
         started = time.perf_counter()
-        tuner.fit(train, valid, holdout, on_epoch=on_epoch, on_step=on_step)
+        tuner.fit(train, valid, on_epoch=on_epoch, on_step=on_step)
         seconds = time.perf_counter() - started
-        kept = tuner.restore_best()
-        temperature = tuner.calibrate(holdout) if holdout else float(tuner.model.head.temperature)
-        final = tuner.measure(valid, None)  # the model handed over: kept epoch, refitted temperature
+    kept = tuner.restore_best()
     if shard.index != 0:
         return {"run": str(out), "rank": shard.index, "quiet": True}
     write_weights(out, {BACKBONE_WEIGHTS: tuner.model.backbone.architecture_state_dict()})
@@ -104,16 +101,14 @@ def finetune(
         "feature_set": feature_set,
         "created": datetime.now().isoformat(timespec="seconds"),
     }
+    last = kept or (tuner.history[-1] if tuner.history else {})
     images = len(train[0]) * (cfg.epochs - (state["epoch"] if state is not None else 0))
     metrics = {
         "history": tuner.history,
-        "before": tuner.before or None,
+        "before": tuner.before,
         "kept_epoch": kept["epoch"] if kept else None,
-        "kept_by": kept["by"] if kept else None,
-        "holdout_images": len(holdout[0]) if holdout else 0,
-        "temperature": temperature,
-        "accuracy": final.get("accuracy"),
-        "valid_loss": final.get("valid_loss"),
+        "accuracy": last.get("accuracy"),
+        "valid_loss": last.get("valid_loss"),
         "train_seconds": seconds,
         "train_images_per_second": images / seconds if seconds else None,
     }

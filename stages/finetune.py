@@ -15,7 +15,6 @@ from torch import nn
 
 from stages.atomic import atomic_output
 from stages.backbones import PRECISIONS, Backbone
-from stages.calibration import fit_temperature, image_folds
 from stages.decode import Augmentation, ImageDecoder
 from stages.errors import SEED_MAX, PipelineError, check_range
 from stages.files import read_image_file
@@ -42,10 +41,7 @@ class FinetuneConfig:
     label_smoothing: float = 0.1  # measured on flowers5: 81.5 % vs 79.8 %, worst mistake p 0.969 vs 0.9996
     crop_area: float = 0.8  # smallest area of a random-resized crop (measured on flowers5: 0.8 beat 0.5)
     train_size: int | None = None  # side of the training crops; None: the backbone's input size
-    keep_best: bool = True  # end with the best epoch's weights (by holdout accuracy, else valid), the start included
-    holdout: float = (
-        0.1  # fraction (1/k) of train images kept out of training: they choose the epoch, fit the temperature
-    )
+    keep_best: bool = True  # end with the best epoch's weights by valid accuracy, the start included
 
     def validate(self) -> None:
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -60,8 +56,6 @@ class FinetuneConfig:
             raise PipelineError(f"--label-smoothing {self.label_smoothing} is out of range; give a fraction in [0, 1)")
         if not 0 < self.crop_area <= 1:
             raise PipelineError(f"--crop-area {self.crop_area} is out of range; give a fraction in (0, 1]")
-        if not 0 <= self.holdout <= 0.5:
-            raise PipelineError(f"--holdout {self.holdout} is out of range; give a fraction from 0 to 0.5 (0: none)")
         if self.train_size is not None:
             check_range("--train-size", self.train_size, 32, 1024)
         for option, value, low, high in (
@@ -182,46 +176,21 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def collect_logits(model: nn.Module, batches, labels_of: Callable, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of decoded batches of the plain view."""
-    model.eval()
-    logits, labels = [], []
-    for batch in batches:
-        if batch.keys:
-            with autocast():
-                logits.append(model(batch.images[:, 0].contiguous(memory_format=torch.channels_last)).float().cpu())
-            labels.append(labels_of(batch.keys).cpu())
-    if not logits:
-        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
-    return torch.cat(logits), torch.cat(labels)
-
-
 def evaluate(model: nn.Module, batches, labels_of: Callable, autocast, ranks: Ranks) -> dict:
     """Loss and accuracy on decoded batches of the plain view, summed over ranks."""
-    logits, y = collect_logits(model, batches, labels_of, autocast)
-    loss = F.cross_entropy(logits, y, reduction="sum").item() if len(y) else 0.0
-    correct = (logits.argmax(1) == y).sum().item() if len(y) else 0
-    loss, correct, seen = ranks.all_reduce([loss, correct, len(y)])
+    model.eval()
+    loss, correct, seen = 0.0, 0, 0
+    for batch in batches:
+        if not batch.keys:
+            continue
+        y = labels_of(batch.keys)
+        with autocast():
+            logits = model(batch.images[:, 0].contiguous(memory_format=torch.channels_last)).float()
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+    loss, correct, seen = ranks.all_reduce([loss, correct, seen])
     return {"valid_loss": loss / max(1, seen), "accuracy": correct / max(1, seen)}
-
-
-def split_holdout(
-    files: list[str], labels: np.ndarray, fraction: float, seed: int
-) -> tuple[tuple[list[str], np.ndarray], tuple[list[str], np.ndarray] | None]:
-    """Train images split into those trained on and a stratified holdout of about `fraction` of them (one of
-    round(1/fraction) folds by a hash of seed and path: the same files on every run and resume). A class with fewer
-    images than folds keeps them all for training; no holdout at all is None."""
-    if fraction == 0:
-        return (files, labels), None
-    k = max(2, round(1 / fraction))
-    held = image_folds(files, labels, k, seed) == k - 1  # the last fold: filled only once a class has k images
-    if not held.any():
-        return (files, labels), None
-    kept = ~held
-    return ([f for f, h in zip(files, held) if not h], labels[kept]), (
-        [f for f, h in zip(files, held) if h],
-        labels[held],
-    )
 
 
 def save_checkpoint(path: Path, state: dict) -> Path:
@@ -256,7 +225,7 @@ class Finetuner:
         )
         self.scheduler = None
         self.epoch, self.step = 0, 0
-        self.before: dict | None = None  # valid (and holdout) metrics before any training step
+        self.before: dict | None = None  # valid metrics before any training step
         self.history: list[dict] = []
         self.step_losses: list[float] = []
         self.best: dict | None = None  # with keep_best: the best epoch's metrics and weights
@@ -313,35 +282,14 @@ class Finetuner:
             self.forward, self._wrapped_for = DistributedDataParallel(self.model), trainable
 
     def evaluate(self, files: list[str], labels: np.ndarray) -> dict:
-        """Loss and accuracy on the plain view (each rank a strided share of the files)."""
+        """Valid loss and accuracy on the plain view (each rank a strided share of the files)."""
         batches = self._batches(files, range(self.ranks.rank, len(files), self.ranks.world), train=False)
         return evaluate(self.model, batches, self._labels_of(files, labels), self.autocast, self.ranks)
-
-    def measure(self, valid, holdout) -> dict:
-        """valid_loss and accuracy on valid, holdout_loss and holdout_accuracy on the holdout (those there are)."""
-        row = self.evaluate(*valid) if valid else {}
-        if holdout:
-            held = self.evaluate(*holdout)
-            row.update(holdout_loss=held["valid_loss"], holdout_accuracy=held["accuracy"])
-        return row
-
-    def calibrate(self, holdout: tuple[list[str], np.ndarray]) -> float:
-        """Refit the head's temperature on the holdout's logits (every rank computes all of them, so all agree):
-        training moves the model's confidence, and the temperature fitted before it no longer fits."""
-        files, labels = holdout
-        self.model.head.temperature.fill_(1.0)
-        batches = self._batches(files, range(len(files)), train=False)
-        temperature = fit_temperature(
-            *collect_logits(self.model, batches, self._labels_of(files, labels), self.autocast)
-        )
-        self.model.head.temperature.fill_(temperature)
-        return temperature
 
     def fit(
         self,
         train: tuple[list[str], np.ndarray],
         valid: tuple[list[str], np.ndarray] | None,
-        holdout: tuple[list[str], np.ndarray] | None = None,
         on_epoch: Callable[[dict], None] | None = None,
         on_step: Callable[[int, int], None] | None = None,
     ) -> None:
@@ -389,10 +337,11 @@ class Finetuner:
                 "epoch": self.epoch,
                 "train_loss": float(np.mean(self.step_losses[-steps_per_epoch:])) if self.step_losses else float("nan"),
             }
-            row.update(self.measure(valid, holdout))
+            if valid is not None:
+                row.update(self.evaluate(*valid))
             row["time"] = time.perf_counter() - started
             self.history.append(row)
-            if self.cfg.keep_best:
+            if self.cfg.keep_best and valid is not None:
                 self.remember_if_best(self.epoch, row)
             self.epoch, self.step = self.epoch + 1, 0
             self.save_checkpoint()
@@ -400,28 +349,20 @@ class Finetuner:
                 on_epoch(row)
 
     def remember_if_best(self, epoch: int, metrics: dict) -> None:
-        """Keep a copy of the weights when their accuracy is the best so far (ties: lower loss), judged on the
-        holdout when there is one, else on valid; epoch -1 is the model fine-tuning starts from."""
-        if "holdout_accuracy" in metrics:
-            by, accuracy, loss = "holdout", metrics["holdout_accuracy"], metrics["holdout_loss"]
-        elif "accuracy" in metrics:
-            by, accuracy, loss = "valid", metrics["accuracy"], metrics["valid_loss"]
-        else:
-            return  # nothing to judge by
-        loss = loss if math.isfinite(loss) else float("inf")  # diverged: worst
+        """Keep a copy of the weights when their valid accuracy is the best so far (ties: lower valid loss);
+        epoch -1 is the model fine-tuning starts from."""
         best = self.best
-        if best is None or (accuracy, -loss) > (best["accuracy"], -best["loss"]):
+        loss = metrics["valid_loss"] if math.isfinite(metrics["valid_loss"]) else float("inf")  # diverged: worst
+        if best is None or (metrics["accuracy"], -loss) > (best["accuracy"], -best["valid_loss"]):
             self.best = {
                 "epoch": epoch,
-                "by": by,
-                "accuracy": accuracy,
-                "loss": loss,
+                "accuracy": metrics["accuracy"],
+                "valid_loss": loss,
                 "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
             }
 
     def restore_best(self) -> dict | None:
-        """Load the kept weights (keep_best) and return their epoch, the split that chose them and its metrics;
-        None without keep_best."""
+        """Load the kept weights (keep_best) and return their epoch and metrics; None without keep_best."""
         if self.best is None:
             return None
         self.model.load_state_dict(self.best["model"])

@@ -53,20 +53,6 @@ def split(data, name):
     return files, np.asarray([0 if "/a/" in f else 1 for f in files])
 
 
-def test_holdout_is_a_stratified_fold_of_train_that_never_takes_a_small_class():
-    from stages.finetune import split_holdout
-
-    files = [f"train/{c}/{i}.jpg" for c in "abc" for i in range(40 if c != "c" else 5)]
-    labels = np.asarray([0] * 40 + [1] * 40 + [2] * 5)
-    (kept, kept_labels), (held, held_labels) = split_holdout(files, labels, 0.1, seed=0)
-    assert np.bincount(held_labels, minlength=3).tolist() == [4, 4, 0]  # c has fewer images than the 10 folds
-    assert sorted(kept + held) == sorted(files) and not set(kept) & set(held)
-    assert [labels[files.index(f)] for f in kept] == kept_labels.tolist()
-    assert split_holdout(files[::-1], labels[::-1], 0.1, seed=0)[1][0] == sorted(held, key=files[::-1].index)
-    assert split_holdout(files, labels, 0.1, seed=1)[1][0] != held  # another seed, another holdout
-    assert split_holdout(files, labels, 0, seed=0) == ((files, labels), None)
-
-
 def test_full_model_equals_head_on_cached_features(tiny, tmp_path):
     from store.reader import FeatureStore
 
@@ -170,24 +156,9 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(tiny, tmp_path, where):
 def test_cli_finetune_then_predict_and_featurize_again(tiny, tmp_path):
     data, head_dir = tiny
     result = run_json(
-        "finetune",
-        data,
-        "--head",
-        head_dir,
-        "--epochs",
-        "1",
-        "--batch-size",
-        "4",
-        "--holdout",
-        "0.34",
-        "--out",
-        tmp_path / "ft",
+        "finetune", data, "--head", head_dir, "--epochs", "1", "--batch-size", "4", "--out", tmp_path / "ft"
     )
     assert result["before"]["accuracy"] is not None and len(result["history"]) == 1
-    # A third of train (2 images of each class) held out: it chose the kept epoch and refitted the temperature.
-    assert result["holdout_images"] == 4 and result["kept_by"] == "holdout" and "holdout_loss" in result["history"][0]
-    head, _ = load_head(tmp_path / "ft")
-    assert float(head.temperature) == pytest.approx(result["temperature"]) and result["temperature"] != 1.0
     for name in (
         "backbone.safetensors",
         "head.safetensors",
