@@ -18,11 +18,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Two workers or more (pytest-xdist): most of the suite waits on CLI start-up, one core each; a module's tests and
+# the tests on the featurized real photos each stay on one worker (tests/conftest.py).
+PYTEST := $(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadgroup
+
 test: lint
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-quick: lint
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs/demo

@@ -76,6 +76,14 @@ def run_json(*args) -> dict:
     return json.loads(run_cli(*args, "--json").stdout)
 
 
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (make test runs two workers): a module's tests stay together, so its module fixtures are
+    built once, and every test on the featurized real photos shares one worker, so they are featurized once."""
+    for item in items:
+        group = "dogscats" if "dogscats_store" in getattr(item, "fixturenames", ()) else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def dogscats_store(tmp_path_factory):
     """The real dogs-vs-cats photos featurized once per session with default settings: (store, summary)."""
