@@ -179,11 +179,15 @@ def test_folds_keep_an_images_views_together_and_are_stratified():
 def test_temperature_and_calibration_error():
     rng = np.random.default_rng(0)
     labels = torch.from_numpy(rng.integers(0, 3, 4000))
-    honest = torch.randn(4000, 3) + 1.5 * torch.nn.functional.one_hot(labels, 3)
+    # Its own generator: under pytest-xdist the global RNG's state depends on which tests ran before on the worker.
+    noise = torch.randn(4000, 3, generator=torch.Generator().manual_seed(0))
+    honest = noise + 1.5 * torch.nn.functional.one_hot(labels, 3)
     assert fit_temperature(honest * 4, labels) == pytest.approx(4 * fit_temperature(honest, labels), rel=0.02)
     over = (honest * 4).softmax(1).numpy()
     fixed = (honest * 4 / fit_temperature(honest * 4, labels)).softmax(1).numpy()
-    assert expected_calibration_error(fixed, labels.numpy()) < 0.02 < expected_calibration_error(over, labels.numpy())
+    # Over-confident: 0.145; refitted: 0.018 here, and 0.011-0.025 over other draws of 4000 (sampling noise).
+    assert expected_calibration_error(fixed, labels.numpy()) < 0.03
+    assert expected_calibration_error(over, labels.numpy()) > 0.1
     # ECE by hand: two bins used, confidence 0.9 with accuracy 1/2, confidence 0.6 with accuracy 1
     probs = np.asarray([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
     assert expected_calibration_error(probs, np.asarray([0, 1, 0, 0])) == pytest.approx(0.5 * 0.4 + 0.5 * 0.4)
