@@ -76,7 +76,7 @@ class FeatureRunner:
     def __init__(self, module: nn.Module, device: str, precision: str):
         self.module = module
         self.device = torch.device(device)
-        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.dtype = _dtype(precision)
         self.autocast = precision == "bf16" and self.device.type != "cpu"
 
     @classmethod
@@ -85,7 +85,7 @@ class FeatureRunner:
         model = model.to(device=torch.device(device), memory_format=torch.channels_last).eval()
         if torch.device(device).type != "cpu":
             return cls(model, device, precision)
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        dtype = _dtype(precision)
         return cls(_freeze(model, dtype, input_size) or model.to(dtype), device, precision)
 
     @classmethod
@@ -113,6 +113,10 @@ class FeatureRunner:
             if not self.autocast:
                 images = images.to(self.dtype)
             return self.module(images).float()
+
+
+def _dtype(precision: str) -> torch.dtype:
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def _freeze(model: nn.Module, dtype: torch.dtype, size: int) -> torch.jit.ScriptModule | None:
@@ -150,12 +154,17 @@ def _traces() -> Path:
     return cache_dir() / "traces"
 
 
+def _trace_file(key: str, digest: str) -> Path:
+    """A cached trace is named KEY.SHA256.pt: what it is for, and the hash its bytes must have."""
+    return _traces() / f"{key}.{digest}.pt"
+
+
 def _load_trace(key: str) -> torch.jit.ScriptModule | None:
-    """The cached trace of a key, if its bytes still hash to the digest in its name (KEY.SHA256.pt)."""
+    """The cached trace of a key, if its bytes still hash to the digest in its name."""
     for path in _traces().glob(f"{key}.*.pt"):
         try:
             data = path.read_bytes()
-            if hashlib.sha256(data).hexdigest() != path.name.split(".")[1]:
+            if _trace_file(key, hashlib.sha256(data).hexdigest()) != path:
                 continue
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -179,7 +188,7 @@ def _save_trace(key: str, module: torch.jit.ScriptModule) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob(f"{key}.*.pt"):
             stale.unlink(missing_ok=True)
-        with atomic_output(folder / f"{key}.{hashlib.sha256(data).hexdigest()}.pt") as tmp:
+        with atomic_output(_trace_file(key, hashlib.sha256(data).hexdigest())) as tmp:
             tmp.write_bytes(data)
         traces = [p for p in folder.glob("*.pt") if not p.name.startswith(".")]  # not another writer's temporary
         kept = sorted(traces, key=lambda p: p.stat().st_mtime, reverse=True)
