@@ -486,6 +486,12 @@ def finetune(
         "starting model included, so fine-tuning never hands back a worse model "
         "(it chooses by valid: judge the result on another split).",
     ),
+    calibration_pct: float = typer.Option(
+        0.1,
+        help="Fraction of train/ (per class) left out of the head and of fine-tuning, to fit the temperature on "
+        "(0 to 0.5; 0 keeps the head's temperature). Needs the head's feature store, to fit the head again "
+        "without those images.",
+    ),
     batch_size: int = typer.Option(32, help="Images per step."),
     seed: int = typer.Option(0, help="Seed of the order, augmentation and dropout."),
     precision: str = typer.Option(
@@ -518,6 +524,7 @@ def finetune(
         train_size=train_size,
         label_smoothing=label_smoothing,
         keep_best=keep_best,
+        calibration_pct=calibration_pct,
     )
     out_dir = out_dir or Path("runs") / f"ft-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     table = EpochTable(err if as_json else out)
@@ -536,7 +543,12 @@ def finetune(
     out.print(
         f"valid accuracy {before.get('accuracy', float('nan')):.4f} before, {result['accuracy']:.4f} after"
         f"{kept_note}; "
-        f"{result['train_images_per_second']:.1f} img/s; weights, config.json, metrics.json, curves.png in "
+        + (
+            f"temperature {result['temperature']:.3f} fitted on {result['calibration_images']} held-out train images; "
+            if result["calibration_images"]
+            else ""
+        )
+        + f"{result['train_images_per_second']:.1f} img/s; weights, config.json, metrics.json, curves.png in "
         f"{result['run']}",
         highlight=False,
     )

@@ -13,18 +13,19 @@ import numpy as np
 from pipeline.distributed import current_shard
 from pipeline.plots import plot_training_curves
 from pipeline.runtime import available_memory, cpu_count, torch_threads
+from pipeline.train_head import refit_head
 from stages.backbones import file_sha256, resolve_precision
 from stages.decode import batch_memory_bytes, resolve_device
 from stages.errors import PipelineError, check_memory
 from stages.files import scan_dataset
-from stages.finetune import FinetuneConfig, Finetuner, Ranks, read_checkpoint
+from stages.finetune import FinetuneConfig, Finetuner, Ranks, calibration_images, read_checkpoint
 from stages.head import load_head
 from stages.model import backbone_for
 from stages.rundir import BACKBONE_WEIGHTS, HEAD_WEIGHTS, write_run, write_weights
 
 
-def _split(dataset, name: str) -> tuple[list[str], np.ndarray] | None:
-    files = dataset.splits.get(name)
+def _split(dataset, name: str, keep=None) -> tuple[list[str], np.ndarray] | None:
+    files = [f for i, f in enumerate(dataset.splits.get(name) or []) if keep is None or keep[i]]
     if not files:
         return None
     return [str(dataset.root / f.path) for f in files], np.asarray([f.label for f in files])
@@ -60,10 +61,18 @@ def finetune(
             f"classes of {data_dir} ({', '.join(dataset.classes)}) differ from those of {head_dir} "
             f"({', '.join(head_config['classes'])}); fine-tune on the data the head was trained for"
         )
-    train, valid = _split(dataset, "train"), _split(dataset, "valid")
+    cfg.validate()
+    train_files = dataset.splits.get("train") or []
+    held = calibration_images(
+        [f.path for f in train_files], np.asarray([f.label for f in train_files]), cfg.calibration_pct, cfg.seed
+    )
+    train, calibration = _split(dataset, "train", ~held), _split(dataset, "train", held)
+    valid = _split(dataset, "valid")
     if train is None:
         raise PipelineError(f"{data_dir} has no train/ images to fine-tune on")
-    cfg.validate()
+    if calibration is not None and state is None:
+        # The head saw every train image: fitted again without the held-out ones, they judge the temperature fairly.
+        head = refit_head(head_dir, head_config, {f.path for f, h in zip(train_files, held) if h}, threads)
     check_memory(
         f"--batch-size {cfg.batch_size}",
         batch_memory_bytes(cfg.batch_size // shard.count, 1, backbone.preprocessing.size, training=True),
@@ -85,6 +94,10 @@ def finetune(
     kept = tuner.restore_best()
     if shard.index != 0:
         return {"run": str(out), "rank": shard.index, "quiet": True}
+    temperature = None
+    if calibration is not None:
+        with torch_threads(threads or cpu_count() // shard.local_count):
+            temperature = tuner.calibrate(*calibration)
     write_weights(out, {BACKBONE_WEIGHTS: tuner.model.backbone.architecture_state_dict()})
     feature_set = {
         **head_config["feature_set"],
@@ -107,6 +120,8 @@ def finetune(
         "history": tuner.history,
         "before": tuner.before,
         "kept_epoch": kept["epoch"] if kept else None,
+        "temperature": float(tuner.model.head.temperature),
+        "calibration_images": len(calibration[0]) if calibration and temperature is not None else 0,
         "accuracy": last.get("accuracy"),
         "valid_loss": last.get("valid_loss"),
         "train_seconds": seconds,

@@ -46,13 +46,22 @@ class CachedFeatures:
     valid: SplitFeatures | None
     views_in_store: int
     memory_limit: int
+    excluded: frozenset[str] = frozenset()  # train images (paths in the store) no head is fitted on
 
     @property
     def classes(self) -> list[str]:
         return self.feature_set.classes
 
+    def excluding(self, paths: set[str]) -> CachedFeatures:
+        """The same features with these train images left out of every fit."""
+        return replace(self, excluded=self.excluded | frozenset(paths))
+
     def train_rows(self, views: int) -> SplitFeatures:
-        return self.train.select(select_rows(self.feature_set.column("train", "view"), views))
+        rows = select_rows(self.feature_set.column("train", "view"), views)
+        if self.excluded:
+            paths = self.feature_set.column("train", "paths")
+            rows = rows[[paths[r] not in self.excluded for r in rows]]
+        return self.train.select(rows)
 
     def folds(self, rows: SplitFeatures, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """Per selected train row: its cross-validation fold (by image, stratified) and whether it is a plain view."""
@@ -230,6 +239,27 @@ def fit_head(
     if cfg.calibrate:
         head.temperature.fill_(fit_temperature(*out_of_fold_logits(rows, folds, plain, cfg, num_classes)))
     return head, cfg, history, steps
+
+
+def refit_head(run_dir: Path, config: dict, exclude: set[str], threads: int | None = None) -> Head:
+    """A train-head run's head fitted again on its store with its recorded settings (logreg: its chosen l2),
+    leaving out the train images `exclude` (paths as in the store); uncalibrated, for the caller to calibrate on
+    what it left out."""
+    recorded = config["feature_set"]
+    store_path = Path(recorded.get("store") or "")
+    if not recorded.get("store") or not store_path.is_file():
+        raise PipelineError(
+            f"{run_dir} was not trained on a feature store that is still here ({recorded.get('store')}): it is "
+            "needed to fit the head again without the calibration images; restore it, or pass --calibration-pct 0 "
+            "to keep the head's temperature"
+        )
+    cfg = replace(TrainConfig(**config["train"]), calibrate=False)
+    with FeatureStore(store_path) as store:
+        cached = load_cached_features(store, recorded.get("set"))
+        check_compatible(config, cached.feature_set, run_dir)
+        with torch_threads(head_threads(threads)):
+            head, *_ = fit_head(cached.excluding(exclude), cfg)
+    return head
 
 
 def train_grid(

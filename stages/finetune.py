@@ -15,6 +15,7 @@ from torch import nn
 
 from stages.atomic import atomic_output
 from stages.backbones import PRECISIONS, Backbone
+from stages.calibration import fit_temperature, image_folds
 from stages.decode import Augmentation, ImageDecoder
 from stages.errors import SEED_MAX, PipelineError, check_range
 from stages.files import read_image_file
@@ -42,6 +43,7 @@ class FinetuneConfig:
     crop_area: float = 0.8  # smallest area of a random-resized crop (measured on flowers5: 0.8 beat 0.5)
     train_size: int | None = None  # side of the training crops; None: the backbone's input size
     keep_best: bool = True  # end with the best epoch's weights by valid accuracy, the start included
+    calibration_pct: float = 0.1  # train images left out of the head and of fine-tuning, for the temperature
 
     def validate(self) -> None:
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -56,6 +58,11 @@ class FinetuneConfig:
             raise PipelineError(f"--label-smoothing {self.label_smoothing} is out of range; give a fraction in [0, 1)")
         if not 0 < self.crop_area <= 1:
             raise PipelineError(f"--crop-area {self.crop_area} is out of range; give a fraction in (0, 1]")
+        if not 0 <= self.calibration_pct <= 0.5:
+            raise PipelineError(
+                f"--calibration-pct {self.calibration_pct} is out of range; give a fraction in [0, 0.5] (0 keeps "
+                "the head's temperature)"
+            )
         if self.train_size is not None:
             check_range("--train-size", self.train_size, 32, 1024)
         for option, value, low, high in (
@@ -80,6 +87,14 @@ class FullModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
+
+
+def calibration_images(paths: list[str], labels: np.ndarray, pct: float, seed: int) -> np.ndarray:
+    """Mask of the train images held out for the temperature: about pct of each class (one fold of
+    round(1/pct), by stable hash of the path), so a resumed run holds out the same images."""
+    if pct == 0 or not len(paths):
+        return np.zeros(len(paths), dtype=bool)
+    return image_folds(paths, labels, round(1 / pct), seed) == 0
 
 
 def layer_groups(model: FullModel) -> list[list[nn.Parameter]]:
@@ -133,11 +148,20 @@ class Ranks:
         dist.all_reduce(tensor)
         return tensor.tolist()
 
-    def share(self, order: list[int], batch_size: int) -> list[int]:
-        """This rank's slice of every global batch of `order` (all of it in one process)."""
-        size = batch_size // self.world
-        start = self.rank * size
-        return [i for s in range(0, len(order), batch_size) for i in order[s + start : s + start + size]]
+    def share(self, order: list[int], batch_size: int, first_step: int = 0) -> list[int]:
+        """This rank's slice of every global batch of `order` from `first_step` on (all of it in one process).
+
+        Every rank takes a step for every global batch, as DDP's collectives need: a last batch too small for the
+        ranks is split as evenly as it goes, topped up from the epoch's first images when it has fewer than ranks.
+        """
+        mine = []
+        for start in range(first_step * batch_size, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            if len(batch) < self.world:
+                batch = batch + (order * self.world)[: self.world - len(batch)]
+            bounds = [len(batch) * r // self.world for r in (self.rank, self.rank + 1)]
+            mine += batch[bounds[0] : bounds[1]]
+        return mine
 
 
 class Diverged(Exception):
@@ -176,19 +200,25 @@ def train_one_epoch(
 
 
 @torch.no_grad()
+def plain_logits(model: nn.Module, batches, labels_of: Callable, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits and the labels of decoded batches of the plain view (None when nothing decoded)."""
+    model.eval()
+    logits, labels = [], []
+    for batch in batches:
+        if batch.keys:
+            labels.append(labels_of(batch.keys))
+            with autocast():
+                logits.append(model(batch.images[:, 0].contiguous(memory_format=torch.channels_last)).float())
+    return (torch.cat(logits), torch.cat(labels)) if logits else (None, None)
+
+
 def evaluate(model: nn.Module, batches, labels_of: Callable, autocast, ranks: Ranks) -> dict:
     """Loss and accuracy on decoded batches of the plain view, summed over ranks."""
-    model.eval()
+    logits, y = plain_logits(model, batches, labels_of, autocast)
     loss, correct, seen = 0.0, 0, 0
-    for batch in batches:
-        if not batch.keys:
-            continue
-        y = labels_of(batch.keys)
-        with autocast():
-            logits = model(batch.images[:, 0].contiguous(memory_format=torch.channels_last)).float()
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-        seen += len(y)
+    if logits is not None:
+        loss = F.cross_entropy(logits, y, reduction="sum").item()
+        correct, seen = (logits.argmax(1) == y).sum().item(), len(y)
     loss, correct, seen = ranks.all_reduce([loss, correct, seen])
     return {"valid_loss": loss / max(1, seen), "accuracy": correct / max(1, seen)}
 
@@ -286,6 +316,18 @@ class Finetuner:
         batches = self._batches(files, range(self.ranks.rank, len(files), self.ranks.world), train=False)
         return evaluate(self.model, batches, self._labels_of(files, labels), self.autocast, self.ranks)
 
+    @torch.no_grad()
+    def calibrate(self, files: list[str], labels: np.ndarray) -> float | None:
+        """Fit the head's temperature on images neither the head nor fine-tuning trained on (plain view, this
+        process alone); None, the temperature unchanged, when none of them decoded."""
+        temperature = self.model.head.temperature
+        kept = float(temperature)
+        temperature.fill_(1.0)
+        batches = self._batches(files, range(len(files)), train=False)
+        logits, y = plain_logits(self.model, batches, self._labels_of(files, labels), self.autocast)
+        temperature.fill_(kept if logits is None else fit_temperature(logits, y))
+        return None if logits is None else float(temperature)
+
     def fit(
         self,
         train: tuple[list[str], np.ndarray],
@@ -303,9 +345,7 @@ class Finetuner:
         while self.epoch < self.cfg.epochs:
             started = time.perf_counter()
             self._train_mode(self.epoch)
-            order = self.ranks.share(
-                self.epoch_order(files, self.epoch)[self.step * self.cfg.batch_size :], self.cfg.batch_size
-            )
+            order = self.ranks.share(self.epoch_order(files, self.epoch), self.cfg.batch_size, self.step)
             batches = self._batches(files, order, train=True, epoch=self.epoch)
             try:
                 for loss in train_one_epoch(

@@ -8,7 +8,7 @@ from conftest import make_images, run_json
 
 from stages.decode import ImageDecoder
 from stages.errors import PipelineError
-from stages.finetune import FinetuneConfig, Finetuner, group_learning_rates, read_checkpoint
+from stages.finetune import FinetuneConfig, Finetuner, calibration_images, group_learning_rates, read_checkpoint
 from stages.head import load_head
 from stages.model import backbone_for
 
@@ -159,6 +159,8 @@ def test_cli_finetune_then_predict_and_featurize_again(tiny, tmp_path):
         "finetune", data, "--head", head_dir, "--epochs", "1", "--batch-size", "4", "--out", tmp_path / "ft"
     )
     assert result["before"]["accuracy"] is not None and len(result["history"]) == 1
+    # One image per class held out (one fold of ten, dealt per class): the temperature is fitted on them.
+    assert result["calibration_images"] == 2 and result["temperature"] > 0
     for name in (
         "backbone.safetensors",
         "head.safetensors",
@@ -325,3 +327,62 @@ def test_label_smoothing_softens_the_training_targets(tiny, tmp_path):
     assert smoothed.step_losses[0] > plain.step_losses[0]
     with pytest.raises(PipelineError, match="--label-smoothing 1.0 is out of range"):
         FinetuneConfig(label_smoothing=1.0).validate()
+
+
+def test_calibration_images_are_a_stable_share_of_each_class():
+    paths = [f"train/{c}/{i}.jpg" for c in "ab" for i in range(50)]
+    labels = np.repeat([0, 1], 50)
+    held = calibration_images(paths, labels, 0.1, seed=0)
+    assert held[:50].sum() == held[50:].sum() == 5
+    assert np.array_equal(held, calibration_images(paths, labels, 0.1, seed=0))
+    assert not np.array_equal(held, calibration_images(paths, labels, 0.1, seed=1))
+    assert calibration_images(paths, labels, 0.2, seed=0).sum() == 20
+    assert not calibration_images(paths, labels, 0.0, seed=0).any()
+    with pytest.raises(PipelineError, match="--calibration-pct 0.7 is out of range"):
+        FinetuneConfig(calibration_pct=0.7).validate()
+
+
+def test_refit_head_repeats_the_recorded_fit_without_the_left_out_images(tiny):
+    from pipeline.train_head import refit_head
+
+    _, head_dir = tiny
+    head, config = load_head(head_dir)
+    same = refit_head(head_dir, config, set())
+    assert all(torch.equal(a, b) for a, b in zip(same.classifier.parameters(), head.classifier.parameters()))
+    assert float(same.temperature) == 1.0  # uncalibrated: the caller fits it on what it left out
+    other = refit_head(head_dir, config, {"train/a/a_000.jpg", "train/b/b_000.jpg"})
+    assert not torch.equal(other.classifier[1].weight, head.classifier[1].weight)
+
+
+def test_cli_finetune_without_the_head_store_says_what_to_do(tiny, tmp_path):
+    from conftest import run_cli
+
+    data, head_dir = tiny
+    _, config = load_head(head_dir)
+    store = tmp_path / "gone.h5"
+    run_json("featurize", data, "--store", store, "--weights", config["feature_set"]["weights_path"], "--arch", ARCH)
+    run_json("train-head", "--store", store, "--out", tmp_path / "head")
+    store.unlink()
+    args = ["finetune", data, "--head", tmp_path / "head", "--epochs", "1", "--batch-size", "4"]
+    proc = run_cli(*args, "--out", tmp_path / "ft", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "gone.h5" in proc.stderr and "--calibration-pct 0" in proc.stderr
+    kept = run_json(*args, "--calibration-pct", "0", "--out", tmp_path / "ft0")
+    assert kept["calibration_images"] == 0
+    assert kept["temperature"] == pytest.approx(float(load_head(tmp_path / "head")[0].temperature))
+
+
+@pytest.mark.parametrize("images, batch, world", [(10, 4, 2), (9, 4, 2), (12, 8, 2), (5, 8, 4), (1, 4, 2)])
+def test_every_rank_takes_a_step_for_every_global_batch(images, batch, world):
+    from stages.finetune import Ranks
+
+    order = list(range(images))
+    shares = [Ranks(rank, world).share(order, batch) for rank in range(world)]
+    steps = -(-images // batch)
+    size = batch // world
+    for share in shares:  # a rank's list is cut into per-step batches of `size`: one per global batch
+        assert steps - 1 < len(share) / size <= steps and len(share) > (steps - 1) * size
+    taken = sorted(i for share in shares for i in share)
+    last = images - (steps - 1) * batch
+    assert set(taken) == set(order) and len(taken) == images + max(0, world - last)  # topped up to one per rank
+    assert Ranks(1, world).share(order, batch, first_step=1) == shares[1][size:]
