@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-from matplotlib.figure import Figure
-
 # Figures are built as objects and saved by file name (Agg renders a PNG): no pyplot, no process-wide backend.
+
+
+def _figure(**kwargs):
+    """A matplotlib Figure; matplotlib is imported here because only commands that draw should pay its 0.6 s."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
 
 
 def plot_training_curves(history: list[dict], step_losses: list[float], path: Path) -> Path:
     """Train loss per step and valid loss per epoch on the left, valid accuracy per epoch on the right."""
-    fig = Figure(figsize=(10, 4))
+    fig = _figure(figsize=(10, 4))
     left, right = fig.subplots(1, 2)
     steps_per_epoch = len(step_losses) / max(1, len(history))
     left.plot(
@@ -33,7 +37,7 @@ def plot_training_curves(history: list[dict], step_losses: list[float], path: Pa
 
 def plot_cv_path(path: list[dict], chosen: float | None, out: Path) -> Path:
     """logreg's cross-validation: out-of-fold loss and accuracy against the L2 strength, the choice marked."""
-    fig = Figure(figsize=(10, 4))
+    fig = _figure(figsize=(10, 4))
     left, right = fig.subplots(1, 2)
     strengths = [row["l2"] for row in path]
     left.plot(strengths, [row["cv_loss"] for row in path], "o-")
@@ -53,7 +57,7 @@ def plot_cv_path(path: list[dict], chosen: float | None, out: Path) -> Path:
 
 def plot_lr_find(result: dict, path: Path) -> Path:
     """Held-out and train loss of a fresh head per learning rate, on a log axis, the suggestion marked."""
-    fig = Figure(figsize=(7, 4.5))
+    fig = _figure(figsize=(7, 4.5))
     ax = fig.subplots()
     ax.plot(result["lrs"], result["held_out_loss"], "o-", label="held-out loss (a fold of train)")
     ax.plot(result["lrs"], result["train_loss"], "o-", alpha=0.4, label="train loss (last epoch)")
@@ -81,7 +85,7 @@ def plot_lr_find(result: dict, path: Path) -> Path:
 
 def plot_reliability(bins: list[dict], ece: float, path: Path) -> Path:
     """Reliability diagram: accuracy against confidence per bin (the diagonal is honest), image counts below."""
-    fig = Figure(figsize=(5.5, 6.5))
+    fig = _figure(figsize=(5.5, 6.5))
     top, bottom = fig.subplots(2, 1, gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
     filled = [b for b in bins if b["count"]]
     width = bins[0]["high"] - bins[0]["low"]
@@ -121,7 +125,7 @@ def plot_confusion_matrix(matrix: list[list[int]], classes: list[str], path: Pat
 
     m = np.asarray(matrix)
     size = max(4, 0.6 * len(classes) + 2)
-    fig = Figure(figsize=(size, size))
+    fig = _figure(figsize=(size, size))
     ax = fig.subplots()
     ax.imshow(m, cmap="Blues")
     ticks = range(len(classes))
@@ -150,7 +154,7 @@ def _thumbnail(path: Path, size: int = 160):
 def plot_image_grid(items: list[tuple[Path, str]], path: Path, title: str, columns: int = 3) -> Path:
     """Images with a caption each (fastai's plot_top_losses)."""
     rows = max(1, -(-len(items) // columns))
-    fig = Figure(figsize=(3.2 * columns, 3.4 * rows))
+    fig = _figure(figsize=(3.2 * columns, 3.4 * rows))
     axes = fig.subplots(rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
@@ -166,7 +170,7 @@ def plot_image_grid(items: list[tuple[Path, str]], path: Path, title: str, colum
 def plot_contact_sheet(samples: dict[str, list[Path]], path: Path, per_row: int = 8) -> Path:
     """One labelled row of sample images per class."""
     rows = max(1, len(samples))
-    fig = Figure(figsize=(1.6 * per_row, 1.8 * rows))
+    fig = _figure(figsize=(1.6 * per_row, 1.8 * rows))
     axes = fig.subplots(rows, per_row, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
@@ -181,8 +185,10 @@ def plot_contact_sheet(samples: dict[str, list[Path]], path: Path, per_row: int 
 
 def plot_feature_map(points, labels, classes: list[str], marks: dict[str, list[int]], path: Path) -> Path:
     """A 2-D map of the images coloured by class (grey: unlabelled), flagged rows marked by kind."""
-    fig = Figure(figsize=(8, 7))
+    fig = _figure(figsize=(8, 7))
     ax = fig.subplots()
+    import matplotlib
+
     colours = matplotlib.colormaps.get_cmap("tab10" if len(classes) <= 10 else "tab20")
     unlabelled = labels < 0
     if unlabelled.any():

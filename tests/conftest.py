@@ -72,6 +72,23 @@ def one_line_error(proc, *fragments):
         assert fragment in lines[0], (fragment, lines[0])
 
 
+def imported_modules(*args) -> set[str]:
+    """Top-level modules `pipeline ARGS` imports (python -X importtime), run as a user runs it."""
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "pipeline", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return {
+        line.rsplit("|", 1)[-1].strip().split(".")[0]
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+
+
 def run_json(*args) -> dict:
     return json.loads(run_cli(*args, "--json").stdout)
 

@@ -7,7 +7,7 @@ import shutil
 import h5py
 import numpy as np
 import pytest
-from conftest import make_images, one_line_error, png_bomb, run_cli, run_json
+from conftest import imported_modules, make_images, one_line_error, png_bomb, run_cli, run_json
 
 from store.writer import StoreLock
 
@@ -196,28 +196,6 @@ def test_a_file_swapped_with_its_size_and_mtime_restored_is_recomputed(small_set
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # size and mtime as before; ctime cannot be restored
     again = featurize(small_set, tmp_path / "s.h5")
     assert again["featurized"] + len(again["skipped"]) == 1 and again["reused"] == 20
-
-
-def imported_modules(*args) -> set[str]:
-    """Top-level modules `pipeline ARGS` imports (python -X importtime), run as a user runs it."""
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
-    proc = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "pipeline", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return {
-        line.rsplit("|", 1)[-1].strip().split(".")[0]
-        for line in proc.stderr.splitlines()
-        if line.startswith("import time:")
-    }
 
 
 @pytest.mark.slow
