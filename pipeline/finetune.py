@@ -70,9 +70,10 @@ def finetune(
     valid = _split(dataset, "valid")
     if train is None:
         raise PipelineError(f"{data_dir} has no train/ images to fine-tune on")
+    refitted = None
     if calibration is not None and state is None:
         # The head saw every train image: fitted again without the held-out ones, they judge the temperature fairly.
-        head = refit_head(head_dir, head_config, {f.path for f, h in zip(train_files, held) if h}, threads)
+        refitted = refit_head(head_dir, head_config, {f.path for f, h in zip(train_files, held) if h}, threads)
     check_memory(
         f"--batch-size {cfg.batch_size}",
         batch_memory_bytes(cfg.batch_size // shard.count, 1, backbone.preprocessing.size, training=True),
@@ -86,8 +87,10 @@ def finetune(
     with torch_threads(threads or cpu_count() // shard.local_count):
         if state is None and valid:
             tuner.before = tuner.evaluate(*valid)
-            if cfg.keep_best:
+            if cfg.keep_best:  # the head as given, with its own cross-validated temperature
                 tuner.remember_if_best(-1, tuner.before)
+        if refitted is not None:
+            tuner.model.head.load_state_dict(refitted.state_dict())
         started = time.perf_counter()
         tuner.fit(train, valid, on_epoch=on_epoch, on_step=on_step)
         seconds = time.perf_counter() - started
@@ -95,7 +98,7 @@ def finetune(
     if shard.index != 0:
         return {"run": str(out), "rank": shard.index, "quiet": True}
     temperature = None
-    if calibration is not None:
+    if calibration is not None and (kept is None or kept["epoch"] >= 0):
         with torch_threads(threads or cpu_count() // shard.local_count):
             temperature = tuner.calibrate(*calibration)
     write_weights(out, {BACKBONE_WEIGHTS: tuner.model.backbone.architecture_state_dict()})
