@@ -457,14 +457,18 @@ def bench_accuracy(quick: bool) -> dict:
                 f"temperature {default[0]['temperature']:.3f}",
             ),
             Row(
-                f"{name}: default finetune vs the head it starts from (refitted without the calibration images), "
-                "valid accuracy",
+                f"{name}: default finetune vs the head it starts from, valid accuracy",
                 ft["accuracy"],
                 ft["before"]["accuracy"],
                 "",
                 note=f"{ft_wall / 60:.1f} min wall, "
-                f"{ft['train_images_per_second']:.1f} img/s training; ECE after {ft_eval['ece']:.4f} (temperature "
-                f"{ft['temperature']:.3f} fitted on {ft['calibration_images']} held-out train images), "
+                f"{ft['train_images_per_second']:.1f} img/s training; ECE after {ft_eval['ece']:.4f} ("
+                + (
+                    f"temperature {ft['temperature']:.3f} fitted on {ft['calibration_images']} held-out train images"
+                    if ft["calibration_images"]
+                    else f"the starting head kept, with its own temperature {ft['temperature']:.3f}"
+                )
+                + "), "
                 f"most confident mistake p = {ft_eval['max_wrong_probability']}",
             ),
         ]
