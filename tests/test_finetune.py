@@ -391,3 +391,13 @@ def test_every_rank_takes_a_step_for_every_global_batch(images, batch, world):
     last = images - (steps - 1) * batch
     assert set(taken) == set(order) and len(taken) == images + max(0, world - last)  # topped up to one per rank
     assert Ranks(1, world).share(order, batch, first_step=1) == shares[1][size:]
+
+
+def test_cli_finetune_fits_the_temperature_on_the_held_out_images(tiny, tmp_path):
+    data, head_dir = tiny
+    result = run_json(
+        "finetune", data, "--head", head_dir, "--epochs", "1", "--batch-size", "4", "--no-keep-best", "--out", tmp_path
+    )
+    saved, _ = load_head(tmp_path)
+    assert result["kept_epoch"] is None and result["calibration_images"] == 2
+    assert float(saved.temperature) == pytest.approx(result["temperature"])  # saved where predict reads it
