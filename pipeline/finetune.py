@@ -15,10 +15,11 @@ from pipeline.plots import plot_training_curves
 from pipeline.runtime import available_memory, cpu_count, torch_threads
 from pipeline.train_head import refit_head
 from stages.backbones import file_sha256, resolve_precision
+from stages.calibration import held_out_images
 from stages.decode import batch_memory_bytes, resolve_device
 from stages.errors import PipelineError, check_memory
 from stages.files import scan_dataset
-from stages.finetune import FinetuneConfig, Finetuner, Ranks, calibration_images, read_checkpoint
+from stages.finetune import FinetuneConfig, Finetuner, Ranks, read_checkpoint
 from stages.head import load_head
 from stages.model import backbone_for
 from stages.rundir import BACKBONE_WEIGHTS, HEAD_WEIGHTS, write_run, write_weights
@@ -63,7 +64,7 @@ def finetune(
         )
     cfg.validate()
     train_files = dataset.splits.get("train") or []
-    held = calibration_images(
+    held = held_out_images(
         [f.path for f in train_files], np.asarray([f.label for f in train_files]), cfg.calibration_pct, cfg.seed
     )
     train, calibration = _split(dataset, "train", ~held), _split(dataset, "train", held)
@@ -81,10 +82,11 @@ def finetune(
         f"training on {cfg.batch_size // shard.count} images per step",
     )
     tuner = Finetuner(backbone, head, cfg, device, out, Ranks(shard.index, shard.count))
+    train_threads = threads or cpu_count() // shard.local_count
     steps_per_epoch = -(-len(train[0]) // cfg.batch_size)
     if state is not None:
         tuner.restore(state, steps_per_epoch)
-    with torch_threads(threads or cpu_count() // shard.local_count):
+    with torch_threads(train_threads):
         if state is None and valid:
             tuner.before = tuner.evaluate(*valid)
             if cfg.keep_best:  # the head as given, with its own cross-validated temperature
@@ -99,7 +101,7 @@ def finetune(
         return {"run": str(out), "rank": shard.index, "quiet": True}
     temperature = None
     if calibration is not None and (kept is None or kept["epoch"] >= 0):
-        with torch_threads(threads or cpu_count() // shard.local_count):
+        with torch_threads(train_threads):
             temperature = tuner.calibrate(*calibration)
     write_weights(out, {BACKBONE_WEIGHTS: tuner.model.backbone.architecture_state_dict()})
     feature_set = {

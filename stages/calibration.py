@@ -29,6 +29,14 @@ def image_folds(paths, labels: np.ndarray, k: int, seed: int) -> np.ndarray:
     return np.asarray([fold_of[p] for p in paths], dtype=np.int64)
 
 
+def held_out_images(paths, labels: np.ndarray, pct: float, seed: int) -> np.ndarray:
+    """Mask of the images held out for a temperature: about pct of each class (one fold of round(1/pct) of
+    image_folds), so a rerun with the same seed holds out the same images."""
+    if pct == 0 or not len(paths):
+        return np.zeros(len(paths), dtype=bool)
+    return image_folds(paths, labels, round(1 / pct), seed) == 0
+
+
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """The temperature T that minimizes the log loss of softmax(logits / T) (Guo et al., 2017).
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from stages.atomic import atomic_output
 from stages.backbones import PRECISIONS, Backbone
-from stages.calibration import fit_temperature, image_folds
+from stages.calibration import fit_temperature
 from stages.decode import Augmentation, ImageDecoder
 from stages.errors import SEED_MAX, PipelineError, check_range
 from stages.files import read_image_file
@@ -87,14 +87,6 @@ class FullModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
-
-
-def calibration_images(paths: list[str], labels: np.ndarray, pct: float, seed: int) -> np.ndarray:
-    """Mask of the train images held out for the temperature: about pct of each class (one fold of
-    round(1/pct), by stable hash of the path), so a resumed run holds out the same images."""
-    if pct == 0 or not len(paths):
-        return np.zeros(len(paths), dtype=bool)
-    return image_folds(paths, labels, round(1 / pct), seed) == 0
 
 
 def layer_groups(model: FullModel) -> list[list[nn.Parameter]]:

@@ -6,9 +6,10 @@ import timm
 import torch
 from conftest import make_images, run_json
 
+from stages.calibration import held_out_images
 from stages.decode import ImageDecoder
 from stages.errors import PipelineError
-from stages.finetune import FinetuneConfig, Finetuner, calibration_images, group_learning_rates, read_checkpoint
+from stages.finetune import FinetuneConfig, Finetuner, group_learning_rates, read_checkpoint
 from stages.head import load_head
 from stages.model import backbone_for
 
@@ -337,12 +338,12 @@ def test_label_smoothing_softens_the_training_targets(tiny, tmp_path):
 def test_calibration_images_are_a_stable_share_of_each_class():
     paths = [f"train/{c}/{i}.jpg" for c in "ab" for i in range(50)]
     labels = np.repeat([0, 1], 50)
-    held = calibration_images(paths, labels, 0.1, seed=0)
+    held = held_out_images(paths, labels, 0.1, seed=0)
     assert held[:50].sum() == held[50:].sum() == 5
-    assert np.array_equal(held, calibration_images(paths, labels, 0.1, seed=0))
-    assert not np.array_equal(held, calibration_images(paths, labels, 0.1, seed=1))
-    assert calibration_images(paths, labels, 0.2, seed=0).sum() == 20
-    assert not calibration_images(paths, labels, 0.0, seed=0).any()
+    assert np.array_equal(held, held_out_images(paths, labels, 0.1, seed=0))
+    assert not np.array_equal(held, held_out_images(paths, labels, 0.1, seed=1))
+    assert held_out_images(paths, labels, 0.2, seed=0).sum() == 20
+    assert not held_out_images(paths, labels, 0.0, seed=0).any()
     with pytest.raises(PipelineError, match="--calibration-pct 0.7 is out of range"):
         FinetuneConfig(calibration_pct=0.7).validate()
 
