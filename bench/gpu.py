@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.harness import REPO, Row, pipeline_cmd, report, run_json_command
+from bench.harness import REPO, Row, pipeline_cmd, report, run_json_command, torchrun_cmd
 
 SHARED = REPO.parent / "shared" / "data"
 
@@ -135,23 +134,7 @@ def bench_gpu(quick: bool) -> dict | None:
     )
 
     if gpus >= 2:
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "pipeline",
-            "featurize",
-            str(data),
-            "--store",
-            str(tmp / "ddp.h5"),
-            "--device",
-            "cuda",
-            "--batch-size",
-            "128",
-        ]
+        command = torchrun_cmd(2, "featurize", data, "--store", tmp / "ddp.h5", "--device", "cuda", "--batch-size", 128)
         started = time.perf_counter()
         proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
         wall = time.perf_counter() - started

@@ -86,6 +86,14 @@ def pipeline_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "pipeline", *map(str, args), "--json"]
 
 
+def torchrun_cmd(processes: int, *args) -> list[str]:
+    """A pipeline command launched by torchrun on this machine alone, `processes` ranks."""
+    return [
+        *[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)],
+        *["-m", "pipeline", *map(str, args)],
+    ]
+
+
 def peak_rss_command(args: list[str]) -> tuple[dict, float, float]:
     """Run a JSON-printing command under /usr/bin/time -v when present: (result, wall seconds, peak RSS MB)."""
     timer = Path("/usr/bin/time")

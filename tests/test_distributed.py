@@ -4,11 +4,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 from conftest import REPO, assert_same_content, content, make_images, parts, run_json
+
+from bench.harness import torchrun_cmd
 
 ARGS = ("--batch-size", "4", "--commit-every", "4", "--views", "1", "--precision", "fp32")
 
@@ -24,22 +25,7 @@ def shard_set(tmp_path_factory):
 
 
 def torchrun(data, store, **kwargs):
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "pipeline",
-        "featurize",
-        str(data),
-        "--store",
-        str(store),
-        *ARGS,
-        "--json",
-    ]
+    command = torchrun_cmd(2, "featurize", data, "--store", store, *ARGS, "--json")
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 

@@ -6,6 +6,7 @@ import timm
 import torch
 from conftest import make_images, run_json
 
+from bench.harness import torchrun_cmd
 from stages.calibration import held_out_images
 from stages.decode import ImageDecoder
 from stages.errors import PipelineError
@@ -228,7 +229,6 @@ def test_cli_finetune_killed_then_resumed_equals_uninterrupted(tiny, tmp_path):
 def test_two_process_finetune_follows_one_process_with_the_same_global_batch(tiny, tmp_path):
     import json
     import subprocess
-    import sys
 
     from conftest import REPO
 
@@ -251,19 +251,7 @@ def test_two_process_finetune_follows_one_process_with_the_same_global_batch(tin
     args = ["finetune", str(data), "--head", str(tmp_path / "linear"), "--epochs", "2", "--batch-size", "4", "--json"]
     one = run_json(*args[:-1], "--out", tmp_path / "one")
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "pipeline",
-            *args,
-            "--out",
-            str(tmp_path / "two"),
-        ],
+        torchrun_cmd(2, *args, "--out", tmp_path / "two"),
         cwd=REPO,
         capture_output=True,
         text=True,
