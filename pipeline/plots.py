@@ -185,11 +185,11 @@ def plot_contact_sheet(samples: dict[str, list[Path]], path: Path, per_row: int 
 
 def plot_feature_map(points, labels, classes: list[str], marks: dict[str, list[int]], path: Path) -> Path:
     """A 2-D map of the images coloured by class (grey: unlabelled), flagged rows marked by kind."""
+    from matplotlib import colormaps
+
     fig = _figure(figsize=(8, 7))
     ax = fig.subplots()
-    import matplotlib
-
-    colours = matplotlib.colormaps.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    colours = colormaps.get_cmap("tab10" if len(classes) <= 10 else "tab20")
     unlabelled = labels < 0
     if unlabelled.any():
         ax.scatter(*points[unlabelled].T, s=6, c="lightgrey", label="unlabelled")

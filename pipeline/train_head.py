@@ -246,16 +246,16 @@ def refit_head(run_dir: Path, config: dict, exclude: set[str], threads: int | No
     leaving out the train images `exclude` (paths as in the store); uncalibrated, for the caller to calibrate on
     what it left out."""
     recorded = config["feature_set"]
-    store_path = Path(recorded.get("store") or "")
-    if not recorded.get("store") or not store_path.is_file():
+    store = recorded.get("store")
+    if not store or not Path(store).is_file():
         raise PipelineError(
-            f"{run_dir} was not trained on a feature store that is still here ({recorded.get('store')}): it is "
+            f"{run_dir} was not trained on a feature store that is still here ({store}): it is "
             "needed to fit the head again without the calibration images; restore it, or pass --calibration-pct 0 "
             "to keep the head's temperature"
         )
     cfg = replace(TrainConfig(**config["train"]), calibrate=False)
-    with FeatureStore(store_path) as store:
-        cached = load_cached_features(store, recorded.get("set"))
+    with FeatureStore(Path(store)) as fs:
+        cached = load_cached_features(fs, recorded.get("set"))
         check_compatible(config, cached.feature_set, run_dir)
         with torch_threads(head_threads(threads)):
             head, *_ = fit_head(cached.excluding(exclude), cfg)
