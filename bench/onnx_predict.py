@@ -14,11 +14,15 @@ from PIL import Image, ImageOps
 
 
 def crop(path: Path, resize: int, size: int) -> np.ndarray:
+    """The centre crop of the image resized (shorter side to `resize`), computed from only the pixels it keeps:
+    Pillow resizes the crop's box of the original (what a whole-image resize would sample there, within one grey
+    level), so a 1 x 20000 image costs no more than a small one."""
     image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
     w, h = image.size
-    image = image.resize((resize * w // min(w, h), resize * h // min(w, h)), Image.BILINEAR)
-    left, top = round((image.width - size) / 2), round((image.height - size) / 2)
-    return np.asarray(image.crop((left, top, left + size, top + size)))
+    width, height = resize * w // min(w, h), resize * h // min(w, h)
+    left, top = round((width - size) / 2), round((height - size) / 2)
+    box = (left * w / width, top * h / height, (left + size) * w / width, (top + size) * h / height)
+    return np.asarray(image.resize((size, size), Image.BILINEAR, box=box))
 
 
 def main() -> None:

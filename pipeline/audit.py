@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.atomic import atomic_output, write_json
+from stages.atomic import atomic_output, output_folder, write_json
 from stages.audit import (
     NEAR_COPY_COSINE,
     NEIGHBOURS,
     AuditRows,
+    CopyGroups,
     check_auditable,
     exact_copies,
     feature_map,
@@ -23,7 +24,18 @@ from stages.audit import (
     similarity_scan,
 )
 from stages.errors import check_range
+from stages.files import read_stored_file
 from store.reader import FeatureSet, FeatureStore
+
+AUDIT_JSON = "audit.json"
+# The CSV of each finding and its columns.
+FINDINGS = {
+    "label_issues": ["path", "split", "given", "suggested", "score"],
+    "duplicates": ["a", "b", "split_a", "split_b", "similarity", "kind", "leak", "same_label"],
+    "copy_groups": ["group", "count", "kind", "leak", "path", "split", "label"],
+    "outliers": ["path", "split", "label", "distance"],
+}
+PICTURES = ("label_issues", "duplicates", "map")
 
 
 def read_rows(fs: FeatureSet) -> AuditRows:
@@ -76,75 +88,121 @@ def audit(
     ):
         check_range(option, value, low, high)
     started = time.perf_counter()
-    with FeatureStore(store_path) as store:
-        fs = store.feature_set(set_name)
-        rows, classes, data_dir = read_rows(fs), fs.classes, fs.attrs.get("data_dir")
-    where = f"store {store_path} set {fs.name}"
-    check_auditable(rows, classes, where)
-    probabilities = out_of_sample_probabilities(rows, len(classes), folds, seed)
-    issues = [
-        {
-            "path": rows.paths[r],
-            "split": str(rows.splits[r]),
-            "given": classes[rows.labels[r]],
-            "suggested": classes[s],
-            "score": round(q, 6),
-        }
-        for r, s, q in label_issues(rows.labels, probabilities)
-    ]
-    near, nearest = similarity_scan(rows.features, threshold, neighbours)
-    exact = exact_copies(rows.sha256)
-    exact_set = set(exact)
-
-    def pair(a: int, b: int, similarity: float, kind: str) -> dict:
-        splits = {str(rows.splits[a]), str(rows.splits[b])}
-        return {
-            "a": rows.paths[a],
-            "b": rows.paths[b],
-            "split_a": str(rows.splits[a]),
-            "split_b": str(rows.splits[b]),
-            "similarity": round(similarity, 6),
-            "kind": kind,
-            "leak": "train" in splits and len(splits) > 1,
-            "same_label": bool(rows.labels[a] == rows.labels[b]),
-        }
-
-    duplicates = [pair(a, b, 1.0, "exact") for a, b in exact] + [
-        pair(a, b, s, "near") for a, b, s in near if (a, b) not in exact_set
-    ]
-    far, fence = outlier_rows(nearest)
-    outliers = [
-        {
-            "path": rows.paths[r],
-            "split": str(rows.splits[r]),
-            "label": classes[rows.labels[r]] if rows.labels[r] >= 0 else None,
-            "distance": round(float(1 - nearest[r]), 6),
-        }
-        for r in far
-    ]
     out = Path(out) if out is not None else default_out()
-    out.mkdir(parents=True, exist_ok=True)
-    files = _write_findings(out, issues, duplicates, outliers)
-    files.update(_draw(out, rows, classes, data_dir, issues, duplicates, outliers, pictures))
-    result = {
-        "store": str(store_path),
-        "set": fs.name,
-        "data_dir": data_dir,
-        "images": len(rows),
-        "labelled": int((rows.labels >= 0).sum()),
-        "classes": classes,
-        "threshold": threshold,
-        "outlier_fence": round(fence, 6),
-        "label_issues": issues,
-        "duplicates": duplicates,
-        "outliers": outliers,
-        "leaks": sum(d["leak"] for d in duplicates),
-        "seconds": round(time.perf_counter() - started, 2),
-        "out": str(out),
-        "files": files,
-    }
-    write_json(out / "audit.json", result)
+    # Held from the start (a second audit into the same folder is refused at once), published whole at the end (an
+    # interrupted audit leaves no partial folder).
+    with output_folder(out, (AUDIT_JSON,), "an audit") as staging:
+        with FeatureStore(store_path) as store:
+            fs = store.feature_set(set_name)
+            rows, classes, data_dir = read_rows(fs), fs.classes, fs.attrs.get("data_dir")
+        check_auditable(rows, classes, f"store {store_path} set {fs.name}")
+        probabilities = out_of_sample_probabilities(rows, len(classes), folds, seed)
+        issues = [
+            {
+                "path": rows.paths[r],
+                "split": str(rows.splits[r]),
+                "given": classes[rows.labels[r]],
+                "suggested": classes[s],
+                "score": round(q, 6),
+            }
+            for r, s, q in label_issues(rows.labels, probabilities)
+        ]
+        groups = CopyGroups(len(rows))
+        exact_copies(rows.sha256, groups)
+        _, nearest = similarity_scan(rows.features, threshold, neighbours, groups=groups)
+        duplicates, copy_groups = _copies(rows, classes, groups)
+        far, fence = outlier_rows(nearest)
+        outliers = [
+            {
+                "path": rows.paths[r],
+                "split": str(rows.splits[r]),
+                "label": classes[rows.labels[r]] if rows.labels[r] >= 0 else None,
+                "distance": round(float(1 - nearest[r]), 6),
+            }
+            for r in far
+        ]
+        notes = []
+        result = {
+            "store": str(store_path),
+            "set": fs.name,
+            "data_dir": data_dir,
+            "images": len(rows),
+            "labelled": int((rows.labels >= 0).sum()),
+            "classes": classes,
+            "threshold": threshold,
+            "outlier_fence": round(fence, 6),
+            "label_issues": issues,
+            "duplicates": duplicates,
+            "copy_groups": copy_groups,
+            "outliers": outliers,
+            "leaks": sum(d["leak"] for d in duplicates),
+            "leak_groups": sum(g["leak"] for g in copy_groups),
+            "notes": notes,
+            "out": str(out),
+            "files": {
+                **{f"{name}_csv": str(out / f"{name}.csv") for name in FINDINGS},
+                **{name: str(out / f"{name}.png") for name in PICTURES},
+            },
+        }
+        for name, records in (
+            ("label_issues", issues),
+            ("duplicates", duplicates),
+            (
+                "copy_groups",
+                [{"group": g, **member} for g, group in enumerate(copy_groups) for member in group["members"]],
+            ),
+            ("outliers", outliers),
+        ):
+            _write_csv(staging / f"{name}.csv", records, FINDINGS[name])
+        notes += _draw(staging, rows, classes, data_dir, issues, duplicates, outliers, pictures)
+        result["seconds"] = round(time.perf_counter() - started, 2)
+        write_json(staging / AUDIT_JSON, result)
     return result
+
+
+def _copies(rows: AuditRows, classes: list[str], groups: CopyGroups) -> tuple[list[dict], list[dict]]:
+    """The listed pairs (a few per group, most similar first) and the groups, each member once, largest first."""
+
+    def split(r: int) -> str:
+        return str(rows.splits[r])
+
+    def leak(rs) -> bool:
+        splits = {split(r) for r in rs}
+        return "train" in splits and len(splits) > 1
+
+    duplicates, copy_groups = [], []
+    for group in groups.groups():
+        for a, b, similarity in group.pairs:
+            exact = rows.sha256[a] == rows.sha256[b]
+            duplicates.append(
+                {
+                    "a": rows.paths[a],
+                    "b": rows.paths[b],
+                    "split_a": split(a),
+                    "split_b": split(b),
+                    "similarity": 1.0 if exact else round(similarity, 6),
+                    "kind": "exact" if exact else "near",
+                    "leak": leak((a, b)),
+                    "same_label": bool(rows.labels[a] == rows.labels[b]),
+                }
+            )
+        copy_groups.append(
+            {
+                "count": len(group.members),
+                "kind": "exact" if len({rows.sha256[r] for r in group.members}) == 1 else "near",
+                "leak": leak(group.members),
+                "pairs": group.linked_pairs,
+                "members": [
+                    {
+                        "path": rows.paths[r],
+                        "split": split(r),
+                        "label": classes[rows.labels[r]] if rows.labels[r] >= 0 else None,
+                    }
+                    for r in group.members
+                ],
+            }
+        )
+    return duplicates, copy_groups
 
 
 def _write_csv(path: Path, records: list[dict], columns: list[str]) -> None:
@@ -152,17 +210,6 @@ def _write_csv(path: Path, records: list[dict], columns: list[str]) -> None:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(records)
-
-
-def _write_findings(out: Path, issues: list[dict], duplicates: list[dict], outliers: list[dict]) -> dict:
-    tables = {
-        "label_issues.csv": (issues, ["path", "split", "given", "suggested", "score"]),
-        "duplicates.csv": (duplicates, ["a", "b", "split_a", "split_b", "similarity", "kind", "leak", "same_label"]),
-        "outliers.csv": (outliers, ["path", "split", "label", "distance"]),
-    }
-    for name, (records, columns) in tables.items():
-        _write_csv(out / name, records, columns)
-    return {name.split(".")[0] + "_csv": str(out / name) for name in tables}
 
 
 def _draw(
@@ -174,17 +221,26 @@ def _draw(
     duplicates: list[dict],
     outliers: list[dict],
     pictures: int,
-) -> dict:
+) -> list[str]:
+    """The three PNGs; returns notes on stored paths that were not drawn (outside the data folder, not a file)."""
     from pipeline.plots import plot_feature_map, plot_image_grid
 
     root = Path(data_dir) if data_dir else Path(".")
+    refused: list[str] = []
+
+    def image(stored: str) -> bytes | None:
+        data = read_stored_file(root, stored)
+        if data is None:
+            refused.append(stored)
+        return data
+
     label_items = [
-        (root / i["path"], f"{i['given']} -> {i['suggested']} ({i['score']:.3f})\n{Path(i['path']).name}")
+        (image(i["path"]), f"{i['given']} -> {i['suggested']} ({i['score']:.3f})\n{Path(i['path']).name}")
         for i in issues[:pictures]
     ]
     copy_items = [
         (
-            root / d[side],
+            image(d[side]),
             f"{d['kind']} {d['similarity']:.3f}{' LEAK' if d['leak'] else ''}\n"
             f"{d['split_' + side]}/{Path(d[side]).name}",
         )
@@ -197,12 +253,15 @@ def _draw(
         "duplicate": sorted({index[d[side]] for d in duplicates for side in "ab"}),
         "outlier": [index[o["path"]] for o in outliers],
     }
-    with atomic_output(out / "label_issues.png") as tmp:
-        plot_image_grid(
-            label_items, tmp, f"{len(issues)} likely label issues (given -> suggested, label quality)", columns=4
-        )
-    with atomic_output(out / "duplicates.png") as tmp:
-        plot_image_grid(copy_items, tmp, f"{len(duplicates)} copies and near-copies (pairs side by side)", columns=4)
-    with atomic_output(out / "map.png") as tmp:
-        plot_feature_map(feature_map(rows.features), rows.labels, classes, marks, tmp)
-    return {name: str(out / f"{name}.png") for name in ("label_issues", "duplicates", "map")}
+    plot_image_grid(
+        label_items,
+        out / "label_issues.png",
+        f"{len(issues)} likely label issues (given -> suggested, label quality)",
+        columns=4,
+    )
+    plot_image_grid(copy_items, out / "duplicates.png", "copies and near-copies (pairs side by side)", columns=4)
+    plot_feature_map(feature_map(rows.features), rows.labels, classes, marks, out / "map.png")
+    return [
+        f"{stored} not drawn: it is not a regular file inside the data folder {root}"
+        for stored in dict.fromkeys(refused)
+    ]

@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from pipeline.runtime import configure_process
-from stages.errors import PipelineError
+from stages.errors import Interrupted, PipelineError
 
 app = typer.Typer(
     add_completion=False,
@@ -32,6 +32,8 @@ err = Console(stderr=True, soft_wrap=True)
 # Tables keep their columns when output goes to a file or pipe.
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 DEBUG = False
+# Commands that never run a backbone: they work on cached features (or on none), with glibc's allocator defaults.
+CACHED_FEATURES_ONLY = {"train-head", "lr-find", "audit", "runs", "store", "inspect"}
 
 
 @contextmanager
@@ -55,6 +57,20 @@ def progress_bar(description: str, unit: str = "img"):
             bar.update(task, completed=done, total=total, rate=rate)
 
         yield update
+
+
+@contextmanager
+def on_interrupt(kept):
+    """Ctrl-C (or SIGTERM) inside the block ends the command with one line saying what was kept (a text, or a
+    function that says it when asked)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(kept() if callable(kept) else kept) from None
+
+
+def _nothing_written(out: Path | None) -> str:
+    return f"nothing was written ({out} is as it was)" if out is not None else "nothing was written"
 
 
 def _print_json(data) -> None:
@@ -354,7 +370,7 @@ def train_head_cmd(
     out_dir = out_dir or default_out()
     console = err if as_json else out
     epochs_table, strengths_table = EpochTable(console), EpochTable(console, EpochTable.STRENGTHS)
-    with FeatureStore(store) as fs:
+    with FeatureStore(store) as fs, on_interrupt(f"runs finished before it are in {out_dir}; nothing else was written"):
         cached = load_cached_features(fs, set_name, max_memory)
 
         def on_run(i: int, cfg) -> None:
@@ -422,7 +438,7 @@ def lr_find_cmd(
     from store.reader import FeatureStore
 
     cfg = TrainConfig(head=head, wd=wd, epochs=epochs, schedule=schedule, views=views, batch_size=batch_size, seed=seed)
-    with FeatureStore(store) as fs:
+    with FeatureStore(store) as fs, on_interrupt(_nothing_written(out_dir)):
         cached = load_cached_features(fs, set_name, max_memory)
         result = find_lr(cached, cfg, out_dir, start_lr=start_lr, end_lr=end_lr, num_lrs=num_lrs)
     if as_json:
@@ -500,6 +516,9 @@ def finetune(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     resume: Optional[Path] = typer.Option(None, help="Continue a stopped fine-tune from its checkpoint."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/ft-TIMESTAMP)."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace a run already in --out once this one is done (refused otherwise)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
     """Unfreeze the backbone and train it with the head end to end: differential learning rates, live DALI
@@ -509,6 +528,7 @@ def finetune(
 
     from pipeline.finetune import finetune as run_finetune
     from stages.finetune import FinetuneConfig
+    from stages.rundir import CHECKPOINT
 
     cfg = FinetuneConfig(
         epochs=epochs,
@@ -530,8 +550,17 @@ def finetune(
     table = EpochTable(err if as_json else out)
     if int(os.environ.get("RANK", "0")) == 0:
         table.header()
-    with progress_bar("finetune", unit="step") as update:
-        result = run_finetune(data_dir, head_dir, out_dir, cfg, resume, device, on_epoch=table.row, on_step=update)
+    run_dir = resume or out_dir
+
+    def kept() -> str:
+        if (run_dir / CHECKPOINT).is_file():
+            return f"the last checkpoint is in {run_dir}; continue with --resume {run_dir}"
+        return _nothing_written(run_dir)
+
+    with progress_bar("finetune", unit="step") as update, on_interrupt(kept):
+        result = run_finetune(
+            data_dir, head_dir, out_dir, cfg, resume, device, on_epoch=table.row, on_step=update, overwrite=overwrite
+        )
     if result.get("quiet"):  # a torchrun rank other than 0
         return
     if as_json:
@@ -567,7 +596,9 @@ def inspect(
     """Look at the data: counts per split and class, balance, sizes, formats, bad files, duplicates, leaks, samples."""
     from pipeline.inspect_data import inspect_folder
 
-    report = inspect_folder(data_dir, out_dir or Path("runs") / f"inspect-{data_dir.resolve().name}", valid_pct, seed)
+    out_dir = out_dir or Path("runs") / f"inspect-{data_dir.resolve().name}"
+    with on_interrupt(_nothing_written(out_dir)):
+        report = inspect_folder(data_dir, out_dir, valid_pct, seed)
     if as_json:
         _print_json(report)
         return
@@ -633,7 +664,8 @@ def predict(
     from pipeline.evaluate import predict as run_predict
     from stages.model import load_model
 
-    result = run_predict(load_model(model_dir, device=device), inputs, top_k, tta, out_file)
+    with on_interrupt(_nothing_written(out_file)):
+        result = run_predict(load_model(model_dir, device=device), inputs, top_k, tta, out_file)
     if as_json:
         _print_json(result)
         return
@@ -677,7 +709,8 @@ def evaluate(
     _check_run(model_dir)
     from pipeline.evaluate import evaluate as run_evaluate
 
-    m = run_evaluate(model_dir, split_dir, out_dir, tta, store, device)
+    with on_interrupt(_nothing_written(out_dir or model_dir / "eval")):
+        m = run_evaluate(model_dir, split_dir, out_dir, tta, store, device)
     if as_json:
         _print_json(m)
         return
@@ -729,17 +762,19 @@ def audit(
     leaks flagged) and outliers, from the cached features in seconds; never moves or changes your files."""
     from pipeline.audit import audit as run_audit
 
-    result = run_audit(store, set_name, out_dir, threshold, neighbours, folds, pictures)
+    with on_interrupt(_nothing_written(out_dir)):
+        result = run_audit(store, set_name, out_dir, threshold, neighbours, folds, pictures)
     if as_json:
         _print_json(result)
         return
     from rich.table import Table
 
+    copied = sum(g["count"] for g in result["copy_groups"])
     out.print(
         f"{result['images']} images ({result['labelled']} labelled) of set {result['set']} in "
         f"{result['seconds']:.1f} s: {len(result['label_issues'])} likely label issues, "
-        f"{len(result['duplicates'])} copies or near-copies ({result['leaks']} across train and valid/test), "
-        f"{len(result['outliers'])} outliers",
+        f"{len(result['copy_groups'])} groups of copies or near-copies ({copied} images; {result['leak_groups']} "
+        f"across train and valid/test), {len(result['outliers'])} outliers",
         highlight=False,
     )
     table = Table(title="most likely label issues")
@@ -749,11 +784,11 @@ def audit(
         table.add_row(issue["path"], issue["given"], issue["suggested"], f"{issue['score']:.4f}")
     if result["label_issues"]:
         out.print(table)
-    for d in result["duplicates"][:5]:
-        out.print(
-            f"{d['kind']} copy {d['similarity']:.3f}{' (leak)' if d['leak'] else ''}: {d['a']} ~ {d['b']}",
-            highlight=False,
-        )
+    for g in result["copy_groups"][:5]:
+        paths = ", ".join(m["path"] for m in g["members"][:3]) + (" ..." if g["count"] > 3 else "")
+        out.print(f"{g['kind']} copies ({g['count']}){' (leak)' if g['leak'] else ''}: {paths}", highlight=False)
+    for note in result["notes"]:
+        err.print(f"[yellow]note:[/] {note}", highlight=False)
     files = result["files"]
     out.print(
         f"pictures: {files['label_issues']}, {files['duplicates']}, {files['map']}; CSVs and audit.json in "
@@ -779,7 +814,8 @@ def export(
     _check_run(model_dir)
     from pipeline.export import export_run
 
-    result = export_run(model_dir, out_file, fmt)
+    with on_interrupt(_nothing_written(out_file)):
+        result = export_run(model_dir, out_file, fmt)
     if as_json:
         _print_json(result)
         return
@@ -821,7 +857,7 @@ def _exit(code: int) -> None:
 def main() -> None:
     """Entry point: one-line errors without traceback unless --debug is given anywhere on the command line."""
     global DEBUG
-    configure_process()
+    configure_process(forward=not CACHED_FEATURES_ONLY & set(sys.argv[1:2]))
     if "--debug" in sys.argv[1:]:
         DEBUG = True
         sys.argv.remove("--debug")
@@ -834,8 +870,11 @@ def main() -> None:
             traceback.print_exc()
         err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         _exit(1)
-    except KeyboardInterrupt:
-        err.print("interrupted")
+    except Interrupted as exc:
+        err.print(f"interrupted: {escape(str(exc))}", highlight=False, soft_wrap=True)
+        _exit(130)
+    except KeyboardInterrupt:  # before a command began its work
+        err.print("interrupted: nothing was written", highlight=False)
         _exit(130)
     except typer.Exit as exc:
         _exit(exc.exit_code)
@@ -843,7 +882,8 @@ def main() -> None:
         if hasattr(exc, "show") and hasattr(exc, "exit_code"):
             exc.show()
             _exit(exc.exit_code)
-        if type(exc).__name__ == "Abort":
+        if type(exc).__name__ == "Abort":  # click's name for a Ctrl-C outside a command's work
+            err.print("interrupted: nothing was written", highlight=False)
             _exit(130)
         if DEBUG:
             traceback.print_exc()

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.plots import plot_confusion_matrix, plot_image_grid, plot_reliability
 from pipeline.train_head import check_compatible
-from stages.atomic import atomic_output, write_json
+from stages.atomic import atomic_output, output_folder, write_json
 from stages.errors import PipelineError
 from stages.files import IMAGE_EXTENSIONS, class_folders, find_images
 from stages.metrics import classification_metrics, top_losses
@@ -152,6 +152,23 @@ def evaluate(
     device: str = "auto",
 ) -> dict:
     """Metrics, confusion matrix and top losses of a model on a labelled split; from cached features with store."""
+    out = out or run_dir / "eval"
+    # Held from the start (a second evaluate into the same folder is refused at once), published whole at the end.
+    with output_folder(out, (CONFUSION_PNG,), "an evaluation") as staging:
+        return _evaluate(run_dir, split_dir, out, staging, tta, store, device)
+
+
+CONFUSION_PNG, RELIABILITY_PNG, TOP_LOSSES_PNG, METRICS_JSON = (
+    "confusion.png",
+    "reliability.png",
+    "top_losses.png",
+    "metrics.json",
+)
+
+
+def _evaluate(
+    run_dir: Path, split_dir: Path, out: Path, staging: Path, tta: bool, store: Path | None, device: str
+) -> dict:
     from stages.head import load_head
 
     started = time.perf_counter()
@@ -174,8 +191,6 @@ def evaluate(
         probabilities = np.stack([by_path[str(files[i])] for i in keep])
         files, labels = [files[i] for i in keep], labels[keep]
     metrics = classification_metrics(labels, probabilities, classes)
-    out = out or run_dir / "eval"
-    out.mkdir(parents=True, exist_ok=True)
     worst = top_losses(labels, probabilities)
     captions = [
         (
@@ -193,9 +208,9 @@ def evaluate(
             "from_store": store is not None,
             "unreadable": failed,
             "seconds": round(time.perf_counter() - started, 3),
-            "confusion_png": str(out / "confusion.png"),
-            "top_losses_png": str(out / "top_losses.png"),
-            "reliability_png": str(out / "reliability.png"),
+            "confusion_png": str(out / CONFUSION_PNG),
+            "top_losses_png": str(out / TOP_LOSSES_PNG),
+            "reliability_png": str(out / RELIABILITY_PNG),
             "top_losses": [
                 {
                     "path": str(files[i]),
@@ -207,12 +222,9 @@ def evaluate(
             ],
         }
     )
-    with atomic_output(out / "confusion.png") as tmp:
-        plot_confusion_matrix(metrics["confusion_matrix"], classes, tmp)
-    with atomic_output(out / "reliability.png") as tmp:
-        plot_reliability(metrics["reliability"], metrics["ece"], tmp)
-    with atomic_output(out / "top_losses.png") as tmp:
-        plot_image_grid(captions, tmp, "top losses: actual -> predicted (p)")
-    write_json(out / "metrics.json", metrics)
-    metrics["metrics_json"] = str(out / "metrics.json")
+    plot_confusion_matrix(metrics["confusion_matrix"], classes, staging / CONFUSION_PNG)
+    plot_reliability(metrics["reliability"], metrics["ece"], staging / RELIABILITY_PNG)
+    plot_image_grid(captions, staging / TOP_LOSSES_PNG, "top losses: actual -> predicted (p)")
+    write_json(staging / METRICS_JSON, metrics)
+    metrics["metrics_json"] = str(out / METRICS_JSON)
     return metrics

@@ -7,7 +7,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from stages.atomic import atomic_output
+from stages.atomic import atomic_output, locked_output
 from stages.errors import PipelineError
 from stages.export import FORMATS, INPUT, OUTPUT, check_format, export_classifier
 
@@ -34,15 +34,18 @@ def export_run(run_dir: Path, out: Path | None = None, fmt: str = "onnx") -> dic
     from stages.model import load_run
 
     check_format(fmt)  # before loading anything: a missing extra is said at once
-    backbone, head, config = load_run(run_dir)
     out = Path(out) if out is not None else Path(run_dir) / f"model{FORMATS[fmt]}"
     _check_writable(out)
-    started = time.perf_counter()
-    try:
-        with atomic_output(out) as tmp:
-            metadata = export_classifier(backbone, head, config["classes"], tmp, fmt, pipeline_version())
-    except OSError as exc:
-        raise PipelineError(f"--out {out} could not be written ({exc.strerror or exc}); choose another path") from None
+    with locked_output(out, folder=False):  # a second export to the same file is refused at once
+        backbone, head, config = load_run(run_dir)
+        started = time.perf_counter()
+        try:
+            with atomic_output(out) as tmp:
+                metadata = export_classifier(backbone, head, config["classes"], tmp, fmt, pipeline_version())
+        except OSError as exc:
+            raise PipelineError(
+                f"--out {out} could not be written ({exc.strerror or exc}); choose another path"
+            ) from None
     size = backbone.preprocessing.size
     return {
         "out": str(out),

@@ -23,6 +23,7 @@ from stages.decode import Augmentation, ImageDecoder, batch_memory_bytes, resolv
 from stages.errors import MAX_VIEWS, SEED_MAX, PipelineError, check_memory, check_range
 from stages.files import Dataset, Fingerprint, read_image_file, scan_dataset, stat_fingerprint
 from stages.runner import FeatureRunner, package_version
+from store.paths import StorePaths
 from store.schema import FEATURE_DTYPES, FileRecord, set_name
 from store.sync import PendingRows, StoreSync, views_in
 from store.writer import StoreLock, now_iso, remove_stale_temporaries
@@ -183,9 +184,9 @@ def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> dict:
     ):
         check_range(option, value, low, high)
     check_range("--shard-id", opts.shard_id, 0, opts.num_shards - 1)
-    store_path = Path(opts.store)
-    if not store_path.parent.exists():
-        store_path.parent.mkdir(parents=True, exist_ok=True)
+    paths = StorePaths.of(opts.store)  # through a symlink: the real file is written and locked
+    if not paths.store.parent.exists():
+        paths.store.parent.mkdir(parents=True, exist_ok=True)
     dataset = scan_dataset(opts.data_dir, opts.valid_pct, opts.seed)
     device = resolve_device(opts.device)
     shard = current_shard(opts.num_shards, opts.shard_id, device)
@@ -200,12 +201,12 @@ def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> dict:
         f"{opts.batch_size} images x {opts.views + 1} decoded views",
     )
     identity = set_identity(known, opts.views, opts.seed, precision, opts.dtype)
-    job = _Job(opts, dataset, backbone, identity, device, precision, store_path, progress)
+    job = _Job(opts, dataset, backbone, identity, device, precision, paths, progress)
     if shard.count == 1:
-        with StoreLock(store_path):
-            remove_stale_temporaries(store_path)
+        with StoreLock(paths):
+            remove_stale_temporaries(paths)
             return job.run(shard, merge=True, started=started)
-    with StoreLock(store_path, shared=True):
+    with StoreLock(paths, shared=True):
         mine = job.run(shard, merge=False, started=started)
     if not shard.distributed:
         return mine
@@ -215,7 +216,7 @@ def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> dict:
     dist.all_gather_object(ranks, {k: mine[k] for k in ("shard", "featurized", "images_per_second")})  # a barrier too
     if shard.index != 0:
         return mine
-    with StoreLock(store_path):
+    with StoreLock(paths):
         merged = job.run(Shard(), merge=True, started=started)
     featurized = sum(r["featurized"] for r in ranks)
     return {
@@ -230,14 +231,14 @@ def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> dict:
 class _Job:
     """One featurize invocation's settings, run for one shard with or without merging into the store."""
 
-    def __init__(self, opts, dataset, backbone, identity, device, precision, store_path, progress):
+    def __init__(self, opts, dataset, backbone, identity, device, precision, paths: StorePaths, progress):
         self.opts, self.dataset, self.backbone, self.identity = opts, dataset, backbone, identity
-        self.device, self.precision, self.store_path, self.progress = device, precision, store_path, progress
+        self.device, self.precision, self.paths, self.progress = device, precision, paths, progress
         self.name = set_name(identity)
 
     def run(self, shard: Shard, merge: bool, started: float) -> dict:
         opts, dataset = self.opts, self.dataset
-        with StoreSync(self.store_path, self.name, shard.index) as sync:
+        with StoreSync(self.paths, self.name, shard.index) as sync:
             todo = sync.plan(dataset, opts.views)
             if shard.count > 1:  # a file's shard follows from its place in the whole data set, not in what is left
                 place = {
@@ -263,7 +264,7 @@ class _Job:
                 "images_per_second": round(computed / loop_seconds, 1) if computed else None,
                 "interrupted": interrupted,
                 "set": self.name,
-                "store": str(self.store_path),
+                "store": str(opts.store),
                 "device": self.device,
                 "precision": self.precision,
                 "backbone": self.identity["backbone"],
@@ -293,7 +294,7 @@ class _Job:
             "rows": {s: len(p.columns["paths"]) for s, p in plans.items()},
             "skipped": skipped,
             "classes": dataset.classes,
-            "store_bytes": os.path.getsize(self.store_path),
+            "store_bytes": os.path.getsize(self.paths.store),
             "notes": dataset.notes + sync.notes,
         }
 

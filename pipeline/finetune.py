@@ -1,35 +1,52 @@
-"""finetune: unfreeze the backbone under a trained head and train both on live-augmented images."""
+"""finetune: unfreeze the backbone under a trained head and train both on live-augmented images.
+
+prepare (the head, its backbone, the data and the held-out calibration images; the head refitted without them),
+fit (the epochs, checkpointed), save (the run folder, published whole).
+"""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.distributed import current_shard
+from pipeline.distributed import Shard, current_shard
 from pipeline.plots import plot_training_curves
 from pipeline.runtime import available_memory, cpu_count, torch_threads
 from pipeline.train_head import refit_head
-from stages.backbones import file_sha256, resolve_precision
+from stages.atomic import check_replaceable, locked_output, published_folder
+from stages.backbones import Backbone, file_sha256, resolve_precision
 from stages.calibration import held_out_images
 from stages.decode import batch_memory_bytes, resolve_device
 from stages.errors import PipelineError, check_memory
 from stages.files import scan_dataset
 from stages.finetune import FinetuneConfig, Finetuner, Ranks, read_checkpoint
-from stages.head import load_head
+from stages.head import Head, load_head
 from stages.model import backbone_for
-from stages.rundir import BACKBONE_WEIGHTS, HEAD_WEIGHTS, write_run, write_weights
+from stages.rundir import BACKBONE_WEIGHTS, CHECKPOINT, HEAD_WEIGHTS, RUN_MARKERS, write_run, write_weights
+
+Images = tuple[list[str], np.ndarray]  # file paths and their labels
 
 
-def _split(dataset, name: str, keep=None) -> tuple[list[str], np.ndarray] | None:
-    files = [f for i, f in enumerate(dataset.splits.get(name) or []) if keep is None or keep[i]]
-    if not files:
-        return None
-    return [str(dataset.root / f.path) for f in files], np.asarray([f.label for f in files])
+@dataclass
+class Prepared:
+    """What a fine-tune trains from: the head and its backbone, the images of each use, and the head refitted
+    without the calibration images (None when resuming or when none are held out)."""
+
+    cfg: FinetuneConfig
+    head: Head
+    head_config: dict
+    backbone: Backbone
+    train: Images
+    valid: Images | None
+    calibration: Images | None
+    refitted: Head | None
+    state: dict | None  # the checkpoint a resumed run continues from
 
 
 def finetune(
@@ -42,17 +59,64 @@ def finetune(
     on_epoch: Callable[[dict], None] | None = None,
     on_step: Callable[[int, int], None] | None = None,
     threads: int | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Fine-tune from a train-head run (or continue a stopped fine-tune); write a run directory predict can use.
-    threads: torch's threads while training (None: the cores, shared among this machine's ranks)."""
+    threads: torch's threads while training (None: the cores, shared among this machine's ranks).
+
+    The run folder is held (locked) from the start; while training it holds only the checkpoint, and at the end
+    the whole run takes its place in one step. An existing run there is replaced only with overwrite, and stays
+    usable until the new one is done."""
+    out = Path(resume if resume is not None else out)
+    device = resolve_device(device)
+    shard = current_shard(device=device)
+    if shard.index != 0:  # one rank prints the table and writes the run
+        return _finetune(data_dir, head_dir, out, cfg, resume, device, shard, None, None, threads)
+    with locked_output(out):
+        if resume is None:
+            check_replaceable(out, RUN_MARKERS, "a run (continue an unfinished one with --resume)", overwrite)
+        return _finetune(data_dir, head_dir, out, cfg, resume, device, shard, on_epoch, on_step, threads)
+
+
+def _finetune(data_dir, head_dir, out, cfg, resume, device, shard, on_epoch, on_step, threads) -> dict:
+    run = prepare(data_dir, head_dir, cfg, resume, device, shard, threads)
+    tuner = Finetuner(run.backbone, run.head, run.cfg, device, out, Ranks(shard.index, shard.count))
+    train_threads = threads or cpu_count() // shard.local_count
+    with torch_threads(train_threads):
+        seconds, kept = fit(tuner, run, on_epoch, on_step)
+    if shard.index != 0:
+        return {"run": str(out), "rank": shard.index, "quiet": True}
+    temperature = None
+    if run.calibration is not None and (kept is None or kept["epoch"] >= 0):
+        with torch_threads(train_threads):
+            temperature = tuner.calibrate(*run.calibration)
+    metrics = save(out, tuner, run, head_dir, kept, temperature, seconds)
+    return {"run": str(out), "processes": shard.count, **metrics}
+
+
+def _images(dataset, name: str, keep=None) -> Images | None:
+    files = [f for i, f in enumerate(dataset.splits.get(name) or []) if keep is None or keep[i]]
+    if not files:
+        return None
+    return [str(dataset.root / f.path) for f in files], np.asarray([f.label for f in files])
+
+
+def prepare(
+    data_dir: Path,
+    head_dir: Path,
+    cfg: FinetuneConfig,
+    resume: Path | None,
+    device: str,
+    shard: Shard,
+    threads: int | None,
+) -> Prepared:
+    """The head, its backbone and the images, checked; the calibration images held out and the head refitted
+    without them (a named step: the head saw every train image, so only a head fitted without them lets those
+    images judge the temperature fairly)."""
     state = None
     if resume is not None:
         state = read_checkpoint(resume)
-        cfg, out = FinetuneConfig(**state["config"]), resume
-    device = resolve_device(device)
-    shard = current_shard(device=device)
-    if shard.index != 0:  # one rank prints the table
-        on_epoch = on_step = None
+        cfg = FinetuneConfig(**state["config"])
     cfg = replace(cfg, precision=resolve_precision(cfg.precision, device, training=True))
     head, head_config = load_head(head_dir)
     backbone = backbone_for(head_config["feature_set"], head_dir)
@@ -67,13 +131,12 @@ def finetune(
     held = held_out_images(
         [f.path for f in train_files], np.asarray([f.label for f in train_files]), cfg.calibration_pct, cfg.seed
     )
-    train, calibration = _split(dataset, "train", ~held), _split(dataset, "train", held)
-    valid = _split(dataset, "valid")
+    train = _images(dataset, "train", ~held)
     if train is None:
         raise PipelineError(f"{data_dir} has no train/ images to fine-tune on")
+    calibration = _images(dataset, "train", held)
     refitted = None
     if calibration is not None and state is None:
-        # The head saw every train image: fitted again without the held-out ones, they judge the temperature fairly.
         refitted = refit_head(head_dir, head_config, {f.path for f, h in zip(train_files, held) if h}, threads)
     check_memory(
         f"--batch-size {cfg.batch_size}",
@@ -81,62 +144,78 @@ def finetune(
         available_memory(),
         f"training on {cfg.batch_size // shard.count} images per step",
     )
-    tuner = Finetuner(backbone, head, cfg, device, out, Ranks(shard.index, shard.count))
-    train_threads = threads or cpu_count() // shard.local_count
-    steps_per_epoch = -(-len(train[0]) // cfg.batch_size)
-    if state is not None:
-        tuner.restore(state, steps_per_epoch)
-    with torch_threads(train_threads):
-        if state is None and valid:
-            tuner.before = tuner.evaluate(*valid)
-            if cfg.keep_best:  # the head as given, with its own cross-validated temperature
+    return Prepared(cfg, head, head_config, backbone, train, _images(dataset, "valid"), calibration, refitted, state)
+
+
+def fit(
+    tuner: Finetuner,
+    run: Prepared,
+    on_epoch: Callable[[dict], None] | None,
+    on_step: Callable[[int, int], None] | None,
+) -> tuple[float, dict | None]:
+    """The epochs from the start (the head as given scored first, the starting candidate of keep-best) or from the
+    checkpoint; returns the seconds trained and the kept epoch's metrics (None without keep-best)."""
+    if run.state is not None:
+        tuner.restore(run.state, -(-len(run.train[0]) // run.cfg.batch_size))
+    else:
+        if run.valid:
+            tuner.before = tuner.evaluate(*run.valid)
+            if run.cfg.keep_best:  # the head as given, with its own cross-validated temperature
                 tuner.remember_if_best(-1, tuner.before)
-        if refitted is not None:
-            tuner.model.head.load_state_dict(refitted.state_dict())
-        started = time.perf_counter()
-        tuner.fit(train, valid, on_epoch=on_epoch, on_step=on_step)
-        seconds = time.perf_counter() - started
-    kept = tuner.restore_best()
-    if shard.index != 0:
-        return {"run": str(out), "rank": shard.index, "quiet": True}
-    temperature = None
-    if calibration is not None and (kept is None or kept["epoch"] >= 0):
-        with torch_threads(train_threads):
-            temperature = tuner.calibrate(*calibration)
-    write_weights(out, {BACKBONE_WEIGHTS: tuner.model.backbone.architecture_state_dict()})
-    feature_set = {
-        **head_config["feature_set"],
-        "store": None,
-        "set": None,
-        "weights_sha256": file_sha256(out / BACKBONE_WEIGHTS),
-        "weights_path": str((out / BACKBONE_WEIGHTS).resolve()),
-    }
-    config = {
-        "kind": "finetune",
-        "head": head_config["head"],
-        "classes": head_config["classes"],
-        "train": {**cfg.to_dict(), "head": head_config["head"]["head"], "from_head": str(head_dir)},
-        "feature_set": feature_set,
-        "created": datetime.now().isoformat(timespec="seconds"),
-    }
+        if run.refitted is not None:
+            tuner.model.head.load_state_dict(run.refitted.state_dict())
+    started = time.perf_counter()
+    tuner.fit(run.train, run.valid, on_epoch=on_epoch, on_step=on_step)
+    return time.perf_counter() - started, tuner.restore_best()
+
+
+def save(
+    out: Path,
+    tuner: Finetuner,
+    run: Prepared,
+    head_dir: Path,
+    kept: dict | None,
+    temperature: float | None,
+    seconds: float,
+) -> dict:
+    """Write the run (mirroring train-head's save_head_run) into a staging folder that then replaces `out`, which
+    held only the checkpoint; returns the metrics."""
     last = kept or (tuner.history[-1] if tuner.history else {})
-    images = len(train[0]) * (cfg.epochs - (state["epoch"] if state is not None else 0))
+    images = len(run.train[0]) * (run.cfg.epochs - (run.state["epoch"] if run.state is not None else 0))
     metrics = {
         "history": tuner.history,
         "before": tuner.before,
         "kept_epoch": kept["epoch"] if kept else None,
         "temperature": float(tuner.model.head.temperature),
-        "calibration_images": len(calibration[0]) if calibration and temperature is not None else 0,
+        "calibration_images": len(run.calibration[0]) if run.calibration and temperature is not None else 0,
         "accuracy": last.get("accuracy"),
         "valid_loss": last.get("valid_loss"),
         "train_seconds": seconds,
         "train_images_per_second": images / seconds if seconds else None,
     }
-    write_run(
-        out,
-        {HEAD_WEIGHTS: tuner.model.head.state_dict()},
-        config,
-        metrics,
-        lambda path: plot_training_curves(tuner.history, tuner.step_losses, path),
-    )
-    return {"run": str(out), "processes": shard.count, **metrics}
+    with published_folder(out) as staging:
+        write_weights(staging, {BACKBONE_WEIGHTS: tuner.model.backbone.architecture_state_dict()})
+        feature_set = {
+            **run.head_config["feature_set"],
+            "store": None,
+            "set": None,
+            "weights_sha256": file_sha256(staging / BACKBONE_WEIGHTS),
+            "weights_path": str((out / BACKBONE_WEIGHTS).resolve()),
+        }
+        config = {
+            "kind": "finetune",
+            "head": run.head_config["head"],
+            "classes": run.head_config["classes"],
+            "train": {**run.cfg.to_dict(), "head": run.head_config["head"]["head"], "from_head": str(head_dir)},
+            "feature_set": feature_set,
+            "created": datetime.now().isoformat(timespec="seconds"),
+        }
+        write_run(
+            staging,
+            {HEAD_WEIGHTS: tuner.model.head.state_dict()},
+            config,
+            metrics,
+            lambda path: plot_training_curves(tuner.history, tuner.step_losses, path),
+        )
+        os.link(out / CHECKPOINT, staging / CHECKPOINT)  # the last checkpoint stays with the run
+    return metrics

@@ -7,10 +7,11 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from pipeline.plots import plot_contact_sheet
-from stages.atomic import atomic_output
+from stages.atomic import output_folder
 from stages.files import BadImage, content_sha256, scan_dataset, vet_image_bytes
 
 SAMPLES_PER_CLASS = 8
+SAMPLES_PNG = "samples.png"
 
 
 def _header(data: bytes) -> tuple[str, int, int, str]:
@@ -25,6 +26,11 @@ def _header(data: bytes) -> tuple[str, int, int, str]:
 
 def inspect_folder(data_dir: Path, out: Path, valid_pct: float | None = None, seed: int = 0) -> dict:
     """Counts, balance, sizes and formats per split and class; unreadable files; duplicates and leaks; a sheet."""
+    with output_folder(out, (SAMPLES_PNG,), "an inspection") as staging:
+        return _inspect(data_dir, out, staging, valid_pct, seed)
+
+
+def _inspect(data_dir: Path, out: Path, staging: Path, valid_pct: float | None, seed: int) -> dict:
     dataset = scan_dataset(data_dir, valid_pct, seed)
     by_hash: dict[str, list[tuple[str, str]]] = defaultdict(list)
     splits, unreadable = {}, []
@@ -66,10 +72,7 @@ def inspect_folder(data_dir: Path, out: Path, valid_pct: float | None = None, se
             dataset.root / f.path for f in dataset.splits[first] if f.label == (label if dataset.classes else -1)
         ]
         samples[name] = members[:: max(1, len(members) // SAMPLES_PER_CLASS)][:SAMPLES_PER_CLASS]
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_output(out / "samples.png") as tmp:
-        plot_contact_sheet(samples, tmp, SAMPLES_PER_CLASS)
-    sheet = out / "samples.png"
+    plot_contact_sheet(samples, staging / SAMPLES_PNG, SAMPLES_PER_CLASS)
 
     def spread(values):
         return {"min": min(values), "median": statistics.median(values), "max": max(values)} if values else None
@@ -86,6 +89,6 @@ def inspect_folder(data_dir: Path, out: Path, valid_pct: float | None = None, se
         "unreadable": unreadable,
         "duplicates": duplicates,
         "leaks": leaks,
-        "contact_sheet": str(sheet),
+        "contact_sheet": str(out / SAMPLES_PNG),
         "notes": dataset.notes,
     }

@@ -139,11 +139,14 @@ def plot_confusion_matrix(matrix: list[list[int]], classes: list[str], path: Pat
     return path
 
 
-def _thumbnail(path: Path, size: int = 160):
+def _thumbnail(source: Path | bytes | None, size: int = 160):
+    """A thumbnail of an image file (a path, or bytes already read); grey when there is none or it cannot be read."""
+    import io
+
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             image = ImageOps.exif_transpose(image).convert("RGB")
             image.thumbnail((size, size))
             return image
@@ -151,8 +154,8 @@ def _thumbnail(path: Path, size: int = 160):
         return Image.new("RGB", (size, size), (128, 128, 128))
 
 
-def plot_image_grid(items: list[tuple[Path, str]], path: Path, title: str, columns: int = 3) -> Path:
-    """Images with a caption each (fastai's plot_top_losses)."""
+def plot_image_grid(items: list[tuple[Path | bytes | None, str]], path: Path, title: str, columns: int = 3) -> Path:
+    """Images (paths, or bytes already read; None draws a grey tile) with a caption each (fastai's plot_top_losses)."""
     rows = max(1, -(-len(items) // columns))
     fig = _figure(figsize=(3.2 * columns, 3.4 * rows))
     axes = fig.subplots(rows, columns, squeeze=False)

@@ -15,7 +15,7 @@ import torch
 
 from pipeline.plots import plot_cv_path, plot_lr_find, plot_training_curves
 from pipeline.runtime import cpu_count, torch_threads
-from stages.atomic import atomic_output
+from stages.atomic import check_replaceable, locked_output, output_folder, published_folder
 from stages.calibration import fit_temperature, image_folds
 from stages.errors import PipelineError
 from stages.head import (
@@ -23,16 +23,19 @@ from stages.head import (
     SplitFeatures,
     TrainConfig,
     evaluate_head,
+    fits_in_memory,
     lr_find,
     out_of_fold_logits,
     parse_size,
     select_rows,
+    stream_block_rows,
     train_head,
 )
 from stages.linear_probe import train_logreg
-from stages.rundir import HEAD_WEIGHTS, is_run, rank_runs, write_run
+from stages.rundir import HEAD_WEIGHTS, RUN_MARKERS, rank_runs, write_run
 from store.reader import FeatureSet, FeatureStore
 
+LR_FIND_PNG = "lr_find.png"
 COMPATIBLE_FIELDS = ("backbone", "arch", "weights_sha256", "preprocessing", "feature_dim")
 
 
@@ -84,13 +87,19 @@ def load_cached_features(store: FeatureStore, set_name: str | None = None, max_m
             f"store {store.path} set {fs.name} has no train rows; add images under train/ and featurize again"
         )
     features = fs.features("train")
-    in_memory = features.size * features.dtype.itemsize <= limit
-    train = SplitFeatures(features, fs.column("train", "labels"), np.arange(len(views)), in_memory)
+    block = stream_block_rows(limit, features.shape[1])
+    train = SplitFeatures(
+        features, fs.column("train", "labels"), np.arange(len(views)), fits_in_memory(features, limit), block_rows=block
+    )
     valid = None
     if "valid" in fs.splits and len(valid_labels := fs.column("valid", "labels")):  # an empty valid/ is no valid
         vf = fs.features("valid")
         valid = SplitFeatures(
-            vf, valid_labels, select_rows(fs.column("valid", "view"), 0), vf.size * vf.dtype.itemsize <= limit
+            vf,
+            valid_labels,
+            select_rows(fs.column("valid", "view"), 0),
+            fits_in_memory(vf, limit),
+            block_rows=block,
         )
     return CachedFeatures(store.path, fs, train, valid, int(fs.attrs.get("views", 0)), limit)
 
@@ -202,16 +211,19 @@ def find_lr(
     cfg.validate(cached.views_in_store)
     if cfg.head == "logreg":
         raise PipelineError("logreg is fitted by L-BFGS and takes no learning rate; lr-find a linear or mlp head")
+    if out is None:
+        return _sweep(cached, cfg, threads, sweep)
+    with output_folder(out, (LR_FIND_PNG,), "an lr-find plot") as staging:  # held from the start
+        result = _sweep(cached, cfg, threads, sweep)
+        plot_lr_find(result, staging / LR_FIND_PNG)
+    return {**result, "plot": str(out / LR_FIND_PNG)}
+
+
+def _sweep(cached: CachedFeatures, cfg: TrainConfig, threads: int | None, sweep: dict) -> dict:
     rows = cached.train_rows(cfg.views)
     folds, plain = cached.folds(rows, cfg.folds, cfg.seed)
     with torch_threads(head_threads(threads)):
-        result = lr_find(rows, folds, plain, cfg, len(cached.classes), **sweep)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_output(out / "lr_find.png") as tmp:
-            plot_lr_find(result, tmp)
-        result["plot"] = str(out / "lr_find.png")
-    return result
+        return lr_find(rows, folds, plain, cfg, len(cached.classes), **sweep)
 
 
 def fit_head(
@@ -281,11 +293,13 @@ def train_grid(
 def _train_grid(cached, configs, out, auto_lr, overwrite, on_run, on_epoch, on_strength) -> list[dict]:
     for cfg in configs:
         cfg.validate(cached.views_in_store)
-    existing = [d for d in ([out] if len(configs) == 1 else [out / run_name(c) for c in configs]) if is_run(d)]
-    if existing and not overwrite:
-        raise PipelineError(
-            f"--out {existing[0]} already holds a run; give another --out, or --overwrite to replace it"
-        )
+    with locked_output(out):  # one writer of --out at a time, from the start
+        for run_dir in [out] if len(configs) == 1 else [out / run_name(c) for c in configs]:
+            check_replaceable(run_dir, RUN_MARKERS, "a run", overwrite)
+        return _train_runs(cached, configs, out, auto_lr, on_run, on_epoch, on_strength)
+
+
+def _train_runs(cached, configs, out, auto_lr, on_run, on_epoch, on_strength) -> list[dict]:
     board = []
     for i, cfg in enumerate(configs):
         if auto_lr and cfg.head != "logreg":
@@ -298,7 +312,8 @@ def _train_grid(cached, configs, out, auto_lr, overwrite, on_run, on_epoch, on_s
         seconds = time.perf_counter() - started
         valid = evaluate_head(head, cached.valid) if cached.valid is not None else None
         check_finite(run_name(cfg), head, history, valid)
-        metrics = save_head_run(run_dir, head, cfg, history, steps, valid, cached, seconds)
+        with published_folder(run_dir) as staging:  # each run appears whole, or not at all
+            metrics = save_head_run(staging, head, cfg, history, steps, valid, cached, seconds)
         board.append(
             {
                 "run": str(run_dir),

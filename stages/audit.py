@@ -85,7 +85,10 @@ def label_issues(labels: np.ndarray, probabilities: np.ndarray) -> list[tuple[in
 
     labelled = np.flatnonzero(labels >= 0)
     given, probs = labels[labelled], probabilities[labelled]
-    ranked = find_label_issues(given, probs, return_indices_ranked_by="self_confidence")
+    # n_jobs=1: in this process. cleanlab would otherwise fork a multiprocessing Pool after torch has started its
+    # threads (a forked child can wait for ever on a lock another thread held) and its workers would inherit the
+    # CLI's signal handlers; its results do not depend on n_jobs.
+    ranked = find_label_issues(given, probs, return_indices_ranked_by="self_confidence", n_jobs=1)
     quality = get_label_quality_scores(given, probs, method="self_confidence")
     return [(int(labelled[i]), int(probs[i].argmax()), float(quality[i])) for i in ranked]
 
@@ -95,40 +98,110 @@ def normalized(features: np.ndarray) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
+PAIRS_PER_GROUP = 10  # the most similar pairs listed for each group of copies (every member is listed once)
+
+
+@dataclass
+class CopyGroup:
+    """Images that are copies or near-copies of one another (joined through pairs at or above the threshold):
+    every member once, and the group's most similar pairs (i, j, cosine), best first, up to a cap."""
+
+    members: list[int]
+    pairs: list[tuple[int, int, float]]
+    linked_pairs: int  # pairs at or above the threshold found in the group, listed or not
+
+
+class CopyGroups:
+    """Rows joined into groups by the pairs they are linked by (union-find over row indices), keeping each row's
+    most similar pairs up to a cap: memory grows with rows and groups, never with the number of pairs (a thousand
+    copies of one photo are half a million pairs)."""
+
+    def __init__(self, n: int, pairs_per_group: int = PAIRS_PER_GROUP):
+        self.parent = np.arange(n)
+        self.cap = pairs_per_group
+        self.best: list[tuple[int, int, float]] = []  # per linked row, its strongest pairs (at most cap)
+        self.linked = np.zeros(n, np.int64)  # pairs each row was linked by, counted at its lower index
+
+    def _roots(self, rows: np.ndarray) -> np.ndarray:
+        roots = rows
+        while True:
+            up = self.parent[roots]
+            if np.array_equal(up, roots):
+                break
+            roots = up
+        self.parent[rows] = roots  # path compression
+        return roots
+
+    def link(self, row: int, others: np.ndarray, similarity: np.ndarray) -> None:
+        """Join `row` with `others` (each at cosine `similarity` to it, all above the threshold)."""
+        if not len(others):
+            return
+        roots = np.unique(self._roots(np.r_[row, others]))
+        self.parent[roots] = roots.min()
+        self.linked[row] += len(others)
+        top = np.argsort(-similarity)[: self.cap]
+        self.best += [(min(row, int(j)), max(row, int(j)), float(s)) for j, s in zip(others[top], similarity[top])]
+
+    def groups(self) -> list[CopyGroup]:
+        """Groups of two or more rows, largest first; within one, members in row order and pairs best first."""
+        roots = self._roots(np.arange(len(self.parent)))
+        members: dict[int, list[int]] = {}
+        for row in np.flatnonzero(roots != np.arange(len(roots))):
+            members.setdefault(int(roots[row]), [int(roots[row])]).append(int(row))
+        pairs: dict[int, dict[tuple[int, int], float]] = {}
+        for a, b, similarity in self.best:
+            kept = pairs.setdefault(int(roots[a]), {})
+            kept[a, b] = max(similarity, kept.get((a, b), -1.0))
+        found = []
+        for root, rows in members.items():
+            ranked = sorted(pairs.get(root, {}).items(), key=lambda item: (-item[1], item[0]))[: self.cap]
+            found.append(
+                CopyGroup(sorted(rows), [(a, b, s) for (a, b), s in ranked], int(self.linked[sorted(rows)].sum()))
+            )
+        return sorted(found, key=lambda g: (-len(g.members), g.members[0]))
+
+
 def similarity_scan(
     features: np.ndarray,
     threshold: float = NEAR_COPY_COSINE,
     neighbours: int = NEIGHBOURS,
     block_bytes: int = SIMILARITY_BLOCK_BYTES,
-) -> tuple[list[tuple[int, int, float]], np.ndarray]:
-    """All pairs (i < j) with cosine >= threshold, and each row's mean cosine to its nearest neighbours.
+    groups: CopyGroups | None = None,
+) -> tuple[CopyGroups, np.ndarray]:
+    """Every pair (i < j) with cosine >= threshold, joined into copy groups, and each row's mean cosine to its
+    nearest neighbours.
 
     Rows are compared block by block against all others (one matrix product per block), so memory stays at
-    block_bytes for any number of images.
+    block_bytes for any number of images; pairs are handed to the groups as they are found, never all kept.
     """
     x = normalized(features)
     n = len(x)
     k = min(neighbours, n - 1)
     block = max(1, min(n, block_bytes // (4 * max(1, n))))
-    pairs, nearest = [], np.zeros(n, np.float32)
+    groups = groups if groups is not None else CopyGroups(n)
+    nearest = np.zeros(n, np.float32)
     for start in range(0, n, block):
         sim = x[start : start + block] @ x.T
         rows = torch.arange(len(sim))
         sim[rows, rows + start] = -math.inf  # an image is not its own neighbour
         if k > 0:
             nearest[start : start + len(sim)] = sim.topk(k, dim=1).values.mean(1).numpy()
-        i, j = torch.nonzero(sim >= threshold, as_tuple=True)
-        keep = i + start < j
-        pairs += [(int(a) + start, int(b), float(sim[a, b])) for a, b in zip(i[keep], j[keep])]
-    return sorted(pairs, key=lambda p: -p[2]), nearest
+        later = torch.arange(n)[None, :] > (rows + start)[:, None]  # each pair once, from its lower row
+        close = (sim >= threshold) & later
+        for r in torch.nonzero(close.any(1)).flatten().tolist():
+            others = torch.nonzero(close[r]).flatten()
+            groups.link(start + r, others.numpy(), sim[r, others].numpy())
+    return groups, nearest
 
 
-def exact_copies(sha256: list[str]) -> list[tuple[int, int]]:
-    """Pairs (i < j) of rows whose source files have the same content hash."""
+def exact_copies(sha256: list[str], groups: CopyGroups) -> None:
+    """Join rows whose source files have the same content hash (cosine 1 by definition)."""
     by_hash: dict[str, list[int]] = {}
     for row, digest in enumerate(sha256):
         by_hash.setdefault(digest, []).append(row)
-    return [(a, b) for rows in by_hash.values() for n, a in enumerate(rows) for b in rows[n + 1 :]]
+    for rows in by_hash.values():
+        for row, following in zip(rows, rows[1:]):  # each to the next: the whole set joins, pairs stay few
+            groups.link(row, np.asarray([following]), np.ones(1, np.float32))
 
 
 def outlier_rows(nearest: np.ndarray) -> tuple[np.ndarray, float]:

@@ -12,6 +12,10 @@ class PipelineError(Exception):
     """A problem with the user's input or files; the message names it and says what to do."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM stopped a command; the message says what was kept (the CLI prints it, exit code 130)."""
+
+
 def check_range(option: str, value, low=None, high=None) -> None:
     """Refuse a number outside [low, high] (either end open when None), or not finite, naming the option and range."""
     bad = isinstance(value, float) and not math.isfinite(value)

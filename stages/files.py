@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -276,3 +277,27 @@ def read_image_file(path: Path) -> tuple[np.ndarray, Fingerprint]:
     fingerprint = Fingerprint(st.st_size, st.st_mtime_ns, content_sha256(data), st.st_ctime_ns)
     vet_image_bytes(data)
     return np.frombuffer(data, dtype=np.uint8), fingerprint
+
+
+def read_stored_file(root: str | Path, stored: str) -> bytes | None:
+    """The bytes of a file a store records (its path relative to the data folder), or None when that path is not
+    one to open: it leaves the data folder (absolute, '..', or a symlink that points out) or is not a regular file.
+    A FIFO, a device or a folder is never opened (reading a FIFO would wait for ever)."""
+    relative = PurePosixPath(stored)
+    if not stored or relative.is_absolute() or ".." in relative.parts:
+        return None
+    base = Path(root).resolve()
+    path = (base / relative).resolve()
+    if not path.is_relative_to(base):
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read()
+    finally:
+        os.close(fd)

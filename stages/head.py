@@ -174,6 +174,7 @@ class SplitFeatures:
         in_memory: bool,
         chunk_rows: int | None = None,
         buffer_chunks: int = 16,
+        block_rows: int = 65536,
     ):
         self.dataset = features
         self.labels = torch.as_tensor(labels.astype(np.int64))
@@ -181,6 +182,7 @@ class SplitFeatures:
         self.num_rows = len(rows)
         self.chunk_rows = chunk_rows or (features.chunks[0] if features.chunks else 1024)
         self.buffer_chunks = buffer_chunks
+        self.block_rows = block_rows  # rows per block of a whole pass (statistics, logreg's gradient)
         self.memory = torch.from_numpy(features[()]) if in_memory else None
 
     def select(self, rows: np.ndarray) -> SplitFeatures:
@@ -221,14 +223,32 @@ class SplitFeatures:
         position = np.searchsorted(offsets, rows)
         return torch.from_numpy(block[position])
 
+    def _windows(self) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+        """The selected rows in ascending order, read from HDF5 in windows of at most block_rows stored rows: a whole
+        pass in the order the grouped reads give without a shuffle, holding a window at a time."""
+        rows = np.sort(self.rows)
+        n, i = self.dataset.shape[0], 0
+        while i < len(rows):
+            start = int(rows[i])
+            stop = min(n, start + self.block_rows)
+            j = int(np.searchsorted(rows, stop))
+            window = self.dataset[start:stop]
+            yield torch.from_numpy(window[rows[i:j] - start] if j - i < stop - start else window), rows[i:j]
+            i = j
+
     def batches(
         self, batch_size: int, rng: np.random.Generator | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(features float32, labels) batches over the selected rows; shuffled when rng is given."""
+        """(features float32, labels) batches over the selected rows; shuffled when rng is given. Unshuffled batches
+        of streamed features come from windows of block_rows stored rows (the same batches as in memory)."""
+        if rng is None and self.memory is None:
+            blocks = self._windows()
+        else:
+            blocks = ((self._read(group, rows), rows) for group, rows in self._groups(rng))
         carry_x, carry_y = [], []
         held = 0
-        for group, rows in self._groups(rng):
-            x, y = self._read(group, rows), self.labels[torch.from_numpy(rows)]
+        for x, rows in blocks:
+            y = self.labels[torch.from_numpy(rows)]
             carry_x.append(x)
             carry_y.append(y)
             held += len(rows)
@@ -245,10 +265,9 @@ class SplitFeatures:
         """Per-feature mean and standard deviation over the selected rows, in one streaming pass."""
         total = torch.zeros(self.dataset.shape[1], dtype=torch.float64)
         square = torch.zeros_like(total)
-        for x, _ in self.batches(65536):
-            x = x.double()
-            total += x.sum(0)
-            square += x.square().sum(0)
+        for x, _ in self.batches(self.block_rows):
+            total += x.sum(0, dtype=torch.float64)
+            square += x.square_().sum(0, dtype=torch.float64)
         if not (torch.isfinite(total).all() and torch.isfinite(square).all()):
             raise PipelineError(
                 f"the stored features {getattr(self.dataset, 'name', '')} hold NaN or infinite values: "
@@ -260,6 +279,20 @@ class SplitFeatures:
         # image where it fires (generated images: 1e6 standard deviations): an infinite spread drops it instead.
         dead = std <= 1e-3 * std.mean()
         return mean.float(), std.masked_fill(dead, float("inf"))
+
+
+STREAM_COPIES = 8  # float32 copies of a block alive at once in a whole pass (read, standardized, transposed, ...)
+
+
+def fits_in_memory(features, memory_limit: int) -> bool:
+    """Whether a split is held in memory under the limit: its stored values and the two float32 copies a fit
+    makes of them (logreg's standardized rows and their transpose)."""
+    return features.size * (features.dtype.itemsize + 2 * 4) <= memory_limit
+
+
+def stream_block_rows(memory_limit: int, feature_dim: int) -> int:
+    """Rows per block of a whole pass over streamed features, so that its working copies stay within the limit."""
+    return max(1024, memory_limit // (STREAM_COPIES * 4 * feature_dim))
 
 
 def select_rows(views: np.ndarray, max_view: int) -> np.ndarray:

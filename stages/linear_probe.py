@@ -20,7 +20,6 @@ from stages.head import Head, SplitFeatures
 L2_GRID = tuple(10.0 ** (e / 2) for e in range(2, -13, -1))
 PATIENCE = 2  # stop the path once this many weaker strengths in a row do no better out of fold
 MAX_ITER = 1000
-STREAM_ROWS = 65536
 
 # (features, the same transposed and contiguous, labels): skinny products run several times faster this way round.
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -162,12 +161,13 @@ def train_logreg(
             y = source.labels[torch.from_numpy(source.rows)]
             batch = as_batch(x, y)
             return lambda: [batch]
-        return lambda: (as_batch((x - mean) / std, y) for x, y in source.batches(STREAM_ROWS))
+        # Each batch is a fresh float32 copy: standardized in place, one copy less at a time.
+        return lambda: (as_batch(x.sub_(mean).div_(std), y) for x, y in source.batches(source.block_rows))
 
     sample = _sample(train, cv_max_rows, seed)
     subset = train.select(train.rows[sample])
     if subset.memory is None:  # streamed store: cross-validate on an in-memory sample
-        pairs = list(subset.batches(STREAM_ROWS))
+        pairs = list(subset.batches(subset.block_rows))
         x, y = (torch.cat([(x - mean) / std for x, _ in pairs]), torch.cat([y for _, y in pairs]))
     else:
         [(x, _, y)] = standardized(subset)()

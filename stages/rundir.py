@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from stages.atomic import atomic_output, write_json
+from stages.atomic import write_json
 from stages.errors import PipelineError
 
 CONFIG = "config.json"
@@ -21,6 +21,7 @@ HEAD_WEIGHTS = "head.safetensors"
 BACKBONE_WEIGHTS = "backbone.safetensors"
 CHECKPOINT = "checkpoint.pt"
 CURVES = "curves.png"
+RUN_MARKERS = (CONFIG, CHECKPOINT)  # a folder holding either is a run, finished or not
 
 
 def config_checksum(config: dict) -> str:
@@ -67,10 +68,6 @@ def check_config(config, run_dir: Path) -> None:
         )
 
 
-def is_run(directory: Path) -> bool:
-    return (Path(directory) / CONFIG).is_file()
-
-
 def read_config(run_dir: Path | str) -> dict:
     """A run's config, checked: present beside its head weights, parseable, unedited and self-consistent."""
     run_dir = Path(run_dir)
@@ -95,25 +92,22 @@ def read_weights(path: Path) -> dict:
 
 
 def write_weights(out: Path, weights: dict[str, dict]) -> None:
-    """Write each {file name: state_dict} as safetensors, atomically."""
+    """Write each {file name: state_dict} as safetensors."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     for name, state in weights.items():
-        with atomic_output(out / name) as tmp:
-            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(out / name))
 
 
 def write_run(
     out: Path, weights: dict[str, dict], config: dict, metrics: dict, plot_curves: Callable[[Path], None]
 ) -> None:
-    """Write a run directory: the weights, then the sealed config (last but the metrics and curves, so that a
-    config.json always describes weights already in place)."""
+    """Write a run's files into a folder (the staging folder stages.atomic.published_folder publishes whole)."""
     write_weights(out, weights)
     write_json(out / CONFIG, seal_config(config))
     write_json(out / METRICS, metrics)
-    with atomic_output(out / CURVES) as tmp:
-        plot_curves(tmp)
+    plot_curves(out / CURVES)
 
 
 def rank_runs(rows: list[dict]) -> list[dict]:

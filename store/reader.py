@@ -12,7 +12,7 @@ import numpy as np
 
 from stages.errors import PipelineError
 from store.schema import IDENTITY_FIELDS, SCHEMA_VERSION, SETS, SKIPPED, SPLITS, UNKNOWN_CTIME
-from store.verify import CheckedDataset, read_or_fail, verify_split
+from store.verify import CheckedDataset, check_values, read_or_fail, value_problem, verify_split
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,13 @@ def open_h5(path: Path) -> h5py.File:
             f"store {path} is damaged and cannot be opened ({str(exc).splitlines()[0]}); "
             "move it away and featurize again"
         ) from None
+    foreign = foreign_object(f)
+    if foreign:
+        f.close()
+        raise PipelineError(
+            f"store {path} is refused: {foreign}, so reading it could open other files; give a store written by "
+            "pipeline featurize"
+        )
     version = f.attrs.get("schema_version")
     if version != SCHEMA_VERSION:
         f.close()
@@ -52,6 +59,27 @@ def open_h5(path: Path) -> h5py.File:
             f"{SCHEMA_VERSION}; featurize again into a new --store"
         )
     return f
+
+
+def foreign_object(group: h5py.Group) -> str | None:
+    """The first object under a group that would make a reader open another file, described, or None: an external
+    or soft link, a dataset whose bytes are stored in external files, or a virtual dataset. Links are inspected,
+    never followed."""
+    for name in group:
+        link = group.get(name, getlink=True)
+        where = f"{group.name.rstrip('/')}/{name}"
+        if not isinstance(link, h5py.HardLink):
+            return f"{where} is {'an external' if isinstance(link, h5py.ExternalLink) else 'a soft'} link"
+        item = group[name]
+        if isinstance(item, h5py.Group):
+            found = foreign_object(item)
+            if found:
+                return found
+        elif item.is_virtual:
+            return f"{where} is a virtual dataset"
+        elif item.external:
+            return f"{where} keeps its bytes in external files"
+    return None
 
 
 def split_file_index(group: h5py.Group) -> dict[str, FileRows]:
@@ -107,7 +135,16 @@ class FeatureSet:
         return CheckedDataset(self._split(split)["features"], self.where)
 
     def column(self, split: str, name: str) -> np.ndarray:
-        return _decode_strings(read_or_fail(self._split(split)[name], self.where))
+        """A per-row column; labels and view numbers out of range are an error, never used."""
+        values = read_or_fail(self._split(split)[name], self.where)
+        if name in ("labels", "view"):
+            problem = value_problem(name, values, split, len(self.classes), int(self.attrs.get("views", 0)))
+            if problem:
+                raise PipelineError(
+                    f"{self.where} is damaged: set {self.name} {split}/{problem}; featurize again to rewrite it "
+                    "(pipeline store info --verify lists what is wrong)"
+                )
+        return _decode_strings(values)
 
     @property
     def where(self) -> str:
@@ -120,7 +157,15 @@ class FeatureSet:
     def _split(self, split: str) -> h5py.Group:
         if split not in self.group:
             raise PipelineError(f"feature set {self.name} has no {split!r} split (it has: {', '.join(self.splits)})")
-        return self.group[split]
+        group = self.group[split]
+        rows = group["features"].shape[0]
+        for name, ds in group.items():
+            if isinstance(ds, h5py.Dataset) and ds.shape[:1] != (rows,):
+                raise PipelineError(
+                    f"{self.where} is damaged: set {self.name} {split}/{name} has {ds.shape[0] if ds.shape else 0} "
+                    f"values for {rows} feature rows; featurize into a new --store"
+                )
+        return group
 
 
 class FeatureStore:
@@ -200,8 +245,11 @@ def verify_store(store: FeatureStore) -> list[dict]:
         for split in [s for s in group if isinstance(group[s], h5py.Group)]:
             if not group[split]["features"].fletcher32:
                 failed.append({"set": name, "split": split, "damage": None, "unchecked": True})
+            fs = FeatureSet(group)
             try:
                 damage = verify_split(group[split]).describe()
+                problems = check_values(group[split], split, len(fs.classes), int(fs.attrs.get("views", 0)))
+                damage = ", ".join(filter(None, [damage, *problems]))
             except (OSError, KeyError) as exc:  # its metadata itself is unreadable
                 damage = f"unreadable ({str(exc).splitlines()[0][:80]})"
             if damage:

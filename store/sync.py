@@ -1,6 +1,6 @@
 """The never-stale engine: what a data folder needs from a store's feature set, the journal of work done, the new store.
 
-    with StoreSync(store_path, set_name) as sync:   # opens the old set and the journal's parts, verifying both
+    with StoreSync(paths, set_name) as sync:        # opens the old set and the journal's parts, verifying both
         todo = sync.plan(dataset, views)            # each file: reuse its rows, keep its known-bad record, or compute
         ...                                         # computed rows go to sync.commit(rows, dtype) as they come
         plans = sync.finish(attrs, feature_dim, dtype)  # the store rewritten from its sources, unless up to date
@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 
 from stages.files import Dataset, Fingerprint, ImageFile, content_sha256, stat_fingerprint
+from store.paths import StorePaths
 from store.reader import FileRows, open_h5, split_file_index, split_skipped
 from store.schema import ROW_COLUMNS, SETS, SKIPPED_COLUMNS, SPLITS, FileRecord
 from store.verify import verify_split
@@ -88,9 +89,9 @@ def open_journal_part(part: Path) -> tuple[h5py.File | None, str | None]:
 class StoreSync:
     """Brings one feature set of a store up to date with a data folder, for one shard of the work."""
 
-    def __init__(self, store_path: Path, set_name: str, shard: int = 0):
-        self.store_path, self.set_name = Path(store_path), set_name
-        self.journal = Journal(self.store_path, set_name, shard)
+    def __init__(self, paths: StorePaths, set_name: str, shard: int = 0):
+        self.store_path, self.set_name = paths.store, set_name
+        self.journal = Journal(paths, set_name, shard)
         self.sources: list[Source] = []  # newest first
         self.damaged: dict[tuple[str, str], set[str] | None] = {}  # (source, split): paths not to reuse; None: all
         self._indexes: dict[tuple[str, str], tuple] = {}

@@ -8,7 +8,9 @@ dataset carries the sha256 of its values as an attribute instead.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 
 import h5py
 import numpy as np
@@ -122,3 +124,57 @@ class CheckedDataset:
 
     def __getattr__(self, name):
         return getattr(self._ds, name)
+
+
+def check_values(group: h5py.Group, split: str, num_classes: int, views: int) -> list[str]:
+    """The values readers trust, checked (checksums say the bytes are as written, not that they make sense):
+    every column as long as the features, then each column's values (value_problem). Returns what is wrong, as
+    short phrases (empty when nothing)."""
+    rows = group["features"].shape[0]
+    problems = [
+        f"{name} has {ds.shape[0] if ds.shape else 0} values for {rows} feature rows"
+        for name, ds in group.items()
+        if isinstance(ds, h5py.Dataset) and name != "features" and ds.shape[:1] != (rows,)
+    ]
+    if problems:
+        return problems
+    for name in TRUSTED_COLUMNS:
+        values = _read_checked(group[name]) if name in group else None
+        problem = value_problem(name, values, split, num_classes, views) if values is not None else None
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+TRUSTED_COLUMNS = ("labels", "view", "sha256", "paths")
+_HEX64 = re.compile(rb"[0-9a-f]{64}")
+
+
+def value_problem(name: str, values, split: str, num_classes: int, views: int) -> str | None:
+    """What is wrong with one column's values, or None: labels within the classes (-1, unlabelled, only in test),
+    view numbers within the set's views (0 outside train), content hashes of 64 hex digits, paths inside the data
+    folder (relative, no '..')."""
+    if not len(values):
+        return None
+    if name == "labels":
+        lowest = -1 if split == "test" else 0
+        bad = sorted({int(v) for v in values[(values < lowest) | (values >= num_classes)]})
+        return f"labels holds {', '.join(map(str, bad[:3]))}, outside the {num_classes} classes" if bad else None
+    if name == "view":
+        most = views if split == "train" else 0
+        return (
+            f"view holds {int(values.max())}, more than the set's {most} augmented views"
+            if values.max() > most
+            else None
+        )
+    if name == "sha256":
+        ok = all(_HEX64.fullmatch(bytes(h)) for h in values)
+        return None if ok else "sha256 holds values that are not 64 hex digits"
+    if name == "paths":
+        ok = all(_is_inside(p.decode() if isinstance(p, bytes) else p) for p in values)
+        return None if ok else "paths holds a path outside the data folder (absolute, or with '..')"
+    return None
+
+
+def _is_inside(path: str) -> bool:
+    return bool(path) and not PurePosixPath(path).is_absolute() and ".." not in PurePosixPath(path).parts

@@ -8,7 +8,6 @@ renaming it over the old one. Readers therefore always see a complete store, and
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 from dataclasses import dataclass, field
@@ -18,8 +17,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from stages.atomic import atomic_output, writer_alive
+from stages.atomic import ExclusiveLock, atomic_output, writer_alive
 from stages.errors import PipelineError
+from store.paths import StorePaths
 from store.schema import CHUNK_ROWS, FEATURE_DTYPES, ROW_COLUMNS, SCHEMA_VERSION, SETS, SKIPPED, SKIPPED_COLUMNS, STR
 from store.verify import create_checked
 
@@ -31,37 +31,29 @@ def now_iso() -> str:
 
 
 class StoreLock:
-    """An exclusive advisory lock on `STORE.lock`, released by the kernel even when the process is killed."""
+    """The writer's lock on `STORE.lock` (stages.atomic.ExclusiveLock): one featurize per store, or the shards of
+    one job side by side (shared)."""
 
-    def __init__(self, store_path: Path, shared: bool = False):
-        self.path = store_path.with_name(store_path.name + ".lock")
-        self.shared = shared  # shards of one job write only their own journal parts, side by side
-        self._fd = None
+    def __init__(self, paths: StorePaths, shared: bool = False):
+        self.paths = paths
+        self._lock = ExclusiveLock(paths.lock, shared)
 
     def __enter__(self) -> StoreLock:
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            holder = self._lock.acquire()
         except OSError as exc:
             raise PipelineError(
-                f"cannot create {self.path}: {exc.strerror}; choose a --store in a writable folder"
+                f"cannot create {self.paths.lock}: {exc.strerror}; choose a --store in a writable folder"
             ) from None
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
-            os.close(fd)
+        if holder is not None:
             raise PipelineError(
-                f"store {self.path.with_suffix('')} is being written by another featurize "
-                f"(pid {holder or '?'}); wait for it to finish or use another --store"
-            ) from None
-        if not self.shared:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._fd = fd
+                f"store {self.paths.store} is being written by another featurize ({holder}); wait for it to "
+                "finish or use another --store"
+            )
         return self
 
     def __exit__(self, *exc) -> None:
-        os.close(self._fd)
+        self._lock.release()
 
 
 @dataclass
@@ -104,9 +96,9 @@ def ensure_space(path: Path, needed: int) -> None:
         )
 
 
-def remove_stale_temporaries(path: Path) -> None:
+def remove_stale_temporaries(paths: StorePaths) -> None:
     """Temporary files of writers that were killed (a live writer holds the lock, so none is in use)."""
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+    for stale in paths.temporaries():
         stale.unlink(missing_ok=True)
 
 
@@ -138,8 +130,8 @@ def _write_columns(group: h5py.Group, columns: dict[str, list], spec: dict) -> N
 class Journal:
     """The committed parts of an unfinished run for one feature set, in `STORE.journal/`."""
 
-    def __init__(self, store_path: Path, set_name: str, shard: int = 0):
-        self.dir = store_path.with_name(store_path.name + ".journal")
+    def __init__(self, paths: StorePaths, set_name: str, shard: int = 0):
+        self.paths, self.dir = paths, paths.journal
         self.set_name = set_name
         self.shard = shard  # each shard numbers its own parts, so shards never collide
 
@@ -150,7 +142,7 @@ class Journal:
         for stale in self.dir.glob(".*.tmp-*"):
             if not writer_alive(stale):  # shards share the journal: a live shard's temporary is its own
                 stale.unlink(missing_ok=True)
-        return sorted(self.dir.glob(f"{self.set_name}.part-*.h5"))
+        return self.paths.journal_parts(self.set_name)
 
     def commit(self, rows: dict[str, SplitRows], feature_dtype: str) -> Path | None:
         """Write the gathered rows as the next part, atomically; None when there is nothing to write."""
@@ -158,9 +150,8 @@ class Journal:
         if not rows:
             return None
         self.dir.mkdir(exist_ok=True)
-        own = [p for p in self.parts() if p.stem.rsplit("-", 2)[-2] == f"{self.shard:03d}"]
-        seq = int(own[-1].stem.rsplit("-", 1)[-1]) + 1 if own else 0
-        path = self.dir / f"{self.set_name}.part-{self.shard:03d}-{seq:06d}.h5"
+        own = [p for p in self.parts() if StorePaths.part_shard(p) == self.shard]
+        path = self.paths.journal_part(self.set_name, self.shard, StorePaths.part_seq(own[-1]) + 1 if own else 0)
 
         def fill(f: h5py.File) -> None:
             f.attrs["set_name"] = self.set_name

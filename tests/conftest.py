@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import os
@@ -15,6 +16,7 @@ import pytest
 from PIL import Image
 
 from pipeline.demo import draw_example
+from store.paths import StorePaths
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PIPELINE_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -144,8 +146,7 @@ def png_bomb(width: int, height: int) -> bytes:
 
 # Killed and sharded featurize runs compare stores by content.
 def parts(store):
-    journal = store.with_name(store.name + ".journal")
-    return len(list(journal.glob("*.part-*.h5"))) if journal.is_dir() else 0
+    return len(StorePaths.of(store).journal_parts())
 
 
 def content(store):
@@ -167,3 +168,41 @@ def assert_same_content(a, b):
         fx, fy = x["features"].astype(np.float32), y["features"].astype(np.float32)
         cosine = (fx * fy).sum(1) / np.linalg.norm(fx, axis=1) / np.linalg.norm(fy, axis=1)
         assert cosine.min() > 0.9999, split
+
+
+# Programs that libraries we import start once, exec'd at once (never a Python child): torch's CUDA library finder
+# runs ldconfig while torch is imported, h5py asks uname for the processor, matplotlib lists fonts with fc-list the
+# first time it builds its font cache. Anything else a command starts is a child process of ours.
+IMPORT_HELPERS = {"/sbin/ldconfig", "uname", "fc-list"}
+_WATCH = """
+import sys
+children = []
+def watch(event, args):
+    if event in ("os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.system", "subprocess.Popen"):
+        program = str(args[0]) if event in ("subprocess.Popen", "os.posix_spawn", "os.spawn") else event
+        children.append(program)
+sys.addaudithook(watch)
+import atexit
+atexit.register(lambda: sys.stderr.write("CHILDREN " + repr(children) + "\\n"))
+sys.argv = ["pipeline", *sys.argv[1:]]
+from pipeline.cli import main
+main()
+"""
+
+
+def run_cli_watching_children(*args, check: bool = True) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Run `pipeline ARGS` as run_cli does, recording every child process it starts (a Python audit hook: forks,
+    spawns, subprocesses), less the import-time helpers above."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _WATCH, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        cwd=REPO,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pipeline {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stderr[-3000:]}")
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("CHILDREN ")][-1]
+    children = [c for c in ast.literal_eval(line[len("CHILDREN ") :]) if c not in IMPORT_HELPERS]
+    return proc, children

@@ -9,7 +9,7 @@ import pytest
 from conftest import make_images, one_line_error, run_cli, run_json, shared_dataset
 from PIL import Image, ImageOps
 
-from stages.audit import exact_copies, outlier_rows, similarity_scan
+from stages.audit import PAIRS_PER_GROUP, CopyGroups, exact_copies, outlier_rows, similarity_scan
 
 pytestmark = pytest.mark.slow  # every test here runs the CLI on images or kills processes
 
@@ -27,16 +27,37 @@ def test_similarity_scan_in_blocks_equals_the_full_matrix():
     x = rng.normal(size=(300, 16)).astype(np.float32)
     x[250] = x[10] * 3 + 0.01  # a scaled near-copy
     x[299] = x[0]
-    pairs, nearest = similarity_scan(x, threshold=0.9, neighbours=3, block_bytes=4 * 300 * 7)  # 7-row blocks
+    groups, nearest = similarity_scan(x, threshold=0.9, neighbours=3, block_bytes=4 * 300 * 7)  # 7-row blocks
     z = x / np.linalg.norm(x, axis=1, keepdims=True)
     full = z @ z.T
     np.fill_diagonal(full, -np.inf)
     expected = {(i, j) for i, j in zip(*np.nonzero(full >= 0.9)) if i < j}
-    assert {(a, b) for a, b, _ in pairs} == expected and (10, 250) in expected and (0, 299) in expected
+    found = [g for g in groups.groups()]
+    assert {(a, b) for g in found for a, b, _ in g.pairs} == expected and (10, 250) in expected and (0, 299) in expected
+    assert sorted(tuple(g.members) for g in found) == sorted(tuple(sorted(p)) for p in expected)
     np.testing.assert_allclose(nearest, np.sort(full, 1)[:, -3:].mean(1), rtol=1e-5)
-    assert exact_copies(["h1", "h2", "h1", "h3", "h1"]) == [(0, 2), (0, 4), (2, 4)]
     far, fence = outlier_rows(np.r_[np.full(99, 0.9), 0.1])
     assert list(far) == [99] and fence == pytest.approx(0.1)  # no spread among the rest: the fence sits on them
+
+
+def test_copies_are_grouped_each_image_once_and_pairs_stay_few():
+    """500 near-identical rows are one group of 500 listed once, with at most PAIRS_PER_GROUP of its 124,750 pairs;
+    two tight clusters bridged by one row above the threshold are one group (joined through the bridge)."""
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=64).astype(np.float32)
+    copies = base + 0.01 * rng.normal(size=(500, 64)).astype(np.float32)
+    others = rng.normal(size=(200, 64)).astype(np.float32)
+    a, b = rng.normal(size=64), rng.normal(size=64)
+    bridge = np.stack([a, a + 0.01, (a + b) / np.linalg.norm(a + b) * np.linalg.norm(a), b, b + 0.01])
+    x = np.concatenate([copies, others, bridge.astype(np.float32)])
+    groups = CopyGroups(len(x))
+    exact_copies(["same", "same", "same"] + [f"h{i}" for i in range(len(x) - 3)], groups)
+    groups, _ = similarity_scan(x, threshold=0.65, groups=groups, block_bytes=4 * len(x) * 64)
+    found = groups.groups()
+    assert [len(g.members) for g in found] == [500, 5]
+    assert found[0].members == list(range(500)) and found[1].members == list(range(700, 705))
+    assert len(found[0].pairs) == PAIRS_PER_GROUP and found[0].linked_pairs >= 500 * 499 // 2
+    assert [s for _, _, s in found[0].pairs] == sorted((s for _, _, s in found[0].pairs), reverse=True)
 
 
 def test_audit_writes_findings_pictures_and_never_touches_the_data(trained, tmp_path):

@@ -10,6 +10,8 @@ import h5py
 import pytest
 from conftest import REPO, assert_same_content, content, make_images, parts, run_json
 
+from store.paths import StorePaths
+
 ARGS = ("--batch-size", "4", "--commit-every", "4", "--views", "1", "--precision", "fp32")
 
 pytestmark = pytest.mark.slow  # every test here runs the CLI on images or kills processes
@@ -42,7 +44,7 @@ def wait_for(condition, proc, limit=120):
 
 
 def store_being_written(store) -> bool:
-    return any(store.parent.glob(f".{store.name}.tmp-*"))
+    return bool(StorePaths.of(store).temporaries())
 
 
 def reached(point: str, store, parts_before: int) -> bool:
@@ -90,7 +92,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(crash_set, tmp_path, point):
     assert_same_content(content(store), reference)
     if proc.returncode == -signal.SIGKILL:
         assert summary["featurized"] < 30  # resumed from the committed parts, not from scratch
-    assert not store.with_name(store.name + ".journal").exists()
+    assert not StorePaths.of(store).journal.exists()
 
 
 def test_ctrl_c_commits_what_is_done(crash_set, tmp_path):

@@ -124,6 +124,38 @@ def test_export_errors_are_one_line(trained, tmp_path):
 
 
 @pytest.mark.shared_data
+def readme_snippet() -> str:
+    return re.search(r"<!-- export-snippet -->\n```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)[1]
+
+
+def test_readme_snippet_crops_before_it_resizes(trained, tmp_path):
+    """A 1 x 20000 PNG through the README's snippet, verbatim: it answers in little memory (resizing the whole image
+    first took 5.4 GB), and its crop is the one a resize of the whole image gives, within one grey level."""
+    from PIL import Image
+
+    _, _, run = trained
+    run_json("export", run, "--out", tmp_path / "model.onnx")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (20000, 1, 3), dtype=np.uint8)).save(tmp_path / "tall.png")
+    photo = Image.fromarray(rng.integers(0, 256, (300, 451, 3), dtype=np.uint8))
+    photo.save(tmp_path / "photo.png")
+    (tmp_path / "snippet.py").write_text(readme_snippet())
+
+    def peak_mb(image: str) -> int:
+        measure = (
+            f"import resource, runpy, sys; sys.argv = ['snippet.py', '{image}']; runpy.run_path('snippet.py'); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)"
+        )
+        proc = subprocess.run([sys.executable, "-c", measure], capture_output=True, text=True, cwd=tmp_path, check=True)
+        return int(proc.stdout.split()[-1])
+
+    assert peak_mb("tall.png") < peak_mb("photo.png") + 100  # the model's session is most of it, either way
+    whole = photo.resize((256 * 451 // 300, 256), Image.BILINEAR)
+    left, top = round((whole.width - 224) / 2), round((whole.height - 224) / 2)
+    expected = np.asarray(whole.crop((left, top, left + 224, top + 224))).astype(int)
+    assert np.abs(pillow_crop(tmp_path / "photo.png", 256, 224).astype(int) - expected).max() <= 1
+
+
 def test_readme_snippet_on_real_photos_agrees_with_predict(dogscats_store, tmp_path):
     """Photos decoded by Pillow as the README snippet does: the exported model agrees with `pipeline predict`."""
     valid = shared_dataset("dogscats") / "valid"
@@ -148,8 +180,7 @@ def test_readme_snippet_on_real_photos_agrees_with_predict(dogscats_store, tmp_p
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.99
     assert np.abs(got - want).mean() <= 0.01, np.abs(got - want).mean()
     # The snippet itself, verbatim from the README, on one photo.
-    snippet = re.search(r"<!-- export-snippet -->\n```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)[1]
-    (tmp_path / "snippet.py").write_text(snippet)
+    (tmp_path / "snippet.py").write_text(readme_snippet())
     proc = subprocess.run(
         [sys.executable, "snippet.py", paths[0]], capture_output=True, text=True, cwd=tmp_path, check=True
     )

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import imported_modules, make_images, one_line_error, png_bomb, run_cli, run_json
 
+from store.paths import StorePaths
 from store.writer import StoreLock
 
 FAST = ("--batch-size", "8", "--precision", "fp32")
@@ -125,7 +126,7 @@ def test_bad_files_are_skipped_recorded_and_not_retried(small_set, tmp_path):
 @pytest.mark.slow
 def test_second_writer_gets_a_clear_error(small_set, tmp_path):
     store = tmp_path / "s.h5"
-    with StoreLock(store):
+    with StoreLock(StorePaths.of(store)):
         proc = run_cli("featurize", small_set, "--store", store, check=False)
     assert proc.returncode == 1
     assert "being written by another featurize" in proc.stderr and "Traceback" not in proc.stderr

@@ -4,8 +4,9 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
-from conftest import REPO, make_images
+from conftest import REPO, make_images, run_cli_watching_children
 
 from bench.synthetic import separable_features, write_feature_store
 from pipeline.featurize import FeaturizeOptions, featurize
@@ -50,3 +51,28 @@ def test_library_calls_take_threads_and_hand_the_process_back(tmp_path):
     data = make_images(tmp_path / "data", {"train": {"a": 2, "b": 2}})
     summary = featurize(FeaturizeOptions(data, tmp_path / "f.h5", precision="fp32", batch_size=4, threads=2))
     assert summary["featurized"] == 4 and torch.get_num_threads() == 1
+
+
+@pytest.mark.slow
+def test_no_command_starts_a_child_process(trained, tmp_path):
+    """No fork after torch has started threads: every command works in its own process (cleanlab's confident
+    learning included, which would fork a Pool by default), so no child can inherit a held lock or the CLI's
+    signal handlers. Checked with an audit hook on every fork, spawn and subprocess of a real run."""
+    data, store, head = trained
+    commands = [
+        ("featurize", data, "--store", tmp_path / "s.h5", "--batch-size", "8"),
+        ("train-head", "--store", store, "--out", tmp_path / "head"),
+        ("lr-find", "--store", store, "--out", tmp_path / "lr"),
+        ("audit", "--store", store, "--out", tmp_path / "audit"),
+        ("evaluate", head, data / "valid", "--out", tmp_path / "eval"),
+        ("evaluate", head, data / "valid", "--store", store, "--out", tmp_path / "eval-store"),
+        ("predict", head, data / "valid" / "a"),
+        ("export", head, "--out", tmp_path / "model.onnx"),
+        ("inspect", data, "--out", tmp_path / "inspect"),
+        ("store", "info", store, "--verify"),
+        ("runs", "--dir", tmp_path),
+        ("finetune", data, "--head", head, "--out", tmp_path / "ft", "--epochs", "1", "--batch-size", "8"),
+    ]
+    for command in commands:
+        _, children = run_cli_watching_children(*command)
+        assert children == [], (command[0], children)

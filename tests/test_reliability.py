@@ -1,5 +1,6 @@
 """Every bad input gets a clear one-line answer; a full disk, a reader beside a writer, hostile files lose nothing."""
 
+import json
 import os
 import resource
 import signal
@@ -8,8 +9,11 @@ import sys
 import threading
 
 import h5py
+import numpy as np
 import pytest
 from conftest import REPO, make_images, one_line_error, png_bomb, run_cli, run_json
+
+from store.paths import StorePaths
 
 pytestmark = pytest.mark.slow  # every test here runs the CLI on images or kills processes
 
@@ -351,7 +355,7 @@ def test_damaged_journal_parts_are_set_aside_and_redone(trained, tmp_path):
         "--batch-size",
         "2",
     )
-    parts = sorted((tmp_path / "s.h5.journal").glob("*.part-*.h5"))
+    parts = StorePaths.of(tmp_path / "s.h5").journal_parts()
     assert len(parts) >= 4
     os.truncate(parts[0], parts[0].stat().st_size // 2)
     parts[1].write_bytes(b"junk!")
@@ -393,3 +397,131 @@ def test_every_option_is_bounded_before_work_starts(trained, tmp_path):
         "--batch-size 5000",
         "from 1 to 4096",
     )
+
+
+def test_a_store_given_through_a_symlink_is_written_and_locked_as_its_target(small_set, tmp_path):
+    real = tmp_path / "real" / "s.h5"
+    real.parent.mkdir()
+    run_json("featurize", small_set, "--store", real)
+    link = tmp_path / "link.h5"
+    link.symlink_to(real)
+    make_images(tmp_path / "more", {"train": {"a": 1}}, seed=7)
+    (tmp_path / "more/train/a/a_000.jpg").rename(small_set / "train/a/new.jpg")
+    summary = run_json("featurize", small_set, "--store", link)
+    assert summary["featurized"] == 1 and link.is_symlink() and link.resolve() == real
+    assert run_json("store", "info", real)["sets"][0]["splits"]["train"]["images"] == 16
+    from store.writer import StoreLock
+
+    with StoreLock(StorePaths.of(real)):  # a featurize through the real path holds the lock the link's would take
+        one_line_error(run_cli("featurize", small_set, "--store", link, check=False), "being written by another")
+
+
+def _with_labels(store, tmp_path, labels):
+    import shutil
+
+    copy = shutil.copy(store, tmp_path / "labels.h5")
+    with h5py.File(copy, "r+") as f:
+        [name] = list(f["sets"])
+        ds = f[f"sets/{name}/train/labels"]
+        ds[: len(labels)] = labels
+    return copy
+
+
+def test_labels_outside_the_classes_are_damage_not_an_index_error(trained, tmp_path):
+    _, store, _ = trained
+    bad = _with_labels(store, tmp_path, [7, -5])
+    one_line_error(run_cli("store", "info", bad, "--verify", check=False), "labels holds -5, 7, outside the 3 classes")
+    for command in (("train-head",), ("train-head", "--head", "linear"), ("audit",), ("lr-find",)):
+        proc = run_cli(*command, "--store", bad, "--out", tmp_path / "out", check=False)
+        one_line_error(proc, str(bad), "is damaged", "labels holds -5, 7")
+    assert not (tmp_path / "out").exists()
+
+
+def _crafted(trained_store, tmp_path, craft):
+    import shutil
+
+    copy = shutil.copy(trained_store, tmp_path / "crafted.h5")
+    with h5py.File(copy, "r+") as f:
+        [name] = list(f["sets"])
+        craft(f, f[f"sets/{name}/train"])
+    return copy
+
+
+def test_stores_that_point_at_other_files_are_refused(trained, small_set, tmp_path):
+    import numpy as np
+
+    _, store, _ = trained
+    secret = tmp_path / "secret.h5"
+    with h5py.File(secret, "w") as f:
+        f["x"] = np.zeros((36, 1280), np.float16)
+    (tmp_path / "raw.bin").write_bytes(b"\0" * 36 * 4)
+
+    def external_link(f, train):
+        del train["labels"]
+        train["labels"] = h5py.ExternalLink(str(secret), "/x")
+
+    def external_storage(f, train):
+        del train["labels"]
+        train.create_dataset("labels", (36,), np.int32, external=[(str(tmp_path / "raw.bin"), 0, 36 * 4)])
+
+    def virtual(f, train):
+        layout = h5py.VirtualLayout((24, 1280), np.float16)
+        layout[:] = h5py.VirtualSource(str(secret), "x", shape=(36, 1280))[:24]
+        del train["features"]
+        train.create_virtual_dataset("features", layout)
+
+    for craft, what in ((external_link, "external link"), (external_storage, "external files"), (virtual, "virtual")):
+        crafted = _crafted(store, tmp_path, craft)
+        for command in (("store", "info", crafted, "--verify"), ("train-head", "--store", crafted)):
+            one_line_error(run_cli(*command, check=False), str(crafted), "is refused", what)
+        one_line_error(run_cli("featurize", small_set, "--store", crafted, check=False), "is refused", what)
+
+
+def test_stored_paths_that_leave_the_data_folder_or_are_no_file_are_never_opened(trained, tmp_path):
+    import os
+    import shutil
+
+    data, store, _ = trained
+    copy = shutil.copy(store, tmp_path / "s.h5")
+    fifo = data / "train" / "a" / "fifo.jpg"
+    os.mkfifo(fifo)
+    try:
+        with h5py.File(copy, "r+") as f:
+            [name] = list(f["sets"])
+            paths = f[f"sets/{name}/train/paths"]
+            values = [p.decode() for p in paths[()]]
+            values[:3] = ["train/a/fifo.jpg", "../../outside.jpg", "/etc/passwd"]
+            del f[f"sets/{name}/train/paths"]
+            from store.schema import STR
+            from store.verify import create_checked
+
+            create_checked(f[f"sets/{name}/train"], "paths", np.asarray(values, dtype=object), STR)
+            hashes = f[f"sets/{name}/train/sha256"]
+            hashes[:3] = [hashes[3]] * 3  # exact copies of row 3: a group whose pairs the audit draws
+        proc = run_cli("audit", "--store", copy, "--out", tmp_path / "audit", "--json", check=False, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        notes = json.loads(proc.stdout)["notes"]
+        for stored in ("train/a/fifo.jpg", "../../outside.jpg", "/etc/passwd"):
+            assert any(note.startswith(f"{stored} not drawn") for note in notes), notes
+        one_line_error(run_cli("store", "info", copy, "--verify", check=False), "paths holds a path outside")
+    finally:
+        fifo.unlink()
+
+
+def test_non_finite_features_are_damage_featurize_recomputes(trained, tmp_path):
+    """NaN written with a valid checksum (h5py recomputes Fletcher-32 on write): verification still calls the row
+    damaged, and featurize recomputes that image alone."""
+    import shutil
+
+    import numpy as np
+
+    data, store, _ = trained
+    clean = _features(store)
+    copy = shutil.copy(store, tmp_path / "s.h5")
+    with h5py.File(copy, "r+") as f:
+        [name] = list(f["sets"])
+        f[f"sets/{name}/train/features"][5, :3] = [np.nan, np.inf, -np.inf]
+    one_line_error(run_cli("store", "info", copy, "--verify", check=False), "damaged", "feature rows 5-5")
+    repaired = run_json("featurize", data, "--store", copy)
+    assert repaired["featurized"] == 1 and any("failed verification" in n for n in repaired["notes"])
+    np.testing.assert_array_equal(_features(copy)["train"], clean["train"])
