@@ -2,10 +2,49 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
+
+SET_NAME = "efficientnet_lite0-test"
+
+
+def _new_set(f, dim: int, dtype, classes, views: int, backbone: str):
+    """The store's root attributes and one feature set's group, as featurize writes them."""
+    identity = {
+        "backbone": backbone,
+        "arch": "tf_efficientnet_lite0",
+        "weights_sha256": "0" * 64,
+        "preprocessing": json.dumps({"size": 224, "resize": 256, "mean": [127.5] * 3, "std": [127.5] * 3}),
+        "feature_dim": int(dim),
+        "views": views,
+        "seed": 0,
+        "augmentation": "null",
+        "precision": "fp32",
+        "dtype": str(np.dtype(dtype)),
+    }
+    f.attrs["schema_version"] = 1
+    group = f.create_group("sets").create_group(f"{backbone}-test")
+    for key, value in {**identity, "classes": json.dumps(list(classes)), "updated": "now"}.items():
+        group.attrs[key] = value
+    return group
+
+
+def _columns(g, split: str, labels, view, views: int) -> None:
+    """The per-row columns of a split: labels, view, a path per image and a distinct content hash per row."""
+    import h5py
+
+    n = len(labels)
+    g.create_dataset("labels", data=np.asarray(labels, np.int32))
+    g.create_dataset("view", data=np.asarray(view, np.uint8))
+    per_image = views + 1 if split == "train" else 1
+    g.create_dataset("paths", data=[f"{split}/{i // per_image}.jpg" for i in range(n)], dtype=h5py.string_dtype())
+    for name in ("size", "mtime_ns", "ctime_ns"):
+        g.create_dataset(name, data=np.zeros(n, np.int64))
+    digests = [hashlib.sha256(f"{split}/{i // per_image}".encode()).hexdigest().encode() for i in range(n)]
+    g.create_dataset("sha256", data=np.array(digests, "S64"))
 
 
 def write_feature_store(
@@ -22,23 +61,8 @@ def write_feature_store(
     features with Fletcher-32 checksums as featurize writes them, or without (to measure what they cost)."""
     import h5py
 
-    identity = {
-        "backbone": backbone,
-        "arch": "tf_efficientnet_lite0",
-        "weights_sha256": "0" * 64,
-        "preprocessing": json.dumps({"size": 224, "resize": 256, "mean": [127.5] * 3, "std": [127.5] * 3}),
-        "feature_dim": int(train[0].shape[1]),
-        "views": views,
-        "seed": 0,
-        "augmentation": "null",
-        "precision": "fp32",
-        "dtype": str(train[0].dtype),
-    }
     with h5py.File(path, "w") as f:
-        f.attrs["schema_version"] = 1
-        group = f.create_group("sets").create_group(f"{backbone}-test")
-        for key, value in {**identity, "classes": json.dumps(list(classes)), "updated": "now"}.items():
-            group.attrs[key] = value
+        group = _new_set(f, train[0].shape[1], train[0].dtype, classes, views, backbone)
         for split, content in (("train", train), ("valid", valid)):
             if content is None:
                 continue
@@ -50,16 +74,36 @@ def write_feature_store(
                 chunks=(min(chunk_rows, len(features)), features.shape[1]),
                 fletcher32=checksums,
             )
-            g.create_dataset("labels", data=np.asarray(labels, np.int32))
-            g.create_dataset("view", data=np.asarray(view, np.uint8))
-            g.create_dataset(
-                "paths",
-                data=[f"{split}/{i // (views + 1 if split == 'train' else 1)}.jpg" for i in range(len(labels))],
-                dtype=h5py.string_dtype(),
-            )
-            for name in ("size", "mtime_ns", "ctime_ns"):
-                g.create_dataset(name, data=np.zeros(len(labels), np.int64))
-            g.create_dataset("sha256", data=np.array([b"0" * 64] * len(labels)), dtype="S64")
+            _columns(g, split, labels, view, views)
+    return path
+
+
+def write_blob_store(
+    path: Path, n: int, dim: int = 1280, classes: int = 5, valid_share: float = 0.1, seed: int = 0, flips: float = 0.0
+) -> Path:
+    """A store of n rows, written block by block so that it need not fit in memory: Gaussian blobs, one per class
+    (7 standard deviations apart, as real features are), a share of them in valid, and a share `flips` of the
+    labels moved to the next class (label errors to find)."""
+    import h5py
+
+    rng = np.random.default_rng(seed)
+    means = rng.standard_normal((classes, dim), dtype=np.float32) * 0.15
+    counts = {"train": n - int(n * valid_share), "valid": int(n * valid_share)}
+    block = 65536
+    with h5py.File(path, "w") as f:
+        group = _new_set(f, dim, np.float16, [chr(ord("a") + c) for c in range(classes)], 0, "efficientnet_lite0")
+        for split, count in counts.items():
+            g = group.create_group(split)
+            chunks = (min(1024, count), dim)
+            features = g.create_dataset("features", (count, dim), np.float16, chunks=chunks, fletcher32=True)
+            labels = np.empty(count, np.int32)
+            for start in range(0, count, block):
+                k = min(block, count - start)
+                truth = rng.integers(0, classes, k)
+                noise = rng.standard_normal((k, dim), dtype=np.float32)
+                features[start : start + k] = (noise + means[truth]).astype(np.float16)
+                labels[start : start + k] = np.where(rng.random(k) < flips, (truth + 1) % classes, truth)
+            _columns(g, split, labels, np.zeros(count, np.uint8), 0)
     return path
 
 

@@ -225,11 +225,10 @@ def _draw(
     """The three PNGs; returns notes on stored paths that were not drawn (outside the data folder, not a file)."""
     from pipeline.plots import plot_feature_map, plot_image_grid
 
-    root = Path(data_dir) if data_dir else Path(".")
     refused: list[str] = []
 
     def image(stored: str) -> bytes | None:
-        data = read_stored_file(root, stored)
+        data = read_stored_file(data_dir, stored) if data_dir else None
         if data is None:
             refused.append(stored)
         return data
@@ -261,7 +260,6 @@ def _draw(
     )
     plot_image_grid(copy_items, out / "duplicates.png", "copies and near-copies (pairs side by side)", columns=4)
     plot_feature_map(feature_map(rows.features), rows.labels, classes, marks, out / "map.png")
-    return [
-        f"{stored} not drawn: it is not a regular file inside the data folder {root}"
-        for stored in dict.fromkeys(refused)
-    ]
+    if not data_dir:
+        return ["pictures drawn without their images: the store records no data folder"] if refused else []
+    return [f"{p} not drawn: not a regular file inside the data folder {data_dir}" for p in dict.fromkeys(refused)]

@@ -233,7 +233,8 @@ def _print_store_info(info: dict) -> None:
         )
         out.print(f"  classes ({len(s['classes'])}): {', '.join(s['classes'])}")
         for split, c in s["splits"].items():
-            out.print(f"  {split}: {c['images']} images, {c['rows']} rows, {c['skipped']} skipped")
+            images = "?" if c["images"] is None else c["images"]  # its paths column is damaged: --verify says so
+            out.print(f"  {split}: {images} images, {c['rows']} rows, {c['skipped']} skipped")
         out.print(f"  data: {s['data_dir']} ({s['layout']}), updated {s['updated']}")
 
 
@@ -840,8 +841,18 @@ def demo(
         _print_json(summary)
 
 
-def _on_sigterm(signum, frame):
+def _on_signal(signum, frame):
+    """SIGTERM (and the timer below) stop a command as Ctrl-C does: a KeyboardInterrupt in the main thread."""
     raise KeyboardInterrupt
+
+
+def _on_unraisable(unraisable) -> None:
+    """A KeyboardInterrupt that lands in a destructor or a weakref callback is swallowed there (Python can only
+    report it): raise it again a moment later, in the command's own flow, so that an interrupt is never lost."""
+    if issubclass(unraisable.exc_type, KeyboardInterrupt):
+        signal.setitimer(signal.ITIMER_REAL, 0.01)
+    else:
+        sys.__unraisablehook__(unraisable)
 
 
 def _exit(code: int) -> None:
@@ -861,8 +872,10 @@ def main() -> None:
     if "--debug" in sys.argv[1:]:
         DEBUG = True
         sys.argv.remove("--debug")
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGALRM, _on_signal)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.unraisablehook = _on_unraisable
     try:
         code = app(standalone_mode=False)  # returns the exit code of typer.Exit and --help
     except PipelineError as exc:

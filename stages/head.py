@@ -223,32 +223,38 @@ class SplitFeatures:
         position = np.searchsorted(offsets, rows)
         return torch.from_numpy(block[position])
 
-    def _windows(self) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
-        """The selected rows in ascending order, read from HDF5 in windows of at most block_rows stored rows: a whole
-        pass in the order the grouped reads give without a shuffle, holding a window at a time."""
+    def whole_pass(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every selected row once, in ascending order, as float32 blocks of at most block_rows rows with their labels:
+        for a pass that sums over rows (statistics, logreg's gradient). Streamed, each block is read into buffers
+        reused from one block to the next (valid until the next is drawn), so a pass allocates nothing per block."""
         rows = np.sort(self.rows)
-        n, i = self.dataset.shape[0], 0
+        if self.memory is not None:
+            for i in range(0, len(rows), self.block_rows):
+                part = torch.from_numpy(rows[i : i + self.block_rows])
+                yield self.memory[part].float(), self.labels[part]
+            return
+        n, dim, i = self.dataset.shape[0], self.dataset.shape[1], 0
+        stored = np.empty((min(self.block_rows, n), dim), self.dataset.dtype)
+        block = torch.empty((min(self.block_rows, n), dim), dtype=torch.float32)
         while i < len(rows):
             start = int(rows[i])
             stop = min(n, start + self.block_rows)
             j = int(np.searchsorted(rows, stop))
-            window = self.dataset[start:stop]
-            yield torch.from_numpy(window[rows[i:j] - start] if j - i < stop - start else window), rows[i:j]
+            self.dataset.read_direct(stored, np.s_[start:stop], np.s_[0 : stop - start])
+            picked = stored[rows[i:j] - start] if j - i < stop - start else stored[: stop - start]
+            out = block[: j - i]
+            out.copy_(torch.from_numpy(picked))
+            yield out, self.labels[torch.from_numpy(rows[i:j])]
             i = j
 
     def batches(
         self, batch_size: int, rng: np.random.Generator | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(features float32, labels) batches over the selected rows; shuffled when rng is given. Unshuffled batches
-        of streamed features come from windows of block_rows stored rows (the same batches as in memory)."""
-        if rng is None and self.memory is None:
-            blocks = self._windows()
-        else:
-            blocks = ((self._read(group, rows), rows) for group, rows in self._groups(rng))
+        """(features float32, labels) batches over the selected rows; shuffled when rng is given."""
         carry_x, carry_y = [], []
         held = 0
-        for x, rows in blocks:
-            y = self.labels[torch.from_numpy(rows)]
+        for group, rows in self._groups(rng):
+            x, y = self._read(group, rows), self.labels[torch.from_numpy(rows)]
             carry_x.append(x)
             carry_y.append(y)
             held += len(rows)
@@ -265,9 +271,9 @@ class SplitFeatures:
         """Per-feature mean and standard deviation over the selected rows, in one streaming pass."""
         total = torch.zeros(self.dataset.shape[1], dtype=torch.float64)
         square = torch.zeros_like(total)
-        for x, _ in self.batches(self.block_rows):
+        for x, _ in self.whole_pass():
             total += x.sum(0, dtype=torch.float64)
-            square += x.square_().sum(0, dtype=torch.float64)
+            square += x.square_().sum(0, dtype=torch.float64)  # the block is not needed after
         if not (torch.isfinite(total).all() and torch.isfinite(square).all()):
             raise PipelineError(
                 f"the stored features {getattr(self.dataset, 'name', '')} hold NaN or infinite values: "

@@ -214,8 +214,12 @@ class FeatureStore:
             fs = FeatureSet(self.file[SETS][name])
             splits = {}
             for split in fs.splits:
-                paths = fs.column(split, "paths")
-                splits[split] = {"rows": len(paths), "images": len(set(paths)), "skipped": len(fs.skipped(split))}
+                try:
+                    images = len(set(fs.column(split, "paths")))
+                except PipelineError:  # a damaged column: --verify says which
+                    images = None
+                rows = fs.features(split).shape[0]
+                splits[split] = {"rows": rows, "images": images, "skipped": len(fs.skipped(split))}
             sets.append(
                 {
                     "name": name,

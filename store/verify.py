@@ -119,6 +119,16 @@ class CheckedDataset:
     def __getitem__(self, selection):
         return read_or_fail(self._ds, self._where, selection)
 
+    def read_direct(self, dest: np.ndarray, source_sel, dest_sel) -> None:
+        """Read into an existing array (h5py's read_direct), failing as reads do when a checksum fails."""
+        try:
+            self._ds.read_direct(dest, source_sel, dest_sel)
+        except OSError as exc:
+            raise PipelineError(
+                f"{self._where} is damaged: {self._ds.name} fails its checksum ({str(exc).splitlines()[0][:80]}); "
+                "featurize again to recompute the damaged rows (pipeline store info --verify lists them)"
+            ) from None
+
     def __len__(self) -> int:
         return len(self._ds)
 

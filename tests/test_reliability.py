@@ -485,27 +485,31 @@ def test_stored_paths_that_leave_the_data_folder_or_are_no_file_are_never_opened
     copy = shutil.copy(store, tmp_path / "s.h5")
     fifo = data / "train" / "a" / "fifo.jpg"
     os.mkfifo(fifo)
+    (tmp_path / "private.jpg").write_bytes((data / "train" / "a" / "a_003.jpg").read_bytes())
+    link = data / "train" / "a" / "link.jpg"
+    link.symlink_to(tmp_path / "private.jpg")  # inside the data folder by name, outside by target
     try:
         with h5py.File(copy, "r+") as f:
             [name] = list(f["sets"])
             paths = f[f"sets/{name}/train/paths"]
             values = [p.decode() for p in paths[()]]
-            values[:3] = ["train/a/fifo.jpg", "../../outside.jpg", "/etc/passwd"]
+            values[:4] = ["train/a/fifo.jpg", "../../outside.jpg", "/etc/passwd", "train/a/link.jpg"]
             del f[f"sets/{name}/train/paths"]
             from store.schema import STR
             from store.verify import create_checked
 
             create_checked(f[f"sets/{name}/train"], "paths", np.asarray(values, dtype=object), STR)
             hashes = f[f"sets/{name}/train/sha256"]
-            hashes[:3] = [hashes[3]] * 3  # exact copies of row 3: a group whose pairs the audit draws
+            hashes[:4] = [hashes[4]] * 4  # exact copies of row 4: a group whose pairs the audit draws
         proc = run_cli("audit", "--store", copy, "--out", tmp_path / "audit", "--json", check=False, timeout=300)
         assert proc.returncode == 0, proc.stderr
         notes = json.loads(proc.stdout)["notes"]
-        for stored in ("train/a/fifo.jpg", "../../outside.jpg", "/etc/passwd"):
+        for stored in ("train/a/fifo.jpg", "../../outside.jpg", "/etc/passwd", "train/a/link.jpg"):
             assert any(note.startswith(f"{stored} not drawn") for note in notes), notes
         one_line_error(run_cli("store", "info", copy, "--verify", check=False), "paths holds a path outside")
     finally:
         fifo.unlink()
+        link.unlink()
 
 
 def test_non_finite_features_are_damage_featurize_recomputes(trained, tmp_path):
@@ -525,3 +529,24 @@ def test_non_finite_features_are_damage_featurize_recomputes(trained, tmp_path):
     repaired = run_json("featurize", data, "--store", copy)
     assert repaired["featurized"] == 1 and any("failed verification" in n for n in repaired["notes"])
     np.testing.assert_array_equal(_features(copy)["train"], clean["train"])
+
+
+def test_a_string_column_that_no_longer_matches_its_digest_is_damage(trained, tmp_path):
+    """Strings take no checksum filter: each string column carries the sha256 of its values. One value changed
+    behind the store's back (a valid HDF5 write) is damage to every reader and to --verify; featurize redoes the
+    split."""
+    import shutil
+
+    data, store, _ = trained
+    copy = shutil.copy(store, tmp_path / "s.h5")
+    with h5py.File(copy, "r+") as f:
+        [name] = list(f["sets"])
+        f[f"sets/{name}/train/paths"][0] = "train/a/elsewhere.jpg"
+    one_line_error(run_cli("store", "info", copy, "--verify", check=False), "damaged", "train: column paths")
+    one_line_error(
+        run_cli("train-head", "--store", copy, "--out", tmp_path / "h", check=False),
+        "paths does not match its checksum",
+    )
+    repaired = run_json("featurize", data, "--store", copy)
+    assert repaired["featurized"] == 24 and any("every train image is featurized again" in n for n in repaired["notes"])
+    run_cli("store", "info", copy, "--verify")
