@@ -10,12 +10,12 @@ import numpy as np
 import torch
 
 from pipeline.plots import plot_confusion_matrix, plot_image_grid, plot_reliability
-from pipeline.train_head import check_compatible
 from stages.atomic import atomic_output, output_folder, write_json
 from stages.errors import PipelineError
 from stages.files import IMAGE_EXTENSIONS, class_folders, find_images
 from stages.metrics import classification_metrics, top_losses
 from stages.model import ImageClassifier, load_model, top_classes
+from stages.rundir import check_compatible
 
 
 def expand_inputs(inputs: list[Path]) -> list[Path]:
@@ -116,15 +116,15 @@ def _probabilities_from_store(head, config: dict, run_dir: Path, store: Path, fi
     from store.reader import FeatureStore
 
     with FeatureStore(store) as fs:
-        trained_here = config["feature_set"].get("store") == str(store.resolve())
-        feature_set = fs.feature_set(config["feature_set"]["set"] if trained_here else None)
-        check_compatible(config, feature_set, run_dir)
+        trained_here = config.feature_set.store == str(store.resolve())
+        feature_set = fs.feature_set(config.feature_set.set if trained_here else None)
+        check_compatible(config, feature_set.identity, feature_set.name, run_dir)
         data_dir = Path(feature_set.attrs["data_dir"]).resolve()
         position = {}
         for i, f in enumerate(files):
             if f.resolve().is_relative_to(data_dir):
                 position[f.resolve().relative_to(data_dir).as_posix()] = i
-        probabilities = np.full((len(files), len(config["classes"])), np.nan)
+        probabilities = np.full((len(files), len(config.classes)), np.nan)
         for split in feature_set.splits:
             paths, views = feature_set.column(split, "paths"), feature_set.column(split, "view")
             rows = np.asarray(
@@ -173,7 +173,7 @@ def _evaluate(
 
     started = time.perf_counter()
     head, config = load_head(run_dir)
-    classes = config["classes"]
+    classes = config.classes
     files, labels = labelled_split(split_dir, classes)
     failed = []
     if store is not None:  # cached features: the head alone, no backbone to build

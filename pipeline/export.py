@@ -41,7 +41,7 @@ def export_run(run_dir: Path, out: Path | None = None, fmt: str = "onnx") -> dic
         started = time.perf_counter()
         try:
             with atomic_output(out) as tmp:
-                metadata = export_classifier(backbone, head, config["classes"], tmp, fmt, pipeline_version())
+                metadata = export_classifier(backbone, head, config.classes, tmp, fmt, pipeline_version())
         except OSError as exc:
             raise PipelineError(
                 f"--out {out} could not be written ({exc.strerror or exc}); choose another path"
@@ -53,7 +53,7 @@ def export_run(run_dir: Path, out: Path | None = None, fmt: str = "onnx") -> dic
         "bytes": out.stat().st_size,
         "seconds": time.perf_counter() - started,
         "input": f"{INPUT}: uint8 (N, {size}, {size}, 3) RGB",
-        "output": f"{OUTPUT}: float32 (N, {len(config['classes'])})",
-        "classes": config["classes"],
+        "output": f"{OUTPUT}: float32 (N, {len(config.classes)})",
+        "classes": config.classes,
         "metadata": metadata,
     }

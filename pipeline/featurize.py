@@ -23,8 +23,9 @@ from stages.decode import Augmentation, ImageDecoder, batch_memory_bytes, resolv
 from stages.errors import MAX_VIEWS, SEED_MAX, PipelineError, check_memory, check_range
 from stages.files import Dataset, Fingerprint, read_image_file, scan_dataset, stat_fingerprint
 from stages.runner import FeatureRunner, package_version
+from store.identity import FeatureSetIdentity
 from store.paths import StorePaths
-from store.schema import FEATURE_DTYPES, FileRecord, set_name
+from store.schema import FEATURE_DTYPES, FileRecord
 from store.sync import PendingRows, StoreSync, views_in
 from store.writer import StoreLock, now_iso, remove_stale_temporaries
 
@@ -52,18 +53,6 @@ class FeaturizeOptions:
     num_shards: int = 1
     shard_id: int = 0
     threads: int | None = None  # torch's threads while featurizing; None: the cores, shared among local ranks
-
-
-def set_identity(backbone: dict, views: int, seed: int, precision: str, dtype: str) -> dict:
-    """The fields that make two feature sets interchangeable: the backbone's identity and these settings."""
-    return {
-        **backbone,
-        "views": views,
-        "seed": seed,
-        "augmentation": Augmentation().to_dict() if views else None,
-        "precision": precision,
-        "dtype": dtype,
-    }
 
 
 def _library_versions() -> dict:
@@ -193,14 +182,20 @@ def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> dict:
     precision = resolve_precision(opts.precision, device)
     # A registered backbone is built only when a forward pass needs it: an up-to-date store answers at once.
     backbone = create_backbone(opts.backbone, opts.weights, opts.arch)
-    known = backbone.identity()
     check_memory(
         f"--batch-size {opts.batch_size} x (--views {opts.views} + 1)",
-        batch_memory_bytes(opts.batch_size, opts.views, known["preprocessing"]["size"]),
+        batch_memory_bytes(opts.batch_size, opts.views, backbone.preprocessing.size),
         available_memory(),
         f"{opts.batch_size} images x {opts.views + 1} decoded views",
     )
-    identity = set_identity(known, opts.views, opts.seed, precision, opts.dtype)
+    identity = FeatureSetIdentity.of(
+        backbone,
+        views=opts.views,
+        seed=opts.seed,
+        augmentation=Augmentation().to_dict() if opts.views else None,
+        precision=precision,
+        dtype=opts.dtype,
+    )
     job = _Job(opts, dataset, backbone, identity, device, precision, paths, progress)
     if shard.count == 1:
         with StoreLock(paths):
@@ -234,7 +229,7 @@ class _Job:
     def __init__(self, opts, dataset, backbone, identity, device, precision, paths: StorePaths, progress):
         self.opts, self.dataset, self.backbone, self.identity = opts, dataset, backbone, identity
         self.device, self.precision, self.paths, self.progress = device, precision, paths, progress
-        self.name = set_name(identity)
+        self.name = identity.name
 
     def run(self, shard: Shard, merge: bool, started: float) -> dict:
         opts, dataset = self.opts, self.dataset
@@ -267,7 +262,7 @@ class _Job:
                 "store": str(opts.store),
                 "device": self.device,
                 "precision": self.precision,
-                "backbone": self.identity["backbone"],
+                "backbone": self.identity.backbone,
                 "views": opts.views,
             }
             if not merge:
@@ -279,7 +274,7 @@ class _Job:
                     "notes": sync.notes
                     + [f"{shard.label}: parts in {sync.journal.dir}; a run without --shard-id merges them"],
                 }
-            plans, up_to_date = sync.finish(lambda: self._attrs(sync), self.identity["feature_dim"], opts.dtype)
+            plans, up_to_date = sync.finish(lambda: self._attrs(sync), self.identity.feature_dim, opts.dtype)
         skipped = [
             {"split": s, "path": p, "reason": plan.skipped["reasons"][i]}
             for s, plan in plans.items()
@@ -302,7 +297,7 @@ class _Job:
         """The set's attributes: its identity, what it was made from, and when."""
         old = sync.old_set.attrs.get("created") if sync.old_set is not None else None
         return {
-            **self.identity,
+            **self.identity.to_dict(),
             "classes": self.dataset.classes,
             "data_dir": str(Path(self.opts.data_dir).resolve()),
             "weights_path": self.backbone.weights_path,

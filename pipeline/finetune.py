@@ -28,7 +28,16 @@ from stages.files import scan_dataset
 from stages.finetune import FinetuneConfig, Finetuner, Ranks, read_checkpoint
 from stages.head import Head, load_head
 from stages.model import backbone_for
-from stages.rundir import BACKBONE_WEIGHTS, CHECKPOINT, HEAD_WEIGHTS, RUN_MARKERS, write_run, write_weights
+from stages.rundir import (
+    BACKBONE_WEIGHTS,
+    CHECKPOINT,
+    HEAD_WEIGHTS,
+    RUN_MARKERS,
+    RunConfig,
+    TrainedOn,
+    write_run,
+    write_weights,
+)
 
 Images = tuple[list[str], np.ndarray]  # file paths and their labels
 
@@ -40,7 +49,7 @@ class Prepared:
 
     cfg: FinetuneConfig
     head: Head
-    head_config: dict
+    head_config: RunConfig
     backbone: Backbone
     train: Images
     valid: Images | None
@@ -119,12 +128,12 @@ def prepare(
         cfg = FinetuneConfig(**state["config"])
     cfg = replace(cfg, precision=resolve_precision(cfg.precision, device, training=True))
     head, head_config = load_head(head_dir)
-    backbone = backbone_for(head_config["feature_set"], head_dir)
+    backbone = backbone_for(head_config.feature_set, head_dir)
     dataset = scan_dataset(data_dir)
-    if dataset.classes != head_config["classes"]:
+    if dataset.classes != head_config.classes:
         raise PipelineError(
             f"classes of {data_dir} ({', '.join(dataset.classes)}) differ from those of {head_dir} "
-            f"({', '.join(head_config['classes'])}); fine-tune on the data the head was trained for"
+            f"({', '.join(head_config.classes)}); fine-tune on the data the head was trained for"
         )
     cfg.validate()
     train_files = dataset.splits.get("train") or []
@@ -195,21 +204,18 @@ def save(
     }
     with published_folder(out) as staging:
         write_weights(staging, {BACKBONE_WEIGHTS: tuner.model.backbone.architecture_state_dict()})
-        feature_set = {
-            **run.head_config["feature_set"],
-            "store": None,
-            "set": None,
-            "weights_sha256": file_sha256(staging / BACKBONE_WEIGHTS),
-            "weights_path": str((out / BACKBONE_WEIGHTS).resolve()),
-        }
-        config = {
-            "kind": "finetune",
-            "head": run.head_config["head"],
-            "classes": run.head_config["classes"],
-            "train": {**run.cfg.to_dict(), "head": run.head_config["head"]["head"], "from_head": str(head_dir)},
-            "feature_set": feature_set,
-            "created": datetime.now().isoformat(timespec="seconds"),
-        }
+        head = run.head_config
+        config = RunConfig(  # the head's, trained on features of the fine-tuned weights (never stored)
+            kind="finetune",
+            head=head.head,
+            classes=head.classes,
+            train={**run.cfg.to_dict(), "head": head.head["head"], "from_head": str(head_dir)},
+            feature_set=TrainedOn(
+                head.feature_set.identity.with_weights(file_sha256(staging / BACKBONE_WEIGHTS)),
+                weights_path=str((out / BACKBONE_WEIGHTS).resolve()),
+            ),
+            created=datetime.now().isoformat(timespec="seconds"),
+        )
         write_run(
             staging,
             {HEAD_WEIGHTS: tuner.model.head.state_dict()},

@@ -32,11 +32,10 @@ from stages.head import (
     train_head,
 )
 from stages.linear_probe import train_logreg
-from stages.rundir import HEAD_WEIGHTS, RUN_MARKERS, rank_runs, write_run
+from stages.rundir import HEAD_WEIGHTS, RUN_MARKERS, RunConfig, TrainedOn, check_compatible, rank_runs, write_run
 from store.reader import FeatureSet, FeatureStore
 
 LR_FIND_PNG = "lr_find.png"
-COMPATIBLE_FIELDS = ("backbone", "arch", "weights_sha256", "preprocessing", "feature_dim")
 
 
 @dataclass
@@ -104,30 +103,6 @@ def load_cached_features(store: FeatureStore, set_name: str | None = None, max_m
     return CachedFeatures(store.path, fs, train, valid, int(fs.attrs.get("views", 0)), limit)
 
 
-def feature_set_identity(store_path: Path, fs: FeatureSet) -> dict:
-    """What a head needs to know of the features it was trained on, to rebuild the model from raw images."""
-    return {
-        "store": str(store_path.resolve()),
-        "set": fs.name,
-        "weights_path": fs.attrs.get("weights_path"),
-        **fs.identity,
-    }
-
-
-def check_compatible(config: dict, fs: FeatureSet, run_dir: Path | str) -> None:
-    """Refuse features of another backbone, weights or preprocessing than the head was trained on."""
-    trained = config["feature_set"]
-    differ = [k for k in COMPATIBLE_FIELDS if trained.get(k) != fs.identity.get(k)]
-    if differ:
-        field = differ[0]
-        raise PipelineError(
-            f"{run_dir} was trained on features of {trained.get('backbone')} "
-            f"({field} {str(trained.get(field))[:16]}), but set {fs.name} holds "
-            f"{fs.identity.get('backbone')} ({field} {str(fs.identity.get(field))[:16]}); "
-            "use a store featurized with the same backbone, weights and preprocessing"
-        )
-
-
 def save_head_run(
     out: Path,
     head: Head,
@@ -139,14 +114,17 @@ def save_head_run(
     seconds: float,
 ) -> dict:
     """Write the head's run directory (stages.rundir); return the metrics."""
-    config = {
-        "kind": "head",
-        "head": head.spec(),
-        "classes": cached.classes,
-        "train": cfg.to_dict(),
-        "feature_set": feature_set_identity(cached.store, cached.feature_set),
-        "created": datetime.now().isoformat(timespec="seconds"),
-    }
+    features = cached.feature_set
+    config = RunConfig(
+        kind="head",
+        head=head.spec(),
+        classes=cached.classes,
+        train=cfg.to_dict(),
+        feature_set=TrainedOn(
+            features.identity, str(cached.store.resolve()), features.name, features.attrs.get("weights_path")
+        ),
+        created=datetime.now().isoformat(timespec="seconds"),
+    )
     metrics = {
         "history": history,
         "train_seconds": seconds,
@@ -253,22 +231,21 @@ def fit_head(
     return head, cfg, history, steps
 
 
-def refit_head(run_dir: Path, config: dict, exclude: set[str], threads: int | None = None) -> Head:
+def refit_head(run_dir: Path, config: RunConfig, exclude: set[str], threads: int | None = None) -> Head:
     """A train-head run's head fitted again on its store with its recorded settings (logreg: its chosen l2),
     leaving out the train images `exclude` (paths as in the store); uncalibrated, for the caller to calibrate on
     what it left out."""
-    recorded = config["feature_set"]
-    store = recorded.get("store")
+    store = config.feature_set.store
     if not store or not Path(store).is_file():
         raise PipelineError(
             f"{run_dir} was not trained on a feature store that is still here ({store}): it is "
             "needed to fit the head again without the calibration images; restore it, or pass --calibration-pct 0 "
             "to keep the head's temperature"
         )
-    cfg = replace(TrainConfig(**config["train"]), calibrate=False)
+    cfg = replace(TrainConfig(**config.train), calibrate=False)
     with FeatureStore(Path(store)) as fs:
-        cached = load_cached_features(fs, recorded.get("set"))
-        check_compatible(config, cached.feature_set, run_dir)
+        cached = load_cached_features(fs, config.feature_set.set)
+        check_compatible(config, cached.feature_set.identity, cached.feature_set.name, run_dir)
         with torch_threads(head_threads(threads)):
             head, *_ = fit_head(cached.excluding(exclude), cfg)
     return head

@@ -94,16 +94,6 @@ class Backbone:
         """Whether the module has been built (identity, preprocessing and feature size never need it)."""
         return self._model is not None
 
-    def identity(self) -> dict:
-        """What makes features from this backbone comparable: name, arch, weights hash, preprocessing."""
-        return {
-            "backbone": self.name,
-            "arch": self.arch,
-            "weights_sha256": self.weights_sha256,
-            "preprocessing": self.preprocessing.to_dict(),
-            "feature_dim": self.feature_dim,
-        }
-
 
 @dataclass(frozen=True)
 class PackagedWeights:

@@ -16,7 +16,7 @@ from torch import nn
 
 from stages.calibration import expected_calibration_error
 from stages.errors import SEED_MAX, PipelineError, check_range
-from stages.rundir import HEAD_WEIGHTS, read_config, read_weights
+from stages.rundir import HEAD_WEIGHTS, RunConfig, read_config, read_weights
 
 SCHEDULES = ("onecycle", "cosine", "constant")
 
@@ -481,14 +481,14 @@ def lr_find(
     }
 
 
-def load_head(run_dir: Path | str) -> tuple[Head, dict]:
+def load_head(run_dir: Path | str) -> tuple[Head, RunConfig]:
     """Rebuild a trained head and its config from a run directory, checking the config against the head."""
     from safetensors import SafetensorError
 
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     try:
-        head = Head.from_spec(config["head"])
+        head = Head.from_spec(config.head)
         state = read_weights(run_dir / HEAD_WEIGHTS)
         state.setdefault("temperature", torch.tensor(1.0))  # heads saved before calibration existed
         head.load_state_dict(state, strict=True)

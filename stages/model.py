@@ -14,6 +14,7 @@ from stages.decode import ImageDecoder, resolve_device
 from stages.errors import PipelineError
 from stages.files import read_image_file
 from stages.head import Head, load_head
+from stages.rundir import RunConfig, TrainedOn
 from stages.runner import FeatureRunner
 
 
@@ -89,10 +90,11 @@ class ImageClassifier:
         return results
 
 
-def backbone_for(feature_set: dict, run_dir: Path) -> Backbone:
+def backbone_for(trained: TrainedOn, run_dir: Path) -> Backbone:
     """The backbone a head was trained on (its recorded weights file, else the packaged weights), checked against
     the weights hash recorded at training time."""
-    name, weights = feature_set["backbone"], feature_set.get("weights_path")
+    identity, weights = trained.identity, trained.weights_path
+    name = identity.backbone
     if not weights or not Path(weights).is_file():
         if name not in REGISTRY:
             raise PipelineError(
@@ -100,21 +102,21 @@ def backbone_for(feature_set: dict, run_dir: Path) -> Backbone:
                 "missing; restore them or retrain"
             )
         weights = None
-    arch = feature_set.get("arch") if name not in REGISTRY else None
+    arch = identity.arch if name not in REGISTRY else None
     backbone = create_backbone(name if name in REGISTRY else "", weights, arch)
-    if backbone.weights_sha256 != feature_set["weights_sha256"]:
+    if backbone.weights_sha256 != identity.weights_sha256:
         raise PipelineError(
             f"the weights of {name} ({backbone.weights_path}) differ from those {run_dir} was trained "
-            f"on (sha256 {feature_set['weights_sha256'][:12]}); reinstall them or retrain"
+            f"on (sha256 {identity.weights_sha256[:12]}); reinstall them or retrain"
         )
     return backbone
 
 
-def load_run(run_dir: str | Path) -> tuple[Backbone, Head, dict]:
+def load_run(run_dir: str | Path) -> tuple[Backbone, Head, RunConfig]:
     """The backbone, head and config of a directory written by train-head or finetune."""
     run_dir = Path(run_dir)
     head, config = load_head(run_dir)
-    return backbone_for(config["feature_set"], run_dir), head, config
+    return backbone_for(config.feature_set, run_dir), head, config
 
 
 def load_model(run_dir: str | Path, device: str = "auto", batch_size: int = 32) -> ImageClassifier:
@@ -123,8 +125,8 @@ def load_model(run_dir: str | Path, device: str = "auto", batch_size: int = 32) 
     return ImageClassifier(
         backbone,
         head,
-        config["classes"],
-        precision=config["feature_set"].get("precision", "fp32"),
+        config.classes,
+        precision=config.feature_set.identity.precision,
         device=device,
         batch_size=batch_size,
     )

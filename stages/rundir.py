@@ -1,8 +1,10 @@
 """The run directory: what train-head and finetune write, and what predict, evaluate, export, audit and the model
-API read. Its file names, its config's seal and checks, and the listing of runs live here and nowhere else.
+API read. Its file names, its config (typed, sealed, checked), the check of features against it, and the listing of
+runs live here and nowhere else.
 
 A run directory holds config.json (sealed with a checksum), metrics.json, head.safetensors, curves.png, and for a
-fine-tune backbone.safetensors and checkpoint.pt. Reading a listing imports neither torch nor safetensors.
+fine-tune backbone.safetensors and checkpoint.pt. Reading a config or a listing imports neither torch nor
+safetensors.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from stages.atomic import write_json
 from stages.errors import PipelineError
+from store.identity import BACKBONE_FIELDS, FeatureSetIdentity
 
 CONFIG = "config.json"
 METRICS = "metrics.json"
@@ -60,15 +64,67 @@ def check_config(config, run_dir: Path) -> None:
             f"{where} names {len(classes)} classes but the head has {spec['num_classes']} outputs; "
             "restore the original config.json or train again"
         )
-    if not isinstance(feature_set, dict) or not all(
-        isinstance(feature_set.get(k), str) for k in ("backbone", "weights_sha256")
-    ):
-        raise PipelineError(
-            f"{where} is damaged: 'feature_set' must name the backbone and its weights_sha256; train again"
+    if not isinstance(feature_set, dict) or any(feature_set.get(k) is None for k in BACKBONE_FIELDS):
+        raise PipelineError(f"{where} is damaged: 'feature_set' must name {', '.join(BACKBONE_FIELDS)}; train again")
+
+
+@dataclass(frozen=True)
+class TrainedOn:
+    """The features a run's head was trained on: their identity, and where they came from (the store and set, the
+    backbone's weights file), so that the whole model can be rebuilt from raw images."""
+
+    identity: FeatureSetIdentity
+    store: str | None = None  # None for a fine-tuned run: its features were never stored
+    set: str | None = None
+    weights_path: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"store": self.store, "set": self.set, "weights_path": self.weights_path, **self.identity.to_dict()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainedOn:
+        return cls(
+            FeatureSetIdentity.from_dict(values), values.get("store"), values.get("set"), values.get("weights_path")
         )
 
 
-def read_config(run_dir: Path | str) -> dict:
+@dataclass(frozen=True)
+class RunConfig:
+    """A run's config.json, typed: written by train-head and finetune, checked when read, and what everything that
+    rebuilds, evaluates or lists a run uses."""
+
+    kind: str  # "head" or "finetune"
+    head: dict  # the head's spec (stages.head.Head.spec): head, feature_dim, num_classes, hidden, dropout
+    classes: list[str]
+    train: dict  # the settings as run: a TrainConfig's, or a FinetuneConfig's with head and from_head
+    feature_set: TrainedOn
+    created: str
+
+    def to_json(self) -> dict:
+        return {
+            **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "feature_set"},
+            "feature_set": self.feature_set.to_dict(),
+        }
+
+    @classmethod
+    def from_json(cls, config: dict) -> RunConfig:
+        """From config.json's content, already checked (check_config)."""
+        return cls(
+            kind=config.get("kind", "head"),
+            head=config["head"],
+            classes=config["classes"],
+            train=config.get("train", {}),
+            feature_set=TrainedOn.from_dict(config["feature_set"]),
+            created=config.get("created", ""),
+        )
+
+    @property
+    def settings(self) -> dict:
+        """What a leaderboard shows of the settings: head, lr, wd, epochs, views (None where the head takes none)."""
+        return {k: self.train.get(k) for k in ("head", "lr", "wd", "epochs", "views")}
+
+
+def read_config(run_dir: Path | str) -> RunConfig:
     """A run's config, checked: present beside its head weights, parseable, unedited and self-consistent."""
     run_dir = Path(run_dir)
     for name in (CONFIG, HEAD_WEIGHTS):
@@ -81,7 +137,19 @@ def read_config(run_dir: Path | str) -> dict:
     except (ValueError, OSError) as exc:
         raise PipelineError(f"{run_dir / CONFIG} is damaged ({str(exc).splitlines()[0][:100]}); train again") from None
     check_config(config, run_dir)
-    return config
+    return RunConfig.from_json(config)
+
+
+def check_compatible(config: RunConfig, identity: FeatureSetIdentity, set_name: str, run_dir: Path | str) -> None:
+    """Refuse features of another backbone, weights or preprocessing than the run's head was trained on."""
+    trained = config.feature_set.identity
+    field = trained.first_difference(identity)
+    if field is not None:
+        raise PipelineError(
+            f"{run_dir} was trained on features of {trained.backbone} ({field} {str(getattr(trained, field))[:16]}), "
+            f"but set {set_name} holds {identity.backbone} ({field} {str(getattr(identity, field))[:16]}); use a "
+            "store featurized with the same backbone, weights and preprocessing"
+        )
 
 
 def read_weights(path: Path) -> dict:
@@ -101,11 +169,11 @@ def write_weights(out: Path, weights: dict[str, dict]) -> None:
 
 
 def write_run(
-    out: Path, weights: dict[str, dict], config: dict, metrics: dict, plot_curves: Callable[[Path], None]
+    out: Path, weights: dict[str, dict], config: RunConfig, metrics: dict, plot_curves: Callable[[Path], None]
 ) -> None:
     """Write a run's files into a folder (the staging folder stages.atomic.published_folder publishes whole)."""
     write_weights(out, weights)
-    write_json(out / CONFIG, seal_config(config))
+    write_json(out / CONFIG, seal_config(config.to_json()))
     write_json(out / METRICS, metrics)
     plot_curves(out / CURVES)
 
@@ -121,31 +189,26 @@ def rank_runs(rows: list[dict]) -> list[dict]:
 
 
 def list_runs(root: Path, store: Path | None = None) -> list[dict]:
-    """Every run under root (head or fine-tune) with its settings and scores, best first."""
+    """Every run under root (head or fine-tune) with its settings and scores, best first; folders that are no whole
+    run (damaged, unfinished) are left out."""
     rows = []
     for config_path in sorted(Path(root).rglob(CONFIG)):
         try:
-            config = json.loads(config_path.read_text())
+            config = read_config(config_path.parent)
             metrics = json.loads((config_path.parent / METRICS).read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, PipelineError):
             continue
-        feature_set = config.get("feature_set", {})
-        if store is not None and feature_set.get("store") != str(store.resolve()):
+        if store is not None and config.feature_set.store != str(store.resolve()):
             continue
-        train = config.get("train", {})
         rows.append(
             {
                 "run": str(config_path.parent),
-                "kind": config.get("kind"),
-                "head": train.get("head"),
-                "lr": train.get("lr"),
-                "wd": train.get("wd"),
-                "epochs": train.get("epochs"),
-                "views": train.get("views"),
-                "backbone": feature_set.get("backbone"),
+                "kind": config.kind,
+                **config.settings,
+                "backbone": config.feature_set.identity.backbone,
                 "accuracy": metrics.get("accuracy"),
                 "valid_loss": metrics.get("valid_loss"),
-                "created": config.get("created"),
+                "created": config.created,
             }
         )
     return rank_runs(rows)

@@ -22,6 +22,7 @@ from torch import nn
 
 from stages.atomic import atomic_output
 from stages.backbones import Backbone, cache_dir
+from store.identity import FeatureSetIdentity
 
 TRACES_KEPT = 8  # frozen traces kept in the user's cache (about 13 MB each for Lite0 in fp32), least recent dropped
 
@@ -138,7 +139,8 @@ def trace_key(backbone: Backbone, precision: str) -> str:
     code = hashlib.sha256()
     for module in (__file__, Path(__file__).with_name("backbones.py")):
         code.update(Path(module).read_bytes())
-    facts = {"identity": backbone.identity(), "precision": precision, "versions": versions, "code": code.hexdigest()}
+    identity = FeatureSetIdentity.of(backbone).backbone_part()
+    facts = {"identity": identity, "precision": precision, "versions": versions, "code": code.hexdigest()}
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:32]
 
 

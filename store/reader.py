@@ -11,7 +11,8 @@ import h5py
 import numpy as np
 
 from stages.errors import PipelineError
-from store.schema import IDENTITY_FIELDS, SCHEMA_VERSION, SETS, SKIPPED, SPLITS, UNKNOWN_CTIME
+from store.identity import FeatureSetIdentity
+from store.schema import SCHEMA_VERSION, SETS, SKIPPED, SPLITS, UNKNOWN_CTIME
 from store.verify import CheckedDataset, check_values, read_or_fail, value_problem, verify_split
 
 
@@ -123,7 +124,7 @@ class FeatureSet:
         self.group = group
         self.name = group.name.rsplit("/", 1)[-1]
         self.attrs = {k: _attr(v) for k, v in group.attrs.items()}
-        self.identity = {k: self.attrs[k] for k in IDENTITY_FIELDS if k in self.attrs}
+        self.identity = FeatureSetIdentity.from_dict(self.attrs)
         self.classes: list[str] = self.attrs.get("classes", [])
 
     @property
@@ -223,7 +224,7 @@ class FeatureStore:
             sets.append(
                 {
                     "name": name,
-                    **fs.identity,
+                    **fs.identity.to_dict(),
                     "classes": fs.classes,
                     "splits": splits,
                     **{

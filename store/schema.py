@@ -14,8 +14,6 @@ Every fixed-size dataset is chunked with Fletcher-32 checksums; string datasets 
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 
 import h5py
@@ -75,23 +73,3 @@ class FileRecord:
 
 
 UNKNOWN_CTIME = -1  # rows of stores written before ctime_ns was recorded: the content hash decides
-# Identity fields: two feature sets are interchangeable exactly when all of these agree.
-IDENTITY_FIELDS = (
-    "backbone",
-    "arch",
-    "weights_sha256",
-    "preprocessing",
-    "feature_dim",
-    "views",
-    "seed",
-    "augmentation",
-    "precision",
-    "dtype",
-)
-
-
-def set_name(identity: dict) -> str:
-    """A feature set's group name: the backbone name and a short hash of the whole identity."""
-    canonical = json.dumps({k: identity[k] for k in IDENTITY_FIELDS}, sort_keys=True)
-    digest = hashlib.sha256(canonical.encode()).hexdigest()[:12]
-    return f"{identity['backbone'].replace('/', '_').replace('@', '_')}-{digest}"

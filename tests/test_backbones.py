@@ -17,6 +17,7 @@ from stages.backbones import (
     map_efficientnet_lite_keys,
 )
 from stages.errors import PipelineError
+from store.identity import FeatureSetIdentity
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,7 @@ def test_each_registered_backbone_builds_as_its_entry_says(name, tmp_path):
     entry = REGISTRY[name]
     weights = entry_weights(name, tmp_path)
     backbone = create_backbone(name, weights)
-    identity = backbone.identity()
+    identity = FeatureSetIdentity.of(backbone)
     assert not backbone.built  # the identity, data config and feature size are known without building
     pp = backbone.preprocessing
     assert backbone.arch == entry.arch and backbone.feature_dim == entry.feature_dim
@@ -122,7 +123,7 @@ def test_each_registered_backbone_builds_as_its_entry_says(name, tmp_path):
         expected_data_config(name)[3]
     )
     assert backbone.model(torch.zeros(1, 3, pp.size, pp.size)).shape == (1, entry.feature_dim)
-    assert backbone.identity() == identity
+    assert FeatureSetIdentity.of(backbone) == identity
     if entry.arch.startswith("tf_"):
         assert stem_matches_tf_same_padding(backbone.model.body)
 

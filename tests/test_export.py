@@ -21,7 +21,7 @@ def project_probabilities(run, crops: np.ndarray) -> np.ndarray:
     from stages.model import ImageClassifier, load_run
 
     backbone, head, config = load_run(run)
-    model = ImageClassifier(backbone, head, config["classes"], precision="fp32", device="cpu")
+    model = ImageClassifier(backbone, head, config.classes, precision="fp32", device="cpu")
     pre = backbone.preprocessing
     x = (torch.from_numpy(crops).float() - torch.tensor(pre.mean)) / torch.tensor(pre.std)
     with torch.no_grad():

@@ -45,7 +45,7 @@ def tiny(tmp_path_factory):
 def tuner(tiny, out, **overrides):
     data, head_dir = tiny
     head, config = load_head(head_dir)
-    backbone = backbone_for(config["feature_set"], head_dir)
+    backbone = backbone_for(config.feature_set, head_dir)
     cfg = FinetuneConfig(**{"epochs": 2, "batch_size": 4, "lr": 1e-3, **overrides})
     return Finetuner(backbone, head, cfg, "cpu", out)
 
@@ -71,7 +71,7 @@ def test_full_model_equals_head_on_cached_features(tiny, tmp_path):
             ]
         )
         head, config = load_head(head_dir)
-        with FeatureStore(config["feature_set"]["store"]) as fs:
+        with FeatureStore(config.feature_set.store) as fs:
             cached = torch.softmax(head(torch.from_numpy(fs.feature_set().features("valid")[()]).float()), 1)
     torch.testing.assert_close(full, cached, atol=2e-3, rtol=0)
 
@@ -193,7 +193,7 @@ def test_cli_finetune_then_predict_and_featurize_again(tiny, tmp_path):
     )
     _, config = load_head(head_dir)
     info = run_json("store", "info", tmp_path / "new.h5")
-    assert info["sets"][0]["weights_sha256"] != config["feature_set"]["weights_sha256"] and again["featurized"] == 18
+    assert info["sets"][0]["weights_sha256"] != config.feature_set.identity.weights_sha256 and again["featurized"] == 18
     resumed = run_json("finetune", data, "--head", head_dir, "--resume", tmp_path / "ft")
     assert len(resumed["history"]) == 1  # already finished: nothing more to do
 
@@ -238,7 +238,7 @@ def test_two_process_finetune_follows_one_process_with_the_same_global_batch(tin
     run_json(
         "train-head",
         "--store",
-        config["feature_set"]["store"],
+        config.feature_set.store,
         "--head",
         "linear",
         "--epochs",
@@ -354,7 +354,7 @@ def test_cli_finetune_without_the_head_store_says_what_to_do(tiny, tmp_path):
     data, head_dir = tiny
     _, config = load_head(head_dir)
     store = tmp_path / "gone.h5"
-    run_json("featurize", data, "--store", store, "--weights", config["feature_set"]["weights_path"], "--arch", ARCH)
+    run_json("featurize", data, "--store", store, "--weights", config.feature_set.weights_path, "--arch", ARCH)
     run_json("train-head", "--store", store, "--out", tmp_path / "head")
     store.unlink()
     args = ["finetune", data, "--head", tmp_path / "head", "--epochs", "1", "--batch-size", "4"]

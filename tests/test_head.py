@@ -9,11 +9,12 @@ from conftest import make_images, one_line_error, run_cli, run_json
 from PIL import Image
 
 from bench.synthetic import separable_features, write_feature_store
-from pipeline.train_head import check_compatible, load_cached_features
+from pipeline.train_head import load_cached_features
 from stages.calibration import expected_calibration_error, fit_temperature, image_folds, reliability_bins
 from stages.errors import PipelineError
 from stages.head import Head, TrainConfig, load_head, schedule_values, train_head
 from stages.linear_probe import L2_GRID, train_logreg
+from stages.rundir import check_compatible
 from store.reader import FeatureStore
 
 
@@ -272,10 +273,11 @@ def test_config_refuses_features_of_another_backbone(blob_store, tmp_path):
     _, config = load_head(tmp_path / "a")
     other = write_feature_store(tmp_path / "other.h5", separable_features(10), backbone="resnet50")
     with FeatureStore(other) as fs:
+        other_set = fs.feature_set()
         with pytest.raises(PipelineError, match="trained on features of efficientnet_lite0.*resnet50"):
-            check_compatible(config, fs.feature_set(), tmp_path / "a")
+            check_compatible(config, other_set.identity, other_set.name, tmp_path / "a")
     with FeatureStore(blob_store) as fs:
-        check_compatible(config, fs.feature_set(), tmp_path / "a")
+        check_compatible(config, fs.feature_set().identity, fs.feature_set().name, tmp_path / "a")
 
 
 @pytest.mark.parametrize(
