@@ -20,7 +20,7 @@ from stages.calibration import fit_temperature, image_folds
 from stages.errors import PipelineError
 from stages.head import (
     Head,
-    SplitFeatures,
+    Rows,
     TrainConfig,
     evaluate_head,
     fits_in_memory,
@@ -44,8 +44,8 @@ class CachedFeatures:
 
     store: Path
     feature_set: FeatureSet
-    train: SplitFeatures
-    valid: SplitFeatures | None
+    train: Rows
+    valid: Rows | None
     views_in_store: int
     memory_limit: int
     excluded: frozenset[str] = frozenset()  # train images (paths in the store) no head is fitted on
@@ -58,14 +58,14 @@ class CachedFeatures:
         """The same features with these train images left out of every fit."""
         return replace(self, excluded=self.excluded | frozenset(paths))
 
-    def train_rows(self, views: int) -> SplitFeatures:
+    def train_rows(self, views: int) -> Rows:
         rows = select_rows(self.feature_set.column("train", "view"), views)
         if self.excluded:
             paths = self.feature_set.column("train", "paths")
             rows = rows[[paths[r] not in self.excluded for r in rows]]
         return self.train.select(rows)
 
-    def folds(self, rows: SplitFeatures, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    def folds(self, rows: Rows, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """Per selected train row: its cross-validation fold (by image, stratified) and whether it is a plain view."""
         paths = self.feature_set.column("train", "paths")
         return (
@@ -87,19 +87,11 @@ def load_cached_features(store: FeatureStore, set_name: str | None = None, max_m
         )
     features = fs.features("train")
     block = stream_block_rows(limit, features.shape[1])
-    train = SplitFeatures(
-        features, fs.column("train", "labels"), np.arange(len(views)), fits_in_memory(features, limit), block_rows=block
-    )
+    train = fs.rows("train", np.arange(len(views)), fits_in_memory(features, limit), block)
     valid = None
-    if "valid" in fs.splits and len(valid_labels := fs.column("valid", "labels")):  # an empty valid/ is no valid
-        vf = fs.features("valid")
-        valid = SplitFeatures(
-            vf,
-            valid_labels,
-            select_rows(fs.column("valid", "view"), 0),
-            fits_in_memory(vf, limit),
-            block_rows=block,
-        )
+    if "valid" in fs.splits and len(fs.column("valid", "labels")):  # an empty valid/ is no valid
+        plain = select_rows(fs.column("valid", "view"), 0)
+        valid = fs.rows("valid", plain, fits_in_memory(fs.features("valid"), limit), block)
     return CachedFeatures(store.path, fs, train, valid, int(fs.attrs.get("views", 0)), limit)
 
 
@@ -220,7 +212,7 @@ def fit_head(
     num_classes = len(cached.classes)
     if cfg.head == "logreg":
         # float32 rows held during cross-validation: the sample, and each fold's training copy with its transpose.
-        cv_max_rows = max(1000, cached.memory_limit // (4 * (1 + 2 * cfg.folds) * rows.dataset.shape[1]))
+        cv_max_rows = max(1000, cached.memory_limit // (4 * (1 + 2 * cfg.folds) * rows.dim))
         head, fit = train_logreg(
             rows, folds, plain, num_classes, cfg.l2, cfg.calibrate, cfg.seed, cv_max_rows, on_strength
         )

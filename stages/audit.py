@@ -14,7 +14,7 @@ import torch
 
 from stages.calibration import image_folds
 from stages.errors import PipelineError
-from stages.head import SplitFeatures
+from stages.head import TensorRows
 
 # Raw cosine of pooled Lite0 features (measured, bench/results/audit.md): a copy re-encoded at JPEG quality 75 and
 # resized to 0.9x keeps >= 0.94 to its original on dogscats photos; two different photos never exceeded 0.87.
@@ -45,8 +45,7 @@ def out_of_sample_probabilities(rows: AuditRows, num_classes: int, folds: int = 
 
     train = np.flatnonzero((rows.splits == "train") & (rows.labels >= 0))
     other = np.flatnonzero((rows.splits != "train") & (rows.labels >= 0))
-    data = _InMemory(rows.features, np.maximum(rows.labels, 0))
-    split = SplitFeatures(data, data.labels, train, in_memory=True)
+    split = TensorRows(torch.from_numpy(rows.features), np.maximum(rows.labels, 0), train)
     fold = image_folds([rows.paths[i] for i in train], rows.labels[train], folds, seed)
     head, fit = train_logreg(split, fold, np.ones(len(train), bool), num_classes, seed=seed, cv_max_rows=CV_MAX_ROWS)
     logits = fit["out_of_fold_logits"]
@@ -61,17 +60,6 @@ def out_of_sample_probabilities(rows: AuditRows, num_classes: int, folds: int = 
         with torch.no_grad():
             probabilities[other] = torch.softmax(head(torch.from_numpy(rows.features[other])), 1).numpy()
     return probabilities
-
-
-class _InMemory:
-    """An array standing in for an HDF5 dataset, so SplitFeatures reads audit rows already in memory."""
-
-    def __init__(self, features: np.ndarray, labels: np.ndarray):
-        self.array, self.labels = features, labels
-        self.shape, self.dtype, self.size, self.chunks = features.shape, features.dtype, features.size, None
-
-    def __getitem__(self, index):
-        return self.array[index]
 
 
 def label_issues(labels: np.ndarray, probabilities: np.ndarray) -> list[tuple[int, int, float]]:

@@ -1,4 +1,4 @@
-"""Heads on cached features: the modules, the batch order (in memory or streamed from HDF5), training and lr-find."""
+"""Heads on cached features: the modules, the rows they train on and their batch order, training and lr-find."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -159,46 +158,47 @@ def parse_size(text: str) -> int:
         raise PipelineError(f"--max-memory {text!r} is not a size; give one like 4G or 512M") from None
 
 
-class SplitFeatures:
-    """The rows of one split to use (a view mask), read in chunk-shuffled order from memory or from HDF5.
+class Rows:
+    """The rows of one split a head trains on (a selection of the split's stored rows) with their labels, drawn in
+    a chunk-shuffled order that depends on the seed alone: each epoch shuffles the chunk order, takes
+    `buffer_chunks` chunks at a time and shuffles the rows within them. Features held in memory (TensorRows) and
+    features streamed from a store (store.reader.StoredRows) therefore give the same batches, and the same head.
+    A subclass says how stored rows are read (_gather)."""
 
-    Both ways draw the same order from the same seed, so they train identically: each epoch shuffles the
-    chunk order, takes `buffer_chunks` chunks at a time and shuffles the rows within them.
-    """
+    in_memory = False
 
     def __init__(
         self,
-        features: h5py.Dataset,
         labels: np.ndarray,
         rows: np.ndarray,
-        in_memory: bool,
-        chunk_rows: int | None = None,
+        num_stored: int,
+        dim: int,
+        name: str = "",
+        chunk_rows: int = 1024,
         buffer_chunks: int = 16,
         block_rows: int = 65536,
     ):
-        self.dataset = features
-        self.labels = torch.as_tensor(labels.astype(np.int64))
-        self.rows = rows
-        self.num_rows = len(rows)
-        self.chunk_rows = chunk_rows or (features.chunks[0] if features.chunks else 1024)
-        self.buffer_chunks = buffer_chunks
+        self.labels = torch.as_tensor(np.asarray(labels).astype(np.int64))
+        self.rows = np.asarray(rows)
+        self.num_rows = len(self.rows)
+        self.num_stored, self.dim, self.name = num_stored, dim, name
+        self.chunk_rows, self.buffer_chunks = chunk_rows, buffer_chunks
         self.block_rows = block_rows  # rows per block of a whole pass (statistics, logreg's gradient)
-        self.memory = torch.from_numpy(features[()]) if in_memory else None
 
-    def select(self, rows: np.ndarray) -> SplitFeatures:
-        """The same split (sharing its in-memory copy) with other rows selected."""
-        other = object.__new__(SplitFeatures)
+    def _gather(self, chunks: np.ndarray, rows: np.ndarray) -> torch.Tensor:
+        """The stored rows `rows` (all within the chunks `chunks`), as stored (float16 or float32)."""
+        raise NotImplementedError
+
+    def select(self, rows: np.ndarray) -> Rows:
+        """The same split (sharing what it holds) with other rows selected."""
+        other = object.__new__(type(self))
         other.__dict__.update(self.__dict__)
-        other.rows, other.num_rows = rows, len(rows)
+        other.rows, other.num_rows = np.asarray(rows), len(rows)
         return other
 
-    @property
-    def in_memory(self) -> bool:
-        return self.memory is not None
-
-    def _groups(self, rng: np.random.Generator | None) -> Iterator[tuple[int, int, np.ndarray]]:
-        """Per buffer: the row span read and the selected rows in it, shuffled when rng is given."""
-        n = self.dataset.shape[0]
+    def _groups(self, rng: np.random.Generator | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Per buffer: its chunks and the selected rows in them, shuffled when rng is given."""
+        n = self.num_stored
         chunks = np.arange(math.ceil(n / self.chunk_rows))
         if rng is not None:
             chunks = rng.permutation(chunks)
@@ -213,40 +213,6 @@ class SplitFeatures:
             if len(rows):
                 yield group, rows
 
-    def _read(self, group: np.ndarray, rows: np.ndarray) -> torch.Tensor:
-        if self.memory is not None:
-            return self.memory[torch.from_numpy(rows)]
-        # Read each chunk of the group as a contiguous slice, then gather: h5py fancy indexing is slow.
-        spans = [(c * self.chunk_rows, min(self.dataset.shape[0], (c + 1) * self.chunk_rows)) for c in group]
-        block = np.concatenate([self.dataset[a:b] for a, b in spans])
-        offsets = np.concatenate([np.arange(a, b) for a, b in spans])
-        position = np.searchsorted(offsets, rows)
-        return torch.from_numpy(block[position])
-
-    def whole_pass(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Every selected row once, in ascending order, as float32 blocks of at most block_rows rows with their labels:
-        for a pass that sums over rows (statistics, logreg's gradient). Streamed, each block is read into buffers
-        reused from one block to the next (valid until the next is drawn), so a pass allocates nothing per block."""
-        rows = np.sort(self.rows)
-        if self.memory is not None:
-            for i in range(0, len(rows), self.block_rows):
-                part = torch.from_numpy(rows[i : i + self.block_rows])
-                yield self.memory[part].float(), self.labels[part]
-            return
-        n, dim, i = self.dataset.shape[0], self.dataset.shape[1], 0
-        stored = np.empty((min(self.block_rows, n), dim), self.dataset.dtype)
-        block = torch.empty((min(self.block_rows, n), dim), dtype=torch.float32)
-        while i < len(rows):
-            start = int(rows[i])
-            stop = min(n, start + self.block_rows)
-            j = int(np.searchsorted(rows, stop))
-            self.dataset.read_direct(stored, np.s_[start:stop], np.s_[0 : stop - start])
-            picked = stored[rows[i:j] - start] if j - i < stop - start else stored[: stop - start]
-            out = block[: j - i]
-            out.copy_(torch.from_numpy(picked))
-            yield out, self.labels[torch.from_numpy(rows[i:j])]
-            i = j
-
     def batches(
         self, batch_size: int, rng: np.random.Generator | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -254,7 +220,7 @@ class SplitFeatures:
         carry_x, carry_y = [], []
         held = 0
         for group, rows in self._groups(rng):
-            x, y = self._read(group, rows), self.labels[torch.from_numpy(rows)]
+            x, y = self._gather(group, rows), self.labels[torch.from_numpy(rows)]
             carry_x.append(x)
             carry_y.append(y)
             held += len(rows)
@@ -267,17 +233,27 @@ class SplitFeatures:
         if held:
             yield torch.cat(carry_x).float(), torch.cat(carry_y)
 
+    def whole_pass(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every selected row once, in ascending order, as float32 blocks of at most block_rows rows with their
+        labels: for a pass that sums over rows (statistics, logreg's gradient). A block may live in a buffer reused
+        for the next one: use it before drawing the next."""
+        rows = np.sort(self.rows)
+        for i in range(0, len(rows), self.block_rows):
+            part = rows[i : i + self.block_rows]
+            chunks = np.unique(part // self.chunk_rows)
+            yield self._gather(chunks, part).float(), self.labels[torch.from_numpy(part)]
+
     def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-feature mean and standard deviation over the selected rows, in one streaming pass."""
-        total = torch.zeros(self.dataset.shape[1], dtype=torch.float64)
+        """Per-feature mean and standard deviation over the selected rows, in one pass."""
+        total = torch.zeros(self.dim, dtype=torch.float64)
         square = torch.zeros_like(total)
         for x, _ in self.whole_pass():
             total += x.sum(0, dtype=torch.float64)
             square += x.square_().sum(0, dtype=torch.float64)  # the block is not needed after
         if not (torch.isfinite(total).all() and torch.isfinite(square).all()):
             raise PipelineError(
-                f"the stored features {getattr(self.dataset, 'name', '')} hold NaN or infinite values: "
-                "the store is damaged; featurize into a new --store"
+                f"the stored features {self.name} hold NaN or infinite values: the store is damaged; featurize "
+                "into a new --store"
             )
         mean = total / self.num_rows
         std = (square / self.num_rows - mean.square()).clamp_min(0).sqrt().float()
@@ -285,6 +261,24 @@ class SplitFeatures:
         # image where it fires (generated images: 1e6 standard deviations): an infinite spread drops it instead.
         dead = std <= 1e-3 * std.mean()
         return mean.float(), std.masked_fill(dead, float("inf"))
+
+
+class TensorRows(Rows):
+    """Rows of features held in memory: every stored row of the split, as one tensor."""
+
+    in_memory = True
+
+    def __init__(self, features, labels: np.ndarray, rows: np.ndarray | None = None, **layout):
+        self.features = torch.as_tensor(features)
+        n, dim = self.features.shape
+        super().__init__(labels, np.arange(n) if rows is None else rows, n, dim, **layout)
+
+    def _gather(self, chunks: np.ndarray, rows: np.ndarray) -> torch.Tensor:
+        return self.features[torch.from_numpy(rows)]
+
+    def selected(self) -> torch.Tensor:
+        """The selected rows' features, as stored, in selection order."""
+        return self.features[torch.from_numpy(self.rows)]
 
 
 STREAM_COPIES = 8  # float32 copies of a block alive at once in a whole pass (read, standardized, transposed, ...)
@@ -344,7 +338,7 @@ def schedule_values(schedule: str, lr: float, total_steps: int) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate_head(head: Head, data: SplitFeatures, batch_size: int = 4096) -> dict:
+def evaluate_head(head: Head, data: Rows, batch_size: int = 4096) -> dict:
     """Loss, accuracy, calibration error and per-class accuracy of a head on a split."""
     head.eval()
     losses, probabilities, labels = [], [], []
@@ -365,8 +359,8 @@ def evaluate_head(head: Head, data: SplitFeatures, batch_size: int = 4096) -> di
 
 
 def train_head(
-    train: SplitFeatures,
-    valid: SplitFeatures | None,
+    train: Rows,
+    valid: Rows | None,
     cfg: TrainConfig,
     num_classes: int,
     on_epoch: Callable[[dict], None] | None = None,
@@ -376,7 +370,7 @@ def train_head(
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     mean, std = train.mean_std()
-    head = Head(cfg.head, train.dataset.shape[1], num_classes, cfg.hidden, cfg.dropout, mean, std)
+    head = Head(cfg.head, train.dim, num_classes, cfg.hidden, cfg.dropout, mean, std)
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.wd)
     steps_per_epoch = math.ceil(train.num_rows / cfg.batch_size)
     scheduler = make_scheduler(optimizer, cfg.schedule, cfg.lr, steps_per_epoch * cfg.epochs)
@@ -409,7 +403,7 @@ def train_head(
 
 @torch.no_grad()
 def out_of_fold_logits(
-    train: SplitFeatures, folds: np.ndarray, plain: np.ndarray, cfg: TrainConfig, num_classes: int
+    train: Rows, folds: np.ndarray, plain: np.ndarray, cfg: TrainConfig, num_classes: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels of each plain-view training row from a head trained the same way on the other folds."""
     logits, labels = [], []
@@ -426,7 +420,7 @@ LR_FIND_MAX_STEPS = 200  # the most optimizer steps one probe of lr-find takes
 
 
 def lr_find(
-    train: SplitFeatures,
+    train: Rows,
     folds: np.ndarray,
     plain: np.ndarray,
     cfg: TrainConfig,

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from stages.calibration import fit_temperature
-from stages.head import Head, SplitFeatures
+from stages.head import Head, Rows
 
 # Strongest first, half a decade apart: the strongly regularized fits are quick and warm-start the weaker ones.
 L2_GRID = tuple(10.0 ** (e / 2) for e in range(2, -13, -1))
@@ -129,7 +129,7 @@ def fold_logits(x: torch.Tensor, y: torch.Tensor, folds: np.ndarray, l2: float, 
     return logits
 
 
-def _sample(train: SplitFeatures, max_rows: int, seed: int) -> np.ndarray:
+def _sample(train: Rows, max_rows: int, seed: int) -> np.ndarray:
     """Indices into train.rows of the rows cross-validation uses: all of them, or a seeded sample of max_rows."""
     if train.num_rows <= max_rows:
         return np.arange(train.num_rows)
@@ -137,7 +137,7 @@ def _sample(train: SplitFeatures, max_rows: int, seed: int) -> np.ndarray:
 
 
 def train_logreg(
-    train: SplitFeatures,
+    train: Rows,
     folds: np.ndarray,
     plain: np.ndarray,
     num_classes: int,
@@ -155,9 +155,9 @@ def train_logreg(
     """
     mean, std = train.mean_std()
 
-    def standardized(source: SplitFeatures) -> Batches:
+    def standardized(source: Rows) -> Batches:
         if source.in_memory:
-            x = (source.memory[torch.from_numpy(source.rows)].float() - mean) / std
+            x = (source.selected().float() - mean) / std
             y = source.labels[torch.from_numpy(source.rows)]
             batch = as_batch(x, y)
             return lambda: [batch]
@@ -171,7 +171,7 @@ def train_logreg(
 
     sample = _sample(train, cv_max_rows, seed)
     subset = train.select(train.rows[sample])
-    if subset.memory is None:  # streamed store: cross-validate on an in-memory sample
+    if not subset.in_memory:  # streamed store: cross-validate on an in-memory sample
         pairs = list(subset.batches(subset.block_rows))  # fresh tensors: kept
         x, y = (torch.cat([(x - mean) / std for x, _ in pairs]), torch.cat([y for _, y in pairs]))
     else:

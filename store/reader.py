@@ -135,6 +135,20 @@ class FeatureSet:
         """The split's features; a read of a damaged chunk is an error, never numbers."""
         return CheckedDataset(self._split(split)["features"], self.where)
 
+    def rows(self, split: str, rows: np.ndarray, in_memory: bool, block_rows: int = 65536):
+        """Rows of a split to train on, with their labels (stages.head.Rows): loaded whole (one verified read) or
+        streamed (store.rows.StoredRows). torch is imported here, on first use: reading a store needs none."""
+        from stages.head import TensorRows
+        from store.rows import StoredRows
+
+        features, labels = self.features(split), self.column(split, "labels")
+        if in_memory:
+            chunk_rows = features.chunks[0] if features.chunks else 1024
+            return TensorRows(
+                features[()], labels, rows, name=features.name, chunk_rows=chunk_rows, block_rows=block_rows
+            )
+        return StoredRows(features, labels, rows, block_rows)
+
     def column(self, split: str, name: str) -> np.ndarray:
         """A per-row column; labels and view numbers out of range are an error, never used."""
         values = read_or_fail(self._split(split)[name], self.where)

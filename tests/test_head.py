@@ -39,7 +39,7 @@ def test_each_head_learns_a_separable_problem(blob_store, head):
     assert history[-1]["accuracy"] > 0.95
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert len(steps) == 4 * int(np.ceil(300 / 32))
-    assert torch.allclose(model.standardize.mean, data.train.memory[::3].float().mean(0), atol=1e-2)
+    assert torch.allclose(model.standardize.mean, data.train.features[::3].float().mean(0), atol=1e-2)
 
 
 def test_schedule_shapes():
@@ -127,7 +127,7 @@ def test_logreg_converges_to_the_regularized_optimum(blob_store):
     folds, plain = data.folds(rows, 5, 0)
     head, fit = train_logreg(rows, folds, plain, 3, l2=0.05, calibrate=False)
     selected = torch.from_numpy(rows.rows)
-    x = head.standardize(rows.memory[selected].float()).detach()
+    x = head.standardize(rows.features[selected].float()).detach()
     w = torch.cat([head.classifier.weight, head.classifier.bias[:, None]], 1).detach().requires_grad_(True)
     loss = (
         torch.nn.functional.cross_entropy(x @ w[:, :-1].T + w[:, -1], rows.labels[selected])
