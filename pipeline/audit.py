@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import time
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -38,20 +39,21 @@ FINDINGS = {
 PICTURES = ("label_issues", "duplicates", "map")
 
 
-def read_rows(fs: FeatureSet) -> AuditRows:
+def read_rows(feature_set: FeatureSet) -> AuditRows:
     """The plain view (view 0) of every image in every split of a feature set."""
     parts = []
-    for split in fs.splits:
-        plain = np.flatnonzero(fs.column(split, "view") == 0)
-        features = fs.features(split)[()][plain] if len(plain) else np.zeros((0, fs.features(split).shape[1]))
-        paths = fs.column(split, "paths")
+    for split in feature_set.splits:
+        plain = np.flatnonzero(feature_set.column(split, "view") == 0)
+        stored = feature_set.features(split)
+        features = stored[()][plain] if len(plain) else np.zeros((0, stored.shape[1]))
+        paths = feature_set.column(split, "paths")
         parts.append(
             (
                 features.astype(np.float32),
-                fs.column(split, "labels")[plain],
+                feature_set.column(split, "labels")[plain],
                 np.full(len(plain), split),
                 [paths[i] for i in plain],
-                [bytes(h).decode() for h in fs.column(split, "sha256")[plain]],
+                [bytes(h).decode() for h in feature_set.column(split, "sha256")[plain]],
             )
         )
     if not parts:
@@ -63,6 +65,34 @@ def read_rows(fs: FeatureSet) -> AuditRows:
         [x for p in parts for x in p[3]],
         [x for p in parts for x in p[4]],
     )
+
+
+@dataclass
+class AuditResult:
+    """An audit's findings (as audit.json and its CSVs hold them): likely label issues, most likely first; copy
+    groups, largest first, and a few pairs of each; outliers, farthest first; and where it all went."""
+
+    store: str
+    set: str
+    data_dir: str | None
+    images: int
+    labelled: int
+    classes: list[str]
+    threshold: float
+    outlier_fence: float
+    label_issues: list[dict]  # {path, split, given, suggested, score}
+    duplicates: list[dict]  # {a, b, split_a, split_b, similarity, kind, leak, same_label}
+    copy_groups: list[dict]  # {count, kind, leak, pairs, members: [{path, split, label}]}
+    outliers: list[dict]  # {path, split, label, distance}
+    leaks: int
+    leak_groups: int
+    notes: list[str]
+    seconds: float
+    out: str
+    files: dict[str, str]
+
+    def to_json(self) -> dict:
+        return asdict(self)
 
 
 def default_out(root: Path = Path("runs")) -> Path:
@@ -78,7 +108,7 @@ def audit(
     folds: int = 5,
     pictures: int = 24,
     seed: int = 0,
-) -> dict:
+) -> AuditResult:
     """Audit one feature set of a store; write audit.json, a CSV per finding and three PNGs into out."""
     for option, value, low, high in (
         ("--threshold", threshold, 1e-6, 1.0),
@@ -93,9 +123,9 @@ def audit(
     # interrupted audit leaves no partial folder).
     with output_folder(out, (AUDIT_JSON,), "an audit") as staging:
         with FeatureStore(store_path) as store:
-            fs = store.feature_set(set_name)
-            rows, classes, data_dir = read_rows(fs), fs.classes, fs.attrs.get("data_dir")
-        check_auditable(rows, classes, f"store {store_path} set {fs.name}")
+            feature_set = store.feature_set(set_name)
+            rows, classes, data_dir = read_rows(feature_set), feature_set.classes, feature_set.attrs.get("data_dir")
+        check_auditable(rows, classes, f"store {store_path} set {feature_set.name}")
         probabilities = out_of_sample_probabilities(rows, len(classes), folds, seed)
         issues = [
             {
@@ -121,42 +151,39 @@ def audit(
             }
             for r in far
         ]
-        notes = []
-        result = {
-            "store": str(store_path),
-            "set": fs.name,
-            "data_dir": data_dir,
-            "images": len(rows),
-            "labelled": int((rows.labels >= 0).sum()),
-            "classes": classes,
-            "threshold": threshold,
-            "outlier_fence": round(fence, 6),
-            "label_issues": issues,
-            "duplicates": duplicates,
-            "copy_groups": copy_groups,
-            "outliers": outliers,
-            "leaks": sum(d["leak"] for d in duplicates),
-            "leak_groups": sum(g["leak"] for g in copy_groups),
-            "notes": notes,
-            "out": str(out),
-            "files": {
-                **{f"{name}_csv": str(out / f"{name}.csv") for name in FINDINGS},
-                **{name: str(out / f"{name}.png") for name in PICTURES},
-            },
-        }
+        members = [{"group": g, **group, **m} for g, group in enumerate(copy_groups) for m in group["members"]]
         for name, records in (
             ("label_issues", issues),
             ("duplicates", duplicates),
-            (
-                "copy_groups",
-                [{"group": g, **member} for g, group in enumerate(copy_groups) for member in group["members"]],
-            ),
+            ("copy_groups", members),  # a row per member, with its group's number, count, kind and leak
             ("outliers", outliers),
         ):
             _write_csv(staging / f"{name}.csv", records, FINDINGS[name])
-        notes += _draw(staging, rows, classes, data_dir, issues, duplicates, outliers, pictures)
-        result["seconds"] = round(time.perf_counter() - started, 2)
-        write_json(staging / AUDIT_JSON, result)
+        notes = _draw(staging, rows, classes, data_dir, issues, duplicates, outliers, pictures)
+        result = AuditResult(
+            store=str(store_path),
+            set=feature_set.name,
+            data_dir=data_dir,
+            images=len(rows),
+            labelled=int((rows.labels >= 0).sum()),
+            classes=classes,
+            threshold=threshold,
+            outlier_fence=round(fence, 6),
+            label_issues=issues,
+            duplicates=duplicates,
+            copy_groups=copy_groups,
+            outliers=outliers,
+            leaks=sum(d["leak"] for d in duplicates),
+            leak_groups=sum(g["leak"] for g in copy_groups),
+            notes=notes,
+            seconds=round(time.perf_counter() - started, 2),
+            out=str(out),
+            files={
+                **{f"{name}_csv": str(out / f"{name}.csv") for name in FINDINGS},
+                **{name: str(out / f"{name}.png") for name in PICTURES},
+            },
+        )
+        write_json(staging / AUDIT_JSON, result.to_json())
     return result
 
 

@@ -8,6 +8,7 @@ import signal
 import sys
 import traceback
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
@@ -15,7 +16,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from typer._click.exceptions import ClickException  # typer's own click, whose usage errors show their usage
 
+from pipeline.distributed import launched_ranks
 from pipeline.runtime import configure_process
 from stages.errors import Interrupted, PipelineError
 
@@ -73,10 +76,20 @@ def _nothing_written(out: Path | None) -> str:
     return f"nothing was written ({out} is as it was)" if out is not None else "nothing was written"
 
 
-def _print_json(data) -> None:
+def _print_json(result) -> None:
+    """A command's --json: its result's to_json() (a list of them for a leaderboard), as strict JSON."""
     from stages.atomic import strict_json
 
-    sys.stdout.write(strict_json(data) + "\n")
+    def plain(value):
+        return [plain(v) for v in value] if isinstance(value, list) else getattr(value, "to_json", lambda: value)()
+
+    sys.stdout.write(strict_json(plain(result)) + "\n")
+
+
+def _options(config: type, values: dict, leave: tuple[str, ...] = ()):
+    """A config dataclass from a command's parameters, field by field of the same name (`leave` out the ones the
+    command expands itself, such as a grid's comma lists): an option is declared once, in the command."""
+    return config(**{f.name: values[f.name] for f in fields(config) if f.name in values and f.name not in leave})
 
 
 def _human_bytes(n: int) -> str:
@@ -121,62 +134,43 @@ def featurize(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):
     """Decode images with DALI, run the frozen backbone once, stream features into the store (only what changed)."""
-    from pipeline.featurize import FeaturizeOptions
+    from pipeline.featurize import FeaturizeOptions, ShardResult
     from pipeline.featurize import featurize as run_featurize
 
-    opts = FeaturizeOptions(
-        data_dir=data_dir,
-        store=store,
-        backbone=backbone,
-        weights=weights,
-        arch=arch,
-        views=views,
-        seed=seed,
-        valid_pct=valid_pct,
-        dtype=dtype,
-        precision=precision,
-        device=device,
-        batch_size=batch_size,
-        commit_rows=commit_every,
-        num_shards=num_shards,
-        shard_id=shard_id,
-    )
     with progress_bar("featurize") as update:
-        summary = run_featurize(opts, progress=update)
-    if not summary["merged"] and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun rank other than 0: a log line
-        err.print(
-            f"{summary['shard']}: featurized {summary['featurized']} images in {summary['seconds']:.1f} s",
-            highlight=False,
-        )
+        result = run_featurize(_options(FeaturizeOptions, locals()), progress=update)
+    if isinstance(result, ShardResult) and launched_ranks().distributed:  # a torchrun rank other than 0: a log line
+        err.print(f"{result.shard}: featurized {result.featurized} images in {result.seconds:.1f} s", highlight=False)
         return
     if as_json:
-        _print_json(summary)
+        _print_json(result)
     else:
-        _print_featurize_summary(summary)
-    if summary["interrupted"]:
-        err.print(f"interrupted: committed work is in {summary['store']}; rerun the same command to continue")
+        _print_featurize_result(result)
+    if result.interrupted:
+        err.print(f"interrupted: committed work is in {result.store}; rerun the same command to continue")
         raise typer.Exit(130)
 
 
-def _print_featurize_summary(s: dict) -> None:
-    for note in s["notes"]:
+def _print_featurize_result(s) -> None:
+    from pipeline.featurize import ShardResult
+
+    for note in s.notes:
         err.print(f"[yellow]note:[/] {note}", highlight=False)
-    if not s["merged"]:
-        rate = f", {s['images_per_second']} img/s" if s["images_per_second"] else ""
-        out.print(f"{s['shard']}: featurized {s['featurized']} images in {s['seconds']:.1f} s{rate}", highlight=False)
+    rate = f", {s.images_per_second} img/s" if s.images_per_second else ""
+    if isinstance(s, ShardResult):
+        out.print(f"{s.shard}: featurized {s.featurized} images in {s.seconds:.1f} s{rate}", highlight=False)
         return
-    for bad in s["skipped"]:
+    for bad in s.skipped:
         err.print(f"[yellow]skipped[/] {bad['path']}: {bad['reason']}", highlight=False)
-    images = ", ".join(f"{split} {n}" for split, n in s["images"].items())
-    if s["up_to_date"]:
-        out.print(f"up to date: {s['store']} ({s['set']}: {images}) in {s['seconds']:.1f} s, nothing decoded")
+    images = ", ".join(f"{split} {n}" for split, n in s.images.items())
+    if s.up_to_date:
+        out.print(f"up to date: {s.store} ({s.set}: {images}) in {s.seconds:.1f} s, nothing decoded")
         return
-    rate = f", {s['images_per_second']} img/s" if s["images_per_second"] else ""
     out.print(
-        f"featurized {s['featurized']} images, reused {s['reused']}, skipped {len(s['skipped'])} "
-        f"in {s['seconds']:.1f} s{rate} ({s['backbone']}, {s['device']}, {s['precision']})"
+        f"featurized {s.featurized} images, reused {s.reused}, skipped {len(s.skipped)} "
+        f"in {s.seconds:.1f} s{rate} ({s.backbone}, {s.device}, {s.precision})"
     )
-    out.print(f"store {s['store']} ({_human_bytes(s['store_bytes'])}), set {s['set']}: {images}")
+    out.print(f"store {s.store} ({_human_bytes(s.store_bytes)}), set {s.set}: {images}")
 
 
 @store_app.command(
@@ -194,10 +188,10 @@ def store_info(
     """Show the feature sets of a store: backbone, weights, preprocessing, splits, counts, classes, size."""
     from store.reader import FeatureStore, verify_store
 
-    with FeatureStore(store) as fs:
-        info = fs.info()
+    with FeatureStore(store) as opened:
+        info = opened.info()
         if verify:
-            info["verification"] = verify_store(fs)
+            info["verification"] = verify_store(opened)
     if as_json:
         _print_json(info)
     else:
@@ -279,7 +273,10 @@ class EpochTable:
         return str(value) if isinstance(value, int) else f"{value:.6f}"
 
 
-def _leaderboard(rows: list[dict], title: str) -> None:
+GRID_OPTIONS = ("head", "lr", "wd", "epochs", "views", "l2")  # train-head's comma lists, expanded into runs
+
+
+def _leaderboard(rows: list, title: str) -> None:  # rows: stages.rundir.RunSummary
     from rich.table import Table
 
     table = Table(title=title)
@@ -292,15 +289,15 @@ def _leaderboard(rows: list[dict], title: str) -> None:
     for i, r in enumerate(rows, 1):
         table.add_row(
             str(i),
-            str(r.get("head")),
-            cell(r.get("lr")),
-            cell(r.get("wd")),
-            cell(r.get("epochs"), ""),
-            cell(r.get("l2"), ".2g"),
-            cell(r.get("views"), ""),
-            cell(r.get("accuracy"), ".4f"),
-            cell(r.get("valid_loss"), ".4f"),
-            r["run"],
+            str(r.head),
+            cell(r.lr),
+            cell(r.wd),
+            cell(r.epochs, ""),
+            cell(r.l2, ".2g"),
+            cell(r.views, ""),
+            cell(r.accuracy, ".4f"),
+            cell(r.valid_loss, ".4f"),
+            r.run,
         )
     out.print(table)
 
@@ -349,15 +346,7 @@ def train_head_cmd(
     from store.reader import FeatureStore
 
     auto = lr.strip() == "auto"
-    base = TrainConfig(
-        batch_size=batch_size,
-        schedule=schedule,
-        seed=seed,
-        hidden=hidden,
-        dropout=dropout,
-        calibrate=calibrate,
-        folds=folds,
-    )
+    base = _options(TrainConfig, locals(), leave=GRID_OPTIONS)
     l2s = [None] if l2.strip() == "auto" else _split_list("--l2", l2, float)
     configs = expand_grid(
         _split_list("--head", head, str),
@@ -371,8 +360,9 @@ def train_head_cmd(
     out_dir = out_dir or default_out()
     console = err if as_json else out
     epochs_table, strengths_table = EpochTable(console), EpochTable(console, EpochTable.STRENGTHS)
-    with FeatureStore(store) as fs, on_interrupt(f"runs finished before it are in {out_dir}; nothing else was written"):
-        cached = load_cached_features(fs, set_name, max_memory)
+    kept = f"runs finished before it are in {out_dir}; nothing else was written"
+    with FeatureStore(store) as opened, on_interrupt(kept):
+        cached = load_cached_features(opened, set_name, max_memory)
 
         def on_run(i: int, cfg) -> None:
             if len(configs) > 1 or auto:
@@ -402,10 +392,10 @@ def train_head_cmd(
         _leaderboard(board, f"{len(board)} runs on {store}")
     else:
         b = board[0]
-        chosen = f"l2 {b['l2']:.2g} (5-fold cv on train), " if b["head"] == "logreg" else ""
+        chosen = f"l2 {b.l2:.2g} (5-fold cv on train), " if b.head == "logreg" else ""
         out.print(
-            f"valid accuracy {b['accuracy']:.4f}, log loss {b['valid_loss']:.4f}; {chosen}temperature "
-            f"{b['temperature']:.3f}; head, config.json, metrics.json, curves.png in {b['run']}",
+            f"valid accuracy {b.accuracy:.4f}, log loss {b.valid_loss:.4f}; {chosen}temperature "
+            f"{b.temperature:.3f}; head, config.json, metrics.json, curves.png in {b.run}",
             highlight=False,
         )
 
@@ -438,16 +428,16 @@ def lr_find_cmd(
     from stages.head import TrainConfig
     from store.reader import FeatureStore
 
-    cfg = TrainConfig(head=head, wd=wd, epochs=epochs, schedule=schedule, views=views, batch_size=batch_size, seed=seed)
-    with FeatureStore(store) as fs, on_interrupt(_nothing_written(out_dir)):
-        cached = load_cached_features(fs, set_name, max_memory)
+    cfg = _options(TrainConfig, locals())
+    with FeatureStore(store) as opened, on_interrupt(_nothing_written(out_dir)):
+        cached = load_cached_features(opened, set_name, max_memory)
         result = find_lr(cached, cfg, out_dir, start_lr=start_lr, end_lr=end_lr, num_lrs=num_lrs)
     if as_json:
         _print_json(result)
         return
     out.print(
-        f"suggested lr: {result['suggestion']:.2e} (lowest held-out loss over {len(result['lrs'])} rates, "
-        f"{result['epochs']} epoch(s) each; what --lr auto uses); plot {result['plot']}",
+        f"suggested lr: {result.suggestion:.2e} (lowest held-out loss over {len(result.lrs)} rates, "
+        f"{result.epochs} epoch(s) each; what --lr auto uses); plot {result.plot}",
         highlight=False,
     )
 
@@ -531,25 +521,10 @@ def finetune(
     from stages.finetune import FinetuneConfig
     from stages.rundir import CHECKPOINT
 
-    cfg = FinetuneConfig(
-        epochs=epochs,
-        lr=lr,
-        lr_mult=lr_mult,
-        wd=wd,
-        unfreeze=unfreeze,
-        train_bn=train_bn,
-        batch_size=batch_size,
-        seed=seed,
-        precision=precision,
-        crop_area=crop_area,
-        train_size=train_size,
-        label_smoothing=label_smoothing,
-        keep_best=keep_best,
-        calibration_pct=calibration_pct,
-    )
+    cfg = _options(FinetuneConfig, locals())
     out_dir = out_dir or Path("runs") / f"ft-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     table = EpochTable(err if as_json else out)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if launched_ranks().leader:
         table.header()
     run_dir = resume or out_dir
 
@@ -562,24 +537,23 @@ def finetune(
         result = run_finetune(
             data_dir, head_dir, out_dir, cfg, resume, device, on_epoch=table.row, on_step=update, overwrite=overwrite
         )
-    if result.get("quiet"):  # a torchrun rank other than 0
+    if result is None:  # a torchrun rank other than 0: rank 0 reports
         return
     if as_json:
         _print_json(result)
         return
-    before = result["before"] or {}
-    kept = result.get("kept_epoch")
+    before = result.before or {}
+    kept = result.kept_epoch
     kept_note = "" if kept is None else " (the starting model: no epoch beat it)" if kept < 0 else f" (epoch {kept})"
+    calibrated = (
+        f"temperature {result.temperature:.3f} fitted on {result.calibration_images} held-out train images; "
+        if result.calibration_images
+        else ""
+    )
     out.print(
-        f"valid accuracy {before.get('accuracy', float('nan')):.4f} before, {result['accuracy']:.4f} after"
-        f"{kept_note}; "
-        + (
-            f"temperature {result['temperature']:.3f} fitted on {result['calibration_images']} held-out train images; "
-            if result["calibration_images"]
-            else ""
-        )
-        + f"{result['train_images_per_second']:.1f} img/s; weights, config.json, metrics.json, curves.png in "
-        f"{result['run']}",
+        f"valid accuracy {before.get('accuracy', float('nan')):.4f} before, {result.accuracy:.4f} after{kept_note}; "
+        f"{calibrated}{result.train_images_per_second:.1f} img/s; weights, config.json, metrics.json, curves.png in "
+        f"{result.run}",
         highlight=False,
     )
 
@@ -675,16 +649,16 @@ def predict(
     table = Table()
     for column in ("path", "class", "probability", *(("tta class", "tta probability") if tta else ())):
         table.add_column(column, justify="right" if "probability" in column else "left")
-    for r in result["predictions"]:
+    for r in result.predictions:
         top = ", ".join(f"{c} {p:.3f}" for c, p in r["top_k"]) if top_k > 1 else f"{r['probability']:.4f}"
         extra = (r["tta_class"], f"{r['tta_probability']:.4f}") if tta else ()
         table.add_row(r["path"], r["class"], top, *extra)
     out.print(table)
-    for e in result["errors"]:
+    for e in result.errors:
         err.print(f"[yellow]unreadable[/] {e['path']}: {e['error']}", highlight=False)
     out.print(
-        f"{len(result['predictions'])} images in {result['seconds']:.1f} s ({result['images_per_second']} img/s)"
-        + (f"; probabilities in {result['out']}" if result["out"] else ""),
+        f"{len(result.predictions)} images in {result.seconds:.1f} s ({result.images_per_second} img/s)"
+        + (f"; probabilities in {result.out}" if result.out else ""),
         highlight=False,
     )
 
@@ -711,32 +685,34 @@ def evaluate(
     from pipeline.evaluate import evaluate as run_evaluate
 
     with on_interrupt(_nothing_written(out_dir or model_dir / "eval")):
-        m = run_evaluate(model_dir, split_dir, out_dir, tta, store, device)
+        result = run_evaluate(model_dir, split_dir, out_dir, tta, store, device)
     if as_json:
-        _print_json(m)
+        _print_json(result)
         return
     from rich.table import Table
 
+    m = result.metrics
     out.print(
-        f"accuracy {m['accuracy']:.4f}, log loss {m['log_loss']:.4f}, calibration error {m['ece']:.4f} "
-        f"(ECE, {m['ece_bins']} bins) on {m['images']} images"
-        f"{' with TTA' if tta else ''}{' from cached features' if store else ''} in {m['seconds']:.1f} s",
+        f"accuracy {m.accuracy:.4f}, log loss {m.log_loss:.4f}, calibration error {m.ece:.4f} "
+        f"(ECE, {m.ece_bins} bins) on {m.images} images"
+        f"{' with TTA' if tta else ''}{' from cached features' if store else ''} in {result.seconds:.1f} s",
         highlight=False,
     )
     table = Table()
     for column in ("class", "precision", "recall", "f1", "support"):
         table.add_column(column, justify="left" if column == "class" else "right")
-    for name, c in m["per_class"].items():
+    for name, c in m.per_class.items():
         table.add_row(
             name,
             *[f"{c[k]:.4f}" if c[k] is not None else "undefined" for k in ("precision", "recall", "f1")],
             str(c["support"]),
         )
     out.print(table)
-    for pair in m["most_confused"][:5]:
+    for pair in m.most_confused[:5]:
         out.print(f"most confused: {pair['true']} taken for {pair['predicted']} {pair['count']} times", highlight=False)
     out.print(
-        f"plots: {m['confusion_png']}, {m['reliability_png']}, {m['top_losses_png']}; metrics: {m['metrics_json']}",
+        f"plots: {result.confusion_png}, {result.reliability_png}, {result.top_losses_png}; "
+        f"metrics: {result.metrics_json}",
         highlight=False,
     )
 
@@ -770,30 +746,28 @@ def audit(
         return
     from rich.table import Table
 
-    copied = sum(g["count"] for g in result["copy_groups"])
+    copied = sum(g["count"] for g in result.copy_groups)
     out.print(
-        f"{result['images']} images ({result['labelled']} labelled) of set {result['set']} in "
-        f"{result['seconds']:.1f} s: {len(result['label_issues'])} likely label issues, "
-        f"{len(result['copy_groups'])} groups of copies or near-copies ({copied} images; {result['leak_groups']} "
-        f"across train and valid/test), {len(result['outliers'])} outliers",
+        f"{result.images} images ({result.labelled} labelled) of set {result.set} in {result.seconds:.1f} s: "
+        f"{len(result.label_issues)} likely label issues, {len(result.copy_groups)} groups of copies or near-copies "
+        f"({copied} images; {result.leak_groups} across train and valid/test), {len(result.outliers)} outliers",
         highlight=False,
     )
     table = Table(title="most likely label issues")
     for column in ("path", "given", "suggested", "label quality"):
         table.add_column(column, justify="right" if column == "label quality" else "left")
-    for issue in result["label_issues"][:10]:
+    for issue in result.label_issues[:10]:
         table.add_row(issue["path"], issue["given"], issue["suggested"], f"{issue['score']:.4f}")
-    if result["label_issues"]:
+    if result.label_issues:
         out.print(table)
-    for g in result["copy_groups"][:5]:
+    for g in result.copy_groups[:5]:
         paths = ", ".join(m["path"] for m in g["members"][:3]) + (" ..." if g["count"] > 3 else "")
         out.print(f"{g['kind']} copies ({g['count']}){' (leak)' if g['leak'] else ''}: {paths}", highlight=False)
-    for note in result["notes"]:
+    for note in result.notes:
         err.print(f"[yellow]note:[/] {note}", highlight=False)
-    files = result["files"]
     out.print(
-        f"pictures: {files['label_issues']}, {files['duplicates']}, {files['map']}; CSVs and audit.json in "
-        f"{result['out']}",
+        f"pictures: {result.files['label_issues']}, {result.files['duplicates']}, {result.files['map']}; "
+        f"CSVs and audit.json in {result.out}",
         highlight=False,
     )
 
@@ -821,8 +795,8 @@ def export(
         _print_json(result)
         return
     out.print(
-        f"wrote {result['out']} ({_human_bytes(result['bytes'])}, {result['format']}) in {result['seconds']:.1f} "
-        f"s: input {result['input']}, output {result['output']}; classes {', '.join(result['classes'])}",
+        f"wrote {result.out} ({_human_bytes(result.bytes)}, {result.format}) in {result.seconds:.1f} s: "
+        f"input {result.input}, output {result.output}; classes {', '.join(result.classes)}",
         highlight=False,
     )
 
@@ -891,13 +865,13 @@ def main() -> None:
         _exit(130)
     except typer.Exit as exc:
         _exit(exc.exit_code)
-    except Exception as exc:  # usage errors (typer's click exceptions show themselves) and the unexpected
-        if hasattr(exc, "show") and hasattr(exc, "exit_code"):
-            exc.show()
-            _exit(exc.exit_code)
-        if type(exc).__name__ == "Abort":  # click's name for a Ctrl-C outside a command's work
-            err.print("interrupted: nothing was written", highlight=False)
-            _exit(130)
+    except ClickException as exc:  # a malformed command line: click shows it with the usage
+        exc.show()
+        _exit(exc.exit_code)
+    except typer.Abort:  # click's Ctrl-C outside a command's work
+        err.print("interrupted: nothing was written", highlight=False)
+        _exit(130)
+    except Exception as exc:  # the unexpected
         if DEBUG:
             traceback.print_exc()
             _exit(1)

@@ -69,40 +69,48 @@ def run_demo(
     say(f"1. generated images: {data} (classes {', '.join(DEMO_CLASSES)}; train 30 and valid 10 per class)")
     store = out_dir / "demo.h5"
     summary = featurize(FeaturizeOptions(data_dir=data, store=store, views=2), progress=progress)
-    state = "already up to date" if summary["up_to_date"] else f"featurized {summary['featurized']} images"
-    say(f"2. feature store: {store} ({state}, {summary['seconds']:.1f} s; set {summary['set']})")
-    with FeatureStore(store) as fs:
-        cached = load_cached_features(fs)
+    state = "already up to date" if summary.up_to_date else f"featurized {summary.featurized} images"
+    say(f"2. feature store: {store} ({state}, {summary.seconds:.1f} s; set {summary.set})")
+    with FeatureStore(store) as opened:
+        cached = load_cached_features(opened)
         found = find_lr(cached, TrainConfig(head="linear", views=2), out_dir / "lr-find")
-        say(f"3. lr-find (linear head): suggested lr {found['suggestion']:.2e}; plot {found['plot']}")
+        say(f"3. lr-find (linear head): suggested lr {found.suggestion:.2e}; plot {found.plot}")
         board = train_grid(
             cached,
-            [TrainConfig(views=2), TrainConfig(head="linear", lr=found["suggestion"], views=2)],
+            [TrainConfig(views=2), TrainConfig(head="linear", lr=found.suggestion, views=2)],
             out_dir / "heads",
             overwrite=True,
         )  # the demo is rerun as a whole
     for run in board:
-        setting = f"l2 {run['l2']:.2g} by 5-fold cv" if run["head"] == "logreg" else f"lr {run['lr']:.2e}"
+        setting = f"l2 {run.l2:.2g} by 5-fold cv" if run.head == "logreg" else f"lr {run.lr:.2e}"
         say(
-            f"4. train-head {run['head']} ({setting}): valid accuracy {run['accuracy']:.4f}, log loss "
-            f"{run['valid_loss']:.4f}; model in {run['run']}"
+            f"4. train-head {run.head} ({setting}): valid accuracy {run.accuracy:.4f}, log loss "
+            f"{run.valid_loss:.4f}; model in {run.run}"
         )
-    metrics = evaluate(Path(board[0]["run"]), data / "valid", out_dir / "eval")
+    best = board[0].run
+    evaluated = evaluate(Path(best), data / "valid", out_dir / "eval")
     say(
-        f"5. evaluate {board[0]['run']}: accuracy {metrics['accuracy']:.4f}, calibration error {metrics['ece']:.4f}; "
-        f"{metrics['confusion_png']}, {metrics['reliability_png']}, {metrics['top_losses_png']}"
+        f"5. evaluate {best}: accuracy {evaluated.metrics.accuracy:.4f}, calibration error "
+        f"{evaluated.metrics.ece:.4f}; {evaluated.confusion_png}, {evaluated.reliability_png}, "
+        f"{evaluated.top_losses_png}"
     )
     samples = [data / "valid" / kind / f"{kind}_000.jpg" for kind in DEMO_CLASSES]
-    predictions = predict(load_model(board[0]["run"]), samples)["predictions"]
+    predictions = predict(load_model(best), samples).predictions
     for p in predictions:
         say(f"6. predict: {p['path']} -> {p['class']} ({p['probability']:.3f})")
     say(f"next: pipeline runs --dir {out_dir}; pipeline store info {store}")
     return {
         "data_dir": str(data),
         "store": str(store),
-        "featurize": summary,
-        "lr_find": found["suggestion"],
-        "heads": board,
-        "evaluate": {k: metrics[k] for k in ("accuracy", "ece", "confusion_png", "reliability_png", "top_losses_png")},
+        "featurize": summary.to_json(),
+        "lr_find": found.suggestion,
+        "heads": [run.to_json() for run in board],
+        "evaluate": {
+            "accuracy": evaluated.metrics.accuracy,
+            "ece": evaluated.metrics.ece,
+            "confusion_png": evaluated.confusion_png,
+            "reliability_png": evaluated.reliability_png,
+            "top_losses_png": evaluated.top_losses_png,
+        },
         "predictions": predictions,
     }

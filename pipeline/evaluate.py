@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from pipeline.plots import plot_confusion_matrix, plot_image_grid, plot_reliabil
 from stages.atomic import atomic_output, output_folder, write_json
 from stages.errors import PipelineError
 from stages.files import IMAGE_EXTENSIONS, class_folders, find_images
-from stages.metrics import classification_metrics, top_losses
+from stages.metrics import ClassificationMetrics, classification_metrics, top_losses
 from stages.model import ImageClassifier, load_model, top_classes
 from stages.rundir import check_compatible
 
@@ -33,9 +34,47 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
     return files
 
 
+@dataclass
+class PredictResult:
+    """Predictions of every image that decoded ({path, class, probability, top_k, probabilities} and, with TTA, the
+    same prefixed tta_), the files that did not ({path, error}), the speed and where all probabilities went."""
+
+    predictions: list[dict]
+    errors: list[dict]
+    seconds: float
+    images_per_second: float | None
+    out: str | None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EvaluateResult:
+    """A model's metrics on a labelled split, with what it was and where its plots and metrics.json went."""
+
+    metrics: ClassificationMetrics
+    run: str
+    split: str
+    tta: bool
+    from_store: bool
+    unreadable: list[dict]  # {path, error}
+    seconds: float
+    top_losses: list[dict]  # {path, true, predicted, probability}, the most confidently wrong first
+    confusion_png: str
+    top_losses_png: str
+    reliability_png: str
+    metrics_json: str
+
+    def to_json(self) -> dict:
+        data = {**self.metrics.to_json(), **asdict(self)}
+        del data["metrics"]
+        return data
+
+
 def predict(
     model: ImageClassifier, inputs: list[Path], top_k: int = 1, tta: bool = False, out: Path | None = None
-) -> dict:
+) -> PredictResult:
     """Predictions for every input image; all class probabilities to .csv or .json when out is given."""
     if top_k < 1:
         raise PipelineError(f"--top-k {top_k} is out of range; give 1 or more")
@@ -57,13 +96,13 @@ def predict(
     seconds = time.perf_counter() - started
     if out is not None:
         _write_predictions(out, rows, model.classes, tta)
-    return {
-        "predictions": rows,
-        "errors": errors,
-        "seconds": round(seconds, 3),
-        "images_per_second": round(len(rows) / seconds, 1) if rows else None,
-        "out": str(out) if out else None,
-    }
+    return PredictResult(
+        predictions=rows,
+        errors=errors,
+        seconds=round(seconds, 3),
+        images_per_second=round(len(rows) / seconds, 1) if rows else None,
+        out=str(out) if out else None,
+    )
 
 
 def _write_predictions(out: Path, rows: list[dict], classes: list[str], tta: bool) -> None:
@@ -115,9 +154,9 @@ def _probabilities_from_store(head, config: dict, run_dir: Path, store: Path, fi
     """Probabilities for the files from cached view-0 features; every file must be in the store."""
     from store.reader import FeatureStore
 
-    with FeatureStore(store) as fs:
+    with FeatureStore(store) as opened:
         trained_here = config.feature_set.store == str(store.resolve())
-        feature_set = fs.feature_set(config.feature_set.set if trained_here else None)
+        feature_set = opened.feature_set(config.feature_set.set if trained_here else None)
         check_compatible(config, feature_set.identity, feature_set.name, run_dir)
         data_dir = Path(feature_set.attrs["data_dir"]).resolve()
         position = {}
@@ -150,7 +189,7 @@ def evaluate(
     tta: bool = False,
     store: Path | None = None,
     device: str = "auto",
-) -> dict:
+) -> EvaluateResult:
     """Metrics, confusion matrix and top losses of a model on a labelled split; from cached features with store."""
     out = out or run_dir / "eval"
     # Held from the start (a second evaluate into the same folder is refused at once), published whole at the end.
@@ -168,7 +207,7 @@ CONFUSION_PNG, RELIABILITY_PNG, TOP_LOSSES_PNG, METRICS_JSON = (
 
 def _evaluate(
     run_dir: Path, split_dir: Path, out: Path, staging: Path, tta: bool, store: Path | None, device: str
-) -> dict:
+) -> EvaluateResult:
     from stages.head import load_head
 
     started = time.perf_counter()
@@ -200,31 +239,30 @@ def _evaluate(
         )
         for i in worst
     ]
-    metrics.update(
-        {
-            "run": str(run_dir),
-            "split": str(split_dir),
-            "tta": tta,
-            "from_store": store is not None,
-            "unreadable": failed,
-            "seconds": round(time.perf_counter() - started, 3),
-            "confusion_png": str(out / CONFUSION_PNG),
-            "top_losses_png": str(out / TOP_LOSSES_PNG),
-            "reliability_png": str(out / RELIABILITY_PNG),
-            "top_losses": [
-                {
-                    "path": str(files[i]),
-                    "true": classes[labels[i]],
-                    "predicted": classes[int(probabilities[i].argmax())],
-                    "probability": float(probabilities[i].max()),
-                }
-                for i in worst
-            ],
-        }
+    result = EvaluateResult(
+        metrics=metrics,
+        run=str(run_dir),
+        split=str(split_dir),
+        tta=tta,
+        from_store=store is not None,
+        unreadable=failed,
+        seconds=round(time.perf_counter() - started, 3),
+        top_losses=[
+            {
+                "path": str(files[i]),
+                "true": classes[labels[i]],
+                "predicted": classes[int(probabilities[i].argmax())],
+                "probability": float(probabilities[i].max()),
+            }
+            for i in worst
+        ],
+        confusion_png=str(out / CONFUSION_PNG),
+        top_losses_png=str(out / TOP_LOSSES_PNG),
+        reliability_png=str(out / RELIABILITY_PNG),
+        metrics_json=str(out / METRICS_JSON),
     )
-    plot_confusion_matrix(metrics["confusion_matrix"], classes, staging / CONFUSION_PNG)
-    plot_reliability(metrics["reliability"], metrics["ece"], staging / RELIABILITY_PNG)
+    plot_confusion_matrix(metrics.confusion_matrix, classes, staging / CONFUSION_PNG)
+    plot_reliability(metrics.reliability, metrics.ece, staging / RELIABILITY_PNG)
     plot_image_grid(captions, staging / TOP_LOSSES_PNG, "top losses: actual -> predicted (p)")
-    write_json(staging / METRICS_JSON, metrics)
-    metrics["metrics_json"] = str(out / METRICS_JSON)
-    return metrics
+    write_json(staging / METRICS_JSON, {k: v for k, v in result.to_json().items() if k != "metrics_json"})
+    return result

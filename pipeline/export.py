@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -29,7 +30,24 @@ def _check_writable(path: Path) -> None:
         raise PipelineError(f"--out {path}: the folder {folder} is not writable; choose another path")
 
 
-def export_run(run_dir: Path, out: Path | None = None, fmt: str = "onnx") -> dict:
+@dataclass
+class ExportResult:
+    """The file written: where, its format and size, its input and output, the classes and its metadata."""
+
+    out: str
+    format: str
+    bytes: int
+    seconds: float
+    input: str
+    output: str
+    classes: list[str]
+    metadata: dict[str, str]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def export_run(run_dir: Path, out: Path | None = None, fmt: str = "onnx") -> ExportResult:
     """Write a train-head or finetune run as one file; returns where, its size, format and metadata."""
     from stages.model import load_run
 
@@ -47,13 +65,13 @@ def export_run(run_dir: Path, out: Path | None = None, fmt: str = "onnx") -> dic
                 f"--out {out} could not be written ({exc.strerror or exc}); choose another path"
             ) from None
     size = backbone.preprocessing.size
-    return {
-        "out": str(out),
-        "format": fmt,
-        "bytes": out.stat().st_size,
-        "seconds": time.perf_counter() - started,
-        "input": f"{INPUT}: uint8 (N, {size}, {size}, 3) RGB",
-        "output": f"{OUTPUT}: float32 (N, {len(config.classes)})",
-        "classes": config.classes,
-        "metadata": metadata,
-    }
+    return ExportResult(
+        out=str(out),
+        format=fmt,
+        bytes=out.stat().st_size,
+        seconds=time.perf_counter() - started,
+        input=f"{INPUT}: uint8 (N, {size}, {size}, 3) RGB",
+        output=f"{OUTPUT}: float32 (N, {len(config.classes)})",
+        classes=config.classes,
+        metadata=metadata,
+    )

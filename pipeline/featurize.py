@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
 
-from pipeline.distributed import Shard, current_shard
+from pipeline.distributed import current_ranks
 from pipeline.runtime import available_memory, cpu_count, torch_threads
 from stages.backbones import (
     DEFAULT_BACKBONE,
@@ -22,6 +22,7 @@ from stages.backbones import (
 from stages.decode import Augmentation, ImageDecoder, batch_memory_bytes, resolve_device
 from stages.errors import MAX_VIEWS, SEED_MAX, PipelineError, check_memory, check_range
 from stages.files import Dataset, Fingerprint, read_image_file, scan_dataset, stat_fingerprint
+from stages.ranks import Ranks
 from stages.runner import FeatureRunner, package_version
 from store.identity import FeatureSetIdentity
 from store.paths import StorePaths
@@ -48,7 +49,7 @@ class FeaturizeOptions:
     precision: str = "auto"
     device: str = "auto"
     batch_size: int = 32
-    commit_rows: int = 2048  # journal commit after this many rows (or commit_seconds), whichever comes first
+    commit_every: int = 2048  # journal commit after this many rows (or commit_seconds), whichever comes first
     commit_seconds: float = 30.0
     num_shards: int = 1
     shard_id: int = 0
@@ -67,8 +68,57 @@ def _library_versions() -> dict:
     }
 
 
-class _Run:
-    """The featurizing part of a run: decode and forward the files to do, committing to the journal as it goes."""
+@dataclass
+class FeaturizeWork:
+    """What one process did: images computed here and reused from the store, how fast, into which set."""
+
+    featurized: int
+    reused: int
+    seconds: float
+    images_per_second: float | None
+    interrupted: bool
+    set: str
+    store: str
+    device: str
+    precision: str
+    backbone: str
+    views: int
+    notes: list[str]
+
+
+@dataclass
+class ShardResult(FeaturizeWork):
+    """A shard's share of the work (--shard-id, or a torchrun rank other than 0): its parts wait in the journal for
+    the run that merges them."""
+
+    shard: str
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "merged": False, "up_to_date": False}
+
+
+@dataclass
+class FeaturizeResult(FeaturizeWork):
+    """The store brought up to date: what it holds now (images and rows per split, files skipped with reasons)."""
+
+    data_dir: str
+    up_to_date: bool
+    images: dict[str, int]
+    rows: dict[str, int]
+    skipped: list[dict]  # {split, path, reason}
+    classes: list[str]
+    store_bytes: int
+    shards: list[dict] | None = None  # torchrun's rank 0: every rank's {shard, featurized, images_per_second}
+
+    def to_json(self) -> dict:
+        data = {**asdict(self), "merged": True}
+        if self.shards is None:
+            del data["shards"]
+        return data
+
+
+class Featurizer:
+    """The computing part of a run: decode and forward the files to do, committing to the journal as it goes."""
 
     def __init__(
         self,
@@ -125,7 +175,7 @@ class _Run:
             if self.progress:
                 self.progress(self.done, total)
             if (
-                self.pending.count >= self.opts.commit_rows
+                self.pending.count >= self.opts.commit_every
                 or time.monotonic() - self.last_commit >= self.opts.commit_seconds
             ):
                 self._commit()
@@ -155,7 +205,7 @@ def _safe_stat(path: Path) -> Fingerprint:
         return Fingerprint(0, 0)
 
 
-def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> dict:
+def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> FeaturizeResult | ShardResult:
     """Bring the store's feature set for these settings up to date with the data folder; return a summary.
 
     Sharded (torchrun ranks, or --num-shards/--shard-id), each process featurizes its share of the missing files
@@ -167,7 +217,7 @@ def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> dict:
     for option, value, low, high in (
         ("--views", opts.views, 0, MAX_VIEWS),
         ("--batch-size", opts.batch_size, 1, None),
-        ("--commit-every", opts.commit_rows, 1, None),
+        ("--commit-every", opts.commit_every, 1, None),
         ("--seed", opts.seed, 0, SEED_MAX),
         ("--num-shards", opts.num_shards, 1, None),
     ):
@@ -178,7 +228,7 @@ def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> dict:
         paths.store.parent.mkdir(parents=True, exist_ok=True)
     dataset = scan_dataset(opts.data_dir, opts.valid_pct, opts.seed)
     device = resolve_device(opts.device)
-    shard = current_shard(opts.num_shards, opts.shard_id, device)
+    ranks = current_ranks(opts.num_shards, opts.shard_id, device)
     precision = resolve_precision(opts.precision, device)
     # A registered backbone is built only when a forward pass needs it: an up-to-date store answers at once.
     backbone = create_backbone(opts.backbone, opts.weights, opts.arch)
@@ -196,102 +246,96 @@ def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> dict:
         precision=precision,
         dtype=opts.dtype,
     )
-    job = _Job(opts, dataset, backbone, identity, device, precision, paths, progress)
-    if shard.count == 1:
+    job = FeaturizeJob(opts, dataset, backbone, identity, device, precision, paths, progress)
+    if ranks.world == 1:
         with StoreLock(paths):
             remove_stale_temporaries(paths)
-            return job.run(shard, merge=True, started=started)
+            return job.run(ranks, merge=True, started=started)
     with StoreLock(paths, shared=True):
-        mine = job.run(shard, merge=False, started=started)
-    if not shard.distributed:
+        mine = job.run(ranks, merge=False, started=started)
+    if not ranks.distributed:
         return mine
     import torch.distributed as dist
 
-    ranks = [None] * shard.count
-    dist.all_gather_object(ranks, {k: mine[k] for k in ("shard", "featurized", "images_per_second")})  # a barrier too
-    if shard.index != 0:
+    shards = [None] * ranks.world
+    own = {"shard": mine.shard, "featurized": mine.featurized, "images_per_second": mine.images_per_second}
+    dist.all_gather_object(shards, own)  # a barrier too
+    if not ranks.leader:
         return mine
     with StoreLock(paths):
-        merged = job.run(Shard(), merge=True, started=started)
-    featurized = sum(r["featurized"] for r in ranks)
-    return {
-        **merged,
-        "shards": ranks,
-        "featurized": featurized,
-        "reused": merged["reused"] - featurized,
-        "images_per_second": round(sum(r["images_per_second"] or 0 for r in ranks), 1) or None,
-    }
+        merged = job.run(Ranks(), merge=True, started=started)
+    featurized = sum(r["featurized"] for r in shards)
+    return replace(
+        merged,
+        shards=shards,
+        featurized=featurized,
+        reused=merged.reused - featurized,
+        images_per_second=round(sum(r["images_per_second"] or 0 for r in shards), 1) or None,
+    )
 
 
-class _Job:
-    """One featurize invocation's settings, run for one shard with or without merging into the store."""
+class FeaturizeJob:
+    """One featurize invocation's settings, run for this process's share, with or without the merge."""
 
     def __init__(self, opts, dataset, backbone, identity, device, precision, paths: StorePaths, progress):
         self.opts, self.dataset, self.backbone, self.identity = opts, dataset, backbone, identity
         self.device, self.precision, self.paths, self.progress = device, precision, paths, progress
         self.name = identity.name
 
-    def run(self, shard: Shard, merge: bool, started: float) -> dict:
+    def run(self, ranks: Ranks, merge: bool, started: float) -> FeaturizeResult | ShardResult:
         opts, dataset = self.opts, self.dataset
-        with StoreSync(self.paths, self.name, shard.index) as sync:
+        with StoreSync(self.paths, self.name, ranks.rank) as sync:
             todo = sync.plan(dataset, opts.views)
-            if shard.count > 1:  # a file's shard follows from its place in the whole data set, not in what is left
+            if ranks.world > 1:  # a file's rank follows from its place in the whole data set, not in what is left
                 place = {
                     (split, f.path): i
                     for i, (split, f) in enumerate((split, f) for split, files in dataset.splits.items() for f in files)
                 }
-                todo = [(split, f) for split, f in todo if place[split, f.path] % shard.count == shard.index]
+                todo = [(split, f) for split, f in todo if place[split, f.path] % ranks.world == ranks.rank]
             run, interrupted, loop_seconds = None, False, 0.0
             if todo:
-                run = _Run(opts, dataset, self.backbone, sync, self.device, self.precision, self.progress)
+                run = Featurizer(opts, dataset, self.backbone, sync, self.device, self.precision, self.progress)
                 loop_started = time.perf_counter()
                 try:
-                    with torch_threads(opts.threads or cpu_count() // shard.local_count):
+                    with torch_threads(opts.threads or cpu_count() // ranks.local_world):
                         run.run(todo)
                 except KeyboardInterrupt:
                     interrupted = True  # what was decoded is committed; write the store with it, then stop
                 loop_seconds = time.perf_counter() - loop_started
             computed = run.done - run.skipped if run else 0
-            counts = {
-                "featurized": computed,
-                "reused": sync.reused,
-                "seconds": round(time.perf_counter() - started, 3),
-                "images_per_second": round(computed / loop_seconds, 1) if computed else None,
-                "interrupted": interrupted,
-                "set": self.name,
-                "store": str(opts.store),
-                "device": self.device,
-                "precision": self.precision,
-                "backbone": self.identity.backbone,
-                "views": opts.views,
-            }
+            work = FeaturizeWork(
+                featurized=computed,
+                reused=sync.reused,
+                seconds=round(time.perf_counter() - started, 3),
+                images_per_second=round(computed / loop_seconds, 1) if computed else None,
+                interrupted=interrupted,
+                set=self.name,
+                store=str(opts.store),
+                device=self.device,
+                precision=self.precision,
+                backbone=self.identity.backbone,
+                views=opts.views,
+                notes=list(sync.notes),
+            )
             if not merge:
-                return {
-                    **counts,
-                    "shard": shard.label,
-                    "merged": False,
-                    "up_to_date": False,
-                    "notes": sync.notes
-                    + [f"{shard.label}: parts in {sync.journal.dir}; a run without --shard-id merges them"],
-                }
+                note = f"{ranks.label}: parts in {sync.journal.dir}; a run without --shard-id merges them"
+                return ShardResult(**{**asdict(work), "notes": work.notes + [note]}, shard=ranks.label)
             plans, up_to_date = sync.finish(lambda: self._attrs(sync), self.identity.feature_dim, opts.dtype)
         skipped = [
             {"split": s, "path": p, "reason": plan.skipped["reasons"][i]}
             for s, plan in plans.items()
             for i, p in enumerate(plan.skipped["paths"])
         ]
-        return {
-            **counts,
-            "data_dir": str(opts.data_dir),
-            "up_to_date": up_to_date,
-            "merged": True,
-            "images": {s: len(set(p.columns["paths"])) for s, p in plans.items()},
-            "rows": {s: len(p.columns["paths"]) for s, p in plans.items()},
-            "skipped": skipped,
-            "classes": dataset.classes,
-            "store_bytes": os.path.getsize(self.paths.store),
-            "notes": dataset.notes + sync.notes,
-        }
+        return FeaturizeResult(
+            **{**asdict(work), "notes": dataset.notes + work.notes},
+            data_dir=str(opts.data_dir),
+            up_to_date=up_to_date,
+            images={s: len(set(p.columns["paths"])) for s, p in plans.items()},
+            rows={s: len(p.columns["paths"]) for s, p in plans.items()},
+            skipped=skipped,
+            classes=dataset.classes,
+            store_bytes=os.path.getsize(self.paths.store),
+        )
 
     def _attrs(self, sync: StoreSync) -> dict:
         """The set's attributes: its identity, what it was made from, and when."""

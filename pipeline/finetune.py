@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.distributed import Shard, current_shard
+from pipeline.distributed import current_ranks
 from pipeline.plots import plot_training_curves
 from pipeline.runtime import available_memory, cpu_count, torch_threads
 from pipeline.train_head import refit_head
@@ -25,9 +25,10 @@ from stages.calibration import held_out_images
 from stages.decode import batch_memory_bytes, resolve_device
 from stages.errors import PipelineError, check_memory
 from stages.files import scan_dataset
-from stages.finetune import FinetuneConfig, Finetuner, Ranks, read_checkpoint
+from stages.finetune import FinetuneConfig, Finetuner, read_checkpoint
 from stages.head import Head, load_head
 from stages.model import backbone_for
+from stages.ranks import Ranks
 from stages.rundir import (
     BACKBONE_WEIGHTS,
     CHECKPOINT,
@@ -69,38 +70,64 @@ def finetune(
     on_step: Callable[[int, int], None] | None = None,
     threads: int | None = None,
     overwrite: bool = False,
-) -> dict:
+) -> FinetuneResult | None:
     """Fine-tune from a train-head run (or continue a stopped fine-tune); write a run directory predict can use.
     threads: torch's threads while training (None: the cores, shared among this machine's ranks).
 
     The run folder is held (locked) from the start; while training it holds only the checkpoint, and at the end
     the whole run takes its place in one step. An existing run there is replaced only with overwrite, and stays
-    usable until the new one is done."""
+    usable until the new one is done. Under torchrun, ranks other than 0 return None."""
     out = Path(resume if resume is not None else out)
     device = resolve_device(device)
-    shard = current_shard(device=device)
-    if shard.index != 0:  # one rank prints the table and writes the run
-        return _finetune(data_dir, head_dir, out, cfg, resume, device, shard, None, None, threads)
+    ranks = current_ranks(device=device)
+    if not ranks.leader:  # one rank prints the table and writes the run
+        return _finetune(data_dir, head_dir, out, cfg, resume, device, ranks, None, None, threads)
     with locked_output(out):
         if resume is None:
             check_replaceable(out, RUN_MARKERS, "a run (continue an unfinished one with --resume)", overwrite)
-        return _finetune(data_dir, head_dir, out, cfg, resume, device, shard, on_epoch, on_step, threads)
+        return _finetune(data_dir, head_dir, out, cfg, resume, device, ranks, on_epoch, on_step, threads)
 
 
-def _finetune(data_dir, head_dir, out, cfg, resume, device, shard, on_epoch, on_step, threads) -> dict:
-    run = prepare(data_dir, head_dir, cfg, resume, device, shard, threads)
-    tuner = Finetuner(run.backbone, run.head, run.cfg, device, out, Ranks(shard.index, shard.count))
-    train_threads = threads or cpu_count() // shard.local_count
+@dataclass
+class FinetuneResult:
+    """A finished fine-tune: the run's folder and processes, and its metrics (what metrics.json holds): the epochs'
+    history, valid before and after (the kept epoch's; -1: the head as given), the temperature and the speed."""
+
+    run: str
+    processes: int
+    history: list[dict]
+    before: dict | None
+    kept_epoch: int | None
+    temperature: float
+    calibration_images: int
+    accuracy: float | None
+    valid_loss: float | None
+    train_seconds: float
+    train_images_per_second: float | None
+
+    def metrics(self) -> dict:
+        """What the run folder's metrics.json holds."""
+        return {k: v for k, v in asdict(self).items() if k not in ("run", "processes")}
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _finetune(
+    data_dir, head_dir, out, cfg, resume, device, ranks: Ranks, on_epoch, on_step, threads
+) -> FinetuneResult | None:
+    run = prepare(data_dir, head_dir, cfg, resume, device, ranks, threads)
+    tuner = Finetuner(run.backbone, run.head, run.cfg, device, out, ranks)
+    train_threads = threads or cpu_count() // ranks.local_world
     with torch_threads(train_threads):
         seconds, kept = fit(tuner, run, on_epoch, on_step)
-    if shard.index != 0:
-        return {"run": str(out), "rank": shard.index, "quiet": True}
+    if not ranks.leader:  # rank 0 writes the run and reports it
+        return None
     temperature = None
     if run.calibration is not None and (kept is None or kept["epoch"] >= 0):
         with torch_threads(train_threads):
             temperature = tuner.calibrate(*run.calibration)
-    metrics = save(out, tuner, run, head_dir, kept, temperature, seconds)
-    return {"run": str(out), "processes": shard.count, **metrics}
+    return save(out, ranks, tuner, run, head_dir, kept, temperature, seconds)
 
 
 def _images(dataset, name: str, keep=None) -> Images | None:
@@ -116,7 +143,7 @@ def prepare(
     cfg: FinetuneConfig,
     resume: Path | None,
     device: str,
-    shard: Shard,
+    ranks: Ranks,
     threads: int | None,
 ) -> Prepared:
     """The head, its backbone and the images, checked; the calibration images held out and the head refitted
@@ -149,9 +176,9 @@ def prepare(
         refitted = refit_head(head_dir, head_config, {f.path for f, h in zip(train_files, held) if h}, threads)
     check_memory(
         f"--batch-size {cfg.batch_size}",
-        batch_memory_bytes(cfg.batch_size // shard.count, 1, backbone.preprocessing.size, training=True),
+        batch_memory_bytes(cfg.batch_size // ranks.world, 1, backbone.preprocessing.size, training=True),
         available_memory(),
-        f"training on {cfg.batch_size // shard.count} images per step",
+        f"training on {cfg.batch_size // ranks.world} images per step",
     )
     return Prepared(cfg, head, head_config, backbone, train, _images(dataset, "valid"), calibration, refitted, state)
 
@@ -180,28 +207,31 @@ def fit(
 
 def save(
     out: Path,
+    ranks: Ranks,
     tuner: Finetuner,
     run: Prepared,
     head_dir: Path,
     kept: dict | None,
     temperature: float | None,
     seconds: float,
-) -> dict:
+) -> FinetuneResult:
     """Write the run (mirroring train-head's save_head_run) into a staging folder that then replaces `out`, which
-    held only the checkpoint; returns the metrics."""
+    held only the checkpoint."""
     last = kept or (tuner.history[-1] if tuner.history else {})
     images = len(run.train[0]) * (run.cfg.epochs - (run.state["epoch"] if run.state is not None else 0))
-    metrics = {
-        "history": tuner.history,
-        "before": tuner.before,
-        "kept_epoch": kept["epoch"] if kept else None,
-        "temperature": float(tuner.model.head.temperature),
-        "calibration_images": len(run.calibration[0]) if run.calibration and temperature is not None else 0,
-        "accuracy": last.get("accuracy"),
-        "valid_loss": last.get("valid_loss"),
-        "train_seconds": seconds,
-        "train_images_per_second": images / seconds if seconds else None,
-    }
+    result = FinetuneResult(
+        run=str(out),
+        processes=ranks.world,
+        history=tuner.history,
+        before=tuner.before,
+        kept_epoch=kept["epoch"] if kept else None,
+        temperature=float(tuner.model.head.temperature),
+        calibration_images=len(run.calibration[0]) if run.calibration and temperature is not None else 0,
+        accuracy=last.get("accuracy"),
+        valid_loss=last.get("valid_loss"),
+        train_seconds=seconds,
+        train_images_per_second=images / seconds if seconds else None,
+    )
     with published_folder(out) as staging:
         write_weights(staging, {BACKBONE_WEIGHTS: tuner.model.backbone.architecture_state_dict()})
         head = run.head_config
@@ -220,8 +250,8 @@ def save(
             staging,
             {HEAD_WEIGHTS: tuner.model.head.state_dict()},
             config,
-            metrics,
+            result.metrics(),
             lambda path: plot_training_curves(tuner.history, tuner.step_losses, path),
         )
         os.link(out / CHECKPOINT, staging / CHECKPOINT)  # the last checkpoint stays with the run
-    return metrics
+    return result

@@ -55,26 +55,26 @@ def plot_cv_path(path: list[dict], chosen: float | None, out: Path) -> Path:
     return out
 
 
-def plot_lr_find(result: dict, path: Path) -> Path:
+def plot_lr_find(result, path: Path) -> Path:  # result: stages.head.LrFindResult
     """Held-out and train loss of a fresh head per learning rate, on a log axis, the suggestion marked."""
     fig = _figure(figsize=(7, 4.5))
     ax = fig.subplots()
-    ax.plot(result["lrs"], result["held_out_loss"], "o-", label="held-out loss (a fold of train)")
-    ax.plot(result["lrs"], result["train_loss"], "o-", alpha=0.4, label="train loss (last epoch)")
+    ax.plot(result.lrs, result.held_out_loss, "o-", label="held-out loss (a fold of train)")
+    ax.plot(result.lrs, result.train_loss, "o-", alpha=0.4, label="train loss (last epoch)")
     ax.axvline(
-        result["suggestion"],
+        result.suggestion,
         color="tab:purple",
         linestyle="--",
-        label=f"suggestion (--lr auto): {result['suggestion']:.2e}",
+        label=f"suggestion (--lr auto): {result.suggestion:.2e}",
     )
     ax.set_xscale("log")
-    finite = [v for v in result["held_out_loss"] + result["train_loss"] if v == v and v != float("inf")]
+    finite = [v for v in result.held_out_loss + result.train_loss if v == v and v != float("inf")]
     if finite:
         ax.set_ylim(0, min(max(finite), 4 * max(min(finite), 1e-3)) * 1.1)
     ax.set(
         xlabel="learning rate",
         ylabel="cross-entropy",
-        title=f"lr-find: a fresh head per rate, {result['epochs']} epoch(s) each",
+        title=f"lr-find: a fresh head per rate, {result.epochs} epoch(s) each",
     )
     ax.grid(alpha=0.3)
     ax.legend()

@@ -20,6 +20,7 @@ from stages.calibration import fit_temperature, image_folds
 from stages.errors import PipelineError
 from stages.head import (
     Head,
+    LrFindResult,
     Rows,
     TrainConfig,
     evaluate_head,
@@ -32,7 +33,16 @@ from stages.head import (
     train_head,
 )
 from stages.linear_probe import train_logreg
-from stages.rundir import HEAD_WEIGHTS, RUN_MARKERS, RunConfig, TrainedOn, check_compatible, rank_runs, write_run
+from stages.rundir import (
+    HEAD_WEIGHTS,
+    RUN_MARKERS,
+    RunConfig,
+    RunSummary,
+    TrainedOn,
+    check_compatible,
+    rank_runs,
+    write_run,
+)
 from store.reader import FeatureSet, FeatureStore
 
 LR_FIND_PNG = "lr_find.png"
@@ -76,23 +86,25 @@ class CachedFeatures:
 
 def load_cached_features(store: FeatureStore, set_name: str | None = None, max_memory: str = "4G") -> CachedFeatures:
     """Open the train (all views) and valid (view 0) splits; in memory when they fit under max_memory."""
-    fs = store.feature_set(set_name)
-    if "train" not in fs.splits:
-        raise PipelineError(f"store {store.path} set {fs.name} has no train split; featurize a folder with train/")
+    feature_set = store.feature_set(set_name)
+    if "train" not in feature_set.splits:
+        raise PipelineError(
+            f"store {store.path} set {feature_set.name} has no train split; featurize a folder with train/"
+        )
     limit = parse_size(max_memory)
-    views = fs.column("train", "view")
+    views = feature_set.column("train", "view")
     if not len(views):
         raise PipelineError(
-            f"store {store.path} set {fs.name} has no train rows; add images under train/ and featurize again"
+            f"store {store.path} set {feature_set.name} has no train rows; add images under train/ and featurize again"
         )
-    features = fs.features("train")
+    features = feature_set.features("train")
     block = stream_block_rows(limit, features.shape[1])
-    train = fs.rows("train", np.arange(len(views)), fits_in_memory(features, limit), block)
+    train = feature_set.rows("train", np.arange(len(views)), fits_in_memory(features, limit), block)
     valid = None
-    if "valid" in fs.splits and len(fs.column("valid", "labels")):  # an empty valid/ is no valid
-        plain = select_rows(fs.column("valid", "view"), 0)
-        valid = fs.rows("valid", plain, fits_in_memory(fs.features("valid"), limit), block)
-    return CachedFeatures(store.path, fs, train, valid, int(fs.attrs.get("views", 0)), limit)
+    if "valid" in feature_set.splits and len(feature_set.column("valid", "labels")):  # an empty valid/ is no valid
+        plain = select_rows(feature_set.column("valid", "view"), 0)
+        valid = feature_set.rows("valid", plain, fits_in_memory(feature_set.features("valid"), limit), block)
+    return CachedFeatures(store.path, feature_set, train, valid, int(feature_set.attrs.get("views", 0)), limit)
 
 
 def save_head_run(
@@ -176,7 +188,7 @@ def head_threads(threads: int | None) -> int:
 
 def find_lr(
     cached: CachedFeatures, cfg: TrainConfig, out: Path | None = None, threads: int | None = None, **sweep
-) -> dict:
+) -> LrFindResult:
     """lr-find on cached features; writes lr_find.png into out when given."""
     cfg.validate(cached.views_in_store)
     if cfg.head == "logreg":
@@ -186,10 +198,10 @@ def find_lr(
     with output_folder(out, (LR_FIND_PNG,), "an lr-find plot") as staging:  # held from the start
         result = _sweep(cached, cfg, threads, sweep)
         plot_lr_find(result, staging / LR_FIND_PNG)
-    return {**result, "plot": str(out / LR_FIND_PNG)}
+    return replace(result, plot=str(out / LR_FIND_PNG))
 
 
-def _sweep(cached: CachedFeatures, cfg: TrainConfig, threads: int | None, sweep: dict) -> dict:
+def _sweep(cached: CachedFeatures, cfg: TrainConfig, threads: int | None, sweep: dict) -> LrFindResult:
     rows = cached.train_rows(cfg.views)
     folds, plain = cached.folds(rows, cfg.folds, cfg.seed)
     with torch_threads(head_threads(threads)):
@@ -235,8 +247,8 @@ def refit_head(run_dir: Path, config: RunConfig, exclude: set[str], threads: int
             "to keep the head's temperature"
         )
     cfg = replace(TrainConfig(**config.train), calibrate=False)
-    with FeatureStore(Path(store)) as fs:
-        cached = load_cached_features(fs, config.feature_set.set)
+    with FeatureStore(Path(store)) as opened:
+        cached = load_cached_features(opened, config.feature_set.set)
         check_compatible(config, cached.feature_set.identity, cached.feature_set.name, run_dir)
         with torch_threads(head_threads(threads)):
             head, *_ = fit_head(cached.excluding(exclude), cfg)
@@ -253,13 +265,13 @@ def train_grid(
     on_epoch: Callable[[dict], None] | None = None,
     on_strength: Callable[[dict], None] | None = None,
     threads: int | None = None,
-) -> list[dict]:
+) -> list[HeadRun]:
     """Train every config on the same loaded features; return the leaderboard (best valid accuracy first)."""
     with torch_threads(head_threads(threads)):
         return _train_grid(cached, configs, out, auto_lr, overwrite, on_run, on_epoch, on_strength)
 
 
-def _train_grid(cached, configs, out, auto_lr, overwrite, on_run, on_epoch, on_strength) -> list[dict]:
+def _train_grid(cached, configs, out, auto_lr, overwrite, on_run, on_epoch, on_strength) -> list[HeadRun]:
     for cfg in configs:
         cfg.validate(cached.views_in_store)
     with locked_output(out):  # one writer of --out at a time, from the start
@@ -268,11 +280,19 @@ def _train_grid(cached, configs, out, auto_lr, overwrite, on_run, on_epoch, on_s
         return _train_runs(cached, configs, out, auto_lr, on_run, on_epoch, on_strength)
 
 
-def _train_runs(cached, configs, out, auto_lr, on_run, on_epoch, on_strength) -> list[dict]:
+@dataclass
+class HeadRun(RunSummary):
+    """One run of train-head: its leaderboard row, with logreg's chosen L2, the temperature and the seconds."""
+
+    temperature: float
+    seconds: float
+
+
+def _train_runs(cached, configs, out, auto_lr, on_run, on_epoch, on_strength) -> list[HeadRun]:
     board = []
     for i, cfg in enumerate(configs):
         if auto_lr and cfg.head != "logreg":
-            cfg = replace(cfg, lr=find_lr(cached, cfg)["suggestion"])
+            cfg = replace(cfg, lr=find_lr(cached, cfg).suggestion)
         run_dir = out if len(configs) == 1 else out / run_name(cfg)
         if on_run:
             on_run(i, cfg)
@@ -283,17 +303,21 @@ def _train_runs(cached, configs, out, auto_lr, on_run, on_epoch, on_strength) ->
         check_finite(run_name(cfg), head, history, valid)
         with published_folder(run_dir) as staging:  # each run appears whole, or not at all
             metrics = save_head_run(staging, head, cfg, history, steps, valid, cached, seconds)
+        adamw = cfg.head != "logreg"  # logreg takes no lr, wd or epochs
         board.append(
-            {
-                "run": str(run_dir),
-                **{k: getattr(cfg, k) for k in ("head", "lr", "wd", "epochs", "views")},
-                **({"lr": None, "wd": None, "epochs": None} if cfg.head == "logreg" else {}),
-                "l2": cfg.l2,
-                "temperature": float(head.temperature),
-                "accuracy": metrics["accuracy"],
-                "valid_loss": metrics["valid_loss"],
-                "seconds": round(seconds, 3),
-            }
+            HeadRun(
+                run=str(run_dir),
+                head=cfg.head,
+                lr=cfg.lr if adamw else None,
+                wd=cfg.wd if adamw else None,
+                epochs=cfg.epochs if adamw else None,
+                views=cfg.views,
+                l2=cfg.l2,
+                accuracy=metrics["accuracy"],
+                valid_loss=metrics["valid_loss"],
+                temperature=float(head.temperature),
+                seconds=round(seconds, 3),
+            )
         )
     return rank_runs(board)
 

@@ -20,6 +20,7 @@ from stages.decode import Augmentation, ImageDecoder
 from stages.errors import SEED_MAX, PipelineError, check_range
 from stages.files import read_image_file
 from stages.head import Head, make_scheduler
+from stages.ranks import Ranks
 from stages.rundir import CHECKPOINT
 
 UNFREEZE = ("all", "late", "gradual")
@@ -121,39 +122,6 @@ def freeze_batchnorm_statistics(model: nn.Module) -> None:
     for module in model.backbone.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()
-
-
-@dataclass(frozen=True)
-class Ranks:
-    """The distributed context of a run: this process's rank among `world` (one process: rank 0 of 1)."""
-
-    rank: int = 0
-    world: int = 1
-
-    def all_reduce(self, values: list[float]) -> list[float]:
-        """Sums over ranks (the values themselves in one process)."""
-        if self.world == 1:
-            return values
-        import torch.distributed as dist
-
-        tensor = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(tensor)
-        return tensor.tolist()
-
-    def share(self, order: list[int], batch_size: int, first_step: int = 0) -> list[int]:
-        """This rank's slice of every global batch of `order` from `first_step` on (all of it in one process).
-
-        Every rank takes a step for every global batch, as DDP's collectives need: a last batch too small for the
-        ranks is split as evenly as it goes, topped up from the epoch's first images when it has fewer than ranks.
-        """
-        mine = []
-        for start in range(first_step * batch_size, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            if len(batch) < self.world:
-                batch = batch + (order * self.world)[: self.world - len(batch)]
-            bounds = [len(batch) * r // self.world for r in (self.rank, self.rank + 1)]
-            mine += batch[bounds[0] : bounds[1]]
-        return mine
 
 
 class Diverged(Exception):

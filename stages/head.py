@@ -419,6 +419,27 @@ def out_of_fold_logits(
 LR_FIND_MAX_STEPS = 200  # the most optimizer steps one probe of lr-find takes
 
 
+@dataclass
+class LrFindResult:
+    """The learning-rate range test: per rate tried, the held-out and train loss; the suggested rate (the lowest
+    held-out loss); and the plot once drawn."""
+
+    lrs: list[float]
+    held_out_loss: list[float]
+    held_out_accuracy: list[float]
+    train_loss: list[float]
+    suggestion: float
+    epochs: int
+    held_out_rows: int
+    plot: str | None = None
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        if self.plot is None:
+            del data["plot"]
+        return data
+
+
 def lr_find(
     train: Rows,
     folds: np.ndarray,
@@ -429,7 +450,7 @@ def lr_find(
     end_lr: float = 1.0,
     num_lrs: int = 21,
     on_lr: Callable[[dict], None] | None = None,
-) -> dict:
+) -> LrFindResult:
     """Learning-rate range test for heads on cached features: a fresh head per rate, each trained as the run
     would be (its schedule and epochs, at most LR_FIND_MAX_STEPS steps) on all folds of train but the first and
     scored on the plain views of that held-out fold; the suggestion is the rate with the lowest held-out loss.
@@ -464,15 +485,15 @@ def lr_find(
             break
     finite = [r for r in rows if math.isfinite(r["held_out_loss"])]
     best = min(finite, key=lambda r: r["held_out_loss"])
-    return {
-        "lrs": [r["lr"] for r in rows],
-        "held_out_loss": [r["held_out_loss"] for r in rows],
-        "held_out_accuracy": [r["held_out_accuracy"] for r in rows],
-        "train_loss": [r["train_loss"] for r in rows],
-        "suggestion": best["lr"],
-        "epochs": epochs,
-        "held_out_rows": held.num_rows,
-    }
+    return LrFindResult(
+        lrs=[r["lr"] for r in rows],
+        held_out_loss=[r["held_out_loss"] for r in rows],
+        held_out_accuracy=[r["held_out_accuracy"] for r in rows],
+        train_loss=[r["train_loss"] for r in rows],
+        suggestion=best["lr"],
+        epochs=epochs,
+        held_out_rows=held.num_rows,
+    )
 
 
 def load_head(run_dir: Path | str) -> tuple[Head, RunConfig]:

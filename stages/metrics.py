@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import numpy as np
 
 from stages.calibration import ECE_BINS, expected_calibration_error, reliability_bins
 
 
-def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict:
+@dataclass
+class ClassificationMetrics:
+    """How a model did on labelled images: accuracy, log loss, calibration (ECE and its bins, the most confident
+    mistake), per-class precision/recall/F1 (None where undefined), the confusion matrix, the most-confused pairs."""
+
+    images: int
+    accuracy: float
+    log_loss: float
+    ece: float
+    ece_bins: int
+    reliability: list[dict]
+    max_wrong_probability: float | None
+    per_class: dict[str, dict]
+    confusion_matrix: list[list[int]]
+    classes: list[str]
+    most_confused: list[dict]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> ClassificationMetrics:
     """Accuracy, log loss, calibration error (with its bins), per-class precision/recall/F1, the confusion matrix
     and the most-confused pairs."""
     labels = np.asarray(labels, dtype=int)
@@ -35,19 +58,19 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, classe
     ]
     pairs.sort(key=lambda x: -x[2])
     wrong = probabilities.max(1)[predicted != labels]
-    return {
-        "images": int(len(labels)),
-        "accuracy": float((predicted == labels).mean()),
-        "log_loss": log_loss,
-        "ece": expected_calibration_error(probabilities, labels),
-        "ece_bins": ECE_BINS,
-        "reliability": reliability_bins(probabilities, labels),
-        "max_wrong_probability": float(wrong.max()) if len(wrong) else None,
-        "per_class": per_class,
-        "confusion_matrix": confusion.tolist(),
-        "classes": list(classes),
-        "most_confused": [{"true": t, "predicted": p, "count": c} for t, p, c in pairs],
-    }
+    return ClassificationMetrics(
+        images=int(len(labels)),
+        accuracy=float((predicted == labels).mean()),
+        log_loss=log_loss,
+        ece=expected_calibration_error(probabilities, labels),
+        ece_bins=ECE_BINS,
+        reliability=reliability_bins(probabilities, labels),
+        max_wrong_probability=float(wrong.max()) if len(wrong) else None,
+        per_class=per_class,
+        confusion_matrix=confusion.tolist(),
+        classes=list(classes),
+        most_confused=[{"true": t, "predicted": p, "count": c} for t, p, c in pairs],
+    )
 
 
 def top_losses(labels: np.ndarray, probabilities: np.ndarray, k: int = 9) -> list[int]:

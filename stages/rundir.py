@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from stages.atomic import write_json
@@ -120,8 +121,38 @@ class RunConfig:
 
     @property
     def settings(self) -> dict:
-        """What a leaderboard shows of the settings: head, lr, wd, epochs, views (None where the head takes none)."""
-        return {k: self.train.get(k) for k in ("head", "lr", "wd", "epochs", "views")}
+        """What a leaderboard shows of the settings (None where the head takes none: logreg has no lr, wd, epochs)."""
+        values = {k: self.train.get(k) for k in ("head", "lr", "wd", "epochs", "views", "l2")}
+        if values["head"] == "logreg" and self.kind == "head":
+            values.update(lr=None, wd=None, epochs=None)
+        return values
+
+
+@dataclass
+class RunSummary:
+    """A run on a leaderboard: where it is, its settings and its valid scores."""
+
+    run: str
+    head: str | None
+    lr: float | None
+    wd: float | None
+    epochs: int | None
+    views: int | None
+    l2: float | None
+    accuracy: float | None
+    valid_loss: float | None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ListedRun(RunSummary):
+    """A run found on disk by `pipeline runs`."""
+
+    kind: str
+    backbone: str
+    created: str
 
 
 def read_config(run_dir: Path | str) -> RunConfig:
@@ -178,17 +209,16 @@ def write_run(
     plot_curves(out / CURVES)
 
 
-def rank_runs(rows: list[dict]) -> list[dict]:
-    """Best first: highest valid accuracy, then lowest valid loss."""
+def rank_runs(runs: list[RunSummary]) -> list[RunSummary]:
+    """Best first: highest valid accuracy, then lowest valid loss (runs without valid last)."""
 
-    def key(r: dict) -> tuple[float, float]:
-        accuracy, loss = r.get("accuracy"), r.get("valid_loss")
-        return -(accuracy if accuracy is not None else 0), loss if loss is not None else float("inf")
+    def key(r: RunSummary) -> tuple[float, float]:
+        return -(r.accuracy if r.accuracy is not None else 0), r.valid_loss if r.valid_loss is not None else math.inf
 
-    return sorted(rows, key=key)
+    return sorted(runs, key=key)
 
 
-def list_runs(root: Path, store: Path | None = None) -> list[dict]:
+def list_runs(root: Path, store: Path | None = None) -> list[ListedRun]:
     """Every run under root (head or fine-tune) with its settings and scores, best first; folders that are no whole
     run (damaged, unfinished) are left out."""
     rows = []
@@ -201,14 +231,14 @@ def list_runs(root: Path, store: Path | None = None) -> list[dict]:
         if store is not None and config.feature_set.store != str(store.resolve()):
             continue
         rows.append(
-            {
-                "run": str(config_path.parent),
-                "kind": config.kind,
+            ListedRun(
+                run=str(config_path.parent),
                 **config.settings,
-                "backbone": config.feature_set.identity.backbone,
-                "accuracy": metrics.get("accuracy"),
-                "valid_loss": metrics.get("valid_loss"),
-                "created": config.created,
-            }
+                accuracy=metrics.get("accuracy"),
+                valid_loss=metrics.get("valid_loss"),
+                kind=config.kind,
+                backbone=config.feature_set.identity.backbone,
+                created=config.created,
+            )
         )
     return rank_runs(rows)

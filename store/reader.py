@@ -226,23 +226,23 @@ class FeatureStore:
         """What the store holds: each set's identity, splits with counts, classes; size on disk."""
         sets = []
         for name in self.set_names:
-            fs = FeatureSet(self.file[SETS][name])
+            feature_set = FeatureSet(self.file[SETS][name])
             splits = {}
-            for split in fs.splits:
+            for split in feature_set.splits:
                 try:
-                    images = len(set(fs.column(split, "paths")))
+                    images = len(set(feature_set.column(split, "paths")))
                 except PipelineError:  # a damaged column: --verify says which
                     images = None
-                rows = fs.features(split).shape[0]
-                splits[split] = {"rows": rows, "images": images, "skipped": len(fs.skipped(split))}
+                rows = feature_set.features(split).shape[0]
+                splits[split] = {"rows": rows, "images": images, "skipped": len(feature_set.skipped(split))}
             sets.append(
                 {
                     "name": name,
-                    **fs.identity.to_dict(),
-                    "classes": fs.classes,
+                    **feature_set.identity.to_dict(),
+                    "classes": feature_set.classes,
                     "splits": splits,
                     **{
-                        k: fs.attrs.get(k)
+                        k: feature_set.attrs.get(k)
                         for k in ("data_dir", "layout", "valid_pct", "split_seed", "created", "updated", "versions")
                     },
                 }
@@ -261,13 +261,14 @@ def verify_store(store: FeatureStore) -> list[dict]:
     failed = []
     for name in store.set_names:
         group = store.file[SETS][name]
+        feature_set = FeatureSet(group)
+        views = int(feature_set.attrs.get("views", 0))
         for split in [s for s in group if isinstance(group[s], h5py.Group)]:
             if not group[split]["features"].fletcher32:
                 failed.append({"set": name, "split": split, "damage": None, "unchecked": True})
-            fs = FeatureSet(group)
             try:
                 damage = verify_split(group[split]).describe()
-                problems = check_values(group[split], split, len(fs.classes), int(fs.attrs.get("views", 0)))
+                problems = check_values(group[split], split, len(feature_set.classes), views)
                 damage = ", ".join(filter(None, [damage, *problems]))
             except (OSError, KeyError) as exc:  # its metadata itself is unreadable
                 damage = f"unreadable ({str(exc).splitlines()[0][:80]})"

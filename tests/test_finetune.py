@@ -368,7 +368,7 @@ def test_cli_finetune_without_the_head_store_says_what_to_do(tiny, tmp_path):
 
 @pytest.mark.parametrize("images, batch, world", [(10, 4, 2), (9, 4, 2), (12, 8, 2), (5, 8, 4), (1, 4, 2)])
 def test_every_rank_takes_a_step_for_every_global_batch(images, batch, world):
-    from stages.finetune import Ranks
+    from stages.ranks import Ranks
 
     order = list(range(images))
     shares = [Ranks(rank, world).share(order, batch) for rank in range(world)]

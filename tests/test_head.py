@@ -118,7 +118,7 @@ def test_lr_find_suggestion_is_near_the_best_rate_of_a_grid(blob_store):
         for lr in grid
     ]
     best = grid[int(np.argmin(loss))]
-    assert best / 3 <= found["suggestion"] <= best * 3, (found["suggestion"], best)
+    assert best / 3 <= found.suggestion <= best * 3, (found.suggestion, best)
 
 
 def test_logreg_converges_to_the_regularized_optimum(blob_store):

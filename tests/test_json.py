@@ -30,7 +30,7 @@ def test_featurize_store_info_and_runs(trained, tmp_path):
     assert {"augmentation", "precision", "dtype", "classes", "splits", "data_dir", "layout"} <= keys(info["sets"][0])
     assert keys(info["sets"][0]["splits"]["train"]) == {"rows", "images", "skipped"}
     runs = run_json("runs", "--dir", store.parent)
-    assert keys(runs[0]) == RUN_SETTINGS | {"kind", "backbone", "created"}
+    assert keys(runs[0]) == RUN_SETTINGS | {"kind", "backbone", "created", "l2"}
 
 
 def test_train_head_lr_find_evaluate_predict_export(trained, tmp_path):

@@ -43,17 +43,17 @@ def test_metrics_against_a_hand_computed_confusion_matrix():
     probs = np.full((6, 3), 0.1)
     probs[np.arange(6), predicted] = 0.8
     m = classification_metrics(labels, probs, ["x", "y", "z"])
-    assert m["confusion_matrix"] == [[2, 1, 0], [0, 2, 0], [1, 0, 0]]
-    assert m["accuracy"] == pytest.approx(4 / 6)
-    assert m["per_class"]["x"] == pytest.approx({"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "support": 3})
-    assert m["per_class"]["y"]["precision"] == pytest.approx(2 / 3) and m["per_class"]["y"]["recall"] == 1
+    assert m.confusion_matrix == [[2, 1, 0], [0, 2, 0], [1, 0, 0]]
+    assert m.accuracy == pytest.approx(4 / 6)
+    assert m.per_class["x"] == pytest.approx({"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "support": 3})
+    assert m.per_class["y"]["precision"] == pytest.approx(2 / 3) and m.per_class["y"]["recall"] == 1
     # z is never predicted: its precision is undefined, not 0; a class with no image has no recall either
-    assert m["per_class"]["z"] == {"precision": None, "recall": 0.0, "f1": None, "support": 1}
-    absent = classification_metrics(labels[:5], probs[:5], ["x", "y", "z"])["per_class"]["z"]
+    assert m.per_class["z"] == {"precision": None, "recall": 0.0, "f1": None, "support": 1}
+    absent = classification_metrics(labels[:5], probs[:5], ["x", "y", "z"]).per_class["z"]
     assert absent == {"precision": None, "recall": None, "f1": None, "support": 0}
-    assert m["log_loss"] == pytest.approx(-(4 * np.log(0.8) + 2 * np.log(0.1)) / 6)
-    assert m["ece"] == pytest.approx(abs(0.8 - 4 / 6)) and m["max_wrong_probability"] == pytest.approx(0.8)
-    assert m["most_confused"][0]["count"] == 1 and len(m["most_confused"]) == 2
+    assert m.log_loss == pytest.approx(-(4 * np.log(0.8) + 2 * np.log(0.1)) / 6)
+    assert m.ece == pytest.approx(abs(0.8 - 4 / 6)) and m.max_wrong_probability == pytest.approx(0.8)
+    assert m.most_confused[0]["count"] == 1 and len(m.most_confused) == 2
     assert top_losses(labels, probs, 2) == [1, 5] or set(top_losses(labels, probs, 2)) == {1, 5}
 
 

@@ -50,7 +50,7 @@ def test_library_calls_take_threads_and_hand_the_process_back(tmp_path):
         assert torch.get_num_threads() == 1
     data = make_images(tmp_path / "data", {"train": {"a": 2, "b": 2}})
     summary = featurize(FeaturizeOptions(data, tmp_path / "f.h5", precision="fp32", batch_size=4, threads=2))
-    assert summary["featurized"] == 4 and torch.get_num_threads() == 1
+    assert summary.featurized == 4 and torch.get_num_threads() == 1
 
 
 @pytest.mark.slow
