@@ -131,6 +131,12 @@ def featurize(
     ),
     num_shards: int = typer.Option(1, help="For batch schedulers: split the work into this many shards..."),
     shard_id: int = typer.Option(0, help="...and do this one (0-based); a later run without them merges."),
+    verify: bool = typer.Option(
+        False,
+        "--verify",
+        help="Check every stored byte first and compute again what fails (otherwise an update checks the "
+        "partitions it writes, and readers what they read).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):
     """Decode images with DALI, run the frozen backbone once, stream features into the store (only what changed)."""
@@ -214,7 +220,7 @@ def store_info(
 def _print_store_info(info: dict) -> None:
     out.print(
         f"{info['path']}: {_human_bytes(info['size_bytes'])}, schema v{info['schema_version']}, "
-        f"{len(info['sets'])} feature set(s)"
+        f"{info['partitions']} partition(s), {len(info['sets'])} feature set(s)"
     )
     for s in info["sets"]:
         pp = s["preprocessing"]
@@ -226,10 +232,46 @@ def _print_store_info(info: dict) -> None:
             f"  features: {s['feature_dim']} x {s['dtype']} ({s['precision']}), views {s['views']}, seed {s['seed']}"
         )
         out.print(f"  classes ({len(s['classes'])}): {', '.join(s['classes'])}")
+        out.print(f"  partitions {s['partitions']}: {s['live_rows']} live rows, {s['dead_rows']} dead")
         for split, c in s["splits"].items():
             images = "?" if c["images"] is None else c["images"]  # its paths column is damaged: --verify says so
             out.print(f"  {split}: {images} images, {c['rows']} rows, {c['skipped']} skipped")
         out.print(f"  data: {s['data_dir']} ({s['layout']}), updated {s['updated']}")
+
+
+@store_app.command(
+    "compact",
+    epilog="Examples:\n\n    pipeline store compact runs/dogscats.h5\n\n"
+    "    pipeline store compact runs/dogscats.h5 --dead-share 0 --json",
+)
+def store_compact(
+    store: Path = typer.Argument(..., help="Feature store file."),
+    dead_share: float = typer.Option(
+        0.08, help="Rewrite partitions with at least this share of dead rows (0 to 1; 0: every one with any)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print what was done as JSON."),
+):
+    """Reclaim the bytes of removed and changed files' rows and merge small partitions, rewriting those partitions
+    alone (a featurize does the same after each update); readers keep the snapshot they opened."""
+    from stages.errors import check_range
+    from store.compact import compact
+    from store.paths import StorePaths
+    from store.reader import open_root
+    from store.writer import StoreLock
+
+    check_range("--dead-share", dead_share, 0.0, 1.0)
+    paths = StorePaths.of(store)
+    open_root(paths.store).close()  # a clear error when it is no store
+    with StoreLock(paths), on_interrupt(f"the store {store} is as it was, or compacted: either whole"):
+        result = compact(paths, max(dead_share, 1e-9))
+    if as_json:
+        _print_json(result)
+        return
+    out.print(
+        f"compacted {len(result.rewritten)} partition(s) into {len(result.written)} ({result.rows_copied} rows "
+        f"copied); {len(result.deleted)} partition(s) deleted in {result.seconds:.1f} s",
+        highlight=False,
+    )
 
 
 def _split_list(option: str, text: str, convert) -> list:

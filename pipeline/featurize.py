@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -24,8 +23,10 @@ from stages.errors import MAX_VIEWS, SEED_MAX, PipelineError, check_memory, chec
 from stages.files import Dataset, Fingerprint, read_image_file, scan_dataset, stat_fingerprint
 from stages.ranks import Ranks
 from stages.runner import FeatureRunner, package_version
+from store.compact import compact
 from store.identity import FeatureSetIdentity
 from store.paths import StorePaths
+from store.reader import store_bytes
 from store.schema import FEATURE_DTYPES, FileRecord
 from store.sync import PendingRows, StoreSync, views_in
 from store.writer import StoreLock, now_iso, remove_stale_temporaries
@@ -54,6 +55,7 @@ class FeaturizeOptions:
     num_shards: int = 1
     shard_id: int = 0
     threads: int | None = None  # torch's threads while featurizing; None: the cores, shared among local ranks
+    verify: bool = False  # check every stored byte first (readers check what they read; an update its new partitions)
 
 
 def _library_versions() -> dict:
@@ -107,7 +109,8 @@ class FeaturizeResult(FeaturizeWork):
     rows: dict[str, int]
     skipped: list[dict]  # {split, path, reason}
     classes: list[str]
-    store_bytes: int
+    store_bytes: int  # the root and its partitions
+    compaction: dict  # partitions compaction rewrote and wrote, rows it copied, partitions deleted
     shards: list[dict] | None = None  # torchrun's rank 0: every rank's {shard, featurized, images_per_second}
 
     def to_json(self) -> dict:
@@ -284,7 +287,7 @@ class FeaturizeJob:
 
     def run(self, ranks: Ranks, merge: bool, started: float) -> FeaturizeResult | ShardResult:
         opts, dataset = self.opts, self.dataset
-        with StoreSync(self.paths, self.name, ranks.rank) as sync:
+        with StoreSync(self.paths, self.name, dataset.classes, verify=opts.verify) as sync:
             todo = sync.plan(dataset, opts.views)
             if ranks.world > 1:  # a file's rank follows from its place in the whole data set, not in what is left
                 place = {
@@ -318,28 +321,27 @@ class FeaturizeJob:
                 notes=list(sync.notes),
             )
             if not merge:
-                note = f"{ranks.label}: parts in {sync.journal.dir}; a run without --shard-id merges them"
+                note = f"{ranks.label}: partitions in {self.paths.parts}; a run without --shard-id maps them"
                 return ShardResult(**{**asdict(work), "notes": work.notes + [note]}, shard=ranks.label)
-            plans, up_to_date = sync.finish(lambda: self._attrs(sync), self.identity.feature_dim, opts.dtype)
-        skipped = [
-            {"split": s, "path": p, "reason": plan.skipped["reasons"][i]}
-            for s, plan in plans.items()
-            for i, p in enumerate(plan.skipped["paths"])
-        ]
+            synced = sync.finish(lambda: self._attrs(sync), self.identity.feature_dim, opts.dtype)
+        # Compaction after the switch, on every run (one killed while compacting is finished by the next): it rewrites
+        # only partitions with dead rows, or small ones, then deletes those no reader holds any more.
+        compacted = compact(self.paths)
         return FeaturizeResult(
             **{**asdict(work), "notes": dataset.notes + work.notes},
             data_dir=str(opts.data_dir),
-            up_to_date=up_to_date,
-            images={s: len(set(p.columns["paths"])) for s, p in plans.items()},
-            rows={s: len(p.columns["paths"]) for s, p in plans.items()},
-            skipped=skipped,
+            up_to_date=synced.up_to_date,
+            images=synced.images,
+            rows=synced.rows,
+            skipped=synced.skipped,
             classes=dataset.classes,
-            store_bytes=os.path.getsize(self.paths.store),
+            store_bytes=store_bytes(self.paths),
+            compaction=compacted.to_json(),
         )
 
     def _attrs(self, sync: StoreSync) -> dict:
         """The set's attributes: its identity, what it was made from, and when."""
-        old = sync.old_set.attrs.get("created") if sync.old_set is not None else None
+        old = sync.live.attrs.get("created") if sync.live is not None else None
         return {
             **self.identity.to_dict(),
             "classes": self.dataset.classes,

@@ -1,10 +1,17 @@
-"""Every path derived from a store's path, in one place: the store itself, its lock, its journal and temporaries."""
+"""Every path derived from a store's path, in one place: the root, its lock, its partitions and their kinds."""
 
 from __future__ import annotations
 
 import os
+import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+# Partition file names: `SET.TIME-PID-SEQ.h5` (a commit of computed rows, or rows a compaction rewrote: `...c.h5`),
+# `legacy-TIME.h5` (a version-1 store taken in whole), `retired-GENERATION.h5` (an earlier root, kept while a reader
+# may still map its partitions). Names sort by the time they were made.
+_PARTITION = re.compile(r"^(?:(?P<set>[\w.@-]+?)\.(?P<time>\d+)-(?P<pid>\d+)-(?P<seq>\d+)(?P<kind>c?)|legacy-\d+)\.h5$")
 
 
 @dataclass(frozen=True)
@@ -24,28 +31,63 @@ class StorePaths:
         return self.store.with_name(self.store.name + ".lock")
 
     @property
+    def parts(self) -> Path:
+        """`STORE.parts/`: the immutable partition files the root maps (and committed work not mapped yet)."""
+        return self.store.with_name(self.store.name + ".parts")
+
+    @property
     def journal(self) -> Path:
-        """`STORE.journal/`: the committed parts of runs not yet merged into the store."""
+        """`STORE.journal/`: where version 1 kept committed parts of unfinished runs (taken over as partitions)."""
         return self.store.with_name(self.store.name + ".journal")
 
-    def journal_part(self, set_name: str, shard: int, seq: int) -> Path:
-        """Part `seq` of shard `shard` of a set: shards number their own parts, so they never collide."""
-        return self.journal / f"{set_name}.part-{shard:03d}-{seq:06d}.h5"
+    def source_name(self, partition: str) -> str:
+        """A partition's file name as the root's virtual datasets give it: relative to the root's folder, so that
+        the root and its partitions can be moved or copied together."""
+        return f"{self.parts.name}/{partition}"
 
-    def journal_parts(self, set_name: str | None = None) -> list[Path]:
-        """Committed parts (of one set, or all), in commit order."""
-        if not self.journal.is_dir():
+    def new_partition(self, set_name: str, seq: int, compacted: bool = False) -> Path:
+        """A new partition's path: named by the set, the time, this process and a sequence number."""
+        return self.parts / f"{set_name}.{time.time_ns()}-{os.getpid()}-{seq}{'c' if compacted else ''}.h5"
+
+    def legacy_partition(self) -> Path:
+        return self.parts / f"legacy-{time.time_ns()}.h5"
+
+    def retired_root(self, generation: int) -> Path:
+        return self.parts / f"retired-{generation:08d}.h5"
+
+    def partitions(self, set_name: str | None = None) -> list[str]:
+        """Partition files in the parts folder (of one set, or all), oldest first: legacy ones hold every set."""
+        if not self.parts.is_dir():
             return []
-        return sorted(self.journal.glob(f"{set_name or '*'}.part-*.h5"))
+        found = []
+        for entry in os.scandir(self.parts):
+            match = _PARTITION.match(entry.name)
+            if match and (set_name is None or match["set"] in (None, set_name)):
+                found.append(entry.name)
+        return sorted(found, key=partition_order)
 
-    @staticmethod
-    def part_shard(part: Path) -> int:
-        return int(part.stem.rsplit("-", 2)[-2])
-
-    @staticmethod
-    def part_seq(part: Path) -> int:
-        return int(part.stem.rsplit("-", 1)[-1])
+    def retired_roots(self) -> list[Path]:
+        return sorted(self.parts.glob("retired-*.h5")) if self.parts.is_dir() else []
 
     def temporaries(self) -> list[Path]:
-        """Files being written (or left by killed writers) under a temporary name beside the store."""
-        return list(self.store.parent.glob(f".{self.store.name}.tmp-*"))
+        """Files being written (or left by killed writers) under a temporary name beside the root or among the
+        partitions."""
+        found = list(self.store.parent.glob(f".{self.store.name}.tmp-*"))
+        return found + (list(self.parts.glob(".*.tmp-*")) if self.parts.is_dir() else [])
+
+    @staticmethod
+    def is_partition_name(name: str) -> bool:
+        """A name a partition of this store can have: one file name, no folder, no `..` (a root may map nothing
+        else)."""
+        return bool(_PARTITION.match(name))
+
+    @staticmethod
+    def compacted(name: str) -> bool:
+        match = _PARTITION.match(name)
+        return bool(match and match["kind"])
+
+
+def partition_order(name: str) -> tuple[int, str]:
+    """Oldest first: by the time in the name (legacy partitions carry theirs too)."""
+    digits = re.search(r"(\d{10,})", name)
+    return (int(digits[1]) if digits else 0, name)

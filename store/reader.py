@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
+import fcntl
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,19 @@ import numpy as np
 
 from stages.errors import PipelineError
 from store.identity import FeatureSetIdentity
-from store.schema import SCHEMA_VERSION, SETS, SKIPPED, SPLITS, UNKNOWN_CTIME
+from store.paths import StorePaths
+from store.schema import (
+    PARTITIONS,
+    READABLE_VERSIONS,
+    ROW_COLUMNS,
+    SEGMENTS,
+    SETS,
+    SKIPPED,
+    SPLITS,
+    STR,
+    UNKNOWN_CTIME,
+)
+from store.snapshot import SELF, SetSnapshot, decode_attr, partition_rows, read_snapshot, source_dataset
 from store.verify import CheckedDataset, check_values, read_or_fail, value_problem, verify_split
 
 
@@ -28,8 +41,11 @@ class FileRows:
     ctime_ns: int = UNKNOWN_CTIME
 
 
-def open_h5(path: Path) -> h5py.File:
-    """Open an existing store read-only, turning every way it can be wrong into one clear error."""
+def open_root(path: Path, hold: bool = False) -> h5py.File:
+    """Open an existing store read-only, turning every way it can be wrong into one clear error. With hold, the
+    reader holds a shared lock on the root it opened, so that the partitions of this snapshot outlive any update
+    until it is closed (store.compact.collect_garbage deletes a partition only once no reader holds a root that
+    maps it)."""
     if not path.exists():
         raise PipelineError(f"store {path} does not exist; create it with: pipeline featurize DATA_DIR --store {path}")
     if path.is_dir():
@@ -38,34 +54,50 @@ def open_h5(path: Path) -> h5py.File:
         raise PipelineError(
             f"store {path} is not an HDF5 file; give a store written by pipeline featurize or choose a new --store path"
         )
-    try:
-        f = h5py.File(path, "r", locking=False)
-    except OSError as exc:
+    while True:
+        try:
+            f = h5py.File(path, "r", locking=False)
+        except OSError as exc:
+            raise PipelineError(
+                f"store {path} is damaged and cannot be opened ({str(exc).splitlines()[0]}); "
+                "move it away and featurize again"
+            ) from None
+        if not hold or _hold(f, path):
+            break
+        f.close()  # the root was switched as it was opened: open the new one
+    version = f.attrs.get("schema_version")
+    if version not in READABLE_VERSIONS:
+        f.close()
         raise PipelineError(
-            f"store {path} is damaged and cannot be opened ({str(exc).splitlines()[0]}); "
-            "move it away and featurize again"
-        ) from None
-    foreign = foreign_object(f)
+            f"store {path} has schema version {version}, this pipeline reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; featurize again into a new --store"
+        )
+    foreign = foreign_object(f, StorePaths(path) if version == 2 else None)
     if foreign:
         f.close()
         raise PipelineError(
             f"store {path} is refused: {foreign}, so reading it could open other files; give a store written by "
             "pipeline featurize"
         )
-    version = f.attrs.get("schema_version")
-    if version != SCHEMA_VERSION:
-        f.close()
-        raise PipelineError(
-            f"store {path} has schema version {version}, this pipeline reads version "
-            f"{SCHEMA_VERSION}; featurize again into a new --store"
-        )
     return f
 
 
-def foreign_object(group: h5py.Group) -> str | None:
+def _hold(f: h5py.File, path: Path) -> bool:
+    """A shared lock on the very file h5py opened; False when it is no longer the store's root (switched)."""
+    fd = f.id.get_vfd_handle()
+    fcntl.flock(fd, fcntl.LOCK_SH)  # the lock lives as long as h5py keeps this file open
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def foreign_object(group: h5py.Group, own: StorePaths | None = None) -> str | None:
     """The first object under a group that would make a reader open another file, described, or None: an external
-    or soft link, a dataset whose bytes are stored in external files, or a virtual dataset. Links are inspected,
-    never followed."""
+    or soft link, a dataset whose bytes are stored in external files, or a virtual dataset, unless `own` (a root's
+    paths) is given and it maps only that store's own partitions, each a regular file holding nothing foreign
+    itself. Links are inspected, never followed."""
+    checked: set[str] = set()
     for name in group:
         link = group.get(name, getlink=True)
         where = f"{group.name.rstrip('/')}/{name}"
@@ -73,13 +105,42 @@ def foreign_object(group: h5py.Group) -> str | None:
             return f"{where} is {'an external' if isinstance(link, h5py.ExternalLink) else 'a soft'} link"
         item = group[name]
         if isinstance(item, h5py.Group):
-            found = foreign_object(item)
+            found = foreign_object(item, own)
             if found:
                 return found
-        elif item.is_virtual:
-            return f"{where} is a virtual dataset"
         elif item.external:
             return f"{where} keeps its bytes in external files"
+        elif item.is_virtual:
+            if own is None:
+                return f"{where} is a virtual dataset"
+            for source in item.virtual_sources():
+                problem = _foreign_source(source.file_name, own, checked)
+                if problem:
+                    return f"{where} is a virtual dataset of {source.file_name}, {problem}"
+    return None
+
+
+def _foreign_source(file_name: str, own: StorePaths, checked: set[str]) -> str | None:
+    """Why a virtual dataset's source file is not one of the store's own partitions, or None."""
+    if file_name in checked:
+        return None
+    folder, _, name = file_name.partition("/")
+    if folder != own.parts.name or not StorePaths.is_partition_name(name):
+        return "not a partition of this store"
+    path = own.parts / name
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return "not a regular file"
+    except FileNotFoundError:
+        return "which is missing (the store is damaged: featurize again into a new --store)"
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            inside = foreign_object(f)
+    except OSError as exc:
+        return f"which cannot be opened ({str(exc).splitlines()[0][:80]})"
+    if inside:
+        return f"whose {inside}"
+    checked.add(file_name)
     return None
 
 
@@ -105,9 +166,9 @@ def split_skipped(group: h5py.Group) -> dict[str, dict]:
     g = group[SKIPPED]
     paths, reasons = _decode_strings(g["paths"][()]), _decode_strings(g["reasons"][()])
     return {
-        p: {"reason": r, "size": int(s), "mtime_ns": int(m), "ctime_ns": int(c), "sha256": h.decode()}
-        for p, r, s, m, c, h in zip(
-            paths, reasons, g["size"][()], g["mtime_ns"][()], _ctimes(g, len(paths)), g["sha256"][()]
+        p: {"reason": r, "size": int(s), "mtime_ns": int(m), "ctime_ns": int(c), "sha256": h.decode(), "row": row}
+        for row, (p, r, s, m, c, h) in enumerate(
+            zip(paths, reasons, g["size"][()], g["mtime_ns"][()], _ctimes(g, len(paths)), g["sha256"][()])
         )
     }
 
@@ -118,14 +179,17 @@ def _ctimes(group: h5py.Group, n: int) -> np.ndarray:
 
 
 class FeatureSet:
-    """One feature set of a store: features of one backbone, weights, preprocessing and views."""
+    """One feature set of a store: features of one backbone, weights, preprocessing and views. In a version-2
+    store its splits are virtual datasets over partitions: features and fixed-size columns are verified as they
+    are read (their chunks' checksums), string columns by the digest each partition keeps of its own."""
 
-    def __init__(self, group: h5py.Group):
-        self.group = group
+    def __init__(self, group: h5py.Group, paths: StorePaths | None = None, snapshot: SetSnapshot | None = None):
+        self.group, self.paths, self.snapshot = group, paths, snapshot
         self.name = group.name.rsplit("/", 1)[-1]
-        self.attrs = {k: _attr(v) for k, v in group.attrs.items()}
+        self.attrs = {k: decode_attr(v) for k, v in group.attrs.items() if k != PARTITIONS}
         self.identity = FeatureSetIdentity.from_dict(self.attrs)
         self.classes: list[str] = self.attrs.get("classes", [])
+        self._verified: set[tuple] = set()
 
     @property
     def splits(self) -> list[str]:
@@ -151,6 +215,8 @@ class FeatureSet:
 
     def column(self, split: str, name: str) -> np.ndarray:
         """A per-row column; labels and view numbers out of range are an error, never used."""
+        if ROW_COLUMNS.get(name) is STR:
+            self._verify_strings(split, name)
         values = read_or_fail(self._split(split)[name], self.where)
         if name in ("labels", "view"):
             problem = value_problem(name, values, split, len(self.classes), int(self.attrs.get("views", 0)))
@@ -169,13 +235,26 @@ class FeatureSet:
         """Files of a split that could not be featurized: path to reason and fingerprint."""
         return split_skipped(self.group[split]) if split in self.group else {}
 
+    def _verify_strings(self, split: str, name: str) -> None:
+        """A string column of a version-2 split: each partition it comes from checked against its digest, once."""
+        if self.snapshot is None:
+            return
+        for segment in self.snapshot.rows.get(split, []):
+            key = (segment.partition, segment.split, name)
+            if key in self._verified:
+                continue
+            prefix = self.snapshot.prefixes[segment.partition]
+            with h5py.File(self.paths.parts / segment.partition, "r", locking=False) as f:
+                read_or_fail(f[source_dataset(prefix, segment.split, name)], f"{self.where} partition {f.filename}")
+            self._verified.add(key)
+
     def _split(self, split: str) -> h5py.Group:
         if split not in self.group:
             raise PipelineError(f"feature set {self.name} has no {split!r} split (it has: {', '.join(self.splits)})")
         group = self.group[split]
         rows = group["features"].shape[0]
         for name, ds in group.items():
-            if isinstance(ds, h5py.Dataset) and ds.shape[:1] != (rows,):
+            if isinstance(ds, h5py.Dataset) and name != SEGMENTS and ds.shape[:1] != (rows,):
                 raise PipelineError(
                     f"{self.where} is damaged: set {self.name} {split}/{name} has {ds.shape[0] if ds.shape else 0} "
                     f"values for {rows} feature rows; featurize into a new --store"
@@ -184,11 +263,14 @@ class FeatureSet:
 
 
 class FeatureStore:
-    """A read-only view of a store file; `with FeatureStore(path) as store:` closes it."""
+    """A read-only view of one snapshot of a store, held until closed (`with FeatureStore(path) as store:`): an
+    update that commits, switches the root or compacts meanwhile changes nothing this reader reads."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.file = open_h5(self.path)
+        self.paths = StorePaths.of(path)  # the root's own path: its partitions are found beside it
+        self.file = open_root(self.paths.store, hold=True)
+        self.snapshot = read_snapshot(self.file)
 
     def __enter__(self) -> FeatureStore:
         return self
@@ -210,8 +292,8 @@ class FeatureStore:
                 raise PipelineError(
                     f"store {self.path} has no feature set {name!r} (it has: {', '.join(self.set_names) or 'none'})"
                 )
-            return FeatureSet(self.file[SETS][name])
-        sets = [FeatureSet(self.file[SETS][n]) for n in self.set_names]
+            return self._set(name)
+        sets = [self._set(n) for n in self.set_names]
         sets = [s for s in sets if all(s.attrs.get(k) == v for k, v in identity.items() if v is not None)]
         if not sets:
             wanted = ", ".join(f"{k}={v}" for k, v in identity.items() if v is not None)
@@ -222,11 +304,16 @@ class FeatureStore:
             )
         return max(sets, key=lambda s: s.attrs.get("updated", ""))
 
+    def _set(self, name: str) -> FeatureSet:
+        snapshot = self.snapshot.sets[name] if self.snapshot.version == 2 else None
+        return FeatureSet(self.file[SETS][name], self.paths, snapshot)
+
     def info(self) -> dict:
-        """What the store holds: each set's identity, splits with counts, classes; size on disk."""
+        """What the store holds: each set's identity, splits with counts, classes, partitions with their live and
+        dead rows; the store's version and size on disk (the root and its partitions)."""
         sets = []
         for name in self.set_names:
-            feature_set = FeatureSet(self.file[SETS][name])
+            feature_set = self._set(name)
             splits = {}
             for split in feature_set.splits:
                 try:
@@ -241,6 +328,7 @@ class FeatureStore:
                     **feature_set.identity.to_dict(),
                     "classes": feature_set.classes,
                     "splits": splits,
+                    **self._partitions(name),
                     **{
                         k: feature_set.attrs.get(k)
                         for k in ("data_dir", "layout", "valid_pct", "split_seed", "created", "updated", "versions")
@@ -249,25 +337,49 @@ class FeatureStore:
             )
         return {
             "path": str(self.path),
-            "size_bytes": os.path.getsize(self.path),
-            "schema_version": int(self.file.attrs["schema_version"]),
+            "size_bytes": store_bytes(self.paths),
+            "schema_version": self.snapshot.version,
+            "partitions": len(self.snapshot.partitions() - {SELF}),
             "sets": sets,
         }
 
+    def _partitions(self, name: str) -> dict:
+        """A set's partitions and its rows in them, live (mapped) and dead (left for compaction to reclaim)."""
+        snap = self.snapshot.sets[name]
+        live = snap.live_rows()
+        total = {p: partition_rows(self.paths, snap, p) for p in live} if self.snapshot.version == 2 else live
+        return {
+            "partitions": len(live),
+            "live_rows": sum(live.values()),
+            "dead_rows": sum(total.values()) - sum(live.values()),
+        }
+
+
+def store_bytes(paths: StorePaths) -> int:
+    """What a store takes on disk: its root and every file in its partitions folder (dead rows and partitions a
+    reader still holds included)."""
+    parts = sum(e.stat().st_size for e in os.scandir(paths.parts) if e.is_file()) if paths.parts.is_dir() else 0
+    return os.path.getsize(paths.store) + parts
+
 
 def verify_store(store: FeatureStore) -> list[dict]:
-    """Every set and split read and checked byte by byte; returns what failed: [{set, split, damage}]. Splits
-    written before checksums existed are checked for non-finite values only, and listed as unchecked."""
+    """Every set and split read and checked byte by byte (in a version-2 store: every partition a set maps, and the
+    values its splits give); returns what failed: [{set, split, damage}]. Splits written before checksums existed
+    are checked for non-finite values only, and listed as unchecked."""
     failed = []
     for name in store.set_names:
         group = store.file[SETS][name]
-        feature_set = FeatureSet(group)
+        feature_set = store._set(name)
         views = int(feature_set.attrs.get("views", 0))
-        for split in [s for s in group if isinstance(group[s], h5py.Group)]:
-            if not group[split]["features"].fletcher32:
+        snap = store.snapshot.sets[name]
+        for split in [s for s in SPLITS if s in group]:
+            if store.snapshot.version == 1 and not group[split]["features"].fletcher32:
                 failed.append({"set": name, "split": split, "damage": None, "unchecked": True})
             try:
-                damage = verify_split(group[split]).describe()
+                if store.snapshot.version == 1:
+                    damage = verify_split(group[split]).describe()
+                else:
+                    damage = _verify_partitions(store.paths, snap, split)
                 problems = check_values(group[split], split, len(feature_set.classes), views)
                 damage = ", ".join(filter(None, [damage, *problems]))
             except (OSError, KeyError) as exc:  # its metadata itself is unreadable
@@ -277,15 +389,16 @@ def verify_store(store: FeatureStore) -> list[dict]:
     return failed
 
 
-def _attr(value):
-    """Attributes holding JSON come back as Python values."""
-    if isinstance(value, bytes):
-        value = value.decode()
-    if isinstance(value, str) and (value[:1] in "[{" or value == "null"):
-        return json.loads(value)
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+def _verify_partitions(paths: StorePaths, snap: SetSnapshot, split: str) -> str:
+    """The damage of every partition a split maps (their whole split groups, dead rows included), described."""
+    found = []
+    for partition, source in sorted({(s.partition, s.split) for s in snap.rows.get(split, [])}):
+        prefix = snap.prefixes[partition]
+        with h5py.File(paths.parts / partition, "r", locking=False) as f:
+            damage = verify_split(f[source_dataset(prefix, source, "").rstrip("/")])
+        if damage:
+            found.append(f"partition {partition} {source}: {damage.describe()}")
+    return "; ".join(found)
 
 
 def _decode_strings(values: np.ndarray) -> np.ndarray | list:

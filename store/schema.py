@@ -1,15 +1,24 @@
 """The feature store's layout, in one place; README.md documents the same for readers using plain h5py.
 
-/                               attrs: schema_version, created, updated
-/sets/<set_name>/               attrs: identity (JSON) and its fields, classes (JSON), data_dir, layout, ...
+Version 2: a small root file whose datasets are virtual (HDF5 virtual datasets) over the live rows of immutable
+partition files in `STORE.parts/`; an update writes new partitions and switches the root, never copying old rows.
+
+Root (STORE)                    attrs: schema_version (2), created, updated, generation
+/sets/<set_name>/               attrs: identity (JSON) and its fields, classes (JSON), data_dir, layout, ...,
+                                       partitions (JSON: {file name: group prefix of the set inside it})
 /sets/<set_name>/<split>/       one group per split: train, valid, test
-    features   (N, D) float16|float32   one row per (image, view), rows sorted by (path, view)
+    features   (N, D) float16|float32   one row per (image, view); a file's views together
     labels     (N,)   int32              class index into the set's `classes`, -1 when unlabelled
     paths      (N,)   utf-8 str          relative to the data folder, POSIX separators
     view       (N,)   uint8              0 = plain centre crop, 1..K = seeded augmented views
     size, mtime_ns, ctime_ns (N,) int64; sha256 (N,) 64 ASCII bytes: the source file's fingerprint
-    skipped/   paths, reasons, size, mtime_ns, ctime_ns, sha256: files that could not be featurized
-Every fixed-size dataset is chunked with Fletcher-32 checksums; string datasets carry attrs["sha256"].
+    segments   (S, 4) int64              where the rows come from, in order: partition (index into the set's
+                                         partitions, sorted by name), its split (index into SPLITS), start, count
+    skipped/   paths, reasons, size, mtime_ns, ctime_ns, sha256 and segments: files that could not be featurized
+Partition (STORE.parts/NAME.h5) attrs: set_name; one group per split holding the columns above, rows sorted by
+(path, view) within it (a version-1 store taken over as a partition keeps its /sets/<set_name>/ prefix).
+Every fixed-size dataset of a partition and the root's segment tables are chunked with Fletcher-32 checksums;
+string datasets of a partition carry attrs["sha256"]. Version 1 kept the rows themselves in the store file.
 """
 
 from __future__ import annotations
@@ -21,9 +30,12 @@ import numpy as np
 
 from stages.files import SPLIT_NAMES as SPLITS  # noqa: F401 (the store names its split groups so)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SETS = "sets"
 SKIPPED = "skipped"
+SEGMENTS = "segments"
+PARTITIONS = "partitions"  # the set attribute naming its partitions
 FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
 CHUNK_ROWS = 1024
 

@@ -1,14 +1,16 @@
-"""The never-stale engine: what a data folder needs from a store's feature set, the journal of work done, the new store.
+"""The never-stale engine: what a data folder needs from a store's feature set, the partitions of work done, and the
+snapshot that maps them.
 
-    with StoreSync(paths, set_name) as sync:        # opens the old set and the journal's parts, verifying both
-        todo = sync.plan(dataset, views)            # each file: reuse its rows, keep its known-bad record, or compute
-        ...                                         # computed rows go to sync.commit(rows, dtype) as they come
-        plans = sync.finish(attrs, feature_dim, dtype)  # the store rewritten from its sources, unless up to date
+    with StoreSync(paths, set_name, classes) as sync:  # the live snapshot and this set's partitions not mapped yet
+        todo = sync.plan(dataset, views)               # each file: keep its rows, keep its known-bad record, compute
+        ...                                            # computed rows go to sync.commit(rows, dtype) as they come
+        result = sync.finish(attrs, feature_dim, dtype)  # the root switched to map them, unless up to date
 
-A file's rows are reused when its size, mtime and ctime match the recorded ones, or, when only the times moved, when
-its content hash does. Rows are looked up in the journal's parts (newest first), then in the old store, in the file's
-split first and, without augmented views, in any split (a file moved by --valid-pct keeps its rows). Bytes that fail
-verification are never reused: their files are computed again.
+A file's rows are kept when its size, mtime and ctime match the recorded ones, or, when only the times moved, when
+its content hash does (its rows are then copied with the new fingerprint into a small partition: partitions never
+change). Rows are looked up in the live snapshot first, in the file's split and, without augmented views, in any
+split (a file moved by --valid-pct keeps its rows), then in partitions no root maps yet (work of killed runs and of
+shards, newest first). Bytes that fail verification are never used: their files are computed again.
 """
 
 from __future__ import annotations
@@ -17,17 +19,18 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import h5py
 import numpy as np
 
+from stages.errors import PipelineError
 from stages.files import Dataset, Fingerprint, ImageFile, content_sha256, stat_fingerprint
 from store.paths import StorePaths
-from store.reader import FileRows, open_h5, split_file_index, split_skipped
-from store.schema import ROW_COLUMNS, SETS, SKIPPED_COLUMNS, SPLITS, FileRecord
+from store.reader import FileRows, foreign_object, open_root, split_file_index, split_skipped
+from store.schema import ROW_COLUMNS, SKIPPED_COLUMNS, SPLITS, FileRecord
+from store.snapshot import SELF, Segment, SetSnapshot, Snapshot, SourceShapes, merge_segments, read_snapshot
 from store.verify import verify_split
-from store.writer import Journal, RowRun, SplitPlan, SplitRows, write_store
+from store.writer import Copy, PartitionSplit, PartitionWriter, SplitRows, switch_root, write_copied_partition
 
 
 def views_in(split: str, views: int) -> int:
@@ -39,16 +42,17 @@ def rows_per_file(split: str, views: int) -> int:
     return views_in(split, views) + 1
 
 
-STORE, PART, NEW = "store", "part", "new"  # the old store, a part left by an earlier run, a part of this run
+LIVE, PENDING = "live", "pending"  # rows the root maps; a partition no root maps yet
 
 
 @dataclass
 class Source:
-    """Somewhere rows can be copied from: the old store's set, or a journal part."""
+    """Where rows can be kept from: the live snapshot (the root's split groups, in its row order), or a partition
+    no root maps yet (its own split groups)."""
 
-    name: str
-    kind: str
-    root: h5py.File | h5py.Group
+    name: str  # LIVE, or the partition's file name
+    groups: dict[str, h5py.Group]
+    classes: list[str]  # the classes its labels index
 
 
 @dataclass
@@ -57,22 +61,39 @@ class FileDecision:
 
     label: int
     fingerprint: Fingerprint
-    source: str | None = None  # the Source its reusable rows lie in
+    source: str | None = None  # the Source its rows lie in
     source_split: str | None = None  # the split of the source they lie in
     rows: FileRows | None = None
     skip_reason: str | None = None
+    skip_source: tuple[str, str, int] | None = None  # (source, split, row) of a kept skipped-file record
+    copy: bool = False  # kept rows written anew: the file's times changed (same content), or its label index did
 
     def record(self, path: str) -> FileRecord:
         fp = self.fingerprint
         return FileRecord(path, self.label, fp.size, fp.mtime_ns, fp.ctime_ns, fp.sha256)
 
 
-def open_journal_part(part: Path) -> tuple[h5py.File | None, str | None]:
-    """A journal part opened and verified; a damaged one is renamed PART.damaged and its rows done again."""
+@dataclass
+class SyncResult:
+    """The set's content after a run: its images and rows per split, the files skipped with their reasons, and
+    whether the store was already up to date (then nothing was written)."""
+
+    images: dict[str, int]
+    rows: dict[str, int]
+    skipped: list[dict]
+    up_to_date: bool
+    snapshot: Snapshot | None = field(default=None, repr=False)
+
+
+def open_partition(paths: StorePaths, name: str) -> tuple[h5py.File | None, str | None]:
+    """A partition no root maps yet, opened and verified; a damaged one is renamed PART.damaged (its images are
+    then computed again) and said in a note."""
+    part = paths.parts / name
     try:
         f = h5py.File(part, "r", locking=False)
         try:
-            damage = {s: verify_split(f[s]) for s in f if isinstance(f[s], h5py.Group)}
+            foreign = foreign_object(f)
+            damage = {"part": foreign} if foreign else {s: verify_split(f[s]) for s in f if s in SPLITS}
         except (OSError, KeyError) as exc:
             damage = {"part": str(exc).splitlines()[0][:80]}
         if not any(damage.values()):
@@ -83,245 +104,350 @@ def open_journal_part(part: Path) -> tuple[h5py.File | None, str | None]:
         reason = str(exc).splitlines()[0][:80]
     aside = part.with_name(part.name + ".damaged")
     os.replace(part, aside)
-    return None, f"journal part {part} is damaged ({reason}); set aside as {aside.name}, its images featurized again"
+    return None, f"partition {part} is damaged ({reason}); set aside as {aside.name}, its images featurized again"
 
 
 class StoreSync:
     """Brings one feature set of a store up to date with a data folder, for one shard of the work."""
 
-    def __init__(self, paths: StorePaths, set_name: str, shard: int = 0):
-        self.store_path, self.set_name = paths.store, set_name
-        self.journal = Journal(paths, set_name, shard)
-        self.sources: list[Source] = []  # newest first
-        self.damaged: dict[tuple[str, str], set[str] | None] = {}  # (source, split): paths not to reuse; None: all
-        self._indexes: dict[tuple[str, str], tuple] = {}
+    def __init__(self, paths: StorePaths, set_name: str, classes: list[str], verify: bool = False):
+        self.paths, self.set_name, self.verify = paths, set_name, verify
+        self.writer = PartitionWriter(paths, set_name, classes)
+        self.sources: list[Source] = []  # live first, then unmapped partitions newest first
+        self.damaged: dict[tuple[str, str], set[str] | None] = {}  # (source, split): paths not to keep; None: all
         self.notes: list[str] = []  # what was found damaged and repaired
         self.decisions: dict[str, dict[str, FileDecision]] = {}
         self.todo: list[tuple[str, ImageFile]] = []
         self.dataset: Dataset | None = None
         self.views = 0
-        self._old: h5py.File | None = None
-        self.old_set: h5py.Group | None = None
-        self.finished = False
+        self.root: h5py.File | None = None
+        self.snapshot: Snapshot | None = None
+        self.live: SetSnapshot | None = None
+        self._files: dict[str, h5py.File] = {}  # open partitions
+        self._checked: dict[tuple, object] = {}
 
-    # Opening: the old set and the journal's parts, each verified ------------------------------------------------
+    # Opening: the live snapshot and the unmapped partitions, each verified ---------------------------------------
     def __enter__(self) -> StoreSync:
-        if self.store_path.exists():
-            self._old = open_h5(self.store_path)
-            sets = self._old[SETS] if SETS in self._old else {}
-            self.old_set = sets[self.set_name] if self.set_name in sets else None
-        if self.old_set is not None:
-            self.sources.append(Source(STORE, STORE, self.old_set))
-            self._verify_store()
-        for part in self.journal.parts():
-            opened, note = open_journal_part(part)
-            if note:
-                self.notes.append(note)
+        if self.paths.store.exists():
+            self.root = open_root(self.paths.store)
+            self.snapshot = read_snapshot(self.root)
+            self.live = self.snapshot.sets.get(self.set_name)
+        if self.live is not None:
+            groups = {split: self.root[f"sets/{self.set_name}/{split}"] for split in self.live.rows}
+            self.sources.append(Source(LIVE, groups, self.live.attrs.get("classes", [])))
+            if self.verify:
+                self._verify_live(groups)
+        mapped = self.snapshot.partitions() if self.snapshot else set()
+        for name in reversed(self.paths.partitions(self.set_name)):
+            if name in mapped or name.startswith("legacy-"):
+                continue
+            if StorePaths.compacted(name):  # a killed compaction's: rows that are live elsewhere, never work to keep
+                (self.paths.parts / name).unlink(missing_ok=True)
             else:
-                self.sources.insert(0, Source(part.name, PART, opened))
+                self._add_pending(name)
         return self
 
     def __exit__(self, *exc) -> None:
-        for source in self.sources:
-            if source.kind != STORE:
-                source.root.close()
-        if self._old is not None:
-            self._old.close()
-        if self.finished:
-            self.journal.clear()
+        for f in self._files.values():
+            f.close()
+        if self.root is not None:
+            self.root.close()
 
-    def _verify_store(self) -> None:
-        """Check every byte of the old store's set; damaged files are featurized again."""
-        where = f"store {self.store_path}"
-        for split in [s for s in self.old_set if isinstance(self.old_set[s], h5py.Group)]:
-            damage = verify_split(self.old_set[split])
-            if not damage:
-                continue
-            if damage.columns:
-                self.damaged[STORE, split] = None
+    def _add_pending(self, name: str, first: bool = False) -> None:
+        opened, note = open_partition(self.paths, name)
+        if note:
+            self.notes.append(note)
+            return
+        self._files[name] = opened
+        source = Source(name, {s: opened[s] for s in opened if s in SPLITS}, json.loads(opened.attrs["classes"]))
+        self.sources.insert(1 if first and self.live is not None else len(self.sources), source)
+
+    def _verify_live(self, groups: dict[str, h5py.Group]) -> None:
+        """Check every byte of every partition the live snapshot maps for this set (featurize --verify; readers
+        check what they read): the files whose rows fail are computed again."""
+        where = f"store {self.paths.store}"
+        for split, group in groups.items():
+            paths = group["paths"][()]
+            bad: set[str] = set()
+            offset = 0
+            for segment in self.live.rows.get(split, []):
+                damage = self._partition_damage(segment.partition, segment.split)
+                end = segment.start + segment.count
+                for a, b in [(segment.start, end)] if damage.columns else damage.rows:
+                    lo, hi = offset + max(a, segment.start) - segment.start, offset + min(b, end) - segment.start
+                    bad.update(p.decode() if isinstance(p, bytes) else p for p in paths[lo:hi])
+                offset += segment.count
+            if any(self._partition_damage(s.partition, s.split).columns for s in self.live.rows.get(split, [])):
+                self.damaged[LIVE, split] = None  # a column of it cannot be read: every image of the split again
                 self.notes.append(
-                    f"{where} {split}: {damage.describe()} failed verification; every {split} image is featurized again"
+                    f"{where} {split}: a column failed verification; every {split} image is featurized again"
                 )
-                continue
-            paths = self.old_set[split]["paths"][()]
-            bad = {(p.decode() if isinstance(p, bytes) else p) for a, b in damage.rows for p in paths[a:b]}
-            self.damaged[STORE, split] = bad
-            self.notes.append(
-                f"{where} {split}: {damage.describe()} failed verification; featurized again: "
-                f"{', '.join(sorted(bad)[:5])}{' ...' if len(bad) > 5 else ''}"
-            )
+            elif bad:
+                self.damaged[LIVE, split] = bad
+                self.notes.append(
+                    f"{where} {split}: rows failed verification; featurized again: "
+                    f"{', '.join(sorted(bad)[:5])}{' ...' if len(bad) > 5 else ''}"
+                )
 
-    def _groups(self, split: str, kinds=(STORE, PART, NEW)):
+    def _partition_damage(self, partition: str, split: str):
+        """What fails verification in a partition's split group (checked once per run)."""
+        key = ("damage", partition, split)
+        if key not in self._checked:
+            self._checked[key] = verify_split(self._open(partition, split))
+        return self._checked[key]
+
+    def _indexes(self, split: str) -> list[tuple[str, str, dict[str, FileRows], dict[str, dict], bool]]:
+        """Per source holding the split: (name, split, file index, skipped index, labels need remapping)."""
+        found = []
         for source in self.sources:
-            if source.kind in kinds and split in source.root and self.damaged.get((source.name, split), ()) is not None:
-                yield source.name, source.root[split]
+            group = source.groups.get(split)
+            bad = self.damaged.get((source.name, split), set())
+            if group is None or bad is None:
+                continue
+            try:
+                index = {k: v for k, v in split_file_index(group).items() if k not in bad}
+                skipped = {k: v for k, v in split_skipped(group).items() if k not in bad}
+            except OSError as exc:  # a checksum failed: featurize --verify finds what, and computes it again
+                raise PipelineError(
+                    f"store {self.paths.store} is damaged ({split}: {str(exc).splitlines()[0][:80]}); run pipeline "
+                    "featurize again with --verify to compute the damaged rows again"
+                ) from None
+            found.append((source.name, split, index, skipped, source.classes != self.dataset.classes))
+        return found
 
-    def _index(self, name: str, split: str, group: h5py.Group) -> tuple[dict[str, FileRows], dict[str, dict]]:
-        """The reusable files of a source's split: its index less the files whose rows failed verification."""
-        if (name, split) not in self._indexes:
-            bad = self.damaged.get((name, split), set())
-            self._indexes[name, split] = (
-                {k: v for k, v in split_file_index(group).items() if k not in bad},
-                {k: v for k, v in split_skipped(group).items() if k not in bad},
-            )
-        return self._indexes[name, split]
-
-    # Planning: what each current file needs --------------------------------------------------------------------
+    # Planning: what each current file needs ----------------------------------------------------------------------
     def plan(self, dataset: Dataset, views: int) -> list[tuple[str, ImageFile]]:
         """Decide for every current file; return (split, file) of those to compute, in data-set order."""
         self.dataset, self.views = dataset, views
+        cache: dict[str, list] = {}
         todo = []
         for split, files in dataset.splits.items():
             count = rows_per_file(split, views)
             # The same split first; with no augmented views a file's row is the same in any split.
             others = [s for s in SPLITS if s != split and rows_per_file(s, views) == count]
-            indexes = [
-                (name, src, *self._index(name, src, g)) for src in [split, *others] for name, g in self._groups(src)
-            ]
+            indexes = [i for src in [split, *others] for i in cache.setdefault(src, self._indexes(src))]
             self.decisions[split] = {}
             for f in files:
-                decision = self._decide(dataset.root / f.path, f, indexes, count)
+                decision = _decide(dataset.root / f.path, f, indexes, count)
                 if decision.source is None and decision.skip_reason is None:
                     todo.append((split, f))
                 self.decisions[split][f.path] = decision
         self.todo = todo
         return todo
 
-    @staticmethod
-    def _decide(path: Path, f: ImageFile, indexes: list, count: int) -> FileDecision:
-        try:
-            fp = stat_fingerprint(path)
-        except OSError as exc:
-            return FileDecision(f.label, Fingerprint(0, 0), skip_reason=f"cannot read: {exc.strerror}")
-        decision = FileDecision(f.label, fp)
-        same_size = False
-        for name, src, index, skipped in indexes:
-            rows, bad = index.get(f.path), skipped.get(f.path)
-            if rows and rows.count == count and fp.same_stat(rows.size, rows.mtime_ns, rows.ctime_ns):
-                decision.source, decision.source_split, decision.rows = name, src, rows
-                decision.fingerprint = replace(fp, sha256=rows.sha256)
-                return decision
-            if bad and fp.same_stat(bad["size"], bad["mtime_ns"], bad["ctime_ns"]):
-                decision.skip_reason, decision.fingerprint = bad["reason"], replace(fp, sha256=bad["sha256"])
-                return decision
-            same_size |= bool(rows and rows.count == count and rows.size == fp.size)
-        if same_size:  # touched but perhaps unchanged: the content hash decides
-            try:
-                sha = content_sha256(path.read_bytes())
-            except OSError:
-                return decision
-            for name, src, index, _ in indexes:
-                rows = index.get(f.path)
-                if rows and rows.count == count and rows.sha256 == sha:
-                    decision.source, decision.source_split, decision.rows = name, src, rows
-                    decision.fingerprint = replace(fp, sha256=sha)
-                    return decision
-        return decision
-
     @property
     def reused(self) -> int:
         return sum(1 for split in self.decisions.values() for d in split.values() if d.source)
 
-    # Work done: committed to the journal as it comes -----------------------------------------------------------
+    # Work done: committed as partitions as it comes --------------------------------------------------------------
     def commit(self, rows: dict[str, SplitRows], feature_dtype: str) -> None:
-        self.journal.commit(rows, feature_dtype)
+        self.writer.commit(rows, feature_dtype)
 
-    # Finishing: the store rewritten from its sources ----------------------------------------------------------
-    def finish(
-        self, attrs: Callable[[], dict], feature_dim: int, feature_dtype: str
-    ) -> tuple[dict[str, SplitPlan], bool]:
-        """Merge this run's parts and every reused row into the store (atomically); return the plans and whether
-        the store was already up to date (then it is left untouched and `attrs`, the set's attributes, never asked)."""
-        rewrite = any(s.kind == PART for s in self.sources) or bool(self.damaged)  # parts to merge, damage to repair
-        for part in self.journal.parts():
-            if all(s.name != part.name for s in self.sources):
-                self.sources.insert(0, Source(part.name, NEW, h5py.File(part, "r", locking=False)))
-        rewrite |= any(s.kind == NEW for s in self.sources)
-        plans = self._plan_splits()
-        up_to_date = not self.todo and not rewrite and self._same_as_old(plans)
-        if not up_to_date:
-            write_store(
-                self.store_path,
-                self.set_name,
-                attrs(),
-                plans,
-                {s.name: s.root for s in self.sources},
-                feature_dim,
-                feature_dtype,
-                self._old,
-            )
-        self.finished = True
-        return plans, up_to_date
+    # Finishing: the root switched to the new snapshot ------------------------------------------------------------
+    def finish(self, attrs: Callable[[], dict], feature_dim: int, feature_dtype: str) -> SyncResult:
+        """Map what the data folder needs: kept rows where they lie, this run's (and earlier runs' and shards')
+        partitions, rows to write anew copied into one more; switch the root to it, unless nothing changed."""
+        mapped = self.snapshot.partitions() if self.snapshot else set()
+        known = {s.name for s in self.sources}
+        for name in self.paths.partitions(self.set_name):
+            if name not in mapped and name not in known and not name.startswith("legacy-"):
+                self._add_pending(name, first=True)  # this run's and its shards': made for these very files
+        self._resolve_computed()
+        new = SetSnapshot(self.set_name, {}, dict(self.live.prefixes) if self.live else {})
+        copies: dict[str, PartitionSplit] = {}
+        for split in self.dataset.splits:
+            new.rows[split], new.skipped[split] = self._segments(split, copies)
+        if any(p.columns["paths"] or p.skipped["paths"] for p in copies.values()):
+            self._write_copies(new, copies, feature_dim, feature_dtype)
+        result = self._summary()
+        old = self.snapshot
+        if old is not None and self.live is not None and self._same(new):  # a version-1 store too: read as it is
+            result.up_to_date = True
+        else:
+            new.attrs = attrs()
+            result.snapshot = _successor(self.paths, old, new)
+            for name in new.partitions():
+                new.prefixes.setdefault(name, "")
+            switch_root(self.paths, old, result.snapshot, SourceShapes(self.paths, self.paths.store))
+        used = new.partitions()
+        for source in self.sources[1 if self.live else 0 :]:
+            if source.name not in used:  # work superseded (computed again, or its file gone): never mapped
+                self._files.pop(source.name).close()
+                (self.paths.parts / source.name).unlink(missing_ok=True)
+        return result
 
-    def _plan_splits(self) -> dict[str, SplitPlan]:
-        """The new content of every split, in path order: reused and new rows, and the skipped files."""
-        plans = {}
+    def _resolve_computed(self) -> None:
+        """Files this run (or a shard) computed: their rows in the partitions just written."""
+        fresh: dict[str, dict[str, tuple]] = {}
+        for source in self.sources:
+            if source.name == LIVE:
+                continue
+            for split, group in source.groups.items():
+                for key, rows in split_file_index(group).items():
+                    fresh.setdefault(split, {}).setdefault(key, (source.name, rows, source.classes))
+                for key, bad in split_skipped(group).items():
+                    fresh.setdefault(split, {}).setdefault(key, (source.name, bad, source.classes))
+        for split, decisions in self.decisions.items():
+            for path, d in decisions.items():
+                if d.source is not None or d.skip_reason is not None or path not in fresh.get(split, {}):
+                    continue
+                name, found, classes = fresh[split][path]
+                if isinstance(found, FileRows):
+                    d.source, d.source_split, d.rows = name, split, found
+                    d.fingerprint = Fingerprint(found.size, found.mtime_ns, found.sha256, found.ctime_ns)
+                    d.copy = classes != self.dataset.classes
+                else:
+                    d.skip_reason, d.skip_source = found["reason"], (name, split, found["row"])
+                    d.fingerprint = Fingerprint(found["size"], found["mtime_ns"], found["sha256"], found["ctime_ns"])
+
+    def _segments(self, split: str, copies: dict[str, PartitionSplit]) -> tuple[list[Segment], list[Segment]]:
+        """A split's new segments, rows and skipped records: kept live rows in their order, then rows kept from
+        elsewhere, partition by partition; rows to write anew go to `copies` (appended after the copy is written)."""
+        count = rows_per_file(split, self.views)
+        rows: list[tuple[str, str, int, int]] = []
+        skipped: list[tuple[str, str, int, int]] = []
+        part = copies.setdefault(
+            split, PartitionSplit([], {k: [] for k in ROW_COLUMNS}, {k: [] for k in SKIPPED_COLUMNS})
+        )
+        for f in self.dataset.splits[split]:
+            d = self.decisions[split][f.path]
+            if d.skip_source is not None:
+                skipped.append((*d.skip_source, 1))
+            elif d.skip_reason is not None:  # a file that cannot even be read: recorded anew
+                d.record(f.path).add_skipped(part.skipped, d.skip_reason)
+            elif d.copy:
+                part.copies += [
+                    Copy(s.partition, s.split, s.start, s.count)
+                    for s in self._sources_of(d.source, d.source_split, d.rows.start, d.rows.count)
+                ]
+                d.record(f.path).add_rows(part.columns, count)
+            elif d.source is not None:
+                rows.append((d.source, d.source_split, d.rows.start, d.rows.count))
+        return self._map(rows, split), self._map(skipped, split, table="skipped")
+
+    def _sources_of(self, source: str, split: str, start: int, count: int, table: str = "rows") -> list[Segment]:
+        if source == LIVE:
+            return self.live.locate(split, start, count, table)
+        return [Segment(source, split, start, count)]
+
+    def _map(self, picked: list[tuple[str, str, int, int]], split: str, table: str = "rows") -> list[Segment]:
+        """Picked rows as a split's segments: its own live rows in their live order first, then live rows of files
+        that moved in from another split, then the others partition by partition (in the order each holds them),
+        runs joined. The order is history's, not the paths': a file's views stay together."""
+        live = sorted((p for p in picked if p[0] == LIVE), key=lambda p: (p[1] != split, SPLITS.index(p[1]), p[2]))
+        rest = sorted((p for p in picked if p[0] != LIVE), key=lambda p: (p[0], SPLITS.index(p[1]), p[2]))
+        segments = [s for p in live for s in self._sources_of(*p, table=table)]
+        segments += [Segment(*p) for p in rest]
+        return merge_segments(segments)
+
+    def _write_copies(self, new: SetSnapshot, copies: dict[str, PartitionSplit], dim: int, dtype: str) -> None:
+        """Rows kept with a new fingerprint or label, and skipped-file records of this run made before any commit:
+        one new partition, mapped after the rest."""
+        path = self.paths.new_partition(self.set_name, len(self.writer.written))
+        splits = {s: p for s, p in copies.items() if p.columns["paths"] or p.skipped["paths"]}
+        write_copied_partition(path, self.set_name, self.dataset.classes, splits, self._open, dim, dtype)
+        self.writer.written.append(path.name)
+        for split, part in splits.items():
+            n, k = len(part.columns["paths"]), len(part.skipped["paths"])
+            new.rows[split] = merge_segments(new.rows[split] + ([Segment(path.name, split, 0, n)] if n else []))
+            new.skipped[split] = merge_segments(new.skipped[split] + ([Segment(path.name, split, 0, k)] if k else []))
+
+    def _open(self, partition: str, split: str) -> h5py.Group:
+        """A source partition's split group of this set (SELF: a version-1 store's own file)."""
+        if partition not in self._files:
+            path = self.paths.store if partition == SELF else self.paths.parts / partition
+            self._files[partition] = h5py.File(path, "r", locking=False)
+        prefix = self.live.prefixes.get(partition, "") if self.live else ""
+        f = self._files[partition]
+        return (f[prefix] if prefix else f)[split]
+
+    def _same(self, new: SetSnapshot) -> bool:
+        """True when the new mapping and the classes are the live ones: nothing to write."""
+        live = self.live
+        if live.attrs.get("classes") != self.dataset.classes or set(new.rows) != set(live.rows):
+            return False
+        return all(
+            new.rows[s] == merge_segments(live.rows[s]) and new.skipped[s] == merge_segments(live.skipped.get(s, []))
+            for s in new.rows
+        )
+
+    def _summary(self) -> SyncResult:
+        images, rows, skipped = {}, {}, []
         for split, files in self.dataset.splits.items():
-            count = rows_per_file(split, self.views)
-            fresh = {}
-            for name, g in self._groups(split, kinds=(NEW,)):
-                for key, rows in split_file_index(g).items():
-                    fresh.setdefault(key, (name, rows))
-                for key, bad in split_skipped(g).items():
-                    fresh.setdefault(key, (name, bad))
-            runs: list[RowRun] = []
-            columns = {k: [] for k in ROW_COLUMNS}
-            skipped = {k: [] for k in SKIPPED_COLUMNS}
-            for f in files:
-                d = self.decisions[split][f.path]
-                if d.source is None and d.skip_reason is None and f.path in fresh:
-                    name, found = fresh[f.path]
-                    if isinstance(found, FileRows):
-                        d.source, d.source_split, d.rows = name, split, found
-                        d.fingerprint = Fingerprint(found.size, found.mtime_ns, found.sha256, found.ctime_ns)
-                    else:
-                        d.skip_reason = found["reason"]
-                        d.fingerprint = Fingerprint(
-                            found["size"], found["mtime_ns"], found["sha256"], found["ctime_ns"]
-                        )
-                if d.source is not None:
-                    last = runs[-1] if runs else None
-                    if (
-                        last
-                        and (last.source, last.split) == (d.source, d.source_split)
-                        and (last.start + last.count == d.rows.start)
-                    ):
-                        runs[-1] = RowRun(last.source, last.start, last.count + count, last.split)
-                    else:
-                        runs.append(RowRun(d.source, d.rows.start, count, d.source_split))
-                    d.record(f.path).add_rows(columns, count)
-                elif d.skip_reason is not None:
-                    d.record(f.path).add_skipped(skipped, d.skip_reason)
-            plans[split] = SplitPlan(runs, columns, skipped)
-        return plans
+            decisions = [(f.path, self.decisions[split][f.path]) for f in files]
+            kept = [p for p, d in decisions if d.skip_reason is None and d.source is not None or d.copy]
+            images[split] = len(kept)
+            rows[split] = len(kept) * rows_per_file(split, self.views)
+            skipped += [{"split": split, "path": p, "reason": d.skip_reason} for p, d in decisions if d.skip_reason]
+        return SyncResult(images, rows, skipped, up_to_date=False)
 
-    def _same_as_old(self, plans: dict[str, SplitPlan]) -> bool:
-        """True when the new content equals the old store's byte for byte."""
-        old_set = self.old_set
-        if old_set is None or json.loads(old_set.attrs.get("classes", "[]")) != self.dataset.classes:
-            return False
-        if set(plans) != set(old_set):
-            return False
-        for split, plan in plans.items():
-            old = old_set[split]
-            if not old["features"].fletcher32:  # written before checksums: rewritten once, with them
-                return False
-            n = old["features"].shape[0]
-            if plan.runs != ([RowRun(STORE, 0, n, split)] if n else []):
-                return False
-            for name in ("labels", "mtime_ns", "ctime_ns"):
-                if name not in old or not np.array_equal(
-                    old[name][()], np.asarray(plan.columns[name], dtype=old[name].dtype)
-                ):
-                    return False
-            if sorted(split_skipped(old)) != sorted(plan.skipped["paths"]):
-                return False
-        return True
+
+def _decide(path, f: ImageFile, indexes: list, count: int) -> FileDecision:
+    try:
+        fp = stat_fingerprint(path)
+    except OSError as exc:
+        return FileDecision(f.label, Fingerprint(0, 0), skip_reason=f"cannot read: {exc.strerror}")
+    decision = FileDecision(f.label, fp)
+    same_size = False
+    for name, src, index, skipped, relabel in indexes:
+        rows, bad = index.get(f.path), skipped.get(f.path)
+        if rows and rows.count == count and fp.same_stat(rows.size, rows.mtime_ns, rows.ctime_ns):
+            decision.source, decision.source_split, decision.rows, decision.copy = name, src, rows, relabel
+            decision.fingerprint = replace(fp, sha256=rows.sha256)
+            return decision
+        if bad and fp.same_stat(bad["size"], bad["mtime_ns"], bad["ctime_ns"]):
+            decision.skip_reason, decision.skip_source = bad["reason"], (name, src, bad["row"])
+            decision.fingerprint = replace(fp, sha256=bad["sha256"])
+            return decision
+        same_size |= bool(rows and rows.count == count and rows.size == fp.size)
+    if same_size:  # touched but perhaps unchanged: the content hash decides
+        try:
+            sha = content_sha256(path.read_bytes())
+        except OSError:
+            return decision
+        for name, src, index, _, _ in indexes:
+            rows = index.get(f.path)
+            if rows and rows.count == count and rows.sha256 == sha:
+                decision.source, decision.source_split, decision.rows = name, src, rows
+                decision.fingerprint = replace(fp, sha256=sha)
+                decision.copy = True  # the same features under a new fingerprint: partitions never change
+                return decision
+    return decision
+
+
+def _successor(paths: StorePaths, old: Snapshot | None, new: SetSnapshot) -> Snapshot:
+    """The next snapshot: the old one with this set replaced. A version-1 store becomes a partition (a hard link
+    to its file: its rows are never copied) and every set it held maps its rows there."""
+    sets = dict(old.sets) if old is not None else {}
+    if old is not None and old.version == 1:
+        legacy = paths.legacy_partition()
+        paths.parts.mkdir(exist_ok=True)
+        os.link(paths.store, legacy)
+        sets = {name: _rename(snap, SELF, legacy.name) for name, snap in sets.items()}
+        new = _rename(new, SELF, legacy.name)
+    sets[new.name] = new
+    return Snapshot(sets=sets)
+
+
+def _rename(snap: SetSnapshot, old: str, new: str) -> SetSnapshot:
+    """A set's snapshot with one partition renamed (the version-1 file, now a partition)."""
+
+    def moved(segments: list[Segment]) -> list[Segment]:
+        return [replace(s, partition=new) if s.partition == old else s for s in segments]
+
+    prefixes = {(new if k == old else k): (f"/sets/{snap.name}" if k == old else v) for k, v in snap.prefixes.items()}
+    return SetSnapshot(
+        snap.name,
+        snap.attrs,
+        prefixes,
+        {split: moved(s) for split, s in snap.rows.items()},
+        {split: moved(s) for split, s in snap.skipped.items()},
+    )
 
 
 @dataclass
 class PendingRows:
-    """Rows computed since the last journal commit, per split."""
+    """Rows computed since the last commit, per split."""
 
     splits: list[str]
     rows: dict[str, SplitRows] = field(default_factory=dict)

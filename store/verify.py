@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 
 from stages.errors import PipelineError
-from store.schema import SKIPPED, STR
+from store.schema import SEGMENTS, SKIPPED, STR
 
 DIGEST_ATTR = "sha256"
 
@@ -144,7 +144,7 @@ def check_values(group: h5py.Group, split: str, num_classes: int, views: int) ->
     problems = [
         f"{name} has {ds.shape[0] if ds.shape else 0} values for {rows} feature rows"
         for name, ds in group.items()
-        if isinstance(ds, h5py.Dataset) and name != "features" and ds.shape[:1] != (rows,)
+        if isinstance(ds, h5py.Dataset) and name not in ("features", SEGMENTS) and ds.shape[:1] != (rows,)
     ]
     if problems:
         return problems

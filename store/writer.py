@@ -1,8 +1,9 @@
 """Write a feature store so that a crash at any moment loses nothing committed and never leaves a broken file.
 
-Work in progress is committed as small journal parts beside the store (`STORE.journal/`), each written to a
-temporary name, fsynced and renamed into place. A run ends by writing the new store to a temporary file and
-renaming it over the old one. Readers therefore always see a complete store, and a killed run resumes from its parts.
+Work is committed as immutable partition files in `STORE.parts/`, each written to a temporary name, fsynced and
+renamed into place; a run ends by switching the root (a new small root written the same way, renamed over the old
+one) to map the new partitions beside the old ones' live rows. Nothing old is copied. Readers therefore always see
+a whole snapshot, and a killed run resumes from the partitions it committed.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,7 +22,8 @@ import numpy as np
 from stages.atomic import ExclusiveLock, atomic_output, writer_alive
 from stages.errors import PipelineError
 from store.paths import StorePaths
-from store.schema import CHUNK_ROWS, FEATURE_DTYPES, ROW_COLUMNS, SCHEMA_VERSION, SETS, SKIPPED, SKIPPED_COLUMNS, STR
+from store.schema import CHUNK_ROWS, FEATURE_DTYPES, ROW_COLUMNS, SKIPPED, SKIPPED_COLUMNS, STR
+from store.snapshot import SELF, Snapshot, SourceShapes, write_root
 from store.verify import create_checked
 
 COPY_BLOCK_ROWS = 8192
@@ -97,17 +100,20 @@ def ensure_space(path: Path, needed: int) -> None:
 
 
 def remove_stale_temporaries(paths: StorePaths) -> None:
-    """Temporary files of writers that were killed (a live writer holds the lock, so none is in use)."""
+    """Temporary files of writers that were killed (the shards of a live job write theirs under a shared lock: a
+    temporary is left alone while its writer runs)."""
     for stale in paths.temporaries():
-        stale.unlink(missing_ok=True)
+        if not writer_alive(stale):
+            stale.unlink(missing_ok=True)
 
 
-def _atomic_h5(path: Path, fill, needed: int) -> None:
-    """Write an HDF5 file atomically (stages.atomic), with no-space and permission errors said in one line."""
+def atomic_h5(path: Path, fill, needed: int) -> None:
+    """Write an HDF5 file atomically (stages.atomic): `fill` gets the temporary's path. No-space and permission
+    errors are said in one line."""
     ensure_space(path, needed)
     try:
-        with atomic_output(path) as tmp, h5py.File(tmp, "w", locking=False) as f:
-            fill(f)
+        with atomic_output(path) as tmp:
+            fill(tmp)
     except OSError as exc:
         if (
             exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -127,127 +133,124 @@ def _write_columns(group: h5py.Group, columns: dict[str, list], spec: dict) -> N
         create_checked(group, name, np.asarray(columns[name], dtype=object if dtype is STR else dtype), dtype)
 
 
-class Journal:
-    """The committed parts of an unfinished run for one feature set, in `STORE.journal/`."""
+def rows_bytes(rows: int, dim: int, dtype: str) -> int:
+    """About what `rows` feature rows take on disk, with their columns and HDF5's bookkeeping."""
+    return rows * (dim * np.dtype(FEATURE_DTYPES[dtype]).itemsize + ROW_OVERHEAD_BYTES) + (1 << 16)
 
-    def __init__(self, paths: StorePaths, set_name: str, shard: int = 0):
-        self.paths, self.dir = paths, paths.journal
-        self.set_name = set_name
-        self.shard = shard  # each shard numbers its own parts, so shards never collide
 
-    def parts(self) -> list[Path]:
-        """Committed parts in commit order; leftovers of a killed write are removed."""
-        if not self.dir.is_dir():
-            return []
-        for stale in self.dir.glob(".*.tmp-*"):
-            if not writer_alive(stale):  # shards share the journal: a live shard's temporary is its own
-                stale.unlink(missing_ok=True)
-        return self.paths.journal_parts(self.set_name)
+class PartitionWriter:
+    """Commits computed rows of one feature set as new partitions (`STORE.parts/`), each atomically: committed
+    work is never lost, and never mapped until a root switch says so (a killed run's partitions are reused)."""
+
+    def __init__(self, paths: StorePaths, set_name: str, classes: list[str]):
+        self.paths, self.set_name, self.classes = paths, set_name, classes
+        self.written: list[str] = []
 
     def commit(self, rows: dict[str, SplitRows], feature_dtype: str) -> Path | None:
-        """Write the gathered rows as the next part, atomically; None when there is nothing to write."""
+        """Write the gathered rows as a new partition; None when there is nothing to write."""
         rows = {split: r for split, r in rows.items() if not r.empty}
         if not rows:
             return None
-        self.dir.mkdir(exist_ok=True)
-        own = [p for p in self.parts() if StorePaths.part_shard(p) == self.shard]
-        path = self.paths.journal_part(self.set_name, self.shard, StorePaths.part_seq(own[-1]) + 1 if own else 0)
-
-        def fill(f: h5py.File) -> None:
-            f.attrs["set_name"] = self.set_name
-            for split, r in rows.items():
-                g = f.create_group(split)
-                dim = r.features[0].shape[1] if r.features else 0
-                data = np.concatenate(r.features) if r.features else np.zeros((0, dim))
-                create_checked(g, "features", data.astype(FEATURE_DTYPES[feature_dtype]))
-                _write_columns(g, r.columns, ROW_COLUMNS)
-                _write_columns(g.create_group(SKIPPED), r.skipped, SKIPPED_COLUMNS)
-
-        rows_total = sum(r.num_rows + len(r.skipped["paths"]) for r in rows.values())
+        self.paths.parts.mkdir(exist_ok=True)
+        path = self.paths.new_partition(self.set_name, len(self.written))
         width = max((r.features[0].shape[1] for r in rows.values() if r.features), default=0)
-        _atomic_h5(
-            path,
-            fill,
-            rows_total * (width * np.dtype(FEATURE_DTYPES[feature_dtype]).itemsize + ROW_OVERHEAD_BYTES) + (1 << 16),
-        )
+
+        def fill(tmp: Path) -> None:
+            with h5py.File(tmp, "w", locking=False) as f:
+                _partition_attrs(f, self.set_name, self.classes)
+                for split, r in rows.items():
+                    g = f.create_group(split)
+                    data = np.concatenate(r.features) if r.features else np.zeros((0, width))
+                    create_checked(g, "features", data.astype(FEATURE_DTYPES[feature_dtype]))
+                    _write_columns(g, r.columns, ROW_COLUMNS)
+                    _write_columns(g.create_group(SKIPPED), r.skipped, SKIPPED_COLUMNS)
+
+        total = sum(r.num_rows + len(r.skipped["paths"]) for r in rows.values())
+        atomic_h5(path, fill, rows_bytes(total, width, feature_dtype))
+        self.written.append(path.name)
         return path
 
-    def clear(self) -> None:
-        for part in self.parts():
-            part.unlink()
-        if self.dir.is_dir() and not any(self.dir.iterdir()):
-            self.dir.rmdir()
+
+def _partition_attrs(f: h5py.File, set_name: str, classes: list[str]) -> None:
+    """What a partition says of itself: its set, and the classes its labels index (a partition written before the
+    class folders changed is relabelled when it is used)."""
+    f.attrs["set_name"] = set_name
+    f.attrs["classes"] = json.dumps(classes)
 
 
 @dataclass(frozen=True)
-class RowRun:
-    """Consecutive rows [start, start+count) of a split of one source file (the old store or a journal part)."""
+class Copy:
+    """Rows [start, start+count) of a source's split group, to be copied into a new partition."""
 
-    source: str
+    source: str  # a partition (or SELF, a version-1 store file)
+    split: str
     start: int
     count: int
-    split: str  # the source's split: a file keeps its rows when it moves between splits (--valid-pct changed)
 
 
 @dataclass
-class SplitPlan:
-    """The new content of one split: runs of feature rows to copy, and all per-row and skipped columns."""
+class PartitionSplit:
+    """The content of one split of a partition written by copying: the feature rows to copy, in order, and every
+    per-row and skipped-file column (labels already in the new classes)."""
 
-    runs: list[RowRun]
+    copies: list[Copy]
     columns: dict[str, list]
     skipped: dict[str, list]
 
 
-def write_store(
-    store_path: Path,
+def write_copied_partition(
+    path: Path,
     set_name: str,
-    set_attrs: dict,
-    plans: dict[str, SplitPlan],
-    sources: dict[str, h5py.Group | h5py.File],
+    classes: list[str],
+    splits: dict[str, PartitionSplit],
+    open_source: Callable[[str, str], h5py.Group],
     feature_dim: int,
     feature_dtype: str,
-    keep_sets_from: h5py.File | None,
 ) -> None:
-    """Atomically replace the store with one whose set `set_name` is built from `plans`; other sets are copied."""
+    """A new partition whose features are copied from other partitions' rows (compaction; files whose rows are
+    kept but whose fingerprint or label changed), block by block, its columns as given."""
     dtype = FEATURE_DTYPES[feature_dtype]
 
-    def fill(f: h5py.File) -> None:
-        created = keep_sets_from.attrs.get("created") if keep_sets_from is not None else None
-        f.attrs["schema_version"] = SCHEMA_VERSION
-        f.attrs["created"] = created or now_iso()
-        f.attrs["updated"] = now_iso()
-        sets = f.create_group(SETS)
-        if keep_sets_from is not None and SETS in keep_sets_from:
-            for name in keep_sets_from[SETS]:
-                if name != set_name:
-                    keep_sets_from.copy(keep_sets_from[SETS][name], sets, name=name)
-        group = sets.create_group(set_name)
-        for key, value in set_attrs.items():
-            group.attrs[key] = json.dumps(value) if value is None or isinstance(value, (dict, list)) else value
-        for split, plan in plans.items():
-            g = group.create_group(split)
-            n = len(plan.columns["paths"])
-            out = g.create_dataset(
-                "features",
-                shape=(n, feature_dim),
-                dtype=dtype,
-                fletcher32=True,
-                chunks=(max(1, min(n, CHUNK_ROWS)), feature_dim) if n else True,
-            )
-            row = 0
-            for run in plan.runs:
-                src = sources[run.source][run.split]["features"]
-                for offset in range(0, run.count, COPY_BLOCK_ROWS):
-                    k = min(COPY_BLOCK_ROWS, run.count - offset)
-                    out[row : row + k] = src[run.start + offset : run.start + offset + k]
-                    row += k
-            if row != n:
-                raise AssertionError(f"store plan for {split}: {row} feature rows for {n} paths")
-            _write_columns(g, plan.columns, ROW_COLUMNS)
-            _write_columns(g.create_group(SKIPPED), plan.skipped, SKIPPED_COLUMNS)
+    def fill(tmp: Path) -> None:
+        with h5py.File(tmp, "w", locking=False) as f:
+            _partition_attrs(f, set_name, classes)
+            for split, part in splits.items():
+                g = f.create_group(split)
+                n = len(part.columns["paths"])
+                out = g.create_dataset(
+                    "features",
+                    shape=(n, feature_dim),
+                    dtype=dtype,
+                    fletcher32=True,
+                    chunks=(max(1, min(n, CHUNK_ROWS)), feature_dim) if n else True,
+                )
+                row = 0
+                for c in part.copies:
+                    src = open_source(c.source, c.split)["features"]
+                    for offset in range(0, c.count, COPY_BLOCK_ROWS):
+                        k = min(COPY_BLOCK_ROWS, c.count - offset)
+                        out[row : row + k] = src[c.start + offset : c.start + offset + k]
+                        row += k
+                if row != n:
+                    raise AssertionError(f"partition plan for {split}: {row} feature rows for {n} paths")
+                _write_columns(g, part.columns, ROW_COLUMNS)
+                _write_columns(g.create_group(SKIPPED), part.skipped, SKIPPED_COLUMNS)
 
-    rows = sum(len(p.columns["paths"]) + len(p.skipped["paths"]) for p in plans.values())
-    kept = os.path.getsize(keep_sets_from.filename) if keep_sets_from is not None else 0
-    _atomic_h5(
-        store_path, fill, kept + rows * (feature_dim * np.dtype(dtype).itemsize + ROW_OVERHEAD_BYTES) + (1 << 16)
-    )
+    rows = sum(len(p.columns["paths"]) + len(p.skipped["paths"]) for p in splits.values())
+    atomic_h5(path, fill, rows_bytes(rows, feature_dim, feature_dtype))
+
+
+def switch_root(paths: StorePaths, old: Snapshot | None, new: Snapshot, shapes: SourceShapes) -> None:
+    """Make `new` the store's snapshot in one rename: its root written beside the old one, fsynced, renamed over
+    it. When the switch leaves partitions the old root mapped, the old root is first kept as a retired root (a hard
+    link): its partitions are deleted only once no reader holds it (store.compact.collect_garbage)."""
+    dropped = (old.partitions() - {SELF} - new.partitions()) if old is not None else set()
+    new.generation = (old.generation if old is not None else 0) + 1
+    new.created = (old.created if old is not None else None) or now_iso()
+    total = 64 * sum(len(segs) for s in new.sets.values() for t in (s.rows, s.skipped) for segs in t.values())
+    if old is not None and dropped and paths.store.exists():
+        paths.parts.mkdir(exist_ok=True)
+        retired = paths.retired_root(old.generation)
+        retired.unlink(missing_ok=True)
+        os.link(paths.store, retired)
+    atomic_h5(paths.store, lambda tmp: write_root(tmp, new, paths, shapes), total + (1 << 20))

@@ -146,15 +146,31 @@ def png_bomb(width: int, height: int) -> bytes:
 
 # Killed and sharded featurize runs compare stores by content.
 def parts(store):
-    return len(StorePaths.of(store).journal_parts())
+    """Partition files of a store (each commit of a run makes one)."""
+    return len(StorePaths.of(store).partitions())
+
+
+def unmapped(store) -> list[str]:
+    """Partition files the store's root does not map (committed work a finished run leaves none of)."""
+    from store.reader import open_root
+    from store.snapshot import read_snapshot
+
+    paths = StorePaths.of(store)
+    with open_root(paths.store) as f:
+        mapped = read_snapshot(f).partitions()
+    return [p for p in paths.partitions() if p not in mapped]
 
 
 def content(store):
+    """A store's one feature set, split by split, its rows sorted by (path, view): the order rows lie in is the
+    store's history (which partition holds them), not part of what it holds."""
     with h5py.File(store, "r") as f:
         (name,) = list(f["sets"])
         out = {}
         for split, group in f["sets"][name].items():
-            out[split] = {k: group[k][()] for k in ("paths", "labels", "view", "sha256", "features")}
+            columns = {k: group[k][()] for k in ("paths", "labels", "view", "sha256", "features")}
+            order = np.lexsort((columns["view"], columns["paths"]))
+            out[split] = {k: v[order] for k, v in columns.items()}
         return name, out
 
 
@@ -206,3 +222,31 @@ def run_cli_watching_children(*args, check: bool = True) -> tuple[subprocess.Com
     line = [ln for ln in proc.stderr.splitlines() if ln.startswith("CHILDREN ")][-1]
     children = [c for c in ast.literal_eval(line[len("CHILDREN ") :]) if c not in IMPORT_HELPERS]
     return proc, children
+
+
+def copy_store(store, folder: Path) -> Path:
+    """A copy of a store (its root and its partitions folder, their names kept) in another folder."""
+    import shutil
+
+    paths = StorePaths.of(store)
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(paths.store, folder / paths.store.name)
+    if paths.parts.is_dir():
+        shutil.copytree(paths.parts, folder / paths.parts.name)
+    return folder / paths.store.name
+
+
+def stored(store, dataset: str) -> tuple[Path, str]:
+    """The partition file and the dataset in it that hold the first rows of a store's dataset ("train/labels",
+    "valid/skipped/paths"): where a test edits or damages stored bytes (the root only maps them)."""
+    from store.reader import FeatureStore
+    from store.snapshot import source_dataset
+
+    with FeatureStore(store) as opened:
+        [name] = opened.set_names
+        snap = opened.snapshot.sets[name]
+    split, _, column = dataset.partition("/")
+    subgroup, _, column = column.rpartition("/")
+    segment = (snap.skipped if subgroup else snap.rows)[split][0]
+    path = StorePaths.of(store).parts / segment.partition
+    return path, source_dataset(snap.prefixes[segment.partition], segment.split, column, subgroup)

@@ -8,7 +8,7 @@ import time
 
 import h5py
 import pytest
-from conftest import REPO, assert_same_content, content, make_images, parts, run_json
+from conftest import REPO, assert_same_content, content, make_images, parts, run_json, unmapped
 
 from store.paths import StorePaths
 
@@ -53,7 +53,7 @@ def reached(point: str, store, parts_before: int) -> bool:
     return point == "start-up" or parts(store) >= parts_before + int(point.split()[0])
 
 
-# Where a kill lands: at start-up, after the run's 1st, 2nd or 4th journal commit, or while the store is written.
+# Where a kill lands: at start-up, after the run's 1st, 2nd or 4th commit, or while the root is written.
 KILL_POINTS = ("start-up", "1 part", "2 parts", "4 parts", "store write")
 
 
@@ -71,11 +71,62 @@ def test_twenty_kills_at_journal_points_then_a_rerun_equals_uninterrupted(crash_
             time.sleep(0.002)
         proc.kill()
         proc.wait()
-        if store.exists():
-            with h5py.File(store, "r") as f:  # opens without repair, every time
-                assert f.attrs["schema_version"] == 1
+        if store.exists():  # opens without repair, every time, as a whole snapshot
+            assert_whole_snapshot(store, reference)
     run_json("featurize", data, "--store", store, *ARGS)
     assert_same_content(content(store), reference)
+
+
+def assert_whole_snapshot(store, reference):
+    """The store opens as one snapshot: every partition it maps is there (no fill values), each image's rows are
+    the reference's, and no image has rows twice."""
+    import numpy as np
+
+    from store.reader import FeatureStore
+
+    with FeatureStore(store) as opened:  # refuses a root mapping a missing partition
+        assert opened.snapshot.version == 2
+    _, snapshot = content(store)
+    for split, columns in snapshot.items():
+        keys = list(zip(columns["paths"], columns["view"]))
+        assert len(set(keys)) == len(keys), split
+        assert np.isfinite(columns["features"].astype(np.float32)).all(), split
+        expected = dict(
+            zip(zip(reference[1][split]["paths"], reference[1][split]["view"]), reference[1][split]["features"])
+        )
+        for key, row in zip(keys, columns["features"]):
+            np.testing.assert_allclose(row.astype(np.float32), expected[key].astype(np.float32), atol=1e-2)
+
+
+def test_kills_while_compacting_or_switching_the_root_leave_the_old_or_the_new_snapshot(crash_set, tmp_path):
+    """Files removed (dead rows past the compaction threshold) and added: a featurize killed while compaction writes
+    its partition, or while the root is written, leaves a store that opens as a whole snapshot; a rerun equals an
+    uninterrupted run."""
+    import shutil
+
+    data, _ = crash_set
+    data = shutil.copytree(data, tmp_path / "data")
+    store = tmp_path / "s.h5"
+    run_json("featurize", data, "--store", store, *ARGS)
+    for path in sorted((data / "train" / "a").iterdir())[:4]:
+        path.unlink()  # 8 of 30 images' rows dead: the partition is compacted
+    make_images(tmp_path / "more", {"train": {"a": 3}}, seed=11)
+    for path in (tmp_path / "more" / "train" / "a").iterdir():
+        path.rename(data / "train" / "a" / f"new-{path.name}")
+    reference = tmp_path / "reference.h5"
+    run_json("featurize", data, "--store", reference, *ARGS)
+    paths = StorePaths.of(store)
+    for pattern in (".*c.h5.tmp-{pid}.h5", f".{store.name}.tmp-{{pid}}.h5"):  # a compaction's partition, a root
+        proc = start(data, store)
+        folder = paths.parts if pattern.startswith(".*") else store.parent
+        wait_for(lambda proc=proc, pattern=pattern, folder=folder: any(folder.glob(pattern.format(pid=proc.pid))), proc)
+        proc.kill()
+        proc.wait()
+        assert_whole_snapshot(store, content(reference))
+    again = run_json("featurize", data, "--store", store, *ARGS)
+    assert again["featurized"] == 0  # the killed runs' work was kept
+    assert_same_content(content(store), content(reference))
+    assert not unmapped(store)
 
 
 @pytest.mark.parametrize("point", ["after 3 parts"])
@@ -92,7 +143,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(crash_set, tmp_path, point):
     assert_same_content(content(store), reference)
     if proc.returncode == -signal.SIGKILL:
         assert summary["featurized"] < 30  # resumed from the committed parts, not from scratch
-    assert not StorePaths.of(store).journal.exists()
+    assert not unmapped(store)  # the killed run's partitions were mapped or, superseded, deleted
 
 
 def test_ctrl_c_commits_what_is_done(crash_set, tmp_path):

@@ -8,7 +8,7 @@ pytestmark = pytest.mark.slow  # every test here runs the CLI
 RUN_SETTINGS = {"run", "head", "lr", "wd", "epochs", "views", "accuracy", "valid_loss"}
 FEATURIZE = {"featurized", "reused", "seconds", "images_per_second", "interrupted", "set", "store", "device"}
 FEATURIZE |= {"precision", "backbone", "views", "merged", "up_to_date", "notes"}
-MERGED = FEATURIZE | {"data_dir", "images", "rows", "skipped", "classes", "store_bytes"}
+MERGED = FEATURIZE | {"data_dir", "images", "rows", "skipped", "classes", "store_bytes", "compaction"}
 PAIR = {"a", "b", "split_a", "split_b", "similarity", "kind", "leak", "same_label"}
 
 
@@ -23,11 +23,12 @@ def test_featurize_store_info_and_runs(trained, tmp_path):
     shard = run_json("featurize", data, "--store", tmp_path / "t.h5", "--num-shards", "2", "--shard-id", "1")
     assert keys(shard) == FEATURIZE | {"shard"}
     info = run_json("store", "info", store, "--verify")
-    assert keys(info) == {"path", "size_bytes", "schema_version", "sets", "verification"}
+    assert keys(info) == {"path", "size_bytes", "schema_version", "partitions", "sets", "verification"}
     assert {"name", "backbone", "arch", "weights_sha256", "preprocessing", "feature_dim", "views", "seed"} <= keys(
         info["sets"][0]
     )
     assert {"augmentation", "precision", "dtype", "classes", "splits", "data_dir", "layout"} <= keys(info["sets"][0])
+    assert {"partitions", "live_rows", "dead_rows"} <= keys(info["sets"][0])
     assert keys(info["sets"][0]["splits"]["train"]) == {"rows", "images", "skipped"}
     runs = run_json("runs", "--dir", store.parent)
     assert keys(runs[0]) == RUN_SETTINGS | {"kind", "backbone", "created", "l2"}

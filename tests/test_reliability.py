@@ -7,11 +7,12 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from conftest import REPO, make_images, one_line_error, png_bomb, run_cli, run_json
+from conftest import REPO, content, copy_store, make_images, one_line_error, png_bomb, run_cli, run_json, stored
 
 from store.paths import StorePaths
 
@@ -104,7 +105,7 @@ def test_full_disk_gives_a_clear_error_and_keeps_committed_work(small_set, tmp_p
     assert store.read_bytes() == before
     again = run_json("featurize", small_set, "--store", store)
     assert again["images"]["train"] == first["images"]["train"] + 1  # a_000..a_004 changed, a_005 is new
-    assert again["featurized"] == 0 and again["reused"] == 22  # the six were committed to the journal
+    assert again["featurized"] == 0 and again["reused"] == 22  # the six were committed as a partition
 
 
 def test_a_reader_sees_only_committed_snapshots(small_set, tmp_path):
@@ -183,10 +184,9 @@ def test_store_paths_cannot_escape_the_data_folder(small_set, tmp_path):
     run_json("featurize", small_set, "--store", store)
     secret = tmp_path / "secret.jpg"
     secret.write_bytes((small_set / "train/a/a_000.jpg").read_bytes())
-    with h5py.File(store, "a") as f:
-        (name,) = list(f["sets"])
-        paths = f["sets"][name]["train/paths"]
-        paths[0] = "../secret.jpg"
+    partition, dataset = stored(store, "train/paths")
+    with h5py.File(partition, "a") as f:
+        f[dataset][0] = "../secret.jpg"
     again = run_json("featurize", small_set, "--store", store)
     with h5py.File(store) as f:
         assert "../secret.jpg" not in [p.decode() for p in f["sets"][again["set"]]["train/paths"][()]]
@@ -221,13 +221,12 @@ def test_soak_handles_threads_and_memory_stay_flat(tmp_path):
 
 
 def test_non_finite_features_stop_train_head_and_lr_find(trained, tmp_path):
-    import shutil
 
     _, store, _ = trained
-    damaged = shutil.copy(store, tmp_path / "damaged.h5")
-    with h5py.File(damaged, "r+") as f:
-        [name] = list(f["sets"])
-        f[f"sets/{name}/train/features"][3, :5] = float("nan")
+    damaged = copy_store(store, tmp_path / "damaged")
+    partition, dataset = stored(damaged, "train/features")
+    with h5py.File(partition, "r+") as f:
+        f[dataset][3, :5] = float("nan")
     for command in (["train-head"], ["lr-find", "--head", "linear"]):
         proc = run_cli(*command, "--store", damaged, "--out", tmp_path / "run", check=False)
         one_line_error(proc, "NaN or infinite", "featurize into a new --store")
@@ -277,16 +276,17 @@ def test_a_diverging_head_is_an_error_and_json_stays_strict(trained, tmp_path):
         json.loads(path.read_text(), parse_constant=refuse)
 
 
-def _chunk_offset(store, dataset: str) -> int:
-    with h5py.File(store) as f:
-        [name] = list(f["sets"])
-        return f[f"sets/{name}/{dataset}"].id.get_chunk_info(0).byte_offset
+def _first_chunk(store, dataset: str) -> tuple[Path, int]:
+    """The partition file holding a store dataset's first rows, and the offset of its first chunk in it."""
+    partition, name = stored(store, dataset)
+    with h5py.File(partition) as f:
+        return partition, f[name].id.get_chunk_info(0).byte_offset
 
 
 def _features(store):
-    with h5py.File(store) as f:
-        [name] = list(f["sets"])
-        return {split: f[f"sets/{name}/{split}/features"][()] for split in ("train", "valid")}
+    """Each split's features, rows by (path, view): the order rows lie in is the store's history."""
+    _, splits = content(store)
+    return {split: columns["features"] for split, columns in splits.items()}
 
 
 def _scribble(path, offset: int, size: int = 64) -> None:
@@ -296,14 +296,14 @@ def _scribble(path, offset: int, size: int = 64) -> None:
 
 
 def test_damaged_store_bytes_never_become_numbers(trained, tmp_path):
-    import shutil
 
     import numpy as np
 
     data, store, _ = trained
     clean = _features(store)
-    damaged = shutil.copy(store, tmp_path / "s.h5")
-    _scribble(damaged, _chunk_offset(damaged, "train/features") + 8)
+    damaged = copy_store(store, tmp_path / "damaged")
+    partition, offset = _first_chunk(damaged, "train/features")
+    _scribble(partition, offset + 8)
     one_line_error(
         run_cli("train-head", "--store", damaged, "--out", tmp_path / "h", check=False),
         str(damaged),
@@ -311,16 +311,18 @@ def test_damaged_store_bytes_never_become_numbers(trained, tmp_path):
         "featurize again",
     )
     for target in ("valid/labels", "train/sha256"):
-        _scribble(damaged, _chunk_offset(damaged, target) + 8, 4)  # inside these small chunks
+        partition, offset = _first_chunk(damaged, target)
+        _scribble(partition, offset + 8, 4)  # inside these small chunks
     one_line_error(
         run_cli("store", "info", damaged, "--verify", check=False),
         str(damaged),
         "damaged",
         "train: feature rows",
         "column sha256",
-        "valid: column labels",
+        "valid: partition",
+        "column labels",
     )
-    repaired = run_json("featurize", data, "--store", damaged)
+    repaired = run_json("featurize", data, "--store", damaged, "--verify")
     assert sum("failed verification" in note for note in repaired["notes"]) == 2 and repaired["featurized"] == 36
     run_cli("store", "info", damaged, "--verify")
     for split, values in _features(damaged).items():
@@ -328,11 +330,10 @@ def test_damaged_store_bytes_never_become_numbers(trained, tmp_path):
 
 
 def test_damaged_store_metadata_is_a_clear_error(trained, tmp_path):
-    import shutil
 
     _, store, _ = trained
-    damaged = shutil.copy(store, tmp_path / "s.h5")
-    _scribble(damaged, 0, 512)  # the superblock
+    damaged = copy_store(store, tmp_path / "damaged")
+    _scribble(damaged, 0, 512)  # the root's superblock
     one_line_error(run_cli("store", "info", damaged, "--verify", check=False), str(damaged))
 
 
@@ -355,7 +356,7 @@ def test_damaged_journal_parts_are_set_aside_and_redone(trained, tmp_path):
         "--batch-size",
         "2",
     )
-    parts = StorePaths.of(tmp_path / "s.h5").journal_parts()
+    parts = [StorePaths.of(tmp_path / "s.h5").parts / p for p in StorePaths.of(tmp_path / "s.h5").partitions()]
     assert len(parts) >= 4
     os.truncate(parts[0], parts[0].stat().st_size // 2)
     parts[1].write_bytes(b"junk!")
@@ -417,13 +418,10 @@ def test_a_store_given_through_a_symlink_is_written_and_locked_as_its_target(sma
 
 
 def _with_labels(store, tmp_path, labels):
-    import shutil
-
-    copy = shutil.copy(store, tmp_path / "labels.h5")
-    with h5py.File(copy, "r+") as f:
-        [name] = list(f["sets"])
-        ds = f[f"sets/{name}/train/labels"]
-        ds[: len(labels)] = labels
+    copy = copy_store(store, tmp_path / "labels")
+    partition, dataset = stored(copy, "train/labels")
+    with h5py.File(partition, "r+") as f:
+        f[dataset][: len(labels)] = labels
     return copy
 
 
@@ -438,9 +436,8 @@ def test_labels_outside_the_classes_are_damage_not_an_index_error(trained, tmp_p
 
 
 def _crafted(trained_store, tmp_path, craft):
-    import shutil
-
-    copy = shutil.copy(trained_store, tmp_path / "crafted.h5")
+    """A copy of a store whose root is crafted to point elsewhere."""
+    copy = copy_store(trained_store, tmp_path / f"crafted-{craft.__name__}")
     with h5py.File(copy, "r+") as f:
         [name] = list(f["sets"])
         craft(f, f[f"sets/{name}/train"])
@@ -464,13 +461,28 @@ def test_stores_that_point_at_other_files_are_refused(trained, small_set, tmp_pa
         del train["labels"]
         train.create_dataset("labels", (36,), np.int32, external=[(str(tmp_path / "raw.bin"), 0, 36 * 4)])
 
-    def virtual(f, train):
+    def virtual(f, train, source=str(secret)):
         layout = h5py.VirtualLayout((24, 1280), np.float16)
-        layout[:] = h5py.VirtualSource(str(secret), "x", shape=(36, 1280))[:24]
+        layout[:] = h5py.VirtualSource(source, "x", shape=(36, 1280))[:24]
         del train["features"]
         train.create_virtual_dataset("features", layout)
 
-    for craft, what in ((external_link, "external link"), (external_storage, "external files"), (virtual, "virtual")):
+    def virtual_passwd(f, train):
+        virtual(f, train, "/etc/passwd")
+
+    fifo = store.with_name(store.name + ".parts") / "x.1796000000000000000-1-0.h5"  # a partition's name, a FIFO
+
+    def virtual_fifo(f, train):
+        os.mkfifo(Path(f.filename).with_name(fifo.parent.name) / fifo.name)
+        virtual(f, train, f"{fifo.parent.name}/{fifo.name}")
+
+    for craft, what in (
+        (external_link, "external link"),
+        (external_storage, "external files"),
+        (virtual, "a virtual dataset of"),
+        (virtual_passwd, "/etc/passwd, not a partition of this store"),
+        (virtual_fifo, "not a regular file"),
+    ):
         crafted = _crafted(store, tmp_path, craft)
         for command in (("store", "info", crafted, "--verify"), ("train-head", "--store", crafted)):
             one_line_error(run_cli(*command, check=False), str(crafted), "is refused", what)
@@ -479,33 +491,32 @@ def test_stores_that_point_at_other_files_are_refused(trained, small_set, tmp_pa
 
 def test_stored_paths_that_leave_the_data_folder_or_are_no_file_are_never_opened(trained, tmp_path):
     import os
-    import shutil
 
     data, store, _ = trained
-    copy = shutil.copy(store, tmp_path / "s.h5")
+    copy = copy_store(store, tmp_path / "copy")
     fifo = data / "train" / "a" / "fifo.jpg"
     os.mkfifo(fifo)
     (tmp_path / "private.jpg").write_bytes((data / "train" / "a" / "a_003.jpg").read_bytes())
     link = data / "train" / "a" / "link.jpg"
     link.symlink_to(tmp_path / "private.jpg")  # inside the data folder by name, outside by target
     try:
-        with h5py.File(copy, "r+") as f:
-            [name] = list(f["sets"])
-            paths = f[f"sets/{name}/train/paths"]
-            values = [p.decode() for p in paths[()]]
+        partition, dataset = stored(copy, "train/paths")
+        with h5py.File(partition, "r+") as f:
+            group = f[dataset.rsplit("/", 1)[0]]
+            values = [p.decode() for p in group["paths"][()]]
             values[:4] = ["train/a/fifo.jpg", "../../outside.jpg", "/etc/passwd", "train/a/link.jpg"]
-            del f[f"sets/{name}/train/paths"]
+            del group["paths"]
             from store.schema import STR
             from store.verify import create_checked
 
-            create_checked(f[f"sets/{name}/train"], "paths", np.asarray(values, dtype=object), STR)
-            hashes = f[f"sets/{name}/train/sha256"]
+            create_checked(group, "paths", np.asarray(values, dtype=object), STR)
+            hashes = group["sha256"]
             hashes[:4] = [hashes[4]] * 4  # exact copies of row 4: a group whose pairs the audit draws
         proc = run_cli("audit", "--store", copy, "--out", tmp_path / "audit", "--json", check=False, timeout=300)
         assert proc.returncode == 0, proc.stderr
         notes = json.loads(proc.stdout)["notes"]
-        for stored in ("train/a/fifo.jpg", "../../outside.jpg", "/etc/passwd", "train/a/link.jpg"):
-            assert any(note.startswith(f"{stored} not drawn") for note in notes), notes
+        for refused in ("train/a/fifo.jpg", "../../outside.jpg", "/etc/passwd", "train/a/link.jpg"):
+            assert any(note.startswith(f"{refused} not drawn") for note in notes), notes
         one_line_error(run_cli("store", "info", copy, "--verify", check=False), "paths holds a path outside")
     finally:
         fifo.unlink()
@@ -515,18 +526,17 @@ def test_stored_paths_that_leave_the_data_folder_or_are_no_file_are_never_opened
 def test_non_finite_features_are_damage_featurize_recomputes(trained, tmp_path):
     """NaN written with a valid checksum (h5py recomputes Fletcher-32 on write): verification still calls the row
     damaged, and featurize recomputes that image alone."""
-    import shutil
 
     import numpy as np
 
     data, store, _ = trained
     clean = _features(store)
-    copy = shutil.copy(store, tmp_path / "s.h5")
-    with h5py.File(copy, "r+") as f:
-        [name] = list(f["sets"])
-        f[f"sets/{name}/train/features"][5, :3] = [np.nan, np.inf, -np.inf]
+    copy = copy_store(store, tmp_path / "copy")
+    partition, dataset = stored(copy, "train/features")
+    with h5py.File(partition, "r+") as f:
+        f[dataset][5, :3] = [np.nan, np.inf, -np.inf]
     one_line_error(run_cli("store", "info", copy, "--verify", check=False), "damaged", "feature rows 5-5")
-    repaired = run_json("featurize", data, "--store", copy)
+    repaired = run_json("featurize", data, "--store", copy, "--verify")
     assert repaired["featurized"] == 1 and any("failed verification" in n for n in repaired["notes"])
     np.testing.assert_array_equal(_features(copy)["train"], clean["train"])
 
@@ -535,18 +545,17 @@ def test_a_string_column_that_no_longer_matches_its_digest_is_damage(trained, tm
     """Strings take no checksum filter: each string column carries the sha256 of its values. One value changed
     behind the store's back (a valid HDF5 write) is damage to every reader and to --verify; featurize redoes the
     split."""
-    import shutil
 
     data, store, _ = trained
-    copy = shutil.copy(store, tmp_path / "s.h5")
-    with h5py.File(copy, "r+") as f:
-        [name] = list(f["sets"])
-        f[f"sets/{name}/train/paths"][0] = "train/a/elsewhere.jpg"
+    copy = copy_store(store, tmp_path / "copy")
+    partition, dataset = stored(copy, "train/paths")
+    with h5py.File(partition, "r+") as f:
+        f[dataset][0] = "train/a/elsewhere.jpg"
     one_line_error(run_cli("store", "info", copy, "--verify", check=False), "damaged", "train: column paths")
     one_line_error(
         run_cli("train-head", "--store", copy, "--out", tmp_path / "h", check=False),
         "paths does not match its checksum",
     )
-    repaired = run_json("featurize", data, "--store", copy)
-    assert repaired["featurized"] == 24 and any("every train image is featurized again" in n for n in repaired["notes"])
+    repaired = run_json("featurize", data, "--store", copy, "--verify")
+    assert repaired["featurized"] == 24 and any("failed verification" in n for n in repaired["notes"])
     run_cli("store", "info", copy, "--verify")

@@ -1,0 +1,205 @@
+"""Compaction and garbage collection: what keeps a growing store small and fast to read.
+
+Removing or changing files only unmaps their rows (they are never read again); compaction reclaims their bytes by
+rewriting the partitions whose dead share passes a threshold, and merges small partitions (one per update) into
+larger ones, so that a read opens few files. It rewrites those partitions alone, never the store. Partitions it
+replaces are deleted only once no reader holds a root that maps them (collect_garbage).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from dataclasses import dataclass, field
+
+import h5py
+
+from store.paths import StorePaths
+from store.reader import open_root
+from store.schema import ROW_COLUMNS, SKIPPED, SKIPPED_COLUMNS, STR
+from store.snapshot import (
+    SELF,
+    Segment,
+    SetSnapshot,
+    Snapshot,
+    SourceShapes,
+    merge_segments,
+    partition_rows,
+    read_snapshot,
+)
+from store.writer import Copy, PartitionSplit, switch_root, write_copied_partition
+
+# Measured with `python -m bench scale` (bench/results/scale.md): reading through holes costs little, while each
+# point of dead share is a point of disk; 0.08 keeps the disk within 1.09x the live rows.
+DEAD_SHARE = 0.08
+SMALL_ROWS = 65536  # a partition with fewer live rows is small: updates make them, compaction merges them
+MERGE_WIDTH = 8  # small partitions are merged once there are this many
+TARGET_ROWS = 262144  # the rows of a partition compaction writes (about 0.7 GB of Lite0 features in float16)
+
+
+@dataclass
+class CompactResult:
+    """What a compaction did: partitions rewritten and written, rows copied, and the partitions deleted (those of
+    earlier compactions that no reader held any more)."""
+
+    rewritten: list[str] = field(default_factory=list)
+    written: list[str] = field(default_factory=list)
+    rows_copied: int = 0
+    deleted: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in ("rewritten", "written", "rows_copied", "deleted", "seconds")}
+
+
+def candidates(paths: StorePaths, snap: SetSnapshot, dead_share: float = DEAD_SHARE) -> list[str]:
+    """The partitions of a set worth rewriting, oldest first: those whose dead share reaches `dead_share`, and
+    the small ones once there are MERGE_WIDTH of them (a legacy version-1 file is rewritten only for its dead
+    rows)."""
+    live = snap.live_rows()
+    skipped_only = {s.partition for segs in snap.skipped.values() for s in segs} - set(live)
+    dead, small = [], []
+    for partition in sorted(set(live) | skipped_only):
+        if partition == SELF:
+            continue
+        total = partition_rows(paths, snap, partition)
+        rows = live.get(partition, 0)
+        if total and (total - rows) / total >= dead_share:
+            dead.append(partition)
+        elif rows < SMALL_ROWS and not partition.startswith("legacy-"):
+            small.append(partition)
+    return sorted(dead + (small if len(small) >= MERGE_WIDTH else []))
+
+
+def compact_set(
+    paths: StorePaths, snap: SetSnapshot, chosen: list[str], feature_dim: int, feature_dtype: str
+) -> tuple[SetSnapshot, list[str], int]:
+    """Rewrite the live rows of the chosen partitions (in the order the set maps them) into new partitions of up
+    to TARGET_ROWS rows; returns the set's new snapshot, the partitions written and the rows copied."""
+    files: dict[str, h5py.File] = {}
+
+    def group(partition: str, split: str, subgroup: str = "") -> h5py.Group:
+        if partition not in files:
+            files[partition] = h5py.File(paths.parts / partition, "r", locking=False)
+        prefix = snap.prefixes.get(partition, "")
+        g = (files[partition][prefix] if prefix else files[partition])[split]
+        return g[subgroup] if subgroup else g
+
+    chosen_set = set(chosen)
+    outputs: list[dict[str, PartitionSplit]] = [{}]
+    mapping: dict[tuple, tuple[int, int]] = {}  # (table, split, segment index) -> (output, start in its split)
+    filled = 0
+    try:
+        for table in ("rows", "skipped"):
+            spec, sub = (ROW_COLUMNS, "") if table == "rows" else (SKIPPED_COLUMNS, SKIPPED)
+            for split, segments in getattr(snap, table).items():
+                for i, s in enumerate(segments):
+                    if s.partition not in chosen_set:
+                        continue
+                    if table == "rows" and filled and filled + s.count > TARGET_ROWS:
+                        outputs.append({})
+                        filled = 0
+                    out = outputs[-1].setdefault(
+                        split, PartitionSplit([], {k: [] for k in ROW_COLUMNS}, {k: [] for k in SKIPPED_COLUMNS})
+                    )
+                    columns = out.columns if table == "rows" else out.skipped
+                    mapping[table, split, i] = (len(outputs) - 1, len(columns["paths"]))
+                    source = group(s.partition, s.split, sub)
+                    for name in spec:
+                        values = source[name][s.start : s.start + s.count]
+                        text = spec[name] is STR
+                        columns[name] += [v.decode() if text and isinstance(v, bytes) else v for v in values]
+                    if table == "rows":
+                        out.copies.append(Copy(s.partition, s.split, s.start, s.count))
+                        filled += s.count
+        written = []
+        for i, splits in enumerate(outputs):
+            if not splits:
+                continue
+            path = paths.new_partition(snap.name, i, compacted=True)
+            write_copied_partition(
+                path, snap.name, snap.attrs.get("classes", []), splits, group, feature_dim, feature_dtype
+            )
+            written.append(path.name)
+    finally:
+        for f in files.values():
+            f.close()
+    new = SetSnapshot(snap.name, snap.attrs, {**{p: v for p, v in snap.prefixes.items() if p not in chosen_set}})
+    for name in written:
+        new.prefixes[name] = ""
+    copied = 0
+    for table in ("rows", "skipped"):
+        for split, segments in getattr(snap, table).items():
+            mapped = []
+            for i, s in enumerate(segments):
+                if (table, split, i) in mapping:
+                    out, start = mapping[table, split, i]
+                    mapped.append(Segment(written[out], split, start, s.count))
+                    copied += s.count if table == "rows" else 0
+                else:
+                    mapped.append(s)
+            getattr(new, table)[split] = merge_segments(mapped)
+    return new, written, copied
+
+
+def compact(paths: StorePaths, dead_share: float = DEAD_SHARE) -> CompactResult:
+    """Compact every set of a store that needs it, in one root switch, then collect garbage. The caller holds the
+    writer's lock."""
+    started = time.perf_counter()
+    result = CompactResult()
+    with open_root(paths.store) as root:
+        old = read_snapshot(root)
+    if old.version != 2:  # a version-1 store is one file: its first update makes it a partition
+        return result
+    new = Snapshot(sets=dict(old.sets))
+    for name, snap in old.sets.items():
+        chosen = candidates(paths, snap, dead_share)
+        if not chosen:
+            continue
+        dim, dtype = int(snap.attrs["feature_dim"]), snap.attrs.get("dtype", "float16")
+        new.sets[name], written, copied = compact_set(paths, snap, chosen, dim, dtype)
+        result.rewritten += chosen
+        result.written += written
+        result.rows_copied += copied
+    if result.rewritten:
+        switch_root(paths, old, new, SourceShapes(paths, paths.store))
+    result.deleted = collect_garbage(paths)
+    result.seconds = round(time.perf_counter() - started, 3)
+    return result
+
+
+def collect_garbage(paths: StorePaths) -> list[str]:
+    """Delete the partitions of retired roots that the current root no longer maps, once no reader holds any root
+    that maps them: a reader holds a shared lock on the root it opened (this project's readers, and plain h5py's
+    own file locking), so a retired root that takes an exclusive lock has none. Returns what was deleted."""
+    if not paths.store.exists():
+        return []
+    with open_root(paths.store) as root:
+        keep = read_snapshot(root).partitions()
+    freed, held = [], set()
+    for retired in paths.retired_roots():
+        fd = os.open(retired, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            free = True
+        except BlockingIOError:
+            free = False
+        try:
+            with h5py.File(retired, "r", locking=False) as f:
+                mapped = read_snapshot(f).partitions() - {SELF}
+        except OSError:
+            mapped = set()
+        if free:
+            freed.append((retired, fd, mapped))
+        else:
+            held |= mapped
+            os.close(fd)
+    deleted = []
+    for retired, fd, mapped in freed:
+        for partition in sorted(mapped - keep - held):
+            (paths.parts / partition).unlink(missing_ok=True)
+            deleted.append(partition)
+        retired.unlink(missing_ok=True)  # while still locked: no reader can take it meanwhile
+        os.close(fd)
+    return deleted

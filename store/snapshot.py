@@ -1,0 +1,234 @@
+"""A store's snapshot: which rows of which partitions each split of each feature set holds. Read from a root file,
+and written as one: virtual datasets over the partitions, so that plain h5py reads a split as one array."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from store.paths import StorePaths
+from store.schema import (
+    FEATURE_DTYPES,
+    PARTITIONS,
+    ROW_COLUMNS,
+    SCHEMA_VERSION,
+    SEGMENTS,
+    SETS,
+    SKIPPED,
+    SKIPPED_COLUMNS,
+    SPLITS,
+)
+
+SELF = "."  # a version-1 store's rows lie in the store file itself (HDF5's name for a virtual dataset's own file)
+# What a virtual dataset gives where a source is missing: values no reader takes for data (NaN features, labels
+# and views out of range). Readers check that every partition is there before they read; this is the last guard.
+FILL = {"features": np.nan, "labels": np.iinfo(np.int32).min, "view": 255, "size": -1, "mtime_ns": -1, "ctime_ns": -1}
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows [start, start + count) of a partition's split group, in the order a split of the root lists them."""
+
+    partition: str  # file name in STORE.parts/ (SELF: a version-1 store's own file)
+    split: str
+    start: int
+    count: int
+
+
+def merge_segments(segments: list[Segment]) -> list[Segment]:
+    """The same rows, runs that continue one another joined."""
+    merged: list[Segment] = []
+    for s in segments:
+        last = merged[-1] if merged else None
+        if last and (last.partition, last.split, last.start + last.count) == (s.partition, s.split, s.start):
+            merged[-1] = replace(last, count=last.count + s.count)
+        elif s.count:
+            merged.append(s)
+    return merged
+
+
+@dataclass
+class SetSnapshot:
+    """One feature set as a root maps it: its attributes, the partitions it uses (with the group prefix of the set
+    inside each), and per split the segments of its rows and of its skipped-file records."""
+
+    name: str
+    attrs: dict  # the set's attributes, JSON values decoded, `partitions` left out
+    prefixes: dict[str, str]  # partition name -> group path of the set inside it ("" for partitions written by v2)
+    rows: dict[str, list[Segment]] = field(default_factory=dict)
+    skipped: dict[str, list[Segment]] = field(default_factory=dict)
+
+    def partitions(self) -> set[str]:
+        return {s.partition for table in (self.rows, self.skipped) for segs in table.values() for s in segs}
+
+    def count(self, split: str, table: str = "rows") -> int:
+        return sum(s.count for s in getattr(self, table).get(split, []))
+
+    def locate(self, split: str, start: int, count: int, table: str = "rows") -> list[Segment]:
+        """The source segments of rows [start, start + count) of a split as the root lists them."""
+        found, offset, end = [], 0, start + count
+        for s in getattr(self, table).get(split, []):
+            lo, hi = max(start, offset), min(end, offset + s.count)
+            if lo < hi:
+                found.append(Segment(s.partition, s.split, s.start + lo - offset, hi - lo))
+            offset += s.count
+            if offset >= end:
+                break
+        return found
+
+    def live_rows(self) -> dict[str, int]:
+        """Feature rows mapped from each partition."""
+        live: dict[str, int] = {}
+        for segs in self.rows.values():
+            for s in segs:
+                live[s.partition] = live.get(s.partition, 0) + s.count
+        return live
+
+
+@dataclass
+class Snapshot:
+    """What a root holds: every feature set's mapping, the schema version it was read as, and its generation (one
+    more at every switch of the root)."""
+
+    version: int = SCHEMA_VERSION
+    created: str | None = None
+    generation: int = 0
+    sets: dict[str, SetSnapshot] = field(default_factory=dict)
+
+    def partitions(self) -> set[str]:
+        return set().union(*(s.partitions() for s in self.sets.values())) if self.sets else set()
+
+
+def decode_attr(value):
+    """Attributes holding JSON come back as Python values."""
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str) and (value[:1] in "[{" or value == "null"):
+        return json.loads(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def read_snapshot(f: h5py.File) -> Snapshot:
+    """The snapshot a root (version 2) or a version-1 store file holds."""
+    version = int(f.attrs.get("schema_version", 1))
+    snapshot = Snapshot(version, f.attrs.get("created"), int(f.attrs.get("generation", 0)))
+    for name in f[SETS] if SETS in f else []:
+        group = f[SETS][name]
+        attrs = {k: decode_attr(v) for k, v in group.attrs.items() if k != PARTITIONS}
+        if version == 1:
+            prefixes = {SELF: f"/{SETS}/{name}"}
+        else:
+            prefixes = decode_attr(group.attrs.get(PARTITIONS, "{}"))
+        order = sorted(prefixes)
+        snap = SetSnapshot(name, attrs, prefixes)
+        for split in [s for s in SPLITS if s in group]:
+            for table, where in (("rows", group[split]), ("skipped", group[split].get(SKIPPED))):
+                if where is None:
+                    continue
+                if version == 1:
+                    n = where["paths"].shape[0]
+                    getattr(snap, table)[split] = [Segment(SELF, split, 0, n)] if n else []
+                else:
+                    segments = where[SEGMENTS][()] if SEGMENTS in where else np.zeros((0, 4), np.int64)
+                    getattr(snap, table)[split] = [
+                        Segment(order[p], SPLITS[sp], int(a), int(c)) for p, sp, a, c in segments
+                    ]
+        snapshot.sets[name] = snap
+    return snapshot
+
+
+class SourceShapes:
+    """Shapes and types of partition datasets, read once per partition (a root's virtual datasets need them)."""
+
+    def __init__(self, paths: StorePaths, root: Path | None = None):
+        self.paths, self.root = paths, root
+        self._known: dict[tuple[str, str], tuple] = {}
+
+    def get(self, partition: str, dataset: str) -> tuple[tuple, object]:
+        key = (partition, dataset)
+        if key not in self._known:
+            path = self.root if partition == SELF else self.paths.parts / partition
+            with h5py.File(path, "r", locking=False) as f:
+                ds = f[dataset]
+                self._known[key] = (ds.shape, ds.dtype)
+        return self._known[key]
+
+
+def write_root(target: Path, snapshot: Snapshot, paths: StorePaths, shapes: SourceShapes) -> None:
+    """Fill a new root file (opened by the caller, who writes it atomically) from a snapshot: every set's attributes
+    and, per split, the segment tables and virtual datasets over the segments' partitions."""
+    with h5py.File(target, "w", libver="latest", locking=False) as f:
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["generation"] = snapshot.generation
+        if snapshot.created:
+            f.attrs["created"] = snapshot.created
+        sets = f.create_group(SETS)
+        for name, snap in snapshot.sets.items():
+            group = sets.create_group(name)
+            for key, value in snap.attrs.items():
+                group.attrs[key] = json.dumps(value) if value is None or isinstance(value, (dict, list)) else value
+            used = snap.partitions()
+            prefixes = {p: snap.prefixes[p] for p in sorted(used)}
+            group.attrs[PARTITIONS] = json.dumps(prefixes)
+            dim = int(snap.attrs["feature_dim"])
+            dtype = FEATURE_DTYPES[snap.attrs.get("dtype", "float16")]
+            for split in [s for s in SPLITS if s in snap.rows or s in snap.skipped]:
+                g = group.create_group(split)
+                columns = {"features": ((dim,), dtype), **{k: ((), v) for k, v in ROW_COLUMNS.items()}}
+                _virtual_table(g, snap.rows.get(split, []), prefixes, columns, "", paths, shapes)
+                skipped = {k: ((), v) for k, v in SKIPPED_COLUMNS.items()}
+                group_skipped = g.create_group(SKIPPED)
+                _virtual_table(group_skipped, snap.skipped.get(split, []), prefixes, skipped, SKIPPED, paths, shapes)
+
+
+def _virtual_table(
+    group: h5py.Group,
+    segments: list[Segment],
+    prefixes: dict[str, str],
+    columns: dict[str, tuple],
+    subgroup: str,
+    paths: StorePaths,
+    shapes: SourceShapes,
+) -> None:
+    """One table of a split (its rows, or its skipped files): the segment table, and a virtual dataset per column
+    mapping the segments in order (an empty table gets empty plain datasets)."""
+    order = sorted(prefixes)
+    table = np.asarray(
+        [[order.index(s.partition), SPLITS.index(s.split), s.start, s.count] for s in segments], np.int64
+    ).reshape(-1, 4)
+    group.create_dataset(SEGMENTS, data=table, chunks=(max(1, len(table)), 4), maxshape=(None, 4), fletcher32=True)
+    total = int(table[:, 3].sum())
+    for name, (tail, dtype) in columns.items():
+        if not total:
+            group.create_dataset(name, shape=(0, *tail), dtype=dtype)
+            continue
+        layout = h5py.VirtualLayout((total, *tail), dtype)
+        row = 0
+        for s in segments:
+            dataset = source_dataset(prefixes[s.partition], s.split, name, subgroup)
+            shape, _ = shapes.get(s.partition, dataset)
+            source = s.partition if s.partition == SELF else paths.source_name(s.partition)
+            layout[row : row + s.count] = h5py.VirtualSource(source, dataset, shape=shape)[s.start : s.start + s.count]
+            row += s.count
+        fill = FILL.get(name)
+        group.create_virtual_dataset(name, layout, fillvalue=fill)
+
+
+def source_dataset(prefix: str, split: str, name: str, subgroup: str = "") -> str:
+    """A column's dataset inside a partition: PREFIX/SPLIT[/skipped]/NAME."""
+    return "/".join(part for part in (prefix.strip("/"), split, subgroup, name) if part)
+
+
+def partition_rows(paths: StorePaths, snapshot: SetSnapshot, partition: str) -> int:
+    """Feature rows a partition holds for a set, live or dead (all its splits)."""
+    path = paths.store if partition == SELF else paths.parts / partition
+    prefix = snapshot.prefixes.get(partition, "")
+    with h5py.File(path, "r", locking=False) as f:
+        base = f[prefix] if prefix else f
+        return sum(base[s]["features"].shape[0] for s in SPLITS if s in base)
