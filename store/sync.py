@@ -265,9 +265,9 @@ class StoreSync:
             result.up_to_date = True
         else:
             new.attrs = attrs()
-            result.snapshot = _successor(self.paths, old, new)
             for name in new.partitions():
                 new.prefixes.setdefault(name, "")
+            result.snapshot = _successor(self.paths, old, new)
             switch_root(self.paths, old, result.snapshot, SourceShapes(self.paths, self.paths.store))
         used = new.partitions()
         for source in self.sources[1 if self.live else 0 :]:

@@ -1,0 +1,235 @@
+"""The store as it grows: updates write partitions and switch the root, readers keep their snapshot, compaction
+reclaims dead rows, a version-1 store is taken over without a copy, and plain h5py reads it all as before."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+from conftest import REPO, assert_same_content, content, make_images, run_cli, run_json, unmapped
+
+from store.paths import StorePaths
+
+pytestmark = pytest.mark.slow  # every test here runs the CLI on images
+
+FAST = ("--batch-size", "8", "--precision", "fp32")
+
+
+def featurize(data, store, *extra):
+    return run_json("featurize", data, "--store", store, *FAST, *extra)
+
+
+def info(store):
+    return run_json("store", "info", store)
+
+
+def files(store) -> dict[str, tuple[int, int]]:
+    """Each partition file with its inode and mtime: what an update must leave alone."""
+    paths = StorePaths.of(store)
+    return {p: (os.stat(paths.parts / p).st_ino, os.stat(paths.parts / p).st_mtime_ns) for p in paths.partitions()}
+
+
+def test_the_readme_snippet_reads_a_store_with_plain_h5py_from_anywhere(small_set, tmp_path):
+    """The README's snippet, verbatim but for the path: a split is one array, read through the root. The store
+    moved (root and partitions folder together) reads the same from another working directory."""
+    store = tmp_path / "runs" / "s.h5"
+    featurize(small_set, store)
+    make_images(tmp_path / "more", {"train": {"a": 2}}, seed=5)  # a second partition
+    for path in (tmp_path / "more" / "train" / "a").iterdir():
+        path.rename(small_set / "train" / "a" / f"more-{path.name}")
+    featurize(small_set, store)
+    snippet = re.search(r"<!-- store-snippet -->\n```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)[1]
+    probe = (
+        snippet + "\nimport numpy as np\nprint(json.dumps([X.shape, int(np.isfinite(X).sum()), y.tolist(), classes]))\n"
+    )
+    moved = tmp_path / "elsewhere" / "deep"
+    moved.mkdir(parents=True)
+    for path in (store, StorePaths.of(store).parts):
+        shutil.move(path, moved / path.name)
+    copied = tmp_path / "copied"
+    shutil.copytree(moved, copied)
+    for root in (moved / "s.h5", copied / "s.h5"):
+        (tmp_path / "probe.py").write_text(probe.replace("runs/dogscats.h5", str(root)))
+        proc = subprocess.run(
+            [sys.executable, str(tmp_path / "probe.py")], capture_output=True, text=True, cwd="/", check=True
+        )
+        shape, finite, labels, classes = json.loads(proc.stdout)
+        assert shape == [17, 1280] and finite == 17 * 1280 and classes == ["a", "b", "c"]
+        assert sorted(labels) == [0] * 7 + [1] * 5 + [2] * 5
+        run_cli("store", "info", root, "--verify")
+        assert run_json("featurize", small_set, "--store", root, *FAST)["up_to_date"]
+
+
+def test_updates_write_new_partitions_only_and_compaction_reclaims_dead_rows(small_set, tmp_path):
+    store = tmp_path / "s.h5"
+    featurize(small_set, store)
+    before = files(store)
+    assert len(before) == 1 and info(store)["schema_version"] == 2
+    make_images(tmp_path / "more", {"train": {"a": 2}}, seed=9)
+    for path in (tmp_path / "more" / "train" / "a").iterdir():
+        path.rename(small_set / "train" / "a" / f"new-{path.name}")
+    added = featurize(small_set, store)
+    after = files(store)
+    assert added["featurized"] == 2 and {p: after[p] for p in before} == before and len(after) == 2
+    (small_set / "train" / "b" / "b_001.jpg").unlink()
+    removed = featurize(small_set, store)
+    assert removed["featurized"] == 0 and files(store) == after  # unmapped at once, nothing written but the root
+    [feature_set] = info(store)["sets"]
+    assert feature_set["dead_rows"] == 1 and feature_set["live_rows"] == 22
+    compacted = run_json("store", "compact", store, "--dead-share", "0")
+    assert compacted["rewritten"] == [p for p in before] and compacted["rows_copied"] == 20
+    [feature_set] = info(store)["sets"]
+    assert feature_set["dead_rows"] == 0 and feature_set["live_rows"] == 22
+    assert not (StorePaths.of(store).parts / next(iter(before))).exists()  # no reader held it: deleted
+    assert_same_content(content(store), content(featurize_fresh(small_set, tmp_path)))
+    assert featurize(small_set, store)["up_to_date"] and not unmapped(store)
+
+
+def featurize_fresh(data, tmp_path):
+    fresh = tmp_path / "fresh" / "s.h5"
+    featurize(data, fresh)
+    return fresh
+
+
+def to_version_1(store, out):
+    """The store written as a version-1 file (every row in the one file, sorted by path and view) by plain h5py, as
+    the version before this one wrote it."""
+    from store.schema import ROW_COLUMNS, SKIPPED_COLUMNS, STR
+    from store.verify import create_checked
+
+    with h5py.File(store, "r") as f, h5py.File(out, "w") as v1:
+        v1.attrs["schema_version"] = 1
+        for name, group in f["sets"].items():
+            target = v1.create_group(f"sets/{name}")
+            for key, value in group.attrs.items():
+                if key != "partitions":
+                    target.attrs[key] = value
+            for split in ("train", "valid", "test"):
+                if split not in group:
+                    continue
+                g = target.create_group(split)
+                order = np.lexsort((group[split]["view"][()], group[split]["paths"][()]))
+                create_checked(g, "features", group[split]["features"][()][order])
+                for column, dtype in ROW_COLUMNS.items():
+                    values = group[split][column][()][order]
+                    create_checked(g, column, values.astype(object) if dtype is STR else values, dtype)
+                skipped = g.create_group("skipped")
+                for column, dtype in SKIPPED_COLUMNS.items():
+                    values = group[split]["skipped"][column][()]
+                    create_checked(skipped, column, values.astype(object) if dtype is STR else values, dtype)
+    return out
+
+
+def test_a_version_1_store_is_read_as_it_is_and_taken_over_by_its_first_update(small_set, tmp_path):
+    current = tmp_path / "current.h5"
+    featurize(small_set, current)
+    store = to_version_1(current, tmp_path / "v1.h5")
+    inode = os.stat(store).st_ino
+    assert info(store)["schema_version"] == 1
+    run_json("train-head", "--store", store, "--out", tmp_path / "head")  # read as it is
+    again = featurize(small_set, store)
+    assert again["up_to_date"] and info(store)["schema_version"] == 1 and os.stat(store).st_ino == inode
+    make_images(tmp_path / "more", {"train": {"c": 1}}, seed=4)
+    (tmp_path / "more" / "train" / "c" / "c_000.jpg").rename(small_set / "train" / "c" / "new.jpg")
+    updated = featurize(small_set, store)
+    assert updated["featurized"] == 1 and updated["reused"] == 21
+    described = info(store)
+    assert described["schema_version"] == 2 and described["partitions"] == 2
+    [legacy] = [p for p in StorePaths.of(store).partitions() if p.startswith("legacy-")]
+    assert os.stat(StorePaths.of(store).parts / legacy).st_ino == inode  # the old file itself, never copied
+    assert_same_content(content(store), content(featurize_fresh(small_set, tmp_path)))
+    run_cli("store", "info", store, "--verify")
+
+
+def test_partitions_a_reader_holds_outlive_compaction(small_set, tmp_path):
+    """A reader (ours, or plain h5py with its own file locking) holds the snapshot it opened: compaction leaves the
+    partitions it replaced until the reader is done, and the next writer deletes them."""
+    from store.reader import FeatureStore
+
+    store = tmp_path / "s.h5"
+    featurize(small_set, store)
+    first = set(files(store))
+    (small_set / "train" / "a" / "a_000.jpg").unlink()
+    featurize(small_set, store)  # one row dead (1 of 21: under the threshold, kept)
+    for round_, reader in enumerate(("ours", "h5py"), start=1):
+        held = FeatureStore(store) if reader == "ours" else h5py.File(store, "r")
+        features = (
+            held.feature_set().features("train")[()]
+            if reader == "ours"
+            else held[f"sets/{next(iter(held['sets']))}/train/features"][()]
+        )
+        compacted = run_json("store", "compact", store, "--dead-share", "0")
+        assert compacted["rewritten"] and not compacted["deleted"], reader
+        assert all((StorePaths.of(store).parts / p).exists() for p in compacted["rewritten"])
+        again = (
+            held.feature_set().features("train")[()]
+            if reader == "ours"
+            else held[f"sets/{next(iter(held['sets']))}/train/features"][()]
+        )
+        np.testing.assert_array_equal(again, features)  # the reader's snapshot, whole
+        held.close()
+        deleted = run_json("store", "compact", store)["deleted"]
+        assert sorted(deleted) == sorted(compacted["rewritten"]), reader
+        (small_set / "train" / "a" / f"a_00{round_}.jpg").unlink()  # a dead row for the next round
+        featurize(small_set, store)
+    assert not first & set(files(store))
+
+
+READER = """
+import json, sys, time
+import h5py, numpy as np
+from store.reader import FeatureStore
+store, stop = sys.argv[1], sys.argv[2]
+reads, problems = 0, []
+while True:
+    done = __import__("os").path.exists(stop)
+    for mode in ("ours", "h5py"):
+        try:
+            if mode == "ours":
+                with FeatureStore(store) as opened:
+                    fs = opened.feature_set()
+                    x, paths = fs.features("train")[()], fs.column("train", "paths")
+            else:
+                with h5py.File(store, "r") as f:
+                    g = f["sets"][next(iter(f["sets"]))]["train"]
+                    x, paths = g["features"][()], g["paths"][()]
+            if not np.isfinite(x.astype(np.float32)).all() or len(paths) != len(x) or len(set(paths)) != len(paths):
+                problems.append(f"{mode}: inconsistent read of {len(x)} rows")
+            reads += 1
+        except Exception as exc:
+            problems.append(f"{mode}: {exc!r}"[:200])
+    if done:
+        break
+print(json.dumps({"reads": reads, "problems": problems}))
+"""
+
+
+def test_a_reader_looping_over_full_reads_sees_whole_snapshots_while_featurize_commits_and_compacts(tmp_path):
+    data = make_images(tmp_path / "data", {"train": {"a": 12, "b": 24}})
+    store = tmp_path / "s.h5"
+    args = ("--batch-size", "4", "--commit-every", "4", "--precision", "fp32")
+    run_json("featurize", data, "--store", store, *args)
+    stop = tmp_path / "stop"
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(store), str(stop)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    compactions = 0
+    for round_ in range(4):  # each round adds images (new partitions) and removes some (dead rows, compaction)
+        make_images(tmp_path / f"more{round_}", {"train": {"a": 6}}, seed=20 + round_)
+        for path in (tmp_path / f"more{round_}" / "train" / "a").iterdir():
+            path.rename(data / "train" / "a" / f"r{round_}-{path.name}")
+        for path in sorted((data / "train" / "b").iterdir())[:3]:
+            path.unlink()
+        result = run_json("featurize", data, "--store", store, *args)
+        compactions += bool(result["compaction"]["rewritten"])
+        time.sleep(0.2)
+    stop.touch()
+    out, _ = reader.communicate(timeout=300)
+    seen = json.loads(out)
+    assert compactions >= 2 and seen["reads"] > 10 and not seen["problems"], seen
