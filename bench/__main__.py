@@ -359,7 +359,7 @@ def bench_checksums(quick: bool) -> dict:
     )
 
 
-def bench_scale(quick: bool) -> dict:
+def bench_rss(quick: bool) -> dict:
     """Featurize peak RSS and img/s on generated sets of two sizes: memory must not grow with N."""
     from pipeline.demo import make_demo_images
 
@@ -381,6 +381,19 @@ def bench_scale(quick: bool) -> dict:
             )
         )
         shutil.rmtree(tmp)
+    return report("rss" + ("-quick" if quick else ""), rows)
+
+
+def bench_scale(quick: bool) -> dict:
+    """Store updates and reads at 1e5, 1e6 and 1e7 rows, version 1 against version 2, and the up-to-date check
+    over a million files (bench/store_scale.py)."""
+    from bench.store_scale import bench_store_scale
+
+    tmp = Path(tempfile.mkdtemp(dir=os.environ.get("BENCH_TMP")))
+    try:
+        rows = bench_store_scale(quick, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return report("scale" + ("-quick" if quick else ""), rows)
 
 
@@ -671,6 +684,7 @@ BENCHMARKS = {
     "heads": bench_heads,
     "stream": bench_stream,
     "scale": bench_scale,
+    "rss": bench_rss,
     "accuracy": bench_accuracy,
     "export": bench_export,
     "checksums": bench_checksums,

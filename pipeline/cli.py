@@ -157,6 +157,9 @@ def featurize(
         raise typer.Exit(130)
 
 
+SKIPPED_SHOWN = 20  # skipped files listed on the terminal; --json lists every one
+
+
 def _print_featurize_result(s) -> None:
     from pipeline.featurize import ShardResult
 
@@ -166,8 +169,10 @@ def _print_featurize_result(s) -> None:
     if isinstance(s, ShardResult):
         out.print(f"{s.shard}: featurized {s.featurized} images in {s.seconds:.1f} s{rate}", highlight=False)
         return
-    for bad in s.skipped:
+    for bad in s.skipped[:SKIPPED_SHOWN]:
         err.print(f"[yellow]skipped[/] {bad['path']}: {bad['reason']}", highlight=False)
+    if len(s.skipped) > SKIPPED_SHOWN:
+        err.print(f"[yellow]skipped[/] {len(s.skipped) - SKIPPED_SHOWN} more (all in --json)", highlight=False)
     images = ", ".join(f"{split} {n}" for split, n in s.images.items())
     if s.up_to_date:
         out.print(f"up to date: {s.store} ({s.set}: {images}) in {s.seconds:.1f} s, nothing decoded")

@@ -60,9 +60,13 @@ class Fingerprint:
         """The cheap check: size, mtime and ctime all as recorded."""
         return (self.size, self.mtime_ns, self.ctime_ns) == (size, mtime_ns, ctime_ns)
 
+    def with_sha256(self, sha256: str) -> Fingerprint:
+        """The same stat with the content hash known."""
+        return Fingerprint(self.size, self.mtime_ns, sha256, self.ctime_ns)
 
-def _is_image_name(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+def _is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and not name.startswith(".")
 
 
 class _ImageWalker:
@@ -88,39 +92,53 @@ class _ImageWalker:
                 return f"it leads to {target}, a folder above the images (a loop)"
         return f"it leads to {target}, already scanned" if target in self.visited else None
 
-    def walk(self, folder: Path) -> list[Path]:
-        """All image files below a folder, recursively, in sorted order."""
-        found = []
-        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-            self.visited.add(os.path.realpath(dirpath))
-            keep = []
-            for name in sorted(dirnames):
-                full = os.path.join(dirpath, name)
-                reason = self._refuse(full) if os.path.islink(full) else None
-                if reason:
-                    self.notes.append(f"symlinked folder {full} skipped: {reason}")
-                elif not name.startswith("."):
-                    keep.append(name)
-            dirnames[:] = keep
-            for name in sorted(filenames):
-                path = Path(dirpath) / name
-                if not _is_image_name(path):
+    def walk(self, folder: Path) -> list[str]:
+        """All image files below a folder, recursively, in sorted order (paths beginning with str(folder))."""
+        found: list[str] = []
+        stack = [str(folder)]
+        while stack:  # depth first, each folder's entries in name order (which copy of a file is kept)
+            dirpath = stack.pop()
+            real_dir = os.path.realpath(dirpath)
+            self.visited.add(real_dir)
+            try:
+                with os.scandir(dirpath) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError:
+                continue
+            subfolders = []
+            for entry in entries:  # the entry's type comes with the listing: one stat per symlink, none else
+                if entry.is_dir():
+                    reason = self._refuse(entry.path) if entry.is_symlink() else None
+                    if reason:
+                        self.notes.append(f"symlinked folder {entry.path} skipped: {reason}")
+                    elif not entry.name.startswith("."):
+                        subfolders.append(entry.path)
                     continue
-                real = os.path.realpath(path)
-                if path.is_symlink() and any(real.startswith(owned + os.sep) for owned in self.owned):
-                    self.notes.append(f"symlink {path} skipped: it leads to {real}, which is scanned by its own path")
+                if not _is_image_name(entry.name):
                     continue
+                if entry.is_symlink():
+                    real = os.path.realpath(entry.path)
+                    if any(real.startswith(owned + os.sep) for owned in self.owned):
+                        self.notes.append(
+                            f"symlink {entry.path} skipped: it leads to {real}, which is scanned by its own path"
+                        )
+                        continue
+                else:
+                    real = os.path.join(real_dir, entry.name)
                 if real in self.files:
-                    self.notes.append(f"{path} is the file {self.files[real]} reached by another path; stored once")
+                    self.notes.append(
+                        f"{entry.path} is the file {self.files[real]} reached by another path; stored once"
+                    )
                     continue
-                self.files[real] = str(path)
-                found.append(path)
+                self.files[real] = entry.path
+                found.append(entry.path)
+            stack.extend(reversed(subfolders))
         return sorted(found)
 
 
 def find_images(folder: Path) -> list[Path]:
     """All image files below one folder (symlinked folders and files followed once), sorted."""
-    return _ImageWalker([folder]).walk(folder)
+    return [Path(p) for p in _ImageWalker([folder]).walk(folder)]
 
 
 def class_folders(split_dir: Path) -> list[str]:
@@ -134,7 +152,8 @@ def _labelled(root: Path, split_dir: Path, classes: list[str], walker: _ImageWal
     for name in classes:
         folder = split_dir / name
         if folder.is_dir():
-            files += [ImageFile(p.relative_to(root).as_posix(), index[name]) for p in walker.walk(folder)]
+            base, relative = len(str(folder)), folder.relative_to(root).as_posix()
+            files += [ImageFile(relative + p[base:], index[name]) for p in walker.walk(folder)]
     return sorted(files, key=lambda f: f.path)
 
 
@@ -189,7 +208,8 @@ def scan_dataset(root: str | Path, valid_pct: float | None = None, seed: int = 0
         )
         splits = {s: _labelled(root, root / s, classes, walker) for s in labelled}
         if "test" in present:
-            splits["test"] = [ImageFile(p.relative_to(root).as_posix(), UNLABELLED) for p in walker.walk(root / "test")]
+            base = len(str(root / "test"))
+            splits["test"] = [ImageFile("test" + p[base:], UNLABELLED) for p in walker.walk(root / "test")]
         layout = "splits"
         if valid_pct is not None:
             if "valid" in splits:
@@ -231,9 +251,9 @@ def scan_dataset(root: str | Path, valid_pct: float | None = None, seed: int = 0
     )
 
 
-def stat_fingerprint(path: Path) -> Fingerprint:
+def stat_fingerprint(path: str | Path) -> Fingerprint:
     """Size and mtime of a file, without reading it."""
-    st = path.stat()
+    st = os.stat(path)
     return Fingerprint(st.st_size, st.st_mtime_ns, "", st.st_ctime_ns)
 
 

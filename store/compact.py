@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 import h5py
+import numpy as np
 
 from store.paths import StorePaths
 from store.reader import open_root
@@ -90,6 +91,7 @@ def compact_set(
     outputs: list[dict[str, PartitionSplit]] = [{}]
     mapping: dict[tuple, tuple[int, int]] = {}  # (table, split, segment index) -> (output, start in its split)
     filled = 0
+    read: dict[tuple, np.ndarray] = {}
     try:
         for table in ("rows", "skipped"):
             spec, sub = (ROW_COLUMNS, "") if table == "rows" else (SKIPPED_COLUMNS, SKIPPED)
@@ -105,9 +107,11 @@ def compact_set(
                     )
                     columns = out.columns if table == "rows" else out.skipped
                     mapping[table, split, i] = (len(outputs) - 1, len(columns["paths"]))
-                    source = group(s.partition, s.split, sub)
                     for name in spec:
-                        values = source[name][s.start : s.start + s.count]
+                        key = (s.partition, s.split, sub, name)
+                        if key not in read:  # a column read once, not once per segment (a thousand, at times)
+                            read[key] = group(s.partition, s.split, sub)[name][()]
+                        values = read[key][s.start : s.start + s.count]
                         text = spec[name] is STR
                         columns[name] += [v.decode() if text and isinstance(v, bytes) else v for v in values]
                     if table == "rows":

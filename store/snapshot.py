@@ -208,16 +208,24 @@ def _virtual_table(
         if not total:
             group.create_dataset(name, shape=(0, *tail), dtype=dtype)
             continue
-        layout = h5py.VirtualLayout((total, *tail), dtype)
+        # HDF5's own calls, not h5py.VirtualLayout: that copies a selection per mapping, 0.3 ms each, and a root
+        # of a thousand segments (files removed here and there) took seconds to write.
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        tid = h5py.h5t.py_create(np.dtype(dtype), logical=True)
+        if name in FILL:
+            dcpl.set_fill_value(np.array(FILL[name], dtype=dtype))
+        space = h5py.h5s.create_simple((total, *tail))
         row = 0
         for s in segments:
             dataset = source_dataset(prefixes[s.partition], s.split, name, subgroup)
             shape, _ = shapes.get(s.partition, dataset)
             source = s.partition if s.partition == SELF else paths.source_name(s.partition)
-            layout[row : row + s.count] = h5py.VirtualSource(source, dataset, shape=shape)[s.start : s.start + s.count]
+            space.select_hyperslab((row, *(0 for _ in tail)), (s.count, *tail))
+            source_space = h5py.h5s.create_simple(shape)
+            source_space.select_hyperslab((s.start, *(0 for _ in tail)), (s.count, *tail))
+            dcpl.set_virtual(space, source.encode(), dataset.encode(), source_space)
             row += s.count
-        fill = FILL.get(name)
-        group.create_virtual_dataset(name, layout, fillvalue=fill)
+        h5py.h5d.create(group.id, name.encode(), tid, h5py.h5s.create_simple((total, *tail)), dcpl=dcpl)
 
 
 def source_dataset(prefix: str, split: str, name: str, subgroup: str = "") -> str:

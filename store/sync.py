@@ -19,6 +19,7 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -70,7 +71,8 @@ class FileDecision:
 
     def record(self, path: str) -> FileRecord:
         fp = self.fingerprint
-        return FileRecord(path, self.label, fp.size, fp.mtime_ns, fp.ctime_ns, fp.sha256)
+        sha256 = fp.sha256 or (self.rows.sha256 if self.rows is not None else "")
+        return FileRecord(path, self.label, fp.size, fp.mtime_ns, fp.ctime_ns, sha256)
 
 
 @dataclass
@@ -221,6 +223,7 @@ class StoreSync:
         self.dataset, self.views = dataset, views
         cache: dict[str, list] = {}
         todo = []
+        root = str(dataset.root)
         for split, files in dataset.splits.items():
             count = rows_per_file(split, views)
             # The same split first; with no augmented views a file's row is the same in any split.
@@ -228,7 +231,7 @@ class StoreSync:
             indexes = [i for src in [split, *others] for i in cache.setdefault(src, self._indexes(src))]
             self.decisions[split] = {}
             for f in files:
-                decision = _decide(dataset.root / f.path, f, indexes, count)
+                decision = _decide(os.path.join(root, f.path), f, indexes, count)
                 if decision.source is None and decision.skip_reason is None:
                     todo.append((split, f))
                 self.decisions[split][f.path] = decision
@@ -267,7 +270,7 @@ class StoreSync:
             new.attrs = attrs()
             for name in new.partitions():
                 new.prefixes.setdefault(name, "")
-            result.snapshot = _successor(self.paths, old, new)
+            result.snapshot = successor(self.paths, old, new)
             switch_root(self.paths, old, result.snapshot, SourceShapes(self.paths, self.paths.store))
         used = new.partitions()
         for source in self.sources[1 if self.live else 0 :]:
@@ -336,7 +339,7 @@ class StoreSync:
         runs joined. The order is history's, not the paths': a file's views stay together."""
         live = sorted((p for p in picked if p[0] == LIVE), key=lambda p: (p[1] != split, SPLITS.index(p[1]), p[2]))
         rest = sorted((p for p in picked if p[0] != LIVE), key=lambda p: (p[0], SPLITS.index(p[1]), p[2]))
-        segments = [s for p in live for s in self._sources_of(*p, table=table)]
+        segments = [s for p in _runs(live) for s in self._sources_of(*p, table=table)]
         segments += [Segment(*p) for p in rest]
         return merge_segments(segments)
 
@@ -382,7 +385,7 @@ class StoreSync:
         return SyncResult(images, rows, skipped, up_to_date=False)
 
 
-def _decide(path, f: ImageFile, indexes: list, count: int) -> FileDecision:
+def _decide(path: str, f: ImageFile, indexes: list, count: int) -> FileDecision:
     try:
         fp = stat_fingerprint(path)
     except OSError as exc:
@@ -393,29 +396,40 @@ def _decide(path, f: ImageFile, indexes: list, count: int) -> FileDecision:
         rows, bad = index.get(f.path), skipped.get(f.path)
         if rows and rows.count == count and fp.same_stat(rows.size, rows.mtime_ns, rows.ctime_ns):
             decision.source, decision.source_split, decision.rows, decision.copy = name, src, rows, relabel
-            decision.fingerprint = replace(fp, sha256=rows.sha256)
-            return decision
+            return decision  # its content hash is the rows' (FileDecision.record)
         if bad and fp.same_stat(bad["size"], bad["mtime_ns"], bad["ctime_ns"]):
             decision.skip_reason, decision.skip_source = bad["reason"], (name, src, bad["row"])
-            decision.fingerprint = replace(fp, sha256=bad["sha256"])
+            decision.fingerprint = fp.with_sha256(bad["sha256"])
             return decision
         same_size |= bool(rows and rows.count == count and rows.size == fp.size)
     if same_size:  # touched but perhaps unchanged: the content hash decides
         try:
-            sha = content_sha256(path.read_bytes())
+            sha = content_sha256(Path(path).read_bytes())
         except OSError:
             return decision
         for name, src, index, _, _ in indexes:
             rows = index.get(f.path)
             if rows and rows.count == count and rows.sha256 == sha:
                 decision.source, decision.source_split, decision.rows = name, src, rows
-                decision.fingerprint = replace(fp, sha256=sha)
+                decision.fingerprint = fp.with_sha256(sha)
                 decision.copy = True  # the same features under a new fingerprint: partitions never change
                 return decision
     return decision
 
 
-def _successor(paths: StorePaths, old: Snapshot | None, new: SetSnapshot) -> Snapshot:
+def _runs(picked: list[tuple[str, str, int, int]]) -> list[tuple[str, str, int, int]]:
+    """Sorted (source, split, start, count) picks with adjacent ones joined: a store's rows are located run by
+    run, not file by file."""
+    runs: list[tuple[str, str, int, int]] = []
+    for p in picked:
+        if runs and runs[-1][:2] == p[:2] and runs[-1][2] + runs[-1][3] == p[2]:
+            runs[-1] = (p[0], p[1], runs[-1][2], runs[-1][3] + p[3])
+        else:
+            runs.append(p)
+    return runs
+
+
+def successor(paths: StorePaths, old: Snapshot | None, new: SetSnapshot) -> Snapshot:
     """The next snapshot: the old one with this set replaced. A version-1 store becomes a partition (a hard link
     to its file: its rows are never copied) and every set it held maps its rows there."""
     sets = dict(old.sets) if old is not None else {}
