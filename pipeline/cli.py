@@ -105,7 +105,8 @@ def _human_bytes(n: int) -> str:
     "    pipeline featurize data/dogscats --store runs/dogscats.h5\n\n"
     "    pipeline featurize data/photos --valid-pct 0.2 --seed 0 --store runs/photos.h5 --views 4\n\n"
     "    pipeline featurize data/dogscats --store runs/ft.h5 --weights runs/ft-a/backbone.safetensors\n\n"
-    "    torchrun --nproc_per_node 2 -m pipeline featurize data/dogscats --store runs/dogscats.h5"
+    "    torchrun --nproc_per_node 2 -m pipeline featurize data/dogscats --store runs/dogscats.h5\n\n"
+    "    pipeline featurize /shared/photos --store /shared/photos.h5 --engine ray --workers 8 --gpus-per-worker 1"
 )
 def featurize(
     data_dir: Path = typer.Argument(
@@ -127,7 +128,7 @@ def featurize(
     device: str = typer.Option("auto", help="auto, cpu or cuda (GPU decode and forward)."),
     batch_size: int = typer.Option(32, help="Images per batch (1 or more; refused when it cannot fit in memory)."),
     commit_every: int = typer.Option(
-        2048, help="Commit to the journal after this many feature rows (a kill loses at most this much work)."
+        2048, help="Commit a partition after this many feature rows (a kill loses at most this much work)."
     ),
     num_shards: int = typer.Option(1, help="For batch schedulers: split the work into this many shards..."),
     shard_id: int = typer.Option(0, help="...and do this one (0-based); a later run without them merges."),
@@ -137,6 +138,14 @@ def featurize(
         help="Check every stored byte first and compute again what fails (otherwise an update checks the "
         "partitions it writes, and readers what they read).",
     ),
+    engine: str = typer.Option(
+        "local", help="local (this process, or torchrun's), or ray: a Ray Data actor pool (pip install -e '.[ray]')."
+    ),
+    ray_address: Optional[str] = typer.Option(
+        None, help="--engine ray: the cluster (default: Ray's rule, RAY_ADDRESS or a local instance)."
+    ),
+    workers: int = typer.Option(1, help="--engine ray: actors, each with the backbone built once."),
+    gpus_per_worker: float = typer.Option(0.0, help="--engine ray: GPUs per actor (0: decode and forward on CPUs)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):
     """Decode images with DALI, run the frozen backbone once, stream features into the store (only what changed)."""
@@ -157,6 +166,10 @@ def featurize(
         raise typer.Exit(130)
 
 
+RUN_PRECISION_HELP = (
+    "fp32 or bf16 for the backbone's forward pass; default: the run's own, the precision its metrics were measured in "
+    "(another is said in the output)."
+)
 SKIPPED_SHOWN = 20  # skipped files listed on the terminal; --json lists every one
 
 
@@ -549,7 +562,9 @@ def finetune(
     batch_size: int = typer.Option(32, help="Images per step."),
     seed: int = typer.Option(0, help="Seed of the order, augmentation and dropout."),
     precision: str = typer.Option(
-        "auto", help="auto (bf16 autocast on a GPU and on CPUs with native bf16, fp32 elsewhere), fp32 or bf16."
+        "auto",
+        help="auto (bf16 autocast on a GPU; fp32 on CPUs, where bf16 training is not measured faster), fp32 or "
+        "bf16. The run is validated, its epoch kept and the model served in this precision.",
     ),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     resume: Optional[Path] = typer.Option(None, help="Continue a stopped fine-tune from its checkpoint."),
@@ -679,6 +694,7 @@ def predict(
     tta: bool = typer.Option(False, "--tta", help="Also average over flipped and shifted crops (reported separately)."),
     out_file: Optional[Path] = typer.Option(None, "--out", help="Write all class probabilities to .csv or .json."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    precision: Optional[str] = typer.Option(None, help=RUN_PRECISION_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print predictions as JSON."),
 ):
     """Classify images with a trained model; unreadable files are reported and do not stop the rest."""
@@ -687,10 +703,12 @@ def predict(
     from stages.model import load_model
 
     with on_interrupt(_nothing_written(out_file)):
-        result = run_predict(load_model(model_dir, device=device), inputs, top_k, tta, out_file)
+        result = run_predict(load_model(model_dir, device=device, precision=precision), inputs, top_k, tta, out_file)
     if as_json:
         _print_json(result)
         return
+    if result.precision_note:
+        err.print(f"[yellow]note:[/] {result.precision_note}", highlight=False)
     from rich.table import Table
 
     table = Table()
@@ -724,6 +742,7 @@ def evaluate(
     tta: bool = typer.Option(False, "--tta", help="Average over flipped and shifted crops."),
     store: Optional[Path] = typer.Option(None, "--store", help="Use cached features from this store (seconds)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    precision: Optional[str] = typer.Option(None, help=RUN_PRECISION_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ):
     """Accuracy, per-class precision/recall/F1, log loss, calibration error (ECE), confusion matrix, reliability
@@ -732,10 +751,12 @@ def evaluate(
     from pipeline.evaluate import evaluate as run_evaluate
 
     with on_interrupt(_nothing_written(out_dir or model_dir / "eval")):
-        result = run_evaluate(model_dir, split_dir, out_dir, tta, store, device)
+        result = run_evaluate(model_dir, split_dir, out_dir, tta, store, device, precision)
     if as_json:
         _print_json(result)
         return
+    if result.precision_note:
+        err.print(f"[yellow]note:[/] {result.precision_note}", highlight=False)
     from rich.table import Table
 
     m = result.metrics
@@ -846,6 +867,8 @@ def export(
         f"input {result.input}, output {result.output}; classes {', '.join(result.classes)}",
         highlight=False,
     )
+    if result.precision_note:
+        err.print(f"[yellow]note:[/] {result.precision_note}", highlight=False)
 
 
 @app.command(epilog="Example:\n\n    pipeline demo --out runs/demo")

@@ -44,6 +44,8 @@ class PredictResult:
     seconds: float
     images_per_second: float | None
     out: str | None
+    precision: str  # the forward pass's
+    precision_note: str | None  # set when it is not the run's own (an explicit --precision)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -65,6 +67,8 @@ class EvaluateResult:
     top_losses_png: str
     reliability_png: str
     metrics_json: str
+    precision: str  # the forward pass's (with --store: the cached features')
+    precision_note: str | None  # set when it is not the run's own (an explicit --precision)
 
     def to_json(self) -> dict:
         data = {**self.metrics.to_json(), **asdict(self)}
@@ -102,6 +106,8 @@ def predict(
         seconds=round(seconds, 3),
         images_per_second=round(len(rows) / seconds, 1) if rows else None,
         out=str(out) if out else None,
+        precision=model.precision,
+        precision_note=model.precision_note,
     )
 
 
@@ -189,12 +195,16 @@ def evaluate(
     tta: bool = False,
     store: Path | None = None,
     device: str = "auto",
+    precision: str | None = None,
 ) -> EvaluateResult:
-    """Metrics, confusion matrix and top losses of a model on a labelled split; from cached features with store."""
+    """Metrics, confusion matrix and top losses of a model on a labelled split; from cached features with store.
+    The model runs in the precision its run's metrics were measured in, unless `precision` says otherwise."""
     out = out or run_dir / "eval"
+    if store is not None and precision is not None:
+        raise PipelineError("--precision applies to the backbone; drop it with --store (the features are cached)")
     # Held from the start (a second evaluate into the same folder is refused at once), published whole at the end.
     with output_folder(out, (CONFUSION_PNG,), "an evaluation") as staging:
-        return _evaluate(run_dir, split_dir, out, staging, tta, store, device)
+        return _evaluate(run_dir, split_dir, out, staging, tta, store, device, precision)
 
 
 CONFUSION_PNG, RELIABILITY_PNG, TOP_LOSSES_PNG, METRICS_JSON = (
@@ -206,7 +216,14 @@ CONFUSION_PNG, RELIABILITY_PNG, TOP_LOSSES_PNG, METRICS_JSON = (
 
 
 def _evaluate(
-    run_dir: Path, split_dir: Path, out: Path, staging: Path, tta: bool, store: Path | None, device: str
+    run_dir: Path,
+    split_dir: Path,
+    out: Path,
+    staging: Path,
+    tta: bool,
+    store: Path | None,
+    device: str,
+    precision: str | None,
 ) -> EvaluateResult:
     from stages.head import load_head
 
@@ -219,8 +236,10 @@ def _evaluate(
         if tta:
             raise PipelineError("--tta needs raw images; drop --store to evaluate with TTA")
         probabilities = _probabilities_from_store(head, config, run_dir, store, files)
+        used, note = config.precision, None
     else:
-        model = load_model(run_dir, device=device)
+        model = load_model(run_dir, device=device, precision=precision)
+        used, note = model.precision, model.precision_note
         by_path = {}
         for predictions, bad in model.predict_files(files, tta=tta):
             for p in predictions:
@@ -260,6 +279,8 @@ def _evaluate(
         top_losses_png=str(out / TOP_LOSSES_PNG),
         reliability_png=str(out / RELIABILITY_PNG),
         metrics_json=str(out / METRICS_JSON),
+        precision=used,
+        precision_note=note,
     )
     plot_confusion_matrix(metrics.confusion_matrix, classes, staging / CONFUSION_PNG)
     plot_reliability(metrics.reliability, metrics.ece, staging / RELIABILITY_PNG)

@@ -42,6 +42,8 @@ class ExportResult:
     output: str
     classes: list[str]
     metadata: dict[str, str]
+    precision: str  # the file's: fp32 (ONNX Runtime's CPU kernels have no bf16 convolutions)
+    precision_note: str | None  # set when the run's own metrics were measured in another
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -74,4 +76,9 @@ def export_run(run_dir: Path, out: Path | None = None, fmt: str = "onnx") -> Exp
         output=f"{OUTPUT}: float32 (N, {len(config.classes)})",
         classes=config.classes,
         metadata=metadata,
+        precision="fp32",
+        precision_note=None
+        if config.precision == "fp32"
+        else f"the file computes in fp32 (ONNX Runtime has no bf16 convolutions on CPUs); the run's metrics were "
+        f"measured in {config.precision}: its probabilities differ slightly from the run's",
     )

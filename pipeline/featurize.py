@@ -29,7 +29,7 @@ from store.paths import StorePaths
 from store.reader import store_bytes
 from store.schema import FEATURE_DTYPES, FileRecord
 from store.sync import PendingRows, StoreSync, views_in
-from store.writer import StoreLock, now_iso, remove_stale_temporaries
+from store.writer import PartitionWriter, StoreLock, now_iso, remove_stale_temporaries
 
 Progress = Callable[[int, int], None]
 
@@ -56,6 +56,10 @@ class FeaturizeOptions:
     shard_id: int = 0
     threads: int | None = None  # torch's threads while featurizing; None: the cores, shared among local ranks
     verify: bool = False  # check every stored byte first (readers check what they read; an update its new partitions)
+    engine: str = "local"  # "ray": the files to compute go to a Ray Data actor pool (pipeline.ray_engine)
+    ray_address: str | None = None  # None: Ray's own rule (RAY_ADDRESS, else a local instance)
+    workers: int = 1  # Ray actors
+    gpus_per_worker: float = 0.0
 
 
 def _library_versions() -> dict:
@@ -86,6 +90,8 @@ class FeaturizeWork:
     backbone: str
     views: int
     notes: list[str]
+    engine: str  # local or ray
+    worker_peak_rss_mb: float | None  # --engine ray: the largest peak RSS of its actors
 
 
 @dataclass
@@ -121,19 +127,20 @@ class FeaturizeResult(FeaturizeWork):
 
 
 class Featurizer:
-    """The computing part of a run: decode and forward the files to do, committing to the journal as it goes."""
+    """The computing part of a run: decode and forward the files to do, committing partitions as it goes (in this
+    process, or in a Ray actor: pipeline.ray_engine)."""
 
     def __init__(
         self,
         opts: FeaturizeOptions,
         dataset: Dataset,
         backbone,
-        sync: StoreSync,
+        writer: PartitionWriter,
         device: str,
         precision: str,
         progress: Progress | None,
     ):
-        self.opts, self.dataset, self.sync = opts, dataset, sync
+        self.opts, self.dataset, self.writer = opts, dataset, writer
         self.backbone, self.device, self.precision = backbone, device, precision
         self.progress = progress
         self.forward = FeatureRunner.for_backbone(backbone, device, precision)
@@ -196,7 +203,7 @@ class Featurizer:
         return load
 
     def _commit(self) -> None:
-        self.sync.commit(self.pending.rows, self.opts.dtype)
+        self.writer.commit(self.pending.rows, self.opts.dtype)
         self.pending.clear()
         self.last_commit = time.monotonic()
 
@@ -206,6 +213,24 @@ def _safe_stat(path: Path) -> Fingerprint:
         return stat_fingerprint(path)
     except OSError:
         return Fingerprint(0, 0)
+
+
+ENGINES = ("local", "ray")
+
+
+def check_engine(opts: FeaturizeOptions) -> None:
+    """The engine's options, checked before anything runs (and Ray's presence, for --engine ray)."""
+    if opts.engine not in ENGINES:
+        raise PipelineError(f"--engine {opts.engine!r} is not one of {', '.join(ENGINES)}")
+    if opts.engine == "local":
+        return
+    check_range("--workers", opts.workers, 1, None)
+    check_range("--gpus-per-worker", opts.gpus_per_worker, 0, None)
+    if opts.num_shards > 1 or current_ranks(1, 0, "cpu").world > 1:
+        raise PipelineError("--engine ray schedules the work itself: drop --num-shards, and run it without torchrun")
+    from pipeline.ray_engine import require_ray
+
+    require_ray()
 
 
 def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> FeaturizeResult | ShardResult:
@@ -226,11 +251,12 @@ def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> Featu
     ):
         check_range(option, value, low, high)
     check_range("--shard-id", opts.shard_id, 0, opts.num_shards - 1)
+    check_engine(opts)
     paths = StorePaths.of(opts.store)  # through a symlink: the real file is written and locked
     if not paths.store.parent.exists():
         paths.store.parent.mkdir(parents=True, exist_ok=True)
     dataset = scan_dataset(opts.data_dir, opts.valid_pct, opts.seed)
-    device = resolve_device(opts.device)
+    device = resolve_device(opts.device) if opts.engine == "local" else "cuda" if opts.gpus_per_worker else "cpu"
     ranks = current_ranks(opts.num_shards, opts.shard_id, device)
     precision = resolve_precision(opts.precision, device)
     # A registered backbone is built only when a forward pass needs it: an up-to-date store answers at once.
@@ -295,9 +321,18 @@ class FeaturizeJob:
                     for i, (split, f) in enumerate((split, f) for split, files in dataset.splits.items() for f in files)
                 }
                 todo = [(split, f) for split, f in todo if place[split, f.path] % ranks.world == ranks.rank]
-            run, interrupted, loop_seconds = None, False, 0.0
-            if todo:
-                run = Featurizer(opts, dataset, self.backbone, sync, self.device, self.precision, self.progress)
+            computed, loop_seconds, interrupted, worker_rss = 0, 0.0, False, None
+            if todo and opts.engine == "ray":
+                from pipeline.ray_engine import featurize_on_ray
+
+                try:
+                    pooled = featurize_on_ray(opts, dataset, todo, self.name, self.precision, self.progress)
+                    computed, loop_seconds = pooled.done - pooled.skipped, pooled.seconds
+                    worker_rss = pooled.worker_peak_rss_mb
+                except KeyboardInterrupt:
+                    interrupted = True  # the blocks done are committed: the root maps them, then stop
+            elif todo:
+                run = Featurizer(opts, dataset, self.backbone, sync.writer, self.device, self.precision, self.progress)
                 loop_started = time.perf_counter()
                 try:
                     with torch_threads(opts.threads or cpu_count() // ranks.local_world):
@@ -305,7 +340,7 @@ class FeaturizeJob:
                 except KeyboardInterrupt:
                     interrupted = True  # what was decoded is committed; write the store with it, then stop
                 loop_seconds = time.perf_counter() - loop_started
-            computed = run.done - run.skipped if run else 0
+                computed = run.done - run.skipped
             work = FeaturizeWork(
                 featurized=computed,
                 reused=sync.reused,
@@ -319,6 +354,8 @@ class FeaturizeJob:
                 backbone=self.identity.backbone,
                 views=opts.views,
                 notes=list(sync.notes),
+                engine=opts.engine,
+                worker_peak_rss_mb=worker_rss,
             )
             if not merge:
                 note = f"{ranks.label}: partitions in {self.paths.parts}; a run without --shard-id maps them"

@@ -104,6 +104,7 @@ class FinetuneResult:
     valid_loss: float | None
     train_seconds: float
     train_images_per_second: float | None
+    precision: str  # trained, validated and served in
 
     def metrics(self) -> dict:
         """What the run folder's metrics.json holds."""
@@ -231,6 +232,7 @@ def save(
         valid_loss=last.get("valid_loss"),
         train_seconds=seconds,
         train_images_per_second=images / seconds if seconds else None,
+        precision=run.cfg.precision,
     )
     with published_folder(out) as staging:
         write_weights(staging, {BACKBONE_WEIGHTS: tuner.model.backbone.architecture_state_dict()})
@@ -245,6 +247,7 @@ def save(
                 weights_path=str((out / BACKBONE_WEIGHTS).resolve()),
             ),
             created=datetime.now().isoformat(timespec="seconds"),
+            precision=run.cfg.precision,  # validated and kept in it: served in it
         )
         write_run(
             staging,

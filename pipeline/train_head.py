@@ -128,6 +128,7 @@ def save_head_run(
             features.identity, str(cached.store.resolve()), features.name, features.attrs.get("weights_path")
         ),
         created=datetime.now().isoformat(timespec="seconds"),
+        precision=features.identity.precision,
     )
     metrics = {
         "history": history,

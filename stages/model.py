@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.backbones import REGISTRY, Backbone, create_backbone
+from stages.backbones import PRECISIONS, REGISTRY, Backbone, create_backbone
 from stages.decode import ImageDecoder, resolve_device
 from stages.errors import PipelineError
 from stages.files import read_image_file
@@ -48,13 +48,28 @@ class ImageClassifier:
         precision: str = "fp32",
         device: str = "auto",
         batch_size: int = 32,
+        measured_precision: str | None = None,
+        stored_dtype: str | None = None,
     ):
         self.backbone, self.head, self.classes = backbone, head.eval(), classes
         self.device = resolve_device(device)
         self.precision = precision
+        self.measured_precision = measured_precision or precision  # the one the run's own metrics came from
+        # A head trained on stored features saw them rounded to the store's dtype: it is served them rounded alike.
+        self.stored_dtype = {"float16": torch.float16}.get(stored_dtype or "")
         self.batch_size = batch_size
         self.forward = FeatureRunner.for_backbone(backbone, self.device, precision)
         self.head.to(self.device)
+
+    @property
+    def precision_note(self) -> str | None:
+        """Said when the model runs in another precision than the one its run's metrics were measured in."""
+        if self.precision == self.measured_precision:
+            return None
+        return (
+            f"running in {self.precision}, not {self.measured_precision} (the precision the run's own metrics were "
+            "measured in): probabilities differ slightly from the run's"
+        )
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward(images)
@@ -74,6 +89,8 @@ class ImageClassifier:
             if batch.keys:
                 views = batch.images.shape[1]
                 features = self.features(batch.images.flatten(0, 1))
+                if self.stored_dtype is not None:
+                    features = features.to(self.stored_dtype).float()
                 probs = torch.softmax(self.head(features), dim=1).view(len(batch.keys), views, -1).cpu().numpy()
                 for i, key in enumerate(batch.keys):
                     predictions.append(Prediction(key, probs[i, 0], probs[i].mean(0) if tta else None))
@@ -119,14 +136,21 @@ def load_run(run_dir: str | Path) -> tuple[Backbone, Head, RunConfig]:
     return backbone_for(config.feature_set, run_dir), head, config
 
 
-def load_model(run_dir: str | Path, device: str = "auto", batch_size: int = 32) -> ImageClassifier:
-    """Rebuild the full image-to-class model from a directory written by train-head or finetune."""
+def load_model(
+    run_dir: str | Path, device: str = "auto", batch_size: int = 32, precision: str | None = None
+) -> ImageClassifier:
+    """Rebuild the full image-to-class model from a directory written by train-head or finetune, in the precision
+    its metrics were measured in (RunConfig.precision) unless `precision` says otherwise."""
     backbone, head, config = load_run(run_dir)
+    if precision is not None and precision not in PRECISIONS:
+        raise PipelineError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     return ImageClassifier(
         backbone,
         head,
         config.classes,
-        precision=config.feature_set.identity.precision,
+        precision=config.precision if precision in (None, "auto") else precision,
         device=device,
         batch_size=batch_size,
+        measured_precision=config.precision,
+        stored_dtype=config.feature_set.identity.dtype if config.kind == "head" else None,
     )

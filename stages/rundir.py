@@ -100,6 +100,9 @@ class RunConfig:
     train: dict  # the settings as run: a TrainConfig's, or a FinetuneConfig's with head and from_head
     feature_set: TrainedOn
     created: str
+    # The precision the run's reported metrics were measured in, and so the one it is served in (load_model,
+    # predict, evaluate, export): a head's, its features'; a fine-tune's, the one it trained and validated in.
+    precision: str = "fp32"
 
     def to_json(self) -> dict:
         return {
@@ -110,13 +113,15 @@ class RunConfig:
     @classmethod
     def from_json(cls, config: dict) -> RunConfig:
         """From config.json's content, already checked (check_config)."""
+        feature_set = TrainedOn.from_dict(config["feature_set"])
         return cls(
             kind=config.get("kind", "head"),
             head=config["head"],
             classes=config["classes"],
             train=config.get("train", {}),
-            feature_set=TrainedOn.from_dict(config["feature_set"]),
+            feature_set=feature_set,
             created=config.get("created", ""),
+            precision=config.get("precision") or feature_set.identity.precision,  # runs written before it was kept
         )
 
     @property

@@ -242,10 +242,6 @@ class StoreSync:
     def reused(self) -> int:
         return sum(1 for split in self.decisions.values() for d in split.values() if d.source)
 
-    # Work done: committed as partitions as it comes --------------------------------------------------------------
-    def commit(self, rows: dict[str, SplitRows], feature_dtype: str) -> None:
-        self.writer.commit(rows, feature_dtype)
-
     # Finishing: the root switched to the new snapshot ------------------------------------------------------------
     def finish(self, attrs: Callable[[], dict], feature_dim: int, feature_dtype: str) -> SyncResult:
         """Map what the data folder needs: kept rows where they lie, this run's (and earlier runs' and shards')

@@ -94,7 +94,7 @@ def read_or_fail(ds: h5py.Dataset, where: str, selection=()):
     except OSError as exc:
         raise PipelineError(
             f"{where} is damaged: {ds.name} fails its checksum ({str(exc).splitlines()[0][:80]}); "
-            "featurize again to recompute the damaged rows (pipeline store info --verify lists "
+            "featurize again with --verify to recompute the damaged rows (pipeline store info --verify lists "
             "them)"
         ) from None
     if (
@@ -104,7 +104,7 @@ def read_or_fail(ds: h5py.Dataset, where: str, selection=()):
         and strings_digest(values) != ds.attrs[DIGEST_ATTR]
     ):
         raise PipelineError(
-            f"{where} is damaged: {ds.name} does not match its checksum; featurize again to "
+            f"{where} is damaged: {ds.name} does not match its checksum; featurize again with --verify to "
             "rewrite it (pipeline store info --verify lists what is damaged)"
         )
     return values
@@ -126,7 +126,7 @@ class CheckedDataset:
         except OSError as exc:
             raise PipelineError(
                 f"{self._where} is damaged: {self._ds.name} fails its checksum ({str(exc).splitlines()[0][:80]}); "
-                "featurize again to recompute the damaged rows (pipeline store info --verify lists them)"
+                "featurize again with --verify to recompute the damaged rows (pipeline store info --verify lists them)"
             ) from None
 
     def __len__(self) -> int:

@@ -7,7 +7,7 @@ pytestmark = pytest.mark.slow  # every test here runs the CLI
 
 RUN_SETTINGS = {"run", "head", "lr", "wd", "epochs", "views", "accuracy", "valid_loss"}
 FEATURIZE = {"featurized", "reused", "seconds", "images_per_second", "interrupted", "set", "store", "device"}
-FEATURIZE |= {"precision", "backbone", "views", "merged", "up_to_date", "notes"}
+FEATURIZE |= {"precision", "backbone", "views", "merged", "up_to_date", "notes", "engine", "worker_peak_rss_mb"}
 MERGED = FEATURIZE | {"data_dir", "images", "rows", "skipped", "classes", "store_bytes", "compaction"}
 PAIR = {"a", "b", "split_a", "split_b", "similarity", "kind", "leak", "same_label"}
 
@@ -73,9 +73,19 @@ def test_train_head_lr_find_evaluate_predict_export(trained, tmp_path):
         "top_losses_png",
         "tta",
         "unreadable",
+        "precision",
+        "precision_note",
     }
     predicted = run_json("predict", head, data / "valid" / "a", "--tta")
-    assert keys(predicted) == {"predictions", "errors", "seconds", "images_per_second", "out"}
+    assert keys(predicted) == {
+        "predictions",
+        "errors",
+        "seconds",
+        "images_per_second",
+        "out",
+        "precision",
+        "precision_note",
+    }
     assert keys(predicted["predictions"][0]) == {
         "path",
         "class",
@@ -88,7 +98,10 @@ def test_train_head_lr_find_evaluate_predict_export(trained, tmp_path):
         "tta_probabilities",
     }
     exported = run_json("export", head, "--out", tmp_path / "model.pt", "--format", "torchscript")
-    assert keys(exported) == {"out", "format", "bytes", "seconds", "input", "output", "classes", "metadata"}
+    assert keys(exported) == {"out", "format", "bytes", "seconds", "input", "output", "classes", "metadata"} | {
+        "precision",
+        "precision_note",
+    }
 
 
 def test_audit_inspect_finetune(trained, tmp_path):
@@ -152,6 +165,7 @@ def test_audit_inspect_finetune(trained, tmp_path):
         "valid_loss",
         "train_seconds",
         "train_images_per_second",
+        "precision",
     }
 
 

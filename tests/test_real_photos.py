@@ -1,5 +1,7 @@
 """On the real dogs-vs-cats photos (skipped when ../shared/data is absent): the features are right and useful."""
 
+import json
+
 import h5py
 import pytest
 import torch
@@ -91,3 +93,36 @@ def test_evaluate_from_photos_equals_evaluate_from_the_store(dogscats_store, tmp
     cached = run_json("evaluate", tmp_path / "head", valid, "--store", store, "--out", tmp_path / "cached")
     assert raw["images"] == cached["images"] == 999
     assert abs(raw["accuracy"] - cached["accuracy"]) <= 1 / 999 and raw["accuracy"] >= 0.99
+
+
+@pytest.mark.slow
+def test_a_run_is_served_in_the_precision_its_metrics_were_measured_in(tmp_path):
+    """Features in bf16 (it runs on any CPU, natively or not), a head, a one-epoch fine-tune: evaluate reproduces
+    each run's own valid accuracy to the image, and predict's probabilities are evaluate's."""
+    source = shared_dataset("flowers5")
+    data = tmp_path / "flowers"
+    for split, count in (("train", 12), ("valid", 10)):
+        for folder in sorted((source / split).iterdir()):
+            (data / split / folder.name).mkdir(parents=True)
+            for photo in sorted(folder.iterdir())[:count]:
+                (data / split / folder.name / photo.name).symlink_to(photo)
+    run_json("featurize", data, "--store", tmp_path / "s.h5", "--precision", "bf16")
+    run_json("train-head", "--store", tmp_path / "s.h5", "--out", tmp_path / "head")
+    tuned = run_json("finetune", data, "--head", tmp_path / "head", "--epochs", "1", "--out", tmp_path / "ft")
+    valid = data / "valid"
+    for run, reported in (("head", None), ("ft", tuned["accuracy"])):
+        config = json.loads((tmp_path / run / "config.json").read_text())
+        assert config["precision"] == ("bf16" if run == "head" else tuned["precision"])
+        if reported is None:
+            reported = json.loads((tmp_path / run / "metrics.json").read_text())["accuracy"]
+        evaluated = run_json("evaluate", tmp_path / run, valid, "--out", tmp_path / f"eval-{run}")
+        assert evaluated["precision"] == config["precision"] and evaluated["precision_note"] is None
+        assert round(evaluated["accuracy"] * 50) == round(reported * 50), run  # to the image, of 50
+        predicted = run_json("predict", tmp_path / run, valid)["predictions"]
+        by_path = {p["path"]: p["probability"] for p in predicted}
+        confident = {t["path"]: t["probability"] for t in evaluated["top_losses"]}
+        for path, probability in confident.items():
+            assert by_path[path] == pytest.approx(probability, abs=1e-6), (run, path)
+    other = "fp32" if config["precision"] == "bf16" else "bf16"
+    overridden = run_json("predict", tmp_path / "ft", valid, "--precision", other)
+    assert overridden["precision"] == other and overridden["precision_note"]
