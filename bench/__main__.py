@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -106,6 +107,21 @@ def bench_featurize(quick: bool) -> dict:
             n += len(images)
         bounds[precision] = n / (time.perf_counter() - started)
 
+    # --engine ray against --engine local, the same photos, one worker with every core (a local Ray instance).
+    engines: dict[str, list] = {"ray": [], "local": []}
+    for i in range(pairs):
+        for engine in engines:
+            store = tmp / f"engine-{engine}-{i}.h5"
+            engines[engine].append(
+                peak_rss_command(pipeline_cmd("featurize", data, "--store", store, "--engine", engine))
+            )
+    ray_rate = float(np.median([r["images_per_second"] for r, _, _ in engines["ray"]]))
+    local_rate = float(np.median([r["images_per_second"] for r, _, _ in engines["local"]]))
+    ray_wall = float(np.median([w for _, w, _ in engines["ray"]]))
+    local_wall = float(np.median([w for _, w, _ in engines["local"]]))
+    driver = max(p for _, _, p in engines["ray"])
+    workers = max(r["worker_peak_rss_mb"] or 0 for r, _, _ in engines["ray"])
+
     reference_features = np.load(tmp / "reference.npy")
     cosines = {}
     for store_index, precision in ((pairs * 2, "fp32"), (1, "default")):
@@ -159,6 +175,16 @@ def bench_featurize(quick: bool) -> dict:
             Row(f"min cosine to torchvision features, {k}", v, None, "", note="fp32 target >= 0.999")
             for k, v in cosines.items()
         ],
+        Row("featurize --engine ray vs local, loop", ray_rate, local_rate, "img/s", note="target >= 0.85x"),
+        Row(
+            "featurize --engine ray vs local, whole process",
+            ray_wall,
+            local_wall,
+            "s",
+            higher_is_better=False,
+            note=f"start-up overhead {ray_wall - local_wall:.1f} s (a local Ray instance, one actor); peak RSS "
+            f"driver {driver:,.0f} MB, actor {workers:,.0f} MB, local {max(p for _, _, p in engines['local']):,.0f} MB",
+        ),
     ]
     return report("featurize" + ("-quick" if quick else ""), rows)
 
@@ -240,10 +266,10 @@ def bench_stream(quick: bool) -> dict:
         )
         return peak_mb, wall
 
-    constant, _ = peak(write_blob_store(tmp / "tiny.h5", 2_000))
+    constant, _ = peak(write_blob_store(tmp / "tiny.h5", 2_000)[0])
     rows = []
     for n in sizes:
-        store = write_blob_store(tmp / "big.h5", n)
+        store = write_blob_store(tmp / "big.h5", n)[0]
         peak_mb, wall = peak(store)
         rows.append(
             Row(
@@ -559,49 +585,104 @@ def bench_export(quick: bool) -> dict:
 
 
 def bench_audit(quick: bool) -> dict:
-    """pipeline audit on generated N x 1280 stores, beside the near-neighbour search a user would reach for
-    (scikit-learn's brute-force cosine NearestNeighbors, which finds neighbours only: no labels, no outliers)."""
+    """pipeline audit on generated N x 1280 stores with planted label flips and near-copies: beside the
+    near-neighbour search a user would reach for (scikit-learn's brute-force cosine kNN, neighbours only) where
+    that can run; the approximate similarity search against the exact scan on the same rows; and the whole audit
+    at a million rows, its steps timed, its peak RSS, the planted faults it finds."""
+    import faiss
+    import h5py
     from sklearn.neighbors import NearestNeighbors
 
-    from bench.synthetic import write_feature_store
+    from bench.synthetic import SET_NAME, write_blob_store
+    from stages.audit import CopyGroups, approximate_scan, exact_scan
 
-    tmp = Path(tempfile.mkdtemp())
+    tmp = Path(tempfile.mkdtemp(dir=os.environ.get("BENCH_TMP")))
     rows = []
-    for n in (2_000,) if quick else (10_000, 100_000):
-        rng = np.random.default_rng(0)
-        labels = rng.integers(0, 5, n)
-        means = rng.standard_normal((5, 1280), dtype=np.float32) * 0.15  # classes 7 sd apart, as real features are
-        features = rng.standard_normal((n, 1280), dtype=np.float32) + means[labels]
-        flipped = rng.random(n) < 0.01  # 1 % wrong labels for the audit to find
-        labels = np.where(flipped, (labels + 1) % 5, labels)
-        cut = n * 4 // 5
-        store = write_feature_store(
-            tmp / f"s{n}.h5",
-            (features[:cut], labels[:cut], np.zeros(cut, np.uint8)),
-            (features[cut:], labels[cut:], np.zeros(n - cut, np.uint8)),
-            classes=tuple("abcde"),
-            chunk_rows=1024,
-        )
-        audited, audit_wall = run_json_command(
+
+    def audited_store(n: int) -> tuple[dict, float, float, set, set]:
+        store, flipped, planted = write_blob_store(tmp / f"s{n}.h5", n, valid_share=0.2, flips=0.01, copies=0.005)
+        result, wall, peak = peak_rss_command(
             pipeline_cmd("audit", "--store", store, "--out", tmp / f"a{n}", "--pictures", "0")
         )
+        return result, wall, peak, flipped, planted
+
+    def found(result: dict, flipped: set, planted: set) -> str:
+        issues = {i["path"] for i in result["label_issues"]}
+        pairs = {tuple(sorted((d["a"], d["b"]))) for d in result["duplicates"]}
+        copies = len({tuple(sorted(p)) for p in planted} & pairs)
+        return (
+            f"planted label flips found {len(issues & flipped)}/{len(flipped)}, near-copies {copies}/{len(planted)}; "
+            f"{result['similarity_search']} search; steps {result['step_seconds']}"
+        )
+
+    for n in (2_000,) if quick else (10_000,):
+        result, wall, peak, flipped, planted = audited_store(n)
+        with h5py.File(tmp / f"s{n}.h5", "r") as f:
+            features = np.concatenate([g["features"][()] for g in f[f"sets/{SET_NAME}"].values()]).astype(np.float32)
         started = time.perf_counter()
         NearestNeighbors(n_neighbors=6, metric="cosine", algorithm="brute").fit(features).kneighbors(features)
         knn = time.perf_counter() - started
-        found = len({i["path"] for i in audited["label_issues"]})
         rows.append(
             Row(
-                f"audit of {n:,} generated rows (1280-d, 5 classes), whole process, vs scikit-learn "
-                "brute-force cosine kNN alone",
-                audit_wall,
+                f"audit of {n:,} generated rows (1280-d, 5 classes), whole process, vs scikit-learn brute-force "
+                "cosine kNN alone",
+                wall,
                 knn,
                 "s",
                 higher_is_better=False,
-                note=f"{found} label issues flagged ({int(flipped.sum())} planted), "
-                f"{len(audited['duplicates'])} near-copies, {len(audited['outliers'])} outliers",
+                note=found(result, flipped, planted) + f"; peak RSS {peak:,.0f} MB",
             )
         )
-        del features
+    n = 5_000 if quick else 100_000
+    store, _, _ = write_blob_store(tmp / "recall.h5", n, copies=0.005)
+    with h5py.File(store, "r") as f:
+        features = np.concatenate([g["features"][()] for g in f[f"sets/{SET_NAME}"].values()]).astype(np.float32)
+    started = time.perf_counter()
+    exact, exact_nearest = exact_scan(features)
+    exact_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    approximate, nearest = approximate_scan(faiss, features, 0.92, 5, CopyGroups(n))
+    approximate_seconds = time.perf_counter() - started
+    truth = {(a, b) for g in exact.groups() for a, b, _ in g.pairs}
+    got = {(a, b) for g in approximate.groups() for a, b, _ in g.pairs}
+    rows += [
+        Row(
+            f"near-copy pairs at {n:,} rows: approximate search found / exact scan found",
+            len(truth & got) / max(1, len(truth)),
+            None,
+            "share",
+            note=f"{len(truth)} pairs at cosine >= 0.92; neighbour similarity off by more than 0.01 for "
+            f"{float(np.mean(exact_nearest - nearest > 0.01)):.2%} of rows",
+        ),
+        Row(
+            f"similarity search at {n:,} rows: approximate (faiss) vs exact scan",
+            approximate_seconds,
+            exact_seconds,
+            "s",
+            higher_is_better=False,
+        ),
+    ]
+    del features
+    n = 20_000 if quick else 1_000_000
+    result, wall, peak, flipped, planted = audited_store(n)
+    rows += [
+        Row(
+            f"audit of {n:,} generated rows (1280-d fp16), whole process",
+            wall,
+            None,
+            "s",
+            higher_is_better=False,
+            note=found(result, flipped, planted),
+        ),
+        Row(f"audit of {n:,} rows: peak RSS", peak, None, "MB", higher_is_better=False),
+        Row(
+            f"audit of {n:,} rows: out-of-sample probabilities (5-fold logreg) and confident learning",
+            result["step_seconds"]["label_issues"],
+            None,
+            "s",
+            higher_is_better=False,
+        ),
+    ]
     shutil.rmtree(tmp)
     return report("audit" + ("-quick" if quick else ""), rows)
 
@@ -611,7 +692,7 @@ def bench_finetune(quick: bool) -> dict:
     this CPU offers, against the plain NCHW fp32 step (what finetune ran before)."""
     import torch
 
-    from stages.backbones import cpu_has_bf16, create_backbone
+    from stages.backbones import BF16_TRAINING_SPEEDUP, cpu_has_bf16, create_backbone
     from stages.finetune import FinetuneConfig, Finetuner
     from stages.head import Head
 
@@ -664,18 +745,19 @@ def bench_finetune(quick: bool) -> dict:
                 note="--train-size",
             )
         )
-    if cpu_has_bf16():
-        rows.append(
-            Row(
-                "finetune step, 224 px bf16 autocast vs fp32 NCHW",
-                steps_per_second(224, True, "bf16"),
-                before,
-                "img/s",
-                note="native bf16: the auto precision here",
-            )
+    fp32 = statistics.median(steps_per_second(224, True, "fp32") for _ in range(2))
+    bf16 = statistics.median(steps_per_second(224, True, "bf16") for _ in range(2))
+    native = cpu_has_bf16()
+    rows.append(
+        Row(
+            "finetune step, 224 px channels_last, bf16 autocast vs fp32 (same batch)",
+            bf16,
+            fp32,
+            "img/s",
+            note=f"{'native' if native else 'no native'} bf16 on this CPU; auto trains in bf16 on CPUs only from "
+            f"{BF16_TRAINING_SPEEDUP}x: {'bf16' if native and bf16 / fp32 >= BF16_TRAINING_SPEEDUP else 'fp32'} here",
         )
-    else:
-        rows.append(Row("finetune step, bf16", None, None, "", note="this CPU has no native bf16 (auto stays fp32)"))
+    )
     return report("finetune" + ("-quick" if quick else ""), rows)
 
 

@@ -79,17 +79,27 @@ def write_feature_store(
 
 
 def write_blob_store(
-    path: Path, n: int, dim: int = 1280, classes: int = 5, valid_share: float = 0.1, seed: int = 0, flips: float = 0.0
-) -> Path:
+    path: Path,
+    n: int,
+    dim: int = 1280,
+    classes: int = 5,
+    valid_share: float = 0.1,
+    seed: int = 0,
+    flips: float = 0.0,
+    copies: float = 0.0,
+) -> tuple[Path, set[str], set[tuple[str, str]]]:
     """A store of n rows, written block by block so that it need not fit in memory: Gaussian blobs, one per class
-    (7 standard deviations apart, as real features are), a share of them in valid, and a share `flips` of the
-    labels moved to the next class (label errors to find)."""
+    (7 standard deviations apart, as real features are), a share of them in valid, a share `flips` of the labels
+    moved to the next class (label errors to find) and a share `copies` of the rows made near-copies of the row
+    before them (cosine about 0.999). Returns the path, the flipped rows' paths and the planted pairs' paths."""
     import h5py
 
     rng = np.random.default_rng(seed)
     means = rng.standard_normal((classes, dim), dtype=np.float32) * 0.15
     counts = {"train": n - int(n * valid_share), "valid": int(n * valid_share)}
     block = 65536
+    flipped: set[str] = set()
+    planted: set[tuple[str, str]] = set()
     with h5py.File(path, "w") as f:
         group = _new_set(f, dim, np.float16, [chr(ord("a") + c) for c in range(classes)], 0, "efficientnet_lite0")
         for split, count in counts.items():
@@ -100,11 +110,18 @@ def write_blob_store(
             for start in range(0, count, block):
                 k = min(block, count - start)
                 truth = rng.integers(0, classes, k)
-                noise = rng.standard_normal((k, dim), dtype=np.float32)
-                features[start : start + k] = (noise + means[truth]).astype(np.float16)
-                labels[start : start + k] = np.where(rng.random(k) < flips, (truth + 1) % classes, truth)
+                x = rng.standard_normal((k, dim), dtype=np.float32) + means[truth]
+                copied = np.flatnonzero(rng.random(k) < copies)
+                copied = copied[(copied > 0) & ~np.isin(copied - 1, copied)]  # pairs, not chains
+                x[copied] = x[copied - 1] + 0.05 * rng.standard_normal((len(copied), dim), dtype=np.float32)
+                truth[copied] = truth[copied - 1]
+                features[start : start + k] = x.astype(np.float16)
+                flip = rng.random(k) < flips
+                labels[start : start + k] = np.where(flip, (truth + 1) % classes, truth)
+                flipped |= {f"{split}/{start + i}.jpg" for i in np.flatnonzero(flip)}
+                planted |= {(f"{split}/{start + i - 1}.jpg", f"{split}/{start + i}.jpg") for i in copied}
             _columns(g, split, labels, np.zeros(count, np.uint8), 0)
-    return path
+    return path, flipped, planted
 
 
 def separable_features(

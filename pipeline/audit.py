@@ -12,6 +12,7 @@ import numpy as np
 
 from stages.atomic import atomic_output, output_folder, write_json
 from stages.audit import (
+    ANN_MIN_ROWS,
     NEAR_COPY_COSINE,
     NEIGHBOURS,
     AuditRows,
@@ -86,6 +87,8 @@ class AuditResult:
     outliers: list[dict]  # {path, split, label, distance}
     leaks: int
     leak_groups: int
+    similarity_search: str  # exact, or approximate (a faiss index, from ANN_MIN_ROWS rows)
+    step_seconds: dict[str, float]  # read, label_issues (k-fold logreg and confident learning), similarity
     notes: list[str]
     seconds: float
     out: str
@@ -126,6 +129,7 @@ def audit(
             feature_set = store.feature_set(set_name)
             rows, classes, data_dir = read_rows(feature_set), feature_set.classes, feature_set.attrs.get("data_dir")
         check_auditable(rows, classes, f"store {store_path} set {feature_set.name}")
+        steps = {"read": time.perf_counter() - started}
         probabilities = out_of_sample_probabilities(rows, len(classes), folds, seed)
         issues = [
             {
@@ -137,9 +141,11 @@ def audit(
             }
             for r, s, q in label_issues(rows.labels, probabilities)
         ]
+        steps["label_issues"] = time.perf_counter() - started - sum(steps.values())
         groups = CopyGroups(len(rows))
         exact_copies(rows.sha256, groups)
-        _, nearest = similarity_scan(rows.features, threshold, neighbours, groups=groups)
+        _, nearest, search = similarity_scan(rows.features, threshold, neighbours, groups=groups)
+        steps["similarity"] = time.perf_counter() - started - sum(steps.values())
         duplicates, copy_groups = _copies(rows, classes, groups)
         far, fence = outlier_rows(nearest)
         outliers = [
@@ -160,6 +166,11 @@ def audit(
         ):
             _write_csv(staging / f"{name}.csv", records, FINDINGS[name])
         notes = _draw(staging, rows, classes, data_dir, issues, duplicates, outliers, pictures)
+        if search == "exact" and len(rows) >= ANN_MIN_ROWS:
+            notes.append(
+                f"near-copies and outliers by an exact scan of {len(rows):,} rows (its time grows as their square): "
+                "pip install -e '.[audit]' for the approximate index"
+            )
         result = AuditResult(
             store=str(store_path),
             set=feature_set.name,
@@ -175,6 +186,8 @@ def audit(
             outliers=outliers,
             leaks=sum(d["leak"] for d in duplicates),
             leak_groups=sum(g["leak"] for g in copy_groups),
+            similarity_search=search,
+            step_seconds={k: round(v, 3) for k, v in steps.items()},
             notes=notes,
             seconds=round(time.perf_counter() - started, 2),
             out=str(out),

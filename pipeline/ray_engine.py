@@ -38,7 +38,8 @@ def require_ray():
 
 @dataclass
 class RayWork:
-    """What the pool computed: images done and skipped, the loop's seconds, the actors' peak RSS."""
+    """What the pool computed: images done and skipped, the loop's seconds (first block begun to last block done),
+    the actors' largest peak RSS."""
 
     done: int
     skipped: int
@@ -81,6 +82,7 @@ class BlockFeaturizer:
         self.featurizer = Featurizer(opts, dataset, backbone, writer, device, precision, progress=None)
 
     def __call__(self, batch: dict) -> dict:
+        began = time.time()  # wall clock: blocks on other nodes are compared by it
         done, skipped, blocks = [], [], []
         for block, splits, paths, labels in zip(batch["block"], batch["split"], batch["path"], batch["label"]):
             before = (self.featurizer.done, self.featurizer.skipped)
@@ -90,7 +92,8 @@ class BlockFeaturizer:
             done.append(self.featurizer.done - before[0])
             skipped.append(self.featurizer.skipped - before[1])
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return {"block": blocks, "done": done, "skipped": skipped, "peak_rss_mb": [rss] * len(blocks)}
+        span = {"began": [began] * len(blocks), "ended": [time.time()] * len(blocks)}
+        return {"block": blocks, "done": done, "skipped": skipped, "peak_rss_mb": [rss] * len(blocks), **span}
 
 
 def featurize_on_ray(opts, dataset: Dataset, todo: list, set_name: str, precision: str, progress) -> RayWork:
@@ -121,13 +124,13 @@ def featurize_on_ray(opts, dataset: Dataset, todo: list, set_name: str, precisio
     blocks = plan_blocks(todo, opts.workers)
     pool = _actor_pool(ray, ActorPoolStrategy, opts, dataset, blocks, set_name, precision, cpus)
     done = skipped = 0
-    peak = 0.0
-    started = time.perf_counter()
+    peak, began, ended = 0.0, math.inf, 0.0
     try:
         for row in pool.iter_rows():
             done += int(row["done"])
             skipped += int(row["skipped"])
             peak = max(peak, float(row["peak_rss_mb"]))
+            began, ended = min(began, float(row["began"])), max(ended, float(row["ended"]))
             if progress:
                 progress(done, len(todo))
     except (PipelineError, KeyboardInterrupt):
@@ -141,7 +144,9 @@ def featurize_on_ray(opts, dataset: Dataset, todo: list, set_name: str, precisio
     finally:
         if started_ray:
             ray.shutdown()  # this driver's actors stop with it; what they committed is mapped by the root switch
-    return RayWork(done, skipped, time.perf_counter() - started, round(peak, 1) if peak else None)
+    # The loop's seconds: from the first block's start to the last one's end (actors' start-up left out, as a
+    # local run's loop leaves out building the backbone).
+    return RayWork(done, skipped, max(0.0, ended - began), round(peak, 1) if peak else None)
 
 
 def _actor_pool(ray, strategy, opts, dataset: Dataset, blocks: list[dict], set_name: str, precision: str, cpus: int):

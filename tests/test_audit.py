@@ -9,7 +9,7 @@ import pytest
 from conftest import make_images, one_line_error, run_cli, run_json, shared_dataset
 from PIL import Image, ImageOps
 
-from stages.audit import PAIRS_PER_GROUP, CopyGroups, exact_copies, outlier_rows, similarity_scan
+from stages.audit import PAIRS_PER_GROUP, CopyGroups, approximate_scan, exact_copies, exact_scan, outlier_rows
 
 pytestmark = pytest.mark.slow  # every test here runs the CLI on images or kills processes
 
@@ -27,7 +27,7 @@ def test_similarity_scan_in_blocks_equals_the_full_matrix():
     x = rng.normal(size=(300, 16)).astype(np.float32)
     x[250] = x[10] * 3 + 0.01  # a scaled near-copy
     x[299] = x[0]
-    groups, nearest = similarity_scan(x, threshold=0.9, neighbours=3, block_bytes=4 * 300 * 7)  # 7-row blocks
+    groups, nearest = exact_scan(x, threshold=0.9, neighbours=3, block_bytes=4 * 300 * 7)  # 7-row blocks
     z = x / np.linalg.norm(x, axis=1, keepdims=True)
     full = z @ z.T
     np.fill_diagonal(full, -np.inf)
@@ -38,6 +38,24 @@ def test_similarity_scan_in_blocks_equals_the_full_matrix():
     np.testing.assert_allclose(nearest, np.sort(full, 1)[:, -3:].mean(1), rtol=1e-5)
     far, fence = outlier_rows(np.r_[np.full(99, 0.9), 0.1])
     assert list(far) == [99] and fence == pytest.approx(0.1)  # no spread among the rest: the fence sits on them
+
+
+def test_the_approximate_scan_finds_the_exact_scans_pairs_and_neighbours():
+    """faiss proposes the candidates, their exact cosine decides: on clustered rows with planted near-copies, the
+    same pairs as the exact scan and nearly the same neighbour similarities."""
+    faiss = pytest.importorskip("faiss")
+    rng = np.random.default_rng(2)
+    centres = rng.normal(size=(20, 256)).astype(np.float32)
+    x = centres[rng.integers(0, 20, 4000)] + rng.normal(size=(4000, 256)).astype(np.float32)
+    for i in range(0, 200, 2):  # 100 planted near-copies
+        x[4000 - 1 - i] = x[i] + 0.05 * rng.normal(size=256).astype(np.float32)
+    exact, exact_nearest = exact_scan(x, threshold=0.95, neighbours=5)
+    approximate, nearest = approximate_scan(faiss, x, threshold=0.95, neighbours=5, groups=CopyGroups(len(x)))
+    pairs = {(a, b) for g in exact.groups() for a, b, _ in g.pairs}
+    assert len(pairs) == 100 and {(a, b) for g in approximate.groups() for a, b, _ in g.pairs} == pairs
+    gap = exact_nearest - nearest  # >= 0: a neighbour missed is replaced by a farther one
+    assert gap.min() > -1e-5 and np.median(gap) < 1e-5 and gap.max() < 0.02, (np.median(gap), gap.max())
+    assert list(outlier_rows(nearest)[0]) == list(outlier_rows(exact_nearest)[0])
 
 
 def test_copies_are_grouped_each_image_once_and_pairs_stay_few():
@@ -52,7 +70,7 @@ def test_copies_are_grouped_each_image_once_and_pairs_stay_few():
     x = np.concatenate([copies, others, bridge.astype(np.float32)])
     groups = CopyGroups(len(x))
     exact_copies(["same", "same", "same"] + [f"h{i}" for i in range(len(x) - 3)], groups)
-    groups, _ = similarity_scan(x, threshold=0.65, groups=groups, block_bytes=4 * len(x) * 64)
+    groups, _ = exact_scan(x, threshold=0.65, groups=groups, block_bytes=4 * len(x) * 64)
     found = groups.groups()
     assert [len(g.members) for g in found] == [500, 5]
     assert found[0].members == list(range(500)) and found[1].members == list(range(700, 705))

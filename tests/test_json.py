@@ -122,6 +122,8 @@ def test_audit_inspect_finetune(trained, tmp_path):
         "outliers",
         "leaks",
         "leak_groups",
+        "similarity_search",
+        "step_seconds",
         "notes",
         "seconds",
         "out",
