@@ -96,8 +96,8 @@ class FeaturizeWork:
 
 @dataclass
 class ShardResult(FeaturizeWork):
-    """A shard's share of the work (--shard-id, or a torchrun rank other than 0): its parts wait in the journal for
-    the run that merges them."""
+    """A shard's share of the work (--shard-id, or a torchrun rank other than 0): its partitions wait, unmapped, for
+    the run that maps them."""
 
     shard: str
 
@@ -237,7 +237,7 @@ def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> Featu
     """Bring the store's feature set for these settings up to date with the data folder; return a summary.
 
     Sharded (torchrun ranks, or --num-shards/--shard-id), each process featurizes its share of the missing files
-    into its own journal parts; then torchrun's rank 0, or a later plain run, merges every part into the store.
+    into its own partitions; then torchrun's rank 0, or a later plain run, maps them all in one root switch.
     """
     started = time.perf_counter()
     if opts.dtype not in FEATURE_DTYPES:

@@ -8,6 +8,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
 import numpy as np
 
@@ -23,9 +24,9 @@ MAX_PIXELS = 100_000_000
 UNLABELLED = -1
 
 
-@dataclass(frozen=True)
-class ImageFile:
-    """One image of a split: path relative to the data folder (POSIX), label index or UNLABELLED."""
+class ImageFile(NamedTuple):
+    """One image of a split: path relative to the data folder (POSIX), label index or UNLABELLED. (A named tuple,
+    as Fingerprint: a scan makes one per file.)"""
 
     path: str
     label: int
@@ -47,9 +48,9 @@ class Dataset:
         return {"layout": self.layout, "valid_pct": self.valid_pct, "split_seed": self.seed}
 
 
-@dataclass(frozen=True)
-class Fingerprint:
-    """What identifies a file's content: size and mtime for a cheap check, a content hash for a sure one."""
+class Fingerprint(NamedTuple):
+    """What identifies a file's content: size and mtime for a cheap check, a content hash for a sure one. (A named
+    tuple: one is made per file on every run, and a frozen dataclass costs ten times as much to make.)"""
 
     size: int
     mtime_ns: int

@@ -35,11 +35,6 @@ class StorePaths:
         """`STORE.parts/`: the immutable partition files the root maps (and committed work not mapped yet)."""
         return self.store.with_name(self.store.name + ".parts")
 
-    @property
-    def journal(self) -> Path:
-        """`STORE.journal/`: where version 1 kept committed parts of unfinished runs (taken over as partitions)."""
-        return self.store.with_name(self.store.name + ".journal")
-
     def source_name(self, partition: str) -> str:
         """A partition's file name as the root's virtual datasets give it: relative to the root's folder, so that
         the root and its partitions can be moved or copied together."""

@@ -147,7 +147,7 @@ def _foreign_source(file_name: str, own: StorePaths, checked: set[str]) -> str |
 
 
 def split_file_index(group: h5py.Group) -> dict[str, FileRows]:
-    """Per source file of a split group (of a store or a journal part): its rows and fingerprint."""
+    """Per source file of a split group (of a root or a partition): its rows and fingerprint."""
     paths = _decode_strings(group["paths"][()])
     sizes, mtimes, hashes = group["size"][()], group["mtime_ns"][()], group["sha256"][()]
     ctimes = _ctimes(group, len(paths))

@@ -65,7 +65,7 @@ def _read_checked(ds: h5py.Dataset) -> np.ndarray | None:
 
 
 def verify_split(group: h5py.Group, block_rows: int = 8192) -> Damage:
-    """Read every byte of a split group (a store's or a journal part's), chunk by chunk for the features; rows
+    """Read every byte of a split group (a store's or a partition's), chunk by chunk for the features; rows
     whose chunk fails its checksum or that hold NaN or infinite values are damaged."""
     damage = Damage()
     features = group["features"]

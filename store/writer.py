@@ -61,7 +61,7 @@ class StoreLock:
 
 @dataclass
 class SplitRows:
-    """Rows of one split gathered in memory before a journal commit."""
+    """Rows of one split gathered in memory before a partition commit."""
 
     features: list[np.ndarray] = field(default_factory=list)
     columns: dict[str, list] = field(default_factory=lambda: {k: [] for k in ROW_COLUMNS})

@@ -208,7 +208,7 @@ def test_an_up_to_date_store_answers_without_building_the_backbone(small_set, tm
     store = tmp_path / "s.h5"
     featurize(small_set, store)
     modules = imported_modules("featurize", small_set, "--store", store, *FAST)
-    assert "h5py" in modules and not {"timm", "nvidia", "torchvision", "matplotlib"} & modules
+    assert "h5py" in modules and not {"timm", "nvidia", "torchvision", "matplotlib", "ray", "faiss"} & modules
     # New images: the backbone's frozen trace, cached by the first run, is loaded; the model is never built.
     make_images(tmp_path / "more", {"train": {"a": 1}}, seed=5)
     (tmp_path / "more" / "train" / "a" / "a_000.jpg").rename(small_set / "train" / "a" / "new.jpg")

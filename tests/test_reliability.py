@@ -337,7 +337,7 @@ def test_damaged_store_metadata_is_a_clear_error(trained, tmp_path):
     one_line_error(run_cli("store", "info", damaged, "--verify", check=False), str(damaged))
 
 
-def test_damaged_journal_parts_are_set_aside_and_redone(trained, tmp_path):
+def test_damaged_partitions_are_set_aside_and_redone(trained, tmp_path):
     import numpy as np
 
     data, store, _ = trained
