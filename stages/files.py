@@ -67,7 +67,8 @@ class Fingerprint(NamedTuple):
 
 
 def _is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and not name.startswith(".")
+    _, dot, extension = name.rpartition(".")  # the walk asks once per file: the cheapest test first
+    return bool(dot) and f".{extension.lower()}" in IMAGE_EXTENSIONS and not name.startswith(".")
 
 
 class _ImageWalker:

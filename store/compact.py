@@ -84,7 +84,12 @@ def candidates(paths: StorePaths, snap: SetSnapshot, dead_share: float = DEAD_SH
 
 
 def compact_set(
-    paths: StorePaths, snap: SetSnapshot, chosen: list[str], feature_dim: int, feature_dtype: str
+    paths: StorePaths,
+    snap: SetSnapshot,
+    chosen: list[str],
+    feature_dim: int,
+    feature_dtype: str,
+    target_rows: int = TARGET_ROWS,
 ) -> tuple[SetSnapshot, list[str], int]:
     """Rewrite the live rows of the chosen partitions (in the order the set maps them) into new partitions of up
     to TARGET_ROWS rows; returns the set's new snapshot, the partitions written and the rows copied."""
@@ -99,9 +104,19 @@ def compact_set(
 
     chosen_set = set(chosen)
     outputs: list[dict[str, PartitionSplit]] = [{}]
+    names = [paths.new_partition(snap.name, 0, compacted=True)]
     mapping: dict[tuple, tuple[int, int]] = {}  # (table, split, segment index) -> (output, start in its split)
     filled = 0
     read: dict[tuple, np.ndarray] = {}
+    written: list[str] = []
+
+    def write(i: int) -> None:  # an output as soon as it is full: what is held stays one partition's columns
+        if outputs[i]:
+            classes = snap.attrs.get("classes", [])
+            write_copied_partition(names[i], snap.name, classes, outputs[i], group, feature_dim, feature_dtype)
+            written.append(names[i].name)
+        outputs[i] = {}
+
     try:
         for table in ("rows", "skipped"):
             spec, sub = (ROW_COLUMNS, "") if table == "rows" else (SKIPPED_COLUMNS, SKIPPED)
@@ -109,8 +124,10 @@ def compact_set(
                 for i, s in enumerate(segments):
                     if s.partition not in chosen_set:
                         continue
-                    if table == "rows" and filled and filled + s.count > TARGET_ROWS:
+                    if table == "rows" and filled and filled + s.count > target_rows:
+                        write(len(outputs) - 1)
                         outputs.append({})
+                        names.append(paths.new_partition(snap.name, len(names), compacted=True))
                         filled = 0
                     out = outputs[-1].setdefault(
                         split, PartitionSplit([], {k: [] for k in ROW_COLUMNS}, {k: [] for k in SKIPPED_COLUMNS})
@@ -127,15 +144,7 @@ def compact_set(
                     if table == "rows":
                         out.copies.append(Copy(s.partition, s.split, s.start, s.count))
                         filled += s.count
-        written = []
-        for i, splits in enumerate(outputs):
-            if not splits:
-                continue
-            path = paths.new_partition(snap.name, i, compacted=True)
-            write_copied_partition(
-                path, snap.name, snap.attrs.get("classes", []), splits, group, feature_dim, feature_dtype
-            )
-            written.append(path.name)
+        write(len(outputs) - 1)
     finally:
         for f in files.values():
             f.close()
@@ -149,7 +158,7 @@ def compact_set(
             for i, s in enumerate(segments):
                 if (table, split, i) in mapping:
                     out, start = mapping[table, split, i]
-                    mapped.append(Segment(written[out], split, start, s.count))
+                    mapped.append(Segment(names[out].name, split, start, s.count))
                     copied += s.count if table == "rows" else 0
                 else:
                     mapped.append(s)
@@ -157,7 +166,7 @@ def compact_set(
     return new, written, copied
 
 
-def compact(paths: StorePaths, dead_share: float = DEAD_SHARE) -> CompactResult:
+def compact(paths: StorePaths, dead_share: float = DEAD_SHARE, target_rows: int = TARGET_ROWS) -> CompactResult:
     """Compact every set of a store that needs it, in one root switch, then collect garbage. The caller holds the
     writer's lock."""
     started = time.perf_counter()
@@ -172,7 +181,7 @@ def compact(paths: StorePaths, dead_share: float = DEAD_SHARE) -> CompactResult:
         if not chosen:
             continue
         dim, dtype = int(snap.attrs["feature_dim"]), snap.attrs.get("dtype", "float16")
-        new.sets[name], written, copied = compact_set(paths, snap, chosen, dim, dtype)
+        new.sets[name], written, copied = compact_set(paths, snap, chosen, dim, dtype, target_rows)
         result.rewritten += chosen
         result.written += written
         result.rows_copied += copied

@@ -223,7 +223,7 @@ class StoreSync:
         self.dataset, self.views = dataset, views
         cache: dict[str, list] = {}
         todo = []
-        root = str(dataset.root)
+        root = str(dataset.root).rstrip("/") or "/"  # paths are POSIX and relative: joined by hand, per file
         for split, files in dataset.splits.items():
             count = rows_per_file(split, views)
             # The same split first; with no augmented views a file's row is the same in any split.
@@ -231,7 +231,7 @@ class StoreSync:
             indexes = [i for src in [split, *others] for i in cache.setdefault(src, self._indexes(src))]
             self.decisions[split] = {}
             for f in files:
-                decision = _decide(os.path.join(root, f.path), f, indexes, count)
+                decision = _decide(f"{root}/{f.path}", f, indexes, count)
                 if decision.source is None and decision.skip_reason is None:
                     todo.append((split, f))
                 self.decisions[split][f.path] = decision

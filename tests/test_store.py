@@ -91,6 +91,23 @@ def test_updates_write_new_partitions_only_and_compaction_reclaims_dead_rows(sma
     assert featurize(small_set, store)["up_to_date"] and not unmapped(store)
 
 
+def test_compaction_writes_partitions_of_bounded_size_holding_the_same_rows(small_set, tmp_path):
+    """A compaction whose rows exceed its target writes several partitions, each as soon as it is full."""
+    from store.compact import compact
+    from store.writer import StoreLock
+
+    store = tmp_path / "s.h5"
+    featurize(small_set, store)
+    (small_set / "train" / "b" / "b_001.jpg").unlink()
+    featurize(small_set, store)
+    with StoreLock(StorePaths.of(store)):
+        result = compact(StorePaths.of(store), dead_share=0, target_rows=4)
+    assert len(result.written) >= 2 and result.rows_copied == 20  # runs are not split: outputs hold whole ones
+    [feature_set] = info(store)["sets"]
+    assert feature_set["dead_rows"] == 0 and feature_set["partitions"] == len(result.written)
+    assert_same_content(content(store), content(featurize_fresh(small_set, tmp_path)))
+
+
 def featurize_fresh(data, tmp_path):
     fresh = tmp_path / "fresh" / "s.h5"
     featurize(data, fresh)
