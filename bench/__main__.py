@@ -420,7 +420,8 @@ def bench_scale(quick: bool) -> dict:
         rows = bench_store_scale(quick, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return report("scale" + ("-quick" if quick else ""), rows)
+    sizes = os.environ.get("BENCH_SCALE_SIZES")
+    return report("scale" + (f"-{sizes.replace(',', '-')}" if sizes else "") + ("-quick" if quick else ""), rows)
 
 
 GRID_LRS, GRID_EPOCHS = ("3e-3", "1e-2", "3e-2"), ("3", "10", "30")

@@ -294,12 +294,20 @@ def folder_rows(files: int, tmp: Path) -> list[Row]:
 
 def bench_store_scale(quick: bool, tmp: Path) -> list[Row]:
     """Every row of `python -m bench scale`."""
-    sizes = (10_000, 100_000) if quick else (100_000, 1_000_000, 10_000_000)
+    chosen = os.environ.get("BENCH_SCALE_SIZES")  # e.g. 100000,1000000: those store sizes alone
+    sizes = (
+        [int(n) for n in chosen.split(",")]
+        if chosen
+        else (10_000, 100_000)
+        if quick
+        else (100_000, 1_000_000, 10_000_000)
+    )
     rows = []
     for n in sizes:
         rows += store_rows(n, tmp)
         print(f"scale: {n:,} rows done", file=sys.stderr, flush=True)
-    for n in sizes[:2]:
+    for n in [n for n in sizes if n <= 1_000_000]:
         rows += compaction_rows(n, tmp)
-    rows += folder_rows(10_000 if quick else 1_000_000, tmp)
+    if not chosen:
+        rows += folder_rows(10_000 if quick else 1_000_000, tmp)
     return rows

@@ -36,7 +36,9 @@ from store.writer import Copy, PartitionSplit, switch_root, write_copied_partiti
 DEAD_SHARE = 0.08
 # Reading through many holes is not free: a read through the root decodes a chunk once per run of live rows that
 # touches it (bench scale: a plain read at 0.62x the rate of one array when 1,000 removals cut 90,000 rows into runs
-# of 90, 0.87x at runs of 900). A partition whose live rows average shorter runs than this is rewritten.
+# of 90, 0.87x at runs of 900). A partition whose live rows average shorter runs than this is rewritten, when it
+# is no larger than compaction's own partitions: an update never rewrites more than TARGET_ROWS rows for it (a
+# version-1 store taken over is one large partition, and rewriting it would cost what v1 cost: 30 s at 1e6 rows).
 FRAGMENT_ROWS = 8192
 SMALL_ROWS = 65536  # a partition with fewer live rows is small: updates make them, compaction merges them
 MERGE_WIDTH = 8  # small partitions are merged once there are this many
@@ -76,8 +78,8 @@ def candidates(paths: StorePaths, snap: SetSnapshot, dead_share: float = DEAD_SH
         rows = live.get(partition, 0)
         if total and (total - rows) / total >= dead_share:
             dead.append(partition)
-        elif rows >= FRAGMENT_ROWS and rows / runs[partition] < FRAGMENT_ROWS:
-            dead.append(partition)  # cut into short runs: rewritten whole, read at full speed again
+        elif FRAGMENT_ROWS <= rows and total <= TARGET_ROWS and rows / runs[partition] < FRAGMENT_ROWS:
+            dead.append(partition)  # cut into short runs: rewritten (at most TARGET_ROWS), read at full speed again
         elif rows < SMALL_ROWS and not partition.startswith("legacy-"):
             small.append(partition)
     return sorted(dead + (small if len(small) >= MERGE_WIDTH else []))
