@@ -65,10 +65,13 @@ def candidates(paths: StorePaths, snap: SetSnapshot, dead_share: float = DEAD_SH
     live rows are cut into runs shorter than FRAGMENT_ROWS on average, and the small ones once there are
     MERGE_WIDTH of them (a legacy version-1 file is rewritten only for its dead rows or its runs)."""
     live = snap.live_rows()
-    runs: dict[str, int] = {}
+    runs: dict[tuple[str, str], list[int]] = {}  # (partition, its split): [live rows, runs of them]
     for segments in snap.rows.values():
         for s in segments:
-            runs[s.partition] = runs.get(s.partition, 0) + 1
+            counts = runs.setdefault((s.partition, s.split), [0, 0])
+            counts[0] += s.count
+            counts[1] += 1
+    cut = {p for (p, _), (rows, n) in runs.items() if rows >= FRAGMENT_ROWS and rows / n < FRAGMENT_ROWS}
     skipped_only = {s.partition for segs in snap.skipped.values() for s in segs} - set(live)
     dead, small = [], []
     for partition in sorted(set(live) | skipped_only):
@@ -78,7 +81,7 @@ def candidates(paths: StorePaths, snap: SetSnapshot, dead_share: float = DEAD_SH
         rows = live.get(partition, 0)
         if total and (total - rows) / total >= dead_share:
             dead.append(partition)
-        elif FRAGMENT_ROWS <= rows and total <= TARGET_ROWS and rows / runs[partition] < FRAGMENT_ROWS:
+        elif partition in cut and total <= TARGET_ROWS:
             dead.append(partition)  # cut into short runs: rewritten (at most TARGET_ROWS), read at full speed again
         elif rows < SMALL_ROWS and not partition.startswith("legacy-"):
             small.append(partition)

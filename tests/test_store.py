@@ -250,3 +250,25 @@ def test_a_reader_looping_over_full_reads_sees_whole_snapshots_while_featurize_c
     out, _ = reader.communicate(timeout=300)
     seen = json.loads(out)
     assert compactions >= 2 and seen["reads"] > 10 and not seen["problems"], seen
+
+
+def test_a_partition_cut_into_short_runs_is_rewritten_and_a_few_holes_are_not(tmp_path):
+    """Fragmentation, not only dead share, makes compaction rewrite a partition (reads through many holes decode
+    chunks again and again); a partition with a few holes is left alone."""
+    from bench.store_scale import update_v2, write_store
+    from store.reader import open_root
+    from store.snapshot import read_snapshot
+
+    def mapped(store):
+        with open_root(store) as f:
+            return read_snapshot(f).partitions()
+
+    store = tmp_path / "s.h5"
+    write_store(store, 20_000)  # version 1: taken over as one partition of 18,000 train rows
+    update_v2(store, add=False, changed=3)  # train cut in two runs of about 9,000 rows: kept
+    [legacy] = mapped(store)
+    assert legacy.startswith("legacy-")
+    update_v2(store, add=False, changed=10)  # a dozen runs of about 1,500 rows: rewritten
+    assert legacy not in mapped(store) and all(name.endswith("c.h5") for name in mapped(store))
+    [feature_set] = info(store)["sets"]
+    assert feature_set["dead_rows"] == 0 and feature_set["live_rows"] == 20_000 - 13
