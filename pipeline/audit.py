@@ -46,11 +46,11 @@ def read_rows(feature_set: FeatureSet) -> AuditRows:
     for split in feature_set.splits:
         plain = np.flatnonzero(feature_set.column(split, "view") == 0)
         stored = feature_set.features(split)
-        features = stored[()][plain] if len(plain) else np.zeros((0, stored.shape[1]))
+        features = stored[()] if len(plain) == stored.shape[0] else stored[()][plain]
         paths = feature_set.column(split, "paths")
         parts.append(
             (
-                features.astype(np.float32),
+                features,  # as stored (float16 by default): half the memory, converted block by block where used
                 feature_set.column(split, "labels")[plain],
                 np.full(len(plain), split),
                 [paths[i] for i in plain],

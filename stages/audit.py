@@ -50,15 +50,15 @@ def out_of_sample_probabilities(rows: AuditRows, num_classes: int, folds: int = 
     head, fit = train_logreg(split, fold, np.ones(len(train), bool), num_classes, seed=seed, cv_max_rows=CV_MAX_ROWS)
     logits = fit["out_of_fold_logits"]
     if fit["cv_rows"] < len(train):  # the strength came from a sample: every row's out-of-fold logits at it
-        with torch.no_grad():
-            x = head.standardize(torch.from_numpy(rows.features[train]))
+        with torch.no_grad():  # standardized in place: one float32 copy of the rows, not three
+            x = torch.from_numpy(rows.features[train]).float().sub_(head.standardize.mean).div_(head.standardize.std)
         init = torch.cat([head.classifier.weight.detach(), head.classifier.bias.detach()[:, None]], 1)
         logits = fold_logits(x, split.labels[train], fold, fit["l2"], init)
     probabilities = np.full((len(rows), num_classes), np.nan, np.float32)
     probabilities[train] = torch.softmax(logits / head.temperature, 1).numpy()
     if len(other):
         with torch.no_grad():
-            probabilities[other] = torch.softmax(head(torch.from_numpy(rows.features[other])), 1).numpy()
+            probabilities[other] = torch.softmax(head(torch.from_numpy(rows.features[other]).float()), 1).numpy()
     return probabilities
 
 
@@ -261,12 +261,24 @@ def outlier_rows(nearest: np.ndarray) -> tuple[np.ndarray, float]:
     return rows[np.argsort(-distance[rows])], fence
 
 
+MAP_SAMPLE_ROWS = 100_000  # the map's axes come from at most this many rows (a seeded sample); every row is drawn
+
+
 def feature_map(features: np.ndarray) -> np.ndarray:
-    """A 2-D map of the features: their first two principal components."""
-    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
-    x = x - x.mean(0)
-    _, _, v = torch.pca_lowrank(x, q=2, center=False, niter=4)
-    return (x @ v).numpy()
+    """A 2-D map of the features: their first two principal components (fitted on a sample past MAP_SAMPLE_ROWS,
+    every row projected block by block: no float32 copy of a million rows)."""
+    n = len(features)
+    sample = (
+        np.arange(n) if n <= MAP_SAMPLE_ROWS else np.sort(np.random.default_rng(0).choice(n, MAP_SAMPLE_ROWS, False))
+    )
+    x = torch.from_numpy(np.ascontiguousarray(features[sample], dtype=np.float32))
+    mean = x.mean(0)
+    _, _, v = torch.pca_lowrank(x - mean, q=2, center=False, niter=4)
+    points = np.empty((n, 2), np.float32)
+    for start in range(0, n, 65536):
+        block = torch.from_numpy(np.ascontiguousarray(features[start : start + 65536], dtype=np.float32))
+        points[start : start + len(block)] = ((block - mean) @ v).numpy()
+    return points
 
 
 def check_auditable(rows: AuditRows, classes: list[str], where: str) -> None:

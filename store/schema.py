@@ -3,7 +3,7 @@
 Version 2: a small root file whose datasets are virtual (HDF5 virtual datasets) over the live rows of immutable
 partition files in `STORE.parts/`; an update writes new partitions and switches the root, never copying old rows.
 
-Root (STORE)                    attrs: schema_version (2), created, updated, generation
+Root (STORE)                    attrs: schema_version (2), generation, created
 /sets/<set_name>/               attrs: identity (JSON) and its fields, classes (JSON), data_dir, layout, ...,
                                        partitions (JSON: {file name: group prefix of the set inside it})
 /sets/<set_name>/<split>/       one group per split: train, valid, test
