@@ -10,10 +10,12 @@ adopts. A file that fails to decode is recorded as skipped inside the block's pa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +101,13 @@ class BlockFeaturizer:
 def featurize_on_ray(opts, dataset: Dataset, todo: list, set_name: str, precision: str, progress) -> RayWork:
     """Compute `todo` on a Ray cluster (opts.ray_address, or Ray's own rule: RAY_ADDRESS, else a local instance);
     every block committed as partitions when this returns. KeyboardInterrupt stops the pool and propagates."""
+    # Ray prints its workers' and raylets' messages (a retried block, say) on the driver's stdout, from its own
+    # threads: while it runs, stdout is stderr, so that --json's stdout stays the JSON alone.
+    with contextlib.redirect_stdout(sys.stderr):
+        return _featurize_on_ray(opts, dataset, todo, set_name, precision, progress)
+
+
+def _featurize_on_ray(opts, dataset: Dataset, todo: list, set_name: str, precision: str, progress) -> RayWork:
     ray = require_ray()
     from ray.data import ActorPoolStrategy, DataContext
 
