@@ -145,6 +145,7 @@ class Featurizer:
         self.progress = progress
         self.forward = FeatureRunner.for_backbone(backbone, device, precision)
         self.fingerprints: dict[str, Fingerprint] = {}
+        self.decoders: dict[str, ImageDecoder] = {}
         self.pending = PendingRows(list(dataset.splits))
         self.last_commit = time.monotonic()
         self.done = 0
@@ -162,14 +163,16 @@ class Featurizer:
 
     def _featurize_split(self, split: str, files: list, total: int) -> None:
         views = views_in(split, self.opts.views)
-        decoder = ImageDecoder(
-            self.backbone.preprocessing,
-            views=views,
-            device=self.device,
-            batch_size=self.opts.batch_size,
-            seed=self.opts.seed,
-            num_threads=torch.get_num_threads(),
-        )
+        if split not in self.decoders:  # one per split, its DALI pipeline built once (a Ray actor runs many blocks)
+            self.decoders[split] = ImageDecoder(
+                self.backbone.preprocessing,
+                views=views,
+                device=self.device,
+                batch_size=self.opts.batch_size,
+                seed=self.opts.seed,
+                num_threads=torch.get_num_threads(),
+            )
+        decoder = self.decoders[split]
         labels = {f.path: f.label for f in files}
         for batch in decoder.decode((f.path, self._loader(f.path)) for f in files):
             for key, reason in batch.failed:

@@ -418,7 +418,8 @@ def cpu_has_bf16() -> bool:
 
 
 # auto trains in bf16 on a CPU only where bf16 steps are this much faster than fp32 ones; `python -m bench finetune`
-# measured 0.91x on a 2-core Xeon with AVX-512 BF16 (and bf16 cost 1.4 points of flowers5 accuracy): never so far.
+# measured 0.86x on a 2-core AMD EPYC with AVX-512 BF16 (and bf16 cost 1.4 points of flowers5 accuracy in one run):
+# never so far.
 BF16_TRAINING_SPEEDUP = 1.3
 
 
