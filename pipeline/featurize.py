@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import torch
 
-from pipeline.distributed import current_ranks
+from pipeline.distributed import current_ranks, launched_ranks
 from pipeline.runtime import available_memory, cpu_count, torch_threads
 from stages.backbones import (
     DEFAULT_BACKBONE,
@@ -229,7 +229,7 @@ def check_engine(opts: FeaturizeOptions) -> None:
         return
     check_range("--workers", opts.workers, 1, None)
     check_range("--gpus-per-worker", opts.gpus_per_worker, 0, None)
-    if opts.num_shards > 1 or current_ranks(1, 0, "cpu").world > 1:
+    if opts.num_shards > 1 or launched_ranks().distributed:  # asked, not joined: the check must not start a group
         raise PipelineError("--engine ray schedules the work itself: drop --num-shards, and run it without torchrun")
     from pipeline.ray_engine import require_ray
 
