@@ -138,14 +138,18 @@ def update_v1(store: Path, add: bool) -> float:
 
 # Reads: the same for both versions ---------------------------------------------------------------------------------
 def up_to_date_check(store: Path) -> float:
-    """The store's share of an up-to-date featurize: open the root, read the snapshot and every row's fingerprint."""
-    from store.reader import open_root, split_file_index, split_skipped
+    """The store's share of an up-to-date featurize: open the root, read the snapshot and every row's path and
+    fingerprint columns (as featurize compares them with the files')."""
+    from store.reader import open_root, stat_columns
+    from store.schema import SKIPPED
 
     started = time.perf_counter()
     with open_root(store) as root:
         for split in ("train", "valid"):
             group = root[f"sets/{SET_NAME}/{split}"]
-            split_file_index(group), split_skipped(group)
+            stat_columns(group)
+            if SKIPPED in group:
+                stat_columns(group[SKIPPED])
     return time.perf_counter() - started
 
 
@@ -294,9 +298,10 @@ def folder_rows(files: int, tmp: Path) -> list[Row]:
 
 def bench_store_scale(quick: bool, tmp: Path) -> list[Row]:
     """Every row of `python -m bench scale`."""
-    chosen = os.environ.get("BENCH_SCALE_SIZES")  # e.g. 100000,1000000: those store sizes alone
+    chosen = os.environ.get("BENCH_SCALE_SIZES")  # e.g. "100000,1000000": those store sizes alone; "files": the folder
+    picked = chosen.split(",") if chosen else []
     sizes = (
-        [int(n) for n in chosen.split(",")]
+        [int(n) for n in picked if n != "files"]
         if chosen
         else (10_000, 100_000)
         if quick
@@ -308,6 +313,6 @@ def bench_store_scale(quick: bool, tmp: Path) -> list[Row]:
         print(f"scale: {n:,} rows done", file=sys.stderr, flush=True)
     for n in [n for n in sizes if n <= 1_000_000]:
         rows += compaction_rows(n, tmp)
-    if not chosen:
+    if not chosen or "files" in picked:
         rows += folder_rows(10_000 if quick else 1_000_000, tmp)
     return rows

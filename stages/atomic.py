@@ -85,7 +85,10 @@ def strict_json(data) -> str:
             return [clean(v) for v in value]
         return value
 
-    return json.dumps(clean(data), indent=2, default=str, allow_nan=False)
+    try:  # most results hold no such value: cleaning a million skipped-file records first would cost seconds
+        return json.dumps(data, indent=2, default=str, allow_nan=False)
+    except ValueError:
+        return json.dumps(clean(data), indent=2, default=str, allow_nan=False)
 
 
 def write_json(path: Path, data) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import operator
 import os
 import stat
 from dataclasses import dataclass, field
@@ -67,8 +68,11 @@ class Fingerprint(NamedTuple):
 
 
 def _is_image_name(name: str) -> bool:
-    _, dot, extension = name.rpartition(".")  # the walk asks once per file: the cheapest test first
-    return bool(dot) and f".{extension.lower()}" in IMAGE_EXTENSIONS and not name.startswith(".")
+    dot = name.rfind(".")  # the walk asks once per file: the cheapest tests first
+    return dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS and name[0] != "."
+
+
+_entry_name = operator.attrgetter("name")
 
 
 class _ImageWalker:
@@ -104,10 +108,10 @@ class _ImageWalker:
             self.visited.add(real_dir)
             try:
                 with os.scandir(dirpath) as it:
-                    entries = sorted(it, key=lambda e: e.name)
+                    entries = sorted(it, key=_entry_name)
             except OSError:
                 continue
-            subfolders = []
+            subfolders, inside = [], os.path.join(real_dir, "")
             for entry in entries:  # the entry's type comes with the listing: one stat per symlink, none else
                 if entry.is_dir():
                     reason = self._refuse(entry.path) if entry.is_symlink() else None
@@ -126,7 +130,7 @@ class _ImageWalker:
                         )
                         continue
                 else:
-                    real = os.path.join(real_dir, entry.name)
+                    real = inside + entry.name
                 if real in self.files:
                     self.notes.append(
                         f"{entry.path} is the file {self.files[real]} reached by another path; stored once"
@@ -155,8 +159,9 @@ def _labelled(root: Path, split_dir: Path, classes: list[str], walker: _ImageWal
         folder = split_dir / name
         if folder.is_dir():
             base, relative = len(str(folder)), folder.relative_to(root).as_posix()
-            files += [ImageFile(relative + p[base:], index[name]) for p in walker.walk(folder)]
-    return sorted(files, key=lambda f: f.path)
+            label = index[name]
+            files += [ImageFile(relative + p[base:], label) for p in walker.walk(folder)]
+    return sorted(files)  # by path: paths are unique
 
 
 def _split_rank(seed: int, path: str) -> bytes:
@@ -239,7 +244,8 @@ def scan_dataset(root: str | Path, valid_pct: float | None = None, seed: int = 0
     if not any(splits.values()):
         raise PipelineError(f"{root} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     if classes and "train" in splits:
-        empty = [c for i, c in enumerate(classes) if not any(f.label == i for f in splits["train"])]
+        present = {f.label for f in splits["train"]}
+        empty = [c for i, c in enumerate(classes) if i not in present]
         if empty:
             raise PipelineError(
                 f"class folder(s) {', '.join(empty)} in {root} have no training images; add images or remove the folder"

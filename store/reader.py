@@ -148,7 +148,7 @@ def _foreign_source(file_name: str, own: StorePaths, checked: set[str]) -> str |
 
 def split_file_index(group: h5py.Group) -> dict[str, FileRows]:
     """Per source file of a split group (of a root or a partition): its rows and fingerprint."""
-    paths = _decode_strings(group["paths"][()])
+    paths = decode_strings(group["paths"][()])
     sizes, mtimes, hashes = group["size"][()], group["mtime_ns"][()], group["sha256"][()]
     ctimes = _ctimes(group, len(paths))
     index: dict[str, FileRows] = {}
@@ -166,13 +166,20 @@ def split_skipped(group: h5py.Group) -> dict[str, dict]:
     if SKIPPED not in group:
         return {}
     g = group[SKIPPED]
-    paths, reasons = _decode_strings(g["paths"][()]), _decode_strings(g["reasons"][()])
+    paths, reasons = decode_strings(g["paths"][()]), decode_strings(g["reasons"][()])
     return {
         p: {"reason": r, "size": int(s), "mtime_ns": int(m), "ctime_ns": int(c), "sha256": h.decode(), "row": row}
         for row, (p, r, s, m, c, h) in enumerate(
             zip(paths, reasons, g["size"][()], g["mtime_ns"][()], _ctimes(g, len(paths)), g["sha256"][()])
         )
     }
+
+
+def stat_columns(group: h5py.Group) -> tuple[np.ndarray, np.ndarray]:
+    """A split group's (or its skipped table's) paths per row, and their size, mtime_ns and ctime_ns columns as one
+    (3, rows) array: what a rerun compares column against column."""
+    paths = np.asarray(decode_strings(group["paths"][()]), dtype=object)
+    return paths, np.stack([group["size"][()], group["mtime_ns"][()], _ctimes(group, len(paths))]).astype(np.int64)
 
 
 def _ctimes(group: h5py.Group, n: int) -> np.ndarray:
@@ -227,7 +234,7 @@ class FeatureSet:
                     f"{self.where} is damaged: set {self.name} {split}/{problem}; featurize again to rewrite it "
                     "(pipeline store info --verify lists what is wrong)"
                 )
-        return _decode_strings(values)
+        return decode_strings(values)
 
     @property
     def where(self) -> str:
@@ -403,7 +410,8 @@ def _verify_partitions(paths: StorePaths, snap: SetSnapshot, split: str) -> str:
     return "; ".join(found)
 
 
-def _decode_strings(values: np.ndarray) -> np.ndarray | list:
+def decode_strings(values: np.ndarray) -> np.ndarray | list:
+    """A string column as str: h5py returns variable-length strings as bytes."""
     if values.dtype.kind == "O":
         return [v.decode() if isinstance(v, bytes) else v for v in values]
     return values

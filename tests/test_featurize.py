@@ -118,7 +118,9 @@ def test_bad_files_are_skipped_recorded_and_not_retried(small_set, tmp_path):
         assert sorted(p.decode() for p in group["train"]["skipped"]["paths"][()]) == sorted(
             r for r in reasons if r.startswith("train")
         )
-    assert featurize(small_set, store)["up_to_date"]
+    again = featurize(small_set, store)  # answered column against column: the same report, nothing retried
+    assert again["up_to_date"] and again["featurized"] == 0 and again["reused"] == summary["featurized"]
+    assert [again[k] for k in ("images", "rows", "skipped")] == [summary[k] for k in ("images", "rows", "skipped")]
     text = run_cli("featurize", small_set, "--store", store, *FAST).stderr
     assert "skipped train/a/zero.jpg: empty file" in text
 
