@@ -115,6 +115,10 @@ def _featurize_on_ray(opts, dataset: Dataset, todo: list, set_name: str, precisi
     # Ray's C++ core logs warnings to the terminal (one on every actor pool: its constructor arguments live in the
     # object store, which restarts need): its log files keep them.
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    # A local instance started here would also start idle worker processes at once, one per core, importing Ray on
+    # the cores the actor is about to use (read by a raylet this process starts; a running cluster keeps its own).
+    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+    os.environ.setdefault("RAY_enable_worker_prestart", "0")
     if started_ray:
         try:
             ray.init(address=opts.ray_address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
