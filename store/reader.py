@@ -72,14 +72,42 @@ def open_root(path: Path, hold: bool = False) -> h5py.File:
             f"store {path} has schema version {version}, this pipeline reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))}; featurize again into a new --store"
         )
-    foreign = foreign_object(f, StorePaths(path) if version == 2 else None)
+    identity, mapped = _file_identity(os.fstat(f.id.get_vfd_handle())), set()
+    foreign = None if _known_clean(identity) else foreign_object(f, StorePaths(path) if version == 2 else None, mapped)
     if foreign:
         f.close()
         raise PipelineError(
             f"store {path} is refused: {foreign}, so reading it could open other files; give a store written by "
             "pipeline featurize"
         )
+    _CLEAN_ROOTS.setdefault(identity, [path.parent / name for name in mapped])
     return f
+
+
+# Files this process found holding nothing foreign, by identity: a root or partition is replaced by a new file, never
+# changed in place (and any change in place moves its ctime), so one check per file and process suffices. An update
+# opens its root three times, and every partition is mapped by each new root. A root stays known clean only while
+# every partition it maps does.
+_CLEAN: set[tuple] = set()  # partitions
+_CLEAN_ROOTS: dict[tuple, list[Path]] = {}  # root: the partitions it maps
+
+
+def _file_identity(st: os.stat_result) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _known_clean(root: tuple) -> bool:
+    try:
+        return root in _CLEAN_ROOTS and all(_file_identity(os.lstat(p)) in _CLEAN for p in _CLEAN_ROOTS[root])
+    except OSError:
+        return False
+
+
+def trust_written_root(path: Path, partitions: list[Path]) -> None:
+    """A root this process has just written over partitions it wrote or checked, under the writer's lock: known
+    clean while none of them changes."""
+    _CLEAN.update(_file_identity(os.lstat(p)) for p in partitions)
+    _CLEAN_ROOTS[_file_identity(os.stat(path))] = list(partitions)
 
 
 def _hold(f: h5py.File, path: Path) -> bool:
@@ -92,12 +120,12 @@ def _hold(f: h5py.File, path: Path) -> bool:
         return False
 
 
-def foreign_object(group: h5py.Group, own: StorePaths | None = None) -> str | None:
+def foreign_object(group: h5py.Group, own: StorePaths | None = None, checked: set[str] | None = None) -> str | None:
     """The first object under a group that would make a reader open another file, described, or None: an external
     or soft link, a dataset whose bytes are stored in external files, or a virtual dataset, unless `own` (a root's
     paths) is given and it maps only that store's own partitions, each a regular file holding nothing foreign
     itself. Links are inspected, never followed."""
-    checked: set[str] = set()
+    checked = set() if checked is None else checked  # partitions found clean, shared by the whole walk
     for name in group:
         link = group.get(name, getlink=True)
         where = f"{group.name.rstrip('/')}/{name}"
@@ -105,7 +133,7 @@ def foreign_object(group: h5py.Group, own: StorePaths | None = None) -> str | No
             return f"{where} is {'an external' if isinstance(link, h5py.ExternalLink) else 'a soft'} link"
         item = group[name]
         if isinstance(item, h5py.Group):
-            found = foreign_object(item, own)
+            found = foreign_object(item, own, checked)
             if found:
                 return found
         elif item.external:
@@ -131,18 +159,25 @@ def _foreign_source(file_name: str, own: StorePaths, checked: set[str]) -> str |
         return "not a partition of this store"
     path = own.parts / name
     try:
-        if not stat.S_ISREG(os.lstat(path).st_mode):
-            return "not a regular file"
+        st = os.lstat(path)
     except FileNotFoundError:
         return "which is missing (the store is damaged: featurize again into a new --store)"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if _file_identity(st) in _CLEAN:
+        checked.add(file_name)
+        return None
     try:
         with h5py.File(path, "r", locking=False) as f:
-            inside = foreign_object(f)
+            inside, opened = foreign_object(f), os.fstat(f.id.get_vfd_handle())  # the file checked, not the path
     except OSError as exc:
         return f"which cannot be opened ({str(exc).splitlines()[0][:80]})"
     if inside:
         return f"whose {inside}"
+    if not stat.S_ISREG(opened.st_mode):
+        return "not a regular file"
     checked.add(file_name)
+    _CLEAN.add(_file_identity(opened))
     return None
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from stages.atomic import ExclusiveLock, atomic_output, writer_alive
 from stages.errors import PipelineError
 from store.paths import StorePaths
+from store.reader import trust_written_root
 from store.schema import CHUNK_ROWS, FEATURE_DTYPES, ROW_COLUMNS, SKIPPED, SKIPPED_COLUMNS, STR
 from store.snapshot import SELF, Snapshot, SourceShapes, write_root
 from store.verify import create_checked
@@ -254,3 +255,4 @@ def switch_root(paths: StorePaths, old: Snapshot | None, new: Snapshot, shapes: 
         retired.unlink(missing_ok=True)
         os.link(paths.store, retired)
     atomic_h5(paths.store, lambda tmp: write_root(tmp, new, paths, shapes), total + (1 << 20))
+    trust_written_root(paths.store, [paths.parts / name for name in new.partitions() - {SELF}])

@@ -489,6 +489,24 @@ def test_stores_that_point_at_other_files_are_refused(trained, small_set, tmp_pa
         one_line_error(run_cli("featurize", small_set, "--store", crafted, check=False), "is refused", what)
 
 
+def test_a_store_found_clean_once_is_checked_again_when_a_file_of_it_changes(trained, tmp_path):
+    """Readers remember the roots and partitions they found clean (by inode and times): a root or a partition
+    changed in place afterwards is checked again and refused."""
+    from stages.errors import PipelineError
+    from store.reader import open_root
+
+    _, store, _ = trained
+    for target in ("root", "partition"):
+        copy = copy_store(store, tmp_path / target)
+        open_root(copy).close()  # clean: remembered
+        paths = StorePaths.of(copy)
+        changed = paths.store if target == "root" else paths.parts / paths.partitions()[0]
+        with h5py.File(changed, "r+") as f:
+            f["elsewhere"] = h5py.ExternalLink("/etc/passwd", "/x")
+        with pytest.raises(PipelineError, match="is refused.*external link"):
+            open_root(copy)
+
+
 def test_stored_paths_that_leave_the_data_folder_or_are_no_file_are_never_opened(trained, tmp_path):
     import os
 
