@@ -181,5 +181,7 @@ def _actor_pool(ray, strategy, opts, dataset: Dataset, blocks: list[dict], set_n
         compute=strategy(size=opts.workers),
         num_cpus=cpus,
         num_gpus=opts.gpus_per_worker,
-        runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(cpus)}},
+        # One malloc arena from the actor's start (see pipeline.runtime.tune_allocator: its threads exist before
+        # the constructor runs, and a thread keeps the arena it first used).
+        runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(cpus), "MALLOC_ARENA_MAX": "1"}},
     )
