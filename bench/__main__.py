@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -161,10 +162,17 @@ def bench_featurize(quick: bool) -> dict:
             for k, v in cosines.items()
         ],
     ]
+    if importlib.util.find_spec("ray") is not None:  # the ray extra
+        rows += ray_rows(quick)
     return report("featurize" + ("-quick" if quick else ""), rows)
 
 
 def bench_ray(quick: bool) -> dict:
+    """The Ray rows of bench featurize alone (ray_rows)."""
+    return report("ray" + ("-quick" if quick else ""), ray_rows(quick))
+
+
+def ray_rows(quick: bool) -> list[Row]:
     """featurize --engine ray against --engine local on the same photos: one actor with every core, on a local Ray
     instance started by the command itself (what a first user on a laptop sees); loop, whole process, peak RSS."""
     tmp = Path(tempfile.mkdtemp())
@@ -200,7 +208,7 @@ def bench_ray(quick: bool) -> dict:
             f"{actor:,.0f} MB, local {local:,.0f} MB",
         ),
     ]
-    return report("ray" + ("-quick" if quick else ""), rows)
+    return rows
 
 
 def bench_heads(quick: bool) -> dict:
