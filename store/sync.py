@@ -235,7 +235,7 @@ class StoreSync:
             return []
         cache: dict[str, list] = {}
         todo = []
-        root = str(dataset.root).rstrip("/") or "/"  # paths are POSIX and relative: joined by hand, per file
+        root = _joinable(dataset.root)
         for split, files in dataset.splits.items():
             count = rows_per_file(split, views)
             # The same split first; with no augmented views a file's row is the same in any split.
@@ -259,7 +259,7 @@ class StoreSync:
             return None
         if live.attrs.get("classes") != dataset.classes:
             return None
-        root = str(dataset.root).rstrip("/") or "/"
+        root = _joinable(dataset.root)
         images, rows, skipped = {}, {}, []
         for split, files in dataset.splits.items():
             group, count = self.sources[0].groups[split], rows_per_file(split, self.views)
@@ -286,11 +286,7 @@ class StoreSync:
             if not np.array_equal(np.concatenate(stats, axis=1)[:, order].T, now):
                 return None
             images[split], rows[split] = kept, len(paths)
-            skipped += [
-                {"split": split, "path": f.path, "reason": reasons[i - kept]}
-                for f, i in zip(files, order.tolist())
-                if i >= kept
-            ]
+            skipped += [_skipped(split, f.path, reasons[i - kept]) for f, i in zip(files, order.tolist()) if i >= kept]
         return SyncResult(images, rows, skipped, up_to_date=True)
 
     @property
@@ -436,8 +432,18 @@ class StoreSync:
             kept = [p for p, d in decisions if d.skip_reason is None and d.source is not None or d.copy]
             images[split] = len(kept)
             rows[split] = len(kept) * rows_per_file(split, self.views)
-            skipped += [{"split": split, "path": p, "reason": d.skip_reason} for p, d in decisions if d.skip_reason]
+            skipped += [_skipped(split, p, d.skip_reason) for p, d in decisions if d.skip_reason]
         return SyncResult(images, rows, skipped, up_to_date=False)
+
+
+def _joinable(root: Path) -> str:
+    """The data folder as a string a file's POSIX relative path is joined to by hand (per file: no Path objects)."""
+    return str(root).rstrip("/") or "/"
+
+
+def _skipped(split: str, path: str, reason: str) -> dict:
+    """A skipped file as SyncResult (and featurize's --json) lists it."""
+    return {"split": split, "path": path, "reason": reason}
 
 
 def _decide(path: str, f: ImageFile, indexes: list, count: int) -> FileDecision:
