@@ -204,6 +204,7 @@ def store_rows(n: int, tmp: Path) -> list[Row]:
     """Every figure for one size: both versions, side by side."""
     v1, v2 = tmp / "v1.h5", tmp / "v2.h5"
     write_store(v1, n)
+    os.sync()  # the store just written is on disk: an update timed next pays for its own writes, not for those
     os.link(v1, v2)  # the same version-1 file: version 2 takes it over by hard link on its first update
     label = f"{n:.0e}".replace("e+0", "e")
     rows = []

@@ -77,13 +77,14 @@ def _nothing_written(out: Path | None) -> str:
 
 
 def _print_json(result) -> None:
-    """A command's --json: its result's to_json() (a list of them for a leaderboard), as strict JSON."""
+    """A command's --json: its result's to_json() (a list of them for a leaderboard), as strict JSON, indented on a
+    terminal and on one line into a pipe or a file (for the program reading it; as gh does)."""
     from stages.atomic import strict_json
 
     def plain(value):
         return [plain(v) for v in value] if isinstance(value, list) else getattr(value, "to_json", lambda: value)()
 
-    sys.stdout.write(strict_json(plain(result)) + "\n")
+    sys.stdout.write(strict_json(plain(result), indent=2 if sys.stdout.isatty() else None) + "\n")
 
 
 def _options(config: type, values: dict, leave: tuple[str, ...] = ()):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import h5py
@@ -120,7 +120,8 @@ class FeaturizeResult(FeaturizeWork):
     shards: list[dict] | None = None  # torchrun's rank 0: every rank's {shard, featurized, images_per_second}
 
     def to_json(self) -> dict:
-        data = {**asdict(self), "merged": True}
+        # Field by field, not asdict: its deep copy of a million skipped-file records took 8 s. Every field is plain.
+        data = {**{f.name: getattr(self, f.name) for f in fields(self)}, "merged": True}
         if self.shards is None:
             del data["shards"]
         return data

@@ -73,8 +73,9 @@ def atomic_output(path: Path | str) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def strict_json(data) -> str:
-    """JSON that every parser reads: NaN and infinities (a diverged lr-find rate, say) become null."""
+def strict_json(data, indent: int | None = 2) -> str:
+    """JSON that every parser reads: NaN and infinities (a diverged lr-find rate, say) become null. indent=None
+    gives one line, written by json's C encoder (an indented million-record summary took 6.6 s, one line 0.9 s)."""
 
     def clean(value):
         if isinstance(value, float) and not math.isfinite(value):
@@ -86,9 +87,9 @@ def strict_json(data) -> str:
         return value
 
     try:  # most results hold no such value: cleaning a million skipped-file records first would cost seconds
-        return json.dumps(data, indent=2, default=str, allow_nan=False)
+        return json.dumps(data, indent=indent, default=str, allow_nan=False)
     except ValueError:
-        return json.dumps(clean(data), indent=2, default=str, allow_nan=False)
+        return json.dumps(clean(data), indent=indent, default=str, allow_nan=False)
 
 
 def write_json(path: Path, data) -> None:

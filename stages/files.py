@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from stages.bulk import collector_paused
 from stages.errors import PipelineError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
@@ -25,12 +26,17 @@ MAX_PIXELS = 100_000_000
 UNLABELLED = -1
 
 
+FileStat = tuple[int, int, int]  # size, mtime_ns, ctime_ns: what a file's rows are kept by (Fingerprint.same_stat)
+
+
 class ImageFile(NamedTuple):
-    """One image of a split: path relative to the data folder (POSIX), label index or UNLABELLED. (A named tuple,
-    as Fingerprint: a scan makes one per file.)"""
+    """One image of a split: path relative to the data folder (POSIX), label index or UNLABELLED, and the file's
+    stat as the scan found it (None where it could not stat it, or where no scan made it). (A named tuple, as
+    Fingerprint: a scan makes one per file.)"""
 
     path: str
     label: int
+    stat: FileStat | None = None
 
 
 @dataclass
@@ -67,26 +73,40 @@ class Fingerprint(NamedTuple):
         return Fingerprint(self.size, self.mtime_ns, sha256, self.ctime_ns)
 
 
-def _is_image_name(name: str) -> bool:
-    dot = name.rfind(".")  # the walk asks once per file: the cheapest tests first
-    return dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS and name[0] != "."
-
-
 _entry_name = operator.attrgetter("name")
 
 
+def _image_names(names: list[str]) -> list[str]:
+    """The names of image files among a folder's file names: by extension, hidden ones left out. (One expression per
+    name, no call: a scan asks once per file.)"""
+    return [n for n in names if n[0] != "." and n[n.rfind(".") :].lower() in IMAGE_EXTENSIONS]
+
+
+def _stat_in(folder: int, name: str) -> FileStat | None:
+    """A file's stat, looked up by name in an open folder (following a symlink); None when it cannot be had."""
+    try:
+        st = os.stat(name, dir_fd=folder)
+    except OSError:  # gone, or a broken symlink: its decision stats it again and records why
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 class _ImageWalker:
-    """Finds image files below the folders of one scan, visiting each real directory and each real file once.
+    """Finds image files below the folders of one scan, visiting each real directory and each real file once, and
+    stats each file it finds (with_stat): a scan is the one pass over the folder a rerun makes.
 
     A symlinked folder is not followed when it leads back into a folder the scan owns (a class folder or test/),
     to one of their ancestors (a loop), or to a folder already visited: its images would otherwise be stored
     again, under the wrong class. Hidden folders are skipped like hidden files.
     """
 
-    def __init__(self, owned: list[Path]):
+    def __init__(self, owned: list[Path], with_stat: bool = True):
         self.owned = [os.path.realpath(p) for p in owned]
-        self.visited: set[str] = set()
-        self.files: dict[str, str] = {}
+        self.with_stat = with_stat
+        self.visited: dict[str, str] = {}  # real folder: the path it was first walked by
+        # Real path: the path it was found by, for files outside the owned folders. A file inside them can be
+        # reached by one path only: a symlink into an owned folder is refused.
+        self.outside: dict[str, str] = {}
         self.notes: list[str] = []
 
     def _refuse(self, link: str) -> str | None:
@@ -98,53 +118,118 @@ class _ImageWalker:
                 return f"it leads to {target}, a folder above the images (a loop)"
         return f"it leads to {target}, already scanned" if target in self.visited else None
 
-    def walk(self, folder: Path) -> list[str]:
-        """All image files below a folder, recursively, in sorted order (paths beginning with str(folder))."""
-        found: list[str] = []
-        stack = [str(folder)]
+    def _owned(self, real: str) -> bool:
+        return any(real == owned or real.startswith(owned + os.sep) for owned in self.owned)
+
+    def walk(self, folder: Path, relative: str, label: int) -> list[ImageFile]:
+        """All image files below a folder, recursively, sorted by path: each named `relative` + its path below
+        the folder, with `label` and its stat."""
+        found: list[ImageFile] = []
+        stack = [(str(folder), relative)]
         while stack:  # depth first, each folder's entries in name order (which copy of a file is kept)
-            dirpath = stack.pop()
+            dirpath, name = stack.pop()
             real_dir = os.path.realpath(dirpath)
-            self.visited.add(real_dir)
-            try:
-                with os.scandir(dirpath) as it:
-                    entries = sorted(it, key=_entry_name)
+            if real_dir in self.visited:  # an owned folder reached again (valid/ a symlink to train/): stored once
+                stack += self._again(dirpath, self.visited[real_dir], name)
+                continue
+            self.visited[real_dir] = dirpath
+            try:  # listed by descriptor: a file's stat is then looked up by name in it, not by its whole path
+                fd = os.open(dirpath, os.O_RDONLY | os.O_DIRECTORY)
             except OSError:
                 continue
-            subfolders, inside = [], os.path.join(real_dir, "")
-            for entry in entries:  # the entry's type comes with the listing: one stat per symlink, none else
-                if entry.is_dir():
-                    reason = self._refuse(entry.path) if entry.is_symlink() else None
-                    if reason:
-                        self.notes.append(f"symlinked folder {entry.path} skipped: {reason}")
-                    elif not entry.name.startswith("."):
-                        subfolders.append(entry.path)
-                    continue
-                if not _is_image_name(entry.name):
-                    continue
-                if entry.is_symlink():
-                    real = os.path.realpath(entry.path)
-                    if any(real.startswith(owned + os.sep) for owned in self.owned):
-                        self.notes.append(
-                            f"symlink {entry.path} skipped: it leads to {real}, which is scanned by its own path"
-                        )
-                        continue
+            try:
+                with os.scandir(fd) as it:
+                    entries = list(it)
+                folder_files = _FolderFiles(dirpath, name, real_dir, fd, label, self.with_stat)
+                if any(e.is_symlink() for e in entries) or not self._owned(real_dir):
+                    found += self._files_one_by_one(folder_files, sorted(entries, key=_entry_name), stack)
                 else:
-                    real = inside + entry.name
-                if real in self.files:
-                    self.notes.append(
-                        f"{entry.path} is the file {self.files[real]} reached by another path; stored once"
-                    )
+                    found += folder_files.images(_image_names(sorted(e.name for e in entries if not e.is_dir())))
+                    subfolders = sorted(e.name for e in entries if e.is_dir() and e.name[0] != ".")
+                    stack += [folder_files.below(n) for n in reversed(subfolders)]
+            finally:
+                os.close(fd)
+        found.sort()
+        return found
+
+    def _again(self, dirpath: str, first: str, name: str) -> list[tuple[str, str]]:
+        """A folder walked before by another path: a note for each of its images; its subfolders to visit."""
+        with os.scandir(dirpath) as it:
+            entries = list(it)
+        here, there = os.path.join(dirpath, ""), os.path.join(first, "")
+        for n in _image_names(sorted(e.name for e in entries if not e.is_dir())):
+            self.notes.append(f"{here}{n} is the file {there}{n} reached by another path; stored once")
+        subfolders = sorted(e.name for e in entries if e.is_dir() and e.name[0] != ".")
+        return [(here + n, f"{name}/{n}") for n in reversed(subfolders)]
+
+    def _files_one_by_one(self, folder: _FolderFiles, entries: list, stack: list) -> list[ImageFile]:
+        """A folder's images where symlinks are, or where its files can also be reached by another path: entry by
+        entry in name order (which copy of a file is kept, and why the others are not)."""
+        names, subfolders = [], []
+        for entry in entries:
+            name, path = entry.name, folder.prefix + entry.name
+            if entry.is_dir():
+                reason = self._refuse(path) if entry.is_symlink() else None
+                if reason:
+                    self.notes.append(f"symlinked folder {path} skipped: {reason}")
+                elif name[0] != ".":
+                    subfolders.append(folder.below(name))
+                continue
+            if not _image_names([name]):
+                continue
+            real = os.path.realpath(path) if entry.is_symlink() else folder.inside + name
+            if self._owned(real):
+                if entry.is_symlink():
+                    self.notes.append(f"symlink {path} skipped: it leads to {real}, which is scanned by its own path")
                     continue
-                self.files[real] = entry.path
-                found.append(entry.path)
-            stack.extend(reversed(subfolders))
-        return sorted(found)
+            elif real in self.outside:
+                self.notes.append(f"{path} is the file {self.outside[real]} reached by another path; stored once")
+                continue
+            else:
+                self.outside[real] = path
+            names.append(name)
+        stack += reversed(subfolders)
+        return folder.images(names)
+
+
+@dataclass
+class _FolderFiles:
+    """One folder of a walk, open as a descriptor: its images become ImageFiles."""
+
+    path: str
+    relative: str  # the name its files are stored under, up to their own
+    real: str
+    fd: int
+    label: int
+    with_stat: bool = True
+
+    @property
+    def prefix(self) -> str:
+        return os.path.join(self.path, "")
+
+    @property
+    def inside(self) -> str:
+        return os.path.join(self.real, "")
+
+    def below(self, name: str) -> tuple[str, str]:
+        """A subfolder to visit: its path and its stored name."""
+        return self.prefix + name, f"{self.relative}/{name}"
+
+    def images(self, names: list[str]) -> list[ImageFile]:
+        """These files of the folder as ImageFiles, each with its stat (one per file, by name in the folder)."""
+        prefix, label = f"{self.relative}/", self.label
+        if not self.with_stat:
+            return [ImageFile(prefix + n, label) for n in names]
+        try:
+            stats = [os.stat(n, dir_fd=self.fd) for n in names]
+        except OSError:  # one of them is gone since the listing, or a broken symlink: file by file
+            return [ImageFile(prefix + n, label, _stat_in(self.fd, n)) for n in names]
+        return [ImageFile(prefix + n, label, (s.st_size, s.st_mtime_ns, s.st_ctime_ns)) for n, s in zip(names, stats)]
 
 
 def find_images(folder: Path) -> list[Path]:
     """All image files below one folder (symlinked folders and files followed once), sorted."""
-    return [Path(p) for p in _ImageWalker([folder]).walk(folder)]
+    return [Path(f.path) for f in _ImageWalker([folder], with_stat=False).walk(folder, str(folder), UNLABELLED)]
 
 
 def class_folders(split_dir: Path) -> list[str]:
@@ -153,14 +238,11 @@ def class_folders(split_dir: Path) -> list[str]:
 
 
 def _labelled(root: Path, split_dir: Path, classes: list[str], walker: _ImageWalker) -> list[ImageFile]:
-    index = {name: i for i, name in enumerate(classes)}
     files = []
-    for name in classes:
+    for label, name in enumerate(classes):
         folder = split_dir / name
         if folder.is_dir():
-            base, relative = len(str(folder)), folder.relative_to(root).as_posix()
-            label = index[name]
-            files += [ImageFile(relative + p[base:], label) for p in walker.walk(folder)]
+            files += walker.walk(folder, folder.relative_to(root).as_posix(), label)
     return sorted(files)  # by path: paths are unique
 
 
@@ -184,7 +266,11 @@ def _holdout(files: list[ImageFile], valid_pct: float, seed: int) -> tuple[list[
 
 def scan_dataset(root: str | Path, valid_pct: float | None = None, seed: int = 0) -> Dataset:
     """Find splits (train/valid/test of class folders), or one labelled folder split by --valid-pct."""
-    root = Path(root)
+    with collector_paused():  # a file is a few tuples and strings
+        return _scan_dataset(Path(root), valid_pct, seed)
+
+
+def _scan_dataset(root: Path, valid_pct: float | None, seed: int) -> Dataset:
     if not root.is_dir():
         raise PipelineError(f"data folder {root} does not exist; give a folder of train/ and valid/ class folders")
     if valid_pct is not None and not 0 < valid_pct < 1:
@@ -215,8 +301,7 @@ def scan_dataset(root: str | Path, valid_pct: float | None = None, seed: int = 0
         )
         splits = {s: _labelled(root, root / s, classes, walker) for s in labelled}
         if "test" in present:
-            base = len(str(root / "test"))
-            splits["test"] = [ImageFile("test" + p[base:], UNLABELLED) for p in walker.walk(root / "test")]
+            splits["test"] = walker.walk(root / "test", "test", UNLABELLED)
         layout = "splits"
         if valid_pct is not None:
             if "valid" in splits:

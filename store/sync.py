@@ -15,6 +15,7 @@ shards, newest first). Bytes that fail verification are never used: their files 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from stages.bulk import collector_paused
 from stages.errors import PipelineError
 from stages.files import Dataset, Fingerprint, ImageFile, content_sha256, stat_fingerprint
 from store.paths import StorePaths
@@ -230,6 +232,11 @@ class StoreSync:
     def plan(self, dataset: Dataset, views: int) -> list[tuple[str, ImageFile]]:
         """Decide for every current file; return (split, file) of those to compute, in data-set order."""
         self.dataset, self.views = dataset, views
+        with collector_paused():  # a file is a few tuples and strings
+            return self._plan()
+
+    def _plan(self) -> list[tuple[str, ImageFile]]:
+        dataset, views = self.dataset, self.views
         self.unchanged = self._unchanged()
         if self.unchanged is not None:
             return []
@@ -253,13 +260,13 @@ class StoreSync:
     def _unchanged(self) -> SyncResult | None:
         """The up-to-date answer when every current file is the live snapshot's, in its own split, with the
         recorded size, mtime and ctime, and the snapshot holds nothing else; None when anything differs (then each
-        file is decided by itself). Column against column: a rerun over millions of files costs their stat calls."""
+        file is decided by itself). Column against column, from the scan's stats: a rerun over millions of files
+        costs the scan."""
         live, dataset = self.live, self.dataset
         if live is None or len(self.sources) > 1 or self.damaged or set(live.rows) != set(dataset.splits):
             return None
         if live.attrs.get("classes") != dataset.classes:
             return None
-        root = _joinable(dataset.root)
         images, rows, skipped = {}, {}, []
         for split, files in dataset.splits.items():
             group, count = self.sources[0].groups[split], rows_per_file(split, self.views)
@@ -272,21 +279,27 @@ class StoreSync:
                 names += list(bad_paths)
                 stats.append(bad_stats)
                 reasons = decode_strings(group[SKIPPED]["reasons"][()])
-            where = dict(zip(names, range(len(names))))
-            if len(where) != len(names) or len(names) != len(files):
+            if len(names) != len(files):
                 return None
-            order = np.fromiter((where.get(f.path, -1) for f in files), np.int64, len(files))
-            if len(files) and order.min() < 0:
-                return None
-            try:
-                found = [os.stat(f"{root}/{f.path}") for f in files]
-            except OSError:
-                return None
-            now = np.array([(st.st_size, st.st_mtime_ns, st.st_ctime_ns) for st in found], np.int64).reshape(-1, 3)
+            now_paths, now = [f.path for f in files], [f.stat for f in files]
+            if None in now:
+                return None  # a file the scan could not stat: its decision says why
+            if now_paths == names:  # stored in the scan's order, as a first run stores them
+                order = np.arange(len(names))
+            else:
+                where = dict(zip(names, range(len(names))))
+                if len(where) != len(names):
+                    return None
+                order = np.fromiter((where.get(p, -1) for p in now_paths), np.int64, len(files))
+                if len(files) and order.min() < 0:
+                    return None
+            now = np.fromiter(itertools.chain.from_iterable(now), np.int64, 3 * len(now)).reshape(-1, 3)
             if not np.array_equal(np.concatenate(stats, axis=1)[:, order].T, now):
                 return None
             images[split], rows[split] = kept, len(paths)
-            skipped += [_skipped(split, f.path, reasons[i - kept]) for f, i in zip(files, order.tolist()) if i >= kept]
+            bad = np.flatnonzero(order >= kept)  # files whose record is a skipped one
+            records = (order[bad] - kept).tolist()  # which one
+            skipped += _skipped(split, [now_paths[i] for i in bad.tolist()], [reasons[i] for i in records])
         return SyncResult(images, rows, skipped, up_to_date=True)
 
     @property
@@ -432,7 +445,8 @@ class StoreSync:
             kept = [p for p, d in decisions if d.skip_reason is None and d.source is not None or d.copy]
             images[split] = len(kept)
             rows[split] = len(kept) * rows_per_file(split, self.views)
-            skipped += [_skipped(split, p, d.skip_reason) for p, d in decisions if d.skip_reason]
+            bad = [(p, d.skip_reason) for p, d in decisions if d.skip_reason]
+            skipped += _skipped(split, [p for p, _ in bad], [r for _, r in bad])
         return SyncResult(images, rows, skipped, up_to_date=False)
 
 
@@ -441,16 +455,19 @@ def _joinable(root: Path) -> str:
     return str(root).rstrip("/") or "/"
 
 
-def _skipped(split: str, path: str, reason: str) -> dict:
-    """A skipped file as SyncResult (and featurize's --json) lists it."""
-    return {"split": split, "path": path, "reason": reason}
+def _skipped(split: str, paths: list[str], reasons: list[str]) -> list[dict]:
+    """Skipped files of a split as SyncResult (and featurize's --json) lists them."""
+    return [{"split": split, "path": p, "reason": r} for p, r in zip(paths, reasons)]
 
 
 def _decide(path: str, f: ImageFile, indexes: list, count: int) -> FileDecision:
-    try:
-        fp = stat_fingerprint(path)
-    except OSError as exc:
-        return FileDecision(f.label, Fingerprint(0, 0), skip_reason=f"cannot read: {exc.strerror}")
+    if f.stat is not None:  # as the scan found it
+        fp = Fingerprint(f.stat[0], f.stat[1], "", f.stat[2])
+    else:
+        try:
+            fp = stat_fingerprint(path)
+        except OSError as exc:
+            return FileDecision(f.label, Fingerprint(0, 0), skip_reason=f"cannot read: {exc.strerror}")
     decision = FileDecision(f.label, fp)
     same_size = False
     for name, src, index, skipped, relabel in indexes:

@@ -103,3 +103,23 @@ def test_symlinks_are_followed_once_and_never_into_another_class(tmp_path):
     notes = " ".join(ds.notes)
     for name in ("loop", "up", "into-b", "b-file.jpg", "outside-again"):
         assert f"/{name}" in notes, (name, ds.notes)
+
+
+def test_a_scan_records_each_files_stat_as_the_file_is_found(tmp_path):
+    data = make_images(tmp_path / "data", {"train": {"a": 2, "b": 2}})
+    make_images(tmp_path / "elsewhere", {"": {"extra": 1}})
+    (data / "train" / "b" / "linked.jpg").symlink_to(tmp_path / "elsewhere" / "extra" / "extra_000.jpg")
+    (data / "train" / "b" / "broken.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (data / "train" / "a" / "a_001.jpg").write_bytes(b"changed")
+    files = {f.path: f.stat for f in scan_dataset(data).splits["train"]}
+    assert set(files) == {"train/a/a_000.jpg", "train/a/a_001.jpg", "train/b/b_000.jpg", "train/b/b_001.jpg"} | {
+        "train/b/linked.jpg",
+        "train/b/broken.jpg",
+    }
+    for path, found in files.items():
+        if path == "train/b/broken.jpg":
+            assert found is None  # listed, and its decision says why it cannot be read
+            continue
+        st = (data / path).stat()  # a symlink's: its target's
+        assert found == (st.st_size, st.st_mtime_ns, st.st_ctime_ns), path
+    assert files["train/a/a_001.jpg"][0] == len(b"changed")

@@ -1,7 +1,9 @@
 """Every command's --json is a public interface: its keys are pinned here (add keys, never rename or drop them)."""
 
+import json
+
 import pytest
-from conftest import run_json
+from conftest import run_cli, run_json
 
 pytestmark = pytest.mark.slow  # every test here runs the CLI
 
@@ -30,6 +32,8 @@ def test_featurize_store_info_and_runs(trained, tmp_path):
     assert {"augmentation", "precision", "dtype", "classes", "splits", "data_dir", "layout"} <= keys(info["sets"][0])
     assert {"partitions", "live_rows", "dead_rows"} <= keys(info["sets"][0])
     assert keys(info["sets"][0]["splits"]["train"]) == {"rows", "images", "skipped"}
+    piped = run_cli("store", "info", store, "--json").stdout  # into a pipe: one line, for the program reading it
+    assert piped.count("\n") == 1 and keys(json.loads(piped)) == keys(info) - {"verification"}
     runs = run_json("runs", "--dir", store.parent)
     assert keys(runs[0]) == RUN_SETTINGS | {"kind", "backbone", "created", "l2"}
 
