@@ -68,6 +68,11 @@ class Fingerprint(NamedTuple):
         """The cheap check: size, mtime and ctime all as recorded."""
         return (self.size, self.mtime_ns, self.ctime_ns) == (size, mtime_ns, ctime_ns)
 
+    @classmethod
+    def of(cls, stat: FileStat) -> Fingerprint:
+        """The cheap fingerprint of a file's stat (its content hash not known)."""
+        return cls(stat[0], stat[1], "", stat[2])
+
     def with_sha256(self, sha256: str) -> Fingerprint:
         """The same stat with the content hash known."""
         return Fingerprint(self.size, self.mtime_ns, sha256, self.ctime_ns)
@@ -82,13 +87,22 @@ def _image_names(names: list[str]) -> list[str]:
     return [n for n in names if n[0] != "." and n[n.rfind(".") :].lower() in IMAGE_EXTENSIONS]
 
 
+def _file_stat(st: os.stat_result) -> FileStat:
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def _stat_in(folder: int, name: str) -> FileStat | None:
     """A file's stat, looked up by name in an open folder (following a symlink); None when it cannot be had."""
     try:
-        st = os.stat(name, dir_fd=folder)
+        return _file_stat(os.stat(name, dir_fd=folder))
     except OSError:  # gone, or a broken symlink: its decision stats it again and records why
         return None
-    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _listing(entries: list[os.DirEntry]) -> tuple[list[str], list[str]]:
+    """A folder's image file names and the subfolders to visit, each sorted (hidden ones left out)."""
+    images = _image_names(sorted(e.name for e in entries if not e.is_dir()))
+    return images, sorted(e.name for e in entries if e.is_dir() and e.name[0] != ".")
 
 
 class _ImageWalker:
@@ -144,8 +158,8 @@ class _ImageWalker:
                 if any(e.is_symlink() for e in entries) or not self._owned(real_dir):
                     found += self._files_one_by_one(folder_files, sorted(entries, key=_entry_name), stack)
                 else:
-                    found += folder_files.images(_image_names(sorted(e.name for e in entries if not e.is_dir())))
-                    subfolders = sorted(e.name for e in entries if e.is_dir() and e.name[0] != ".")
+                    images, subfolders = _listing(entries)
+                    found += folder_files.images(images)
                     stack += [folder_files.below(n) for n in reversed(subfolders)]
             finally:
                 os.close(fd)
@@ -154,12 +168,13 @@ class _ImageWalker:
 
     def _again(self, dirpath: str, first: str, name: str) -> list[tuple[str, str]]:
         """A folder walked before by another path: a note for each of its images; its subfolders to visit."""
-        with os.scandir(dirpath) as it:
-            entries = list(it)
+        try:
+            with os.scandir(dirpath) as it:
+                images, subfolders = _listing(list(it))
+        except OSError:
+            return []
         here, there = os.path.join(dirpath, ""), os.path.join(first, "")
-        for n in _image_names(sorted(e.name for e in entries if not e.is_dir())):
-            self.notes.append(f"{here}{n} is the file {there}{n} reached by another path; stored once")
-        subfolders = sorted(e.name for e in entries if e.is_dir() and e.name[0] != ".")
+        self.notes += [f"{here}{n} is the file {there}{n} reached by another path; stored once" for n in images]
         return [(here + n, f"{name}/{n}") for n in reversed(subfolders)]
 
     def _files_one_by_one(self, folder: _FolderFiles, entries: list, stack: list) -> list[ImageFile]:
@@ -224,7 +239,7 @@ class _FolderFiles:
             stats = [os.stat(n, dir_fd=self.fd) for n in names]
         except OSError:  # one of them is gone since the listing, or a broken symlink: file by file
             return [ImageFile(prefix + n, label, _stat_in(self.fd, n)) for n in names]
-        return [ImageFile(prefix + n, label, (s.st_size, s.st_mtime_ns, s.st_ctime_ns)) for n, s in zip(names, stats)]
+        return [ImageFile(prefix + n, label, _file_stat(st)) for n, st in zip(names, stats)]
 
 
 def find_images(folder: Path) -> list[Path]:
@@ -346,8 +361,7 @@ def _scan_dataset(root: Path, valid_pct: float | None, seed: int) -> Dataset:
 
 def stat_fingerprint(path: str | Path) -> Fingerprint:
     """Size and mtime of a file, without reading it."""
-    st = os.stat(path)
-    return Fingerprint(st.st_size, st.st_mtime_ns, "", st.st_ctime_ns)
+    return Fingerprint.of(_file_stat(os.stat(path)))
 
 
 def content_sha256(data: bytes) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -299,7 +299,7 @@ class StoreSync:
             images[split], rows[split] = kept, len(paths)
             bad = np.flatnonzero(order >= kept)  # files whose record is a skipped one
             records = (order[bad] - kept).tolist()  # which one
-            skipped += _skipped(split, [now_paths[i] for i in bad.tolist()], [reasons[i] for i in records])
+            skipped += _skipped(split, zip([now_paths[i] for i in bad.tolist()], [reasons[i] for i in records]))
         return SyncResult(images, rows, skipped, up_to_date=True)
 
     @property
@@ -445,8 +445,7 @@ class StoreSync:
             kept = [p for p, d in decisions if d.skip_reason is None and d.source is not None or d.copy]
             images[split] = len(kept)
             rows[split] = len(kept) * rows_per_file(split, self.views)
-            bad = [(p, d.skip_reason) for p, d in decisions if d.skip_reason]
-            skipped += _skipped(split, [p for p, _ in bad], [r for _, r in bad])
+            skipped += _skipped(split, [(p, d.skip_reason) for p, d in decisions if d.skip_reason])
         return SyncResult(images, rows, skipped, up_to_date=False)
 
 
@@ -455,14 +454,14 @@ def _joinable(root: Path) -> str:
     return str(root).rstrip("/") or "/"
 
 
-def _skipped(split: str, paths: list[str], reasons: list[str]) -> list[dict]:
-    """Skipped files of a split as SyncResult (and featurize's --json) lists them."""
-    return [{"split": split, "path": p, "reason": r} for p, r in zip(paths, reasons)]
+def _skipped(split: str, files: Iterable[tuple[str, str]]) -> list[dict]:
+    """Skipped files of a split, (path, reason) each, as SyncResult (and featurize's --json) lists them."""
+    return [{"split": split, "path": p, "reason": r} for p, r in files]
 
 
 def _decide(path: str, f: ImageFile, indexes: list, count: int) -> FileDecision:
     if f.stat is not None:  # as the scan found it
-        fp = Fingerprint(f.stat[0], f.stat[1], "", f.stat[2])
+        fp = Fingerprint.of(f.stat)
     else:
         try:
             fp = stat_fingerprint(path)
