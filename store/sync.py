@@ -466,7 +466,7 @@ def _decide(path: str, f: ImageFile, indexes: list, count: int) -> FileDecision:
         try:
             fp = stat_fingerprint(path)
         except OSError as exc:
-            return FileDecision(f.label, Fingerprint(0, 0), skip_reason=f"cannot read: {exc.strerror}")
+            return _unreadable(f, indexes, f"cannot read: {exc.strerror}")
     decision = FileDecision(f.label, fp)
     same_size = False
     for name, src, index, skipped, relabel in indexes:
@@ -475,9 +475,7 @@ def _decide(path: str, f: ImageFile, indexes: list, count: int) -> FileDecision:
             decision.source, decision.source_split, decision.rows, decision.copy = name, src, rows, relabel
             return decision  # its content hash is the rows' (FileDecision.record)
         if bad and fp.same_stat(bad["size"], bad["mtime_ns"], bad["ctime_ns"]):
-            decision.skip_reason, decision.skip_source = bad["reason"], (name, src, bad["row"])
-            decision.fingerprint = fp.with_sha256(bad["sha256"])
-            return decision
+            return _kept_skipped(decision, name, src, bad)
         same_size |= bool(rows and rows.count == count and rows.size == fp.size)
     if same_size:  # touched but perhaps unchanged: the content hash decides
         try:
@@ -491,6 +489,28 @@ def _decide(path: str, f: ImageFile, indexes: list, count: int) -> FileDecision:
                 decision.fingerprint = fp.with_sha256(sha)
                 decision.copy = True  # the same features under a new fingerprint: partitions never change
                 return decision
+    return decision
+
+
+def _unreadable(f: ImageFile, indexes: list, reason: str) -> FileDecision:
+    """A file that cannot be stat'ed (a broken symlink): skipped, under its earlier record when that says the same,
+    so a folder holding one is up to date on a rerun."""
+    decision = FileDecision(f.label, Fingerprint(0, 0), skip_reason=reason)
+    for name, src, _, skipped, _ in indexes:
+        bad = skipped.get(f.path)
+        if (
+            bad
+            and bad["reason"] == reason
+            and decision.fingerprint.same_stat(bad["size"], bad["mtime_ns"], bad["ctime_ns"])
+        ):
+            return _kept_skipped(decision, name, src, bad)
+    return decision
+
+
+def _kept_skipped(decision: FileDecision, name: str, src: str, bad: dict) -> FileDecision:
+    """The decision to keep a file's skipped-file record (source `name`, split `src`) as it is."""
+    decision.skip_reason, decision.skip_source = bad["reason"], (name, src, bad["row"])
+    decision.fingerprint = decision.fingerprint.with_sha256(bad["sha256"])
     return decision
 
 

@@ -108,19 +108,25 @@ def test_bad_files_are_skipped_recorded_and_not_retried(small_set, tmp_path):
     (small_set / "train/b/truncated.jpg").write_bytes(good[: len(good) * 2 // 3])
     (small_set / "train/c/notes.jpg").write_text("not an image")
     (small_set / "valid/a/bomb.png").write_bytes(png_bomb(20_000, 20_000))
+    (small_set / "valid/b/gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
     store = tmp_path / "s.h5"
     summary = featurize(small_set, store)
     reasons = {s["path"]: s["reason"] for s in summary["skipped"]}
-    assert set(reasons) == {"train/a/zero.jpg", "train/b/truncated.jpg", "train/c/notes.jpg", "valid/a/bomb.png"}
+    assert set(reasons) == {"train/a/zero.jpg", "train/b/truncated.jpg", "train/c/notes.jpg", "valid/a/bomb.png"} | {
+        "valid/b/gone.jpg"
+    }
+    assert reasons["valid/b/gone.jpg"].startswith("cannot read")
     assert summary["featurized"] == 21 and summary["images"] == {"train": 15, "valid": 6}
     f, group = only_set(store)
     with f:
         assert sorted(p.decode() for p in group["train"]["skipped"]["paths"][()]) == sorted(
             r for r in reasons if r.startswith("train")
         )
-    again = featurize(small_set, store)  # answered column against column: the same report, nothing retried
+    stamp = os.stat(store).st_mtime_ns
+    again = featurize(small_set, store)  # the same report, nothing retried, the root not switched
     assert again["up_to_date"] and again["featurized"] == 0 and again["reused"] == summary["featurized"]
     assert [again[k] for k in ("images", "rows", "skipped")] == [summary[k] for k in ("images", "rows", "skipped")]
+    assert os.stat(store).st_mtime_ns == stamp
     text = run_cli("featurize", small_set, "--store", store, *FAST).stderr
     assert "skipped train/a/zero.jpg: empty file" in text
 
