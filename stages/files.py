@@ -87,8 +87,9 @@ def _image_names(names: list[str]) -> list[str]:
     return [n for n in names if n[0] != "." and n[n.rfind(".") :].lower() in IMAGE_EXTENSIONS]
 
 
-def _file_stat(st: os.stat_result) -> FileStat:
-    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+# A stat result's FileStat. (An attrgetter makes the tuple without a Python call: a scan asks once per file.)
+_file_stat = operator.attrgetter("st_size", "st_mtime_ns", "st_ctime_ns")
+_is_symlink = os.DirEntry.is_symlink
 
 
 def _stat_in(folder: int, name: str) -> FileStat | None:
@@ -155,7 +156,7 @@ class _ImageWalker:
                 with os.scandir(fd) as it:
                     entries = list(it)
                 folder_files = _FolderFiles(dirpath, name, real_dir, fd, label, self.with_stat)
-                if any(e.is_symlink() for e in entries) or not self._owned(real_dir):
+                if any(map(_is_symlink, entries)) or not self._owned(real_dir):
                     found += self._files_one_by_one(folder_files, sorted(entries, key=_entry_name), stack)
                 else:
                     images, subfolders = _listing(entries)
