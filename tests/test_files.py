@@ -1,8 +1,12 @@
 """Data folder layouts, the --valid-pct split, and header vetting of bad files."""
 
+import gc
+import weakref
+
 import pytest
 from conftest import make_images, png_bomb
 
+from stages.bulk import collector_paused
 from stages.errors import PipelineError
 from stages.files import UNLABELLED, BadImage, read_image_file, scan_dataset
 
@@ -123,3 +127,24 @@ def test_a_scan_records_each_files_stat_as_the_file_is_found(tmp_path):
         st = (data / path).stat()  # a symlink's: its target's
         assert found == (st.st_size, st.st_mtime_ns, st.st_ctime_ns), path
     assert files["train/a/a_001.jpg"][0] == len(b"changed")
+
+
+class _Node:
+    pass
+
+
+def test_the_collector_paused_over_a_scan_comes_back_and_still_frees_cycles():
+    was = gc.isenabled()
+    gc.enable()
+    try:
+        with collector_paused():
+            assert not gc.isenabled()
+            node = _Node()
+            node.itself = node  # a cycle: only the collector frees it
+            freed = weakref.ref(node)
+            del node
+        assert gc.isenabled() and gc.get_freeze_count() == 0  # nothing left in the permanent generation
+        gc.collect()
+        assert freed() is None
+    finally:
+        (gc.enable if was else gc.disable)()
