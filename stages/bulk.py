@@ -19,7 +19,8 @@ def collector_paused() -> Iterator[None]:
     try:
         yield
     finally:
-        gc.freeze()  # freeze, then unfreeze: every tracked object into the oldest generation, none traversed
-        gc.unfreeze()
+        if not gc.get_freeze_count():  # (objects someone else froze stay frozen)
+            gc.freeze()  # freeze, then unfreeze: every tracked object into the oldest generation, none traversed
+            gc.unfreeze()
         if enabled:
             gc.enable()
