@@ -23,7 +23,7 @@ from stages.atomic import ExclusiveLock, atomic_output, writer_alive
 from stages.errors import PipelineError
 from store.paths import StorePaths
 from store.reader import trust_written_root
-from store.schema import CHUNK_ROWS, FEATURE_DTYPES, ROW_COLUMNS, SKIPPED, SKIPPED_COLUMNS, STR
+from store.schema import FEATURE_DTYPES, ROW_COLUMNS, SKIPPED, SKIPPED_COLUMNS, STR, feature_chunks
 from store.snapshot import SELF, Snapshot, SourceShapes, write_root
 from store.verify import create_checked
 
@@ -162,7 +162,8 @@ class PartitionWriter:
                 for split, r in rows.items():
                     g = f.create_group(split)
                     data = np.concatenate(r.features) if r.features else np.zeros((0, width))
-                    create_checked(g, "features", data.astype(FEATURE_DTYPES[feature_dtype]))
+                    chunks = feature_chunks(*data.shape)
+                    create_checked(g, "features", data.astype(FEATURE_DTYPES[feature_dtype]), chunks=chunks)
                     _write_columns(g, r.columns, ROW_COLUMNS)
                     _write_columns(g.create_group(SKIPPED), r.skipped, SKIPPED_COLUMNS)
 
@@ -223,7 +224,7 @@ def write_copied_partition(
                     shape=(n, feature_dim),
                     dtype=dtype,
                     fletcher32=True,
-                    chunks=(max(1, min(n, CHUNK_ROWS)), feature_dim) if n else True,
+                    chunks=feature_chunks(n, feature_dim),
                 )
                 row = 0
                 for c in part.copies:

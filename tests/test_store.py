@@ -66,6 +66,15 @@ def test_the_readme_snippet_reads_a_store_with_plain_h5py_from_anywhere(small_se
         assert run_json("featurize", small_set, "--store", root, *FAST)["up_to_date"]
 
 
+def feature_chunks(store) -> list[tuple[int, tuple[int, int]]]:
+    """Each partition's features datasets: rows and chunk shape."""
+    found = []
+    for name in StorePaths.of(store).partitions():
+        with h5py.File(StorePaths.of(store).parts / name, "r") as part:
+            part.visititems(lambda key, o: found.append((len(o), o.chunks)) if key.endswith("features") else None)
+    return found
+
+
 def test_updates_write_new_partitions_only_and_compaction_reclaims_dead_rows(small_set, tmp_path):
     store = tmp_path / "s.h5"
     featurize(small_set, store)
@@ -77,6 +86,7 @@ def test_updates_write_new_partitions_only_and_compaction_reclaims_dead_rows(sma
     added = featurize(small_set, store)
     after = files(store)
     assert added["featurized"] == 2 and {p: after[p] for p in before} == before and len(after) == 2
+    assert all(chunks == (rows, 1280) for rows, chunks in feature_chunks(store))  # a row is read from one chunk
     (small_set / "train" / "b" / "b_001.jpg").unlink()
     removed = featurize(small_set, store)
     assert removed["featurized"] == 0 and files(store) == after  # unmapped at once, nothing written but the root
