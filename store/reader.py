@@ -41,11 +41,12 @@ class FileRows:
     ctime_ns: int = UNKNOWN_CTIME
 
 
-def open_root(path: Path, hold: bool = False) -> h5py.File:
+def open_root(path: Path, hold: bool = False, missing: set[str] | None = None) -> h5py.File:
     """Open an existing store read-only, turning every way it can be wrong into one clear error. With hold, the
     reader holds a shared lock on the root it opened, so that the partitions of this snapshot outlive any update
     until it is closed (store.compact.collect_garbage deletes a partition only once no reader holds a root that
-    maps it)."""
+    maps it). With `missing` (featurize, repairing), the names of partitions the root maps that are gone are put in
+    it instead of refusing the store: the caller then never reads through the root's virtual datasets."""
     if not path.exists():
         raise PipelineError(f"store {path} does not exist; create it with: pipeline featurize DATA_DIR --store {path}")
     if path.is_dir():
@@ -72,15 +73,26 @@ def open_root(path: Path, hold: bool = False) -> h5py.File:
             f"store {path} has schema version {version}, this pipeline reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))}; featurize again into a new --store"
         )
-    identity, mapped = _file_identity(os.fstat(f.id.get_vfd_handle())), set()
-    foreign = None if _known_clean(identity) else foreign_object(f, StorePaths(path) if version == 2 else None, mapped)
-    if foreign:
+    identity, mapped, gone = _file_identity(os.fstat(f.id.get_vfd_handle())), set(), set()
+    own = StorePaths(path) if version == 2 else None
+    foreign = None if _known_clean(identity) else foreign_object(f, own, mapped, gone)
+    if foreign or (gone and missing is None):
         f.close()
+        if foreign:
+            raise PipelineError(
+                f"store {path} is refused: {foreign}, so reading it could open other files; give a store written by "
+                "pipeline featurize"
+            )
+        first, more = sorted(gone)[0], len(gone) - 1
         raise PipelineError(
-            f"store {path} is refused: {foreign}, so reading it could open other files; give a store written by "
-            "pipeline featurize"
+            f"store {path} is damaged: partition {first}{f' (and {more} more)' if more else ''} is missing from "
+            f"{own.parts}; run pipeline featurize again with the same settings and --store to compute its rows "
+            "again (the rest is kept), or put the file back"
         )
-    _CLEAN_ROOTS.setdefault(identity, [path.parent / name for name in mapped])
+    if gone:
+        missing.update(gone)
+    else:
+        _CLEAN_ROOTS.setdefault(identity, [path.parent / name for name in mapped])
     return f
 
 
@@ -120,12 +132,15 @@ def _hold(f: h5py.File, path: Path) -> bool:
         return False
 
 
-def foreign_object(group: h5py.Group, own: StorePaths | None = None, checked: set[str] | None = None) -> str | None:
+def foreign_object(
+    group: h5py.Group, own: StorePaths | None = None, checked: set[str] | None = None, gone: set[str] | None = None
+) -> str | None:
     """The first object under a group that would make a reader open another file, described, or None: an external
     or soft link, a dataset whose bytes are stored in external files, or a virtual dataset, unless `own` (a root's
     paths) is given and it maps only that store's own partitions, each a regular file holding nothing foreign
-    itself. Links are inspected, never followed."""
+    itself (own partitions that are missing are put in `gone`). Links are inspected, never followed."""
     checked = set() if checked is None else checked  # partitions found clean, shared by the whole walk
+    gone = set() if gone is None else gone
     for name in group:
         link = group.get(name, getlink=True)
         where = f"{group.name.rstrip('/')}/{name}"
@@ -133,7 +148,7 @@ def foreign_object(group: h5py.Group, own: StorePaths | None = None, checked: se
             return f"{where} is {'an external' if isinstance(link, h5py.ExternalLink) else 'a soft'} link"
         item = group[name]
         if isinstance(item, h5py.Group):
-            found = foreign_object(item, own, checked)
+            found = foreign_object(item, own, checked, gone)
             if found:
                 return found
         elif item.external:
@@ -144,14 +159,15 @@ def foreign_object(group: h5py.Group, own: StorePaths | None = None, checked: se
             dcpl = item.id.get_create_plist()  # the source file names only (h5py's virtual_sources() builds
             for i in range(dcpl.get_virtual_count()):  # a selection per mapping: slow for a thousand segments)
                 file_name = dcpl.get_virtual_filename(i)
-                problem = _foreign_source(file_name, own, checked)
+                problem = _foreign_source(file_name, own, checked, gone)
                 if problem:
                     return f"{where} is a virtual dataset of {file_name}, {problem}"
     return None
 
 
-def _foreign_source(file_name: str, own: StorePaths, checked: set[str]) -> str | None:
-    """Why a virtual dataset's source file is not one of the store's own partitions, or None."""
+def _foreign_source(file_name: str, own: StorePaths, checked: set[str], gone: set[str]) -> str | None:
+    """Why a virtual dataset's source file is not one of the store's own partitions, or None (an own partition
+    that is missing is put in `gone`)."""
     if file_name in checked:
         return None
     folder, _, name = file_name.partition("/")
@@ -161,7 +177,8 @@ def _foreign_source(file_name: str, own: StorePaths, checked: set[str]) -> str |
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return "which is missing (the store is damaged: featurize again into a new --store)"
+        gone.add(name)
+        return None
     if not stat.S_ISREG(st.st_mode):
         return "not a regular file"
     if _file_identity(st) in _CLEAN:

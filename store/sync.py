@@ -97,15 +97,16 @@ class SyncResult:
     snapshot: Snapshot | None = field(default=None, repr=False)
 
 
-def open_partition(paths: StorePaths, name: str) -> tuple[h5py.File | None, str | None]:
-    """A partition no root maps yet, opened and verified; a damaged one is renamed PART.damaged (its images are
-    then computed again) and said in a note."""
+def open_partition(paths: StorePaths, name: str, prefix: str = "") -> tuple[h5py.File | None, str | None]:
+    """A partition read directly (no root maps it yet, or the root lost another), opened and verified (its splits
+    under `prefix`); a damaged one is renamed PART.damaged (its images are then computed again) and said in a note."""
     part = paths.parts / name
     try:
         f = h5py.File(part, "r", locking=False)
         try:
             foreign = foreign_object(f)
-            damage = {"part": foreign} if foreign else {s: verify_split(f[s]) for s in f if s in SPLITS}
+            base = f[prefix] if prefix else f
+            damage = {"part": foreign} if foreign else {s: verify_split(base[s]) for s in base if s in SPLITS}
         except (OSError, KeyError) as exc:
             damage = {"part": str(exc).splitlines()[0][:80]}
         if not any(damage.values()):
@@ -136,16 +137,22 @@ class StoreSync:
         self.root: h5py.File | None = None
         self.snapshot: Snapshot | None = None
         self.live: SetSnapshot | None = None
+        self.lost: list[str] = []  # partitions the live snapshot maps that are gone: repaired by this run
         self._files: dict[str, h5py.File] = {}  # open partitions
         self._checked: dict[tuple, object] = {}
 
     # Opening: the live snapshot and the unmapped partitions, each verified ---------------------------------------
     def __enter__(self) -> StoreSync:
         if self.paths.store.exists():
-            self.root = open_root(self.paths.store)
+            gone: set[str] = set()
+            self.root = open_root(self.paths.store, missing=gone)
             self.snapshot = read_snapshot(self.root)
             self.live = self.snapshot.sets.get(self.set_name)
-        if self.live is not None:
+            self.lost = sorted(gone & self.live.partitions()) if self.live else []
+            self._refuse_lost_elsewhere(gone - set(self.lost))
+        if self.lost:
+            self._repair()
+        elif self.live is not None:
             groups = {split: self.root[f"sets/{self.set_name}/{split}"] for split in self.live.rows}
             self.sources.append(Source(LIVE, groups, self.live.attrs.get("classes", [])))
             if self.verify:
@@ -166,13 +173,36 @@ class StoreSync:
         if self.root is not None:
             self.root.close()
 
-    def _add_pending(self, name: str, first: bool = False) -> None:
-        opened, note = open_partition(self.paths, name)
+    def _refuse_lost_elsewhere(self, gone: set[str]) -> None:
+        """Partitions of other feature sets gone: this run cannot compute their rows, and readers refuse the store."""
+        if gone:
+            name = min(gone)
+            owner = next((s for s, snap in self.snapshot.sets.items() if name in snap.partitions()), "?")
+            raise PipelineError(
+                f"store {self.paths.store} is damaged: partition {name} of feature set {owner} is missing from "
+                f"{self.paths.parts}; run pipeline featurize with that set's settings to compute its rows again, or "
+                "put the file back"
+            )
+
+    def _repair(self) -> None:
+        """The live snapshot lost partitions: the root's virtual datasets are not read (they would give fill values
+        there); the partitions it still has are sources read directly, each verified, and the images whose rows
+        were lost are featurized again."""
+        self.notes.append(
+            f"store {self.paths.store}: {', '.join(self.lost)} missing from {self.paths.parts}; the images whose rows "
+            "it held are featurized again"
+        )
+        for name in sorted(self.live.partitions() - set(self.lost)):
+            self._add_pending(name, prefix=self.live.prefixes.get(name, ""))
+
+    def _add_pending(self, name: str, first: bool = False, prefix: str = "") -> None:
+        opened, note = open_partition(self.paths, name, prefix)
         if note:
             self.notes.append(note)
             return
         self._files[name] = opened
-        source = Source(name, {s: opened[s] for s in opened if s in SPLITS}, json.loads(opened.attrs["classes"]))
+        base = opened[prefix] if prefix else opened
+        source = Source(name, {s: base[s] for s in base if s in SPLITS}, json.loads(base.attrs["classes"]))
         self.sources.insert(1 if first and self.live is not None else len(self.sources), source)
 
     def _verify_live(self, groups: dict[str, h5py.Group]) -> None:
@@ -263,7 +293,7 @@ class StoreSync:
         file is decided by itself). Column against column, from the scan's stats: a rerun over millions of files
         costs the scan."""
         live, dataset = self.live, self.dataset
-        if live is None or len(self.sources) > 1 or self.damaged or set(live.rows) != set(dataset.splits):
+        if live is None or self.lost or len(self.sources) > 1 or self.damaged or set(live.rows) != set(dataset.splits):
             return None
         if live.attrs.get("classes") != dataset.classes:
             return None
@@ -336,9 +366,11 @@ class StoreSync:
                 new.prefixes.setdefault(name, "")
             result.snapshot = successor(self.paths, old, new)
             switch_root(self.paths, old, result.snapshot, SourceShapes(self.paths, self.paths.store))
-        used = new.partitions()
-        for source in self.sources[1 if self.live else 0 :]:
-            if source.name not in used:  # work superseded (computed again, or its file gone): never mapped
+        used, mapped = new.partitions(), old.partitions() if old else set()
+        for source in self.sources:
+            if source.name not in used and source.name not in mapped and source.name != LIVE:
+                # Work superseded (computed again, or its file gone), never mapped. (What a root mapped is deleted
+                # by compaction once no reader holds a root that maps it.)
                 self._files.pop(source.name).close()
                 (self.paths.parts / source.name).unlink(missing_ok=True)
         return result

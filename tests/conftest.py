@@ -161,11 +161,12 @@ def unmapped(store) -> list[str]:
     return [p for p in paths.partitions() if p not in mapped]
 
 
-def content(store):
-    """A store's one feature set, split by split, its rows sorted by (path, view): the order rows lie in is the
-    store's history (which partition holds them), not part of what it holds."""
+def content(store, name: str | None = None):
+    """A store's feature set (its one, unless named), split by split, its rows sorted by (path, view): the order rows
+    lie in is the store's history (which partition holds them), not part of what it holds."""
     with h5py.File(store, "r") as f:
-        (name,) = list(f["sets"])
+        if name is None:
+            (name,) = list(f["sets"])
         out = {}
         for split, group in f["sets"][name].items():
             columns = {k: group[k][()] for k in ("paths", "labels", "view", "sha256", "features")}

@@ -12,7 +12,7 @@ import time
 import h5py
 import numpy as np
 import pytest
-from conftest import REPO, assert_same_content, content, make_images, run_cli, run_json, unmapped
+from conftest import REPO, assert_same_content, content, make_images, one_line_error, run_cli, run_json, unmapped
 
 from store.paths import StorePaths
 
@@ -118,6 +118,28 @@ def test_compaction_writes_partitions_of_bounded_size_holding_the_same_rows(smal
     assert_same_content(content(store), content(featurize_fresh(small_set, tmp_path)))
 
 
+def test_a_lost_partition_is_refused_by_readers_and_featurize_computes_only_its_rows_again(small_set, tmp_path):
+    store = tmp_path / "s.h5"
+    first = featurize(small_set, store)
+    make_images(tmp_path / "more", {"train": {"a": 2}}, seed=9)
+    for path in (tmp_path / "more" / "train" / "a").iterdir():
+        path.rename(small_set / "train" / "a" / f"new-{path.name}")
+    featurize(small_set, store)
+    other = featurize(small_set, store, "--dtype", "float32")["set"]  # a second feature set, one partition
+    parts = StorePaths.of(store).parts
+    lost = sorted(p for p in files(store) if not p.startswith(other))[0]
+    (parts / lost).rename(tmp_path / lost)  # the first run's partition: 21 images
+    for command in (("store", "info", store), ("train-head", "--store", store, "--out", tmp_path / "head")):
+        one_line_error(run_cli(*command, check=False), str(store), lost, "missing", "featurize")
+    one_line_error(run_cli("featurize", small_set, "--store", store, *FAST, "--dtype", "float32", check=False), lost)
+    repaired = featurize(small_set, store)
+    assert repaired["featurized"] == first["featurized"] and repaired["reused"] == 2
+    assert any(lost in note and "featurized again" in note for note in repaired["notes"])
+    assert run_json("store", "info", store, "--verify")["verification"] == []  # nothing failed
+    assert featurize(small_set, store)["up_to_date"] and featurize(small_set, store, "--dtype", "float32")["up_to_date"]
+    assert_same_content(content(store, repaired["set"]), content(featurize_fresh(small_set, tmp_path)))
+
+
 def featurize_fresh(data, tmp_path):
     fresh = tmp_path / "fresh" / "s.h5"
     featurize(data, fresh)
@@ -170,6 +192,10 @@ def test_a_version_1_store_is_read_as_it_is_and_taken_over_by_its_first_update(s
     assert described["schema_version"] == 2 and described["partitions"] == 2
     [legacy] = [p for p in StorePaths.of(store).partitions() if p.startswith("legacy-")]
     assert os.stat(StorePaths.of(store).parts / legacy).st_ino == inode  # the old file itself, never copied
+    [new] = [p for p in StorePaths.of(store).partitions() if p != legacy]
+    (StorePaths.of(store).parts / new).unlink()  # lost: the legacy partition's rows are read under its prefix
+    repaired = featurize(small_set, store)
+    assert repaired["featurized"] == 1 and repaired["reused"] == 21
     assert_same_content(content(store), content(featurize_fresh(small_set, tmp_path)))
     run_cli("store", "info", store, "--verify")
 
