@@ -41,12 +41,13 @@ class FileRows:
     ctime_ns: int = UNKNOWN_CTIME
 
 
-def open_root(path: Path, hold: bool = False, missing: set[str] | None = None) -> h5py.File:
+def open_root(path: Path, hold: bool = False, missing: dict[str, str] | None = None) -> h5py.File:
     """Open an existing store read-only, turning every way it can be wrong into one clear error. With hold, the
     reader holds a shared lock on the root it opened, so that the partitions of this snapshot outlive any update
     until it is closed (store.compact.collect_garbage deletes a partition only once no reader holds a root that
-    maps it). With `missing` (featurize, repairing), the names of partitions the root maps that are gone are put in
-    it instead of refusing the store: the caller then never reads through the root's virtual datasets."""
+    maps it). With `missing` (featurize, repairing), partitions the root maps that are gone or cannot be opened are
+    put in it (name: what is wrong) instead of refusing the store: the caller then never reads through the root's
+    virtual datasets."""
     if not path.exists():
         raise PipelineError(f"store {path} does not exist; create it with: pipeline featurize DATA_DIR --store {path}")
     if path.is_dir():
@@ -73,7 +74,7 @@ def open_root(path: Path, hold: bool = False, missing: set[str] | None = None) -
             f"store {path} has schema version {version}, this pipeline reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))}; featurize again into a new --store"
         )
-    identity, mapped, gone = _file_identity(os.fstat(f.id.get_vfd_handle())), set(), set()
+    identity, mapped, gone = _file_identity(os.fstat(f.id.get_vfd_handle())), set(), {}
     own = StorePaths(path) if version == 2 else None
     foreign = None if _known_clean(identity) else foreign_object(f, own, mapped, gone)
     if foreign or (gone and missing is None):
@@ -83,11 +84,11 @@ def open_root(path: Path, hold: bool = False, missing: set[str] | None = None) -
                 f"store {path} is refused: {foreign}, so reading it could open other files; give a store written by "
                 "pipeline featurize"
             )
-        first, more = sorted(gone)[0], len(gone) - 1
+        first, more = min(gone), len(gone) - 1
         raise PipelineError(
-            f"store {path} is damaged: partition {first}{f' (and {more} more)' if more else ''} is missing from "
-            f"{own.parts}; run pipeline featurize again with the same settings and --store to compute its rows "
-            "again (the rest is kept), or put the file back"
+            f"store {path} is damaged: {own.parts.name}/{first} {gone[first]}{f' (and {more} more)' if more else ''};"
+            " run pipeline featurize again with the same settings and --store to compute its rows again (the rest is"
+            " kept), or put the file back"
         )
     if gone:
         missing.update(gone)
@@ -133,14 +134,17 @@ def _hold(f: h5py.File, path: Path) -> bool:
 
 
 def foreign_object(
-    group: h5py.Group, own: StorePaths | None = None, checked: set[str] | None = None, gone: set[str] | None = None
+    group: h5py.Group,
+    own: StorePaths | None = None,
+    checked: set[str] | None = None,
+    gone: dict[str, str] | None = None,
 ) -> str | None:
     """The first object under a group that would make a reader open another file, described, or None: an external
     or soft link, a dataset whose bytes are stored in external files, or a virtual dataset, unless `own` (a root's
     paths) is given and it maps only that store's own partitions, each a regular file holding nothing foreign
-    itself (own partitions that are missing are put in `gone`). Links are inspected, never followed."""
+    itself (own partitions missing or not HDF5 are put in `gone`, with why). Links are inspected, never followed."""
     checked = set() if checked is None else checked  # partitions found clean, shared by the whole walk
-    gone = set() if gone is None else gone
+    gone = {} if gone is None else gone
     for name in group:
         link = group.get(name, getlink=True)
         where = f"{group.name.rstrip('/')}/{name}"
@@ -165,9 +169,9 @@ def foreign_object(
     return None
 
 
-def _foreign_source(file_name: str, own: StorePaths, checked: set[str], gone: set[str]) -> str | None:
+def _foreign_source(file_name: str, own: StorePaths, checked: set[str], gone: dict[str, str]) -> str | None:
     """Why a virtual dataset's source file is not one of the store's own partitions, or None (an own partition
-    that is missing is put in `gone`)."""
+    that is missing or cannot be opened is put in `gone`, with why)."""
     if file_name in checked:
         return None
     folder, _, name = file_name.partition("/")
@@ -177,7 +181,7 @@ def _foreign_source(file_name: str, own: StorePaths, checked: set[str], gone: se
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        gone.add(name)
+        gone[name] = "is missing"
         return None
     if not stat.S_ISREG(st.st_mode):
         return "not a regular file"
@@ -187,8 +191,9 @@ def _foreign_source(file_name: str, own: StorePaths, checked: set[str], gone: se
     try:
         with h5py.File(path, "r", locking=False) as f:
             inside, opened = foreign_object(f), os.fstat(f.id.get_vfd_handle())  # the file checked, not the path
-    except OSError as exc:
-        return f"which cannot be opened ({str(exc).splitlines()[0][:80]})"
+    except OSError as exc:  # truncated or overwritten: damaged, as a missing one is
+        gone[name] = f"cannot be opened ({str(exc).splitlines()[0][:80]})"
+        return None
     if inside:
         return f"whose {inside}"
     if not stat.S_ISREG(opened.st_mode):

@@ -137,19 +137,20 @@ class StoreSync:
         self.root: h5py.File | None = None
         self.snapshot: Snapshot | None = None
         self.live: SetSnapshot | None = None
-        self.lost: list[str] = []  # partitions the live snapshot maps that are gone: repaired by this run
+        self.lost: dict[str, str] = {}  # partitions the live snapshot maps that are gone or unreadable: why
         self._files: dict[str, h5py.File] = {}  # open partitions
         self._checked: dict[tuple, object] = {}
 
     # Opening: the live snapshot and the unmapped partitions, each verified ---------------------------------------
     def __enter__(self) -> StoreSync:
         if self.paths.store.exists():
-            gone: set[str] = set()
+            gone: dict[str, str] = {}
             self.root = open_root(self.paths.store, missing=gone)
             self.snapshot = read_snapshot(self.root)
             self.live = self.snapshot.sets.get(self.set_name)
-            self.lost = sorted(gone & self.live.partitions()) if self.live else []
-            self._refuse_lost_elsewhere(gone - set(self.lost))
+            mine = self.live.partitions() if self.live else set()
+            self.lost = {name: why for name, why in gone.items() if name in mine}
+            self._refuse_lost_elsewhere({name: why for name, why in gone.items() if name not in mine})
         if self.lost:
             self._repair()
         elif self.live is not None:
@@ -173,25 +174,30 @@ class StoreSync:
         if self.root is not None:
             self.root.close()
 
-    def _refuse_lost_elsewhere(self, gone: set[str]) -> None:
-        """Partitions of other feature sets gone: this run cannot compute their rows, and readers refuse the store."""
+    def _refuse_lost_elsewhere(self, gone: dict[str, str]) -> None:
+        """Partitions of other feature sets lost: this run cannot compute their rows, and readers refuse the store."""
         if gone:
             name = min(gone)
             owner = next((s for s, snap in self.snapshot.sets.items() if name in snap.partitions()), "?")
             raise PipelineError(
-                f"store {self.paths.store} is damaged: partition {name} of feature set {owner} is missing from "
-                f"{self.paths.parts}; run pipeline featurize with that set's settings to compute its rows again, or "
-                "put the file back"
+                f"store {self.paths.store} is damaged: {self.paths.parts.name}/{name} (feature set {owner}) "
+                f"{gone[name]}; run pipeline featurize with that set's settings to compute its rows again, or put the "
+                "file back"
             )
 
     def _repair(self) -> None:
         """The live snapshot lost partitions: the root's virtual datasets are not read (they would give fill values
         there); the partitions it still has are sources read directly, each verified, and the images whose rows
         were lost are featurized again."""
-        self.notes.append(
-            f"store {self.paths.store}: {', '.join(self.lost)} missing from {self.paths.parts}; the images whose rows "
-            "it held are featurized again"
-        )
+        for name, why in sorted(self.lost.items()):
+            part = self.paths.parts / name
+            aside = f", set aside as {part.name}.damaged" if part.exists() else ""
+            if aside:
+                os.replace(part, part.with_name(part.name + ".damaged"))
+            self.notes.append(
+                f"store {self.paths.store}: {self.paths.parts.name}/{name} {why}{aside}; the images whose rows it "
+                "held are featurized again"
+            )
         for name in sorted(self.live.partitions() - set(self.lost)):
             self._add_pending(name, prefix=self.live.prefixes.get(name, ""))
 

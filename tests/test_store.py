@@ -137,6 +137,13 @@ def test_a_lost_partition_is_refused_by_readers_and_featurize_computes_only_its_
     assert any(lost in note and "featurized again" in note for note in repaired["notes"])
     assert run_json("store", "info", store, "--verify")["verification"] == []  # nothing failed
     assert featurize(small_set, store)["up_to_date"] and featurize(small_set, store, "--dtype", "float32")["up_to_date"]
+    mine = [parts / p for p in files(store) if not p.startswith(other)]
+    redone = max(mine, key=os.path.getsize)  # the repair's partition (21 images), beside the one of 2
+    os.truncate(redone, os.path.getsize(redone) // 2)
+    one_line_error(run_cli("store", "info", store, check=False), redone.name, "cannot be opened", "featurize")
+    again = featurize(small_set, store)
+    assert again["featurized"] == first["featurized"] and again["reused"] == 2
+    assert (parts / f"{redone.name}.damaged").exists() and any(redone.name in note for note in again["notes"])
     assert_same_content(content(store, repaired["set"]), content(featurize_fresh(small_set, tmp_path)))
 
 
