@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.atomic import atomic_output, output_folder, write_json
+from stages.atomic import atomic_csv, output_folder, write_json
 from stages.audit import (
     ANN_MIN_ROWS,
     NEAR_COPY_COSINE,
@@ -246,7 +246,7 @@ def _copies(rows: AuditRows, classes: list[str], groups: CopyGroups) -> tuple[li
 
 
 def _write_csv(path: Path, records: list[dict], columns: list[str]) -> None:
-    with atomic_output(path) as tmp, tmp.open("w", newline="") as f:
+    with atomic_csv(path) as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(records)

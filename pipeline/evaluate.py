@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from pipeline.plots import plot_confusion_matrix, plot_image_grid, plot_reliability
-from stages.atomic import atomic_output, output_folder, write_json
+from stages.atomic import atomic_csv, output_folder, write_json
 from stages.errors import PipelineError
 from stages.files import IMAGE_EXTENSIONS, class_folders, find_images
 from stages.metrics import ClassificationMetrics, classification_metrics, top_losses
@@ -116,7 +116,7 @@ def _write_predictions(out: Path, rows: list[dict], classes: list[str], tta: boo
     if out.suffix == ".json":
         write_json(out, rows)
         return
-    with atomic_output(out) as tmp, tmp.open("w", newline="") as f:
+    with atomic_csv(out) as f:
         writer = csv.writer(f)
         extra = [f"tta_{c}" for c in classes] if tta else []
         writer.writerow(

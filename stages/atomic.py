@@ -20,6 +20,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 
 from stages.errors import PipelineError
 
@@ -71,6 +72,14 @@ def atomic_output(path: Path | str) -> Iterator[Path]:
         fsync_path(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_csv(path: Path | str) -> Iterator[TextIO]:
+    """A CSV file written atomically: UTF-8, newlines left to the csv module, and a file name's bytes that are not
+    UTF-8 written back as they were (the path a user can open, not an encoding error)."""
+    with atomic_output(path) as tmp, tmp.open("w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        yield f
 
 
 def strict_json(data, indent: int | None = 2) -> str:

@@ -107,17 +107,18 @@ def _listing(entries: list[os.DirEntry]) -> tuple[list[str], list[str]]:
 
 
 class _ImageWalker:
-    """Finds image files below the folders of one scan, visiting each real directory and each real file once, and
-    stats each file it finds (with_stat): a scan is the one pass over the folder a rerun makes.
+    """Finds image files below the folders of one scan, visiting each real directory and each real file once. For
+    the store (for_store) it stats each file it finds (a scan is the one pass over the folder a rerun makes) and
+    leaves out, with a note, files whose path is not UTF-8 (a store keeps its paths in UTF-8).
 
     A symlinked folder is not followed when it leads back into a folder the scan owns (a class folder or test/),
     to one of their ancestors (a loop), or to a folder already visited: its images would otherwise be stored
     again, under the wrong class. Hidden folders are skipped like hidden files.
     """
 
-    def __init__(self, owned: list[Path], with_stat: bool = True):
+    def __init__(self, owned: list[Path], for_store: bool = True):
         self.owned = [os.path.realpath(p) for p in owned]
-        self.with_stat = with_stat
+        self.for_store = for_store
         self.visited: dict[str, str] = {}  # real folder: the path it was first walked by
         # Real path: the path it was found by, for files outside the owned folders. A file inside them can be
         # reached by one path only: a symlink into an owned folder is refused.
@@ -155,12 +156,12 @@ class _ImageWalker:
             try:
                 with os.scandir(fd) as it:
                     entries = list(it)
-                folder_files = _FolderFiles(dirpath, name, real_dir, fd, label, self.with_stat)
+                folder_files = _FolderFiles(dirpath, name, real_dir, fd, label, self.for_store)
                 if any(map(_is_symlink, entries)) or not self._owned(real_dir):
                     found += self._files_one_by_one(folder_files, sorted(entries, key=_entry_name), stack)
                 else:
                     images, subfolders = _listing(entries)
-                    found += folder_files.images(images)
+                    found += self._images(folder_files, images)
                     stack += [folder_files.below(n) for n in reversed(subfolders)]
             finally:
                 os.close(fd)
@@ -205,6 +206,18 @@ class _ImageWalker:
                 self.outside[real] = path
             names.append(name)
         stack += reversed(subfolders)
+        return self._images(folder, names)
+
+    def _images(self, folder: _FolderFiles, names: list[str]) -> list[ImageFile]:
+        """A folder's image files as ImageFiles; for the store, less those whose path is not UTF-8 (noted)."""
+        if self.for_store and not _utf8(folder.relative + "".join(names)):  # one check a folder: such names are rare
+            bad = set(names) if not _utf8(folder.relative) else {n for n in names if not _utf8(n)}
+            self.notes += [
+                f"{_shown(folder.prefix + n)} skipped: its path is not UTF-8, which a store keeps paths in; rename it"
+                for n in names
+                if n in bad
+            ]
+            names = [n for n in names if n not in bad]
         return folder.images(names)
 
 
@@ -217,7 +230,7 @@ class _FolderFiles:
     real: str
     fd: int
     label: int
-    with_stat: bool = True
+    with_stat: bool = True  # for the store
 
     @property
     def prefix(self) -> str:
@@ -245,12 +258,33 @@ class _FolderFiles:
 
 def find_images(folder: Path) -> list[Path]:
     """All image files below one folder (symlinked folders and files followed once), sorted."""
-    return [Path(f.path) for f in _ImageWalker([folder], with_stat=False).walk(folder, str(folder), UNLABELLED)]
+    return [Path(f.path) for f in _ImageWalker([folder], for_store=False).walk(folder, str(folder), UNLABELLED)]
 
 
 def class_folders(split_dir: Path) -> list[str]:
     """The class folder names of a split folder, sorted; hidden folders are not classes."""
-    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    names = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for name in names:
+        if not _utf8(name):
+            raise PipelineError(
+                f"class folder {_shown(str(split_dir / name))} has a name that is not UTF-8 (class names are kept in "
+                "UTF-8); rename it"
+            )
+    return names
+
+
+def _utf8(text: str) -> bool:
+    """True when a name read from the file system is UTF-8 (Python keeps other bytes as lone surrogates)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(path: str) -> str:
+    """A path as a message can print it: bytes that are not UTF-8 as \\x escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _labelled(root: Path, split_dir: Path, classes: list[str], walker: _ImageWalker) -> list[ImageFile]:

@@ -1,6 +1,8 @@
 """Data folder layouts, the --valid-pct split, and header vetting of bad files."""
 
 import gc
+import os
+import shutil
 import weakref
 
 import pytest
@@ -8,7 +10,7 @@ from conftest import make_images, png_bomb
 
 from stages.bulk import collector_paused
 from stages.errors import PipelineError
-from stages.files import UNLABELLED, BadImage, read_image_file, scan_dataset
+from stages.files import UNLABELLED, BadImage, find_images, read_image_file, scan_dataset
 
 
 def test_split_layout_with_unlabelled_test(tmp_path):
@@ -148,3 +150,20 @@ def test_the_collector_paused_over_a_scan_comes_back_and_still_frees_cycles():
         assert freed() is None
     finally:
         (gc.enable if was else gc.disable)()
+
+
+def test_names_a_store_cannot_keep_are_left_out_with_a_note_and_a_class_folder_so_named_is_refused(tmp_path):
+    data = make_images(tmp_path / "data", {"train": {"a": 2, "b": 2}})
+    odd = os.fsdecode(b"\xff\xfe.jpg")  # bytes that are not UTF-8: Python names them with lone surrogates
+    shutil.copy(data / "train" / "a" / "a_000.jpg", data / "train" / "a" / odd)
+    (data / "train" / "b" / odd[:1]).mkdir()
+    shutil.copy(data / "train" / "b" / "b_000.jpg", data / "train" / "b" / odd[:1] / "inside.jpg")
+    ds = scan_dataset(data)
+    paths = [f.path for split in ds.splits.values() for f in split]
+    assert len(paths) == 4 and all(p.isascii() for p in paths)
+    skipped = [n for n in ds.notes if "not UTF-8" in n]
+    assert len(skipped) == 2 and any("train/a/\\xff\\xfe.jpg" in n for n in skipped), ds.notes
+    assert str(find_images(data / "train" / "a")[-1]).endswith(odd)  # predict keeps it
+    (data / "train" / odd[:2]).mkdir()
+    with pytest.raises(PipelineError, match=r"class folder .*train/\\xff\\xfe has a name that is not UTF-8"):
+        scan_dataset(data)

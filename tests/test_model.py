@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import shutil
 
 import numpy as np
@@ -92,6 +93,11 @@ def test_predict_mixed_inputs_and_a_broken_file(trained, tmp_path):
     with open(tmp_path / "p.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 5 and set(rows[0]) >= {"path", "class", "probability", "a", "b", "c"}
+    odd = os.path.join(os.fsdecode(tmp_path), os.fsdecode(b"\xff\xfe.jpg"))  # a name whose bytes are not UTF-8
+    shutil.copy(single, odd)
+    assert run_json("predict", run, odd, "--out", tmp_path / "odd.csv")["predictions"][0]["path"] == odd
+    with open(tmp_path / "odd.csv", encoding="utf-8", errors="surrogateescape") as f:
+        assert [r["path"] for r in csv.DictReader(f)] == [odd]  # the file's own bytes: the path opens it
     assert all(abs(sum(float(r[c]) for c in "abc") - 1) < 1e-4 for r in rows)
     out = run_json("predict", run, data / "valid", "--tta", "--out", tmp_path / "p.json")
     saved = json.loads((tmp_path / "p.json").read_text())
