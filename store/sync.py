@@ -115,9 +115,18 @@ def open_partition(paths: StorePaths, name: str, prefix: str = "") -> tuple[h5py
         reason = "; ".join(f"{s}: {d.describe() if hasattr(d, 'describe') else d}" for s, d in damage.items() if d)
     except OSError as exc:
         reason = str(exc).splitlines()[0][:80]
+    return None, f"partition {part} is damaged ({reason}); set aside as {_set_aside(part)}, its images featurized again"
+
+
+def _set_aside(part: Path) -> str:
+    """Rename a damaged partition to PART.damaged (kept for the user to look at, never read again); its name. Another
+    shard of the same run may have done it first."""
     aside = part.with_name(part.name + ".damaged")
-    os.replace(part, aside)
-    return None, f"partition {part} is damaged ({reason}); set aside as {aside.name}, its images featurized again"
+    try:
+        os.replace(part, aside)
+    except FileNotFoundError:
+        pass
+    return aside.name
 
 
 class StoreSync:
@@ -191,9 +200,7 @@ class StoreSync:
         were lost are featurized again."""
         for name, why in sorted(self.lost.items()):
             part = self.paths.parts / name
-            aside = f", set aside as {part.name}.damaged" if part.exists() else ""
-            if aside:
-                os.replace(part, part.with_name(part.name + ".damaged"))
+            aside = f", set aside as {_set_aside(part)}" if part.exists() else ""
             self.notes.append(
                 f"store {self.paths.store}: {self.paths.parts.name}/{name} {why}{aside}; the images whose rows it "
                 "held are featurized again"

@@ -10,6 +10,7 @@ import pytest
 from conftest import REPO, assert_same_content, content, make_images, parts, run_json
 
 from bench.harness import torchrun_cmd
+from store.paths import StorePaths
 
 ARGS = ("--batch-size", "4", "--commit-every", "4", "--views", "1", "--precision", "fp32")
 
@@ -49,6 +50,24 @@ def test_batch_scheduler_shards_then_a_merge_equal_one_process(shard_set, tmp_pa
     assert sum(s["featurized"] for s in shards) == 16 and not store.exists()
     merged = run_json("featurize", data, "--store", store, *ARGS)
     assert merged["featurized"] == 0 and merged["reused"] == 16
+    assert_same_content(content(store), reference)
+
+
+def test_two_ranks_repair_a_store_whose_partition_was_cut_short(shard_set, tmp_path):
+    """Both ranks find the damaged partition and set it aside (whichever comes first); rank 0's merge maps the rest
+    and what the ranks computed again."""
+    data, reference = shard_set
+    store = tmp_path / "s.h5"
+    run_json("featurize", data, "--store", store, *ARGS)
+    paths = StorePaths.of(store)
+    damaged = paths.parts / sorted(paths.partitions())[0]
+    os.truncate(damaged, os.path.getsize(damaged) // 2)
+    proc = torchrun(data, store)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads(out)
+    assert 0 < summary["featurized"] < 16 and summary["featurized"] + summary["reused"] == 16
+    assert damaged.with_name(damaged.name + ".damaged").exists()
     assert_same_content(content(store), reference)
 
 
