@@ -230,7 +230,7 @@ class _FolderFiles:
     real: str
     fd: int
     label: int
-    with_stat: bool = True  # for the store
+    for_store: bool = True  # each file's stat taken
 
     @property
     def prefix(self) -> str:
@@ -247,7 +247,7 @@ class _FolderFiles:
     def images(self, names: list[str]) -> list[ImageFile]:
         """These files of the folder as ImageFiles, each with its stat (one per file, by name in the folder)."""
         prefix, label = f"{self.relative}/", self.label
-        if not self.with_stat:
+        if not self.for_store:
             return [ImageFile(prefix + n, label) for n in names]
         try:
             stats = [os.stat(n, dir_fd=self.fd) for n in names]

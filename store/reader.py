@@ -84,17 +84,23 @@ def open_root(path: Path, hold: bool = False, missing: dict[str, str] | None = N
                 f"store {path} is refused: {foreign}, so reading it could open other files; give a store written by "
                 "pipeline featurize"
             )
-        first, more = min(gone), len(gone) - 1
-        raise PipelineError(
-            f"store {path} is damaged: {own.parts.name}/{first} {gone[first]}{f' (and {more} more)' if more else ''};"
-            " run pipeline featurize again with the same settings and --store to compute its rows again (the rest is"
-            " kept), or put the file back"
-        )
+        raise lost_partitions(path, own, gone)
     if gone:
         missing.update(gone)
     else:
         _CLEAN_ROOTS.setdefault(identity, [path.parent / name for name in mapped])
     return f
+
+
+def lost_partitions(path: Path, own: StorePaths, gone: dict[str, str], feature_set: str | None = None) -> PipelineError:
+    """The error for a root mapping partitions that are gone or unreadable (name: why), and how to repair it."""
+    first, more = min(gone), len(gone) - 1
+    whose, settings = (f" (feature set {feature_set})", "that set's") if feature_set else ("", "the same")
+    also = f" (and {more} more)" if more else ""
+    return PipelineError(
+        f"store {path} is damaged: {own.parts.name}/{first}{whose} {gone[first]}{also}; run pipeline featurize again "
+        f"with {settings} settings and --store to compute its rows again (the rest is kept), or put the file back"
+    )
 
 
 # Files this process found holding nothing foreign, by identity: a root or partition is replaced by a new file, never

@@ -33,6 +33,7 @@ from store.reader import (
     FileRows,
     decode_strings,
     foreign_object,
+    lost_partitions,
     open_root,
     split_file_index,
     split_skipped,
@@ -188,11 +189,7 @@ class StoreSync:
         if gone:
             name = min(gone)
             owner = next((s for s, snap in self.snapshot.sets.items() if name in snap.partitions()), "?")
-            raise PipelineError(
-                f"store {self.paths.store} is damaged: {self.paths.parts.name}/{name} (feature set {owner}) "
-                f"{gone[name]}; run pipeline featurize with that set's settings to compute its rows again, or put the "
-                "file back"
-            )
+            raise lost_partitions(self.paths.store, self.paths, gone, owner)
 
     def _repair(self) -> None:
         """The live snapshot lost partitions: the root's virtual datasets are not read (they would give fill values
