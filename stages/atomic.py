@@ -233,9 +233,9 @@ def published_folder(path: Path) -> Iterator[Path]:
     path = Path(path)
     remove_stale_staging(path)
     staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    try:  # made inside: an interrupt the moment it exists (before the block began) still removes it
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
         yield staging
         for written in staging.rglob("*"):
             fsync_path(written)
