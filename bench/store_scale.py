@@ -40,15 +40,14 @@ def write_store(path: Path, n: int) -> None:
 
 
 def new_rows(offset: int, changed: int = CHANGED):
-    """Rows of `changed` new files, as featurize gathers them before a commit."""
-    from store.schema import FileRecord
-    from store.writer import SplitRows
+    """Features and file records of `changed` new files, as featurize gathers them before a commit."""
+    from store import FileRecord
 
-    rows = SplitRows()
-    rows.features.append(np.random.default_rng(offset).standard_normal((changed, DIM)).astype(np.float16))
-    for i in range(changed):
-        FileRecord(f"train/new-{offset}-{i}.jpg", i % 2, 1, 1, 1, f"{offset:032x}{i:032x}").add_rows(rows.columns, 1)
-    return rows
+    features = np.random.default_rng(offset).standard_normal((changed, DIM)).astype(np.float16)
+    records = [
+        FileRecord(f"train/new-{offset}-{i}.jpg", i % 2, 1, 1, 1, f"{offset:032x}{i:032x}") for i in range(changed)
+    ]
+    return features, records
 
 
 def dropped_rows(n: int, changed: int = CHANGED) -> np.ndarray:
@@ -56,38 +55,22 @@ def dropped_rows(n: int, changed: int = CHANGED) -> np.ndarray:
     return np.linspace(0, n - 1, changed).astype(np.int64)
 
 
-# Version 2: the store's own code, as featurize drives it ----------------------------------------------------------
+# Version 2: the store's own door, as featurize drives it ---------------------------------------------------------
 def update_v2(store: Path, add: bool, changed: int = CHANGED) -> float:
     """Add `changed` new rows (one new partition) or remove as many (mapped out) and switch the root, then the
     compaction a featurize runs; seconds."""
-    from store.compact import compact
-    from store.paths import StorePaths
-    from store.reader import open_root
-    from store.snapshot import Segment, SetSnapshot, SourceShapes, merge_segments, read_snapshot
-    from store.sync import successor
-    from store.writer import PartitionWriter, StoreLock, switch_root
+    from store import Store
 
     started = time.perf_counter()
-    paths = StorePaths.of(store)
-    with StoreLock(paths):
-        with open_root(paths.store) as root:
-            old = read_snapshot(root)
-        live = old.sets[SET_NAME]
-        new = SetSnapshot(SET_NAME, dict(live.attrs), dict(live.prefixes), dict(live.rows), dict(live.skipped))
+    door = Store(store)
+    with door.transaction(SET_NAME, ["a", "b"]) as tx:
         if add:
-            rows = new_rows(len(old.partitions()), changed)
-            part = PartitionWriter(paths, SET_NAME, ["a", "b"]).commit({"train": rows}, "float16")
-            new.rows["train"] = merge_segments([*live.rows["train"], Segment(part.name, "train", 0, changed)])
-            new.prefixes[part.name] = ""
+            tx.add("train", *new_rows(len(door.paths.partitions()), changed))
         else:
-            n, kept, start = live.count("train"), [], 0
-            for row in dropped_rows(n, changed):
-                kept += live.locate("train", start, int(row) - start)
-                start = int(row) + 1
-            new.rows["train"] = merge_segments(kept + live.locate("train", start, n - start))
-        snapshot = successor(paths, old, new)
-        switch_root(paths, old, snapshot, SourceShapes(paths, paths.store))
-        compact(paths)
+            tx.drop("train", dropped_rows(tx.count("train"), changed))
+        tx.commit()
+    with door.lock():
+        door.compact()
     return time.perf_counter() - started
 
 
@@ -124,11 +107,15 @@ def update_v1(store: Path, add: bool) -> float:
                 out[row : row + len(block)] = block
                 row += len(block)
             if extra:
-                out[row:] = extra.features[0]
+                features, records = extra
+                out[row:] = features
+                added = {k: [] for k in ROW_COLUMNS}
+                for record in records:
+                    record.add_rows(added, 1)
             for name in [c for c in s if c != "features" and isinstance(s[c], h5py.Dataset)]:
                 column = s[name][()][keep]
                 if extra and name in ROW_COLUMNS:
-                    column = np.concatenate([column, np.asarray(extra.columns[name], dtype=column.dtype)])
+                    column = np.concatenate([column, np.asarray(added[name], dtype=column.dtype)])
                 g.create_dataset(name, data=column, dtype=s[name].dtype)
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
@@ -140,16 +127,13 @@ def update_v1(store: Path, add: bool) -> float:
 def up_to_date_check(store: Path) -> float:
     """The store's share of an up-to-date featurize: open the root, read the snapshot and every row's path and
     fingerprint columns (as featurize compares them with the files')."""
-    from store.reader import open_root, stat_columns
-    from store.schema import SKIPPED
+    from store import Store
 
     started = time.perf_counter()
-    with open_root(store) as root:
+    with Store(store).read() as snapshot:
+        fs = snapshot.feature_set(SET_NAME)
         for split in ("train", "valid"):
-            group = root[f"sets/{SET_NAME}/{split}"]
-            stat_columns(group)
-            if SKIPPED in group:
-                stat_columns(group[SKIPPED])
+            fs.fingerprints(split)
     return time.perf_counter() - started
 
 
@@ -168,9 +152,9 @@ def plain_read(store: Path) -> float:
 
 def streamed_read(store: Path) -> float:
     """Rows per second of train-head's streamed pass over train (verified reads into reused buffers)."""
-    from store.reader import FeatureStore
+    from store import Store
 
-    with FeatureStore(store) as opened:
+    with Store(store).read() as opened:
         fs = opened.feature_set(SET_NAME)
         rows = fs.rows("train", np.arange(fs.features("train").shape[0]), in_memory=False)
         started = time.perf_counter()
@@ -181,9 +165,9 @@ def streamed_read(store: Path) -> float:
 
 def disk_bytes(store: Path) -> int:
     """The store's bytes on disk: its root and every partition (a hard-linked file counted once)."""
-    from store.paths import StorePaths
+    from store import Store
 
-    paths = StorePaths.of(store)
+    paths = Store(store).paths
     files = [paths.store, *(paths.parts.iterdir() if paths.parts.exists() else [])]
     seen = {(os.stat(f).st_ino): os.stat(f).st_blocks * 512 for f in files}
     return sum(seen.values())
@@ -191,12 +175,10 @@ def disk_bytes(store: Path) -> int:
 
 def live_bytes(store: Path) -> int:
     """What the live rows need: their features and per-row columns (as a fresh version-1 file holds them)."""
-    from store.reader import open_root
-    from store.snapshot import read_snapshot
+    from store import Store
 
-    with open_root(store) as root:
-        snap = read_snapshot(root).sets[SET_NAME]
-    rows = sum(snap.count(split) for split in snap.rows)
+    with Store(store).read() as snapshot:
+        rows = snapshot.info()["sets"][0]["live_rows"]
     return rows * (DIM * 2 + 8 * 3 + 4 + 1 + 64 + 32)
 
 
@@ -248,15 +230,14 @@ def store_rows(n: int, tmp: Path) -> list[Row]:
 
 def compaction_rows(n: int, tmp: Path) -> list[Row]:
     """A tenth of the rows removed, then compaction as a featurize runs it: disk against the live rows' bytes."""
-    from store.compact import compact
-    from store.paths import StorePaths
-    from store.writer import StoreLock
+    from store import Store
 
     store = tmp / "c.h5"
     write_store(store, n)
     update_v2(store, add=False, changed=n // 10)  # compaction included
-    with StoreLock(StorePaths.of(store)):
-        compact(StorePaths.of(store))  # collects what the first switch retired
+    door = Store(store)
+    with door.lock():
+        door.compact()  # collects what the first switch retired
     ratio = disk_bytes(store) / live_bytes(store)
     shutil.rmtree(tmp / "c.h5.parts")
     store.unlink()

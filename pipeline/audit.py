@@ -27,7 +27,7 @@ from stages.audit import (
 )
 from stages.errors import check_range
 from stages.files import read_stored_file
-from store.reader import FeatureSet, FeatureStore
+from store import FeatureSet, FeatureStore
 
 AUDIT_JSON = "audit.json"
 # The CSV of each finding and its columns.

@@ -211,7 +211,7 @@ def store_info(
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ):
     """Show the feature sets of a store: backbone, weights, preprocessing, splits, counts, classes, size."""
-    from store.reader import FeatureStore, verify_store
+    from store import FeatureStore, verify_store
 
     with FeatureStore(store) as opened:
         info = opened.info()
@@ -273,16 +273,13 @@ def store_compact(
     """Reclaim the bytes of removed and changed files' rows and merge small partitions, rewriting those partitions
     alone (a featurize does the same after each update); readers keep the snapshot they opened."""
     from stages.errors import check_range
-    from store.compact import compact
-    from store.paths import StorePaths
-    from store.reader import open_root
-    from store.writer import StoreLock
+    from store import Store
 
     check_range("--dead-share", dead_share, 0.0, 1.0)
-    paths = StorePaths.of(store)
-    open_root(paths.store).close()  # a clear error when it is no store
-    with StoreLock(paths), on_interrupt(f"the store {store} is as it was, or compacted: either whole"):
-        result = compact(paths, max(dead_share, 1e-9))
+    opened = Store(store)
+    opened.check()  # a clear error when it is no store
+    with opened.lock(), on_interrupt(f"the store {store} is as it was, or compacted: either whole"):
+        result = opened.compact(max(dead_share, 1e-9))
     if as_json:
         _print_json(result)
         return
@@ -291,6 +288,71 @@ def store_compact(
         f"copied); {len(result.deleted)} partition(s) deleted in {result.seconds:.1f} s",
         highlight=False,
     )
+
+
+@store_app.command(
+    "copy",
+    epilog="Examples:\n\n    pipeline store copy runs/dogscats.h5 backup/dogscats.h5\n\n"
+    "    pipeline store copy runs/dogscats.h5 /mnt/other-disk/dogscats.h5 --json",
+)
+def store_copy(
+    source: Path = typer.Argument(..., help="Feature store file to copy."),
+    target: Path = typer.Argument(..., help="The new store's path (neither it nor TARGET.parts may exist)."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was done as JSON."),
+):
+    """Copy a store: its partitions hard-linked where the filesystem allows (no bytes copied), copied otherwise,
+    under a root that maps them in their new folder. A plain `cp` of the root would still map the old folder."""
+    from store import Store
+
+    _print_relocated(Store(source).copy(target), as_json)
+
+
+@store_app.command(
+    "move",
+    epilog="Examples:\n\n    pipeline store move runs/dogscats.h5 runs/dogscats-v1.h5",
+)
+def store_move(
+    source: Path = typer.Argument(..., help="Feature store file to move."),
+    target: Path = typer.Argument(..., help="Its new path (neither it nor TARGET.parts may exist)."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was done as JSON."),
+):
+    """Move or rename a store: copied as `store copy` does, then the source pair removed. Interrupted at any
+    moment, the source is whole, or both are."""
+    from store import Store
+
+    _print_relocated(Store(source).move(target), as_json)
+
+
+def _print_relocated(result, as_json: bool) -> None:
+    if as_json:
+        _print_json(result)
+        return
+    verb = "moved" if result.moved else "copied"
+    out.print(
+        f"{verb} {result.source} to {result.store}: {result.partitions} partition(s), {result.linked} hard-linked",
+        highlight=False,
+    )
+
+
+@store_app.command(
+    "repair",
+    epilog="Examples:\n\n    pipeline store repair runs/copied-by-hand.h5",
+)
+def store_repair(
+    store: Path = typer.Argument(..., help="Feature store file."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was done as JSON."),
+):
+    """Write a store's root again from its own segment tables, mapping its own partitions: for a pair copied or
+    renamed by hand (its root still names the old folder), or a root whose mappings disagree with its tables.
+    Every partition must be there and be the one the root recorded; a lost root or partition is rebuilt by
+    pipeline featurize with the set's settings instead."""
+    from store import Store
+
+    result = Store(store).repair()
+    if as_json:
+        _print_json(result)
+        return
+    out.print(f"rewrote the root of {result.store}: {result.partitions} partition(s) mapped", highlight=False)
 
 
 def _split_list(option: str, text: str, convert) -> list:
@@ -404,7 +466,7 @@ def train_head_cmd(
     """Train heads on cached features: the epoch table per run, then a leaderboard when several run."""
     from pipeline.train_head import default_out, expand_grid, load_cached_features, train_grid
     from stages.head import TrainConfig
-    from store.reader import FeatureStore
+    from store import FeatureStore
 
     auto = lr.strip() == "auto"
     base = _options(TrainConfig, locals(), leave=GRID_OPTIONS)
@@ -487,7 +549,7 @@ def lr_find_cmd(
     a PNG of loss against lr, and the suggested rate (what --lr auto uses)."""
     from pipeline.train_head import find_lr, load_cached_features
     from stages.head import TrainConfig
-    from store.reader import FeatureStore
+    from store import FeatureStore
 
     cfg = _options(TrainConfig, locals())
     with FeatureStore(store) as opened, on_interrupt(_nothing_written(out_dir)):

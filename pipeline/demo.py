@@ -63,7 +63,7 @@ def run_demo(
     from pipeline.train_head import find_lr, load_cached_features, train_grid
     from stages.head import TrainConfig
     from stages.model import load_model
-    from store.reader import FeatureStore
+    from store import FeatureStore
 
     data = make_demo_images(out_dir / "data")
     say(f"1. generated images: {data} (classes {', '.join(DEMO_CLASSES)}; train 30 and valid 10 per class)")

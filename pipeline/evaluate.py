@@ -158,7 +158,7 @@ def labelled_split(split_dir: Path, classes: list[str]) -> tuple[list[Path], np.
 
 def _probabilities_from_store(head, config: dict, run_dir: Path, store: Path, files: list[Path]) -> np.ndarray:
     """Probabilities for the files from cached view-0 features; every file must be in the store."""
-    from store.reader import FeatureStore
+    from store import FeatureStore
 
     with FeatureStore(store) as opened:
         trained_here = config.feature_set.store == str(store.resolve())

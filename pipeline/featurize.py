@@ -23,13 +23,7 @@ from stages.errors import MAX_VIEWS, SEED_MAX, PipelineError, check_memory, chec
 from stages.files import Dataset, Fingerprint, read_image_file, scan_dataset, stat_fingerprint
 from stages.ranks import Ranks
 from stages.runner import FeatureRunner, package_version
-from store.compact import compact
-from store.identity import FeatureSetIdentity
-from store.paths import StorePaths
-from store.reader import store_bytes
-from store.schema import FEATURE_DTYPES, FileRecord
-from store.sync import PendingRows, StoreSync, views_in
-from store.writer import PartitionWriter, StoreLock, now_iso, remove_stale_temporaries
+from store import FEATURE_DTYPES, FeatureSetIdentity, FileRecord, PendingRows, Store, now_iso, views_in
 
 Progress = Callable[[int, int], None]
 
@@ -136,7 +130,7 @@ class Featurizer:
         opts: FeaturizeOptions,
         dataset: Dataset,
         backbone,
-        writer: PartitionWriter,
+        writer,
         device: str,
         precision: str,
         progress: Progress | None,
@@ -256,9 +250,8 @@ def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> Featu
         check_range(option, value, low, high)
     check_range("--shard-id", opts.shard_id, 0, opts.num_shards - 1)
     check_engine(opts)
-    paths = StorePaths.of(opts.store)  # through a symlink: the real file is written and locked
-    if not paths.store.parent.exists():
-        paths.store.parent.mkdir(parents=True, exist_ok=True)
+    store = Store(opts.store)  # through a symlink: the real file is written and locked
+    store.paths.store.parent.mkdir(parents=True, exist_ok=True)
     dataset = scan_dataset(opts.data_dir, opts.valid_pct, opts.seed)
     device = resolve_device(opts.device) if opts.engine == "local" else "cuda" if opts.gpus_per_worker else "cpu"
     ranks = current_ranks(opts.num_shards, opts.shard_id, device)
@@ -279,12 +272,12 @@ def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> Featu
         precision=precision,
         dtype=opts.dtype,
     )
-    job = FeaturizeJob(opts, dataset, backbone, identity, device, precision, paths, progress)
+    job = FeaturizeJob(opts, dataset, backbone, identity, device, precision, store, progress)
     if ranks.world == 1:
-        with StoreLock(paths):
-            remove_stale_temporaries(paths)
+        with store.lock():
+            store.remove_stale_temporaries()
             return job.run(ranks, merge=True, started=started)
-    with StoreLock(paths, shared=True):
+    with store.lock(shared=True):
         mine = job.run(ranks, merge=False, started=started)
     if not ranks.distributed:
         return mine
@@ -295,7 +288,7 @@ def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> Featu
     dist.all_gather_object(shards, own)  # a barrier too
     if not ranks.leader:
         return mine
-    with StoreLock(paths):
+    with store.lock():
         merged = job.run(Ranks(), merge=True, started=started)
     featurized = sum(r["featurized"] for r in shards)
     return replace(
@@ -310,14 +303,14 @@ def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> Featu
 class FeaturizeJob:
     """One featurize invocation's settings, run for this process's share, with or without the merge."""
 
-    def __init__(self, opts, dataset, backbone, identity, device, precision, paths: StorePaths, progress):
+    def __init__(self, opts, dataset, backbone, identity, device, precision, store: Store, progress):
         self.opts, self.dataset, self.backbone, self.identity = opts, dataset, backbone, identity
-        self.device, self.precision, self.paths, self.progress = device, precision, paths, progress
+        self.device, self.precision, self.store, self.progress = device, precision, store, progress
         self.name = identity.name
 
     def run(self, ranks: Ranks, merge: bool, started: float) -> FeaturizeResult | ShardResult:
         opts, dataset = self.opts, self.dataset
-        with StoreSync(self.paths, self.name, dataset.classes, verify=opts.verify) as sync:
+        with self.store.sync(self.name, dataset.classes, verify=opts.verify) as sync:
             todo = sync.plan(dataset, opts.views)
             if ranks.world > 1:  # a file's rank follows from its place in the whole data set, not in what is left
                 place = {
@@ -362,12 +355,12 @@ class FeaturizeJob:
                 worker_peak_rss_mb=worker_rss,
             )
             if not merge:
-                note = f"{ranks.label}: partitions in {self.paths.parts}; a run without --shard-id maps them"
+                note = f"{ranks.label}: partitions in {self.store.paths.parts}; a run without --shard-id maps them"
                 return ShardResult(**{**asdict(work), "notes": work.notes + [note]}, shard=ranks.label)
             synced = sync.finish(lambda: self._attrs(sync), self.identity.feature_dim, opts.dtype)
         # Compaction after the switch, on every run (one killed while compacting is finished by the next): it rewrites
         # only partitions with dead rows, or small ones, then deletes those no reader holds any more.
-        compacted = compact(self.paths)
+        compacted = self.store.compact()
         return FeaturizeResult(
             **{**asdict(work), "notes": dataset.notes + work.notes},
             data_dir=str(opts.data_dir),
@@ -376,11 +369,11 @@ class FeaturizeJob:
             rows=synced.rows,
             skipped=synced.skipped,
             classes=dataset.classes,
-            store_bytes=store_bytes(self.paths),
+            store_bytes=self.store.size_bytes(),
             compaction=compacted.to_json(),
         )
 
-    def _attrs(self, sync: StoreSync) -> dict:
+    def _attrs(self, sync) -> dict:
         """The set's attributes: its identity, what it was made from, and when."""
         old = sync.live.attrs.get("created") if sync.live is not None else None
         return {

@@ -73,13 +73,12 @@ class BlockFeaturizer:
         from pipeline.runtime import configure_process
         from stages.backbones import create_backbone
         from stages.decode import resolve_device
-        from store.paths import StorePaths
-        from store.writer import PartitionWriter
+        from store import Store
 
         configure_process()
         device = resolve_device(device)
         dataset = Dataset(Path(data_root), classes, {split: [] for split in splits}, layout="ray")
-        writer = PartitionWriter(StorePaths.of(opts.store), set_name, classes)
+        writer = Store(opts.store).partition_writer(set_name, classes)
         backbone = create_backbone(opts.backbone, opts.weights, opts.arch)
         self.featurizer = Featurizer(opts, dataset, backbone, writer, device, precision, progress=None)
 

@@ -43,7 +43,7 @@ from stages.rundir import (
     rank_runs,
     write_run,
 )
-from store.reader import FeatureSet, FeatureStore
+from store import FeatureSet, FeatureStore
 
 LR_FIND_PNG = "lr_find.png"
 

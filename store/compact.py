@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import h5py
 import numpy as np
 
+from store.partition_file import open_partition_file
 from store.paths import StorePaths
 from store.reader import open_root
 from store.schema import ROW_COLUMNS, SKIPPED, SKIPPED_COLUMNS, STR
@@ -200,14 +203,23 @@ def compact(paths: StorePaths, dead_share: float = DEAD_SHARE, target_rows: int 
 def collect_garbage(paths: StorePaths) -> list[str]:
     """Delete the partitions of retired roots that the current root no longer maps, once no reader holds any root
     that maps them: a reader holds a shared lock on the root it opened (this project's readers, and plain h5py's
-    own file locking), so a retired root that takes an exclusive lock has none. Returns what was deleted."""
+    own file locking), so a retired root that takes an exclusive lock has none. Partitions of a feature set the
+    current root does not hold at all (a root rebuilt for another set) are kept: a featurize of that set rebuilds
+    its mapping from them. Returns what was deleted."""
     if not paths.store.exists():
         return []
     with open_root(paths.store) as root:
-        keep = read_snapshot(root).partitions()
+        current = read_snapshot(root)
+    keep, sets = current.partitions(), set(current.sets)
     freed, held = [], set()
     for retired in paths.retired_roots():
-        fd = os.open(retired, os.O_RDONLY)
+        try:  # never a FIFO or a link, even one swapped in since the listing: no hang, nothing followed
+            fd = os.open(retired, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             free = True
@@ -215,9 +227,11 @@ def collect_garbage(paths: StorePaths) -> list[str]:
             free = False
         try:
             with h5py.File(retired, "r", locking=False) as f:
-                mapped = read_snapshot(f).partitions() - {SELF}
-        except OSError:
-            mapped = set()
+                snapshot = read_snapshot(f)
+        except (OSError, KeyError, ValueError):
+            snapshot = Snapshot()
+        mapped = snapshot.partitions() - {SELF}
+        held |= {p for name, snap in snapshot.sets.items() if name not in sets for p in snap.partitions()}
         if free:
             freed.append((retired, fd, mapped))
         else:
@@ -230,4 +244,20 @@ def collect_garbage(paths: StorePaths) -> list[str]:
             deleted.append(partition)
         retired.unlink(missing_ok=True)  # while still locked: no reader can take it meanwhile
         os.close(fd)
+    # A version-1 file taken over is a hard link among the partitions: once no root maps it (its rows all written
+    # anew), or when a takeover was killed before its root switch, it is garbage like any dropped partition. (Other
+    # unmapped partitions are committed work that a rerun adopts.)
+    for legacy in [p for p in paths.partitions() if StorePaths.is_legacy(p) and p not in keep | held]:
+        if _holds_only(paths.parts / legacy, sets):
+            (paths.parts / legacy).unlink(missing_ok=True)
+            deleted.append(legacy)
     return deleted
+
+
+def _holds_only(legacy: Path, sets: set[str]) -> bool:
+    """Whether a version-1 file holds no feature set but these (an unreadable one is left for a person)."""
+    try:
+        with open_partition_file(legacy) as f:
+            return set(f["sets"]) <= sets if "sets" in f else True
+    except OSError:
+        return False

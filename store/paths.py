@@ -12,6 +12,7 @@ from pathlib import Path
 # `legacy-TIME.h5` (a version-1 store taken in whole), `retired-GENERATION.h5` (an earlier root, kept while a reader
 # may still map its partitions). Names sort by the time they were made.
 _PARTITION = re.compile(r"^(?:(?P<set>[\w.@-]+?)\.(?P<time>\d+)-(?P<pid>\d+)-(?P<seq>\d+)(?P<kind>c?)|legacy-\d+)\.h5$")
+_RETIRED = re.compile(r"^retired-\d+\.h5$")
 
 
 @dataclass(frozen=True)
@@ -51,18 +52,30 @@ class StorePaths:
         return self.parts / f"retired-{generation:08d}.h5"
 
     def partitions(self, set_name: str | None = None) -> list[str]:
-        """Partition files in the parts folder (of one set, or all), oldest first: legacy ones hold every set."""
-        if not self.parts.is_dir():
-            return []
-        found = []
-        for entry in os.scandir(self.parts):
-            match = _PARTITION.match(entry.name)
-            if match and (set_name is None or match["set"] in (None, set_name)):
-                found.append(entry.name)
+        """Partition files in the parts folder (of one set, or all), oldest first: legacy ones hold every set. Only
+        regular files: anything else so named (a FIFO, a folder, a symlink) is never opened (`strangers`)."""
+        found = [name for name in self._regular(_PARTITION) if set_name is None or _set_of(name) in (None, set_name)]
         return sorted(found, key=partition_order)
 
     def retired_roots(self) -> list[Path]:
-        return sorted(self.parts.glob("retired-*.h5")) if self.parts.is_dir() else []
+        """Replaced roots kept while a reader may hold them (regular files only, as partitions)."""
+        return [self.parts / name for name in sorted(self._regular(_RETIRED))]
+
+    def strangers(self) -> list[str]:
+        """Entries of the parts folder named like a partition or a retired root that are not regular files: never
+        opened (a FIFO would hang an open), said in a note."""
+        if not self.parts.is_dir():
+            return []
+        return sorted(
+            e.name
+            for e in os.scandir(self.parts)
+            if (_PARTITION.match(e.name) or _RETIRED.match(e.name)) and not e.is_file(follow_symlinks=False)
+        )
+
+    def _regular(self, pattern: re.Pattern) -> list[str]:
+        if not self.parts.is_dir():
+            return []
+        return [e.name for e in os.scandir(self.parts) if pattern.match(e.name) and e.is_file(follow_symlinks=False)]
 
     def temporaries(self) -> list[Path]:
         """Files being written (or left by killed writers) under a temporary name beside the root or among the
@@ -77,6 +90,15 @@ class StorePaths:
         return bool(_PARTITION.match(name))
 
     @staticmethod
+    def set_of(name: str) -> str | None:
+        """The feature set a partition's name says it holds (None: a legacy partition, holding every set)."""
+        return _set_of(name)
+
+    @staticmethod
+    def is_legacy(name: str) -> bool:
+        return name.startswith("legacy-")
+
+    @staticmethod
     def compacted(name: str) -> bool:
         match = _PARTITION.match(name)
         return bool(match and match["kind"])
@@ -86,3 +108,9 @@ def partition_order(name: str) -> tuple[int, str]:
     """Oldest first: by the time in the name (legacy partitions carry theirs too)."""
     digits = re.search(r"(\d{10,})", name)
     return (int(digits[1]) if digits else 0, name)
+
+
+def _set_of(name: str) -> str | None:
+    """The feature set a partition's name says it holds (None: a legacy partition, holding every set)."""
+    match = _PARTITION.match(name)
+    return match["set"] if match else None

@@ -13,8 +13,10 @@ import numpy as np
 
 from stages.errors import PipelineError
 from store.identity import FeatureSetIdentity
+from store.partition_file import open_partition_file, partition_id
 from store.paths import StorePaths
 from store.schema import (
+    PARTITION_IDS,
     PARTITIONS,
     READABLE_VERSIONS,
     ROW_COLUMNS,
@@ -25,7 +27,15 @@ from store.schema import (
     STR,
     UNKNOWN_CTIME,
 )
-from store.snapshot import SELF, SetSnapshot, decode_attr, partition_rows, read_snapshot, source_dataset
+from store.snapshot import (
+    SELF,
+    SetSnapshot,
+    decode_attr,
+    mapping_problem,
+    partition_rows,
+    read_snapshot,
+    source_dataset,
+)
 from store.verify import CheckedDataset, check_values, read_or_fail, value_problem, verify_split
 
 
@@ -76,20 +86,54 @@ def open_root(path: Path, hold: bool = False, missing: dict[str, str] | None = N
         )
     identity, mapped, gone = _file_identity(os.fstat(f.id.get_vfd_handle())), set(), {}
     own = StorePaths(path) if version == 2 else None
-    foreign = None if _known_clean(identity) else foreign_object(f, own, mapped, gone)
-    if foreign or (gone and missing is None):
+    clean = _known_clean(identity)
+    foreign = None if clean else foreign_object(f, own, mapped, gone, recorded_ids(f) if own else None)
+    disagree = None if clean or foreign or gone or own is None else mapping_problem(f, read_snapshot(f), own)
+    if foreign or (disagree or gone) and missing is None:
         f.close()
         if foreign:
+            raise _refused(path, foreign)
+        if disagree:
             raise PipelineError(
-                f"store {path} is refused: {foreign}, so reading it could open other files; give a store written by "
-                "pipeline featurize"
+                f"store {path} is damaged: its root disagrees with itself ({disagree}); run pipeline store repair "
+                f"{path} to rewrite it from its segment tables, or pipeline featurize again with the same settings to "
+                "rebuild it from its partitions"
             )
         raise lost_partitions(path, own, gone)
+    if disagree:
+        missing[ROOT] = f"disagrees with itself ({disagree})"
     if gone:
         missing.update(gone)
-    else:
+    if not gone and not disagree:
         _CLEAN_ROOTS.setdefault(identity, [path.parent / name for name in mapped])
     return f
+
+
+ROOT = ""  # in open_root's `missing`: the root itself cannot be trusted (its partitions are read directly instead)
+
+
+def _refused(path: Path, foreign: str) -> PipelineError:
+    """The error for a root that maps other files than its own partitions: a pair copied or renamed by hand (the
+    partitions it names lie in another store's folder) is said so, with the commands that do it right."""
+    if OTHER_STORE in foreign:
+        other = foreign.rsplit(OTHER_STORE, 1)[1]
+        return PipelineError(
+            f"store {path} maps the partitions of another store ({other}/): it was copied or renamed by hand; copy "
+            f"or move a store with pipeline store copy|move SRC DST, or make this copy's root map its own "
+            f"partitions with pipeline store repair {path}"
+        )
+    return PipelineError(
+        f"store {path} is refused: {foreign}, so reading it could open other files; give a store written by "
+        "pipeline featurize"
+    )
+
+
+def recorded_ids(f: h5py.File) -> dict[str, str]:
+    """The identity the root recorded for each partition it maps (none in roots written before it was recorded)."""
+    ids: dict[str, str] = {}
+    for name in f[SETS] if SETS in f else []:
+        ids.update(decode_attr(f[SETS][name].attrs.get(PARTITION_IDS, "{}")))
+    return ids
 
 
 def lost_partitions(path: Path, own: StorePaths, gone: dict[str, str], feature_set: str | None = None) -> PipelineError:
@@ -107,7 +151,7 @@ def lost_partitions(path: Path, own: StorePaths, gone: dict[str, str], feature_s
 # changed in place (and any change in place moves its ctime), so one check per file and process suffices. An update
 # opens its root three times, and every partition is mapped by each new root. A root stays known clean only while
 # every partition it maps does.
-_CLEAN: set[tuple] = set()  # partitions
+_CLEAN: dict[tuple, str] = {}  # partitions, with their identity (store.partition_file)
 _CLEAN_ROOTS: dict[tuple, list[Path]] = {}  # root: the partitions it maps
 
 
@@ -122,10 +166,10 @@ def _known_clean(root: tuple) -> bool:
         return False
 
 
-def trust_written_root(path: Path, partitions: list[Path]) -> None:
-    """A root this process has just written over partitions it wrote or checked, under the writer's lock: known
-    clean while none of them changes."""
-    _CLEAN.update(_file_identity(os.lstat(p)) for p in partitions)
+def trust_written_root(path: Path, partitions: dict[Path, str]) -> None:
+    """A root this process has just written over partitions it wrote or checked (with their identities), under the
+    writer's lock: known clean while none of them changes."""
+    _CLEAN.update({_file_identity(os.lstat(p)): pid for p, pid in partitions.items()})
     _CLEAN_ROOTS[_file_identity(os.stat(path))] = list(partitions)
 
 
@@ -144,11 +188,13 @@ def foreign_object(
     own: StorePaths | None = None,
     checked: set[str] | None = None,
     gone: dict[str, str] | None = None,
+    ids: dict[str, str] | None = None,
 ) -> str | None:
     """The first object under a group that would make a reader open another file, described, or None: an external
     or soft link, a dataset whose bytes are stored in external files, or a virtual dataset, unless `own` (a root's
     paths) is given and it maps only that store's own partitions, each a regular file holding nothing foreign
-    itself (own partitions missing or not HDF5 are put in `gone`, with why). Links are inspected, never followed."""
+    itself (own partitions missing or not HDF5, or not the partition `ids` recorded, are put in `gone`, with why).
+    Links are inspected, never followed."""
     checked = set() if checked is None else checked  # partitions found clean, shared by the whole walk
     gone = {} if gone is None else gone
     for name in group:
@@ -158,7 +204,7 @@ def foreign_object(
             return f"{where} is {'an external' if isinstance(link, h5py.ExternalLink) else 'a soft'} link"
         item = group[name]
         if isinstance(item, h5py.Group):
-            found = foreign_object(item, own, checked, gone)
+            found = foreign_object(item, own, checked, gone, ids)
             if found:
                 return found
         elif item.external:
@@ -169,19 +215,26 @@ def foreign_object(
             dcpl = item.id.get_create_plist()  # the source file names only (h5py's virtual_sources() builds
             for i in range(dcpl.get_virtual_count()):  # a selection per mapping: slow for a thousand segments)
                 file_name = dcpl.get_virtual_filename(i)
-                problem = _foreign_source(file_name, own, checked, gone)
+                problem = _foreign_source(file_name, own, checked, gone, ids or {})
                 if problem:
                     return f"{where} is a virtual dataset of {file_name}, {problem}"
     return None
 
 
-def _foreign_source(file_name: str, own: StorePaths, checked: set[str], gone: dict[str, str]) -> str | None:
+OTHER_STORE = "the partitions of "
+
+
+def _foreign_source(
+    file_name: str, own: StorePaths, checked: set[str], gone: dict[str, str], ids: dict[str, str]
+) -> str | None:
     """Why a virtual dataset's source file is not one of the store's own partitions, or None (an own partition
-    that is missing or cannot be opened is put in `gone`, with why)."""
+    that is missing, cannot be opened or is not the one the root recorded is put in `gone`, with why)."""
     if file_name in checked:
         return None
     folder, _, name = file_name.partition("/")
     if folder != own.parts.name or not StorePaths.is_partition_name(name):
+        if folder.endswith(".parts") and "/" not in name and StorePaths.is_partition_name(name):
+            return OTHER_STORE + folder
         return "not a partition of this store"
     path = own.parts / name
     try:
@@ -191,12 +244,13 @@ def _foreign_source(file_name: str, own: StorePaths, checked: set[str], gone: di
         return None
     if not stat.S_ISREG(st.st_mode):
         return "not a regular file"
-    if _file_identity(st) in _CLEAN:
+    known = _CLEAN.get(_file_identity(st))
+    if known is not None and known == ids.get(name, known):
         checked.add(file_name)
         return None
     try:
-        with h5py.File(path, "r", locking=False) as f:
-            inside, opened = foreign_object(f), os.fstat(f.id.get_vfd_handle())  # the file checked, not the path
+        with open_partition_file(path) as f:
+            inside, opened, pid = foreign_object(f), os.fstat(f.id.get_vfd_handle()), partition_id(f)
     except OSError as exc:  # truncated or overwritten: damaged, as a missing one is
         gone[name] = f"cannot be opened ({str(exc).splitlines()[0][:80]})"
         return None
@@ -204,8 +258,11 @@ def _foreign_source(file_name: str, own: StorePaths, checked: set[str], gone: di
         return f"whose {inside}"
     if not stat.S_ISREG(opened.st_mode):
         return "not a regular file"
+    if ids.get(name, pid) != pid:
+        gone[name] = "is not the partition this root mapped (another store's, put in its place)"
+        return None
     checked.add(file_name)
-    _CLEAN.add(_file_identity(opened))
+    _CLEAN[_file_identity(opened)] = pid
     return None
 
 
@@ -258,7 +315,7 @@ class FeatureSet:
     def __init__(self, group: h5py.Group, paths: StorePaths | None = None, snapshot: SetSnapshot | None = None):
         self.group, self.paths, self.snapshot = group, paths, snapshot
         self.name = group.name.rsplit("/", 1)[-1]
-        self.attrs = {k: decode_attr(v) for k, v in group.attrs.items() if k != PARTITIONS}
+        self.attrs = {k: decode_attr(v) for k, v in group.attrs.items() if k not in (PARTITIONS, PARTITION_IDS)}
         self.identity = FeatureSetIdentity.from_dict(self.attrs)
         self.classes: list[str] = self.attrs.get("classes", [])
         self._verified: set[tuple] = set()
@@ -302,6 +359,15 @@ class FeatureSet:
     @property
     def where(self) -> str:
         return f"store {self.group.file.filename}"
+
+    def fingerprints(self, split: str) -> dict[str, tuple]:
+        """Per table of a split (rows, and skipped files): each row's path and its (size, mtime_ns, ctime_ns)
+        columns, as an up-to-date featurize compares them with the files'."""
+        group = self._split(split)
+        found = {"rows": stat_columns(group)}
+        if SKIPPED in group:
+            found["skipped"] = stat_columns(group[SKIPPED])
+        return found
 
     def skipped(self, split: str) -> dict[str, dict]:
         """Files of a split that could not be featurized: path to reason and fingerprint."""

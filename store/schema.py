@@ -5,7 +5,8 @@ partition files in `STORE.parts/`; an update writes new partitions and switches 
 
 Root (STORE)                    attrs: schema_version (2), generation, created
 /sets/<set_name>/               attrs: identity (JSON) and its fields, classes (JSON), data_dir, layout, ...,
-                                       partitions (JSON: {file name: group prefix of the set inside it})
+                                       partitions (JSON: {file name: group prefix of the set inside it}),
+                                       partition_ids (JSON: {file name: its uid, checked on open})
 /sets/<set_name>/<split>/       one group per split: train, valid, test
     features   (N, D) float16|float32   one row per (image, view); a file's views together
     labels     (N,)   int32              class index into the set's `classes`, -1 when unlabelled
@@ -15,8 +16,8 @@ Root (STORE)                    attrs: schema_version (2), generation, created
     segments   (S, 4) int64              where the rows come from, in order: partition (index into the set's
                                          partitions, sorted by name), its split (index into SPLITS), start, count
     skipped/   paths, reasons, size, mtime_ns, ctime_ns, sha256 and segments: files that could not be featurized
-Partition (STORE.parts/NAME.h5) attrs: set_name; one group per split holding the columns above, rows sorted by
-(path, view) within it (a version-1 store taken over as a partition keeps its /sets/<set_name>/ prefix).
+Partition (STORE.parts/NAME.h5) attrs: set_name, classes, uid; one group per split holding the columns above, rows
+sorted by (path, view) within it (a version-1 store taken over as a partition keeps its /sets/<set_name>/ prefix).
 Every fixed-size dataset of a partition and the root's segment tables are chunked with Fletcher-32 checksums;
 string datasets of a partition carry attrs["sha256"]. Version 1 kept the rows themselves in the store file.
 """
@@ -36,6 +37,7 @@ SETS = "sets"
 SKIPPED = "skipped"
 SEGMENTS = "segments"
 PARTITIONS = "partitions"  # the set attribute naming its partitions
+PARTITION_IDS = "partition_ids"  # the set attribute recording each partition's identity (store.partition_file)
 FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
 CHUNK_ROWS = 1024
 

@@ -10,9 +10,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from store.partition_file import open_partition_file, partition_id
 from store.paths import StorePaths
 from store.schema import (
     FEATURE_DTYPES,
+    PARTITION_IDS,
     PARTITIONS,
     ROW_COLUMNS,
     SCHEMA_VERSION,
@@ -120,7 +122,7 @@ def read_snapshot(f: h5py.File) -> Snapshot:
     snapshot = Snapshot(version, f.attrs.get("created"), int(f.attrs.get("generation", 0)))
     for name in f[SETS] if SETS in f else []:
         group = f[SETS][name]
-        attrs = {k: decode_attr(v) for k, v in group.attrs.items() if k != PARTITIONS}
+        attrs = {k: decode_attr(v) for k, v in group.attrs.items() if k not in (PARTITIONS, PARTITION_IDS)}
         if version == 1:
             prefixes = {SELF: f"/{SETS}/{name}"}
         else:
@@ -144,20 +146,51 @@ def read_snapshot(f: h5py.File) -> Snapshot:
 
 
 class SourceShapes:
-    """Shapes and types of partition datasets, read once per partition (a root's virtual datasets need them)."""
+    """Shapes and types of partition datasets, and each partition's identity, read once per partition (a root's
+    virtual datasets need the first, its record of what it maps the second)."""
 
     def __init__(self, paths: StorePaths, root: Path | None = None):
         self.paths, self.root = paths, root
         self._known: dict[tuple[str, str], tuple] = {}
+        self._ids: dict[str, str] = {}
+
+    def _read(self, partition: str, dataset: str | None) -> None:
+        path = self.root if partition == SELF else self.paths.parts / partition
+        with open_partition_file(path) as f:
+            if partition not in self._ids:
+                self._ids[partition] = partition_id(f)
+            if dataset is not None:
+                ds = f[dataset]
+                self._known[partition, dataset] = (ds.shape, ds.dtype)
 
     def get(self, partition: str, dataset: str) -> tuple[tuple, object]:
-        key = (partition, dataset)
-        if key not in self._known:
-            path = self.root if partition == SELF else self.paths.parts / partition
-            with h5py.File(path, "r", locking=False) as f:
-                ds = f[dataset]
-                self._known[key] = (ds.shape, ds.dtype)
-        return self._known[key]
+        if (partition, dataset) not in self._known:
+            self._read(partition, dataset)
+        return self._known[partition, dataset]
+
+    def identity(self, partition: str) -> str:
+        if partition not in self._ids:
+            self._read(partition, None)
+        return self._ids[partition]
+
+
+MAPPING_BYTES = 128  # what HDF5 keeps per virtual mapping beside its names (measured: 72-90 with short names)
+
+
+def root_bytes(snapshot: Snapshot, paths: StorePaths) -> int:
+    """About what a root takes on disk, from what it maps: every column of every table has one mapping per segment
+    (its source file's and dataset's names included), plus HDF5's fixed cost per group. Generous by design, not by
+    a megabyte: a nearly full disk still takes an update that fits."""
+    total = 1 << 16
+    for snap in snapshot.sets.values():
+        total += 8192 * (1 + len(SPLITS))
+        for table, columns in (("rows", 1 + len(ROW_COLUMNS)), ("skipped", len(SKIPPED_COLUMNS))):
+            for split, segments in getattr(snap, table).items():
+                for s in segments:
+                    dataset = source_dataset(snap.prefixes.get(s.partition, ""), split, "features", SKIPPED)
+                    names = len(paths.source_name(s.partition)) + len(dataset)
+                    total += columns * (MAPPING_BYTES + names) + 32
+    return total
 
 
 def write_root(target: Path, snapshot: Snapshot, paths: StorePaths, shapes: SourceShapes) -> None:
@@ -176,6 +209,7 @@ def write_root(target: Path, snapshot: Snapshot, paths: StorePaths, shapes: Sour
             used = snap.partitions()
             prefixes = {p: snap.prefixes[p] for p in sorted(used)}
             group.attrs[PARTITIONS] = json.dumps(prefixes)
+            group.attrs[PARTITION_IDS] = json.dumps({p: shapes.identity(p) for p in prefixes if p != SELF})
             dim = int(snap.attrs["feature_dim"])
             dtype = FEATURE_DTYPES[snap.attrs.get("dtype", "float16")]
             for split in [s for s in SPLITS if s in snap.rows or s in snap.skipped]:
@@ -226,6 +260,52 @@ def _virtual_table(
             dcpl.set_virtual(space, source.encode(), dataset.encode(), source_space)
             row += s.count
         h5py.h5d.create(group.id, name.encode(), tid, h5py.h5s.create_simple((total, *tail)), dcpl=dcpl)
+
+
+def mapping_problem(f: h5py.File, snapshot: Snapshot, paths: StorePaths) -> str | None:
+    """Where a version-2 root's virtual datasets map other rows than its segment tables say (the two are written
+    together from one snapshot, so any difference is damage), described; None when they agree. Reads the mappings
+    only, never a row."""
+    for name, snap in snapshot.sets.items():
+        group = f[SETS][name]
+        for split in [s for s in SPLITS if s in group]:
+            tables = (("rows", "", ("features", *ROW_COLUMNS)), ("skipped", SKIPPED, SKIPPED_COLUMNS))
+            for table, sub, columns in tables:
+                where = group[split][sub] if sub else group[split]
+                segments = getattr(snap, table).get(split, [])
+                for column in columns:
+                    problem = _column_problem(where, column, segments, snap.prefixes, sub, paths)
+                    if problem:
+                        return f"{name}/{split}/{sub + '/' if sub else ''}{column} {problem}"
+    return None
+
+
+def _column_problem(
+    group: h5py.Group, column: str, segments: list[Segment], prefixes: dict, sub: str, paths: StorePaths
+) -> str | None:
+    if column not in group:
+        return "is missing"
+    ds, total = group[column], sum(s.count for s in segments)
+    if not ds.shape or ds.shape[0] != total:
+        return f"has {ds.shape[0] if ds.shape else 0} rows where its segments hold {total}"
+    if not total:
+        return None
+    if not ds.is_virtual:
+        return "is not a virtual dataset"
+    dcpl = ds.id.get_create_plist()
+    if dcpl.get_virtual_count() != len(segments):
+        return f"maps {dcpl.get_virtual_count()} runs of rows where its segment table lists {len(segments)}"
+    row = 0
+    for i, s in enumerate(segments):
+        source = (dcpl.get_virtual_filename(i), dcpl.get_virtual_dsetname(i))
+        expected = (paths.source_name(s.partition), source_dataset(prefixes.get(s.partition, ""), s.split, column, sub))
+        (src_lo, *_), (src_hi, *_) = dcpl.get_virtual_srcspace(i).get_select_bounds()
+        (dst_lo, *_), (dst_hi, *_) = dcpl.get_virtual_vspace(i).get_select_bounds()
+        bounds = (src_lo, src_hi, dst_lo, dst_hi)
+        if source != expected or bounds != (s.start, s.start + s.count - 1, row, row + s.count - 1):
+            return f"maps rows {dst_lo}-{dst_hi} to {source[0]} rows {src_lo}-{src_hi}, its segment table otherwise"
+        row += s.count
+    return None
 
 
 def source_dataset(prefix: str, split: str, name: str, subgroup: str = "") -> str:

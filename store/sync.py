@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,8 +29,10 @@ import numpy as np
 from stages.bulk import collector_paused
 from stages.errors import PipelineError
 from stages.files import Dataset, Fingerprint, ImageFile, content_sha256, stat_fingerprint
+from store.partition_file import open_partition_file
 from store.paths import StorePaths
 from store.reader import (
+    ROOT,
     FileRows,
     decode_strings,
     foreign_object,
@@ -39,7 +42,7 @@ from store.reader import (
     split_skipped,
     stat_columns,
 )
-from store.schema import ROW_COLUMNS, SKIPPED, SKIPPED_COLUMNS, SPLITS, FileRecord
+from store.schema import ROW_COLUMNS, SETS, SKIPPED, SKIPPED_COLUMNS, SPLITS, FileRecord
 from store.snapshot import SELF, Segment, SetSnapshot, Snapshot, SourceShapes, merge_segments, read_snapshot
 from store.verify import verify_split
 from store.writer import Copy, PartitionSplit, PartitionWriter, SplitRows, switch_root, write_copied_partition
@@ -103,7 +106,7 @@ def open_partition(paths: StorePaths, name: str, prefix: str = "") -> tuple[h5py
     under `prefix`); a damaged one is renamed PART.damaged (its images are then computed again) and said in a note."""
     part = paths.parts / name
     try:
-        f = h5py.File(part, "r", locking=False)
+        f = open_partition_file(part)
         try:
             foreign = foreign_object(f)
             base = f[prefix] if prefix else f
@@ -148,20 +151,26 @@ class StoreSync:
         self.snapshot: Snapshot | None = None
         self.live: SetSnapshot | None = None
         self.lost: dict[str, str] = {}  # partitions the live snapshot maps that are gone or unreadable: why
+        self.root_damage: str | None = None  # the root's mappings disagree with its tables: why
         self._files: dict[str, h5py.File] = {}  # open partitions
         self._checked: dict[tuple, object] = {}
 
     # Opening: the live snapshot and the unmapped partitions, each verified ---------------------------------------
     def __enter__(self) -> StoreSync:
-        if self.paths.store.exists():
+        self.notes += [
+            f"{self.paths.parts.name}/{name} is not a regular file: ignored (never opened); remove it"
+            for name in self.paths.strangers()
+        ]
+        if self.paths.store.exists() and not self._root_unreadable():
             gone: dict[str, str] = {}
             self.root = open_root(self.paths.store, missing=gone)
             self.snapshot = read_snapshot(self.root)
             self.live = self.snapshot.sets.get(self.set_name)
+            self.root_damage = gone.pop(ROOT, None)
             mine = self.live.partitions() if self.live else set()
             self.lost = {name: why for name, why in gone.items() if name in mine}
             self._refuse_lost_elsewhere({name: why for name, why in gone.items() if name not in mine})
-        if self.lost:
+        if self.live is not None and (self.lost or self.root_damage):
             self._repair()
         elif self.live is not None:
             groups = {split: self.root[f"sets/{self.set_name}/{split}"] for split in self.live.rows}
@@ -169,14 +178,42 @@ class StoreSync:
             if self.verify:
                 self._verify_live(groups)
         mapped = self.snapshot.partitions() if self.snapshot else set()
-        for name in reversed(self.paths.partitions(self.set_name)):
-            if name in mapped or name.startswith("legacy-"):
+        # No root maps this set (a new set, or a root lost): every partition of it is a source, a compaction's and
+        # a version-1 file's included, so a lost root is rebuilt from its partitions without computing anything.
+        rebuilding = self.live is None
+        for name in reversed(self.paths.partitions(None if rebuilding else self.set_name)):
+            if name in mapped:
                 continue
-            if StorePaths.compacted(name):  # a killed compaction's: rows that are live elsewhere, never work to keep
+            if StorePaths.is_legacy(name):
+                if rebuilding:
+                    self._add_pending(name, prefix=f"/{SETS}/{self.set_name}", optional=True)
+            elif rebuilding:
+                if StorePaths.set_of(name) == self.set_name:
+                    self._add_pending(name)
+            elif StorePaths.compacted(name):  # a killed compaction's: rows live elsewhere, never work to keep
                 (self.paths.parts / name).unlink(missing_ok=True)
             else:
                 self._add_pending(name)
         return self
+
+    def _root_unreadable(self) -> bool:
+        """A root HDF5 cannot open, beside partitions (so it is a store's): set aside as a partition-folder file
+        ROOT-TIME.damaged, and the store rebuilt from its partitions. A file that never was a store's root is
+        refused by open_root, never replaced."""
+        if not self.paths.partitions():
+            return False
+        try:
+            with h5py.File(self.paths.store, "r", locking=False) as f:
+                read_snapshot(f)
+            return False
+        except (OSError, KeyError, ValueError) as exc:
+            aside = self.paths.parts / f"root-{time.time_ns()}.damaged"
+            os.replace(self.paths.store, aside)
+            self.notes.append(
+                f"store {self.paths.store}: its root cannot be read ({str(exc).splitlines()[0][:80]}); set aside as "
+                f"{self.paths.parts.name}/{aside.name}, the store rebuilt from its partitions"
+            )
+            return True
 
     def __exit__(self, *exc) -> None:
         for f in self._files.values():
@@ -192,9 +229,11 @@ class StoreSync:
             raise lost_partitions(self.paths.store, self.paths, gone, owner)
 
     def _repair(self) -> None:
-        """The live snapshot lost partitions: the root's virtual datasets are not read (they would give fill values
-        there); the partitions it still has are sources read directly, each verified, and the images whose rows
-        were lost are featurized again."""
+        """The live snapshot lost partitions, or its root disagrees with itself: the root's virtual datasets are
+        not read (they would give fill values, or other rows); the partitions it still has are sources read
+        directly, each verified, and the images whose rows were lost are featurized again."""
+        if self.root_damage:
+            self.notes.append(f"store {self.paths.store}: its root {self.root_damage}; rebuilt from its partitions")
         for name, why in sorted(self.lost.items()):
             part = self.paths.parts / name
             aside = f", set aside as {_set_aside(part)}" if part.exists() else ""
@@ -205,7 +244,13 @@ class StoreSync:
         for name in sorted(self.live.partitions() - set(self.lost)):
             self._add_pending(name, prefix=self.live.prefixes.get(name, ""))
 
-    def _add_pending(self, name: str, first: bool = False, prefix: str = "") -> None:
+    def _add_pending(self, name: str, first: bool = False, prefix: str = "", optional: bool = False) -> None:
+        """A partition read directly as a source of rows (verified). optional: one that may not hold this set (a
+        version-1 file holds several)."""
+        if optional:
+            with open_partition_file(self.paths.parts / name) as f:
+                if prefix.strip("/") not in f:
+                    return
         opened, note = open_partition(self.paths, name, prefix)
         if note:
             self.notes.append(note)

@@ -21,10 +21,11 @@ import numpy as np
 
 from stages.atomic import ExclusiveLock, atomic_output, writer_alive
 from stages.errors import PipelineError
+from store.partition_file import UID, new_uid
 from store.paths import StorePaths
 from store.reader import trust_written_root
 from store.schema import FEATURE_DTYPES, ROW_COLUMNS, SKIPPED, SKIPPED_COLUMNS, STR, feature_chunks
-from store.snapshot import SELF, Snapshot, SourceShapes, write_root
+from store.snapshot import SELF, Snapshot, SourceShapes, root_bytes, write_root
 from store.verify import create_checked
 
 COPY_BLOCK_ROWS = 8192
@@ -174,10 +175,11 @@ class PartitionWriter:
 
 
 def _partition_attrs(f: h5py.File, set_name: str, classes: list[str]) -> None:
-    """What a partition says of itself: its set, and the classes its labels index (a partition written before the
-    class folders changed is relabelled when it is used)."""
+    """What a partition says of itself: its set, the classes its labels index (a partition written before the
+    class folders changed is relabelled when it is used), and its uid (store.partition_file)."""
     f.attrs["set_name"] = set_name
     f.attrs["classes"] = json.dumps(classes)
+    f.attrs[UID] = new_uid()
 
 
 @dataclass(frozen=True)
@@ -244,16 +246,15 @@ def write_copied_partition(
 
 def switch_root(paths: StorePaths, old: Snapshot | None, new: Snapshot, shapes: SourceShapes) -> None:
     """Make `new` the store's snapshot in one rename: its root written beside the old one, fsynced, renamed over
-    it. When the switch leaves partitions the old root mapped, the old root is first kept as a retired root (a hard
-    link): its partitions are deleted only once no reader holds it (store.compact.collect_garbage)."""
-    dropped = (old.partitions() - {SELF} - new.partitions()) if old is not None else set()
+    it. The old root is first kept as a retired root (a hard link), every time: a reader holding it may still map
+    partitions that this switch keeps but a later one drops, so its partitions are deleted only once no reader holds
+    it (store.compact.collect_garbage)."""
     new.generation = (old.generation if old is not None else 0) + 1
     new.created = (old.created if old is not None else None) or now_iso()
-    total = 64 * sum(len(segs) for s in new.sets.values() for t in (s.rows, s.skipped) for segs in t.values())
-    if old is not None and dropped and paths.store.exists():
+    if old is not None and paths.store.exists():
         paths.parts.mkdir(exist_ok=True)
         retired = paths.retired_root(old.generation)
         retired.unlink(missing_ok=True)
         os.link(paths.store, retired)
-    atomic_h5(paths.store, lambda tmp: write_root(tmp, new, paths, shapes), total + (1 << 20))
-    trust_written_root(paths.store, [paths.parts / name for name in new.partitions() - {SELF}])
+    atomic_h5(paths.store, lambda tmp: write_root(tmp, new, paths, shapes), root_bytes(new, paths))
+    trust_written_root(paths.store, {paths.parts / p: shapes.identity(p) for p in new.partitions() - {SELF}})

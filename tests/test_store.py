@@ -315,3 +315,34 @@ def test_a_partition_cut_into_short_runs_is_rewritten_and_a_few_holes_are_not(tm
     assert legacy not in mapped(store) and all(name.endswith("c.h5") for name in mapped(store))
     [feature_set] = info(store)["sets"]
     assert feature_set["dead_rows"] == 0 and feature_set["live_rows"] == 20_000 - 13
+
+
+def test_featurize_rebuilds_a_root_lost_unreadable_or_disagreeing_from_its_partitions(small_set, tmp_path):
+    """The root holds no rows, only their mapping: whatever becomes of it, featurize computes nothing again, and
+    the store then equals a fresh featurize."""
+    store = tmp_path / "s.h5"
+    first = featurize(small_set, store)
+    make_images(tmp_path / "more", {"train": {"b": 3}}, seed=4)
+    for path in (tmp_path / "more" / "train" / "b").iterdir():
+        path.rename(small_set / "train" / "b" / f"more-{path.name}")
+    featurize(small_set, store)  # two partitions
+    fresh = content(featurize_fresh(small_set, tmp_path))
+    paths = StorePaths.of(store)
+    with h5py.File(store, "r+") as f:  # the segment tables listed in another order than the virtual datasets map
+        (name,) = list(f["sets"])
+        segments = f[f"sets/{name}/train/segments"]
+        assert len(segments) > 1
+        segments[...] = segments[()][::-1]
+    one_line_error(run_cli("store", "info", store, check=False), "disagrees with itself", "store repair")
+    rebuilt = featurize(small_set, store)
+    assert rebuilt["featurized"] == 0 and any("rebuilt from its partitions" in n for n in rebuilt["notes"])
+    assert_same_content(content(store), fresh)
+    store.write_bytes(b"not a root any more")  # unreadable: set aside, rebuilt
+    rebuilt = featurize(small_set, store)
+    assert rebuilt["featurized"] == 0 and list(paths.parts.glob("root-*.damaged"))
+    assert_same_content(content(store), fresh)
+    store.unlink()  # lost
+    rebuilt = featurize(small_set, store)
+    assert rebuilt["featurized"] == 0 and rebuilt["reused"] == first["featurized"] + 3
+    assert_same_content(content(store), fresh)
+    assert run_json("store", "info", store, "--verify")["verification"] == []

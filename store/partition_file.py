@@ -1,0 +1,47 @@
+"""One partition file: how it is opened (a regular file, never followed or waited on) and what identifies it.
+
+A partition is immutable once renamed into place, and says who it is: a random `uid` written with it, which the
+root records for every partition it maps. A partition of another store put in its place (even one of the same
+feature set, named alike) carries another uid, so the root and its partitions agree or the store is damaged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import uuid
+from pathlib import Path
+
+import h5py
+
+UID = "uid"  # the partition's attribute
+
+
+def new_uid() -> str:
+    return uuid.uuid4().hex
+
+
+def partition_id(f: h5py.File) -> str:
+    """What identifies a partition: its uid, or for one written before uids (and a version-1 file taken over) the
+    digest of its string columns' digests, in order (its paths and reasons: another store's rows differ there)."""
+    if UID in f.attrs:
+        value = f.attrs[UID]
+        return value.decode() if isinstance(value, bytes) else str(value)
+    digests: list[str] = []
+
+    def visit(name: str, obj) -> None:
+        if isinstance(obj, h5py.Dataset) and "sha256" in obj.attrs:
+            digests.append(f"{name}={obj.attrs['sha256']}")
+
+    f.visititems(visit)
+    return "digest:" + hashlib.sha256("\n".join(digests).encode()).hexdigest()[:32]
+
+
+def open_partition_file(path: Path) -> h5py.File:
+    """A partition opened read-only, after checking that the path is a regular file (a FIFO would block the open
+    for good, a folder or link is no partition): OSError otherwise, as for a file HDF5 cannot open."""
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(f"{path.name} is not a regular file")
+    return h5py.File(path, "r", locking=False)
