@@ -32,7 +32,7 @@ from store.snapshot import (
     partition_rows,
     read_snapshot,
 )
-from store.writer import Copy, PartitionSplit, switch_root, write_copied_partition
+from store.writer import PartitionSplit, switch_root, write_copied_partition
 
 # Each point of dead share is a point of disk: 0.08 keeps the disk within 1.09x the live rows (bench scale: 1.02x
 # and less after its updates).
@@ -150,7 +150,7 @@ def compact_set(
                         text = spec[name] is STR
                         columns[name] += [v.decode() if text and isinstance(v, bytes) else v for v in values]
                     if table == "rows":
-                        out.copies.append(Copy(s.partition, s.split, s.start, s.count))
+                        out.copies.append(s)
                         filled += s.count
         write(len(outputs) - 1)
     finally:

@@ -23,19 +23,25 @@ def new_uid() -> str:
 
 
 def partition_id(f: h5py.File) -> str:
-    """What identifies a partition: its uid, or for one written before uids (and a version-1 file taken over) the
-    digest of its string columns' digests, in order (its paths and reasons: another store's rows differ there)."""
+    """What identifies a partition: its uid, or for one written before uids (and a version-1 file taken over) a
+    digest of what tells its rows apart cheaply: each string column's digest (its paths, in order) and each split's
+    row count and first and last content hashes (the same files featurized into another store would be the same
+    rows; other files differ there). Reads a few values, never a column of numbers."""
     if UID in f.attrs:
         value = f.attrs[UID]
         return value.decode() if isinstance(value, bytes) else str(value)
-    digests: list[str] = []
+    parts: list[str] = []
 
     def visit(name: str, obj) -> None:
-        if isinstance(obj, h5py.Dataset) and "sha256" in obj.attrs:
-            digests.append(f"{name}={obj.attrs['sha256']}")
+        if not isinstance(obj, h5py.Dataset):
+            return
+        if "sha256" in obj.attrs:
+            parts.append(f"{name}={obj.attrs['sha256']}")
+        elif name.rsplit("/", 1)[-1] == "sha256" and len(obj):
+            parts.append(f"{name}={len(obj)}:{bytes(obj[0]).hex()}:{bytes(obj[-1]).hex()}")
 
     f.visititems(visit)
-    return "digest:" + hashlib.sha256("\n".join(digests).encode()).hexdigest()[:32]
+    return "digest:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
 def open_partition_file(path: Path) -> h5py.File:

@@ -45,7 +45,7 @@ from store.reader import (
 from store.schema import ROW_COLUMNS, SETS, SKIPPED, SKIPPED_COLUMNS, SPLITS, FileRecord
 from store.snapshot import SELF, Segment, SetSnapshot, Snapshot, SourceShapes, merge_segments, read_snapshot
 from store.verify import verify_split
-from store.writer import Copy, PartitionSplit, PartitionWriter, SplitRows, switch_root, write_copied_partition
+from store.writer import PartitionSplit, PartitionWriter, SplitRows, switch_root, write_copied_partition
 
 
 def views_in(split: str, views: int) -> int:
@@ -458,25 +458,22 @@ class StoreSync:
         """A split's new segments, rows and skipped records: kept live rows in their order, then rows kept from
         elsewhere, partition by partition; rows to write anew go to `copies` (appended after the copy is written)."""
         count = rows_per_file(split, self.views)
-        rows: list[tuple[str, str, int, int]] = []
-        skipped: list[tuple[str, str, int, int]] = []
+        rows: list[Segment] = []
+        skipped: list[Segment] = []
         part = copies.setdefault(
             split, PartitionSplit([], {k: [] for k in ROW_COLUMNS}, {k: [] for k in SKIPPED_COLUMNS})
         )
         for f in self.dataset.splits[split]:
             d = self.decisions[split][f.path]
             if d.skip_source is not None:
-                skipped.append((*d.skip_source, 1))
+                skipped.append(Segment(*d.skip_source, 1))
             elif d.skip_reason is not None:  # a file that cannot even be read: recorded anew
                 d.record(f.path).add_skipped(part.skipped, d.skip_reason)
             elif d.copy:
-                part.copies += [
-                    Copy(s.partition, s.split, s.start, s.count)
-                    for s in self._sources_of(d.source, d.source_split, d.rows.start, d.rows.count)
-                ]
+                part.copies += self._sources_of(d.source, d.source_split, d.rows.start, d.rows.count)
                 d.record(f.path).add_rows(part.columns, count)
             elif d.source is not None:
-                rows.append((d.source, d.source_split, d.rows.start, d.rows.count))
+                rows.append(Segment(d.source, d.source_split, d.rows.start, d.rows.count))
         return self._map(rows, split), self._map(skipped, split, table="skipped")
 
     def _sources_of(self, source: str, split: str, start: int, count: int, table: str = "rows") -> list[Segment]:
@@ -484,15 +481,16 @@ class StoreSync:
             return self.live.locate(split, start, count, table)
         return [Segment(source, split, start, count)]
 
-    def _map(self, picked: list[tuple[str, str, int, int]], split: str, table: str = "rows") -> list[Segment]:
-        """Picked rows as a split's segments: its own live rows in their live order first, then live rows of files
-        that moved in from another split, then the others partition by partition (in the order each holds them),
-        runs joined. The order is history's, not the paths': a file's views stay together."""
-        live = sorted((p for p in picked if p[0] == LIVE), key=lambda p: (p[1] != split, SPLITS.index(p[1]), p[2]))
-        rest = sorted((p for p in picked if p[0] != LIVE), key=lambda p: (p[0], SPLITS.index(p[1]), p[2]))
-        segments = [s for p in _runs(live) for s in self._sources_of(*p, table=table)]
-        segments += [Segment(*p) for p in rest]
-        return merge_segments(segments)
+    def _map(self, picked: list[Segment], split: str, table: str = "rows") -> list[Segment]:
+        """Picked rows (a run each, LIVE ones in the live snapshot's order) as a split's segments: its own live rows
+        in their live order first, then live rows of files that moved in from another split, then the others
+        partition by partition (in the order each holds them), runs joined. The order is history's, not the
+        paths': a file's views stay together."""
+        mine, others = [p for p in picked if p.partition == LIVE], [p for p in picked if p.partition != LIVE]
+        live = merge_segments(sorted(mine, key=lambda p: (p.split != split, SPLITS.index(p.split), p.start)))
+        rest = sorted(others, key=lambda p: (p.partition, SPLITS.index(p.split), p.start))
+        located = [s for p in live for s in self._sources_of(p.partition, p.split, p.start, p.count, table)]
+        return merge_segments(located + rest)
 
     def _write_copies(self, new: SetSnapshot, copies: dict[str, PartitionSplit], dim: int, dtype: str) -> None:
         """Rows kept with a new fingerprint or label, and skipped-file records of this run made before any commit:
@@ -599,18 +597,6 @@ def _kept_skipped(decision: FileDecision, name: str, src: str, bad: dict) -> Fil
     decision.skip_reason, decision.skip_source = bad["reason"], (name, src, bad["row"])
     decision.fingerprint = decision.fingerprint.with_sha256(bad["sha256"])
     return decision
-
-
-def _runs(picked: list[tuple[str, str, int, int]]) -> list[tuple[str, str, int, int]]:
-    """Sorted (source, split, start, count) picks with adjacent ones joined: a store's rows are located run by
-    run, not file by file."""
-    runs: list[tuple[str, str, int, int]] = []
-    for p in picked:
-        if runs and runs[-1][:2] == p[:2] and runs[-1][2] + runs[-1][3] == p[2]:
-            runs[-1] = (p[0], p[1], runs[-1][2], runs[-1][3] + p[3])
-        else:
-            runs.append(p)
-    return runs
 
 
 def successor(paths: StorePaths, old: Snapshot | None, new: SetSnapshot) -> Snapshot:

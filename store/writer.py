@@ -25,7 +25,7 @@ from store.partition_file import UID, new_uid
 from store.paths import StorePaths
 from store.reader import trust_written_root
 from store.schema import FEATURE_DTYPES, ROW_COLUMNS, SKIPPED, SKIPPED_COLUMNS, STR, feature_chunks
-from store.snapshot import SELF, Snapshot, SourceShapes, root_bytes, write_root
+from store.snapshot import SELF, Segment, Snapshot, SourceShapes, root_bytes, write_root
 from store.verify import create_checked
 
 COPY_BLOCK_ROWS = 8192
@@ -182,22 +182,12 @@ def _partition_attrs(f: h5py.File, set_name: str, classes: list[str]) -> None:
     f.attrs[UID] = new_uid()
 
 
-@dataclass(frozen=True)
-class Copy:
-    """Rows [start, start+count) of a source's split group, to be copied into a new partition."""
-
-    source: str  # a partition (or SELF, a version-1 store file)
-    split: str
-    start: int
-    count: int
-
-
 @dataclass
 class PartitionSplit:
     """The content of one split of a partition written by copying: the feature rows to copy, in order, and every
     per-row and skipped-file column (labels already in the new classes)."""
 
-    copies: list[Copy]
+    copies: list[Segment]  # the feature rows to copy, in order (a partition's, or SELF: a version-1 file's)
     columns: dict[str, list]
     skipped: dict[str, list]
 
@@ -230,7 +220,7 @@ def write_copied_partition(
                 )
                 row = 0
                 for c in part.copies:
-                    src = open_source(c.source, c.split)["features"]
+                    src = open_source(c.partition, c.split)["features"]
                     for offset in range(0, c.count, COPY_BLOCK_ROWS):
                         k = min(COPY_BLOCK_ROWS, c.count - offset)
                         out[row : row + k] = src[c.start + offset : c.start + offset + k]

@@ -1,6 +1,7 @@
 """The store driven in-process through its one door, on synthetic rows (no image is decoded): every snapshot
 promise, for our readers and for plain h5py, whatever happens in the partitions folder."""
 
+import json
 import os
 import subprocess
 import sys
@@ -262,3 +263,28 @@ def test_every_output_is_fsynced_before_its_rename_and_its_folder_after(tmp_path
     part = store.paths.parts / store.paths.partitions()[0]
     at = calls.index(("replace", str(part)))
     assert calls[at - 1][0] == "fsync" and calls[at + 1] == ("fsync", str(store.paths.parts))
+
+
+def test_a_store_written_before_partition_identities_is_read_and_its_next_update_records_them(tmp_path):
+    """The release before this one wrote no partition uid and no partition_ids: such a store reads as it is (its
+    partitions identified by their string columns' digests), and its first update records every identity."""
+    store = made(tmp_path / "s.h5")
+    before = content(store)
+    for name in store.paths.partitions():
+        with h5py.File(store.paths.parts / name, "r+") as f:
+            del f.attrs["uid"]
+    with h5py.File(store.paths.store, "r+") as f:
+        del f[f"sets/{SET}"].attrs["partition_ids"]
+    assert same(content(store), before)
+    add(store, "valid", 20, 2)
+    with h5py.File(store.paths.store, "r") as f:
+        recorded = json.loads(f[f"sets/{SET}"].attrs["partition_ids"])
+    assert set(recorded) == set(store.paths.partitions())
+    assert sum(v.startswith("digest:") for v in recorded.values()) == 3
+    other = made(tmp_path / "t.h5", seed=1)
+    old = sorted(n for n in store.paths.partitions() if recorded[n].startswith("digest:"))[0]
+    with h5py.File(other.paths.parts / other.paths.partitions()[0], "r+") as f:
+        del f.attrs["uid"]
+    os.replace(other.paths.parts / other.paths.partitions()[0], store.paths.parts / old)
+    with pytest.raises(Exception, match="is not the partition this root mapped"):
+        store.read()
