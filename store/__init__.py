@@ -19,13 +19,14 @@ from pathlib import Path
 
 from store.compact import DEAD_SHARE, CompactResult, compact
 from store.identity import FeatureSetIdentity
+from store.locks import StoreLock
 from store.paths import StorePaths
 from store.reader import FeatureSet, FeatureStore, open_root, store_bytes, verify_store
 from store.relocate import RelocateResult, RepairResult, relocate, rewrite_root
 from store.schema import FEATURE_DTYPES, FileRecord
 from store.sync import PendingRows, StoreSync, views_in
 from store.transaction import Transaction
-from store.writer import PartitionWriter, StoreLock, now_iso, remove_stale_temporaries
+from store.writer import PartitionWriter, now_iso, remove_stale_temporaries
 
 
 class Store:

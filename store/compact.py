@@ -8,7 +8,6 @@ replaces are deleted only once no reader holds a root that maps them (collect_ga
 
 from __future__ import annotations
 
-import fcntl
 import os
 import stat
 import time
@@ -18,7 +17,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from store.partition_file import open_partition_file
+from store.locks import unheld
+from store.partition_file import delete, open_partition_file
 from store.paths import StorePaths
 from store.reader import open_root
 from store.schema import ROW_COLUMNS, SKIPPED, SKIPPED_COLUMNS, STR
@@ -105,7 +105,7 @@ def compact_set(
 
     def group(partition: str, split: str, subgroup: str = "") -> h5py.Group:
         if partition not in files:
-            files[partition] = h5py.File(paths.parts / partition, "r", locking=False)
+            files[partition] = open_partition_file(paths.parts / partition)
         prefix = snap.prefixes.get(partition, "")
         g = (files[partition][prefix] if prefix else files[partition])[split]
         return g[subgroup] if subgroup else g
@@ -220,11 +220,7 @@ def collect_garbage(paths: StorePaths) -> list[str]:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            free = True
-        except BlockingIOError:
-            free = False
+        free = unheld(fd)
         try:
             with h5py.File(retired, "r", locking=False) as f:
                 snapshot = read_snapshot(f)
@@ -240,7 +236,7 @@ def collect_garbage(paths: StorePaths) -> list[str]:
     deleted = []
     for retired, fd, mapped in freed:
         for partition in sorted(mapped - keep - held):
-            (paths.parts / partition).unlink(missing_ok=True)
+            delete(paths.parts / partition)
             deleted.append(partition)
         retired.unlink(missing_ok=True)  # while still locked: no reader can take it meanwhile
         os.close(fd)
@@ -249,7 +245,7 @@ def collect_garbage(paths: StorePaths) -> list[str]:
     # unmapped partitions are committed work that a rerun adopts.)
     for legacy in [p for p in paths.partitions() if StorePaths.is_legacy(p) and p not in keep | held]:
         if _holds_only(paths.parts / legacy, sets):
-            (paths.parts / legacy).unlink(missing_ok=True)
+            delete(paths.parts / legacy)
             deleted.append(legacy)
     return deleted
 

@@ -1,4 +1,5 @@
-"""One partition file: how it is opened (a regular file, never followed or waited on) and what identifies it.
+"""One partition file: how it is opened (a regular file, never followed or waited on), what identifies it, how a
+damaged one is set aside and a dropped one deleted.
 
 A partition is immutable once renamed into place, and says who it is: a random `uid` written with it, which the
 root records for every partition it maps. A partition of another store put in its place (even one of the same
@@ -51,3 +52,19 @@ def open_partition_file(path: Path) -> h5py.File:
     if not stat.S_ISREG(st.st_mode):
         raise OSError(f"{path.name} is not a regular file")
     return h5py.File(path, "r", locking=False)
+
+
+def set_aside(path: Path) -> str:
+    """Rename a damaged partition to NAME.damaged (kept for a person to look at, never read again); its new name.
+    Another shard of the same run may have done it first."""
+    aside = path.with_name(path.name + ".damaged")
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        pass
+    return aside.name
+
+
+def delete(path: Path) -> None:
+    """A partition no root maps, nor will: gone (a reader still holding it keeps its open file)."""
+    path.unlink(missing_ok=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import stat
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ import numpy as np
 
 from stages.errors import PipelineError
 from store.identity import FeatureSetIdentity
+from store.locks import hold_shared
 from store.partition_file import open_partition_file, partition_id
 from store.paths import StorePaths
 from store.schema import (
@@ -20,7 +20,6 @@ from store.schema import (
     PARTITIONS,
     READABLE_VERSIONS,
     ROW_COLUMNS,
-    SEGMENTS,
     SETS,
     SKIPPED,
     SPLITS,
@@ -36,7 +35,14 @@ from store.snapshot import (
     read_snapshot,
     source_dataset,
 )
-from store.verify import CheckedDataset, check_values, read_or_fail, value_problem, verify_split
+from store.verify import (
+    CheckedDataset,
+    check_values,
+    length_problems,
+    read_or_fail,
+    value_problem,
+    verify_split,
+)
 
 
 @dataclass(frozen=True)
@@ -176,7 +182,7 @@ def trust_written_root(path: Path, partitions: dict[Path, str]) -> None:
 def _hold(f: h5py.File, path: Path) -> bool:
     """A shared lock on the very file h5py opened; False when it is no longer the store's root (switched)."""
     fd = f.id.get_vfd_handle()
-    fcntl.flock(fd, fcntl.LOCK_SH)  # the lock lives as long as h5py keeps this file open
+    hold_shared(fd)  # as long as h5py keeps this file open
     try:
         return os.stat(path).st_ino == os.fstat(fd).st_ino
     except FileNotFoundError:
@@ -382,7 +388,7 @@ class FeatureSet:
             if key in self._verified:
                 continue
             prefix = self.snapshot.prefixes[segment.partition]
-            with h5py.File(self.paths.parts / segment.partition, "r", locking=False) as f:
+            with open_partition_file(self.paths.parts / segment.partition) as f:
                 read_or_fail(f[source_dataset(prefix, segment.split, name)], f"{self.where} partition {f.filename}")
             self._verified.add(key)
 
@@ -390,13 +396,11 @@ class FeatureSet:
         if split not in self.group:
             raise PipelineError(f"feature set {self.name} has no {split!r} split (it has: {', '.join(self.splits)})")
         group = self.group[split]
-        rows = group["features"].shape[0]
-        for name, ds in group.items():
-            if isinstance(ds, h5py.Dataset) and name != SEGMENTS and ds.shape[:1] != (rows,):
-                raise PipelineError(
-                    f"{self.where} is damaged: set {self.name} {split}/{name} has {ds.shape[0] if ds.shape else 0} "
-                    f"values for {rows} feature rows; featurize into a new --store"
-                )
+        problems = length_problems(group)
+        if problems:
+            raise PipelineError(
+                f"{self.where} is damaged: set {self.name} {split}/{problems[0]}; featurize into a new --store"
+            )
         return group
 
 
@@ -532,7 +536,7 @@ def _verify_partitions(paths: StorePaths, snap: SetSnapshot, split: str) -> str:
     found = []
     for partition, source in sorted({(s.partition, s.split) for s in snap.rows.get(split, [])}):
         prefix = snap.prefixes[partition]
-        with h5py.File(paths.parts / partition, "r", locking=False) as f:
+        with open_partition_file(paths.parts / partition) as f:
             damage = verify_split(f[source_dataset(prefix, source, "").rstrip("/")])
         if damage:
             found.append(f"partition {partition} {source}: {damage.describe()}")

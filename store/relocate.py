@@ -12,10 +12,11 @@ from dataclasses import dataclass, replace
 
 from stages.atomic import fsync_path
 from stages.errors import PipelineError
+from store.locks import StoreLock
 from store.paths import StorePaths
 from store.reader import open_root, recorded_ids
 from store.snapshot import SELF, SourceShapes, read_snapshot
-from store.writer import StoreLock, atomic_h5, switch_root
+from store.writer import atomic_h5, switch_root
 
 
 @dataclass

@@ -317,6 +317,6 @@ def partition_rows(paths: StorePaths, snapshot: SetSnapshot, partition: str) -> 
     """Feature rows a partition holds for a set, live or dead (all its splits)."""
     path = paths.store if partition == SELF else paths.parts / partition
     prefix = snapshot.prefixes.get(partition, "")
-    with h5py.File(path, "r", locking=False) as f:
+    with open_partition_file(path) as f:
         base = f[prefix] if prefix else f
         return sum(base[s]["features"].shape[0] for s in SPLITS if s in base)

@@ -29,7 +29,7 @@ import numpy as np
 from stages.bulk import collector_paused
 from stages.errors import PipelineError
 from stages.files import Dataset, Fingerprint, ImageFile, content_sha256, stat_fingerprint
-from store.partition_file import open_partition_file
+from store.partition_file import delete, open_partition_file, set_aside
 from store.paths import StorePaths
 from store.reader import (
     ROOT,
@@ -119,18 +119,7 @@ def open_partition(paths: StorePaths, name: str, prefix: str = "") -> tuple[h5py
         reason = "; ".join(f"{s}: {d.describe() if hasattr(d, 'describe') else d}" for s, d in damage.items() if d)
     except OSError as exc:
         reason = str(exc).splitlines()[0][:80]
-    return None, f"partition {part} is damaged ({reason}); set aside as {_set_aside(part)}, its images featurized again"
-
-
-def _set_aside(part: Path) -> str:
-    """Rename a damaged partition to PART.damaged (kept for the user to look at, never read again); its name. Another
-    shard of the same run may have done it first."""
-    aside = part.with_name(part.name + ".damaged")
-    try:
-        os.replace(part, aside)
-    except FileNotFoundError:
-        pass
-    return aside.name
+    return None, f"partition {part} is damaged ({reason}); set aside as {set_aside(part)}, its images featurized again"
 
 
 class StoreSync:
@@ -191,7 +180,7 @@ class StoreSync:
                 if StorePaths.set_of(name) == self.set_name:
                     self._add_pending(name)
             elif StorePaths.compacted(name):  # a killed compaction's: rows live elsewhere, never work to keep
-                (self.paths.parts / name).unlink(missing_ok=True)
+                delete(self.paths.parts / name)
             else:
                 self._add_pending(name)
         return self
@@ -236,7 +225,7 @@ class StoreSync:
             self.notes.append(f"store {self.paths.store}: its root {self.root_damage}; rebuilt from its partitions")
         for name, why in sorted(self.lost.items()):
             part = self.paths.parts / name
-            aside = f", set aside as {_set_aside(part)}" if part.exists() else ""
+            aside = f", set aside as {set_aside(part)}" if part.exists() else ""
             self.notes.append(
                 f"store {self.paths.store}: {self.paths.parts.name}/{name} {why}{aside}; the images whose rows it "
                 "held are featurized again"
@@ -294,7 +283,7 @@ class StoreSync:
             self._checked[key] = verify_split(self._open(partition, split))
         return self._checked[key]
 
-    def _indexes(self, split: str) -> list[tuple[str, str, dict[str, FileRows], dict[str, dict], bool]]:
+    def _indexes(self, split: str) -> list[Index]:
         """Per source holding the split: (name, split, file index, skipped index, labels need remapping)."""
         found = []
         for source in self.sources:
@@ -321,26 +310,12 @@ class StoreSync:
             return self._plan()
 
     def _plan(self) -> list[tuple[str, ImageFile]]:
-        dataset, views = self.dataset, self.views
         self.unchanged = self._unchanged()
         if self.unchanged is not None:
             return []
-        cache: dict[str, list] = {}
-        todo = []
-        root = _joinable(dataset.root)
-        for split, files in dataset.splits.items():
-            count = rows_per_file(split, views)
-            # The same split first; with no augmented views a file's row is the same in any split.
-            others = [s for s in SPLITS if s != split and rows_per_file(s, views) == count]
-            indexes = [i for src in [split, *others] for i in cache.setdefault(src, self._indexes(src))]
-            self.decisions[split] = {}
-            for f in files:
-                decision = _decide(f"{root}/{f.path}", f, indexes, count)
-                if decision.source is None and decision.skip_reason is None:
-                    todo.append((split, f))
-                self.decisions[split][f.path] = decision
-        self.todo = todo
-        return todo
+        indexes = {split: self._indexes(split) for split in SPLITS}
+        self.decisions, self.todo = plan_files(self.dataset, self.views, indexes)
+        return self.todo
 
     def _unchanged(self) -> SyncResult | None:
         """The up-to-date answer when every current file is the live snapshot's, in its own split, with the
@@ -427,7 +402,7 @@ class StoreSync:
                 # Work superseded (computed again, or its file gone), never mapped. (What a root mapped is deleted
                 # by compaction once no reader holds a root that maps it.)
                 self._files.pop(source.name).close()
-                (self.paths.parts / source.name).unlink(missing_ok=True)
+                delete(self.paths.parts / source.name)
         return result
 
     def _resolve_computed(self) -> None:
@@ -508,7 +483,7 @@ class StoreSync:
         """A source partition's split group of this set (SELF: a version-1 store's own file)."""
         if partition not in self._files:
             path = self.paths.store if partition == SELF else self.paths.parts / partition
-            self._files[partition] = h5py.File(path, "r", locking=False)
+            self._files[partition] = open_partition_file(path)
         prefix = self.live.prefixes.get(partition, "") if self.live else ""
         f = self._files[partition]
         return (f[prefix] if prefix else f)[split]
@@ -532,6 +507,33 @@ class StoreSync:
             rows[split] = len(kept) * rows_per_file(split, self.views)
             skipped += _skipped(split, [(p, d.skip_reason) for p, d in decisions if d.skip_reason])
         return SyncResult(images, rows, skipped, up_to_date=False)
+
+
+Index = tuple[str, str, dict[str, FileRows], dict[str, dict], bool]  # StoreSync._indexes: one source's split
+
+
+def plan_files(
+    dataset: Dataset, views: int, indexes: dict[str, list[Index]]
+) -> tuple[dict[str, dict[str, FileDecision]], list[tuple[str, ImageFile]]]:
+    """The planner: for every current file, keep its rows, keep its known-bad record, or compute it; from the scan
+    (each file's stat) and the store's columns alone (indexes per split: each source's rows and skipped records by
+    path), reading nothing but the bytes of a file whose times moved while its size did not (its content hash
+    decides). Returns the decisions per split and the (split, file) pairs to compute, in data-set order."""
+    decisions: dict[str, dict[str, FileDecision]] = {}
+    todo = []
+    root = _joinable(dataset.root)
+    for split, files in dataset.splits.items():
+        count = rows_per_file(split, views)
+        # The same split first; with no augmented views a file's row is the same in any split.
+        others = [s for s in SPLITS if s != split and rows_per_file(s, views) == count]
+        candidates = [i for src in [split, *others] for i in indexes.get(src, [])]
+        decisions[split] = {}
+        for f in files:
+            decision = _decide(f"{root}/{f.path}", f, candidates, count)
+            if decision.source is None and decision.skip_reason is None:
+                todo.append((split, f))
+            decisions[split][f.path] = decision
+    return decisions, todo
 
 
 def _joinable(root: Path) -> str:

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from store.locks import StoreLock
+from store.partition_file import delete
 from store.paths import StorePaths
 from store.reader import open_root
 from store.schema import FileRecord
 from store.snapshot import Segment, SetSnapshot, Snapshot, SourceShapes, merge_segments, read_snapshot
 from store.sync import successor
-from store.writer import PartitionWriter, SplitRows, StoreLock, now_iso, switch_root
+from store.writer import PartitionWriter, SplitRows, now_iso, switch_root
 
 
 class Transaction:
@@ -55,7 +57,7 @@ class Transaction:
         try:
             if self.committed is None:  # aborted: what it wrote was never mapped, and never will be
                 for name in self.writer.written:
-                    (self.paths.parts / name).unlink(missing_ok=True)
+                    delete(self.paths.parts / name)
         finally:
             self.lock.__exit__(*exc)
 

@@ -140,12 +140,7 @@ def check_values(group: h5py.Group, split: str, num_classes: int, views: int) ->
     """The values readers trust, checked (checksums say the bytes are as written, not that they make sense):
     every column as long as the features, then each column's values (value_problem). Returns what is wrong, as
     short phrases (empty when nothing)."""
-    rows = group["features"].shape[0]
-    problems = [
-        f"{name} has {ds.shape[0] if ds.shape else 0} values for {rows} feature rows"
-        for name, ds in group.items()
-        if isinstance(ds, h5py.Dataset) and name not in ("features", SEGMENTS) and ds.shape[:1] != (rows,)
-    ]
+    problems = length_problems(group)
     if problems:
         return problems
     for name in TRUSTED_COLUMNS:
@@ -154,6 +149,16 @@ def check_values(group: h5py.Group, split: str, num_classes: int, views: int) ->
         if problem:
             problems.append(problem)
     return problems
+
+
+def length_problems(group: h5py.Group) -> list[str]:
+    """Every column of a split as long as its features, or what is not, as short phrases."""
+    rows = group["features"].shape[0]
+    return [
+        f"{name} has {ds.shape[0] if ds.shape else 0} values for {rows} feature rows"
+        for name, ds in group.items()
+        if isinstance(ds, h5py.Dataset) and name not in ("features", SEGMENTS) and ds.shape[:1] != (rows,)
+    ]
 
 
 TRUSTED_COLUMNS = ("labels", "view", "sha256", "paths")

@@ -19,7 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from stages.atomic import ExclusiveLock, atomic_output, writer_alive
+from stages.atomic import atomic_output, writer_alive
 from stages.errors import PipelineError
 from store.partition_file import UID, new_uid
 from store.paths import StorePaths
@@ -33,32 +33,6 @@ COPY_BLOCK_ROWS = 8192
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-class StoreLock:
-    """The writer's lock on `STORE.lock` (stages.atomic.ExclusiveLock): one featurize per store, or the shards of
-    one job side by side (shared)."""
-
-    def __init__(self, paths: StorePaths, shared: bool = False):
-        self.paths = paths
-        self._lock = ExclusiveLock(paths.lock, shared)
-
-    def __enter__(self) -> StoreLock:
-        try:
-            holder = self._lock.acquire()
-        except OSError as exc:
-            raise PipelineError(
-                f"cannot create {self.paths.lock}: {exc.strerror}; choose a --store in a writable folder"
-            ) from None
-        if holder is not None:
-            raise PipelineError(
-                f"store {self.paths.store} is being written by another featurize ({holder}); wait for it to "
-                "finish or use another --store"
-            )
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._lock.release()
 
 
 @dataclass

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from conftest import imported_modules, make_images, one_line_error, png_bomb, run_cli, run_json
 
+from store.locks import StoreLock
 from store.paths import StorePaths
-from store.writer import StoreLock
 
 FAST = ("--batch-size", "8", "--precision", "fp32")
 

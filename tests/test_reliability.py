@@ -411,7 +411,7 @@ def test_a_store_given_through_a_symlink_is_written_and_locked_as_its_target(sma
     summary = run_json("featurize", small_set, "--store", link)
     assert summary["featurized"] == 1 and link.is_symlink() and link.resolve() == real
     assert run_json("store", "info", real)["sets"][0]["splits"]["train"]["images"] == 16
-    from store.writer import StoreLock
+    from store.locks import StoreLock
 
     with StoreLock(StorePaths.of(real)):  # a featurize through the real path holds the lock the link's would take
         one_line_error(run_cli("featurize", small_set, "--store", link, check=False), "being written by another")

@@ -104,7 +104,7 @@ def test_updates_write_new_partitions_only_and_compaction_reclaims_dead_rows(sma
 def test_compaction_writes_partitions_of_bounded_size_holding_the_same_rows(small_set, tmp_path):
     """A compaction whose rows exceed its target writes several partitions, each as soon as it is full."""
     from store.compact import compact
-    from store.writer import StoreLock
+    from store.locks import StoreLock
 
     store = tmp_path / "s.h5"
     featurize(small_set, store)
