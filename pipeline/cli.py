@@ -192,7 +192,9 @@ def _print_featurize_result(s) -> None:
         out.print(f"up to date: {s.store} ({s.set}: {images}) in {s.seconds:.1f} s, nothing decoded")
         return
     out.print(
-        f"featurized {s.featurized} images, reused {s.reused}, skipped {len(s.skipped)} "
+        f"featurized {s.featurized} images, reused {s.reused}"
+        + (f" ({s.reused_by_content} by content, under another path)" if s.reused_by_content else "")
+        + f", skipped {len(s.skipped)} "
         f"in {s.seconds:.1f} s{rate} ({s.backbone}, {s.device}, {s.precision})"
     )
     out.print(f"store {s.store} ({_human_bytes(s.store_bytes)}), set {s.set}: {images}")

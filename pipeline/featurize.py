@@ -74,6 +74,7 @@ class FeaturizeWork:
 
     featurized: int
     reused: int
+    reused_by_content: int  # of reused: found by their bytes under another path (moved, renamed, copied, relabelled)
     seconds: float
     images_per_second: float | None
     interrupted: bool
@@ -341,6 +342,7 @@ class FeaturizeJob:
             work = FeaturizeWork(
                 featurized=computed,
                 reused=sync.reused,
+                reused_by_content=sync.reused_by_content,
                 seconds=round(time.perf_counter() - started, 3),
                 images_per_second=round(computed / loop_seconds, 1) if computed else None,
                 interrupted=interrupted,

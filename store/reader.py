@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import h5py
 import numpy as np
@@ -45,9 +45,9 @@ from store.verify import (
 )
 
 
-@dataclass(frozen=True)
-class FileRows:
-    """Where one source file's rows lie in a split, and the fingerprint they were computed from."""
+class FileRows(NamedTuple):
+    """Where one source file's rows lie in a split, the fingerprint they were computed from and their label. (A named
+    tuple: an update makes one per stored file.)"""
 
     start: int
     count: int
@@ -55,6 +55,7 @@ class FileRows:
     mtime_ns: int
     sha256: str
     ctime_ns: int = UNKNOWN_CTIME
+    label: int = -1  # as the source's classes index it
 
 
 def open_root(path: Path, hold: bool = False, missing: dict[str, str] | None = None) -> h5py.File:
@@ -276,14 +277,16 @@ def split_file_index(group: h5py.Group) -> dict[str, FileRows]:
     """Per source file of a split group (of a root or a partition): its rows and fingerprint."""
     paths = decode_strings(group["paths"][()])
     sizes, mtimes, hashes = group["size"][()], group["mtime_ns"][()], group["sha256"][()]
-    ctimes = _ctimes(group, len(paths))
+    ctimes, labels = _ctimes(group, len(paths)), group["labels"][()]
     index: dict[str, FileRows] = {}
     for row, path in enumerate(paths):
         prev = index.get(path)
         if prev is not None:
-            index[path] = FileRows(prev.start, prev.count + 1, prev.size, prev.mtime_ns, prev.sha256, prev.ctime_ns)
+            index[path] = prev._replace(count=prev.count + 1)
         else:
-            index[path] = FileRows(row, 1, int(sizes[row]), int(mtimes[row]), hashes[row].decode(), int(ctimes[row]))
+            index[path] = FileRows(
+                row, 1, int(sizes[row]), int(mtimes[row]), hashes[row].decode(), int(ctimes[row]), int(labels[row])
+            )
     return index
 
 

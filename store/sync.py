@@ -81,7 +81,8 @@ class FileDecision:
     rows: FileRows | None = None
     skip_reason: str | None = None
     skip_source: tuple[str, str, int] | None = None  # (source, split, row) of a kept skipped-file record
-    copy: bool = False  # kept rows written anew: the file's times changed (same content), or its label index did
+    copy: bool = False  # kept rows written anew: the file's times, path or label changed (same content)
+    by_content: bool = False  # its rows found by its content hash, under another path
 
     def record(self, path: str) -> FileRecord:
         fp = self.fingerprint
@@ -356,6 +357,10 @@ class StoreSync:
             now = np.fromiter(itertools.chain.from_iterable(now), np.int64, 3 * len(now)).reshape(-1, 3)
             if not np.array_equal(np.concatenate(stats, axis=1)[:, order].T, now):
                 return None
+            rowed = order < kept  # files with rows (the rest have skipped records): their labels as stored
+            now_labels = np.fromiter((f.label for f in files), np.int64, len(files))
+            if not np.array_equal(group["labels"][()][::count][order[rowed]], now_labels[rowed]):
+                return None
             images[split], rows[split] = kept, len(paths)
             bad = np.flatnonzero(order >= kept)  # files whose record is a skipped one
             records = (order[bad] - kept).tolist()  # which one
@@ -367,6 +372,11 @@ class StoreSync:
         if self.unchanged is not None:
             return sum(self.unchanged.images.values())
         return sum(1 for split in self.decisions.values() for d in split.values() if d.source)
+
+    @property
+    def reused_by_content(self) -> int:
+        """Of the reused files, those found by their content under another path (moved, renamed, copied)."""
+        return sum(1 for split in self.decisions.values() for d in split.values() if d.by_content)
 
     # Finishing: the root switched to the new snapshot ------------------------------------------------------------
     def finish(self, attrs: Callable[[], dict], feature_dim: int, feature_dtype: str) -> SyncResult:
@@ -522,6 +532,7 @@ def plan_files(
     decisions: dict[str, dict[str, FileDecision]] = {}
     todo = []
     root = _joinable(dataset.root)
+    content = ContentIndex(indexes)
     for split, files in dataset.splits.items():
         count = rows_per_file(split, views)
         # The same split first; with no augmented views a file's row is the same in any split.
@@ -529,7 +540,7 @@ def plan_files(
         candidates = [i for src in [split, *others] for i in indexes.get(src, [])]
         decisions[split] = {}
         for f in files:
-            decision = _decide(f"{root}/{f.path}", f, candidates, count)
+            decision = _decide(f"{root}/{f.path}", f, candidates, count, content)
             if decision.source is None and decision.skip_reason is None:
                 todo.append((split, f))
             decisions[split][f.path] = decision
@@ -546,7 +557,36 @@ def _skipped(split: str, files: Iterable[tuple[str, str]]) -> list[dict]:
     return [{"split": split, "path": p, "reason": r} for p, r in files]
 
 
-def _decide(path: str, f: ImageFile, indexes: list, count: int) -> FileDecision:
+class ContentIndex:
+    """Every stored file's rows by content (sha256 and rows per file), over all sources and splits: an image whose
+    bytes the store holds is never decoded again, whatever its path, folder, split or label now is. Built on the
+    first file that needs it (an up-to-date or path-matched run never does), and only files of a size some stored
+    file has are hashed."""
+
+    def __init__(self, indexes: dict[str, list[Index]]):
+        self.indexes = indexes
+        self._by_content: dict[tuple[str, int], tuple[str, str, FileRows]] | None = None
+        self._sizes: set[tuple[int, int]] = set()
+
+    def _build(self) -> dict:
+        if self._by_content is None:
+            self._by_content = {}
+            for entries in self.indexes.values():
+                for name, src, index, _, _ in entries:
+                    for rows in index.values():
+                        self._by_content.setdefault((rows.sha256, rows.count), (name, src, rows))
+                        self._sizes.add((rows.size, rows.count))
+        return self._by_content
+
+    def may_hold(self, size: int, count: int) -> bool:
+        self._build()
+        return (size, count) in self._sizes
+
+    def find(self, sha256: str, count: int) -> tuple[str, str, FileRows] | None:
+        return self._build().get((sha256, count))
+
+
+def _decide(path: str, f: ImageFile, indexes: list, count: int, content: ContentIndex) -> FileDecision:
     if f.stat is not None:  # as the scan found it
         fp = Fingerprint.of(f.stat)
     else:
@@ -559,23 +599,30 @@ def _decide(path: str, f: ImageFile, indexes: list, count: int) -> FileDecision:
     for name, src, index, skipped, relabel in indexes:
         rows, bad = index.get(f.path), skipped.get(f.path)
         if rows and rows.count == count and fp.same_stat(rows.size, rows.mtime_ns, rows.ctime_ns):
-            decision.source, decision.source_split, decision.rows, decision.copy = name, src, rows, relabel
+            decision.source, decision.source_split, decision.rows = name, src, rows
+            decision.copy = relabel or rows.label != f.label  # its label is compared every run, never assumed
             return decision  # its content hash is the rows' (FileDecision.record)
         if bad and fp.same_stat(bad["size"], bad["mtime_ns"], bad["ctime_ns"]):
             return _kept_skipped(decision, name, src, bad)
         same_size |= bool(rows and rows.count == count and rows.size == fp.size)
-    if same_size:  # touched but perhaps unchanged: the content hash decides
-        try:
-            sha = content_sha256(Path(path).read_bytes())
-        except OSError:
+    if not same_size and not content.may_hold(fp.size, count):
+        return decision  # bytes the store has never seen: computed
+    try:
+        sha = content_sha256(Path(path).read_bytes())
+    except OSError:
+        return decision
+    for name, src, index, _, _ in indexes:  # touched but unchanged, at its own path, first
+        rows = index.get(f.path)
+        if rows and rows.count == count and rows.sha256 == sha:
+            decision.source, decision.source_split, decision.rows = name, src, rows
+            decision.fingerprint = fp.with_sha256(sha)
+            decision.copy = True  # the same features under a new fingerprint: partitions never change
             return decision
-        for name, src, index, _, _ in indexes:
-            rows = index.get(f.path)
-            if rows and rows.count == count and rows.sha256 == sha:
-                decision.source, decision.source_split, decision.rows = name, src, rows
-                decision.fingerprint = fp.with_sha256(sha)
-                decision.copy = True  # the same features under a new fingerprint: partitions never change
-                return decision
+    found = content.find(sha, count)  # moved, renamed, copied or relabelled: the same bytes, the same features
+    if found is not None:
+        decision.source, decision.source_split, decision.rows = found
+        decision.fingerprint = fp.with_sha256(sha)
+        decision.copy = decision.by_content = True  # written anew under its path and label
     return decision
 
 

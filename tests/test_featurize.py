@@ -265,3 +265,25 @@ def test_the_row_record_is_the_schemas_column_list():
     }
     fields = {f.name for f in dataclasses.fields(FileRecord)}
     assert fields == (set(ROW_COLUMNS) - {"view"}) | (set(SKIPPED_COLUMNS) - {"reasons"})
+
+
+def test_moved_renamed_copied_or_relabelled_photos_are_never_decoded_again(small_set, tmp_path):
+    """Rows are keyed by content: the same bytes under another path, class folder or split reuse their features
+    (written anew under the new path and label), and the store then equals a fresh featurize."""
+    from conftest import assert_same_content, content
+
+    store = tmp_path / "s.h5"
+    featurize(small_set, store)
+    train, valid = small_set / "train", small_set / "valid"
+    (train / "a" / "a_000.jpg").rename(train / "b" / "a_000.jpg")  # relabelled (moved to another class folder)
+    (train / "a" / "a_001.jpg").rename(train / "a" / "renamed.jpg")  # renamed
+    shutil.copy2(train / "c" / "c_000.jpg", train / "c" / "copy.jpg")  # copied
+    (valid / "b" / "b_000.jpg").rename(train / "b" / "from-valid.jpg")  # moved between splits
+    moved = featurize(small_set, store)
+    assert moved["featurized"] == 0 and moved["reused_by_content"] == 4 and moved["reused"] == 22
+    featurize(small_set, tmp_path / "fresh.h5")
+    assert_same_content(content(store), content(tmp_path / "fresh.h5"))
+    (train / "b" / "a_000.jpg").rename(train / "a" / "a_000.jpg")  # and back: still nothing decoded
+    back = featurize(small_set, store)
+    assert back["featurized"] == 0 and back["reused_by_content"] == 1
+    assert featurize(small_set, store)["up_to_date"]

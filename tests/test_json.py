@@ -8,7 +8,8 @@ from conftest import run_cli, run_json
 pytestmark = pytest.mark.slow  # every test here runs the CLI
 
 RUN_SETTINGS = {"run", "head", "lr", "wd", "epochs", "views", "accuracy", "valid_loss"}
-FEATURIZE = {"featurized", "reused", "seconds", "images_per_second", "interrupted", "set", "store", "device"}
+FEATURIZE = {"featurized", "reused", "reused_by_content", "seconds", "images_per_second", "interrupted", "set", "store"}
+FEATURIZE |= {"device"}
 FEATURIZE |= {"precision", "backbone", "views", "merged", "up_to_date", "notes", "engine", "worker_peak_rss_mb"}
 MERGED = FEATURIZE | {"data_dir", "images", "rows", "skipped", "classes", "store_bytes", "compaction"}
 PAIR = {"a", "b", "split_a", "split_b", "similarity", "kind", "leak", "same_label"}
