@@ -105,13 +105,15 @@ def _human_bytes(n: int) -> str:
     epilog="Examples:\n\n"
     "    pipeline featurize data/dogscats --store runs/dogscats.h5\n\n"
     "    pipeline featurize data/photos --valid-pct 0.2 --seed 0 --store runs/photos.h5 --views 4\n\n"
+    "    pipeline featurize data/pets --label-pattern '^(.+)_\\d+\\.jpg$' --valid-pct 0.2 --store runs/pets.h5\n\n"
+    "    pipeline featurize data/images --labels data/labels.csv --store runs/kaggle.h5\n\n"
     "    pipeline featurize data/dogscats --store runs/ft.h5 --weights runs/ft-a/backbone.safetensors\n\n"
     "    torchrun --nproc_per_node 2 -m pipeline featurize data/dogscats --store runs/dogscats.h5\n\n"
     "    pipeline featurize /shared/photos --store /shared/photos.h5 --engine ray --workers 8 --gpus-per-worker 1"
 )
 def featurize(
     data_dir: Path = typer.Argument(
-        ..., help="Folder of train/ valid/ [test/] class folders, or one folder of class folders."
+        ..., help="Folder of train/ valid/ [test/] class folders, one folder of class folders, or images with labels."
     ),
     store: Path = typer.Option(..., "--store", "-s", help="HDF5 feature store to create or update."),
     backbone: str = typer.Option("efficientnet_lite0", help="Registered backbone (efficientnet_lite0/1/2)."),
@@ -124,6 +126,15 @@ def featurize(
     ),
     seed: int = typer.Option(0, help="Seed for augmented views and for --valid-pct (0 to 2^63-1)."),
     valid_pct: Optional[float] = typer.Option(None, help="Hold out this fraction of a labelled folder as valid."),
+    labels: Optional[Path] = typer.Option(
+        None, "--labels", help="Label table (CSV, TSV, Parquet, JSON Lines): path (or file_name) and label columns."
+    ),
+    label_pattern: Optional[str] = typer.Option(
+        None, "--label-pattern", help="Regular expression: the label is its first group in each file name."
+    ),
+    label_delim: Optional[str] = typer.Option(
+        None, "--label-delim", help="In --labels, the character between several labels of one image."
+    ),
     dtype: str = typer.Option("float16", help="Stored feature dtype: float16 or float32."),
     precision: str = typer.Option("auto", help="Forward precision: auto (bf16 where measured faster), fp32, bf16."),
     device: str = typer.Option("auto", help="auto, cpu or cuda (GPU decode and forward)."),
@@ -152,9 +163,12 @@ def featurize(
     """Decode images with DALI, run the frozen backbone once, stream features into the store (only what changed)."""
     from pipeline.featurize import FeaturizeOptions, ShardResult
     from pipeline.featurize import featurize as run_featurize
+    from stages.labels import LabelOptions
 
+    opts = _options(FeaturizeOptions, locals(), leave=("labels",))
+    opts.labels = LabelOptions(labels, label_pattern, label_delim)
     with progress_bar("featurize") as update:
-        result = run_featurize(_options(FeaturizeOptions, locals()), progress=update)
+        result = run_featurize(opts, progress=update)
     if isinstance(result, ShardResult) and launched_ranks().distributed:  # a torchrun rank other than 0: a log line
         err.print(f"{result.shard}: featurized {result.featurized} images in {result.seconds:.1f} s", highlight=False)
         return
@@ -693,6 +707,15 @@ def inspect(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Where samples.png goes (default runs/inspect-NAME)."),
     valid_pct: Optional[float] = typer.Option(None, help="As featurize: hold out this fraction as valid."),
     seed: int = typer.Option(0, help="Seed of --valid-pct."),
+    labels: Optional[Path] = typer.Option(
+        None, "--labels", help="Label table (CSV, TSV, Parquet, JSON Lines): path (or file_name) and label columns."
+    ),
+    label_pattern: Optional[str] = typer.Option(
+        None, "--label-pattern", help="Regular expression: the label is its first group in each file name."
+    ),
+    label_delim: Optional[str] = typer.Option(
+        None, "--label-delim", help="In --labels, the character between several labels of one image."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON."),
 ):
     """Look at the data: counts per split and class, balance, sizes, formats, bad files, duplicates, leaks, samples."""
@@ -700,7 +723,9 @@ def inspect(
 
     out_dir = out_dir or Path("runs") / f"inspect-{data_dir.resolve().name}"
     with on_interrupt(_nothing_written(out_dir)):
-        report = inspect_folder(data_dir, out_dir, valid_pct, seed)
+        from stages.labels import LabelOptions
+
+        report = inspect_folder(data_dir, out_dir, valid_pct, seed, LabelOptions(labels, label_pattern, label_delim))
     if as_json:
         _print_json(report)
         return

@@ -21,6 +21,7 @@ from stages.backbones import (
 from stages.decode import Augmentation, ImageDecoder, batch_memory_bytes, resolve_device
 from stages.errors import MAX_VIEWS, SEED_MAX, PipelineError, check_memory, check_range
 from stages.files import Dataset, Fingerprint, read_image_file, scan_dataset, stat_fingerprint
+from stages.labels import LabelOptions
 from stages.ranks import Ranks
 from stages.runner import FeatureRunner, package_version
 from store import FEATURE_DTYPES, FeatureSetIdentity, FileRecord, PendingRows, Store, now_iso, views_in
@@ -40,6 +41,7 @@ class FeaturizeOptions:
     views: int = 0
     seed: int = 0
     valid_pct: float | None = None
+    labels: LabelOptions | None = None  # a label source other than class folders (stages.labels)
     dtype: str = "float16"
     precision: str = "auto"
     device: str = "auto"
@@ -253,7 +255,7 @@ def featurize(opts: FeaturizeOptions, progress: Progress | None = None) -> Featu
     check_engine(opts)
     store = Store(opts.store)  # through a symlink: the real file is written and locked
     store.paths.store.parent.mkdir(parents=True, exist_ok=True)
-    dataset = scan_dataset(opts.data_dir, opts.valid_pct, opts.seed)
+    dataset = scan_dataset(opts.data_dir, opts.valid_pct, opts.seed, opts.labels)
     device = resolve_device(opts.device) if opts.engine == "local" else "cuda" if opts.gpus_per_worker else "cpu"
     ranks = current_ranks(opts.num_shards, opts.shard_id, device)
     precision = resolve_precision(opts.precision, device)

@@ -9,6 +9,7 @@ from pathlib import Path
 from pipeline.plots import plot_contact_sheet
 from stages.atomic import output_folder
 from stages.files import BadImage, content_sha256, scan_dataset, vet_image_bytes
+from stages.labels import LabelOptions
 
 SAMPLES_PER_CLASS = 8
 SAMPLES_PNG = "samples.png"
@@ -24,14 +25,18 @@ def _header(data: bytes) -> tuple[str, int, int, str]:
         return image.format, image.size[0], image.size[1], image.mode
 
 
-def inspect_folder(data_dir: Path, out: Path, valid_pct: float | None = None, seed: int = 0) -> dict:
+def inspect_folder(
+    data_dir: Path, out: Path, valid_pct: float | None = None, seed: int = 0, labels: LabelOptions | None = None
+) -> dict:
     """Counts, balance, sizes and formats per split and class; unreadable files; duplicates and leaks; a sheet."""
     with output_folder(out, (SAMPLES_PNG,), "an inspection") as staging:
-        return _inspect(data_dir, out, staging, valid_pct, seed)
+        return _inspect(data_dir, out, staging, valid_pct, seed, labels)
 
 
-def _inspect(data_dir: Path, out: Path, staging: Path, valid_pct: float | None, seed: int) -> dict:
-    dataset = scan_dataset(data_dir, valid_pct, seed)
+def _inspect(
+    data_dir: Path, out: Path, staging: Path, valid_pct: float | None, seed: int, labels: LabelOptions | None = None
+) -> dict:
+    dataset = scan_dataset(data_dir, valid_pct, seed, labels)
     by_hash: dict[str, list[tuple[str, str]]] = defaultdict(list)
     splits, unreadable = {}, []
     widths, heights, formats, modes = [], [], Counter(), Counter()

@@ -15,6 +15,7 @@ import numpy as np
 
 from stages.bulk import collector_paused
 from stages.errors import PipelineError
+from stages.labels import LabelOptions, LabelSource, find_source, label_by_pattern
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 SPLIT_NAMES = ("train", "valid", "test")  # the one list of split names: the store and every command use it
@@ -50,9 +51,11 @@ class Dataset:
     valid_pct: float | None = None
     seed: int = 0
     notes: list[str] = field(default_factory=list)
+    label_source: LabelSource | None = None  # None: class folders
 
     def describe(self) -> dict:
-        return {"layout": self.layout, "valid_pct": self.valid_pct, "split_seed": self.seed}
+        described = {"layout": self.layout, "valid_pct": self.valid_pct, "split_seed": self.seed}
+        return {**described, **(self.label_source.describe() if self.label_source else {})}
 
 
 class Fingerprint(NamedTuple):
@@ -314,17 +317,100 @@ def _holdout(files: list[ImageFile], valid_pct: float, seed: int) -> tuple[list[
     return sorted(train, key=lambda f: f.path), sorted(valid, key=lambda f: f.path)
 
 
-def scan_dataset(root: str | Path, valid_pct: float | None = None, seed: int = 0) -> Dataset:
-    """Find splits (train/valid/test of class folders), or one labelled folder split by --valid-pct."""
-    with collector_paused():  # a file is a few tuples and strings
-        return _scan_dataset(Path(root), valid_pct, seed)
+LAYOUTS = (
+    "DATA/train/CLASS/*.jpg and DATA/valid/CLASS/*.jpg (split folders of class folders)",
+    "DATA/CLASS/*.jpg (class folders, split with --valid-pct)",
+    "a metadata.csv in DATA (file_name,label columns)",
+    "--labels FILE (CSV, TSV, Parquet or JSON Lines: path,label[,split])",
+    "--label-pattern REGEX (the label in each file name)",
+)
 
 
-def _scan_dataset(root: Path, valid_pct: float | None, seed: int) -> Dataset:
+def scan_dataset(
+    root: str | Path, valid_pct: float | None = None, seed: int = 0, labels: LabelOptions | None = None
+) -> Dataset:
+    """Find splits (train/valid/test of class folders), or one labelled folder split by --valid-pct, or images
+    labelled by a label source (a table, a metadata.csv in the folder, a pattern in the file names)."""
+    root = Path(root)
     if not root.is_dir():
         raise PipelineError(f"data folder {root} does not exist; give a folder of train/ and valid/ class folders")
     if valid_pct is not None and not 0 < valid_pct < 1:
         raise PipelineError(f"--valid-pct {valid_pct} is out of range; give a fraction between 0 and 1, such as 0.2")
+    source = find_source(root, labels or LabelOptions())
+    with collector_paused():  # a file is a few tuples and strings
+        if source is not None:
+            return _scan_labelled(root, source, valid_pct, seed)
+        return _scan_dataset(root, valid_pct, seed)
+
+
+def _scan_labelled(root: Path, source: LabelSource, valid_pct: float | None, seed: int) -> Dataset:
+    """Every image below the data folder, labelled by the source; its split from the source's split column, else
+    its top folder (train/, valid/, test/), else --valid-pct, else train."""
+    walker = _ImageWalker([root])
+    found = [f._replace(path=f.path[1:]) for f in walker.walk(root, "", UNLABELLED)]  # "/a.jpg" -> "a.jpg"
+    paths = [f.path for f in found]
+    where = f"{source.origin}" if source.kind != "pattern" else f"--label-pattern {source.origin!r}"
+    if source.matched_by_name:
+        source.labels = label_by_pattern(source.origin, [p for p in paths if not p.startswith("test/")])
+    else:
+        listed = set(source.labels)
+        missing = sorted(listed - set(paths))
+        if missing:
+            raise PipelineError(
+                f"{where}: {len(missing)} of its {len(listed)} paths are not images in {root} (such as "
+                f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); paths are relative to the data folder"
+            )
+    unlabelled = [p for p in paths if p not in source.labels and not p.startswith("test/")]
+    if unlabelled:
+        raise PipelineError(
+            f"{where}: {len(unlabelled)} images in {root} have no label (such as "
+            f"{', '.join(unlabelled[:3])}{', ...' if len(unlabelled) > 3 else ''}); label them or move them out"
+        )
+    classes = sorted({source.labels[p] for p in paths if p in source.labels})
+    index = {name: i for i, name in enumerate(classes)}
+    splits: dict[str, list[ImageFile]] = {}
+    for f in found:
+        top = f.path.split("/", 1)[0] if "/" in f.path else ""
+        split = source.splits.get(f.path) or (top if top in SPLIT_NAMES else "train")
+        label = index[source.labels[f.path]] if f.path in source.labels else UNLABELLED
+        splits.setdefault(split, []).append(f._replace(label=label))
+    layout = source.kind
+    if valid_pct is not None:
+        if "valid" in splits:
+            raise PipelineError(f"{where} already gives images a valid split; drop --valid-pct")
+        splits["train"], splits["valid"] = _holdout(splits.get("train", []), valid_pct, seed)
+        layout += "+holdout"
+    splits = {s: sorted(splits[s]) for s in SPLIT_NAMES if s in splits}
+    return _checked(root, classes, splits, layout, valid_pct, seed, walker.notes, source)
+
+
+def _checked(root, classes, splits, layout, valid_pct, seed, notes, source=None) -> Dataset:
+    """The dataset, once it holds images and every class has training images (at least two classes)."""
+    if not any(splits.values()):
+        raise PipelineError(f"{root} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    if classes and "train" in splits:
+        present = {f.label for f in splits["train"]}
+        empty = [c for i, c in enumerate(classes) if i not in present]
+        if empty:
+            what = "class folder(s)" if source is None else "class(es)"
+            raise PipelineError(
+                f"{what} {', '.join(empty[:5])} in {root} have no training images; add images or remove the class"
+            )
+        if len(classes) < 2:
+            raise PipelineError(f"{root} has only one class ({classes[0]}); a classifier needs at least two classes")
+    return Dataset(
+        root=root,
+        classes=classes,
+        splits=splits,
+        layout=layout,
+        valid_pct=valid_pct,
+        seed=seed,
+        notes=notes,
+        label_source=source,
+    )
+
+
+def _scan_dataset(root: Path, valid_pct: float | None, seed: int) -> Dataset:
     present = [s for s in SPLIT_NAMES if (root / s).is_dir()]
     notes = []
     if present:
@@ -363,8 +449,8 @@ def _scan_dataset(root: Path, valid_pct: float | None, seed: int) -> Dataset:
         classes = class_folders(root)
         if not classes:
             raise PipelineError(
-                f"{root} has neither train/ valid/ split folders nor class folders; "
-                "lay it out as DATA/train/CLASS/*.jpg and DATA/valid/CLASS/*.jpg"
+                f"{root} has neither train/ valid/ split folders nor class folders nor a label source; lay it out as "
+                f"one of: {'; '.join(LAYOUTS)}"
             )
         walker = _ImageWalker([root / c for c in classes])
         everything = _labelled(root, root, classes, walker)
@@ -376,22 +462,7 @@ def _scan_dataset(root: Path, valid_pct: float | None, seed: int) -> Dataset:
             splits = {"train": train, "valid": valid}
         layout = "classes"
     notes += walker.notes
-    if not any(splits.values()):
-        raise PipelineError(f"{root} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    if classes and "train" in splits:
-        present = {f.label for f in splits["train"]}
-        empty = [c for i, c in enumerate(classes) if i not in present]
-        if empty:
-            raise PipelineError(
-                f"class folder(s) {', '.join(empty)} in {root} have no training images; add images or remove the folder"
-            )
-        if len(classes) < 2:
-            raise PipelineError(
-                f"{root} has only one class ({classes[0]}); a classifier needs at least two class folders"
-            )
-    return Dataset(
-        root=root, classes=classes, splits=splits, layout=layout, valid_pct=valid_pct, seed=seed, notes=notes
-    )
+    return _checked(root, classes, splits, layout, valid_pct, seed, notes)
 
 
 def stat_fingerprint(path: str | Path) -> Fingerprint:

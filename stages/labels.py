@@ -1,0 +1,225 @@
+"""Label sources: where an image's label comes from when it is not its class folder.
+
+- a table (`--labels FILE`: CSV, TSV, Parquet or JSON Lines) with a path column (`path` or `file_name`, relative to
+  the data folder) and a `label` column, optionally a `split` (train, valid, test) or `is_valid` column: Kaggle's
+  `labels.csv`, fastai's `from_csv`/`from_df`;
+- a `metadata.csv` (or `metadata.jsonl`) in the data folder, picked up as Hugging Face's `imagefolder` does;
+- a pattern (`--label-pattern REGEX`): the label is the first group the regular expression finds in the file name,
+  fastai's `from_name_re` (`cat.1001.jpg`, `Abyssinian_12.jpg`).
+
+A source answers one question, path -> (label, split or None), for the images a scan finds; every way the answer
+can be wrong is one error with counts and examples, never a silent drop. One label per image here (a label that
+names several classes, or a number to regress, are other tasks: said in one line).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from stages.errors import PipelineError
+
+PATH_COLUMNS = ("path", "file_name")
+LABEL_COLUMN = "label"
+METADATA_NAMES = ("metadata.csv", "metadata.jsonl")
+TABLE_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+SPLIT_VALUES = {"train": "train", "valid": "valid", "validation": "valid", "val": "valid", "test": "test"}
+TRUE_VALUES = {"true", "1", "yes", "t", "y"}
+FALSE_VALUES = {"false", "0", "no", "f", "n", ""}
+EXAMPLES = 3
+
+
+@dataclass(frozen=True)
+class LabelOptions:
+    """What a command was told about labels: a table, a pattern, the delimiter of several labels in one cell."""
+
+    table: Path | None = None
+    pattern: str | None = None
+    delimiter: str | None = None
+
+    @property
+    def given(self) -> bool:
+        return self.table is not None or self.pattern is not None
+
+
+@dataclass
+class LabelSource:
+    """Labels by image path (relative to the data folder, POSIX), with the split a table assigns, and what they came
+    from: `kind` (table, metadata, pattern), `origin` (the file or the pattern) and a digest of the labelling."""
+
+    kind: str
+    origin: str
+    labels: dict[str, str]
+    splits: dict[str, str] = field(default_factory=dict)
+    matched_by_name: bool = False  # a pattern: every image is labelled by its own name, none can be missing
+
+    @property
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for path in sorted(self.labels):
+            h.update(f"{path}\0{self.labels[path]}\0{self.splits.get(path, '')}\n".encode())
+        return h.hexdigest()[:16]
+
+    def describe(self) -> dict:
+        return {"label_source": self.kind, "label_origin": self.origin, "label_digest": self.digest}
+
+
+def find_source(root: Path, options: LabelOptions) -> LabelSource | None:
+    """The label source for a data folder: the one given, else a metadata file in it, else None (class folders)."""
+    if options.table is not None and options.pattern is not None:
+        raise PipelineError("give --labels FILE or --label-pattern REGEX, not both")
+    if options.pattern is not None:
+        return LabelSource("pattern", options.pattern, {}, matched_by_name=True)
+    if options.table is not None:
+        return read_table(Path(options.table), options.delimiter, "table")
+    for name in METADATA_NAMES:
+        if (root / name).is_file():
+            return read_table(root / name, options.delimiter, "metadata")
+    return None
+
+
+def label_by_pattern(pattern: str, paths: list[str]) -> dict[str, str]:
+    """The first group of `pattern` found in each file name; an error naming the files it does not match."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise PipelineError(f"--label-pattern {pattern!r} is not a regular expression ({exc})") from None
+    if regex.groups < 1:
+        raise PipelineError(
+            f"--label-pattern {pattern!r} has no group; mark the label with parentheses, such as '^([a-z]+)\\.\\d+'"
+        )
+    labels, missed = {}, []
+    for path in paths:
+        found = regex.search(PurePosixPath(path).name)
+        if found is None or not found.group(1):
+            missed.append(path)
+        else:
+            labels[path] = found.group(1)
+    if missed:
+        raise PipelineError(
+            f"--label-pattern {pattern!r} finds no label in {len(missed)} of {len(paths)} file names "
+            f"(such as {_examples(missed)}); fix the pattern or move those files out of the data folder"
+        )
+    return labels
+
+
+def read_table(path: Path, delimiter: str | None, kind: str) -> LabelSource:
+    """A label table read and checked: one row per image, a path and a label each."""
+    if not path.is_file():
+        raise PipelineError(f"--labels {path} does not exist; give a CSV, TSV, Parquet or JSON Lines file")
+    form = TABLE_SUFFIXES.get(path.suffix.lower())
+    if form is None:
+        raise PipelineError(
+            f"--labels {path}: unknown table format {path.suffix!r}; give a .csv, .tsv, .parquet or .jsonl file"
+        )
+    rows = _read_rows(path, form)
+    if not rows:
+        raise PipelineError(f"{path} holds no rows; give one row per image with a path and a label")
+    columns = set(rows[0])
+    path_column = next((c for c in PATH_COLUMNS if c in columns), None)
+    if path_column is None or LABEL_COLUMN not in columns:
+        wanted = "a path column (path or file_name)" if path_column is None else "a label column (label)"
+        raise PipelineError(f"{path} has no {wanted}; its columns: {', '.join(sorted(map(str, columns)))}")
+    labels: dict[str, str] = {}
+    splits: dict[str, str] = {}
+    empty, conflicting, several, bad_split = [], [], [], []
+    numeric, text = 0, 0
+    for row in rows:
+        image = _relative(str(row[path_column]))
+        value = row[LABEL_COLUMN]
+        if isinstance(value, list) or (delimiter and delimiter in str(value).strip()):
+            several.append(image)
+            continue
+        label = "" if value is None else str(value).strip()
+        if not label:
+            empty.append(image)
+            continue
+        numeric, text = (numeric + 1, text) if _is_number(label) else (numeric, text + 1)
+        if labels.setdefault(image, label) != label:
+            conflicting.append(image)
+        split = _split_of(row)
+        if split is not None:
+            if split not in ("train", "valid", "test"):
+                bad_split.append(f"{image}: {split}")
+            else:
+                splits[image] = split
+    where = f"--labels {path}" if kind == "table" else str(path)
+    if several:
+        raise PipelineError(
+            f"{where}: {len(several)} images carry several labels (such as {_examples(several)}); this release trains "
+            "one label per image: give one label each"
+        )
+    if empty:
+        raise PipelineError(
+            f"{where}: {len(empty)} images have an empty label (such as {_examples(empty)}); label them"
+        )
+    if conflicting:
+        raise PipelineError(
+            f"{where}: {len(set(conflicting))} images are listed twice with different labels (such as "
+            f"{_examples(conflicting)}); keep one row per image"
+        )
+    if numeric and text:
+        raise PipelineError(
+            f"{where}: the label column mixes numbers ({numeric} rows) with text ({text} rows); give class names only"
+        )
+    if bad_split:
+        raise PipelineError(
+            f"{where}: split values must be train, valid or test ({len(bad_split)} are not, such as "
+            f"{_examples(bad_split)})"
+        )
+    return LabelSource(kind, str(path), labels, splits)
+
+
+def _read_rows(path: Path, form: str) -> list[dict]:
+    try:
+        if form in ("csv", "tsv"):
+            with path.open(newline="", encoding="utf-8-sig") as f:
+                return list(csv.DictReader(f, delimiter="," if form == "csv" else "\t"))
+        if form == "jsonl":
+            with path.open(encoding="utf-8") as f:
+                return [json.loads(line) for line in f if line.strip()]
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise PipelineError(f"reading {path} needs pyarrow: pip install pyarrow (or give a CSV)") from None
+        return pq.read_table(path).to_pylist()
+    except (UnicodeDecodeError, json.JSONDecodeError, csv.Error, ValueError) as exc:
+        raise PipelineError(f"{path} cannot be read as {form.upper()} ({str(exc)[:80]})") from None
+    except OSError as exc:
+        raise PipelineError(f"{path} cannot be read ({str(exc).splitlines()[0][:80]})") from None
+
+
+def _split_of(row: dict) -> str | None:
+    if row.get("split") not in (None, ""):
+        value = str(row["split"]).strip().lower()
+        return SPLIT_VALUES.get(value, value)
+    if "is_valid" in row and row["is_valid"] is not None:
+        value = str(row["is_valid"]).strip().lower()
+        if value in TRUE_VALUES:
+            return "valid"
+        if value in FALSE_VALUES:
+            return "train"
+        return f"is_valid={value}"
+    return None
+
+
+def _relative(path: str) -> str:
+    """A table's path as the store keeps paths: relative to the data folder, POSIX separators, no './'."""
+    return PurePosixPath(path.replace("\\", "/")).as_posix().removeprefix("./")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _examples(items: list[str]) -> str:
+    shown = ", ".join(map(str, items[:EXAMPLES]))
+    return shown + (", ..." if len(items) > EXAMPLES else "")
