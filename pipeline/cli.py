@@ -101,6 +101,19 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+# Label sources (stages.labels), declared once: featurize and inspect read a data folder with them, train-head and
+# lr-find another labelling of the images a store holds.
+LABELS_OPTION = typer.Option(
+    None, "--labels", help="Label table (CSV, TSV, Parquet, JSON Lines): path (or file_name) and label columns."
+)
+LABEL_PATTERN_OPTION = typer.Option(
+    None, "--label-pattern", help="Regular expression: the label is its first group in each file name."
+)
+LABEL_DELIM_OPTION = typer.Option(
+    None, "--label-delim", help="In --labels, the character between several labels of one image."
+)
+
+
 @app.command(
     epilog="Examples:\n\n"
     "    pipeline featurize data/dogscats --store runs/dogscats.h5\n\n"
@@ -126,15 +139,9 @@ def featurize(
     ),
     seed: int = typer.Option(0, help="Seed for augmented views and for --valid-pct (0 to 2^63-1)."),
     valid_pct: Optional[float] = typer.Option(None, help="Hold out this fraction of a labelled folder as valid."),
-    labels: Optional[Path] = typer.Option(
-        None, "--labels", help="Label table (CSV, TSV, Parquet, JSON Lines): path (or file_name) and label columns."
-    ),
-    label_pattern: Optional[str] = typer.Option(
-        None, "--label-pattern", help="Regular expression: the label is its first group in each file name."
-    ),
-    label_delim: Optional[str] = typer.Option(
-        None, "--label-delim", help="In --labels, the character between several labels of one image."
-    ),
+    labels: Optional[Path] = LABELS_OPTION,
+    label_pattern: Optional[str] = LABEL_PATTERN_OPTION,
+    label_delim: Optional[str] = LABEL_DELIM_OPTION,
     dtype: str = typer.Option("float16", help="Stored feature dtype: float16 or float32."),
     precision: str = typer.Option("auto", help="Forward precision: auto (bf16 where measured faster), fp32, bf16."),
     device: str = typer.Option("auto", help="auto, cpu or cuda (GPU decode and forward)."),
@@ -419,8 +426,11 @@ def _leaderboard(rows: list, title: str) -> None:  # rows: stages.rundir.RunSumm
     from rich.table import Table
 
     table = Table(title=title)
-    for column in ("#", "head", "lr", "wd", "epochs", "l2", "views", "accuracy", "valid_loss", "run"):
-        table.add_column(column, justify="right" if column not in ("head", "run") else "left")
+    labelled = any(getattr(r, "labels", None) for r in rows)
+    columns = ("#", "head", "lr", "wd", "epochs", "l2", "views", "accuracy", "valid_loss")
+    columns += ("labels", "run") if labelled else ("run",)
+    for column in columns:
+        table.add_column(column, justify="right" if column not in ("head", "run", "labels") else "left")
 
     def cell(value, spec: str = "g") -> str:
         return "-" if value is None else format(value, spec)
@@ -436,6 +446,7 @@ def _leaderboard(rows: list, title: str) -> None:  # rows: stages.rundir.RunSumm
             cell(r.views, ""),
             cell(r.accuracy, ".4f"),
             cell(r.valid_loss, ".4f"),
+            *(str(r.labels or "-"),) * labelled,
             r.run,
         )
     out.print(table)
@@ -473,6 +484,9 @@ def train_head_cmd(
     folds: int = typer.Option(5, help="Cross-validation folds (logreg's L2, and the temperature), 2-100."),
     set_name: Optional[str] = typer.Option(None, "--set", help="Feature set to use (default: the latest)."),
     max_memory: str = typer.Option("4G", help="Load features into memory up to this size; stream from HDF5 beyond."),
+    labels: Optional[Path] = LABELS_OPTION,
+    label_pattern: Optional[str] = LABEL_PATTERN_OPTION,
+    label_delim: Optional[str] = LABEL_DELIM_OPTION,
     out_dir: Optional[Path] = typer.Option(
         None, "--out", help="Run directory (a grid writes one subdirectory per run)."
     ),
@@ -482,6 +496,7 @@ def train_head_cmd(
     """Train heads on cached features: the epoch table per run, then a leaderboard when several run."""
     from pipeline.train_head import default_out, expand_grid, load_cached_features, train_grid
     from stages.head import TrainConfig
+    from stages.labels import LabelOptions
     from store import FeatureStore
 
     auto = lr.strip() == "auto"
@@ -501,7 +516,7 @@ def train_head_cmd(
     epochs_table, strengths_table = EpochTable(console), EpochTable(console, EpochTable.STRENGTHS)
     kept = f"runs finished before it are in {out_dir}; nothing else was written"
     with FeatureStore(store) as opened, on_interrupt(kept):
-        cached = load_cached_features(opened, set_name, max_memory)
+        cached = load_cached_features(opened, set_name, max_memory, LabelOptions(labels, label_pattern, label_delim))
 
         def on_run(i: int, cfg) -> None:
             if len(configs) > 1 or auto:
@@ -558,6 +573,9 @@ def lr_find_cmd(
     seed: int = typer.Option(0, help="Seed."),
     set_name: Optional[str] = typer.Option(None, "--set", help="Feature set to use (default: the latest)."),
     max_memory: str = typer.Option("4G", help="Load features into memory up to this size."),
+    labels: Optional[Path] = LABELS_OPTION,
+    label_pattern: Optional[str] = LABEL_PATTERN_OPTION,
+    label_delim: Optional[str] = LABEL_DELIM_OPTION,
     out_dir: Path = typer.Option(Path("runs/lr-find"), "--out", help="Where lr_find.png goes."),
     as_json: bool = typer.Option(False, "--json", help="Print the curve and the suggestion as JSON."),
 ):
@@ -565,11 +583,12 @@ def lr_find_cmd(
     a PNG of loss against lr, and the suggested rate (what --lr auto uses)."""
     from pipeline.train_head import find_lr, load_cached_features
     from stages.head import TrainConfig
+    from stages.labels import LabelOptions
     from store import FeatureStore
 
     cfg = _options(TrainConfig, locals())
     with FeatureStore(store) as opened, on_interrupt(_nothing_written(out_dir)):
-        cached = load_cached_features(opened, set_name, max_memory)
+        cached = load_cached_features(opened, set_name, max_memory, LabelOptions(labels, label_pattern, label_delim))
         result = find_lr(cached, cfg, out_dir, start_lr=start_lr, end_lr=end_lr, num_lrs=num_lrs)
     if as_json:
         _print_json(result)
@@ -707,15 +726,9 @@ def inspect(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Where samples.png goes (default runs/inspect-NAME)."),
     valid_pct: Optional[float] = typer.Option(None, help="As featurize: hold out this fraction as valid."),
     seed: int = typer.Option(0, help="Seed of --valid-pct."),
-    labels: Optional[Path] = typer.Option(
-        None, "--labels", help="Label table (CSV, TSV, Parquet, JSON Lines): path (or file_name) and label columns."
-    ),
-    label_pattern: Optional[str] = typer.Option(
-        None, "--label-pattern", help="Regular expression: the label is its first group in each file name."
-    ),
-    label_delim: Optional[str] = typer.Option(
-        None, "--label-delim", help="In --labels, the character between several labels of one image."
-    ),
+    labels: Optional[Path] = LABELS_OPTION,
+    label_pattern: Optional[str] = LABEL_PATTERN_OPTION,
+    label_delim: Optional[str] = LABEL_DELIM_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON."),
 ):
     """Look at the data: counts per split and class, balance, sizes, formats, bad files, duplicates, leaks, samples."""

@@ -248,6 +248,7 @@ def save(
             ),
             created=datetime.now().isoformat(timespec="seconds"),
             precision=run.cfg.precision,  # validated and kept in it: served in it
+            labels=head.labels,
         )
         write_run(
             staging,

@@ -32,6 +32,7 @@ from stages.head import (
     stream_block_rows,
     train_head,
 )
+from stages.labels import LabelOptions, relabel_stored
 from stages.linear_probe import train_logreg
 from stages.rundir import (
     HEAD_WEIGHTS,
@@ -59,6 +60,7 @@ class CachedFeatures:
     views_in_store: int
     memory_limit: int
     excluded: frozenset[str] = frozenset()  # train images (paths in the store) no head is fitted on
+    labels: dict | None = None  # which labelling the heads learn: label_source, label_origin, label_digest
 
     @property
     def classes(self) -> list[str]:
@@ -84,13 +86,25 @@ class CachedFeatures:
         )
 
 
-def load_cached_features(store: FeatureStore, set_name: str | None = None, max_memory: str = "4G") -> CachedFeatures:
-    """Open the train (all views) and valid (view 0) splits; in memory when they fit under max_memory."""
+def load_cached_features(
+    store: FeatureStore, set_name: str | None = None, max_memory: str = "4G", labels: LabelOptions | None = None
+) -> CachedFeatures:
+    """Open the train (all views) and valid (view 0) splits; in memory when they fit under max_memory. With
+    `labels`, under another labelling of the same images (no featurize): a table or a pattern over stored paths."""
     feature_set = store.feature_set(set_name)
     if "train" not in feature_set.splits:
         raise PipelineError(
             f"store {store.path} set {feature_set.name} has no train split; featurize a folder with train/"
         )
+    if labels is not None and labels.given:
+        source = relabel_stored(labels, {s: list(feature_set.column(s, "paths")) for s in feature_set.splits})
+        used = sorted(set(source.labels.values()))
+        feature_set = feature_set.relabelled(used, source.labels)
+        described = source.describe()
+    else:
+        kept = ("label_source", "label_origin", "label_digest")
+        described = {k: feature_set.attrs[k] for k in kept if k in feature_set.attrs}
+        described = described or {"label_source": "folders", "label_origin": feature_set.attrs.get("data_dir")}
     limit = parse_size(max_memory)
     views = feature_set.column("train", "view")
     if not len(views):
@@ -104,7 +118,8 @@ def load_cached_features(store: FeatureStore, set_name: str | None = None, max_m
     if "valid" in feature_set.splits and len(feature_set.column("valid", "labels")):  # an empty valid/ is no valid
         plain = select_rows(feature_set.column("valid", "view"), 0)
         valid = feature_set.rows("valid", plain, fits_in_memory(feature_set.features("valid"), limit), block)
-    return CachedFeatures(store.path, feature_set, train, valid, int(feature_set.attrs.get("views", 0)), limit)
+    views_in_store = int(feature_set.attrs.get("views", 0))
+    return CachedFeatures(store.path, feature_set, train, valid, views_in_store, limit, labels=described)
 
 
 def save_head_run(
@@ -123,6 +138,7 @@ def save_head_run(
         kind="head",
         head=head.spec(),
         classes=cached.classes,
+        labels=cached.labels,
         train=cfg.to_dict(),
         feature_set=TrainedOn(
             features.identity, str(cached.store.resolve()), features.name, features.attrs.get("weights_path")

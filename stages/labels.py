@@ -223,3 +223,37 @@ def _is_number(text: str) -> bool:
 def _examples(items: list[str]) -> str:
     shown = ", ".join(map(str, items[:EXAMPLES]))
     return shown + (", ..." if len(items) > EXAMPLES else "")
+
+
+def relabel_stored(options: LabelOptions, paths: dict[str, list[str]]) -> LabelSource:
+    """Another labelling of images already in a store (train-head --labels: no featurize): the source read and
+    checked against the stored paths of each split. Every train and valid image must get a label (test ones may
+    not), every path of a table must be a stored image, and a table's split must be the stored one."""
+    if options.pattern is not None:
+        source = LabelSource("pattern", options.pattern, {}, matched_by_name=True)
+        source.labels = label_by_pattern(options.pattern, [p for s, ps in paths.items() if s != "test" for p in ps])
+    elif options.table is not None:
+        source = read_table(Path(options.table), options.delimiter, "table")
+    else:
+        raise ValueError("no label source given")
+    where = f"--labels {source.origin}" if source.kind == "table" else f"--label-pattern {source.origin!r}"
+    split_of = {p: s for s, ps in paths.items() for p in ps}
+    unknown = sorted(set(source.labels) - set(split_of))
+    if unknown:
+        raise PipelineError(
+            f"{where}: {len(unknown)} of its paths are not images of the store (such as {_examples(unknown)}); "
+            "featurize them first, or give paths relative to the data folder the store was made from"
+        )
+    missing = sorted(p for p, s in split_of.items() if s != "test" and p not in source.labels)
+    if missing:
+        raise PipelineError(
+            f"{where} labels {len(split_of) - len(missing)} of the store's {len(split_of)} train and valid images "
+            f"(no label: {_examples(missing)}); label every one"
+        )
+    moved = sorted(p for p, s in source.splits.items() if split_of[p] != s)
+    if moved:
+        raise PipelineError(
+            f"{where} puts {len(moved)} images in another split than the store holds them in (such as "
+            f"{_examples(moved)}); featurize with this table to move them"
+        )
+    return source

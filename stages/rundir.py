@@ -103,6 +103,9 @@ class RunConfig:
     # The precision the run's reported metrics were measured in, and so the one it is served in (load_model,
     # predict, evaluate, export): a head's, its features'; a fine-tune's, the one it trained and validated in.
     precision: str = "fp32"
+    # Which labelling the run learnt (label_source: folders, table, metadata or pattern; label_origin; label_digest):
+    # one cache serves several (train-head --labels). None for runs written before it was kept.
+    labels: dict | None = None
 
     def to_json(self) -> dict:
         return {
@@ -122,6 +125,7 @@ class RunConfig:
             feature_set=feature_set,
             created=config.get("created", ""),
             precision=config.get("precision") or feature_set.identity.precision,  # runs written before it was kept
+            labels=config.get("labels"),
         )
 
     @property
@@ -158,6 +162,15 @@ class ListedRun(RunSummary):
     kind: str
     backbone: str
     created: str
+    labels: str | None = None  # which labelling: its source and digest (runs of one cache may learn several)
+
+
+def describe_labels(labels: dict | None) -> str | None:
+    """A run's labelling in a few characters: its source, and the digest of a table's or pattern's labelling."""
+    if not labels:
+        return None
+    digest = labels.get("label_digest")
+    return f"{labels.get('label_source')}" + (f"@{digest[:8]}" if digest else "")
 
 
 def read_config(run_dir: Path | str) -> RunConfig:
@@ -244,6 +257,7 @@ def list_runs(root: Path, store: Path | None = None) -> list[ListedRun]:
                 kind=config.kind,
                 backbone=config.feature_set.identity.backbone,
                 created=config.created,
+                labels=describe_labels(config.labels),
             )
         )
     return rank_runs(rows)

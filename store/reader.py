@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import stat
 from pathlib import Path
@@ -328,6 +329,14 @@ class FeatureSet:
         self.identity = FeatureSetIdentity.from_dict(self.attrs)
         self.classes: list[str] = self.attrs.get("classes", [])
         self._verified: set[tuple] = set()
+        self._relabelled: dict[str, str] | None = None  # another labelling: class name by path
+
+    def relabelled(self, classes: list[str], labels: dict[str, str]) -> FeatureSet:
+        """The same rows under another labelling (class name by stored path; test images may have none): what
+        `labels` columns give from then on. The stored labels are not touched."""
+        other = copy.copy(self)
+        other.classes, other._relabelled = list(classes), dict(labels)
+        return other
 
     @property
     def splits(self) -> list[str]:
@@ -355,6 +364,10 @@ class FeatureSet:
         """A per-row column; labels and view numbers out of range are an error, never used."""
         if ROW_COLUMNS.get(name) is STR:
             self._verify_strings(split, name)
+        if name == "labels" and self._relabelled is not None:
+            index = {c: i for i, c in enumerate(self.classes)}
+            paths = self.column(split, "paths")
+            return np.fromiter((index.get(self._relabelled.get(p), -1) for p in paths), np.int32, len(paths))
         values = read_or_fail(self._split(split)[name], self.where)
         if name in ("labels", "view"):
             problem = value_problem(name, values, split, len(self.classes), int(self.attrs.get("views", 0)))

@@ -126,6 +126,17 @@ def test_featurize_from_a_table_then_relabel_by_editing_it_decodes_nothing(flat,
     assert run_json("featurize", flat, "--store", store, "--labels", table, "--valid-pct", "0.25", *FAST)["up_to_date"]
     proc = run_cli("featurize", flat, "--store", store, "--label-pattern", "(", check=False)
     one_line_error(proc, "--label-pattern", "is not a regular expression")
+    # Another task on the same cache, no featurize: which images show a shape with an even number
+    parity = write_csv(tmp_path / "parity.csv", [(n, ("odd", "even")[int(n[-5]) % 2 == 0]) for n in names(flat)])
+    [run] = run_json("train-head", "--store", store, "--labels", parity, "--out", tmp_path / "parity", *FAST[:2])
+    config = json.loads((tmp_path / "parity" / "config.json").read_text())
+    assert config["classes"] == ["even", "odd"] and config["labels"]["label_source"] == "table"
+    assert config["labels"]["label_origin"] == str(parity)
+    listed = {r["run"]: r["labels"] for r in run_json("runs", "--dir", tmp_path)}
+    assert listed[str(tmp_path / "parity")].startswith("table@")
+    part = write_csv(tmp_path / "part.csv", [(n, "odd") for n in names(flat)[:3]])
+    proc = run_cli("train-head", "--store", store, "--labels", part, "--out", tmp_path / "part", check=False)
+    one_line_error(proc, "labels 3 of the store's 12", "label every one")
 
 
 @pytest.mark.slow
