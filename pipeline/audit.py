@@ -27,6 +27,7 @@ from stages.audit import (
 )
 from stages.errors import check_range
 from stages.files import read_stored_file
+from stages.labels import LabelOptions
 from store import FeatureSet, FeatureStore
 
 AUDIT_JSON = "audit.json"
@@ -111,8 +112,10 @@ def audit(
     folds: int = 5,
     pictures: int = 24,
     seed: int = 0,
+    labels: LabelOptions | None = None,
 ) -> AuditResult:
-    """Audit one feature set of a store; write audit.json, a CSV per finding and three PNGs into out."""
+    """Audit one feature set of a store (under another labelling of its images with `labels`); write audit.json, a
+    CSV per finding and three PNGs into out."""
     for option, value, low, high in (
         ("--threshold", threshold, 1e-6, 1.0),
         ("--folds", folds, 2, 100),
@@ -126,7 +129,7 @@ def audit(
     # interrupted audit leaves no partial folder).
     with output_folder(out, (AUDIT_JSON,), "an audit") as staging:
         with FeatureStore(store_path) as store:
-            feature_set = store.feature_set(set_name)
+            feature_set = store.feature_set(set_name).with_labels(labels)
             rows, classes, data_dir = read_rows(feature_set), feature_set.classes, feature_set.attrs.get("data_dir")
         check_auditable(rows, classes, f"store {store_path} set {feature_set.name}")
         steps = {"read": time.perf_counter() - started}

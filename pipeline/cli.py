@@ -834,14 +834,21 @@ def predict(
 @app.command(
     epilog="Examples:\n\n    pipeline evaluate runs/head-a data/dogscats/valid --out runs/head-a/eval\n\n"
     "    pipeline evaluate runs/head-a data/dogscats/valid --store runs/dogscats.h5\n\n"
+    "    pipeline evaluate runs/pets-head --store runs/pets.h5 --split valid   # labelled by a table or pattern\n\n"
     "    pipeline evaluate runs/ft-a data/dogscats/valid --tta"
 )
 def evaluate(
     model_dir: Path = typer.Argument(..., help="Run directory written by train-head (or finetune)."),
-    split_dir: Path = typer.Argument(..., help="A folder of class folders with the model's class names."),
+    split_dir: Optional[Path] = typer.Argument(
+        None, help="A folder of class folders with the model's class names (or none: --store's --split)."
+    ),
     out_dir: Optional[Path] = typer.Option(
         None, "--out", help="Where the PNGs and metrics.json go (default MODEL/eval)."
     ),
+    split: str = typer.Option("valid", help="Without SPLIT_DIR: the split of --store to evaluate."),
+    labels: Optional[Path] = LABELS_OPTION,
+    label_pattern: Optional[str] = LABEL_PATTERN_OPTION,
+    label_delim: Optional[str] = LABEL_DELIM_OPTION,
     tta: bool = typer.Option(False, "--tta", help="Average over flipped and shifted crops."),
     store: Optional[Path] = typer.Option(None, "--store", help="Use cached features from this store (seconds)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -854,7 +861,10 @@ def evaluate(
     from pipeline.evaluate import evaluate as run_evaluate
 
     with on_interrupt(_nothing_written(out_dir or model_dir / "eval")):
-        result = run_evaluate(model_dir, split_dir, out_dir, tta, store, device, precision)
+        from stages.labels import LabelOptions
+
+        label_options = LabelOptions(labels, label_pattern, label_delim)
+        result = run_evaluate(model_dir, split_dir, out_dir, tta, store, device, precision, split, label_options)
     if as_json:
         _print_json(result)
         return
@@ -904,6 +914,9 @@ def audit(
     neighbours: int = typer.Option(5, help="Nearest neighbours averaged for the outlier distance."),
     folds: int = typer.Option(5, help="Cross-validation folds for out-of-sample probabilities on train."),
     pictures: int = typer.Option(24, help="Findings drawn in label_issues.png and duplicates.png."),
+    labels: Optional[Path] = LABELS_OPTION,
+    label_pattern: Optional[str] = LABEL_PATTERN_OPTION,
+    label_delim: Optional[str] = LABEL_DELIM_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print the findings as JSON."),
 ):
     """Likely label errors (confident learning on out-of-sample probabilities), exact and near copies (train/valid
@@ -911,7 +924,10 @@ def audit(
     from pipeline.audit import audit as run_audit
 
     with on_interrupt(_nothing_written(out_dir)):
-        result = run_audit(store, set_name, out_dir, threshold, neighbours, folds, pictures)
+        from stages.labels import LabelOptions
+
+        label_options = LabelOptions(labels, label_pattern, label_delim)
+        result = run_audit(store, set_name, out_dir, threshold, neighbours, folds, pictures, labels=label_options)
     if as_json:
         _print_json(result)
         return

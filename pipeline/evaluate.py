@@ -14,6 +14,7 @@ from pipeline.plots import plot_confusion_matrix, plot_image_grid, plot_reliabil
 from stages.atomic import atomic_csv, output_folder, write_json
 from stages.errors import PipelineError
 from stages.files import IMAGE_EXTENSIONS, class_folders, find_images
+from stages.labels import LabelOptions
 from stages.metrics import ClassificationMetrics, classification_metrics, top_losses
 from stages.model import ImageClassifier, load_model, top_classes
 from stages.rundir import check_compatible
@@ -156,6 +157,37 @@ def labelled_split(split_dir: Path, classes: list[str]) -> tuple[list[Path], np.
     return files, np.asarray(labels)
 
 
+def _store_split(
+    head, config, run_dir: Path, store: Path, split: str, label_options: LabelOptions | None
+) -> tuple[list[Path], np.ndarray, np.ndarray]:
+    """A split of a store as evaluate reads it: each image's path (in the data folder), label in the run's classes
+    and probabilities from its cached plain view."""
+    from store import FeatureStore
+
+    with FeatureStore(store) as opened:
+        trained_here = config.feature_set.store == str(store.resolve())
+        feature_set = opened.feature_set(config.feature_set.set if trained_here else None).with_labels(label_options)
+        check_compatible(config, feature_set.identity, feature_set.name, run_dir)
+        plain = np.flatnonzero(feature_set.column(split, "view") == 0)
+        stored = feature_set.column(split, "labels")[plain]
+        unknown = sorted({feature_set.classes[i] for i in stored if i >= 0} - set(config.classes))
+        if unknown or (stored < 0).any():
+            what = f"classes the run does not know ({', '.join(unknown[:5])})" if unknown else "unlabelled images"
+            raise PipelineError(
+                f"store {store} {split} holds {what}; evaluate a split labelled with the run's classes "
+                f"({', '.join(config.classes)}), or give --labels"
+            )
+        labels = np.asarray([config.classes.index(feature_set.classes[i]) for i in stored], np.int64)
+        x = torch.from_numpy(feature_set.features(split)[plain]).float()
+        with torch.no_grad():
+            probabilities = torch.softmax(head(x), 1).numpy()
+        data_dir = Path(feature_set.attrs.get("data_dir", "."))
+        files = [data_dir / p for p in np.asarray(feature_set.column(split, "paths"), dtype=object)[plain]]
+    if not len(files):
+        raise PipelineError(f"store {store} holds no {split} images to evaluate")
+    return files, labels, probabilities
+
+
 def _probabilities_from_store(head, config: dict, run_dir: Path, store: Path, files: list[Path]) -> np.ndarray:
     """Probabilities for the files from cached view-0 features; every file must be in the store."""
     from store import FeatureStore
@@ -196,15 +228,21 @@ def evaluate(
     store: Path | None = None,
     device: str = "auto",
     precision: str | None = None,
+    split: str = "valid",
+    labels: LabelOptions | None = None,
 ) -> EvaluateResult:
     """Metrics, confusion matrix and top losses of a model on a labelled split; from cached features with store.
-    The model runs in the precision its run's metrics were measured in, unless `precision` says otherwise."""
+    Without split_dir, a split of the store itself (`split`), labelled as the store holds it or by `labels`: what a
+    data folder labelled by a table or a pattern has no class folders for. The model runs in the precision its
+    run's metrics were measured in, unless `precision` says otherwise."""
     out = out or run_dir / "eval"
     if store is not None and precision is not None:
         raise PipelineError("--precision applies to the backbone; drop it with --store (the features are cached)")
+    if split_dir is None and store is None:
+        raise PipelineError("give a SPLIT_DIR of class folders, or --store STORE to evaluate a split it holds")
     # Held from the start (a second evaluate into the same folder is refused at once), published whole at the end.
     with output_folder(out, (CONFUSION_PNG,), "an evaluation") as staging:
-        return _evaluate(run_dir, split_dir, out, staging, tta, store, device, precision)
+        return _evaluate(run_dir, split_dir, out, staging, tta, store, device, precision, split, labels)
 
 
 CONFUSION_PNG, RELIABILITY_PNG, TOP_LOSSES_PNG, METRICS_JSON = (
@@ -224,20 +262,28 @@ def _evaluate(
     store: Path | None,
     device: str,
     precision: str | None,
+    split: str = "valid",
+    label_options: LabelOptions | None = None,
 ) -> EvaluateResult:
     from stages.head import load_head
 
     started = time.perf_counter()
     head, config = load_head(run_dir)
     classes = config.classes
-    files, labels = labelled_split(split_dir, classes)
     failed = []
-    if store is not None:  # cached features: the head alone, no backbone to build
+    if split_dir is None:  # a split of the store, its rows and labels as it holds them (or as --labels says)
+        if tta:
+            raise PipelineError("--tta needs raw images; give a SPLIT_DIR to evaluate with TTA")
+        files, labels, probabilities = _store_split(head, config, run_dir, store, split, label_options)
+        used, note = config.precision, None
+    elif store is not None:  # cached features: the head alone, no backbone to build
+        files, labels = labelled_split(split_dir, classes)
         if tta:
             raise PipelineError("--tta needs raw images; drop --store to evaluate with TTA")
         probabilities = _probabilities_from_store(head, config, run_dir, store, files)
         used, note = config.precision, None
     else:
+        files, labels = labelled_split(split_dir, classes)
         model = load_model(run_dir, device=device, precision=precision)
         used, note = model.precision, model.precision_note
         by_path = {}
@@ -261,7 +307,7 @@ def _evaluate(
     result = EvaluateResult(
         metrics=metrics,
         run=str(run_dir),
-        split=str(split_dir),
+        split=str(split_dir) if split_dir is not None else f"{store}:{split}",
         tta=tta,
         from_store=store is not None,
         unreadable=failed,

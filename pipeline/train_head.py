@@ -32,7 +32,7 @@ from stages.head import (
     stream_block_rows,
     train_head,
 )
-from stages.labels import LabelOptions, relabel_stored
+from stages.labels import LabelOptions
 from stages.linear_probe import train_logreg
 from stages.rundir import (
     HEAD_WEIGHTS,
@@ -96,15 +96,7 @@ def load_cached_features(
         raise PipelineError(
             f"store {store.path} set {feature_set.name} has no train split; featurize a folder with train/"
         )
-    if labels is not None and labels.given:
-        source = relabel_stored(labels, {s: list(feature_set.column(s, "paths")) for s in feature_set.splits})
-        used = sorted(set(source.labels.values()))
-        feature_set = feature_set.relabelled(used, source.labels)
-        described = source.describe()
-    else:
-        kept = ("label_source", "label_origin", "label_digest")
-        described = {k: feature_set.attrs[k] for k in kept if k in feature_set.attrs}
-        described = described or {"label_source": "folders", "label_origin": feature_set.attrs.get("data_dir")}
+    feature_set = feature_set.with_labels(labels)
     limit = parse_size(max_memory)
     views = feature_set.column("train", "view")
     if not len(views):
@@ -119,7 +111,7 @@ def load_cached_features(
         plain = select_rows(feature_set.column("valid", "view"), 0)
         valid = feature_set.rows("valid", plain, fits_in_memory(feature_set.features("valid"), limit), block)
     views_in_store = int(feature_set.attrs.get("views", 0))
-    return CachedFeatures(store.path, feature_set, train, valid, views_in_store, limit, labels=described)
+    return CachedFeatures(store.path, feature_set, train, valid, views_in_store, limit, labels=feature_set.labelling)
 
 
 def save_head_run(

@@ -171,7 +171,7 @@ def read_table(path: Path, delimiter: str | None, kind: str) -> LabelSource:
             f"{where}: split values must be train, valid or test ({len(bad_split)} are not, such as "
             f"{_examples(bad_split)})"
         )
-    return LabelSource(kind, str(path), labels, splits)
+    return LabelSource(kind, str(path.resolve()), labels, splits)
 
 
 def _read_rows(path: Path, form: str) -> list[dict]:

@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 
 from stages.errors import PipelineError
+from stages.labels import LabelOptions, relabel_stored
 from store.identity import FeatureSetIdentity
 from store.locks import hold_shared
 from store.partition_file import open_partition_file, partition_id
@@ -330,6 +331,26 @@ class FeatureSet:
         self.classes: list[str] = self.attrs.get("classes", [])
         self._verified: set[tuple] = set()
         self._relabelled: dict[str, str] | None = None  # another labelling: class name by path
+        self._labelling: dict | None = None  # and what it came from
+
+    @property
+    def labelling(self) -> dict:
+        """Which labelling its labels columns give: label_source (folders, table, metadata, pattern), label_origin
+        and, for a source other than folders, label_digest."""
+        if self._labelling is not None:
+            return dict(self._labelling)
+        kept = {k: self.attrs[k] for k in ("label_source", "label_origin", "label_digest") if k in self.attrs}
+        return kept or {"label_source": "folders", "label_origin": self.attrs.get("data_dir")}
+
+    def with_labels(self, options: LabelOptions | None) -> FeatureSet:
+        """The set under the labelling `options` give (a table or a pattern over its stored paths: train-head,
+        lr-find and audit --labels), checked against what it holds; itself when none is given."""
+        if options is None or not options.given:
+            return self
+        source = relabel_stored(options, {split: list(self.column(split, "paths")) for split in self.splits})
+        other = self.relabelled(sorted(set(source.labels.values())), source.labels)
+        other._labelling = source.describe()
+        return other
 
     def relabelled(self, classes: list[str], labels: dict[str, str]) -> FeatureSet:
         """The same rows under another labelling (class name by stored path; test images may have none): what

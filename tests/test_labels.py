@@ -132,6 +132,12 @@ def test_featurize_from_a_table_then_relabel_by_editing_it_decodes_nothing(flat,
     config = json.loads((tmp_path / "parity" / "config.json").read_text())
     assert config["classes"] == ["even", "odd"] and config["labels"]["label_source"] == "table"
     assert config["labels"]["label_origin"] == str(parity)
+    evaluated = run_json("evaluate", tmp_path / "parity", "--store", store, "--labels", parity, "--out", tmp_path / "e")
+    assert evaluated["accuracy"] == pytest.approx(run["accuracy"]) and evaluated["images"] == 3
+    proc = run_cli("evaluate", tmp_path / "parity", "--store", store, "--out", tmp_path / "e2", check=False)
+    one_line_error(proc, "classes the run does not know", "--labels")
+    audited = run_json("audit", "--store", store, "--labels", parity, "--out", tmp_path / "audit")
+    assert audited["classes"] == ["even", "odd"]
     listed = {r["run"]: r["labels"] for r in run_json("runs", "--dir", tmp_path)}
     assert listed[str(tmp_path / "parity")].startswith("table@")
     part = write_csv(tmp_path / "part.csv", [(n, "odd") for n in names(flat)[:3]])
@@ -153,6 +159,8 @@ def test_real_photos_labelled_by_their_names_train_a_head(tmp_path):
     assert done["classes"] == ["cat", "dog"] and done["featurized"] == 100
     [run] = run_json("train-head", "--store", store, "--out", tmp_path / "head")
     assert run["accuracy"] >= 0.9
+    evaluated = run_json("evaluate", tmp_path / "head", "--store", store, "--out", tmp_path / "eval")
+    assert evaluated["accuracy"] == pytest.approx(run["accuracy"]) and evaluated["images"] == 30
     table = write_csv(tmp_path / "labels.csv", [(p.name, p.name.split(".")[0]) for p in sorted(flat.glob("*.jpg"))])
     same = run_json("featurize", flat, "--store", store, "--labels", table, "--valid-pct", "0.3")
     assert same["featurized"] == 0 and np.sum(list(same["images"].values())) == 100
