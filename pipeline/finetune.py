@@ -27,6 +27,7 @@ from stages.errors import PipelineError, check_memory
 from stages.files import scan_dataset
 from stages.finetune import FinetuneConfig, Finetuner, read_checkpoint
 from stages.head import Head, load_head
+from stages.labels import recorded_options
 from stages.model import backbone_for
 from stages.ranks import Ranks
 from stages.rundir import (
@@ -157,7 +158,7 @@ def prepare(
     cfg = replace(cfg, precision=resolve_precision(cfg.precision, device, training=True))
     head, head_config = load_head(head_dir)
     backbone = backbone_for(head_config.feature_set, head_dir)
-    dataset = scan_dataset(data_dir)
+    dataset = scan_dataset(data_dir, labels=recorded_options(head_config.labels))  # labelled as the head was
     if dataset.classes != head_config.classes:
         raise PipelineError(
             f"classes of {data_dir} ({', '.join(dataset.classes)}) differ from those of {head_dir} "

@@ -32,7 +32,7 @@ from stages.head import (
     stream_block_rows,
     train_head,
 )
-from stages.labels import LabelOptions
+from stages.labels import LabelOptions, recorded_options
 from stages.linear_probe import train_logreg
 from stages.rundir import (
     HEAD_WEIGHTS,
@@ -257,7 +257,7 @@ def refit_head(run_dir: Path, config: RunConfig, exclude: set[str], threads: int
         )
     cfg = replace(TrainConfig(**config.train), calibrate=False)
     with FeatureStore(Path(store)) as opened:
-        cached = load_cached_features(opened, config.feature_set.set)
+        cached = load_cached_features(opened, config.feature_set.set, labels=recorded_options(config.labels))
         check_compatible(config, cached.feature_set.identity, cached.feature_set.name, run_dir)
         with torch_threads(head_threads(threads)):
             head, *_ = fit_head(cached.excluding(exclude), cfg)

@@ -40,6 +40,7 @@ class LabelOptions:
     table: Path | None = None
     pattern: str | None = None
     delimiter: str | None = None
+    recorded: str | None = None  # the digest of the labelling a run recorded: the source must still give it
 
     @property
     def given(self) -> bool:
@@ -68,6 +69,26 @@ class LabelSource:
         return {"label_source": self.kind, "label_origin": self.origin, "label_digest": self.digest}
 
 
+def recorded_options(labels: dict | None) -> LabelOptions | None:
+    """The label source a run recorded (RunConfig.labels), as options: what labels its images as it was trained
+    (finetune's data folder, the refit of its head). None: class folders, or the store's labels as they are."""
+    if not labels or labels.get("label_source") in (None, "folders"):
+        return None
+    if labels["label_source"] == "pattern":
+        return LabelOptions(pattern=labels["label_origin"], recorded=labels.get("label_digest"))
+    return LabelOptions(table=Path(labels["label_origin"]), recorded=labels.get("label_digest"))
+
+
+def check_recorded(source: LabelSource, options: LabelOptions) -> LabelSource:
+    """A table a run recorded must still say what it said then: an edited one would silently train other labels."""
+    if options.recorded and source.kind != "pattern" and source.digest != options.recorded:
+        raise PipelineError(
+            f"{source.origin} changed since the run was trained on it (labelling {options.recorded}, now "
+            f"{source.digest}); train the head again on it, or restore the table"
+        )
+    return source
+
+
 def find_source(root: Path, options: LabelOptions) -> LabelSource | None:
     """The label source for a data folder: the one given, else a metadata file in it, else None (class folders)."""
     if options.table is not None and options.pattern is not None:
@@ -75,7 +96,7 @@ def find_source(root: Path, options: LabelOptions) -> LabelSource | None:
     if options.pattern is not None:
         return LabelSource("pattern", options.pattern, {}, matched_by_name=True)
     if options.table is not None:
-        return read_table(Path(options.table), options.delimiter, "table")
+        return check_recorded(read_table(Path(options.table), options.delimiter, "table"), options)
     for name in METADATA_NAMES:
         if (root / name).is_file():
             return read_table(root / name, options.delimiter, "metadata")
@@ -233,7 +254,7 @@ def relabel_stored(options: LabelOptions, paths: dict[str, list[str]]) -> LabelS
         source = LabelSource("pattern", options.pattern, {}, matched_by_name=True)
         source.labels = label_by_pattern(options.pattern, [p for s, ps in paths.items() if s != "test" for p in ps])
     elif options.table is not None:
-        source = read_table(Path(options.table), options.delimiter, "table")
+        source = check_recorded(read_table(Path(options.table), options.delimiter, "table"), options)
     else:
         raise ValueError("no label source given")
     where = f"--labels {source.origin}" if source.kind == "table" else f"--label-pattern {source.origin!r}"

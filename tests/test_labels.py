@@ -140,6 +140,12 @@ def test_featurize_from_a_table_then_relabel_by_editing_it_decodes_nothing(flat,
     assert audited["classes"] == ["even", "odd"]
     listed = {r["run"]: r["labels"] for r in run_json("runs", "--dir", tmp_path)}
     assert listed[str(tmp_path / "parity")].startswith("table@")
+    # fine-tuning follows the labelling its head learnt (the table it recorded), and refuses one edited since
+    finetune = ("finetune", flat, "--head", tmp_path / "parity", "--epochs", "1", "--batch-size", "4")
+    tuned = run_json(*finetune, "--out", tmp_path / "ft")
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["classes"] == ["even", "odd"] and tuned["history"]
+    write_csv(parity, [(n, "odd") for n in names(flat)])
+    one_line_error(run_cli(*finetune, "--out", tmp_path / "ft2", check=False), "changed since the run was trained")
     part = write_csv(tmp_path / "part.csv", [(n, "odd") for n in names(flat)[:3]])
     proc = run_cli("train-head", "--store", store, "--labels", part, "--out", tmp_path / "part", check=False)
     one_line_error(proc, "labels 3 of the store's 12", "label every one")
