@@ -446,6 +446,18 @@ def bench_scale(quick: bool) -> dict:
     return report("scale" + (f"-{sizes.replace(',', '-')}" if sizes else "") + ("-quick" if quick else ""), rows)
 
 
+def bench_labels(quick: bool) -> dict:
+    """Relabelling and renaming 1% of a store's images at 1e5 and 1e6 rows: nothing decoded (bench/labels.py)."""
+    from bench.labels import bench_labels_rows
+
+    tmp = Path(tempfile.mkdtemp(dir=os.environ.get("BENCH_TMP")))
+    try:
+        rows = bench_labels_rows(quick, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report("labels" + ("-quick" if quick else ""), rows)
+
+
 GRID_LRS, GRID_EPOCHS = ("3e-3", "1e-2", "3e-2"), ("3", "10", "30")
 
 
@@ -790,6 +802,7 @@ BENCHMARKS = {
     "heads": bench_heads,
     "stream": bench_stream,
     "scale": bench_scale,
+    "labels": bench_labels,
     "rss": bench_rss,
     "accuracy": bench_accuracy,
     "export": bench_export,
