@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import operator
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -58,6 +59,7 @@ def rows_per_file(split: str, views: int) -> int:
 
 
 LIVE, PENDING = "live", "pending"  # rows the root maps; a partition no root maps yet
+_label_of = operator.itemgetter(1)  # an ImageFile's label (a named tuple: no Python call per file)
 
 
 @dataclass
@@ -358,9 +360,10 @@ class StoreSync:
             if not np.array_equal(np.concatenate(stats, axis=1)[:, order].T, now):
                 return None
             rowed = order < kept  # files with rows (the rest have skipped records): their labels as stored
-            now_labels = np.fromiter((f.label for f in files), np.int64, len(files))
-            if not np.array_equal(group["labels"][()][::count][order[rowed]], now_labels[rowed]):
-                return None
+            if kept:
+                now_labels = np.fromiter(map(_label_of, files), np.int64, len(files))
+                if not np.array_equal(group["labels"][()][::count][order[rowed]], now_labels[rowed]):
+                    return None
             images[split], rows[split] = kept, len(paths)
             bad = np.flatnonzero(order >= kept)  # files whose record is a skipped one
             records = (order[bad] - kept).tolist()  # which one
