@@ -47,14 +47,19 @@ def relocate(source: StorePaths, target: StorePaths, move: bool) -> RelocateResu
         with open_root(source.store) as root:  # a clear error when it is no store, or damaged
             snapshot = read_snapshot(root)
         linked, names = 0, source.partitions()
-        if snapshot.version == 1:  # one file, no partitions
-            linked += _link_or_copy(source.store, target.store)
-        else:
-            target.parts.mkdir()
-            for name in names:  # committed work no root maps yet travels too: a rerun there adopts it
-                linked += _link_or_copy(source.parts / name, target.parts / name)
-            fsync_path(target.parts)
-            switch_root(target, None, snapshot, SourceShapes(target, target.store))
+        try:
+            if snapshot.version == 1:  # one file, no partitions
+                linked += _link_or_copy(source.store, target.store)
+            else:
+                target.parts.mkdir()
+                for name in names:  # committed work no root maps yet travels too: a rerun there adopts it
+                    linked += _link_or_copy(source.parts / name, target.parts / name)
+                fsync_path(target.parts)
+                switch_root(target, None, snapshot, SourceShapes(target, target.store))
+        except BaseException:  # a copy cut short (no space, Ctrl-C) leaves no half of a store behind
+            if not target.store.exists():
+                shutil.rmtree(target.parts, ignore_errors=True)
+            raise
         if move:
             source.store.unlink()
             fsync_path(source.store.parent)
