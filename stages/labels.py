@@ -56,7 +56,11 @@ class LabelSource:
     origin: str
     labels: dict[str, str]
     splits: dict[str, str] = field(default_factory=dict)
-    matched_by_name: bool = False  # a pattern: every image is labelled by its own name, none can be missing
+
+    @property
+    def matched_by_name(self) -> bool:
+        """A pattern: every image is labelled by its own name (the labels are found once the images are)."""
+        return self.kind == "pattern"
 
     @property
     def digest(self) -> str:
@@ -94,7 +98,7 @@ def find_source(root: Path, options: LabelOptions) -> LabelSource | None:
     if options.table is not None and options.pattern is not None:
         raise PipelineError("give --labels FILE or --label-pattern REGEX, not both")
     if options.pattern is not None:
-        return LabelSource("pattern", options.pattern, {}, matched_by_name=True)
+        return LabelSource("pattern", options.pattern, {})
     if options.table is not None:
         return check_recorded(read_table(Path(options.table), options.delimiter, "table"), options)
     for name in METADATA_NAMES:
@@ -251,7 +255,7 @@ def relabel_stored(options: LabelOptions, paths: dict[str, list[str]]) -> LabelS
     checked against the stored paths of each split. Every train and valid image must get a label (test ones may
     not), every path of a table must be a stored image, and a table's split must be the stored one."""
     if options.pattern is not None:
-        source = LabelSource("pattern", options.pattern, {}, matched_by_name=True)
+        source = LabelSource("pattern", options.pattern, {})
         source.labels = label_by_pattern(options.pattern, [p for s, ps in paths.items() if s != "test" for p in ps])
     elif options.table is not None:
         source = check_recorded(read_table(Path(options.table), options.delimiter, "table"), options)
