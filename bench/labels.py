@@ -1,8 +1,9 @@
 """python -m bench labels: rows keyed by content, at scale. A store of N images (1e5 and 1e6; synthetic features
 in the real schema, over real files whose bytes and stats the rows record), then 1% of them relabelled (moved to
-the other class folder) and 1% renamed, each brought up to date by `pipeline featurize` as a user runs it:
-nothing is decoded. The reference is what the store did before rows were keyed by content: decode and forward
-those images again, at the featurize rate measured in the same run on generated photos."""
+the other class folder), 1% renamed, and 1% relabelled by editing a labels CSV, each brought up to date by
+`pipeline featurize` as a user runs it: nothing is decoded, and no feature byte is written. The reference is what
+the store did before rows were keyed by content: decode and forward those images again, at the featurize rate
+measured in the same run on generated photos."""
 
 from __future__ import annotations
 
@@ -65,13 +66,18 @@ def featurize_rate(tmp: Path) -> float:
     return summary["images_per_second"]
 
 
-def bring_up_to_date(data: Path, store: Path) -> tuple[dict, int]:
+def bring_up_to_date(data: Path, store: Path, table: Path | None = None) -> tuple[dict, int]:
     """featurize's summary, and the bytes it wrote: every file of the store that is new or changed (partitions,
     compaction's included, and the root)."""
     before = _files(store)
-    summary, _ = run_json_command(pipeline_cmd("featurize", data, "--store", store))
+    labels = ("--labels", table) if table else ()
+    summary, _ = run_json_command(pipeline_cmd("featurize", data, "--store", store, *labels))
     written = sum(size for name, (size, stamp) in _files(store).items() if before.get(name, (None, None))[1] != stamp)
     return summary, written
+
+
+def _write_table(path: Path, labels: dict[str, str]) -> None:
+    path.write_text("path,label\n" + "".join(f"{p},{label}\n" for p, label in labels.items()))
 
 
 def _files(store: Path) -> dict[str, tuple[int, int]]:
@@ -97,7 +103,18 @@ def size_rows(n: int, tmp: Path, rate: float) -> list[Row]:
         path.rename(path.with_name("renamed-" + path.name))
     rename, rename_bytes = bring_up_to_date(data, store)
     assert rename["featurized"] == 0 and rename["reused_by_content"] == k, rename
-    for what, summary, written in (("relabel", relabel, relabel_bytes), ("rename", rename, rename_bytes)):
+    table = tmp / "labels.csv"  # the same labels as a table, then 1% of them edited
+    files = sorted(str(p.relative_to(data)) for p in (data / "train").rglob("*.jpg"))
+    labels = {path: path.split("/")[1] for path in files}
+    _write_table(table, labels)
+    assert bring_up_to_date(data, store, table)[0]["featurized"] == 0
+    for path in files[:: len(files) // k][:k]:
+        labels[path] = "b" if labels[path] == "a" else "a"
+    _write_table(table, labels)
+    edit, edit_bytes = bring_up_to_date(data, store, table)
+    assert edit["featurized"] == 0 and edit["reused"] == n, edit
+    runs = (("relabel (class folder moves)", relabel, relabel_bytes), ("rename", rename, rename_bytes))
+    for what, summary, written in (*runs, ("relabel (a CSV edited)", edit, edit_bytes)):
         rows.append(
             Row(
                 f"{label} images: {what} {k:,} (1%) then featurize, s",
@@ -115,7 +132,7 @@ def size_rows(n: int, tmp: Path, rate: float) -> list[Row]:
                 None,
                 "x",
                 higher_is_better=False,
-                note=f"{written / 1e6:.1f} MB of {summary['store_bytes'] / 1e9:.2f} GB: the rows written anew",
+                note=f"{written / 1e6:.1f} MB of {summary['store_bytes'] / 1e9:.2f} GB: overlay and root, no feature",
             )
         )
     shutil.rmtree(data)

@@ -21,9 +21,11 @@ from store.locks import unheld
 from store.partition_file import delete, open_partition_file
 from store.paths import StorePaths
 from store.reader import open_root
-from store.schema import ROW_COLUMNS, SKIPPED, SKIPPED_COLUMNS, STR
+from store.schema import OVERLAYS, ROW_COLUMNS, SKIPPED, SKIPPED_COLUMNS, STR, TABLE_OF
 from store.snapshot import (
+    ROW_TABLES,
     SELF,
+    Locator,
     Segment,
     SetSnapshot,
     Snapshot,
@@ -77,8 +79,9 @@ def candidates(paths: StorePaths, snap: SetSnapshot, dead_share: float = DEAD_SH
     cut = {p for (p, _), (rows, n) in runs.items() if rows >= FRAGMENT_ROWS and rows / n < FRAGMENT_ROWS}
     skipped_only = {s.partition for segs in snap.skipped.values() for s in segs} - set(live)
     dead, small = [], []
+    overlays = snap.overlay_partitions()  # rows of other partitions' files: they go when those rows are rewritten
     for partition in sorted(set(live) | skipped_only):
-        if partition == SELF:
+        if partition == SELF or partition in overlays:
             continue
         total = partition_rows(paths, snap, partition)
         rows = live.get(partition, 0)
@@ -129,7 +132,8 @@ def compact_set(
         for table in ("rows", "skipped"):
             spec, sub = (ROW_COLUMNS, "") if table == "rows" else (SKIPPED_COLUMNS, SKIPPED)
             for split, segments in getattr(snap, table).items():
-                for i, s in enumerate(segments):
+                overlays = {t: Locator(getattr(snap, t).get(split, [])) for t in OVERLAYS}
+                for i, (s, at) in enumerate(zip(segments, Locator(segments).offsets)):
                     if s.partition not in chosen_set:
                         continue
                     if table == "rows" and filled and filled + s.count > target_rows:
@@ -142,13 +146,15 @@ def compact_set(
                     )
                     columns = out.columns if table == "rows" else out.skipped
                     mapping[table, split, i] = (len(outputs) - 1, len(columns["paths"]))
-                    for name in spec:
-                        key = (s.partition, s.split, sub, name)
-                        if key not in read:  # a column read once, not once per segment (a thousand, at times)
-                            read[key] = group(s.partition, s.split, sub)[name][()]
-                        values = read[key][s.start : s.start + s.count]
-                        text = spec[name] is STR
-                        columns[name] += [v.decode() if text and isinstance(v, bytes) else v for v in values]
+                    for name in spec:  # a location or a label as its overlay maps it: the rows' own are stale
+                        where = TABLE_OF[name] if table == "rows" else "rows"
+                        for source in [s] if where == "rows" else overlays[where].locate(at, s.count):
+                            key = (source.partition, source.split, sub, name)
+                            if key not in read:  # a column read once, not once per segment (a thousand, at times)
+                                read[key] = group(source.partition, source.split, sub)[name][()]
+                            values = read[key][source.start : source.start + source.count]
+                            text = spec[name] is STR
+                            columns[name] += [v.decode() if text and isinstance(v, bytes) else v for v in values]
                     if table == "rows":
                         out.copies.append(s)
                         filled += s.count
@@ -162,15 +168,19 @@ def compact_set(
     copied = 0
     for table in ("rows", "skipped"):
         for split, segments in getattr(snap, table).items():
-            mapped = []
-            for i, s in enumerate(segments):
+            mapped = {t: [] for t in (ROW_TABLES if table == "rows" else ["skipped"])}
+            overlays = {t: Locator(getattr(snap, t).get(split, [])) for t in OVERLAYS}
+            for i, (s, at) in enumerate(zip(segments, Locator(segments).offsets)):
                 if (table, split, i) in mapping:
                     out, start = mapping[table, split, i]
-                    mapped.append(Segment(names[out].name, split, start, s.count))
+                    for t in mapped:
+                        mapped[t].append(Segment(names[out].name, split, start, s.count))
                     copied += s.count if table == "rows" else 0
                 else:
-                    mapped.append(s)
-            getattr(new, table)[split] = merge_segments(mapped)
+                    for t in mapped:
+                        mapped[t] += [s] if t in ("rows", "skipped") else overlays[t].locate(at, s.count)
+            for t, segs in mapped.items():
+                getattr(new, t)[split] = merge_segments(segs)
     return new, written, copied
 
 

@@ -8,10 +8,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# Partition file names: `SET.TIME-PID-SEQ.h5` (a commit of computed rows, or rows a compaction rewrote: `...c.h5`),
+# Partition file names: `SET.TIME-PID-SEQ.h5` (a commit of computed rows, or rows a compaction rewrote: `...c.h5`,
+# or an overlay of locations and labels, no features: `...o.h5`),
 # `legacy-TIME.h5` (a version-1 store taken in whole), `retired-GENERATION.h5` (an earlier root, kept while a reader
 # may still map its partitions). Names sort by the time they were made.
-_PARTITION = re.compile(r"^(?:(?P<set>[\w.@-]+?)\.(?P<time>\d+)-(?P<pid>\d+)-(?P<seq>\d+)(?P<kind>c?)|legacy-\d+)\.h5$")
+_PARTITION = re.compile(
+    r"^(?:(?P<set>[\w.@-]+?)\.(?P<time>\d+)-(?P<pid>\d+)-(?P<seq>\d+)(?P<kind>[co]?)|legacy-\d+)\.h5$"
+)
 _RETIRED = re.compile(r"^retired-\d+\.h5$")
 
 
@@ -41,9 +44,10 @@ class StorePaths:
         the root and its partitions can be moved or copied together."""
         return f"{self.parts.name}/{partition}"
 
-    def new_partition(self, set_name: str, seq: int, compacted: bool = False) -> Path:
-        """A new partition's path: named by the set, the time, this process and a sequence number."""
-        return self.parts / f"{set_name}.{time.time_ns()}-{os.getpid()}-{seq}{'c' if compacted else ''}.h5"
+    def new_partition(self, set_name: str, seq: int, compacted: bool = False, overlay: bool = False) -> Path:
+        """A new partition's path: named by the set, the time, this process, a sequence number and its kind."""
+        kind = "c" if compacted else "o" if overlay else ""
+        return self.parts / f"{set_name}.{time.time_ns()}-{os.getpid()}-{seq}{kind}.h5"
 
     def legacy_partition(self) -> Path:
         return self.parts / f"legacy-{time.time_ns()}.h5"
@@ -101,7 +105,13 @@ class StorePaths:
     @staticmethod
     def compacted(name: str) -> bool:
         match = _PARTITION.match(name)
-        return bool(match and match["kind"])
+        return bool(match and match["kind"] == "c")
+
+    @staticmethod
+    def overlay(name: str) -> bool:
+        """An overlay partition: location and label columns of rows other partitions hold, never a source of rows."""
+        match = _PARTITION.match(name)
+        return bool(match and match["kind"] == "o")
 
 
 def partition_order(name: str) -> tuple[int, str]:

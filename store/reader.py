@@ -26,9 +26,11 @@ from store.schema import (
     SKIPPED,
     SPLITS,
     STR,
+    TABLE_OF,
     UNKNOWN_CTIME,
 )
 from store.snapshot import (
+    ROW_TABLES,
     SELF,
     SetSnapshot,
     decode_attr,
@@ -420,7 +422,7 @@ class FeatureSet:
         """A string column of a version-2 split: each partition it comes from checked against its digest, once."""
         if self.snapshot is None:
             return
-        for segment in self.snapshot.rows.get(split, []):
+        for segment in getattr(self.snapshot, TABLE_OF[name]).get(split, []):
             key = (segment.partition, segment.split, name)
             if key in self._verified:
                 continue
@@ -571,7 +573,8 @@ def verify_store(store: FeatureStore) -> list[dict]:
 def _verify_partitions(paths: StorePaths, snap: SetSnapshot, split: str) -> str:
     """The damage of every partition a split maps (their whole split groups, dead rows included), described."""
     found = []
-    for partition, source in sorted({(s.partition, s.split) for s in snap.rows.get(split, [])}):
+    tables = (*ROW_TABLES, "skipped")
+    for partition, source in sorted({(s.partition, s.split) for t in tables for s in getattr(snap, t).get(split, [])}):
         prefix = snap.prefixes[partition]
         with open_partition_file(paths.parts / partition) as f:
             damage = verify_split(f[source_dataset(prefix, source, "").rstrip("/")])

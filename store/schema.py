@@ -15,9 +15,13 @@ Root (STORE)                    attrs: schema_version (2), generation, created
     size, mtime_ns, ctime_ns (N,) int64; sha256 (N,) 64 ASCII bytes: the source file's fingerprint
     segments   (S, 4) int64              where the rows come from, in order: partition (index into the set's
                                          partitions, sorted by name), its split (index into SPLITS), start, count
+    location_segments, label_segments (S, 4) int64: the same for the columns a move or a relabel changes (TABLES):
+                                         absent in roots written before them, where they are `segments`
     skipped/   paths, reasons, size, mtime_ns, ctime_ns, sha256 and segments: files that could not be featurized
 Partition (STORE.parts/NAME.h5) attrs: set_name, classes, uid; one group per split holding the columns above, rows
 sorted by (path, view) within it (a version-1 store taken over as a partition keeps its /sets/<set_name>/ prefix).
+An overlay partition (NAME ending `o.h5`) holds no features: per split, the location columns of files moved or
+touched and the labels of files relabelled (each table's columns as long as its own rows), and skipped records.
 Every fixed-size dataset of a partition and the root's segment tables are chunked with Fletcher-32 checksums;
 string datasets of a partition carry attrs["sha256"]. Version 1 kept the rows themselves in the store file.
 """
@@ -59,6 +63,17 @@ ROW_COLUMNS = {
     "ctime_ns": np.int64,
     "sha256": "S64",
 }
+# The row tables of a split, each mapped by its own segment table: a file's content (its features and what names
+# its bytes) never changes; where it lies and how it is labelled do, and are mapped on their own, so a move, a touch
+# or a relabel writes those columns only, never a feature byte (an overlay partition).
+TABLES = {
+    "rows": ("features", "view", "size", "sha256"),
+    "location": ("paths", "mtime_ns", "ctime_ns"),
+    "labels": ("labels",),
+}
+OVERLAYS = ("location", "labels")  # the tables other than the content's
+TABLE_OF = {column: table for table, columns in TABLES.items() for column in columns}
+TABLE_SEGMENTS = {"rows": SEGMENTS, "location": "location_segments", "labels": "label_segments"}
 SKIPPED_COLUMNS = {
     "paths": STR,
     "reasons": STR,

@@ -4,6 +4,7 @@ and written as one: virtual datasets over the partitions, so that plain h5py rea
 from __future__ import annotations
 
 import json
+from bisect import bisect_right
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from store.partition_file import open_partition_file, partition_id
 from store.paths import StorePaths
 from store.schema import (
     FEATURE_DTYPES,
+    OVERLAYS,
     PARTITION_IDS,
     PARTITIONS,
     ROW_COLUMNS,
@@ -23,6 +25,8 @@ from store.schema import (
     SKIPPED,
     SKIPPED_COLUMNS,
     SPLITS,
+    TABLE_SEGMENTS,
+    TABLES,
 )
 
 SELF = "."  # a version-1 store's rows lie in the store file itself (HDF5's name for a virtual dataset's own file)
@@ -53,41 +57,90 @@ def merge_segments(segments: list[Segment]) -> list[Segment]:
     return merged
 
 
+class Locator:
+    """Rows of a split as one table maps them, found by position in O(log segments): a sweep over a million files
+    asks once per run of them."""
+
+    def __init__(self, segments: list[Segment]):
+        self.segments = segments
+        self.offsets = np.cumsum([0] + [s.count for s in segments]).tolist()
+
+    def locate(self, start: int, count: int) -> list[Segment]:
+        """The source segments of rows [start, start + count)."""
+        found, end = [], start + count
+        i = max(0, bisect_right(self.offsets, start) - 1)
+        while i < len(self.segments) and self.offsets[i] < end:
+            s, offset = self.segments[i], self.offsets[i]
+            lo, hi = max(start, offset), min(end, offset + s.count)
+            if lo < hi:
+                found.append(Segment(s.partition, s.split, s.start + lo - offset, hi - lo))
+            i += 1
+        return found
+
+
+ROW_TABLES = tuple(TABLES)  # rows (the content), then the overlays
+
+
 @dataclass
 class SetSnapshot:
     """One feature set as a root maps it: its attributes, the partitions it uses (with the group prefix of the set
-    inside each), and per split the segments of its rows and of its skipped-file records."""
+    inside each), and per split the segments of each of its row tables (schema.TABLES: the content's, `rows`, and
+    the overlays, `location` and `labels`, each as long) and of its skipped-file records."""
 
     name: str
     attrs: dict  # the set's attributes, JSON values decoded, `partitions` left out
     prefixes: dict[str, str]  # partition name -> group path of the set inside it ("" for partitions written by v2)
     rows: dict[str, list[Segment]] = field(default_factory=dict)
     skipped: dict[str, list[Segment]] = field(default_factory=dict)
+    location: dict[str, list[Segment]] = field(default_factory=dict)
+    labels: dict[str, list[Segment]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for table in OVERLAYS:  # a split given its rows only: its overlays are the rows' own columns
+            for split, segments in self.rows.items():
+                getattr(self, table).setdefault(split, list(segments))
 
     def partitions(self) -> set[str]:
-        return {s.partition for table in (self.rows, self.skipped) for segs in table.values() for s in segs}
+        tables = (*ROW_TABLES, "skipped")
+        return {s.partition for t in tables for segs in getattr(self, t).values() for s in segs}
+
+    def overlay_partitions(self) -> set[str]:
+        """Partitions only an overlay maps: they hold no feature rows of this set."""
+        mapped = {s.partition for t in OVERLAYS for segs in getattr(self, t).values() for s in segs}
+        return mapped - {s.partition for segs in self.rows.values() for s in segs}
 
     def count(self, split: str, table: str = "rows") -> int:
         return sum(s.count for s in getattr(self, table).get(split, []))
 
     def locate(self, split: str, start: int, count: int, table: str = "rows") -> list[Segment]:
         """The source segments of rows [start, start + count) of a split as the root lists them."""
-        found, offset, end = [], 0, start + count
-        for s in getattr(self, table).get(split, []):
-            lo, hi = max(start, offset), min(end, offset + s.count)
-            if lo < hi:
-                found.append(Segment(s.partition, s.split, s.start + lo - offset, hi - lo))
-            offset += s.count
-            if offset >= end:
-                break
-        return found
+        return Locator(getattr(self, table).get(split, [])).locate(start, count)
+
+    def append(self, split: str, partition: str, rows: int) -> None:
+        """A partition's whole split appended to every row table of the split (a commit of new rows)."""
+        for table in ROW_TABLES:
+            segments = getattr(self, table).get(split, [])
+            getattr(self, table)[split] = merge_segments([*segments, Segment(partition, split, 0, rows)])
+        self.skipped.setdefault(split, [])
+
+    def keep(self, split: str, ranges: list[tuple[int, int]]) -> None:
+        """Only rows [start, stop) of these ranges (in order) kept in every row table of the split."""
+        for table in ROW_TABLES:
+            where = Locator(getattr(self, table).get(split, []))
+            getattr(self, table)[split] = merge_segments([s for a, b in ranges for s in where.locate(a, b - a)])
 
     def live_rows(self) -> dict[str, int]:
-        """Feature rows mapped from each partition."""
-        live: dict[str, int] = {}
+        """Feature rows mapped from each partition, each counted once (copies of a file map the same rows)."""
+        runs: dict[tuple[str, str], list[tuple[int, int]]] = {}
         for segs in self.rows.values():
             for s in segs:
-                live[s.partition] = live.get(s.partition, 0) + s.count
+                runs.setdefault((s.partition, s.split), []).append((s.start, s.start + s.count))
+        live: dict[str, int] = {}
+        for (partition, _), spans in runs.items():
+            end = 0
+            for a, b in sorted(spans):
+                live[partition] = live.get(partition, 0) + max(0, b - max(a, end))
+                end = max(end, b)
         return live
 
 
@@ -130,17 +183,21 @@ def read_snapshot(f: h5py.File) -> Snapshot:
         order = sorted(prefixes)
         snap = SetSnapshot(name, attrs, prefixes)
         for split in [s for s in SPLITS if s in group]:
-            for table, where in (("rows", group[split]), ("skipped", group[split].get(SKIPPED))):
+            tables = [(t, group[split], TABLE_SEGMENTS[t]) for t in ROW_TABLES]
+            for table, where, name_of_segments in [*tables, ("skipped", group[split].get(SKIPPED), SEGMENTS)]:
                 if where is None:
                     continue
                 if version == 1:
                     n = where["paths"].shape[0]
                     getattr(snap, table)[split] = [Segment(SELF, split, 0, n)] if n else []
-                else:
-                    segments = where[SEGMENTS][()] if SEGMENTS in where else np.zeros((0, 4), np.int64)
+                elif name_of_segments in where:
                     getattr(snap, table)[split] = [
-                        Segment(order[p], SPLITS[sp], int(a), int(c)) for p, sp, a, c in segments
+                        Segment(order[p], SPLITS[sp], int(a), int(c)) for p, sp, a, c in where[name_of_segments][()]
                     ]
+                elif table in OVERLAYS:  # a root written before overlays: the rows' own columns
+                    getattr(snap, table)[split] = list(snap.rows.get(split, []))
+                else:
+                    getattr(snap, table)[split] = []
         snapshot.sets[name] = snap
     return snapshot
 
@@ -184,7 +241,8 @@ def root_bytes(snapshot: Snapshot, paths: StorePaths) -> int:
     total = 1 << 16
     for snap in snapshot.sets.values():
         total += 8192 * (1 + len(SPLITS))
-        for table, columns in (("rows", 1 + len(ROW_COLUMNS)), ("skipped", len(SKIPPED_COLUMNS))):
+        counts = [(t, len(TABLES[t])) for t in ROW_TABLES]
+        for table, columns in [*counts, ("skipped", len(SKIPPED_COLUMNS))]:
             for split, segments in getattr(snap, table).items():
                 for s in segments:
                     dataset = source_dataset(snap.prefixes.get(s.partition, ""), split, "features", SKIPPED)
@@ -214,8 +272,11 @@ def write_root(target: Path, snapshot: Snapshot, paths: StorePaths, shapes: Sour
             dtype = FEATURE_DTYPES[snap.attrs.get("dtype", "float16")]
             for split in [s for s in SPLITS if s in snap.rows or s in snap.skipped]:
                 g = group.create_group(split)
-                columns = {"features": ((dim,), dtype), **{k: ((), v) for k, v in ROW_COLUMNS.items()}}
-                _virtual_table(g, snap.rows.get(split, []), prefixes, columns, "", paths, shapes)
+                kinds = {"features": ((dim,), dtype), **{k: ((), v) for k, v in ROW_COLUMNS.items()}}
+                for table in ROW_TABLES:
+                    columns = {c: kinds[c] for c in TABLES[table]}
+                    segments = getattr(snap, table).get(split, [])
+                    _virtual_table(g, segments, prefixes, columns, "", paths, shapes, TABLE_SEGMENTS[table])
                 skipped = {k: ((), v) for k, v in SKIPPED_COLUMNS.items()}
                 group_skipped = g.create_group(SKIPPED)
                 _virtual_table(group_skipped, snap.skipped.get(split, []), prefixes, skipped, SKIPPED, paths, shapes)
@@ -229,14 +290,15 @@ def _virtual_table(
     subgroup: str,
     paths: StorePaths,
     shapes: SourceShapes,
+    segments_name: str = SEGMENTS,
 ) -> None:
-    """One table of a split (its rows, or its skipped files): the segment table, and a virtual dataset per column
+    """One table of a split (a row table, or its skipped files): the segment table, and a virtual dataset per column
     mapping the segments in order (an empty table gets empty plain datasets)."""
     order = sorted(prefixes)
     table = np.asarray(
         [[order.index(s.partition), SPLITS.index(s.split), s.start, s.count] for s in segments], np.int64
     ).reshape(-1, 4)
-    group.create_dataset(SEGMENTS, data=table, chunks=(max(1, len(table)), 4), maxshape=(None, 4), fletcher32=True)
+    group.create_dataset(segments_name, data=table, chunks=(max(1, len(table)), 4), maxshape=(None, 4), fletcher32=True)
     total = int(table[:, 3].sum())
     for name, (tail, dtype) in columns.items():
         if not total:
@@ -269,7 +331,7 @@ def mapping_problem(f: h5py.File, snapshot: Snapshot, paths: StorePaths) -> str 
     for name, snap in snapshot.sets.items():
         group = f[SETS][name]
         for split in [s for s in SPLITS if s in group]:
-            tables = (("rows", "", ("features", *ROW_COLUMNS)), ("skipped", SKIPPED, SKIPPED_COLUMNS))
+            tables = [*((t, "", TABLES[t]) for t in ROW_TABLES), ("skipped", SKIPPED, SKIPPED_COLUMNS)]
             for table, sub, columns in tables:
                 where = group[split][sub] if sub else group[split]
                 segments = getattr(snap, table).get(split, [])
@@ -314,9 +376,9 @@ def source_dataset(prefix: str, split: str, name: str, subgroup: str = "") -> st
 
 
 def partition_rows(paths: StorePaths, snapshot: SetSnapshot, partition: str) -> int:
-    """Feature rows a partition holds for a set, live or dead (all its splits)."""
+    """Feature rows a partition holds for a set, live or dead (all its splits; an overlay partition holds none)."""
     path = paths.store if partition == SELF else paths.parts / partition
     prefix = snapshot.prefixes.get(partition, "")
     with open_partition_file(path) as f:
         base = f[prefix] if prefix else f
-        return sum(base[s]["features"].shape[0] for s in SPLITS if s in base)
+        return sum(base[s]["features"].shape[0] for s in SPLITS if s in base and "features" in base[s])

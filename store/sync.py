@@ -7,10 +7,12 @@ snapshot that maps them.
         result = sync.finish(attrs, feature_dim, dtype)  # the root switched to map them, unless up to date
 
 A file's rows are kept when its size, mtime and ctime match the recorded ones, or, when only the times moved, when
-its content hash does (its rows are then copied with the new fingerprint into a small partition: partitions never
-change). Rows are looked up in the live snapshot first, in the file's split and, without augmented views, in any
-split (a file moved by --valid-pct keeps its rows), then in partitions no root maps yet (work of killed runs and of
-shards, newest first). Bytes that fail verification are never used: their files are computed again.
+its content hash does, or when the store holds its bytes under another path (moved, renamed, copied). Rows are
+looked up in the live snapshot first, in the file's split and, without augmented views, in any split (a file moved
+by --valid-pct keeps its rows), then in partitions no root maps yet (work of killed runs and of shards, newest
+first), then by content. A kept file whose location (path, times) or label changed keeps its feature rows where they
+lie: only its location or label columns are written, into one small overlay partition (schema.TABLES). Bytes that
+fail verification are never used: their files are computed again.
 """
 
 from __future__ import annotations
@@ -43,10 +45,20 @@ from store.reader import (
     split_skipped,
     stat_columns,
 )
-from store.schema import ROW_COLUMNS, SETS, SKIPPED, SKIPPED_COLUMNS, SPLITS, FileRecord
-from store.snapshot import SELF, Segment, SetSnapshot, Snapshot, SourceShapes, merge_segments, read_snapshot
+from store.schema import OVERLAYS, SETS, SKIPPED, SPLITS, FileRecord
+from store.snapshot import (
+    ROW_TABLES,
+    SELF,
+    Locator,
+    Segment,
+    SetSnapshot,
+    Snapshot,
+    SourceShapes,
+    merge_segments,
+    read_snapshot,
+)
 from store.verify import verify_split
-from store.writer import PartitionSplit, PartitionWriter, SplitRows, switch_root, write_copied_partition
+from store.writer import OverlaySplit, PartitionWriter, SplitRows, switch_root, write_overlay_partition
 
 
 def views_in(split: str, views: int) -> int:
@@ -59,6 +71,11 @@ def rows_per_file(split: str, views: int) -> int:
 
 
 LIVE, PENDING = "live", "pending"  # rows the root maps; a partition no root maps yet
+# An overlay table written piecemeal may map at most this many more runs than the content (each costs a mapping in
+# every later root, and a check when a reader opens it) and this many overlay partitions; past that, the split's
+# whole table is written anew (4 bytes a row for labels: 4 MB at a million rows).
+OVERLAY_RUNS = 256
+OVERLAY_PARTITIONS = 8
 _label_of = operator.itemgetter(1)  # an ImageFile's label (a named tuple: no Python call per file)
 
 
@@ -83,7 +100,8 @@ class FileDecision:
     rows: FileRows | None = None
     skip_reason: str | None = None
     skip_source: tuple[str, str, int] | None = None  # (source, split, row) of a kept skipped-file record
-    copy: bool = False  # kept rows written anew: the file's times, path or label changed (same content)
+    moved: bool = False  # kept rows whose location (path, mtime, ctime) is written anew: moved, renamed, touched
+    relabelled: bool = False  # kept rows whose label is written anew
     by_content: bool = False  # its rows found by its content hash, under another path
 
     def record(self, path: str) -> FileRecord:
@@ -180,10 +198,12 @@ class StoreSync:
                 if rebuilding:
                     self._add_pending(name, prefix=f"/{SETS}/{self.set_name}", optional=True)
             elif rebuilding:
-                if StorePaths.set_of(name) == self.set_name:
+                if StorePaths.set_of(name) == self.set_name and StorePaths.overlay(name):
+                    delete(self.paths.parts / name)  # locations and labels of a lost mapping: the scan says them anew
+                elif StorePaths.set_of(name) == self.set_name:
                     self._add_pending(name)
-            elif StorePaths.compacted(name):  # a killed compaction's: rows live elsewhere, never work to keep
-                delete(self.paths.parts / name)
+            elif StorePaths.compacted(name) or StorePaths.overlay(name):  # a killed compaction's or sync's: rows
+                delete(self.paths.parts / name)  # live elsewhere, never work to keep
             else:
                 self._add_pending(name)
         return self
@@ -238,7 +258,9 @@ class StoreSync:
 
     def _add_pending(self, name: str, first: bool = False, prefix: str = "", optional: bool = False) -> None:
         """A partition read directly as a source of rows (verified). optional: one that may not hold this set (a
-        version-1 file holds several)."""
+        version-1 file holds several). An overlay partition holds no rows: never a source."""
+        if StorePaths.overlay(name):
+            return
         if optional:
             with open_partition_file(self.paths.parts / name) as f:
                 if prefix.strip("/") not in f:
@@ -384,7 +406,8 @@ class StoreSync:
     # Finishing: the root switched to the new snapshot ------------------------------------------------------------
     def finish(self, attrs: Callable[[], dict], feature_dim: int, feature_dtype: str) -> SyncResult:
         """Map what the data folder needs: kept rows where they lie, this run's (and earlier runs' and shards')
-        partitions, rows to write anew copied into one more; switch the root to it, unless nothing changed."""
+        partitions, locations and labels written anew in an overlay partition; switch the root to it, unless nothing
+        changed."""
         if self.unchanged is not None:
             return self.unchanged
         mapped = self.snapshot.partitions() if self.snapshot else set()
@@ -394,11 +417,13 @@ class StoreSync:
                 self._add_pending(name, first=True)  # this run's and its shards': made for these very files
         self._resolve_computed()
         new = SetSnapshot(self.set_name, {}, dict(self.live.prefixes) if self.live else {})
-        copies: dict[str, PartitionSplit] = {}
-        for split in self.dataset.splits:
-            new.rows[split], new.skipped[split] = self._segments(split, copies)
-        if any(p.columns["paths"] or p.skipped["paths"] for p in copies.values()):
-            self._write_copies(new, copies, feature_dim, feature_dtype)
+        overlay = self.paths.new_partition(self.set_name, len(self.writer.written), overlay=True)
+        overlays = {split: self._map_split(new, split, overlay.name) for split in self.dataset.splits}
+        overlays = {split: o for split, o in overlays.items() if not o.empty}
+        if overlays:
+            self.paths.parts.mkdir(exist_ok=True)
+            write_overlay_partition(overlay, self.set_name, self.dataset.classes, overlays)
+            self.writer.written.append(overlay.name)
         result = self._summary()
         old = self.snapshot
         if old is not None and self.live is not None and self._same(new):  # a version-1 store too: read as it is
@@ -437,60 +462,69 @@ class StoreSync:
                 if isinstance(found, FileRows):
                     d.source, d.source_split, d.rows = name, split, found
                     d.fingerprint = Fingerprint(found.size, found.mtime_ns, found.sha256, found.ctime_ns)
-                    d.copy = classes != self.dataset.classes
+                    d.relabelled = classes != self.dataset.classes
                 else:
                     d.skip_reason, d.skip_source = found["reason"], (name, split, found["row"])
                     d.fingerprint = Fingerprint(found["size"], found["mtime_ns"], found["sha256"], found["ctime_ns"])
 
-    def _segments(self, split: str, copies: dict[str, PartitionSplit]) -> tuple[list[Segment], list[Segment]]:
-        """A split's new segments, rows and skipped records: kept live rows in their order, then rows kept from
-        elsewhere, partition by partition; rows to write anew go to `copies` (appended after the copy is written)."""
-        count = rows_per_file(split, self.views)
-        rows: list[Segment] = []
-        skipped: list[Segment] = []
-        part = copies.setdefault(
-            split, PartitionSplit([], {k: [] for k in ROW_COLUMNS}, {k: [] for k in SKIPPED_COLUMNS})
-        )
+    def _map_split(self, new: SetSnapshot, split: str, overlay: str) -> OverlaySplit:
+        """A split's new segments in every table: kept live rows in their live order first (those of files moved in
+        from another split next), then rows kept from elsewhere, partition by partition (in the order each holds
+        them); the order is history's, not the paths', and a file's views stay together. A file moved, touched or
+        relabelled keeps its feature rows where they lie: its location or label rows go to the overlay partition
+        (returned, written by the caller), the whole table of the split when piecemeal would cut it too fine."""
+        kept: list[tuple[Segment, FileDecision, str]] = []
+        out, skipped = OverlaySplit(), []
         for f in self.dataset.splits[split]:
             d = self.decisions[split][f.path]
             if d.skip_source is not None:
                 skipped.append(Segment(*d.skip_source, 1))
             elif d.skip_reason is not None:  # a file that cannot even be read: recorded anew
-                d.record(f.path).add_skipped(part.skipped, d.skip_reason)
-            elif d.copy:
-                part.copies += self._sources_of(d.source, d.source_split, d.rows.start, d.rows.count)
-                d.record(f.path).add_rows(part.columns, count)
+                d.record(f.path).add_skipped(out.skipped, d.skip_reason)
             elif d.source is not None:
-                rows.append(Segment(d.source, d.source_split, d.rows.start, d.rows.count))
-        return self._map(rows, split), self._map(skipped, split, table="skipped")
+                kept.append((Segment(d.source, d.source_split, d.rows.start, d.rows.count), d, f.path))
+        kept.sort(key=lambda k: _history_order(k[0], split))
+        new.rows[split] = self._located("rows", [p for p, _, _ in kept])
+        for table in OVERLAYS:
+            anew = [d.moved if table == "location" else d.relabelled for _, d, _ in kept]
+            segments = self._overlaid(table, kept, anew, overlay, split)
+            overlaid = {s.partition for s in segments} - {s.partition for s in new.rows[split]}
+            if len(segments) > len(new.rows[split]) + OVERLAY_RUNS or len(overlaid) > OVERLAY_PARTITIONS:
+                anew = [True] * len(kept)
+                segments = self._overlaid(table, kept, anew, overlay, split)
+            for (pick, d, path), written in zip(kept, anew):
+                if written:
+                    out.add(table, d.record(path), pick.count)
+            getattr(new, table)[split] = segments
+        new.skipped[split] = self._located("skipped", sorted(skipped, key=lambda p: _history_order(p, split)))
+        return out
 
-    def _sources_of(self, source: str, split: str, start: int, count: int, table: str = "rows") -> list[Segment]:
-        if source == LIVE:
-            return self.live.locate(split, start, count, table)
-        return [Segment(source, split, start, count)]
+    def _overlaid(
+        self, table: str, kept: list[tuple[Segment, FileDecision, str]], anew: list[bool], overlay: str, split: str
+    ) -> list[Segment]:
+        """An overlay table's segments: the kept rows' own where unchanged, the overlay partition's where anew."""
+        picks, row = [], 0
+        for (pick, _, _), written in zip(kept, anew):
+            if written:
+                picks.append(Segment(overlay, split, row, pick.count))
+                row += pick.count
+            else:
+                picks.append(pick)
+        return self._located(table, picks)
 
-    def _map(self, picked: list[Segment], split: str, table: str = "rows") -> list[Segment]:
-        """Picked rows (a run each, LIVE ones in the live snapshot's order) as a split's segments: its own live rows
-        in their live order first, then live rows of files that moved in from another split, then the others
-        partition by partition (in the order each holds them), runs joined. The order is history's, not the
-        paths': a file's views stay together."""
-        mine, others = [p for p in picked if p.partition == LIVE], [p for p in picked if p.partition != LIVE]
-        live = merge_segments(sorted(mine, key=lambda p: (p.split != split, SPLITS.index(p.split), p.start)))
-        rest = sorted(others, key=lambda p: (p.partition, SPLITS.index(p.split), p.start))
-        located = [s for p in live for s in self._sources_of(p.partition, p.split, p.start, p.count, table)]
-        return merge_segments(located + rest)
-
-    def _write_copies(self, new: SetSnapshot, copies: dict[str, PartitionSplit], dim: int, dtype: str) -> None:
-        """Rows kept with a new fingerprint or label, and skipped-file records of this run made before any commit:
-        one new partition, mapped after the rest."""
-        path = self.paths.new_partition(self.set_name, len(self.writer.written))
-        splits = {s: p for s, p in copies.items() if p.columns["paths"] or p.skipped["paths"]}
-        write_copied_partition(path, self.set_name, self.dataset.classes, splits, self._open, dim, dtype)
-        self.writer.written.append(path.name)
-        for split, part in splits.items():
-            n, k = len(part.columns["paths"]), len(part.skipped["paths"])
-            new.rows[split] = merge_segments(new.rows[split] + ([Segment(path.name, split, 0, n)] if n else []))
-            new.skipped[split] = merge_segments(new.skipped[split] + ([Segment(path.name, split, 0, k)] if k else []))
+    def _located(self, table: str, picks: list[Segment]) -> list[Segment]:
+        """Picked runs (LIVE ones in the live snapshot's row order) as source segments of one table: runs joined
+        first, so a million kept files cost a lookup per run, not per file."""
+        located = []
+        for p in merge_segments(picks):
+            if p.partition != LIVE:
+                located.append(p)
+                continue
+            key = ("locator", table, p.split)
+            if key not in self._checked:
+                self._checked[key] = Locator(getattr(self.live, table).get(p.split, []))
+            located += self._checked[key].locate(p.start, p.count)
+        return merge_segments(located)
 
     def _open(self, partition: str, split: str) -> h5py.Group:
         """A source partition's split group of this set (SELF: a version-1 store's own file)."""
@@ -506,16 +540,14 @@ class StoreSync:
         live = self.live
         if live.attrs.get("classes") != self.dataset.classes or set(new.rows) != set(live.rows):
             return False
-        return all(
-            new.rows[s] == merge_segments(live.rows[s]) and new.skipped[s] == merge_segments(live.skipped.get(s, []))
-            for s in new.rows
-        )
+        tables = (*ROW_TABLES, "skipped")
+        return all(getattr(new, t)[s] == merge_segments(getattr(live, t).get(s, [])) for t in tables for s in new.rows)
 
     def _summary(self) -> SyncResult:
         images, rows, skipped = {}, {}, []
         for split, files in self.dataset.splits.items():
             decisions = [(f.path, self.decisions[split][f.path]) for f in files]
-            kept = [p for p, d in decisions if d.skip_reason is None and d.source is not None or d.copy]
+            kept = [p for p, d in decisions if d.skip_reason is None and d.source is not None]
             images[split] = len(kept)
             rows[split] = len(kept) * rows_per_file(split, self.views)
             skipped += _skipped(split, [(p, d.skip_reason) for p, d in decisions if d.skip_reason])
@@ -550,6 +582,14 @@ def plan_files(
     return decisions, todo
 
 
+def _history_order(pick: Segment, split: str) -> tuple:
+    """The order of a split's kept rows: its own live rows in their live order, then live rows of files moved in
+    from another split, then rows from elsewhere, partition by partition."""
+    if pick.partition == LIVE:
+        return (0, pick.split != split, SPLITS.index(pick.split), "", pick.start)
+    return (1, False, SPLITS.index(pick.split), pick.partition, pick.start)
+
+
 def _joinable(root: Path) -> str:
     """The data folder as a string a file's POSIX relative path is joined to by hand (per file: no Path objects)."""
     return str(root).rstrip("/") or "/"
@@ -568,16 +608,16 @@ class ContentIndex:
 
     def __init__(self, indexes: dict[str, list[Index]]):
         self.indexes = indexes
-        self._by_content: dict[tuple[str, int], tuple[str, str, FileRows]] | None = None
+        self._by_content: dict[tuple[str, int], tuple[str, str, FileRows, bool]] | None = None
         self._sizes: set[tuple[int, int]] = set()
 
     def _build(self) -> dict:
         if self._by_content is None:
             self._by_content = {}
             for entries in self.indexes.values():
-                for name, src, index, _, _ in entries:
+                for name, src, index, _, relabel in entries:
                     for rows in index.values():
-                        self._by_content.setdefault((rows.sha256, rows.count), (name, src, rows))
+                        self._by_content.setdefault((rows.sha256, rows.count), (name, src, rows, relabel))
                         self._sizes.add((rows.size, rows.count))
         return self._by_content
 
@@ -585,7 +625,8 @@ class ContentIndex:
         self._build()
         return (size, count) in self._sizes
 
-    def find(self, sha256: str, count: int) -> tuple[str, str, FileRows] | None:
+    def find(self, sha256: str, count: int) -> tuple[str, str, FileRows, bool] | None:
+        """Where rows of these bytes lie (source, split, rows) and whether their labels index other classes."""
         return self._build().get((sha256, count))
 
 
@@ -603,7 +644,7 @@ def _decide(path: str, f: ImageFile, indexes: list, count: int, content: Content
         rows, bad = index.get(f.path), skipped.get(f.path)
         if rows and rows.count == count and fp.same_stat(rows.size, rows.mtime_ns, rows.ctime_ns):
             decision.source, decision.source_split, decision.rows = name, src, rows
-            decision.copy = relabel or rows.label != f.label  # its label is compared every run, never assumed
+            decision.relabelled = relabel or rows.label != f.label  # compared every run, never assumed
             return decision  # its content hash is the rows' (FileDecision.record)
         if bad and fp.same_stat(bad["size"], bad["mtime_ns"], bad["ctime_ns"]):
             return _kept_skipped(decision, name, src, bad)
@@ -614,18 +655,20 @@ def _decide(path: str, f: ImageFile, indexes: list, count: int, content: Content
         sha = content_sha256(Path(path).read_bytes())
     except OSError:
         return decision
-    for name, src, index, _, _ in indexes:  # touched but unchanged, at its own path, first
+    for name, src, index, _, relabel in indexes:  # touched but unchanged, at its own path, first
         rows = index.get(f.path)
         if rows and rows.count == count and rows.sha256 == sha:
             decision.source, decision.source_split, decision.rows = name, src, rows
             decision.fingerprint = fp.with_sha256(sha)
-            decision.copy = True  # the same features under a new fingerprint: partitions never change
+            decision.moved = True  # the same features under new times: its location written anew
+            decision.relabelled = relabel or rows.label != f.label
             return decision
     found = content.find(sha, count)  # moved, renamed, copied or relabelled: the same bytes, the same features
     if found is not None:
-        decision.source, decision.source_split, decision.rows = found
+        decision.source, decision.source_split, decision.rows, relabel = found
         decision.fingerprint = fp.with_sha256(sha)
-        decision.copy = decision.by_content = True  # written anew under its path and label
+        decision.moved = decision.by_content = True  # its location written anew, and its label where it differs
+        decision.relabelled = relabel or decision.rows.label != f.label
     return decision
 
 
@@ -672,13 +715,8 @@ def _rename(snap: SetSnapshot, old: str, new: str) -> SetSnapshot:
         return [replace(s, partition=new) if s.partition == old else s for s in segments]
 
     prefixes = {(new if k == old else k): (f"/sets/{snap.name}" if k == old else v) for k, v in snap.prefixes.items()}
-    return SetSnapshot(
-        snap.name,
-        snap.attrs,
-        prefixes,
-        {split: moved(s) for split, s in snap.rows.items()},
-        {split: moved(s) for split, s in snap.skipped.items()},
-    )
+    tables = {t: {split: moved(s) for split, s in getattr(snap, t).items()} for t in (*ROW_TABLES, "skipped")}
+    return SetSnapshot(snap.name, snap.attrs, prefixes, **tables)
 
 
 @dataclass

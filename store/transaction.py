@@ -18,7 +18,7 @@ from store.partition_file import delete
 from store.paths import StorePaths
 from store.reader import open_root
 from store.schema import FileRecord
-from store.snapshot import Segment, SetSnapshot, Snapshot, SourceShapes, merge_segments, read_snapshot
+from store.snapshot import ROW_TABLES, SetSnapshot, Snapshot, SourceShapes, read_snapshot
 from store.sync import successor
 from store.writer import PartitionWriter, SplitRows, now_iso, switch_root
 
@@ -45,9 +45,8 @@ class Transaction:
                     raise ValueError(f"a new feature set {self.set_name} needs its attributes")
                 self.new = SetSnapshot(self.set_name, {}, {})
             else:
-                rows = {k: list(v) for k, v in live.rows.items()}
-                skipped = {k: list(v) for k, v in live.skipped.items()}
-                self.new = SetSnapshot(self.set_name, dict(live.attrs), dict(live.prefixes), rows, skipped)
+                tables = {t: {k: list(v) for k, v in getattr(live, t).items()} for t in (*ROW_TABLES, "skipped")}
+                self.new = SetSnapshot(self.set_name, dict(live.attrs), dict(live.prefixes), **tables)
         except BaseException:
             self.lock.__exit__(None, None, None)
             raise
@@ -76,8 +75,7 @@ class Transaction:
         dtype = str(self.new.attrs.get("dtype") or (self.attrs or {}).get("dtype", "float16"))
         part = self.writer.commit({split: rows}, dtype).name
         self.new.prefixes[part] = ""
-        self.new.rows[split] = merge_segments([*self.new.rows.get(split, []), Segment(part, split, 0, rows.num_rows)])
-        self.new.skipped.setdefault(split, [])
+        self.new.append(split, part, rows.num_rows)
         return part
 
     def drop(self, split: str, rows: np.ndarray) -> None:
@@ -87,9 +85,9 @@ class Transaction:
         for row in np.unique(np.asarray(rows, np.int64)):
             if not 0 <= row < n:
                 raise IndexError(f"row {row} of {split}, which has {n}")
-            kept += self.new.locate(split, start, int(row) - start)
+            kept.append((start, int(row)))
             start = int(row) + 1
-        self.new.rows[split] = merge_segments(kept + self.new.locate(split, start, n - start))
+        self.new.keep(split, [*kept, (start, n)])
 
     def commit(self) -> Snapshot:
         """Switch the root to map this transaction's rows: readers that open the store from now on see them all."""

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 
 from stages.errors import PipelineError
-from store.schema import SEGMENTS, SKIPPED, STR
+from store.schema import SKIPPED, STR, TABLE_SEGMENTS
 
 DIGEST_ATTR = "sha256"
 
@@ -68,8 +68,8 @@ def verify_split(group: h5py.Group, block_rows: int = 8192) -> Damage:
     """Read every byte of a split group (a store's or a partition's), chunk by chunk for the features; rows
     whose chunk fails its checksum or that hold NaN or infinite values are damaged."""
     damage = Damage()
-    features = group["features"]
-    step = features.chunks[0] if features.chunks else block_rows
+    features = group["features"] if "features" in group else np.zeros((0, 0))  # an overlay partition has none
+    step = features.chunks[0] if getattr(features, "chunks", None) else block_rows
     for start in range(0, features.shape[0], step):
         stop = min(start + step, features.shape[0])
         try:
@@ -157,7 +157,9 @@ def length_problems(group: h5py.Group) -> list[str]:
     return [
         f"{name} has {ds.shape[0] if ds.shape else 0} values for {rows} feature rows"
         for name, ds in group.items()
-        if isinstance(ds, h5py.Dataset) and name not in ("features", SEGMENTS) and ds.shape[:1] != (rows,)
+        if isinstance(ds, h5py.Dataset)
+        and name not in ("features", *TABLE_SEGMENTS.values())
+        and ds.shape[:1] != (rows,)
     ]
 
 

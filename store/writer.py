@@ -24,11 +24,22 @@ from stages.errors import PipelineError
 from store.partition_file import UID, new_uid
 from store.paths import StorePaths
 from store.reader import trust_written_root
-from store.schema import FEATURE_DTYPES, ROW_COLUMNS, SKIPPED, SKIPPED_COLUMNS, STR, feature_chunks
+from store.schema import (
+    FEATURE_DTYPES,
+    OVERLAYS,
+    ROW_COLUMNS,
+    SKIPPED,
+    SKIPPED_COLUMNS,
+    STR,
+    TABLES,
+    FileRecord,
+    feature_chunks,
+)
 from store.snapshot import SELF, Segment, Snapshot, SourceShapes, root_bytes, write_root
 from store.verify import create_checked
 
 COPY_BLOCK_ROWS = 8192
+OVERLAY_COLUMNS = [c for table in OVERLAYS for c in TABLES[table]]
 
 
 def now_iso() -> str:
@@ -164,6 +175,45 @@ class PartitionSplit:
     copies: list[Segment]  # the feature rows to copy, in order (a partition's, or SELF: a version-1 file's)
     columns: dict[str, list]
     skipped: dict[str, list]
+
+
+@dataclass
+class OverlaySplit:
+    """One split of an overlay partition: the location columns of files moved or touched, the labels of files
+    relabelled (each table as long as its own rows), and skipped-file records made anew."""
+
+    location: dict[str, list] = field(default_factory=lambda: {k: [] for k in TABLES["location"]})
+    labels: list[int] = field(default_factory=list)
+    skipped: dict[str, list] = field(default_factory=lambda: {k: [] for k in SKIPPED_COLUMNS})
+
+    def add(self, table: str, record: FileRecord, rows: int) -> None:
+        """A file's `rows` rows of one overlay table."""
+        if table == "labels":
+            self.labels += [record.labels] * rows
+        else:
+            for name, values in self.location.items():
+                values += [getattr(record, name)] * rows
+
+    @property
+    def empty(self) -> bool:
+        return not self.location["paths"] and not self.labels and not self.skipped["paths"]
+
+
+def write_overlay_partition(path: Path, set_name: str, classes: list[str], splits: dict[str, OverlaySplit]) -> None:
+    """An overlay partition: no feature bytes, only the columns a move, a touch or a relabel changed."""
+
+    def fill(tmp: Path) -> None:
+        with h5py.File(tmp, "w", locking=False) as f:
+            _partition_attrs(f, set_name, classes)
+            for split, part in splits.items():
+                g = f.create_group(split)
+                _write_columns(
+                    g, {**part.location, "labels": part.labels}, {c: ROW_COLUMNS[c] for c in OVERLAY_COLUMNS}
+                )
+                _write_columns(g.create_group(SKIPPED), part.skipped, SKIPPED_COLUMNS)
+
+    rows = sum(len(p.location["paths"]) + len(p.labels) + len(p.skipped["paths"]) for p in splits.values())
+    atomic_h5(path, fill, rows * ROW_OVERHEAD_BYTES + (1 << 16))
 
 
 def write_copied_partition(

@@ -279,10 +279,28 @@ def test_moved_renamed_copied_or_relabelled_photos_are_never_decoded_again(small
     (train / "a" / "a_001.jpg").rename(train / "a" / "renamed.jpg")  # renamed
     shutil.copy2(train / "c" / "c_000.jpg", train / "c" / "copy.jpg")  # copied
     (valid / "b" / "b_000.jpg").rename(train / "b" / "from-valid.jpg")  # moved between splits
+    parts = store.with_name("s.h5.parts")
+    before = set(os.listdir(parts))
     moved = featurize(small_set, store)
     assert moved["featurized"] == 0 and moved["reused_by_content"] == 4 and moved["reused"] == 22
     featurize(small_set, tmp_path / "fresh.h5")
     assert_same_content(content(store), content(tmp_path / "fresh.h5"))
+    [overlay] = set(os.listdir(parts)) - before - {n for n in os.listdir(parts) if n.startswith("retired-")}
+    with h5py.File(parts / overlay, "r") as f:  # no feature byte written: locations and labels only
+        assert overlay.endswith("o.h5") and not [g for g in f.values() if "features" in g]
+        assert sorted(f["train/paths"].asstr()[()])[:2] == ["train/a/renamed.jpg", "train/b/a_000.jpg"]
+    lost = tmp_path / "lost.h5"  # a root lost with its overlays: rebuilt from the feature partitions, nothing decoded
+    shutil.copytree(parts, tmp_path / "lost.h5.parts")
+    rebuilt = featurize(small_set, lost)
+    assert rebuilt["featurized"] == 0 and rebuilt["reused_by_content"] == 4
+    assert_same_content(content(lost), content(tmp_path / "fresh.h5"))
+    assert overlay not in os.listdir(tmp_path / "lost.h5.parts")  # no root can map it again: gone
+    (train / "c" / "c_004.jpg").unlink()  # a dead row: compaction rewrites the rows, with their overlays folded in
+    featurize(small_set, store)
+    compacted = run_json("store", "compact", store, "--dead-share", "0")
+    assert overlay in compacted["deleted"] and overlay not in compacted["rewritten"]
+    featurize(small_set, tmp_path / "fresh2.h5")
+    assert_same_content(content(store), content(tmp_path / "fresh2.h5"))
     (train / "b" / "a_000.jpg").rename(train / "a" / "a_000.jpg")  # and back: still nothing decoded
     back = featurize(small_set, store)
     assert back["featurized"] == 0 and back["reused_by_content"] == 1

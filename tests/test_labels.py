@@ -112,8 +112,14 @@ def test_featurize_from_a_table_then_relabel_by_editing_it_decodes_nothing(flat,
     assert first["featurized"] == 12 and first["classes"] == ["check", "disk", "stripe"]
     relabelled = [(n, "stripe" if n == "disk_001.jpg" else n.split("_")[0]) for n in names(flat)]
     write_csv(table, relabelled)
+    parts = tmp_path / "s.h5.parts"
+    before = {p.name for p in parts.iterdir()}
     again = run_json("featurize", flat, "--store", store, "--labels", table, "--valid-pct", "0.25", *FAST)
     assert again["featurized"] == 0 and not again["up_to_date"]
+    [overlay] = [p for p in parts.iterdir() if p.name not in before and not p.name.startswith("retired-")]
+    with h5py.File(overlay, "r") as f:  # the one label written, nothing else: no feature byte, no location
+        written = {split: {k: len(v) for k, v in g.items() if isinstance(v, h5py.Dataset)} for split, g in f.items()}
+        assert {k: v for split in written.values() for k, v in split.items() if v} == {"labels": 1}
     with h5py.File(store, "r") as f:
         s = f["sets"][next(iter(f["sets"]))]
         stored = {

@@ -154,9 +154,10 @@ def test_things_in_the_partitions_folder_that_are_not_regular_files_are_never_op
 def test_a_root_whose_virtual_datasets_disagree_with_its_segments_is_damaged_and_repaired(tmp_path):
     store = made(tmp_path / "s.h5")
     before = content(store)
-    with h5py.File(store.paths.store, "r+") as f:  # the two train segments listed in the other order
-        segments = f[f"sets/{SET}/train/segments"]
-        segments[...] = segments[()][::-1]
+    with h5py.File(store.paths.store, "r+") as f:  # the two train segments listed in the other order, every table
+        for table in ("segments", "location_segments", "label_segments"):
+            segments = f[f"sets/{SET}/train/{table}"]
+            segments[...] = segments[()][::-1]
     proc = run_cli("store", "info", store.paths.store, "--verify", check=False)
     one_line_error(proc, "disagrees with itself", "pipeline store repair")
     store.repair()  # written again from its tables: they say the other order
