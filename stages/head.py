@@ -10,12 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from stages.calibration import expected_calibration_error
 from stages.errors import SEED_MAX, PipelineError, check_range
 from stages.rundir import HEAD_WEIGHTS, RunConfig, read_config, read_weights
+from stages.tasks import TASKS, Task
+
+SINGLE = TASKS["single"]
 
 SCHEDULES = ("onecycle", "cosine", "constant")
 
@@ -178,7 +179,9 @@ class Rows:
         buffer_chunks: int = 16,
         block_rows: int = 65536,
     ):
-        self.labels = torch.as_tensor(np.asarray(labels).astype(np.int64))
+        labels = np.asarray(labels)  # class indices; or 0/1 rows of classes, or values (stages.tasks)
+        single = labels.ndim == 1 and labels.dtype.kind in "iub"
+        self.labels = torch.as_tensor(labels.astype(np.int64) if single else labels.astype(np.float32))
         self.rows = np.asarray(rows)
         self.num_rows = len(self.rows)
         self.num_stored, self.dim, self.name = num_stored, dim, name
@@ -338,24 +341,18 @@ def schedule_values(schedule: str, lr: float, total_steps: int) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate_head(head: Head, data: Rows, batch_size: int = 4096) -> dict:
-    """Loss, accuracy, calibration error and per-class accuracy of a head on a split."""
+def evaluate_head(head: Head, data: Rows, batch_size: int = 4096, task: Task = SINGLE) -> dict:
+    """The loss of a head on a split and its task's figures (single-label: accuracy, calibration error and
+    per-class accuracy)."""
     head.eval()
-    losses, probabilities, labels = [], [], []
+    losses, outputs, labels = [], [], []
     for x, y in data.batches(batch_size):
-        logits = head(x)
-        losses.append(F.cross_entropy(logits, y, reduction="sum").item())
-        probabilities.append(logits.softmax(1))
+        raw = head(x)
+        losses.append(task.loss(raw, y, reduction="sum").item())
+        outputs.append(task.activation(raw))
         labels.append(y)
-    probs, truth = torch.cat(probabilities), torch.cat(labels)
-    predicted = probs.argmax(1)
-    per_class = {int(c): (predicted[truth == c] == c).float().mean().item() for c in truth.unique()}
-    return {
-        "loss": sum(losses) / len(truth),
-        "accuracy": (predicted == truth).float().mean().item(),
-        "ece": expected_calibration_error(probs.numpy(), truth.numpy()),
-        "per_class_accuracy": per_class,
-    }
+    activated, truth = torch.cat(outputs), torch.cat(labels)
+    return {"loss": sum(losses) / len(truth), **task.metrics(activated.numpy(), truth.numpy())}
 
 
 def train_head(
@@ -365,8 +362,10 @@ def train_head(
     num_classes: int,
     on_epoch: Callable[[dict], None] | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    task: Task = SINGLE,
 ):
-    """Train a fresh head on cached features; returns the head, its per-epoch history and per-step losses."""
+    """Train a fresh head on cached features for a task (its loss); returns the head, its per-epoch history and
+    per-step losses."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     mean, std = train.mean_std()
@@ -380,7 +379,7 @@ def train_head(
         head.train()
         total, seen = 0.0, 0
         for step, (x, y) in enumerate(train.batches(cfg.batch_size, rng)):
-            loss = F.cross_entropy(head(x), y)
+            loss = task.loss(head(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -392,8 +391,8 @@ def train_head(
                 on_step(step + 1, steps_per_epoch)
         row = {"epoch": epoch, "train_loss": total / seen}
         if valid is not None:
-            result = evaluate_head(head, valid)
-            row.update(valid_loss=result["loss"], accuracy=result["accuracy"])
+            result = evaluate_head(head, valid, task=task)
+            row.update(valid_loss=result["loss"], **{task.primary: result[task.primary]})
         row["time"] = time.perf_counter() - started
         history.append(row)
         if on_epoch:

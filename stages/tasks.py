@@ -1,0 +1,180 @@
+"""What a head predicts, one class per kind of task: its activation, loss, decision, metrics and outputs.
+
+A head is standardize, then a linear or MLP layer, giving raw outputs; its task says what they mean. As fastai's
+loss functions own their activation and decoding, a Task owns everything that depends on the kind of target, so a
+fourth kind is one more class here, registered in TASKS, and no edit elsewhere:
+
+    single   one class per image        softmax, cross-entropy, the most probable class    accuracy, ECE
+    multi    any number of classes      sigmoid, binary cross-entropy, a threshold each    mAP, micro/macro F1
+    numeric  a number                   identity, squared error, the value itself          MAE, RMSE, R^2
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stages.calibration import expected_calibration_error
+
+
+class Task:
+    """The base of a task kind: `name` as configs and the CLI spell it, `primary` the metric an epoch table shows
+    and a grid ranks by (higher is better), `outputs` the width of a head's last layer."""
+
+    name = ""
+    primary = ""
+
+    def outputs(self, num_classes: int) -> int:
+        return num_classes
+
+    def targets(self, labels: np.ndarray) -> torch.Tensor:
+        """Stored labels as the loss takes them."""
+        raise NotImplementedError
+
+    def loss(self, raw: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        raise NotImplementedError
+
+    def activation(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw head outputs as what a user reads: probabilities, or values."""
+        raise NotImplementedError
+
+    def decide(self, activated: np.ndarray, thresholds: np.ndarray | None = None) -> np.ndarray:
+        """The prediction: a class index per row, a 0/1 row of classes, or a value."""
+        raise NotImplementedError
+
+    def metrics(self, activated: np.ndarray, targets: np.ndarray, thresholds: np.ndarray | None = None) -> dict:
+        """The split's figures, `primary` among them."""
+        raise NotImplementedError
+
+
+class SingleLabel(Task):
+    name, primary = "single", "accuracy"
+
+    def targets(self, labels: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(labels).astype(np.int64))
+
+    def loss(self, raw: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return F.cross_entropy(raw, targets, reduction=reduction)
+
+    def activation(self, raw: torch.Tensor) -> torch.Tensor:
+        return raw.softmax(1)
+
+    def decide(self, activated: np.ndarray, thresholds: np.ndarray | None = None) -> np.ndarray:
+        return np.asarray(activated).argmax(1)
+
+    def metrics(self, activated: np.ndarray, targets: np.ndarray, thresholds: np.ndarray | None = None) -> dict:
+        probabilities, truth = np.asarray(activated), np.asarray(targets)
+        predicted = self.decide(probabilities)
+        return {
+            "accuracy": float((predicted == truth).mean()),
+            "ece": expected_calibration_error(probabilities, truth),
+            "per_class_accuracy": {int(c): float((predicted[truth == c] == c).mean()) for c in np.unique(truth)},
+        }
+
+
+class MultiLabel(Task):
+    """Each class a yes or no of its own. Thresholds are chosen per class on out-of-fold probabilities of the
+    training split (never on valid): the one with the best F1, 0.5 where the class has no positive there."""
+
+    name, primary = "multi", "map"
+
+    def targets(self, labels: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(labels), dtype=torch.float32)
+
+    def loss(self, raw: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        loss = F.binary_cross_entropy_with_logits(raw, targets, reduction="none").sum(1)  # per image
+        return loss.sum() if reduction == "sum" else loss.mean()
+
+    def activation(self, raw: torch.Tensor) -> torch.Tensor:
+        return raw.sigmoid()
+
+    def decide(self, activated: np.ndarray, thresholds: np.ndarray | None = None) -> np.ndarray:
+        probabilities = np.asarray(activated)
+        cut = np.full(probabilities.shape[1], 0.5) if thresholds is None else np.asarray(thresholds)
+        return (probabilities >= cut).astype(np.uint8)
+
+    def metrics(self, activated: np.ndarray, targets: np.ndarray, thresholds: np.ndarray | None = None) -> dict:
+        probabilities, truth = np.asarray(activated, np.float64), np.asarray(targets).astype(bool)
+        predicted = self.decide(probabilities, thresholds).astype(bool)
+        per_class_ap = {c: average_precision(truth[:, c], probabilities[:, c]) for c in range(truth.shape[1])}
+        defined = [ap for ap in per_class_ap.values() if ap is not None]
+        tp, fp, fn = (predicted & truth).sum(0), (predicted & ~truth).sum(0), (~predicted & truth).sum(0)
+        f1 = [2 * t / (2 * t + p + n) if t + p + n else None for t, p, n in zip(tp, fp, fn)]
+        micro = 2 * tp.sum() / (2 * tp.sum() + fp.sum() + fn.sum()) if tp.sum() + fp.sum() + fn.sum() else 0.0
+        return {
+            "map": float(np.mean(defined)) if defined else 0.0,
+            "micro_f1": float(micro),
+            "macro_f1": float(np.mean([v for v in f1 if v is not None])) if any(v is not None for v in f1) else 0.0,
+            "subset_accuracy": float((predicted == truth).all(1).mean()),
+            "per_class_ap": per_class_ap,
+        }
+
+
+class Numeric(Task):
+    """A number per image. The head regresses the target standardized on train (so one learning rate suits any
+    scale); its outputs are in the target's own units once the head's scale is applied (Head)."""
+
+    name, primary = "numeric", "r2"
+
+    def outputs(self, num_classes: int) -> int:
+        return 1
+
+    def targets(self, labels: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(labels), dtype=torch.float32).reshape(-1, 1)
+
+    def loss(self, raw: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return F.mse_loss(raw, targets.reshape(raw.shape), reduction=reduction)
+
+    def activation(self, raw: torch.Tensor) -> torch.Tensor:
+        return raw
+
+    def decide(self, activated: np.ndarray, thresholds: np.ndarray | None = None) -> np.ndarray:
+        return np.asarray(activated).reshape(-1)
+
+    def metrics(self, activated: np.ndarray, targets: np.ndarray, thresholds: np.ndarray | None = None) -> dict:
+        predicted, truth = self.decide(activated).astype(np.float64), np.asarray(targets, np.float64).reshape(-1)
+        error = predicted - truth
+        spread = float(((truth - truth.mean()) ** 2).sum())
+        return {
+            "mae": float(np.abs(error).mean()),
+            "rmse": float(np.sqrt((error**2).mean())),
+            "r2": float(1 - (error**2).sum() / spread) if spread else 0.0,
+        }
+
+
+TASKS: dict[str, Task] = {task.name: task for task in (SingleLabel(), MultiLabel(), Numeric())}
+
+
+def average_precision(truth: np.ndarray, scores: np.ndarray) -> float | None:
+    """The area under one class's precision-recall steps (scikit-learn's average_precision_score: the precision at
+    each positive, ranked by score, ties together); None when the class has no positive."""
+    truth = np.asarray(truth).astype(bool)
+    if not truth.any():
+        return None
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    ranked, ranked_truth = np.asarray(scores)[order], truth[order]
+    last = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]  # the end of each run of tied scores
+    hits = np.cumsum(ranked_truth)[last]
+    precision, recall = hits / (last + 1), hits / truth.sum()
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def best_thresholds(probabilities: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Per class, the probability cut with the best F1 on these (out-of-fold, training) rows: the midpoint between
+    the cut's score and the next lower one, so that a slightly lower score on new images still counts; 0.5 for a
+    class with no positive."""
+    probabilities, truth = np.asarray(probabilities, np.float64), np.asarray(truth).astype(bool)
+    cuts = np.full(probabilities.shape[1], 0.5)
+    for c in range(probabilities.shape[1]):
+        positives = truth[:, c].sum()
+        if not positives:
+            continue
+        order = np.argsort(-probabilities[:, c], kind="stable")
+        scores, hits = probabilities[order, c], np.cumsum(truth[order, c])
+        last = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
+        f1 = 2 * hits[last] / (last + 1 + positives)
+        best = int(np.argmax(f1))
+        below = scores[last[best] + 1] if last[best] + 1 < len(scores) else 0.0
+        cuts[c] = (scores[last[best]] + below) / 2
+    return cuts
