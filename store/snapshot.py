@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 from bisect import bisect_right
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import h5py
 import numpy as np
@@ -35,9 +36,10 @@ SELF = "."  # a version-1 store's rows lie in the store file itself (HDF5's name
 FILL = {"features": np.nan, "labels": np.iinfo(np.int32).min, "view": 255, "size": -1, "mtime_ns": -1, "ctime_ns": -1}
 
 
-@dataclass(frozen=True)
-class Segment:
-    """Rows [start, start + count) of a partition's split group, in the order a split of the root lists them."""
+class Segment(NamedTuple):
+    """Rows [start, start + count) of a partition's split group, in the order a split of the root lists them. (A
+    named tuple: a sync over a million files makes several per file, and a frozen dataclass costs five times as
+    much to make.)"""
 
     partition: str  # file name in STORE.parts/ (SELF: a version-1 store's own file)
     split: str
@@ -48,12 +50,18 @@ class Segment:
 def merge_segments(segments: list[Segment]) -> list[Segment]:
     """The same rows, runs that continue one another joined."""
     merged: list[Segment] = []
-    for s in segments:
-        last = merged[-1] if merged else None
-        if last and (last.partition, last.split, last.start + last.count) == (s.partition, s.split, s.start):
-            merged[-1] = replace(last, count=last.count + s.count)
-        elif s.count:
-            merged.append(s)
+    run: list | None = None  # the run being joined: partition, split, start, count
+    for partition, split, start, count in segments:
+        if not count:
+            continue
+        if run is not None and run[0] == partition and run[1] == split and run[2] + run[3] == start:
+            run[3] += count
+            continue
+        if run is not None:
+            merged.append(Segment(*run))
+        run = [partition, split, start, count]
+    if run is not None:
+        merged.append(Segment(*run))
     return merged
 
 

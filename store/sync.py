@@ -23,7 +23,7 @@ import operator
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -712,7 +712,7 @@ def _rename(snap: SetSnapshot, old: str, new: str) -> SetSnapshot:
     """A set's snapshot with one partition renamed (the version-1 file, now a partition)."""
 
     def moved(segments: list[Segment]) -> list[Segment]:
-        return [replace(s, partition=new) if s.partition == old else s for s in segments]
+        return [s._replace(partition=new) if s.partition == old else s for s in segments]
 
     prefixes = {(new if k == old else k): (f"/sets/{snap.name}" if k == old else v) for k, v in snap.prefixes.items()}
     tables = {t: {split: moved(s) for split, s in getattr(snap, t).items()} for t in (*ROW_TABLES, "skipped")}
