@@ -21,6 +21,7 @@ from stages.audit import (
     exact_copies,
     feature_map,
     label_issues,
+    multi_label_issues,
     out_of_sample_probabilities,
     outlier_rows,
     similarity_scan,
@@ -28,6 +29,7 @@ from stages.audit import (
 from stages.errors import check_range
 from stages.files import read_stored_file
 from stages.labels import LabelOptions
+from stages.tasks import TASKS
 from store import FeatureSet, FeatureStore
 
 AUDIT_JSON = "audit.json"
@@ -60,12 +62,21 @@ def read_rows(feature_set: FeatureSet) -> AuditRows:
         )
     if not parts:
         return AuditRows(np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, str), [], [])
+    labels, splits = np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+    task, targets = feature_set.task, None
+    if task != "single":  # a row of classes, or a number: an int per image for folds and colours (stages.audit)
+        targets = labels
+        unlabelled = splits == "test"
+        labels = TASKS[task].strata(np.nan_to_num(targets)) if len(targets) else np.zeros(0, np.int64)
+        labels = np.where(unlabelled, -1, labels)
     return AuditRows(
         np.concatenate([p[0] for p in parts]),
-        np.concatenate([p[1] for p in parts]).astype(np.int64),
-        np.concatenate([p[2] for p in parts]),
+        labels.astype(np.int64),
+        splits,
         [x for p in parts for x in p[3]],
         [x for p in parts for x in p[4]],
+        targets,
+        task,
     )
 
 
@@ -133,17 +144,7 @@ def audit(
             rows, classes, data_dir = read_rows(feature_set), feature_set.classes, feature_set.attrs.get("data_dir")
         check_auditable(rows, classes, f"store {store_path} set {feature_set.name}")
         steps = {"read": time.perf_counter() - started}
-        probabilities = out_of_sample_probabilities(rows, len(classes), folds, seed)
-        issues = [
-            {
-                "path": rows.paths[r],
-                "split": str(rows.splits[r]),
-                "given": classes[rows.labels[r]],
-                "suggested": classes[s],
-                "score": round(q, 6),
-            }
-            for r, s, q in label_issues(rows.labels, probabilities)
-        ]
+        issues = _label_issues(rows, classes, folds, seed)
         steps["label_issues"] = time.perf_counter() - started - sum(steps.values())
         groups = CopyGroups(len(rows))
         exact_copies(rows.sha256, groups)
@@ -155,7 +156,7 @@ def audit(
             {
                 "path": rows.paths[r],
                 "split": str(rows.splits[r]),
-                "label": classes[rows.labels[r]] if rows.labels[r] >= 0 else None,
+                "label": rows.label_name(r, classes),
                 "distance": round(float(1 - nearest[r]), 6),
             }
             for r in far
@@ -203,6 +204,37 @@ def audit(
     return result
 
 
+def _label_issues(rows: AuditRows, classes: list[str], folds: int, seed: int) -> list[dict]:
+    """Likely label errors by confident learning on out-of-sample probabilities: one class each (cleanlab), or
+    classes of their own per image (cleanlab's multi-label support). A numeric target has none listed here."""
+    if rows.task == "numeric":
+        return []
+    probabilities = out_of_sample_probabilities(rows, len(classes), folds, seed)
+    if rows.task == "multi":
+        labelled = np.flatnonzero(rows.labels >= 0)
+        found = multi_label_issues(labelled, rows.targets, probabilities)
+        return [
+            {
+                "path": rows.paths[r],
+                "split": str(rows.splits[r]),
+                "given": rows.label_name(r, classes),
+                "suggested": " ".join(c for c, on in zip(classes, suggested) if on),
+                "score": round(q, 6),
+            }
+            for r, suggested, q in found
+        ]
+    return [
+        {
+            "path": rows.paths[r],
+            "split": str(rows.splits[r]),
+            "given": classes[rows.labels[r]],
+            "suggested": classes[s],
+            "score": round(q, 6),
+        }
+        for r, s, q in label_issues(rows.labels, probabilities)
+    ]
+
+
 def _copies(rows: AuditRows, classes: list[str], groups: CopyGroups) -> tuple[list[dict], list[dict]]:
     """The listed pairs (a few per group, most similar first) and the groups, each member once, largest first."""
 
@@ -226,7 +258,7 @@ def _copies(rows: AuditRows, classes: list[str], groups: CopyGroups) -> tuple[li
                     "similarity": 1.0 if exact else round(similarity, 6),
                     "kind": "exact" if exact else "near",
                     "leak": leak((a, b)),
-                    "same_label": bool(rows.labels[a] == rows.labels[b]),
+                    "same_label": rows.label_name(a, classes) == rows.label_name(b, classes),
                 }
             )
         copy_groups.append(
@@ -239,7 +271,7 @@ def _copies(rows: AuditRows, classes: list[str], groups: CopyGroups) -> tuple[li
                     {
                         "path": rows.paths[r],
                         "split": split(r),
-                        "label": classes[rows.labels[r]] if rows.labels[r] >= 0 else None,
+                        "label": rows.label_name(r, classes),
                     }
                     for r in group.members
                 ],
@@ -302,7 +334,8 @@ def _draw(
         columns=4,
     )
     plot_image_grid(copy_items, out / "duplicates.png", "copies and near-copies (pairs side by side)", columns=4)
-    plot_feature_map(feature_map(rows.features), rows.labels, classes, marks, out / "map.png")
+    groups = classes if rows.task != "numeric" else [f"{classes[0]} quintile {q + 1}" for q in range(5)]
+    plot_feature_map(feature_map(rows.features), rows.labels, groups, marks, out / "map.png")
     if not data_dir:
         return ["pictures drawn without their images: the store records no data folder"] if refused else []
     return [f"{p} not drawn: not a regular file inside the data folder {data_dir}" for p in dict.fromkeys(refused)]

@@ -110,7 +110,13 @@ LABEL_PATTERN_OPTION = typer.Option(
     None, "--label-pattern", help="Regular expression: the label is its first group in each file name."
 )
 LABEL_DELIM_OPTION = typer.Option(
-    None, "--label-delim", help="In --labels, the character between several labels of one image."
+    None, "--label-delim", help="In --labels, the character between several labels of one image (multi-label)."
+)
+TASK_OPTION = typer.Option(
+    None,
+    "--task",
+    help="What --labels holds: single (a class each), multi (several each), numeric (a number to regress); "
+    "default: as the labels say (whole numbers are class names).",
 )
 
 
@@ -142,6 +148,7 @@ def featurize(
     labels: Optional[Path] = LABELS_OPTION,
     label_pattern: Optional[str] = LABEL_PATTERN_OPTION,
     label_delim: Optional[str] = LABEL_DELIM_OPTION,
+    task: Optional[str] = TASK_OPTION,
     dtype: str = typer.Option("float16", help="Stored feature dtype: float16 or float32."),
     precision: str = typer.Option("auto", help="Forward precision: auto (bf16 where measured faster), fp32, bf16."),
     device: str = typer.Option("auto", help="auto, cpu or cuda (GPU decode and forward)."),
@@ -173,7 +180,7 @@ def featurize(
     from stages.labels import LabelOptions
 
     opts = _options(FeaturizeOptions, locals(), leave=("labels",))
-    opts.labels = LabelOptions(labels, label_pattern, label_delim)
+    opts.labels = LabelOptions(labels, label_pattern, label_delim, task=task)
     with progress_bar("featurize") as update:
         result = run_featurize(opts, progress=update)
     if isinstance(result, ShardResult) and launched_ranks().distributed:  # a torchrun rank other than 0: a log line
@@ -395,8 +402,9 @@ class EpochTable:
     EPOCHS = ("epoch", "train_loss", "valid_loss", "accuracy", "time")
     STRENGTHS = ("l2", "cv_loss", "cv_accuracy", "time")
 
-    def __init__(self, console: Console, columns: tuple[str, ...] = EPOCHS):
-        self.console, self.columns = console, columns
+    def __init__(self, console: Console, columns: tuple[str, ...] = EPOCHS, score: str = "accuracy"):
+        self.console = console
+        self.columns = tuple(c.replace("accuracy", score) for c in columns)  # the task's own figure
 
     def header(self) -> None:
         self.console.print("".join(f"{c:<{self._width(c)}}" for c in self.columns), style="bold", highlight=False)
@@ -427,7 +435,9 @@ def _leaderboard(rows: list, title: str) -> None:  # rows: stages.rundir.RunSumm
 
     table = Table(title=title)
     labelled = any(getattr(r, "labels", None) for r in rows)
-    columns = ("#", "head", "lr", "wd", "epochs", "l2", "views", "accuracy", "valid_loss")
+    scores = {getattr(r, "task", "single") for r in rows} - {"single"}  # another task: its own figure
+    figure = {"multi": "map", "numeric": "r2"}[scores.pop()] if len(scores) == 1 else "accuracy"
+    columns = ("#", "head", "lr", "wd", "epochs", "l2", "views", figure, "valid_loss")
     columns += ("labels", "run") if labelled else ("run",)
     for column in columns:
         table.add_column(column, justify="right" if column not in ("head", "run", "labels") else "left")
@@ -444,9 +454,9 @@ def _leaderboard(rows: list, title: str) -> None:  # rows: stages.rundir.RunSumm
             cell(r.epochs, ""),
             cell(r.l2, ".2g"),
             cell(r.views, ""),
-            cell(r.accuracy, ".4f"),
+            cell(r.accuracy if figure == "accuracy" else r.score, ".4f"),
             cell(r.valid_loss, ".4f"),
-            *(str(r.labels or "-"),) * labelled,
+            *(str(getattr(r, "labels", None) or "-"),) * labelled,
             r.run,
         )
     out.print(table)
@@ -487,6 +497,7 @@ def train_head_cmd(
     labels: Optional[Path] = LABELS_OPTION,
     label_pattern: Optional[str] = LABEL_PATTERN_OPTION,
     label_delim: Optional[str] = LABEL_DELIM_OPTION,
+    task: Optional[str] = TASK_OPTION,
     out_dir: Optional[Path] = typer.Option(
         None, "--out", help="Run directory (a grid writes one subdirectory per run)."
     ),
@@ -513,10 +524,14 @@ def train_head_cmd(
     )
     out_dir = out_dir or default_out()
     console = err if as_json else out
-    epochs_table, strengths_table = EpochTable(console), EpochTable(console, EpochTable.STRENGTHS)
     kept = f"runs finished before it are in {out_dir}; nothing else was written"
     with FeatureStore(store) as opened, on_interrupt(kept):
-        cached = load_cached_features(opened, set_name, max_memory, LabelOptions(labels, label_pattern, label_delim))
+        cached = load_cached_features(
+            opened, set_name, max_memory, LabelOptions(labels, label_pattern, label_delim, task=task)
+        )
+        score = cached.task.primary
+        epochs_table = EpochTable(console, score=score)
+        strengths_table = EpochTable(console, EpochTable.STRENGTHS, score=score)
 
         def on_run(i: int, cfg) -> None:
             if len(configs) > 1 or auto:
@@ -547,9 +562,18 @@ def train_head_cmd(
     else:
         b = board[0]
         chosen = f"l2 {b.l2:.2g} (5-fold cv on train), " if b.head == "logreg" else ""
+        figure = "-" if b.score is None else f"{b.score:.4f}"
+        loss = "-" if b.valid_loss is None else f"{b.valid_loss:.4f}"
+        temperature = (
+            ""
+            if b.task == "numeric"
+            else "temperature "
+            + (f"{b.temperature:.3f}; " if b.task == "single" else "per class (metrics.json), thresholds likewise; ")
+        )
+        loss_name = "log loss" if b.task == "single" else "loss"
         out.print(
-            f"valid accuracy {b.accuracy:.4f}, log loss {b.valid_loss:.4f}; {chosen}temperature "
-            f"{b.temperature:.3f}; head, config.json, metrics.json, curves.png in {b.run}",
+            f"valid {score} {figure}, {loss_name} {loss}; {chosen}{temperature}head, config.json, metrics.json, "
+            f"curves.png in {b.run}",
             highlight=False,
         )
 
@@ -576,6 +600,7 @@ def lr_find_cmd(
     labels: Optional[Path] = LABELS_OPTION,
     label_pattern: Optional[str] = LABEL_PATTERN_OPTION,
     label_delim: Optional[str] = LABEL_DELIM_OPTION,
+    task: Optional[str] = TASK_OPTION,
     out_dir: Path = typer.Option(Path("runs/lr-find"), "--out", help="Where lr_find.png goes."),
     as_json: bool = typer.Option(False, "--json", help="Print the curve and the suggestion as JSON."),
 ):
@@ -588,7 +613,9 @@ def lr_find_cmd(
 
     cfg = _options(TrainConfig, locals())
     with FeatureStore(store) as opened, on_interrupt(_nothing_written(out_dir)):
-        cached = load_cached_features(opened, set_name, max_memory, LabelOptions(labels, label_pattern, label_delim))
+        cached = load_cached_features(
+            opened, set_name, max_memory, LabelOptions(labels, label_pattern, label_delim, task=task)
+        )
         result = find_lr(cached, cfg, out_dir, start_lr=start_lr, end_lr=end_lr, num_lrs=num_lrs)
     if as_json:
         _print_json(result)
@@ -729,6 +756,7 @@ def inspect(
     labels: Optional[Path] = LABELS_OPTION,
     label_pattern: Optional[str] = LABEL_PATTERN_OPTION,
     label_delim: Optional[str] = LABEL_DELIM_OPTION,
+    task: Optional[str] = TASK_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON."),
 ):
     """Look at the data: counts per split and class, balance, sizes, formats, bad files, duplicates, leaks, samples."""
@@ -738,7 +766,9 @@ def inspect(
     with on_interrupt(_nothing_written(out_dir)):
         from stages.labels import LabelOptions
 
-        report = inspect_folder(data_dir, out_dir, valid_pct, seed, LabelOptions(labels, label_pattern, label_delim))
+        report = inspect_folder(
+            data_dir, out_dir, valid_pct, seed, LabelOptions(labels, label_pattern, label_delim, task=task)
+        )
     if as_json:
         _print_json(report)
         return
@@ -815,12 +845,21 @@ def predict(
     from rich.table import Table
 
     table = Table()
-    for column in ("path", "class", "probability", *(("tta class", "tta probability") if tta else ())):
-        table.add_column(column, justify="right" if "probability" in column else "left")
-    for r in result.predictions:
-        top = ", ".join(f"{c} {p:.3f}" for c, p in r["top_k"]) if top_k > 1 else f"{r['probability']:.4f}"
-        extra = (r["tta_class"], f"{r['tta_probability']:.4f}") if tta else ()
-        table.add_row(r["path"], r["class"], top, *extra)
+    first = result.predictions[0] if result.predictions else {}
+    if "labels" in first or "value" in first:  # a multi-label or a numeric head (stages.model.decided)
+        shown = ("labels (probability)",) if "labels" in first else ("value",)
+        for column in ("path", *shown, *(f"tta {c}" for c in shown if tta)):
+            table.add_column(column, justify="right" if column.endswith("value") else "left")
+        for r in result.predictions:
+            cells = [_task_cell(r, prefix) for prefix in ["", "tta_"][: 1 + tta]]
+            table.add_row(r["path"], *cells)
+    else:
+        for column in ("path", "class", "probability", *(("tta class", "tta probability") if tta else ())):
+            table.add_column(column, justify="right" if "probability" in column else "left")
+        for r in result.predictions:
+            top = ", ".join(f"{c} {p:.3f}" for c, p in r["top_k"]) if top_k > 1 else f"{r['probability']:.4f}"
+            extra = (r["tta_class"], f"{r['tta_probability']:.4f}") if tta else ()
+            table.add_row(r["path"], r["class"], top, *extra)
     out.print(table)
     for e in result.errors:
         err.print(f"[yellow]unreadable[/] {e['path']}: {e['error']}", highlight=False)
@@ -849,6 +888,7 @@ def evaluate(
     labels: Optional[Path] = LABELS_OPTION,
     label_pattern: Optional[str] = LABEL_PATTERN_OPTION,
     label_delim: Optional[str] = LABEL_DELIM_OPTION,
+    task: Optional[str] = TASK_OPTION,
     tta: bool = typer.Option(False, "--tta", help="Average over flipped and shifted crops."),
     store: Optional[Path] = typer.Option(None, "--store", help="Use cached features from this store (seconds)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -863,10 +903,13 @@ def evaluate(
     with on_interrupt(_nothing_written(out_dir or model_dir / "eval")):
         from stages.labels import LabelOptions
 
-        label_options = LabelOptions(labels, label_pattern, label_delim)
+        label_options = LabelOptions(labels, label_pattern, label_delim, task=task)
         result = run_evaluate(model_dir, split_dir, out_dir, tta, store, device, precision, split, label_options)
     if as_json:
         _print_json(result)
+        return
+    if not hasattr(result, "precision_note"):  # a multi-label or numeric head (pipeline.evaluate.TaskEvaluateResult)
+        _print_task_evaluation(result)
         return
     if result.precision_note:
         err.print(f"[yellow]note:[/] {result.precision_note}", highlight=False)
@@ -898,6 +941,32 @@ def evaluate(
     )
 
 
+def _task_cell(row: dict, prefix: str) -> str:
+    """A multi-label prediction's labels with their probabilities, or a numeric one's value."""
+    if f"{prefix}value" in row:
+        return f"{row[f'{prefix}value']:.4g}"
+    probabilities = row[f"{prefix}probabilities"]
+    return ", ".join(f"{c} {probabilities[c]:.3f}" for c in row[f"{prefix}labels"]) or "(none)"
+
+
+def _print_task_evaluation(result) -> None:  # result: pipeline.evaluate.TaskEvaluateResult
+    m = result.metrics
+    if result.task == "numeric":
+        out.print(
+            f"R² {m['r2']:.4f}, MAE {m['mae']:.4g}, RMSE {m['rmse']:.4g} on {result.images} images", highlight=False
+        )
+    else:
+        out.print(
+            f"mAP {m['map']:.4f}, micro F1 {m['micro_f1']:.4f}, macro F1 {m['macro_f1']:.4f}, subset accuracy "
+            f"{m['subset_accuracy']:.4f} on {result.images} images",
+            highlight=False,
+        )
+        for name, ap in m["per_class_ap"].items():
+            shown = "no positive" if ap is None else f"AP {ap:.4f}"
+            out.print(f"  {name}: {shown}, threshold {m['thresholds'][name]:.3f}", highlight=False)
+    out.print(f"plot: {result.plot_png}; metrics: {result.metrics_json}", highlight=False)
+
+
 @app.command(
     epilog="Examples:\n\n    pipeline audit --store runs/dogscats.h5\n\n"
     "    pipeline audit --store runs/flowers5.h5 --out runs/audit-flowers --threshold 0.95 --json"
@@ -917,6 +986,7 @@ def audit(
     labels: Optional[Path] = LABELS_OPTION,
     label_pattern: Optional[str] = LABEL_PATTERN_OPTION,
     label_delim: Optional[str] = LABEL_DELIM_OPTION,
+    task: Optional[str] = TASK_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print the findings as JSON."),
 ):
     """Likely label errors (confident learning on out-of-sample probabilities), exact and near copies (train/valid
@@ -926,7 +996,7 @@ def audit(
     with on_interrupt(_nothing_written(out_dir)):
         from stages.labels import LabelOptions
 
-        label_options = LabelOptions(labels, label_pattern, label_delim)
+        label_options = LabelOptions(labels, label_pattern, label_delim, task=task)
         result = run_audit(store, set_name, out_dir, threshold, neighbours, folds, pictures, labels=label_options)
     if as_json:
         _print_json(result)

@@ -10,14 +10,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.plots import plot_confusion_matrix, plot_image_grid, plot_reliability
+from pipeline.plots import (
+    plot_confusion_matrix,
+    plot_image_grid,
+    plot_precision_recall,
+    plot_predicted_vs_true,
+    plot_reliability,
+)
 from stages.atomic import atomic_csv, output_folder, write_json
 from stages.errors import PipelineError
 from stages.files import IMAGE_EXTENSIONS, class_folders, find_images
-from stages.labels import LabelOptions
+from stages.labels import LabelOptions, recorded_options
 from stages.metrics import ClassificationMetrics, classification_metrics, top_losses
-from stages.model import ImageClassifier, load_model, top_classes
-from stages.rundir import check_compatible
+from stages.model import ImageClassifier, decided, load_model
+from stages.rundir import check_compatible, read_config
+from stages.tasks import precision_recall
 
 
 def expand_inputs(inputs: list[Path]) -> list[Path]:
@@ -88,19 +95,22 @@ def predict(
     files = expand_inputs(inputs)
     started = time.perf_counter()
     rows, errors = [], []
+    task = model.head.task.name
     for predictions, failed in model.predict_files(files, tta=tta):
         for p in predictions:
-            row = {"path": p.path, **top_classes(p.probabilities, model.classes, top_k)}
+            row = {"path": p.path, **decided(model.head, p.probabilities, model.classes, top_k)}
             if tta:
-                row.update({f"tta_{k}": v for k, v in top_classes(p.tta_probabilities, model.classes, top_k).items()})
-            row["probabilities"] = {c: float(v) for c, v in zip(model.classes, p.probabilities)}
-            if tta:
-                row["tta_probabilities"] = {c: float(v) for c, v in zip(model.classes, p.tta_probabilities)}
+                tta_row = decided(model.head, p.tta_probabilities, model.classes, top_k)
+                row.update({f"tta_{k}": v for k, v in tta_row.items()})
+            if task == "single":
+                row["probabilities"] = {c: float(v) for c, v in zip(model.classes, p.probabilities)}
+                if tta:
+                    row["tta_probabilities"] = {c: float(v) for c, v in zip(model.classes, p.tta_probabilities)}
             rows.append(row)
         errors += [{"path": path, "error": reason} for path, reason in failed]
     seconds = time.perf_counter() - started
     if out is not None:
-        _write_predictions(out, rows, model.classes, tta)
+        _write_predictions(out, rows, model.classes, tta, task)
     return PredictResult(
         predictions=rows,
         errors=errors,
@@ -112,10 +122,13 @@ def predict(
     )
 
 
-def _write_predictions(out: Path, rows: list[dict], classes: list[str], tta: bool) -> None:
+def _write_predictions(out: Path, rows: list[dict], classes: list[str], tta: bool, task: str = "single") -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".json":
         write_json(out, rows)
+        return
+    if task != "single":
+        _write_task_predictions(out, rows, classes, tta, task)
         return
     with atomic_csv(out) as f:
         writer = csv.writer(f)
@@ -134,6 +147,25 @@ def _write_predictions(out: Path, rows: list[dict], classes: list[str], tta: boo
                     *([f"{r['tta_probabilities'][c]:.6f}" for c in classes] if tta else []),
                 ]
             )
+
+
+def _write_task_predictions(out: Path, rows: list[dict], classes: list[str], tta: bool, task: str) -> None:
+    """A CSV row per image: its value (numeric); or its labels, space-separated, and every class's probability
+    (multi-label); the same again prefixed tta_ with TTA."""
+    prefixes = ["", "tta_"] if tta else [""]
+    with atomic_csv(out) as f:
+        writer = csv.writer(f)
+        if task == "numeric":
+            writer.writerow(["path", *(f"{p}value" for p in prefixes)])
+            for r in rows:
+                writer.writerow([r["path"], *(f"{r[f'{p}value']:.6g}" for p in prefixes)])
+            return
+        writer.writerow(["path", *(f"{p}{name}" for p in prefixes for name in ["labels", *classes])])
+        for r in rows:
+            cells = [
+                [" ".join(r[f"{p}labels"]), *(f"{r[f'{p}probabilities'][c]:.6f}" for c in classes)] for p in prefixes
+            ]
+            writer.writerow([r["path"], *(cell for group in cells for cell in group)])
 
 
 def labelled_split(split_dir: Path, classes: list[str]) -> tuple[list[Path], np.ndarray]:
@@ -230,7 +262,7 @@ def evaluate(
     precision: str | None = None,
     split: str = "valid",
     labels: LabelOptions | None = None,
-) -> EvaluateResult:
+) -> EvaluateResult | TaskEvaluateResult:
     """Metrics, confusion matrix and top losses of a model on a labelled split; from cached features with store.
     Without split_dir, a split of the store itself (`split`), labelled as the store holds it or by `labels`: what a
     data folder labelled by a table or a pattern has no class folders for. The model runs in the precision its
@@ -240,9 +272,99 @@ def evaluate(
         raise PipelineError("--precision applies to the backbone; drop it with --store (the features are cached)")
     if split_dir is None and store is None:
         raise PipelineError("give a SPLIT_DIR of class folders, or --store STORE to evaluate a split it holds")
+    task = read_config(run_dir).head.get("task", "single")
+    if task != "single":  # several labels or a number: no class folders say them, the store's split (its table) does
+        if split_dir is not None or store is None or tta:
+            raise PipelineError(
+                f"{run_dir} is a {task} head: evaluate it on a split of its store, --store STORE [--split valid] "
+                "[--labels FILE], without SPLIT_DIR or --tta"
+            )
+        with output_folder(out, (PR_PNG, PVT_PNG), "an evaluation") as staging:
+            return _evaluate_task(run_dir, out, staging, store, split, labels)
     # Held from the start (a second evaluate into the same folder is refused at once), published whole at the end.
     with output_folder(out, (CONFUSION_PNG,), "an evaluation") as staging:
         return _evaluate(run_dir, split_dir, out, staging, tta, store, device, precision, split, labels)
+
+
+@dataclass
+class TaskEvaluateResult:
+    """A multi-label or numeric head's figures on a split of its store (stages.tasks: mAP, micro and macro F1,
+    per-class AP, subset accuracy; or MAE, RMSE, R^2), with its picture (precision-recall per class, or predicted
+    against true) and where metrics.json went."""
+
+    task: str
+    metrics: dict
+    images: int
+    run: str
+    split: str
+    seconds: float
+    plot_png: str
+    metrics_json: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+PR_PNG, PVT_PNG = "precision_recall.png", "predicted_vs_true.png"
+
+
+def _evaluate_task(
+    run_dir: Path, out: Path, staging: Path, store: Path, split: str, label_options: LabelOptions | None
+) -> TaskEvaluateResult:
+    """A multi-label or numeric head on the plain views of a split of its store, labelled by the table the run
+    recorded (or --labels)."""
+    from stages.head import load_head
+    from store import FeatureStore
+
+    started = time.perf_counter()
+    head, config = load_head(run_dir)
+    task = head.task
+    with FeatureStore(store) as opened:
+        trained_here = config.feature_set.store == str(store.resolve())
+        feature_set = opened.feature_set(config.feature_set.set if trained_here else None)
+        check_compatible(config, feature_set.identity, feature_set.name, run_dir)
+        given = label_options is not None and label_options.given
+        feature_set = feature_set.with_labels(label_options if given else recorded_options(config.labels))
+        if feature_set.task != task.name or (task.name == "multi" and feature_set.classes != config.classes):
+            raise PipelineError(
+                f"store {store} is labelled for another task ({feature_set.task}: {', '.join(feature_set.classes)}) "
+                f"than the run's ({task.name}: {', '.join(config.classes)}); give --labels with the run's labels"
+            )
+        plain = np.flatnonzero(feature_set.column(split, "view") == 0)
+        targets = feature_set.column(split, "labels")[plain]
+        x = torch.from_numpy(feature_set.features(split)[plain]).float()
+    if not len(plain):
+        raise PipelineError(f"store {store} holds no {split} images to evaluate")
+    with torch.no_grad():
+        outputs = task.activation(head(x)).numpy()
+    thresholds = head.thresholds.numpy() if task.name == "multi" else None
+    figures = task.metrics(outputs, targets, thresholds)
+    if task.name == "multi":
+        names = config.classes
+        figures["per_class_ap"] = {names[c]: v for c, v in figures["per_class_ap"].items()}
+        figures["thresholds"] = dict(zip(names, thresholds.tolist()))
+        curves = {}
+        for c, name in enumerate(names):
+            precision, recall = precision_recall(targets[:, c], outputs[:, c])
+            decided = outputs[:, c] >= thresholds[c]
+            hits = int((decided & targets[:, c].astype(bool)).sum())
+            at = (hits / max(1, decided.sum()), hits / max(1, targets[:, c].sum()))
+            curves[name] = (np.r_[1.0, precision], np.r_[0.0, recall], at)
+        plot = plot_precision_recall(curves, figures["per_class_ap"], figures["thresholds"], staging / PR_PNG)
+    else:
+        plot = plot_predicted_vs_true(targets, task.decide(outputs), figures["r2"], staging / PVT_PNG)
+    result = TaskEvaluateResult(
+        task=task.name,
+        metrics=figures,
+        images=len(plain),
+        run=str(run_dir),
+        split=f"{store}:{split}",
+        seconds=round(time.perf_counter() - started, 3),
+        plot_png=str(out / plot.name),
+        metrics_json=str(out / METRICS_JSON),
+    )
+    write_json(staging / METRICS_JSON, result.to_json())
+    return result
 
 
 CONFUSION_PNG, RELIABILITY_PNG, TOP_LOSSES_PNG, METRICS_JSON = (

@@ -37,6 +37,16 @@ def _inspect(
     data_dir: Path, out: Path, staging: Path, valid_pct: float | None, seed: int, labels: LabelOptions | None = None
 ) -> dict:
     dataset = scan_dataset(data_dir, valid_pct, seed, labels)
+    source = dataset.label_source
+    task = source.task if source is not None else "single"
+
+    def classes_of(f) -> list[str]:  # each class an image counts for: its one, its tags, or the number's column
+        if task == "multi":
+            return list(source.labels.get(f.path, ())) or ["(no class)"]
+        if task == "numeric":
+            return dataset.classes if f.path in source.labels else ["(unlabelled)"]
+        return [dataset.classes[f.label] if f.label >= 0 else "(unlabelled)"]
+
     by_hash: dict[str, list[tuple[str, str]]] = defaultdict(list)
     splits, unreadable = {}, []
     widths, heights, formats, modes = [], [], Counter(), Counter()
@@ -53,14 +63,13 @@ def _inspect(
                 unreadable.append({"split": split, "path": f.path, "reason": str(exc)})
                 continue
             by_hash[content_sha256(data)].append((split, f.path))
-            counts[dataset.classes[f.label] if f.label >= 0 else "(unlabelled)"] += 1
+            counts.update(classes_of(f))
             widths.append(width)
             heights.append(height)
             formats[fmt] += 1
             modes[mode] += 1
-        total = sum(counts.values())
         splits[split] = {
-            "images": total,
+            "images": len(files) - sum(1 for u in unreadable if u["split"] == split),
             "classes": dict(sorted(counts.items())),
             "balance": round(min(counts.values()) / max(counts.values()), 3) if counts else None,
         }
@@ -72,10 +81,8 @@ def _inspect(
     leaks = [d for d in duplicates if len(d["splits"]) > 1]
     samples = {}
     first = "train" if "train" in dataset.splits else next(iter(dataset.splits))
-    for label, name in enumerate(dataset.classes or ["(unlabelled)"]):
-        members = [
-            dataset.root / f.path for f in dataset.splits[first] if f.label == (label if dataset.classes else -1)
-        ]
+    for name in dataset.classes or ["(unlabelled)"]:
+        members = [dataset.root / f.path for f in dataset.splits[first] if name in classes_of(f)]
         samples[name] = members[:: max(1, len(members) // SAMPLES_PER_CLASS)][:SAMPLES_PER_CLASS]
     plot_contact_sheet(samples, staging / SAMPLES_PNG, SAMPLES_PER_CLASS)
 

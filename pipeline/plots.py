@@ -1,4 +1,5 @@
-"""PNG plots where a picture says more than a table: training curves and the lr-find curve."""
+"""PNG plots where a picture says more than a table: training curves, the lr-find curve, calibration, confusion,
+precision-recall and predicted-vs-true."""
 
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ def _figure(**kwargs):
     return Figure(**kwargs)
 
 
+def _score_key(row: dict, prefix: str) -> str:
+    """The task's figure in a history row (stages.tasks: accuracy, map or r2), by its prefix."""
+    return next((prefix + k for k in ("accuracy", "map", "r2") if prefix + k in row), prefix + "accuracy")
+
+
 def plot_training_curves(history: list[dict], step_losses: list[float], path: Path) -> Path:
     """Train loss per step and valid loss per epoch on the left, valid accuracy per epoch on the right."""
     fig = _figure(figsize=(10, 4))
@@ -23,12 +29,13 @@ def plot_training_curves(history: list[dict], step_losses: list[float], path: Pa
         [(i + 1) / steps_per_epoch for i in range(len(step_losses))], step_losses, label="train loss (step)", alpha=0.7
     )
     epochs = [row["epoch"] + 1 for row in history]
+    score = _score_key(history[0] if history else {}, "")
     if history and "valid_loss" in history[0]:
         left.plot(epochs, [row["valid_loss"] for row in history], "o-", label="valid loss")
-        right.plot(epochs, [row["accuracy"] for row in history], "o-", color="tab:green")
-    left.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+        right.plot(epochs, [row[score] for row in history], "o-", color="tab:green")
+    left.set(xlabel="epoch", ylabel="loss", title="loss")
     left.legend()
-    right.set(xlabel="epoch", ylabel="accuracy", title="valid accuracy")
+    right.set(xlabel="epoch", ylabel=score, title=f"valid {score}")
     right.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -41,8 +48,9 @@ def plot_cv_path(path: list[dict], chosen: float | None, out: Path) -> Path:
     left, right = fig.subplots(1, 2)
     strengths = [row["l2"] for row in path]
     left.plot(strengths, [row["cv_loss"] for row in path], "o-")
-    right.plot(strengths, [row["cv_accuracy"] for row in path], "o-", color="tab:green")
-    for ax, label in ((left, "out-of-fold cross-entropy"), (right, "out-of-fold accuracy")):
+    score = _score_key(path[0] if path else {}, "cv_")
+    right.plot(strengths, [row[score] for row in path], "o-", color="tab:green")
+    for ax, label in ((left, "out-of-fold loss"), (right, f"out-of-fold {score.removeprefix('cv_')}")):
         ax.set_xscale("log")
         ax.set(xlabel="L2 strength", ylabel=label)
         ax.grid(alpha=0.3)
@@ -206,6 +214,39 @@ def plot_feature_map(points, labels, classes: list[str], marks: dict[str, list[i
         xlabel="principal component 1", ylabel="principal component 2", title="features, first two principal components"
     )
     ax.legend(fontsize=8, markerscale=1.5, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_precision_recall(curves: dict[str, tuple], ap: dict[str, float | None], thresholds: dict, path: Path) -> Path:
+    """A multi-label head per class: precision against recall as the cut falls, its AP, and where the head's own
+    threshold lands."""
+    fig = _figure(figsize=(6, 5))
+    ax = fig.subplots()
+    for name, (precision, recall, at) in curves.items():
+        label = f"{name} (AP {ap[name]:.3f})" if ap.get(name) is not None else f"{name} (no positive)"
+        (line,) = ax.step(recall, precision, where="post", label=label)
+        if at is not None:
+            ax.plot([at[1]], [at[0]], "o", color=line.get_color())
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02), title="precision-recall per class")
+    ax.legend(fontsize=8, loc="lower left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_predicted_vs_true(truth, predicted, r2: float, path: Path) -> Path:
+    """A numeric head: each image's prediction against its true value, the diagonal being perfect."""
+    fig = _figure(figsize=(5, 5))
+    ax = fig.subplots()
+    ax.scatter(truth, predicted, s=8, alpha=0.6)
+    low, high = float(min(min(truth), min(predicted))), float(max(max(truth), max(predicted)))
+    ax.plot([low, high], [low, high], "--", color="gray", label="perfect")
+    ax.set(xlabel="true", ylabel="predicted", title=f"predicted vs true (R² {r2:.3f})")
+    ax.legend()
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return path

@@ -16,7 +16,7 @@ import torch
 from pipeline.plots import plot_cv_path, plot_lr_find, plot_training_curves
 from pipeline.runtime import cpu_count, torch_threads
 from stages.atomic import check_replaceable, locked_output, output_folder, published_folder
-from stages.calibration import fit_temperature, image_folds
+from stages.calibration import image_folds
 from stages.errors import PipelineError
 from stages.head import (
     Head,
@@ -29,6 +29,7 @@ from stages.head import (
     out_of_fold_logits,
     parse_size,
     select_rows,
+    settle,
     stream_block_rows,
     train_head,
 )
@@ -44,6 +45,7 @@ from stages.rundir import (
     rank_runs,
     write_run,
 )
+from stages.tasks import TASKS, Task
 from store import FeatureSet, FeatureStore
 
 LR_FIND_PNG = "lr_find.png"
@@ -66,6 +68,10 @@ class CachedFeatures:
     def classes(self) -> list[str]:
         return self.feature_set.classes
 
+    @property
+    def task(self) -> Task:
+        return TASKS[self.feature_set.task]
+
     def excluding(self, paths: set[str]) -> CachedFeatures:
         """The same features with these train images left out of every fit."""
         return replace(self, excluded=self.excluded | frozenset(paths))
@@ -80,8 +86,9 @@ class CachedFeatures:
     def folds(self, rows: Rows, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """Per selected train row: its cross-validation fold (by image, stratified) and whether it is a plain view."""
         paths = self.feature_set.column("train", "paths")
+        strata = self.task.strata(rows.labels[rows.rows].numpy())
         return (
-            image_folds([paths[r] for r in rows.rows], rows.labels[rows.rows].numpy(), k, seed),
+            image_folds([paths[r] for r in rows.rows], strata, k, seed),
             self.feature_set.column("train", "view")[rows.rows] == 0,
         )
 
@@ -141,12 +148,19 @@ def save_head_run(
     metrics = {
         "history": history,
         "train_seconds": seconds,
-        "temperature": float(head.temperature),
-        "accuracy": valid["accuracy"] if valid else None,
+        "temperature": head.temperature.tolist(),
+        "accuracy": valid.get("accuracy") if valid else None,
         "valid_loss": valid["loss"] if valid else None,
-        "valid_ece": valid["ece"] if valid else None,
-        "per_class_accuracy": {cached.classes[c]: a for c, a in valid["per_class_accuracy"].items()} if valid else {},
+        "valid_ece": valid.get("ece") if valid else None,
+        "per_class_accuracy": {cached.classes[c]: a for c, a in valid["per_class_accuracy"].items()}
+        if valid and "per_class_accuracy" in valid
+        else {},
     }
+    if cached.task.name != "single":  # its own figures on valid (stages.tasks), and what it decides with
+        metrics["task"] = cached.task.name
+        metrics["valid"] = _named(valid, cached.classes) if valid else None
+        if cached.task.name == "multi":
+            metrics["thresholds"] = dict(zip(cached.classes, head.thresholds.tolist()))
 
     def plot(path: Path) -> None:
         if cfg.head == "logreg":
@@ -156,6 +170,14 @@ def save_head_run(
 
     write_run(out, {HEAD_WEIGHTS: head.state_dict()}, config, metrics, plot)
     return metrics
+
+
+def _named(figures: dict, classes: list[str]) -> dict:
+    """A task's figures with per-class entries keyed by class name."""
+    return {
+        k: {classes[c]: v for c, v in value.items()} if k.startswith("per_class") else value
+        for k, value in figures.items()
+    }
 
 
 def expand_grid(
@@ -230,18 +252,36 @@ def fit_head(
     """
     rows = cached.train_rows(cfg.views)
     folds, plain = cached.folds(rows, cfg.folds, cfg.seed)
-    num_classes = len(cached.classes)
+    num_classes, task, valid = len(cached.classes), cached.task, cached.valid
+    scale = None
+    if task.name == "numeric":  # regressed standardized (one lr and one L2 path suit any unit), rescaled after
+        values = rows.labels[rows.rows]
+        scale = (values.mean(), values.std().clamp_min(1e-12))
+        rows, valid = _standardized(rows, *scale), _standardized(valid, *scale) if valid is not None else None
     if cfg.head == "logreg":
         # float32 rows held during cross-validation: the sample, and each fold's training copy with its transpose.
         cv_max_rows = max(1000, cached.memory_limit // (4 * (1 + 2 * cfg.folds) * rows.dim))
         head, fit = train_logreg(
-            rows, folds, plain, num_classes, cfg.l2, cfg.calibrate, cfg.seed, cv_max_rows, on_strength
+            rows, folds, plain, num_classes, cfg.l2, cfg.calibrate, cfg.seed, cv_max_rows, on_strength, task
         )
-        return head, replace(cfg, l2=fit["l2"]), fit["path"], []
-    head, history, steps = train_head(rows, cached.valid, cfg, num_classes, on_epoch=on_epoch)
-    if cfg.calibrate:
-        head.temperature.fill_(fit_temperature(*out_of_fold_logits(rows, folds, plain, cfg, num_classes)))
+        cfg, history, steps = replace(cfg, l2=fit["l2"]), fit["path"], []
+    else:
+        head, history, steps = train_head(rows, valid, cfg, num_classes, on_epoch=on_epoch, task=task)
+        if cfg.calibrate:
+            settle(head, *out_of_fold_logits(rows, folds, plain, cfg, num_classes, task))
+    if scale is not None:
+        with torch.no_grad():
+            last = head.last_layer()
+            last.weight.mul_(scale[1])
+            last.bias.mul_(scale[1]).add_(scale[0])
     return head, cfg, history, steps
+
+
+def _standardized(rows: Rows, mean: torch.Tensor, std: torch.Tensor) -> Rows:
+    """The same rows with their numeric targets standardized."""
+    other = rows.select(rows.rows)
+    other.labels = (rows.labels - mean) / std
+    return other
 
 
 def refit_head(run_dir: Path, config: RunConfig, exclude: set[str], threads: int | None = None) -> Head:
@@ -291,10 +331,14 @@ def _train_grid(cached, configs, out, auto_lr, overwrite, on_run, on_epoch, on_s
 
 @dataclass
 class HeadRun(RunSummary):
-    """One run of train-head: its leaderboard row, with logreg's chosen L2, the temperature and the seconds."""
+    """One run of train-head: its leaderboard row, with logreg's chosen L2, the temperature (one per class for a
+    multi-label head), the seconds, and its task with its primary figure on valid (stages.tasks: accuracy, mAP or
+    R^2)."""
 
-    temperature: float
+    temperature: float | list[float]
     seconds: float
+    task: str = "single"
+    score: float | None = None
 
 
 def _train_runs(cached, configs, out, auto_lr, on_run, on_epoch, on_strength) -> list[HeadRun]:
@@ -310,6 +354,7 @@ def _train_runs(cached, configs, out, auto_lr, on_run, on_epoch, on_strength) ->
         seconds = time.perf_counter() - started
         valid = evaluate_head(head, cached.valid) if cached.valid is not None else None
         check_finite(run_name(cfg), head, history, valid)
+        score = valid[cached.task.primary] if valid else None
         with published_folder(run_dir) as staging:  # each run appears whole, or not at all
             metrics = save_head_run(staging, head, cfg, history, steps, valid, cached, seconds)
         adamw = cfg.head != "logreg"  # logreg takes no lr, wd or epochs
@@ -324,8 +369,10 @@ def _train_runs(cached, configs, out, auto_lr, on_run, on_epoch, on_strength) ->
                 l2=cfg.l2,
                 accuracy=metrics["accuracy"],
                 valid_loss=metrics["valid_loss"],
-                temperature=float(head.temperature),
+                temperature=metrics["temperature"],
                 seconds=round(seconds, 3),
+                task=cached.task.name,
+                score=score,
             )
         )
     return rank_runs(board)
@@ -334,10 +381,11 @@ def _train_runs(cached, configs, out, auto_lr, on_run, on_epoch, on_strength) ->
 def check_finite(name: str, head: Head, history: list[dict], valid: dict | None) -> None:
     """A run whose weights, losses or valid metrics are NaN or infinite ends the command before anything is saved."""
     last = history[-1] if history else {}
+    primary = head.task.primary
     numbers = {
         "train loss": last.get("train_loss", last.get("cv_loss", 0.0)),
         "valid loss": valid["loss"] if valid else 0.0,
-        "valid accuracy": valid["accuracy"] if valid else 0.0,
+        f"valid {primary}": valid[primary] if valid else 0.0,
     }
     bad = [k for k, v in numbers.items() if v is not None and not math.isfinite(v)]
     if not all(torch.isfinite(p).all() for p in head.classifier.parameters()):

@@ -15,6 +15,7 @@ import torch
 from stages.calibration import image_folds
 from stages.errors import PipelineError
 from stages.head import TensorRows
+from stages.tasks import TASKS
 
 # Raw cosine of pooled Lite0 features (measured, bench/results/audit.md): a copy re-encoded at JPEG quality 75 and
 # resized to 0.9x keeps >= 0.94 to its original on dogscats photos; two different photos never exceeded 0.87.
@@ -26,39 +27,57 @@ SIMILARITY_BLOCK_BYTES = 256 * 2**20  # one block of the similarity matrix: rows
 
 @dataclass
 class AuditRows:
-    """The plain view of every image of a feature set: features, labels (-1 unlabelled), split, path, sha256."""
+    """The plain view of every image of a feature set: features, labels (-1 unlabelled), split, path, sha256; for a
+    multi-label set its 0/1 row of classes too (`targets`; `labels` then holds each image's rarest class, what its
+    folds are stratified and its map coloured by), for a numeric one its number."""
 
     features: np.ndarray
     labels: np.ndarray
     splits: np.ndarray
     paths: list[str]
     sha256: list[str]
+    targets: np.ndarray | None = None
+    task: str = "single"
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def label_name(self, row: int, classes: list[str]) -> str | None:
+        """How a finding shows an image's label: its class, its classes space-separated, or its number."""
+        if self.labels[row] < 0:
+            return None
+        if self.task == "multi":
+            return " ".join(c for c, on in zip(classes, self.targets[row]) if on)
+        if self.task == "numeric":
+            return f"{self.targets[row]:g}"
+        return classes[self.labels[row]]
+
 
 def out_of_sample_probabilities(rows: AuditRows, num_classes: int, folds: int = 5, seed: int = 0) -> np.ndarray:
     """Per labelled row, class probabilities from a model that never saw it: k-fold logreg heads on train (the
-    L2 strength cross-validated, the temperature fitted out of fold), one head on all of train for the rest."""
+    L2 strength cross-validated, the temperature fitted out of fold), one head on all of train for the rest (a
+    softmax over the classes, or for a multi-label set a sigmoid per class)."""
     from stages.linear_probe import fold_logits, train_logreg
 
+    task = TASKS[rows.task]
     train = np.flatnonzero((rows.splits == "train") & (rows.labels >= 0))
     other = np.flatnonzero((rows.splits != "train") & (rows.labels >= 0))
-    split = TensorRows(torch.from_numpy(rows.features), np.maximum(rows.labels, 0), train)
+    targets = rows.targets if rows.task == "multi" else np.maximum(rows.labels, 0)
+    split = TensorRows(torch.from_numpy(rows.features), targets, train)
     fold = image_folds([rows.paths[i] for i in train], rows.labels[train], folds, seed)
-    head, fit = train_logreg(split, fold, np.ones(len(train), bool), num_classes, seed=seed, cv_max_rows=CV_MAX_ROWS)
+    plain = np.ones(len(train), bool)
+    head, fit = train_logreg(split, fold, plain, num_classes, seed=seed, cv_max_rows=CV_MAX_ROWS, task=task)
     logits = fit["out_of_fold_logits"]
     if fit["cv_rows"] < len(train):  # the strength came from a sample: every row's out-of-fold logits at it
         with torch.no_grad():  # standardized in place: one float32 copy of the rows, not three
             x = torch.from_numpy(rows.features[train]).float().sub_(head.standardize.mean).div_(head.standardize.std)
         init = torch.cat([head.classifier.weight.detach(), head.classifier.bias.detach()[:, None]], 1)
-        logits = fold_logits(x, split.labels[train], fold, fit["l2"], init)
+        logits = fold_logits(x, split.labels[train], fold, fit["l2"], init, task)
     probabilities = np.full((len(rows), num_classes), np.nan, np.float32)
-    probabilities[train] = torch.softmax(logits / head.temperature, 1).numpy()
+    probabilities[train] = task.activation(logits / head.temperature).numpy()
     if len(other):
         with torch.no_grad():
-            probabilities[other] = torch.softmax(head(torch.from_numpy(rows.features[other]).float()), 1).numpy()
+            probabilities[other] = task.activation(head(torch.from_numpy(rows.features[other]).float())).numpy()
     return probabilities
 
 
@@ -79,6 +98,22 @@ def label_issues(labels: np.ndarray, probabilities: np.ndarray) -> list[tuple[in
     ranked = find_label_issues(given, probs, return_indices_ranked_by="self_confidence", n_jobs=1)
     quality = get_label_quality_scores(given, probs, method="self_confidence")
     return [(int(labelled[i]), int(probs[i].argmax()), float(quality[i])) for i in ranked]
+
+
+def multi_label_issues(
+    labelled: np.ndarray, targets: np.ndarray, probabilities: np.ndarray
+) -> list[tuple[int, np.ndarray, float]]:
+    """(row, suggested 0/1 classes, label quality) of the labelled rows (indices) whose class sets cleanlab's
+    multi-label confident learning flags, most likely wrong first; the suggestion is each class the out-of-sample
+    probability gives even odds or better."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.multilabel_classification import get_label_quality_scores
+
+    given = [list(np.flatnonzero(t)) for t in targets[labelled]]
+    probs = probabilities[labelled]
+    ranked = find_label_issues(given, probs, multi_label=True, return_indices_ranked_by="self_confidence", n_jobs=1)
+    quality = get_label_quality_scores(given, probs)
+    return [(int(labelled[i]), (probs[i] >= 0.5).astype(np.uint8), float(quality[i])) for i in ranked]
 
 
 def normalized(features: np.ndarray) -> torch.Tensor:
@@ -290,6 +325,8 @@ def check_auditable(rows: AuditRows, classes: list[str], where: str) -> None:
         raise PipelineError(f"{where} holds no images; featurize a data folder into it first")
     if not train.any():
         raise PipelineError(f"{where} has no labelled train images; audit needs a train/ split of class folders")
+    if rows.task != "single":  # classes of their own per image, or a number: no class need be present
+        return
     present = np.unique(rows.labels[train])
     if len(classes) < 2 or len(present) < 2:
         raise PipelineError(f"{where} has {len(present)} class with train images; audit needs two or more")

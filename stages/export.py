@@ -1,7 +1,9 @@
-"""Export: a run's whole model (normalization, backbone, head, calibration, softmax) as one deployable file.
+"""Export: a run's whole model (normalization, backbone, head, calibration, its task's activation) as one file.
 
 The exported model takes what any image library gives after resizing and cropping (uint8 RGB, N x S x S x 3) and
-returns calibrated class probabilities, so deployment code needs neither this project nor torch.
+returns what its head's task gives (stages.tasks): calibrated class probabilities (a softmax; a sigmoid per class
+for a multi-label head, whose thresholds travel in the metadata), or values, so deployment code needs neither this
+project nor torch.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ INPUT, OUTPUT = "images", "probabilities"
 
 
 class DeployableClassifier(nn.Module):
-    """uint8 RGB crops (N,S,S,3) -> probabilities (N,C): the project's normalization, backbone and head in one."""
+    """uint8 RGB crops (N,S,S,3) -> probabilities (N,C), or values (N,1): normalization, backbone and head in one."""
 
     def __init__(self, backbone: Backbone, head: Head):
         super().__init__()
@@ -35,11 +37,16 @@ class DeployableClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.permute(0, 3, 1, 2).float() - self.mean) / self.std
-        return torch.softmax(self.head(self.backbone(x)), dim=1)
+        return self.head.task.activation(self.head(self.backbone(x)))
 
 
-def deployment_metadata(backbone: Backbone, classes: list[str], version: str) -> dict[str, str]:
-    """What deployment code needs besides the graph: class names in output order and how to prepare a photo."""
+def output_name(head: Head) -> str:
+    return "values" if head.task.name == "numeric" else OUTPUT
+
+
+def deployment_metadata(backbone: Backbone, head: Head, classes: list[str], version: str) -> dict[str, str]:
+    """What deployment code needs besides the graph: class names in output order, how to prepare a photo, the
+    task, and a multi-label head's threshold per class (a class is predicted when its probability reaches it)."""
     pre = backbone.preprocessing
     preprocessing = {
         "resize": pre.resize,
@@ -49,13 +56,17 @@ def deployment_metadata(backbone: Backbone, classes: list[str], version: str) ->
         f"{pre.size}x{pre.size} crop (offset round((side - crop) / 2), half to even)",
         "input": f"uint8 RGB, shape (N, {pre.size}, {pre.size}, 3); normalization is inside the model",
     }
-    return {
+    metadata = {
         "classes": json.dumps(classes),
         "preprocessing": json.dumps(preprocessing),
         "backbone": backbone.name,
         "weights_sha256": backbone.weights_sha256,
         "pipeline_version": version,
+        "task": head.task.name,
     }
+    if head.task.name == "multi":
+        metadata["thresholds"] = json.dumps(dict(zip(classes, head.thresholds.tolist())))
+    return metadata
 
 
 def require_onnx() -> None:
@@ -84,7 +95,7 @@ def export_onnx(module: DeployableClassifier, size: int, metadata: dict[str, str
             module,
             (example,),
             input_names=[INPUT],
-            output_names=[OUTPUT],
+            output_names=[output_name(module.head)],
             dynamo=True,
             dynamic_shapes=({0: torch.export.Dim("batch")},),
             verbose=False,
@@ -118,7 +129,7 @@ def export_classifier(
 ) -> dict[str, str]:
     """Write backbone and head as one `fmt` file at `path`; returns the metadata written with it."""
     check_format(fmt)
-    metadata = deployment_metadata(backbone, classes, version)
+    metadata = deployment_metadata(backbone, head, classes, version)
     write = export_onnx if fmt == "onnx" else export_torchscript
     write(DeployableClassifier(backbone, head), backbone.preprocessing.size, metadata, path)
     return metadata

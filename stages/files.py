@@ -373,13 +373,15 @@ def _scan_labelled(root: Path, source: LabelSource, valid_pct: float | None, see
             f"{where}: {len(unlabelled)} images in {root} have no label (such as "
             f"{', '.join(unlabelled[:3])}{', ...' if len(unlabelled) > 3 else ''}); label them or move them out"
         )
-    classes = sorted({source.labels[p] for p in paths if p in source.labels})
-    index = {name: i for i, name in enumerate(classes)}
+    # Several labels or a number per image stay in their table (recorded, digest and all, and read again by every
+    # head command): the store's labels column holds one class index per row, -1 here.
+    classes = source.classes if source.task != "single" else sorted({source.labels[p] for p in source.labels})
+    index = {name: i for i, name in enumerate(classes)} if source.task == "single" else {}
     splits: dict[str, list[ImageFile]] = {}
     for f in found:
         top = f.path.split("/", 1)[0] if "/" in f.path else ""
         split = source.splits.get(f.path) or (top if top in SPLIT_NAMES else "train")
-        label = index[source.labels[f.path]] if f.path in source.labels else UNLABELLED
+        label = index.get(source.labels[f.path], UNLABELLED) if f.path in source.labels else UNLABELLED
         splits.setdefault(split, []).append(f._replace(label=label))
     layout = source.kind
     if valid_pct is not None:
@@ -395,7 +397,7 @@ def _checked(root, classes, splits, layout, valid_pct, seed, notes, source=None)
     """The dataset, once it holds images and every class has training images (at least two classes)."""
     if not any(splits.values()):
         raise PipelineError(f"{root} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    if classes and "train" in splits:
+    if classes and "train" in splits and (source is None or source.task == "single"):
         present = {f.label for f in splits["train"]}
         empty = [c for i, c in enumerate(classes) if i not in present]
         if empty:

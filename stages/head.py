@@ -14,7 +14,7 @@ from torch import nn
 
 from stages.errors import SEED_MAX, PipelineError, check_range
 from stages.rundir import HEAD_WEIGHTS, RunConfig, read_config, read_weights
-from stages.tasks import TASKS, Task
+from stages.tasks import TASKS, Task, best_thresholds
 
 SINGLE = TASKS["single"]
 
@@ -54,10 +54,12 @@ HEADS: dict[str, Callable[[int, int, int, float], nn.Module]] = {"logreg": _line
 
 
 class Head(nn.Module):
-    """Standardize, then a linear or MLP classifier, then the calibration temperature: features (N,D) -> logits (N,C).
+    """Standardize, then a linear or MLP layer, then the calibration temperature: features (N,D) -> raw outputs,
+    which the head's task (stages.tasks) turns into probabilities or values.
 
-    The temperature (1 while training) is fitted on out-of-fold logits of the training split, so that softmax of
-    the output gives honest probabilities; it never changes which class wins.
+    The temperature (1 while training; one per class for a multi-label task) is fitted on out-of-fold outputs of
+    the training split, so that the activation gives honest probabilities; it never changes which class wins. A
+    multi-label head also keeps its thresholds, chosen on those same out-of-fold probabilities.
     """
 
     def __init__(
@@ -69,34 +71,43 @@ class Head(nn.Module):
         dropout: float = 0.5,
         mean: torch.Tensor | None = None,
         std: torch.Tensor | None = None,
-        temperature: float = 1.0,
+        temperature: float | torch.Tensor = 1.0,
+        task: str = "single",
     ):
         super().__init__()
         if kind not in HEADS:
             raise PipelineError(f"unknown head {kind!r}; choose one of {', '.join(HEADS)}")
         self.kind, self.feature_dim, self.num_classes = kind, feature_dim, num_classes
-        self.hidden, self.dropout = hidden, dropout
+        self.hidden, self.dropout, self.task = hidden, dropout, TASKS[task]
         self.standardize = Standardize(
             mean if mean is not None else torch.zeros(feature_dim), std if std is not None else torch.ones(feature_dim)
         )
-        self.classifier = HEADS[kind](feature_dim, num_classes, hidden, dropout)
-        self.register_buffer("temperature", torch.tensor(float(temperature)))
+        self.classifier = HEADS[kind](feature_dim, self.task.outputs(num_classes), hidden, dropout)
+        shape = (num_classes,) if task == "multi" else ()
+        self.register_buffer("temperature", torch.full(shape, 1.0).mul_(torch.as_tensor(temperature)))
+        if task == "multi":
+            self.register_buffer("thresholds", torch.full(shape, 0.5))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.standardize(features.float())) / self.temperature
 
+    def last_layer(self) -> nn.Linear:
+        return self.classifier if isinstance(self.classifier, nn.Linear) else self.classifier[-1]
+
     def spec(self) -> dict:
-        return {
+        spec = {
             "head": self.kind,
             "feature_dim": self.feature_dim,
             "num_classes": self.num_classes,
             "hidden": self.hidden,
             "dropout": self.dropout,
         }
+        return spec | ({"task": self.task.name} if self.task.name != "single" else {})
 
     @classmethod
     def from_spec(cls, spec: dict) -> Head:
-        return cls(spec["head"], spec["feature_dim"], spec["num_classes"], spec["hidden"], spec["dropout"])
+        dims = (spec["head"], spec["feature_dim"], spec["num_classes"], spec["hidden"], spec["dropout"])
+        return cls(*dims, task=spec.get("task", "single"))
 
 
 @dataclass
@@ -341,10 +352,12 @@ def schedule_values(schedule: str, lr: float, total_steps: int) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate_head(head: Head, data: Rows, batch_size: int = 4096, task: Task = SINGLE) -> dict:
+def evaluate_head(head: Head, data: Rows, batch_size: int = 4096) -> dict:
     """The loss of a head on a split and its task's figures (single-label: accuracy, calibration error and
-    per-class accuracy)."""
+    per-class accuracy; multi-label at the head's thresholds)."""
     head.eval()
+    task = head.task
+    thresholds = head.thresholds.numpy() if task.name == "multi" else None
     losses, outputs, labels = [], [], []
     for x, y in data.batches(batch_size):
         raw = head(x)
@@ -352,7 +365,7 @@ def evaluate_head(head: Head, data: Rows, batch_size: int = 4096, task: Task = S
         outputs.append(task.activation(raw))
         labels.append(y)
     activated, truth = torch.cat(outputs), torch.cat(labels)
-    return {"loss": sum(losses) / len(truth), **task.metrics(activated.numpy(), truth.numpy())}
+    return {"loss": sum(losses) / len(truth), **task.metrics(activated.numpy(), truth.numpy(), thresholds)}
 
 
 def train_head(
@@ -369,7 +382,7 @@ def train_head(
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     mean, std = train.mean_std()
-    head = Head(cfg.head, train.dim, num_classes, cfg.hidden, cfg.dropout, mean, std)
+    head = Head(cfg.head, train.dim, num_classes, cfg.hidden, cfg.dropout, mean, std, task=task.name)
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.wd)
     steps_per_epoch = math.ceil(train.num_rows / cfg.batch_size)
     scheduler = make_scheduler(optimizer, cfg.schedule, cfg.lr, steps_per_epoch * cfg.epochs)
@@ -391,7 +404,7 @@ def train_head(
                 on_step(step + 1, steps_per_epoch)
         row = {"epoch": epoch, "train_loss": total / seen}
         if valid is not None:
-            result = evaluate_head(head, valid, task=task)
+            result = evaluate_head(head, valid)
             row.update(valid_loss=result["loss"], **{task.primary: result[task.primary]})
         row["time"] = time.perf_counter() - started
         history.append(row)
@@ -401,14 +414,25 @@ def train_head(
 
 
 @torch.no_grad()
+def settle(head: Head, raw: torch.Tensor, targets: torch.Tensor) -> None:
+    """A trained head made honest from out-of-fold raw outputs of train (never valid): its temperature, and for a
+    multi-label head the thresholds, chosen on the calibrated probabilities."""
+    head.temperature.copy_(torch.as_tensor(head.task.calibrate(raw, targets)))
+    if head.task.name == "multi":
+        probabilities = head.task.activation(raw / head.temperature)
+        head.thresholds.copy_(torch.from_numpy(best_thresholds(probabilities.numpy(), targets.numpy())))
+
+
+@torch.no_grad()
 def out_of_fold_logits(
-    train: Rows, folds: np.ndarray, plain: np.ndarray, cfg: TrainConfig, num_classes: int
+    train: Rows, folds: np.ndarray, plain: np.ndarray, cfg: TrainConfig, num_classes: int, task: Task = SINGLE
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of each plain-view training row from a head trained the same way on the other folds."""
+    """Raw outputs and labels of each plain-view training row from a head trained the same way on the other
+    folds."""
     logits, labels = [], []
     for fold in range(int(folds.max()) + 1):
         with torch.enable_grad():
-            head = train_head(train.select(train.rows[folds != fold]), None, cfg, num_classes)[0].eval()
+            head = train_head(train.select(train.rows[folds != fold]), None, cfg, num_classes, task=task)[0].eval()
         for x, y in train.select(train.rows[(folds == fold) & plain]).batches(4096):
             logits.append(head(x))
             labels.append(y)

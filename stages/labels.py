@@ -8,8 +8,10 @@
   fastai's `from_name_re` (`cat.1001.jpg`, `Abyssinian_12.jpg`).
 
 A source answers one question, path -> (label, split or None), for the images a scan finds; every way the answer
-can be wrong is one error with counts and examples, never a silent drop. One label per image here (a label that
-names several classes, or a number to regress, are other tasks: said in one line).
+can be wrong is one error with counts and examples, never a silent drop. Its task (stages.tasks) follows from its
+labels: several per image (a list, or `--label-delim`) make a multi-label task, numbers that are not all whole
+make a numeric one (whole numbers are class names, as Kaggle's 0/1 columns are, unless `--task numeric`), anything
+else one class per image.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -31,6 +34,7 @@ SPLIT_VALUES = {"train": "train", "valid": "valid", "validation": "valid", "val"
 TRUE_VALUES = {"true", "1", "yes", "t", "y"}
 FALSE_VALUES = {"false", "0", "no", "f", "n", ""}
 EXAMPLES = 3
+TASK_KINDS = ("single", "multi", "numeric")  # stages.tasks.TASKS, named here: reading labels needs no torch
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class LabelOptions:
     pattern: str | None = None
     delimiter: str | None = None
     recorded: str | None = None  # the digest of the labelling a run recorded: the source must still give it
+    task: str | None = None  # single, multi or numeric; None: as the labels say
 
     @property
     def given(self) -> bool:
@@ -54,8 +59,19 @@ class LabelSource:
 
     kind: str
     origin: str
-    labels: dict[str, str]
+    labels: dict[str, str | tuple[str, ...] | float]  # a class name; the classes of a multi-label task; a number
     splits: dict[str, str] = field(default_factory=dict)
+    task: str = "single"
+    delimiter: str | None = None  # of several labels in one cell, as the table was read
+
+    @property
+    def classes(self) -> list[str]:
+        """The classes its labels name (numeric: the one value it predicts, `label`)."""
+        if self.task == "numeric":
+            return [LABEL_COLUMN]
+        if self.task == "multi":
+            return sorted({c for tags in self.labels.values() for c in tags})
+        return sorted(set(self.labels.values()))
 
     @property
     def matched_by_name(self) -> bool:
@@ -70,7 +86,12 @@ class LabelSource:
         return h.hexdigest()[:16]
 
     def describe(self) -> dict:
-        return {"label_source": self.kind, "label_origin": self.origin, "label_digest": self.digest}
+        described = {"label_source": self.kind, "label_origin": self.origin, "label_digest": self.digest}
+        if self.task != "single":
+            described["task"] = self.task
+        if self.delimiter:
+            described["delim"] = self.delimiter
+        return described
 
 
 def recorded_options(labels: dict | None) -> LabelOptions | None:
@@ -78,9 +99,10 @@ def recorded_options(labels: dict | None) -> LabelOptions | None:
     (finetune's data folder, the refit of its head). None: class folders, or the store's labels as they are."""
     if not labels or labels.get("label_source") in (None, "folders"):
         return None
+    task, digest = labels.get("task"), labels.get("label_digest")
     if labels["label_source"] == "pattern":
-        return LabelOptions(pattern=labels["label_origin"], recorded=labels.get("label_digest"))
-    return LabelOptions(table=Path(labels["label_origin"]), recorded=labels.get("label_digest"))
+        return LabelOptions(pattern=labels["label_origin"], recorded=digest)
+    return LabelOptions(table=Path(labels["label_origin"]), recorded=digest, task=task, delimiter=labels.get("delim"))
 
 
 def check_recorded(source: LabelSource, options: LabelOptions) -> LabelSource:
@@ -100,10 +122,10 @@ def find_source(root: Path, options: LabelOptions) -> LabelSource | None:
     if options.pattern is not None:
         return LabelSource("pattern", options.pattern, {})
     if options.table is not None:
-        return check_recorded(read_table(Path(options.table), options.delimiter, "table"), options)
+        return check_recorded(read_table(Path(options.table), options.delimiter, "table", options.task), options)
     for name in METADATA_NAMES:
         if (root / name).is_file():
-            return read_table(root / name, options.delimiter, "metadata")
+            return read_table(root / name, options.delimiter, "metadata", options.task)
     return None
 
 
@@ -132,8 +154,10 @@ def label_by_pattern(pattern: str, paths: list[str]) -> dict[str, str]:
     return labels
 
 
-def read_table(path: Path, delimiter: str | None, kind: str) -> LabelSource:
-    """A label table read and checked: one row per image, a path and a label each."""
+def read_table(path: Path, delimiter: str | None, kind: str, task: str | None = None) -> LabelSource:
+    """A label table read and checked: one row per image, a path and a label (or several, or a number) each."""
+    if task not in (None, *TASK_KINDS):
+        raise PipelineError(f"--task {task!r} is not one of {', '.join(TASK_KINDS)}")
     if not path.is_file():
         raise PipelineError(f"--labels {path} does not exist; give a CSV, TSV, Parquet or JSON Lines file")
     form = TABLE_SUFFIXES.get(path.suffix.lower())
@@ -149,21 +173,28 @@ def read_table(path: Path, delimiter: str | None, kind: str) -> LabelSource:
     if path_column is None or LABEL_COLUMN not in columns:
         wanted = "a path column (path or file_name)" if path_column is None else "a label column (label)"
         raise PipelineError(f"{path} has no {wanted}; its columns: {', '.join(sorted(map(str, columns)))}")
-    labels: dict[str, str] = {}
+    labels: dict[str, str | tuple[str, ...]] = {}
     splits: dict[str, str] = {}
-    empty, conflicting, several, bad_split = [], [], [], []
-    numeric, text = 0, 0
+    empty, conflicting, bad_split = [], [], []
+    numeric, text, several, whole = 0, 0, task == "multi" or bool(delimiter), True
     for row in rows:
         image = _relative(str(row[path_column]))
         value = row[LABEL_COLUMN]
-        if isinstance(value, list) or (delimiter and delimiter in str(value).strip()):
-            several.append(image)
-            continue
-        label = "" if value is None else str(value).strip()
-        if not label:
+        if isinstance(value, list):
+            several = True
+            label = tuple(sorted({str(v).strip() for v in value} - {""}))
+        elif several:
+            parts = str(value).split(delimiter) if delimiter else [str(value)]
+            label = tuple(sorted({v.strip() for v in parts} - {""})) if value is not None else ()
+        else:
+            label = "" if value is None else str(value).strip()
+        if not label and not (several and value is not None and task == "multi"):  # an empty tag set is a label
             empty.append(image)
             continue
-        numeric, text = (numeric + 1, text) if _is_number(label) else (numeric, text + 1)
+        if isinstance(label, str):
+            number = _number(label)
+            numeric, text = (numeric + 1, text) if number is not None else (numeric, text + 1)
+            whole = whole and number is not None and float(number).is_integer()
         if labels.setdefault(image, label) != label:
             conflicting.append(image)
         split = _split_of(row)
@@ -173,11 +204,8 @@ def read_table(path: Path, delimiter: str | None, kind: str) -> LabelSource:
             else:
                 splits[image] = split
     where = f"--labels {path}" if kind == "table" else str(path)
-    if several:
-        raise PipelineError(
-            f"{where}: {len(several)} images carry several labels (such as {_examples(several)}); this release trains "
-            "one label per image: give one label each"
-        )
+    if several:  # lists and single values together: a single value is a set of one
+        labels = {p: v if isinstance(v, tuple) else (v,) for p, v in labels.items()}
     if empty:
         raise PipelineError(
             f"{where}: {len(empty)} images have an empty label (such as {_examples(empty)}); label them"
@@ -187,16 +215,24 @@ def read_table(path: Path, delimiter: str | None, kind: str) -> LabelSource:
             f"{where}: {len(set(conflicting))} images are listed twice with different labels (such as "
             f"{_examples(conflicting)}); keep one row per image"
         )
-    if numeric and text:
+    if numeric and text and (task == "numeric" or not several):
         raise PipelineError(
-            f"{where}: the label column mixes numbers ({numeric} rows) with text ({text} rows); give class names only"
+            f"{where}: the label column mixes numbers ({numeric} rows) with text ({text} rows); give class names "
+            "only, or numbers only for a numeric target"
         )
+    if task == "numeric" and (several or text):
+        raise PipelineError(f"{where}: --task numeric needs one number per image; its labels are not numbers")
+    if task == "single" and several:
+        raise PipelineError(f"{where}: --task single needs one label per image; some carry several")
     if bad_split:
         raise PipelineError(
             f"{where}: split values must be train, valid or test ({len(bad_split)} are not, such as "
             f"{_examples(bad_split)})"
         )
-    return LabelSource(kind, str(path.resolve()), labels, splits)
+    kind_of = "multi" if several else "numeric" if task == "numeric" or (numeric and not text and not whole) else None
+    if kind_of == "numeric":
+        labels = {p: float(v) for p, v in labels.items()}
+    return LabelSource(kind, str(path.resolve()), labels, splits, kind_of or "single", delimiter)
 
 
 def _read_rows(path: Path, form: str) -> list[dict]:
@@ -234,15 +270,17 @@ def _split_of(row: dict) -> str | None:
 
 def _relative(path: str) -> str:
     """A table's path as the store keeps paths: relative to the data folder, POSIX separators, no './'."""
+    if "\\" not in path and "//" not in path and "/." not in path and not path.startswith(".") and path[-1:] != "/":
+        return path  # already so (a million rows: no Path object each)
     return PurePosixPath(path.replace("\\", "/")).as_posix().removeprefix("./")
 
 
-def _is_number(text: str) -> bool:
+def _number(text: str) -> float | None:
     try:
-        float(text)
-        return True
+        value = float(text)
     except ValueError:
-        return False
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _examples(items: list[str]) -> str:
@@ -258,7 +296,7 @@ def relabel_stored(options: LabelOptions, paths: dict[str, list[str]]) -> LabelS
         source = LabelSource("pattern", options.pattern, {})
         source.labels = label_by_pattern(options.pattern, [p for s, ps in paths.items() if s != "test" for p in ps])
     elif options.table is not None:
-        source = check_recorded(read_table(Path(options.table), options.delimiter, "table"), options)
+        source = check_recorded(read_table(Path(options.table), options.delimiter, "table", options.task), options)
     else:
         raise ValueError("no label source given")
     where = f"--labels {source.origin}" if source.kind == "table" else f"--label-pattern {source.origin!r}"

@@ -11,10 +11,9 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from stages.calibration import fit_temperature
-from stages.head import Head, Rows
+from stages.head import SINGLE, Head, Rows, settle
+from stages.tasks import Task
 
 # Strongest first, half a decade apart: the strongly regularized fits are quick and warm-start the weaker ones.
 L2_GRID = tuple(10.0 ** (e / 2) for e in range(2, -13, -1))
@@ -30,11 +29,14 @@ def as_batch(x: torch.Tensor, y: torch.Tensor) -> Batch:
     return x, x.T.contiguous(), y
 
 
-def solve(batches: Batches, rows: int, init: torch.Tensor, l2: float, max_iter: int = MAX_ITER) -> torch.Tensor:
-    """Minimize mean cross-entropy + l2/2 |W|^2 over all batches by full-batch L-BFGS; weights (C, D+1), bias last.
+def solve(
+    batches: Batches, rows: int, init: torch.Tensor, l2: float, max_iter: int = MAX_ITER, task: Task = SINGLE
+) -> torch.Tensor:
+    """Minimize the task's mean loss + l2/2 |W|^2 over all batches by full-batch L-BFGS; weights (C, D+1), bias
+    last (softmax: multinomial logistic regression; sigmoid: one-vs-rest; identity: ridge regression).
 
-    The gradient is written out (softmax minus one-hot, times the features), batch by batch: the same fit
-    whether the rows are in memory or streamed.
+    The gradient is written out (the task's residual, activation minus target, times the features), batch by
+    batch: the same fit whether the rows are in memory or streamed.
     """
     weight = init.clone()
     optimizer = torch.optim.LBFGS(
@@ -52,11 +54,8 @@ def solve(batches: Batches, rows: int, init: torch.Tensor, l2: float, max_iter: 
         grad = torch.zeros_like(weight)
         total = 0.0
         for x, xt, y in batches():
-            columns = torch.arange(len(y))
-            log_p = torch.addmm(b, w, xt).log_softmax(0)  # (C, n)
-            total -= log_p[y, columns].sum().item()
-            error = log_p.exp_()
-            error[y, columns] -= 1
+            loss, error = task.residual(torch.addmm(b, w, xt), y)  # (C, n)
+            total += loss
             grad[:, :-1] += error @ x
             grad[:, -1] += error.sum(1)
         grad /= rows
@@ -80,6 +79,7 @@ def cross_validate(
     num_classes: int,
     grid: tuple[float, ...] = L2_GRID,
     on_strength: Callable[[dict], None] | None = None,
+    task: Task = SINGLE,
 ) -> dict:
     """Walk an L2 path from strong to weak with k-fold fits warm-started along it; keep the best out-of-fold loss.
 
@@ -93,19 +93,21 @@ def cross_validate(
         held = torch.from_numpy((folds == f) & scored)
         split.append((as_batch(x[inside], y[inside]), x[held], held))
     scored_t = torch.from_numpy(scored)
-    weights = [torch.zeros(num_classes, x.shape[1] + 1) for _ in range(k)]
+    outputs = task.outputs(num_classes)
+    weights = [torch.zeros(outputs, x.shape[1] + 1) for _ in range(k)]
     best, path = None, []
     for step, l2 in enumerate(grid):
         started = time.perf_counter()
-        oof = torch.zeros(len(y), num_classes)
+        oof = torch.zeros(len(y), outputs)
         for f, (batch, xh, held) in enumerate(split):
-            weights[f] = solve(lambda batch=batch: [batch], len(batch[2]), weights[f], l2)
+            weights[f] = solve(lambda batch=batch: [batch], len(batch[2]), weights[f], l2, task=task)
             oof[held] = _logits(weights[f], xh)
         logits, labels = oof[scored_t], y[scored_t]
+        scores = task.metrics(task.activation(logits).numpy(), labels.numpy())
         row = {
             "l2": l2,
-            "cv_loss": F.cross_entropy(logits, labels).item(),
-            "cv_accuracy": (logits.argmax(1) == labels).float().mean().item(),
+            "cv_loss": task.loss(logits, labels).item(),
+            f"cv_{task.primary}": scores[task.primary],
             "time": time.perf_counter() - started,
         }
         path.append(row)
@@ -118,14 +120,16 @@ def cross_validate(
     return {**best, "path": path}
 
 
-def fold_logits(x: torch.Tensor, y: torch.Tensor, folds: np.ndarray, l2: float, init: torch.Tensor) -> torch.Tensor:
+def fold_logits(
+    x: torch.Tensor, y: torch.Tensor, folds: np.ndarray, l2: float, init: torch.Tensor, task: Task = SINGLE
+) -> torch.Tensor:
     """Out-of-fold logits of every row at one strength, each fold's fit warm-started from `init` (a fit on all
     rows is close to every fold's, so few iterations are needed)."""
     logits = torch.zeros(len(y), init.shape[0])
     for f in range(int(folds.max()) + 1):
         inside, held = torch.from_numpy(folds != f), torch.from_numpy(folds == f)
         batches = [as_batch(x[inside], y[inside])]
-        logits[held] = _logits(solve(lambda rows=batches: rows, len(batches[0][2]), init, l2), x[held])
+        logits[held] = _logits(solve(lambda rows=batches: rows, len(batches[0][2]), init, l2, task=task), x[held])
     return logits
 
 
@@ -146,6 +150,7 @@ def train_logreg(
     seed: int = 0,
     cv_max_rows: int = 200_000,
     on_strength: Callable[[dict], None] | None = None,
+    task: Task = SINGLE,
 ) -> tuple[Head, dict]:
     """Fit a logreg head on the selected train rows (folds and plain-view mask given per selected row).
 
@@ -177,25 +182,21 @@ def train_logreg(
     else:
         [(x, _, y)] = standardized(subset)()
     summary = {"l2": l2, "temperature": 1.0, "cv_rows": len(sample), "path": []}
-    init = torch.zeros(num_classes, x.shape[1] + 1)
+    init = torch.zeros(task.outputs(num_classes), x.shape[1] + 1)
+    head = Head("logreg", x.shape[1], num_classes, mean=mean, std=std, task=task.name)
     if l2 is None or calibrate:  # out-of-fold logits: to choose the strength, and to fit the temperature on
-        cv = cross_validate(
-            x, y, folds[sample], plain[sample], num_classes, L2_GRID if l2 is None else (l2,), on_strength
-        )
+        grid = L2_GRID if l2 is None else (l2,)
+        cv = cross_validate(x, y, folds[sample], plain[sample], num_classes, grid, on_strength, task)
         init = torch.stack(cv["weights"]).mean(0)
-        summary.update(
-            l2=cv["l2"],
-            path=cv["path"],
-            cv_loss=cv["cv_loss"],
-            cv_accuracy=cv["cv_accuracy"],
-            out_of_fold_logits=cv["logits"],
-        )
+        score = f"cv_{task.primary}"
+        summary.update(l2=cv["l2"], path=cv["path"], cv_loss=cv["cv_loss"], out_of_fold_logits=cv["logits"])
+        summary[score] = cv[score]
         if calibrate:
-            summary["temperature"] = fit_temperature(cv["logits"], cv["labels"])
+            settle(head, cv["logits"], cv["labels"])
     started = time.perf_counter()
-    weight = solve(standardized(train), train.num_rows, init, summary["l2"])
+    weight = solve(standardized(train), train.num_rows, init, summary["l2"], task=task)
     summary["fit_seconds"] = time.perf_counter() - started
-    head = Head("logreg", x.shape[1], num_classes, mean=mean, std=std, temperature=summary["temperature"])
+    summary["temperature"] = head.temperature.tolist()
     with torch.no_grad():
         head.classifier.weight.copy_(weight[:, :-1])
         head.classifier.bias.copy_(weight[:, -1])

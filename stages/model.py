@@ -20,7 +20,8 @@ from stages.runner import FeatureRunner
 
 @dataclass
 class Prediction:
-    """Class probabilities of one image (plain view, and averaged over TTA views when asked)."""
+    """What the head's task makes of one image (stages.tasks: class probabilities, or a value), for its plain view
+    and averaged over TTA views when asked."""
 
     path: str
     probabilities: np.ndarray
@@ -35,6 +36,21 @@ def top_classes(probabilities: np.ndarray, classes: list[str], k: int) -> dict:
         "probability": float(probabilities[order[0]]),
         "top_k": [[classes[i], float(probabilities[i])] for i in order],
     }
+
+
+def decided(head: Head, outputs: np.ndarray, classes: list[str], k: int = 1) -> dict:
+    """One image's prediction as a user reads it, by the head's task: the top classes (single-label); the classes
+    whose probability reaches their threshold, with every class's probability (multi-label); the value (numeric)."""
+    task = head.task.name
+    if task == "multi":
+        chosen = head.task.decide(outputs[None], head.thresholds.cpu().numpy())[0]
+        return {
+            "labels": [c for c, on in zip(classes, chosen) if on],
+            "probabilities": {c: float(p) for c, p in zip(classes, outputs)},
+        }
+    if task == "numeric":
+        return {"value": float(outputs[0])}
+    return top_classes(outputs, classes, k)
 
 
 class ImageClassifier:
@@ -91,18 +107,20 @@ class ImageClassifier:
                 features = self.features(batch.images.flatten(0, 1))
                 if self.stored_dtype is not None:
                     features = features.to(self.stored_dtype).float()
-                probs = torch.softmax(self.head(features), dim=1).view(len(batch.keys), views, -1).cpu().numpy()
+                outputs = self.head.task.activation(self.head(features))
+                probs = outputs.view(len(batch.keys), views, -1).cpu().numpy()
                 for i, key in enumerate(batch.keys):
                     predictions.append(Prediction(key, probs[i, 0], probs[i].mean(0) if tta else None))
             yield predictions, batch.failed
 
     def predict(self, paths: Iterable[str | Path], top_k: int = 1, tta: bool = False) -> list[dict]:
-        """[{path, class, probability, top_k: [(class, p)...]}] per file; unreadable files carry an 'error'."""
+        """[{path, class, probability, top_k: [(class, p)...]}] per file (multi-label: {path, labels, probabilities};
+        numeric: {path, value}); unreadable files carry an 'error'."""
         results = []
         for predictions, failed in self.predict_files(paths, tta):
             for p in predictions:
                 probs = p.tta_probabilities if tta else p.probabilities
-                results.append({"path": p.path, **top_classes(probs, self.classes, top_k)})
+                results.append({"path": p.path, **decided(self.head, probs, self.classes, top_k)})
             results += [{"path": path, "error": reason} for path, reason in failed]
         return results
 

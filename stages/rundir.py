@@ -228,10 +228,12 @@ def write_run(
 
 
 def rank_runs(runs: list[RunSummary]) -> list[RunSummary]:
-    """Best first: highest valid accuracy, then lowest valid loss (runs without valid last)."""
+    """Best first: highest valid accuracy (or the task's own figure: mAP, R^2), then lowest valid loss (runs without
+    valid last)."""
 
     def key(r: RunSummary) -> tuple[float, float]:
-        return -(r.accuracy if r.accuracy is not None else 0), r.valid_loss if r.valid_loss is not None else math.inf
+        score = r.accuracy if r.accuracy is not None else getattr(r, "score", None)  # a task's own figure
+        return -(score if score is not None else 0), r.valid_loss if r.valid_loss is not None else math.inf
 
     return sorted(runs, key=key)
 

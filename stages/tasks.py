@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages.calibration import expected_calibration_error
+from stages.calibration import expected_calibration_error, fit_temperature
 
 
 class Task:
@@ -39,6 +39,12 @@ class Task:
         """Raw head outputs as what a user reads: probabilities, or values."""
         raise NotImplementedError
 
+    def residual(self, raw_t: torch.Tensor, targets: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """For a linear head's solver (stages.linear_probe), raw outputs laid out (outputs, rows): the loss summed
+        over the rows, and its gradient with respect to them, computed in place of raw_t (each kind's loss is a
+        generalized linear model's, so the gradient is its activation minus the target)."""
+        raise NotImplementedError
+
     def decide(self, activated: np.ndarray, thresholds: np.ndarray | None = None) -> np.ndarray:
         """The prediction: a class index per row, a 0/1 row of classes, or a value."""
         raise NotImplementedError
@@ -46,6 +52,14 @@ class Task:
     def metrics(self, activated: np.ndarray, targets: np.ndarray, thresholds: np.ndarray | None = None) -> dict:
         """The split's figures, `primary` among them."""
         raise NotImplementedError
+
+    def strata(self, targets: np.ndarray) -> np.ndarray:
+        """A class per row for stratified folds (stages.calibration.image_folds)."""
+        raise NotImplementedError
+
+    def calibrate(self, raw: torch.Tensor, targets: torch.Tensor) -> float | torch.Tensor:
+        """The temperature of honest probabilities, fitted on out-of-fold raw outputs (1: none)."""
+        return 1.0
 
 
 class SingleLabel(Task):
@@ -60,8 +74,22 @@ class SingleLabel(Task):
     def activation(self, raw: torch.Tensor) -> torch.Tensor:
         return raw.softmax(1)
 
+    def residual(self, raw_t: torch.Tensor, targets: torch.Tensor) -> tuple[float, torch.Tensor]:
+        columns = torch.arange(len(targets))
+        log_p = raw_t.log_softmax(0)
+        loss = -log_p[targets, columns].sum().item()
+        error = log_p.exp_()
+        error[targets, columns] -= 1
+        return loss, error
+
     def decide(self, activated: np.ndarray, thresholds: np.ndarray | None = None) -> np.ndarray:
         return np.asarray(activated).argmax(1)
+
+    def strata(self, targets: np.ndarray) -> np.ndarray:
+        return np.asarray(targets)
+
+    def calibrate(self, raw: torch.Tensor, targets: torch.Tensor) -> float:
+        return fit_temperature(raw, targets)
 
     def metrics(self, activated: np.ndarray, targets: np.ndarray, thresholds: np.ndarray | None = None) -> dict:
         probabilities, truth = np.asarray(activated), np.asarray(targets)
@@ -89,10 +117,37 @@ class MultiLabel(Task):
     def activation(self, raw: torch.Tensor) -> torch.Tensor:
         return raw.sigmoid()
 
+    def residual(self, raw_t: torch.Tensor, targets: torch.Tensor) -> tuple[float, torch.Tensor]:
+        truth = targets.T
+        loss = (F.softplus(raw_t) - truth * raw_t).sum().item()
+        return loss, raw_t.sigmoid_().sub_(truth)
+
     def decide(self, activated: np.ndarray, thresholds: np.ndarray | None = None) -> np.ndarray:
         probabilities = np.asarray(activated)
         cut = np.full(probabilities.shape[1], 0.5) if thresholds is None else np.asarray(thresholds)
         return (probabilities >= cut).astype(np.uint8)
+
+    def strata(self, targets: np.ndarray) -> np.ndarray:
+        """Its rarest class each image carries (none: one more stratum), so rare classes spread over the folds."""
+        targets = np.asarray(targets).astype(bool)
+        rarity = np.where(targets, targets.sum(0), np.iinfo(np.int64).max)
+        return np.where(targets.any(1), rarity.argmin(1), targets.shape[1])
+
+    def calibrate(self, raw: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """A temperature per class minimizing its binary log loss (1 for a class with no error to learn from)."""
+        raw, targets = raw.detach().float(), targets.float()
+        log_t = torch.zeros(raw.shape[1], requires_grad=True)
+        optimizer = torch.optim.LBFGS([log_t], lr=1, max_iter=100, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss = F.binary_cross_entropy_with_logits(raw / log_t.exp(), targets, reduction="none").mean(0).sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        separable = ((raw > 0) == targets.bool()).all(0)  # no mistake: the loss falls for ever as T shrinks
+        return log_t.detach().exp().clamp(0.05, 20.0).masked_fill(separable, 1.0)
 
     def metrics(self, activated: np.ndarray, targets: np.ndarray, thresholds: np.ndarray | None = None) -> dict:
         probabilities, truth = np.asarray(activated, np.float64), np.asarray(targets).astype(bool)
@@ -129,8 +184,17 @@ class Numeric(Task):
     def activation(self, raw: torch.Tensor) -> torch.Tensor:
         return raw
 
+    def residual(self, raw_t: torch.Tensor, targets: torch.Tensor) -> tuple[float, torch.Tensor]:
+        error = raw_t.sub_(targets.reshape(1, -1))  # half the squared error: ridge regression's loss
+        return 0.5 * error.square().sum().item(), error
+
     def decide(self, activated: np.ndarray, thresholds: np.ndarray | None = None) -> np.ndarray:
         return np.asarray(activated).reshape(-1)
+
+    def strata(self, targets: np.ndarray) -> np.ndarray:
+        """Quintiles of the target: each fold spans its range."""
+        values = np.asarray(targets, np.float64).reshape(-1)
+        return np.searchsorted(np.quantile(values, [0.2, 0.4, 0.6, 0.8]), values, side="right")
 
     def metrics(self, activated: np.ndarray, targets: np.ndarray, thresholds: np.ndarray | None = None) -> dict:
         predicted, truth = self.decide(activated).astype(np.float64), np.asarray(targets, np.float64).reshape(-1)
@@ -146,17 +210,22 @@ class Numeric(Task):
 TASKS: dict[str, Task] = {task.name: task for task in (SingleLabel(), MultiLabel(), Numeric())}
 
 
+def precision_recall(truth: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One class's precision and recall at each distinct score taken as the cut, highest first (ties together)."""
+    truth = np.asarray(truth).astype(bool)
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    ranked = np.asarray(scores)[order]
+    last = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]  # the end of each run of tied scores
+    hits = np.cumsum(truth[order])[last]
+    return hits / (last + 1), hits / max(1, truth.sum())
+
+
 def average_precision(truth: np.ndarray, scores: np.ndarray) -> float | None:
     """The area under one class's precision-recall steps (scikit-learn's average_precision_score: the precision at
     each positive, ranked by score, ties together); None when the class has no positive."""
-    truth = np.asarray(truth).astype(bool)
-    if not truth.any():
+    if not np.asarray(truth).any():
         return None
-    order = np.argsort(-np.asarray(scores), kind="stable")
-    ranked, ranked_truth = np.asarray(scores)[order], truth[order]
-    last = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]  # the end of each run of tied scores
-    hits = np.cumsum(ranked_truth)[last]
-    precision, recall = hits / (last + 1), hits / truth.sum()
+    precision, recall = precision_recall(truth, scores)
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 

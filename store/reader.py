@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 
 from stages.errors import PipelineError
-from stages.labels import LabelOptions, relabel_stored
+from stages.labels import LabelOptions, recorded_options, relabel_stored
 from store.identity import FeatureSetIdentity
 from store.locks import hold_shared
 from store.partition_file import open_partition_file, partition_id
@@ -332,8 +332,9 @@ class FeatureSet:
         self.identity = FeatureSetIdentity.from_dict(self.attrs)
         self.classes: list[str] = self.attrs.get("classes", [])
         self._verified: set[tuple] = set()
-        self._relabelled: dict[str, str] | None = None  # another labelling: class name by path
+        self._relabelled: dict | None = None  # another labelling: class name (or names, or number) by path
         self._labelling: dict | None = None  # and what it came from
+        self.task: str = self.attrs.get("task") or "single"  # stages.tasks: what its labels columns give
 
     @property
     def labelling(self) -> dict:
@@ -341,24 +342,28 @@ class FeatureSet:
         and, for a source other than folders, label_digest."""
         if self._labelling is not None:
             return dict(self._labelling)
-        kept = {k: self.attrs[k] for k in ("label_source", "label_origin", "label_digest") if k in self.attrs}
+        recorded = ("label_source", "label_origin", "label_digest", "task", "delim")
+        kept = {k: self.attrs[k] for k in recorded if k in self.attrs}
         return kept or {"label_source": "folders", "label_origin": self.attrs.get("data_dir")}
 
     def with_labels(self, options: LabelOptions | None) -> FeatureSet:
         """The set under the labelling `options` give (a table or a pattern over its stored paths: train-head,
         lr-find and audit --labels), checked against what it holds; itself when none is given."""
         if options is None or not options.given:
-            return self
+            if self.task == "single":
+                return self
+            options = recorded_options(self.labelling)  # several labels or numbers: their table, as recorded
         source = relabel_stored(options, {split: list(self.column(split, "paths")) for split in self.splits})
-        other = self.relabelled(sorted(set(source.labels.values())), source.labels)
+        other = self.relabelled(source.classes, source.labels, source.task)
         other._labelling = source.describe()
         return other
 
-    def relabelled(self, classes: list[str], labels: dict[str, str]) -> FeatureSet:
-        """The same rows under another labelling (class name by stored path; test images may have none): what
-        `labels` columns give from then on. The stored labels are not touched."""
+    def relabelled(self, classes: list[str], labels: dict, task: str = "single") -> FeatureSet:
+        """The same rows under another labelling (by stored path: a class name, the class names of a multi-label
+        task or a number; test images may have none): what `labels` columns give from then on. The stored labels
+        are not touched."""
         other = copy.copy(self)
-        other.classes, other._relabelled = list(classes), dict(labels)
+        other.classes, other._relabelled, other.task = list(classes), dict(labels), task
         return other
 
     @property
@@ -388,18 +393,30 @@ class FeatureSet:
         if ROW_COLUMNS.get(name) is STR:
             self._verify_strings(split, name)
         if name == "labels" and self._relabelled is not None:
-            index = {c: i for i, c in enumerate(self.classes)}
-            paths = self.column(split, "paths")
-            return np.fromiter((index.get(self._relabelled.get(p), -1) for p in paths), np.int32, len(paths))
+            return self._relabelled_labels(self.column(split, "paths"))
         values = read_or_fail(self._split(split)[name], self.where)
         if name in ("labels", "view"):
-            problem = value_problem(name, values, split, len(self.classes), int(self.attrs.get("views", 0)))
+            views, unlabelled = int(self.attrs.get("views", 0)), self.attrs.get("task", "single") != "single"
+            problem = value_problem(name, values, split, len(self.classes), views, unlabelled)
             if problem:
                 raise PipelineError(
                     f"{self.where} is damaged: set {self.name} {split}/{problem}; featurize again to rewrite it "
                     "(pipeline store info --verify lists what is wrong)"
                 )
         return decode_strings(values)
+
+    def _relabelled_labels(self, paths: list[str]) -> np.ndarray:
+        """Per row: its class index (-1: none), its 0/1 row of classes, or its number (NaN: none)."""
+        labels = self._relabelled
+        if self.task == "numeric":
+            return np.fromiter((labels.get(p, np.nan) for p in paths), np.float32, len(paths))
+        index = {c: i for i, c in enumerate(self.classes)}
+        if self.task == "multi":
+            rows = np.zeros((len(paths), len(self.classes)), np.uint8)
+            for row, path in enumerate(paths):
+                rows[row, [index[c] for c in labels.get(path, ())]] = 1
+            return rows
+        return np.fromiter((index.get(labels.get(p), -1) for p in paths), np.int32, len(paths))
 
     @property
     def where(self) -> str:
@@ -561,7 +578,8 @@ def verify_store(store: FeatureStore) -> list[dict]:
                     damage = verify_split(group[split]).describe()
                 else:
                     damage = _verify_partitions(store.paths, snap, split)
-                problems = check_values(group[split], split, len(feature_set.classes), views)
+                unlabelled = feature_set.task != "single"
+                problems = check_values(group[split], split, len(feature_set.classes), views, unlabelled)
                 damage = ", ".join(filter(None, [damage, *problems]))
             except (OSError, KeyError) as exc:  # its metadata itself is unreadable
                 damage = f"unreadable ({str(exc).splitlines()[0][:80]})"

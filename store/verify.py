@@ -136,7 +136,7 @@ class CheckedDataset:
         return getattr(self._ds, name)
 
 
-def check_values(group: h5py.Group, split: str, num_classes: int, views: int) -> list[str]:
+def check_values(group: h5py.Group, split: str, num_classes: int, views: int, unlabelled: bool = False) -> list[str]:
     """The values readers trust, checked (checksums say the bytes are as written, not that they make sense):
     every column as long as the features, then each column's values (value_problem). Returns what is wrong, as
     short phrases (empty when nothing)."""
@@ -145,7 +145,7 @@ def check_values(group: h5py.Group, split: str, num_classes: int, views: int) ->
         return problems
     for name in TRUSTED_COLUMNS:
         values = _read_checked(group[name]) if name in group else None
-        problem = value_problem(name, values, split, num_classes, views) if values is not None else None
+        problem = value_problem(name, values, split, num_classes, views, unlabelled) if values is not None else None
         if problem:
             problems.append(problem)
     return problems
@@ -167,14 +167,15 @@ TRUSTED_COLUMNS = ("labels", "view", "sha256", "paths")
 _HEX64 = re.compile(rb"[0-9a-f]{64}")
 
 
-def value_problem(name: str, values, split: str, num_classes: int, views: int) -> str | None:
-    """What is wrong with one column's values, or None: labels within the classes (-1, unlabelled, only in test),
+def value_problem(name: str, values, split: str, num_classes: int, views: int, unlabelled: bool = False) -> str | None:
+    """What is wrong with one column's values, or None: labels within the classes (-1, unlabelled, only in test,
+    or anywhere in a set whose labels stay in their table: `unlabelled`),
     view numbers within the set's views (0 outside train), content hashes of 64 hex digits, paths inside the data
     folder (relative, no '..')."""
     if not len(values):
         return None
     if name == "labels":
-        lowest = -1 if split == "test" else 0
+        lowest = -1 if split == "test" or unlabelled else 0
         bad = sorted({int(v) for v in values[(values < lowest) | (values >= num_classes)]})
         return f"labels holds {', '.join(map(str, bad[:3]))}, outside the {num_classes} classes" if bad else None
     if name == "view":

@@ -42,7 +42,7 @@ def test_featurize_store_info_and_runs(trained, tmp_path):
 def test_train_head_lr_find_evaluate_predict_export(trained, tmp_path):
     data, store, head = trained
     [run] = run_json("train-head", "--store", store, "--out", tmp_path / "head")
-    assert keys(run) == RUN_SETTINGS | {"l2", "temperature", "seconds"}
+    assert keys(run) == RUN_SETTINGS | {"l2", "temperature", "seconds", "task", "score"}
     found = run_json("lr-find", "--store", store, "--out", tmp_path / "lr")
     assert keys(found) == {
         "lrs",

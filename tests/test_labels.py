@@ -80,15 +80,17 @@ def test_a_tables_split_column_and_its_formats(flat, tmp_path):
         ([("disk_000.jpg", "")], True, ["empty label", "disk_000.jpg"]),
         ([("disk_000.jpg", "disk"), ("disk_000.jpg", "check")], True, ["listed twice with different labels"]),
         ([("disk_000.jpg", "3"), ("disk_001.jpg", "disk")], True, ["mixes numbers", "with text"]),
-        ([("disk_000.jpg", "disk outdoor")], True, ["several labels", "disk_000.jpg"]),
+        ([("disk_000.jpg", "disk outdoor")], True, ["--task single needs one label per image"]),
+        ([("disk_000.jpg", "tall")], True, ["--task numeric needs one number per image"]),
     ],
 )
 def test_bad_label_input_is_one_error_with_counts_and_examples(flat, tmp_path, rows, others, fragments):
     labelled = {r[0] for r in rows}
     rest = [(n, n.split("_")[0]) for n in names(flat) if n not in labelled and others]
     table = write_csv(tmp_path / "l.csv", rows + rest)
+    task = "single" if "single" in fragments[0] else "numeric" if "numeric" in fragments[0] else None
     with pytest.raises(PipelineError) as error:
-        scan_dataset(flat, labels=LabelOptions(table=table, delimiter=" "))
+        scan_dataset(flat, labels=LabelOptions(table=table, delimiter=" " if task else None, task=task))
     for fragment in fragments:
         assert fragment in str(error.value), (fragment, str(error.value))
 

@@ -1,6 +1,8 @@
 """Task kinds (stages/tasks.py): each owns its loss, activation, decision and metrics; checked against
 scikit-learn's own figures, and a head trained end to end for each kind on real tensors."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -61,7 +63,114 @@ def test_a_head_trains_for_each_task_kind(kind):
     train, valid = TensorRows(features[:500], labels[:500]), TensorRows(features[500:], labels[500:])
     cfg = TrainConfig(head="linear", epochs=20, lr=3e-2, batch_size=64)
     head, history, _ = train_head(train, valid, cfg, task.outputs(3), task=task)
-    result = evaluate_head(head, valid, task=task)
+    result = evaluate_head(head, valid)
     assert history[-1][task.primary] == pytest.approx(result[task.primary])
     assert result[task.primary] > {"single": 0.95, "multi": 0.95, "numeric": 0.9}[kind], result
     assert torch.isfinite(torch.tensor(result["loss"]))
+
+
+@pytest.fixture
+def tagged(tmp_path):
+    """48 images of one or two shapes side by side (disk, stripe, check), in one flat folder: a tags table (the
+    shapes each shows, space-separated) and a scores table (a number they add up to)."""
+    from conftest import draw_example
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    kinds = {"check": "checkers", "disk": "disks", "stripe": "stripes"}
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    tags, scores = [], []
+    for i in range(48):
+        shown = sorted(set(rng.choice(list(kinds), size=int(rng.integers(1, 3)))))
+        image = Image.new("RGB", (144, 72))
+        for j, name in enumerate(shown * (2 // len(shown))):
+            image.paste(draw_example(kinds[name], rng, (72, 72)), (72 * j, 0))
+        image.save(flat / f"img_{i:03d}.jpg", quality=90)
+        tags.append(f"img_{i:03d}.jpg,{' '.join(shown)}")
+        scores.append(f"img_{i:03d}.jpg,{1.5 * ('disk' in shown) - 2 * ('stripe' in shown) + rng.normal() * 0.2:.3f}")
+    (tmp_path / "tags.csv").write_text("path,label\n" + "\n".join(tags) + "\n")
+    (tmp_path / "scores.csv").write_text("path,label\n" + "\n".join(scores) + "\n")
+    return flat
+
+
+@pytest.mark.slow
+def test_multi_label_and_numeric_heads_from_featurize_to_evaluate(tagged, tmp_path):
+    from conftest import one_line_error, run_cli, run_json
+
+    store, tags, scores = tmp_path / "s.h5", tmp_path / "tags.csv", tmp_path / "scores.csv"
+    done = run_json(
+        "featurize", tagged, "--store", store, "--labels", tags, "--label-delim", " ", "--valid-pct", "0.25"
+    )
+    assert done["classes"] == ["check", "disk", "stripe"] and done["featurized"] == 48
+    [run] = run_json("train-head", "--store", store, "--out", tmp_path / "tags")  # the table featurize recorded
+    assert run["task"] == "multi" and run["accuracy"] is None and run["score"] > 0.9 and len(run["temperature"]) == 3
+    metrics = json.loads((tmp_path / "tags" / "metrics.json").read_text())
+    assert set(metrics["thresholds"]) == {"check", "disk", "stripe"} and metrics["valid"]["map"] == run["score"]
+    evaluated = run_json("evaluate", tmp_path / "tags", "--store", store, "--out", tmp_path / "eval")
+    assert evaluated["metrics"]["map"] == pytest.approx(run["score"]) and evaluated["images"] == 12
+    assert (tmp_path / "eval" / "precision_recall.png").stat().st_size > 0
+    images = sorted(tagged.glob("*.jpg"))[:4]
+    predicted = run_json("predict", tmp_path / "tags", *images, "--out", tmp_path / "tags.csv.out.csv")
+    rows = {r["path"]: r for r in predicted["predictions"]}
+    given = dict(line.split(",") for line in tags.read_text().splitlines()[1:])
+    for image in images:  # label sets with every class's probability, the head's thresholds deciding
+        row = rows[str(image)]
+        assert set(row["probabilities"]) == {"check", "disk", "stripe"}
+        assert row["labels"] == [
+            c for c in sorted(row["probabilities"]) if row["probabilities"][c] >= metrics["thresholds"][c]
+        ]
+    assert sum(rows[str(i)]["labels"] == given[i.name].split() for i in images) >= 3
+    header = (tmp_path / "tags.csv.out.csv").read_text().splitlines()[0]
+    assert header == "path,labels,check,disk,stripe"
+    grid = run_cli("train-head", "--store", store, "--head", "logreg,linear", "--out", tmp_path / "grid")
+    assert " map " in grid.stdout.replace("┃", " ") and "logreg" in grid.stdout  # the leaderboard ranks by mAP
+    # A number per image, on the same cache with no featurize: ridge regression, its L2 cross-validated
+    [ridge] = run_json("train-head", "--store", store, "--labels", scores, "--out", tmp_path / "ridge")
+    assert ridge["task"] == "numeric" and ridge["score"] > 0.5  # 36 training images
+    evaluated = run_json("evaluate", tmp_path / "ridge", "--store", store, "--out", tmp_path / "eval-ridge")
+    assert evaluated["metrics"]["r2"] == pytest.approx(ridge["score"], abs=1e-4)
+    assert (tmp_path / "eval-ridge" / "predicted_vs_true.png").stat().st_size > 0
+    [value] = run_json("predict", tmp_path / "ridge", images[0])["predictions"]
+    assert set(value) == {"path", "value"} and isinstance(value["value"], float)
+    proc = run_cli("evaluate", tmp_path / "ridge", tagged, "--out", tmp_path / "e3", check=False)
+    one_line_error(proc, "numeric head", "--store STORE")
+    proc = run_cli(
+        "train-head", "--store", store, "--labels", tags, "--task", "numeric", "--out", tmp_path / "x", check=False
+    )
+    one_line_error(proc, "--task numeric needs one number per image")
+
+
+@pytest.mark.slow
+def test_multi_label_audit_finds_planted_tag_errors_and_export_keeps_the_thresholds(tagged, tmp_path):
+    from conftest import run_json
+
+    store, tags = tmp_path / "s.h5", tmp_path / "tags.csv"
+    run_json("featurize", tagged, "--store", store, "--labels", tags, "--label-delim", " ")  # all train
+    rows = [line.split(",") for line in tags.read_text().splitlines()[1:]]
+    swap = {"check": "disk", "disk": "stripe", "stripe": "check"}
+    planted = {rows[i][0] for i in (3, 11, 19, 27)}
+    bad = [
+        (p, " ".join(sorted(swap[t] for t in tagged_as.split())) if p in planted else tagged_as)
+        for p, tagged_as in rows
+    ]
+    (tmp_path / "bad.csv").write_text("path,label\n" + "".join(f"{p},{t}\n" for p, t in bad))
+    audited = run_json(
+        "audit", "--store", store, "--labels", tmp_path / "bad.csv", "--label-delim", " ", "--out", tmp_path / "a"
+    )
+    found = {i["path"] for i in audited["label_issues"]}
+    assert len(found & planted) >= 3 and len(found - planted) <= 2, audited["label_issues"]
+    ort = pytest.importorskip("onnxruntime", reason="the export extra is not installed: pip install -e '.[export]'")
+    [run] = run_json("train-head", "--store", store, "--out", tmp_path / "head")
+    exported = run_json("export", tmp_path / "head", "--out", tmp_path / "tags.onnx")
+    assert exported["metadata"]["task"] == "multi" and exported["output"] == "probabilities: float32 (N, 3)"
+    thresholds = json.loads(exported["metadata"]["thresholds"])
+    saved = json.loads((tmp_path / "head" / "metrics.json").read_text())["thresholds"]
+    assert thresholds == pytest.approx(saved)
+    from bench.onnx_predict import crop
+
+    session = ort.InferenceSession(str(tmp_path / "tags.onnx"))
+    image = sorted(tagged.glob("*.jpg"))[0]
+    [onnx_p] = session.run(None, {"images": crop(image, 256, 224)[None]})[0]
+    [torch_p] = run_json("predict", tmp_path / "head", image, "--precision", "fp32")["predictions"]
+    assert onnx_p == pytest.approx([torch_p["probabilities"][c] for c in ("check", "disk", "stripe")], abs=2e-3)
