@@ -16,10 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.gpu import bench_gpu
-from bench.harness import REPO, Row, alternate, peak_rss_command, pipeline_cmd, report, run_json_command
+from bench.harness import SHARED, Row, alternate, peak_rss_command, pipeline_cmd, report, run_json_command
 from pipeline.runtime import configure_process
-
-SHARED = REPO.parent / "shared" / "data"
 
 
 def photo_folder(tmp: Path, quick: bool) -> tuple[Path, str]:

@@ -18,9 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.harness import REPO, Row, pipeline_cmd, report, run_json_command, torchrun_cmd
-
-SHARED = REPO.parent / "shared" / "data"
+from bench.harness import REPO, SHARED, Row, pipeline_cmd, report, run_json_command, torchrun_cmd
 
 
 def features_by_path(store: Path) -> dict[str, np.ndarray]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"  # real photos (../shared/data/README.md), never in the repository
 
 
 @dataclass

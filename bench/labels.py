@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.harness import Row, pipeline_cmd, run_json_command
+from bench.harness import SHARED, Row, alternate, pipeline_cmd, run_json_command
 
 DIM = 1280
 BLOCK = 65536
@@ -147,5 +147,94 @@ def bench_labels_rows(quick: bool, tmp: Path) -> list[Row]:
     rows = []
     for n in (10_000,) if quick else (100_000, 1_000_000):
         rows += size_rows(n, tmp, rate)
+    rows += task_rows(quick, tmp)
     print(f"labels: {time.perf_counter() - started:.0f} s", flush=True)
+    return rows
+
+
+# Multi-label and numeric heads against scikit-learn on the same cached features ---------------------------------
+def composite_photos(tmp: Path, train: int, valid: int, seed: int = 0) -> tuple[Path, dict, dict]:
+    """flowers5 photos composed two (of two classes) or one to a square picture, tagged with the classes they show,
+    and scored by their mean brightness: a multi-label and a numeric task from real photos. Returns the folder
+    (train/ and valid/ of flat images), the tags and the scores by path."""
+    from PIL import Image
+
+    from stages.files import find_images
+
+    source = SHARED / "flowers5"
+    classes = sorted(p.name for p in (source / "train").iterdir())
+    rng = np.random.default_rng(seed)
+    data, tags, scores = tmp / "composites", {}, {}
+    for split, count in (("train", train), ("valid", valid)):
+        pools = {c: find_images(source / split / c) for c in classes}
+        (data / split).mkdir(parents=True)
+        for i in range(count):
+            shown = sorted(rng.choice(classes, size=int(rng.integers(1, 3)), replace=False))
+            canvas = Image.new("RGB", (256, 256))
+            for j, name in enumerate(shown):
+                photo = Image.open(pools[name][int(rng.integers(len(pools[name])))]).convert("RGB")
+                canvas.paste(photo.resize((256 // len(shown), 256)), (j * 256 // len(shown), 0))
+            path = f"{split}/{i:05d}.jpg"
+            canvas.save(data / path, quality=90)
+            tags[path] = " ".join(shown)
+            scores[path] = round(float(np.asarray(canvas.convert("L"), np.float32).mean() / 255), 5)
+    return data, tags, scores
+
+
+def task_rows(quick: bool, tmp: Path) -> list[Row]:
+    """The default head of a multi-label and of a numeric task against scikit-learn on the same cached features
+    (one-vs-rest logistic regression, RidgeCV), each whole-process, alternated: valid score and seconds."""
+    import sys
+
+    if not (SHARED / "flowers5").is_dir():
+        return [Row("multi-label and numeric heads", None, note="../shared/data/flowers5 absent: not measured")]
+    train, valid = (240, 80) if quick else (1200, 400)
+    data, tags, scores = composite_photos(tmp, train, valid)
+    tables = {"multi": tmp / "tags.csv", "numeric": tmp / "scores.csv"}
+    _write_table(tables["multi"], tags)
+    _write_table(tables["numeric"], scores)
+    store = tmp / "composites.h5"
+    run_json_command(
+        pipeline_cmd("featurize", data, "--store", store, "--labels", tables["multi"], "--label-delim", " ")
+    )
+    rows = []
+    for task, figure in (("multi", "mAP"), ("numeric", "R²")):
+        ours_args = ("train-head", "--store", store, "--labels", tables[task], "--out", tmp / f"head-{task}")
+        ours_args += ("--label-delim", " ") if task == "multi" else ()
+        found: dict[str, float] = {}
+
+        def ours(args=ours_args, found=found) -> float:
+            [run], seconds = run_json_command(pipeline_cmd(*args, "--overwrite"))
+            found["ours"] = run["score"]
+            return seconds
+
+        def reference(task=task, found=found) -> float:
+            result, seconds = run_json_command(
+                [sys.executable, "-m", "bench.sklearn_heads", str(store), str(tables[task]), task]
+            )
+            found["reference"] = result["score"]
+            return seconds
+
+        ours_s, reference_s, pairs = alternate(ours, reference, 2)
+        name = "one-vs-rest LogisticRegression" if task == "multi" else "RidgeCV"
+        what = f"{train} composites of flowers5 photos ({'their classes' if task == 'multi' else 'their brightness'})"
+        rows.append(
+            Row(
+                f"{task} head: valid {figure}",
+                found["ours"],
+                found["reference"],
+                note=f"{what}; reference: scikit-learn {name}",
+            )
+        )
+        rows.append(
+            Row(
+                f"{task} head: seconds, whole process",
+                ours_s,
+                reference_s,
+                "s",
+                higher_is_better=False,
+                note="median of 2 alternated; both read the store's features (ours: train-head's default logreg)",
+                pairs=pairs,
+            )
+        )
     return rows
