@@ -153,7 +153,9 @@ def bench_labels_rows(quick: bool, tmp: Path) -> list[Row]:
 
 
 # Multi-label and numeric heads against scikit-learn on the same cached features ---------------------------------
-def composite_photos(tmp: Path, train: int, valid: int, seed: int = 0) -> tuple[Path, dict, dict]:
+def composite_photos(
+    tmp: Path, train: int, valid: int, seed: int = 0, source: Path = SHARED / "flowers5"
+) -> tuple[Path, dict, dict]:
     """flowers5 photos composed two (of two classes) or one to a square picture, tagged with the classes they show,
     and scored by their mean brightness: a multi-label and a numeric task from real photos. Returns the folder
     (train/ and valid/ of flat images), the tags and the scores by path."""
@@ -161,7 +163,6 @@ def composite_photos(tmp: Path, train: int, valid: int, seed: int = 0) -> tuple[
 
     from stages.files import find_images
 
-    source = SHARED / "flowers5"
     classes = sorted(p.name for p in (source / "train").iterdir())
     rng = np.random.default_rng(seed)
     data, tags, scores = tmp / "composites", {}, {}

@@ -706,11 +706,13 @@ def finetune(
 
     from pipeline.finetune import finetune as run_finetune
     from stages.finetune import FinetuneConfig
-    from stages.rundir import CHECKPOINT
+    from stages.rundir import CHECKPOINT, read_config
+    from stages.tasks import TASKS
 
     cfg = _options(FinetuneConfig, locals())
     out_dir = out_dir or Path("runs") / f"ft-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    table = EpochTable(err if as_json else out)
+    score = TASKS[read_config(head_dir).head.get("task", "single")].primary
+    table = EpochTable(err if as_json else out, score=score)
     if launched_ranks().leader:
         table.header()
     run_dir = resume or out_dir

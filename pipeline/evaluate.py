@@ -345,7 +345,7 @@ def _evaluate_task(
         figures["thresholds"] = dict(zip(names, thresholds.tolist()))
         curves = {}
         for c, name in enumerate(names):
-            precision, recall = precision_recall(targets[:, c], outputs[:, c])
+            precision, recall, _ = precision_recall(targets[:, c], outputs[:, c])
             decided = outputs[:, c] >= thresholds[c]
             hits = int((decided & targets[:, c].astype(bool)).sum())
             at = (hits / max(1, decided.sum()), hits / max(1, targets[:, c].sum()))

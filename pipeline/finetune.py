@@ -40,6 +40,7 @@ from stages.rundir import (
     write_run,
     write_weights,
 )
+from store import FeatureStore
 
 Images = tuple[list[str], np.ndarray]  # file paths and their labels
 
@@ -99,13 +100,15 @@ class FinetuneResult:
     history: list[dict]
     before: dict | None
     kept_epoch: int | None
-    temperature: float
+    temperature: float | list[float]  # one per class for a multi-label head
     calibration_images: int
     accuracy: float | None
     valid_loss: float | None
     train_seconds: float
     train_images_per_second: float | None
     precision: str  # trained, validated and served in
+    task: str = "single"  # stages.tasks
+    score: float | None = None  # the task's valid figure (accuracy, mAP, R^2) of the kept epoch
 
     def metrics(self) -> dict:
         """What the run folder's metrics.json holds."""
@@ -133,10 +136,28 @@ def _finetune(
 
 
 def _images(dataset, name: str, keep=None) -> Images | None:
+    """A split's image files and their targets: class indices, or (several labels, numbers: their table's) 0/1 rows
+    of classes or values."""
     files = [f for i, f in enumerate(dataset.splits.get(name) or []) if keep is None or keep[i]]
     if not files:
         return None
-    return [str(dataset.root / f.path) for f in files], np.asarray([f.label for f in files])
+    source = dataset.label_source
+    if source is not None and source.task != "single":
+        targets = source.targets([f.path for f in files])
+    else:
+        targets = np.asarray([f.label for f in files])
+    return [str(dataset.root / f.path) for f in files], targets
+
+
+def _recorded_split(config: RunConfig) -> tuple[float | None, int]:
+    """The --valid-pct and seed the head's store split its data folder with (None, 0: its folders did, or the
+    store is gone)."""
+    store = config.feature_set.store
+    if not store or not Path(store).is_file():
+        return None, 0
+    with FeatureStore(Path(store)) as opened:
+        attrs = opened.feature_set(config.feature_set.set).attrs
+    return attrs.get("valid_pct"), int(attrs.get("split_seed") or 0)
 
 
 def prepare(
@@ -158,13 +179,19 @@ def prepare(
     cfg = replace(cfg, precision=resolve_precision(cfg.precision, device, training=True))
     head, head_config = load_head(head_dir)
     backbone = backbone_for(head_config.feature_set, head_dir)
-    dataset = scan_dataset(data_dir, labels=recorded_options(head_config.labels))  # labelled as the head was
+    valid_pct, split_seed = _recorded_split(head_config)
+    # labelled and split as the head's store was
+    dataset = scan_dataset(data_dir, valid_pct, split_seed, labels=recorded_options(head_config.labels))
     if dataset.classes != head_config.classes:
         raise PipelineError(
             f"classes of {data_dir} ({', '.join(dataset.classes)}) differ from those of {head_dir} "
             f"({', '.join(head_config.classes)}); fine-tune on the data the head was trained for"
         )
     cfg.validate()
+    if head.task.name != "single" and ranks.world > 1:
+        raise PipelineError(
+            f"{head_dir} is a {head.task.name} head: fine-tune it in one process (without torchrun) in this release"
+        )
     train_files = dataset.splits.get("train") or []
     held = held_out_images(
         [f.path for f in train_files], np.asarray([f.label for f in train_files]), cfg.calibration_pct, cfg.seed
@@ -227,10 +254,12 @@ def save(
         history=tuner.history,
         before=tuner.before,
         kept_epoch=kept["epoch"] if kept else None,
-        temperature=float(tuner.model.head.temperature),
+        temperature=tuner.model.head.temperature.tolist(),
         calibration_images=len(run.calibration[0]) if run.calibration and temperature is not None else 0,
         accuracy=last.get("accuracy"),
         valid_loss=last.get("valid_loss"),
+        task=tuner.model.head.task.name,
+        score=last.get(tuner.model.head.task.primary),
         train_seconds=seconds,
         train_images_per_second=images / seconds if seconds else None,
         precision=run.cfg.precision,

@@ -15,13 +15,13 @@ from torch import nn
 
 from stages.atomic import atomic_output
 from stages.backbones import PRECISIONS, Backbone
-from stages.calibration import fit_temperature
 from stages.decode import Augmentation, ImageDecoder
 from stages.errors import SEED_MAX, PipelineError, check_range
 from stages.files import read_image_file
-from stages.head import Head, make_scheduler
+from stages.head import SINGLE, Head, make_scheduler, settle
 from stages.ranks import Ranks
 from stages.rundir import CHECKPOINT
+from stages.tasks import Task
 
 UNFREEZE = ("all", "late", "gradual")
 
@@ -139,15 +139,19 @@ def train_one_epoch(
     autocast,
     ranks: Ranks,
     label_smoothing: float = 0.0,
+    task: Task = SINGLE,
 ) -> Iterator[float | None]:
     """The training steps of one epoch over decoded batches of augmented views; yields each step's loss (averaged
-    over ranks), None for a batch in which nothing decoded. Raises Diverged before applying a non-finite loss."""
+    over ranks; the task's, stages.tasks), None for a batch in which nothing decoded. Raises Diverged before
+    applying a non-finite loss."""
     for batch in batches:
         loss_value = None
         if batch.keys:
             x = batch.images[:, 0].contiguous(memory_format=torch.channels_last)
             with autocast():
-                loss = F.cross_entropy(forward(x).float(), labels_of(batch.keys), label_smoothing=label_smoothing)
+                out, y = forward(x).float(), labels_of(batch.keys)
+                smoothed = task.name == "single" and label_smoothing
+                loss = F.cross_entropy(out, y, label_smoothing=label_smoothing) if smoothed else task.loss(out, y)
             if not torch.isfinite(loss):
                 raise Diverged(loss.item())
             optimizer.zero_grad(set_to_none=True)
@@ -173,8 +177,16 @@ def plain_logits(model: nn.Module, batches, labels_of: Callable, autocast) -> tu
 
 
 def evaluate(model: nn.Module, batches, labels_of: Callable, autocast, ranks: Ranks) -> dict:
-    """Loss and accuracy on decoded batches of the plain view, summed over ranks."""
+    """Loss and accuracy on decoded batches of the plain view, summed over ranks (another task: its loss and its
+    primary figure, in one process)."""
     logits, y = plain_logits(model, batches, labels_of, autocast)
+    task = model.head.task
+    if task.name != "single":
+        if logits is None:
+            return {"valid_loss": math.nan, task.primary: math.nan}
+        thresholds = model.head.thresholds.cpu().numpy() if task.name == "multi" else None
+        figures = task.metrics(task.activation(logits).cpu().numpy(), y.cpu().numpy(), thresholds)
+        return {"valid_loss": task.loss(logits, y).item(), task.primary: figures[task.primary]}
     loss, correct, seen = 0.0, 0, 0
     if logits is not None:
         loss = F.cross_entropy(logits, y, reduction="sum").item()
@@ -246,7 +258,7 @@ class Finetuner:
 
     def _labels_of(self, files: list[str], labels: np.ndarray) -> Callable:
         index = {f: i for i, f in enumerate(files)}
-        return lambda keys: torch.as_tensor([labels[index[k]] for k in keys], device=self.device)
+        return lambda keys: torch.as_tensor(labels[[index[k] for k in keys]], device=self.device)
 
     def epoch_order(self, files: list[str], epoch: int) -> list[int]:
         """The shuffled order of an epoch, from (seed, epoch) alone: a resumed run sees the same order."""
@@ -280,13 +292,16 @@ class Finetuner:
     def calibrate(self, files: list[str], labels: np.ndarray) -> float | None:
         """Fit the head's temperature on images neither the head nor fine-tuning trained on (plain view, this
         process alone); None, the temperature unchanged, when none of them decoded."""
-        temperature = self.model.head.temperature
-        kept = float(temperature)
-        temperature.fill_(1.0)
+        head = self.model.head
+        kept = head.temperature.clone()
+        head.temperature.fill_(1.0)
         batches = self._batches(files, range(len(files)), train=False)
         logits, y = plain_logits(self.model, batches, self._labels_of(files, labels), self.autocast)
-        temperature.fill_(kept if logits is None else fit_temperature(logits, y))
-        return None if logits is None else float(temperature)
+        if logits is None:
+            head.temperature.copy_(kept)
+            return None
+        settle(head, logits.cpu(), y.cpu())  # the temperature (and a multi-label head's thresholds)
+        return head.temperature.tolist()
 
     def fit(
         self,
@@ -319,6 +334,7 @@ class Finetuner:
                     self.autocast,
                     self.ranks,
                     self.cfg.label_smoothing,
+                    self.model.head.task,
                 ):
                     if loss is not None:
                         self.step_losses.append(loss)
@@ -349,14 +365,15 @@ class Finetuner:
                 on_epoch(row)
 
     def remember_if_best(self, epoch: int, metrics: dict) -> None:
-        """Keep a copy of the weights when their valid accuracy is the best so far (ties: lower valid loss);
-        epoch -1 is the model fine-tuning starts from."""
-        best = self.best
+        """Keep a copy of the weights when their valid accuracy (or the task's figure) is the best so far (ties:
+        lower valid loss); epoch -1 is the model fine-tuning starts from."""
+        best, primary = self.best, self.model.head.task.primary
         loss = metrics["valid_loss"] if math.isfinite(metrics["valid_loss"]) else float("inf")  # diverged: worst
-        if best is None or (metrics["accuracy"], -loss) > (best["accuracy"], -best["valid_loss"]):
+        score = metrics[primary] if math.isfinite(metrics[primary]) else -math.inf
+        if best is None or (score, -loss) > (best[primary], -best["valid_loss"]):
             self.best = {
                 "epoch": epoch,
-                "accuracy": metrics["accuracy"],
+                primary: score,
                 "valid_loss": loss,
                 "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
             }

@@ -24,6 +24,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+import numpy as np
+
 from stages.errors import PipelineError
 
 PATH_COLUMNS = ("path", "file_name")
@@ -84,6 +86,19 @@ class LabelSource:
         for path in sorted(self.labels):
             h.update(f"{path}\0{self.labels[path]}\0{self.splits.get(path, '')}\n".encode())
         return h.hexdigest()[:16]
+
+    def targets(self, paths: list[str]) -> np.ndarray:
+        """The labels of these images as a head learns them: 0/1 rows of `classes` (multi-label), values
+        (numeric, NaN without one), class indices (-1 without one)."""
+        if self.task == "numeric":
+            return np.asarray([self.labels.get(p, np.nan) for p in paths], np.float32)
+        index = {c: i for i, c in enumerate(self.classes)}
+        if self.task == "multi":
+            rows = np.zeros((len(paths), len(index)), np.float32)
+            for row, path in enumerate(paths):
+                rows[row, [index[c] for c in self.labels.get(path, ())]] = 1
+            return rows
+        return np.asarray([index.get(self.labels.get(p), -1) for p in paths], np.int64)
 
     def describe(self) -> dict:
         described = {"label_source": self.kind, "label_origin": self.origin, "label_digest": self.digest}

@@ -210,14 +210,15 @@ class Numeric(Task):
 TASKS: dict[str, Task] = {task.name: task for task in (SingleLabel(), MultiLabel(), Numeric())}
 
 
-def precision_recall(truth: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One class's precision and recall at each distinct score taken as the cut, highest first (ties together)."""
+def precision_recall(truth: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One class's precision and recall with each distinct score taken as the cut (a score at or above it is a
+    yes), highest first, ties together; and those scores."""
     truth = np.asarray(truth).astype(bool)
     order = np.argsort(-np.asarray(scores), kind="stable")
     ranked = np.asarray(scores)[order]
     last = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]  # the end of each run of tied scores
     hits = np.cumsum(truth[order])[last]
-    return hits / (last + 1), hits / max(1, truth.sum())
+    return hits / (last + 1), hits / max(1, truth.sum()), ranked[last]
 
 
 def average_precision(truth: np.ndarray, scores: np.ndarray) -> float | None:
@@ -225,7 +226,7 @@ def average_precision(truth: np.ndarray, scores: np.ndarray) -> float | None:
     each positive, ranked by score, ties together); None when the class has no positive."""
     if not np.asarray(truth).any():
         return None
-    precision, recall = precision_recall(truth, scores)
+    precision, recall, _ = precision_recall(truth, scores)
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
@@ -236,14 +237,10 @@ def best_thresholds(probabilities: np.ndarray, truth: np.ndarray) -> np.ndarray:
     probabilities, truth = np.asarray(probabilities, np.float64), np.asarray(truth).astype(bool)
     cuts = np.full(probabilities.shape[1], 0.5)
     for c in range(probabilities.shape[1]):
-        positives = truth[:, c].sum()
-        if not positives:
+        if not truth[:, c].any():
             continue
-        order = np.argsort(-probabilities[:, c], kind="stable")
-        scores, hits = probabilities[order, c], np.cumsum(truth[order, c])
-        last = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
-        f1 = 2 * hits[last] / (last + 1 + positives)
+        precision, recall, scores = precision_recall(truth[:, c], probabilities[:, c])
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0)
         best = int(np.argmax(f1))
-        below = scores[last[best] + 1] if last[best] + 1 < len(scores) else 0.0
-        cuts[c] = (scores[last[best]] + below) / 2
+        cuts[c] = (scores[best] + (scores[best + 1] if best + 1 < len(scores) else 0.0)) / 2
     return cuts

@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 
 from stages.errors import PipelineError
-from stages.labels import LabelOptions, recorded_options, relabel_stored
+from stages.labels import LabelOptions, LabelSource, recorded_options, relabel_stored
 from store.identity import FeatureSetIdentity
 from store.locks import hold_shared
 from store.partition_file import open_partition_file, partition_id
@@ -332,7 +332,7 @@ class FeatureSet:
         self.identity = FeatureSetIdentity.from_dict(self.attrs)
         self.classes: list[str] = self.attrs.get("classes", [])
         self._verified: set[tuple] = set()
-        self._relabelled: dict | None = None  # another labelling: class name (or names, or number) by path
+        self._relabelled: LabelSource | None = None  # another labelling of its stored paths
         self._labelling: dict | None = None  # and what it came from
         self.task: str = self.attrs.get("task") or "single"  # stages.tasks: what its labels columns give
 
@@ -354,16 +354,16 @@ class FeatureSet:
                 return self
             options = recorded_options(self.labelling)  # several labels or numbers: their table, as recorded
         source = relabel_stored(options, {split: list(self.column(split, "paths")) for split in self.splits})
-        other = self.relabelled(source.classes, source.labels, source.task)
+        other = self.relabelled(source)
         other._labelling = source.describe()
         return other
 
-    def relabelled(self, classes: list[str], labels: dict, task: str = "single") -> FeatureSet:
-        """The same rows under another labelling (by stored path: a class name, the class names of a multi-label
-        task or a number; test images may have none): what `labels` columns give from then on. The stored labels
-        are not touched."""
+    def relabelled(self, source: LabelSource) -> FeatureSet:
+        """The same rows under another labelling (stages.labels.LabelSource over its stored paths; test images may
+        have none): what `labels` columns give from then on (class indices, 0/1 rows of classes, or values). The
+        stored labels are not touched."""
         other = copy.copy(self)
-        other.classes, other._relabelled, other.task = list(classes), dict(labels), task
+        other.classes, other._relabelled, other.task = source.classes, source, source.task
         return other
 
     @property
@@ -393,7 +393,8 @@ class FeatureSet:
         if ROW_COLUMNS.get(name) is STR:
             self._verify_strings(split, name)
         if name == "labels" and self._relabelled is not None:
-            return self._relabelled_labels(self.column(split, "paths"))
+            labels = self._relabelled.targets(self.column(split, "paths"))
+            return labels.astype(np.int32) if self.task == "single" else labels
         values = read_or_fail(self._split(split)[name], self.where)
         if name in ("labels", "view"):
             views, unlabelled = int(self.attrs.get("views", 0)), self.attrs.get("task", "single") != "single"
@@ -404,19 +405,6 @@ class FeatureSet:
                     "(pipeline store info --verify lists what is wrong)"
                 )
         return decode_strings(values)
-
-    def _relabelled_labels(self, paths: list[str]) -> np.ndarray:
-        """Per row: its class index (-1: none), its 0/1 row of classes, or its number (NaN: none)."""
-        labels = self._relabelled
-        if self.task == "numeric":
-            return np.fromiter((labels.get(p, np.nan) for p in paths), np.float32, len(paths))
-        index = {c: i for i, c in enumerate(self.classes)}
-        if self.task == "multi":
-            rows = np.zeros((len(paths), len(self.classes)), np.uint8)
-            for row, path in enumerate(paths):
-                rows[row, [index[c] for c in labels.get(path, ())]] = 1
-            return rows
-        return np.fromiter((index.get(labels.get(p), -1) for p in paths), np.int32, len(paths))
 
     @property
     def where(self) -> str:

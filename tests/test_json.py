@@ -173,6 +173,8 @@ def test_audit_inspect_finetune(trained, tmp_path):
         "train_seconds",
         "train_images_per_second",
         "precision",
+        "task",
+        "score",
     }
 
 

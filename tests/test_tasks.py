@@ -123,6 +123,13 @@ def test_multi_label_and_numeric_heads_from_featurize_to_evaluate(tagged, tmp_pa
     assert sum(rows[str(i)]["labels"] == given[i.name].split() for i in images) >= 3
     header = (tmp_path / "tags.csv.out.csv").read_text().splitlines()[0]
     assert header == "path,labels,check,disk,stripe"
+    tuned = run_json(
+        "finetune", tagged, "--head", tmp_path / "tags", "--epochs", "1", "--batch-size", "8", "--out", tmp_path / "ft"
+    )
+    assert (
+        tuned["task"] == "multi" and "map" in tuned["history"][0] and len(tuned["history"]) == 1
+    )  # valid: the store's
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["head"]["task"] == "multi"
     grid = run_cli("train-head", "--store", store, "--head", "logreg,linear", "--out", tmp_path / "grid")
     assert " map " in grid.stdout.replace("┃", " ") and "logreg" in grid.stdout  # the leaderboard ranks by mAP
     # A number per image, on the same cache with no featurize: ridge regression, its L2 cross-validated
@@ -174,3 +181,29 @@ def test_multi_label_audit_finds_planted_tag_errors_and_export_keeps_the_thresho
     [onnx_p] = session.run(None, {"images": crop(image, 256, 224)[None]})[0]
     [torch_p] = run_json("predict", tmp_path / "head", image, "--precision", "fp32")["predictions"]
     assert onnx_p == pytest.approx([torch_p["probabilities"][c] for c in ("check", "disk", "stripe")], abs=2e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_real_photos_side_by_side_train_multi_label_and_numeric_heads(tmp_path):
+    """flowers5 photos composed one or two to a picture, tagged with the flowers they show and scored by their
+    brightness (bench.labels.composite_photos): both heads learn them well above chance, end to end."""
+    from conftest import run_json, shared_dataset
+
+    from bench.labels import _write_table, composite_photos
+
+    data, tags, scores = composite_photos(tmp_path, 200, 60, source=shared_dataset("flowers5"))
+    _write_table(tmp_path / "tags.csv", tags)
+    _write_table(tmp_path / "scores.csv", scores)
+    store = tmp_path / "s.h5"
+    run_json("featurize", data, "--store", store, "--labels", tmp_path / "tags.csv", "--label-delim", " ")
+    [run] = run_json("train-head", "--store", store, "--out", tmp_path / "tags")
+    assert run["task"] == "multi" and run["score"] > 0.6  # mAP; five flowers, chance about 0.3
+    evaluated = run_json("evaluate", tmp_path / "tags", "--store", store, "--out", tmp_path / "e")
+    assert evaluated["metrics"]["map"] == pytest.approx(run["score"]) and evaluated["images"] == 60
+    [ridge] = run_json("train-head", "--store", store, "--labels", tmp_path / "scores.csv", "--out", tmp_path / "r")
+    assert ridge["task"] == "numeric" and ridge["score"] > 0.3  # R² of brightness
+    [predicted] = run_json("predict", tmp_path / "r", data / "valid" / "00000.jpg")["predictions"]
+    assert abs(predicted["value"] - scores["valid/00000.jpg"]) < 0.25
+    audited = run_json("audit", "--store", store, "--out", tmp_path / "a")
+    assert audited["labelled"] == 260 and isinstance(audited["label_issues"], list)
