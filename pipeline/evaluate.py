@@ -24,7 +24,7 @@ from stages.labels import LabelOptions, recorded_options
 from stages.metrics import ClassificationMetrics, classification_metrics, top_losses
 from stages.model import ImageClassifier, decided, load_model
 from stages.rundir import check_compatible, read_config
-from stages.tasks import precision_recall
+from stages.tasks import Task, precision_recall
 
 
 def expand_inputs(inputs: list[Path]) -> list[Path]:
@@ -95,22 +95,17 @@ def predict(
     files = expand_inputs(inputs)
     started = time.perf_counter()
     rows, errors = [], []
-    task = model.head.task.name
     for predictions, failed in model.predict_files(files, tta=tta):
         for p in predictions:
             row = {"path": p.path, **decided(model.head, p.probabilities, model.classes, top_k)}
             if tta:
                 tta_row = decided(model.head, p.tta_probabilities, model.classes, top_k)
                 row.update({f"tta_{k}": v for k, v in tta_row.items()})
-            if task == "single":
-                row["probabilities"] = {c: float(v) for c, v in zip(model.classes, p.probabilities)}
-                if tta:
-                    row["tta_probabilities"] = {c: float(v) for c, v in zip(model.classes, p.tta_probabilities)}
             rows.append(row)
         errors += [{"path": path, "error": reason} for path, reason in failed]
     seconds = time.perf_counter() - started
     if out is not None:
-        _write_predictions(out, rows, model.classes, tta, task)
+        _write_predictions(out, rows, model.classes, tta, model.head.task)
     return PredictResult(
         predictions=rows,
         errors=errors,
@@ -122,50 +117,18 @@ def predict(
     )
 
 
-def _write_predictions(out: Path, rows: list[dict], classes: list[str], tta: bool, task: str = "single") -> None:
+def _write_predictions(out: Path, rows: list[dict], classes: list[str], tta: bool, task: Task) -> None:
+    """Every prediction to JSON, or to CSV in the task's columns (stages.tasks), the same again prefixed tta_."""
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".json":
         write_json(out, rows)
         return
-    if task != "single":
-        _write_task_predictions(out, rows, classes, tta, task)
-        return
-    with atomic_csv(out) as f:
-        writer = csv.writer(f)
-        extra = [f"tta_{c}" for c in classes] if tta else []
-        writer.writerow(
-            ["path", "class", "probability", *classes, *(["tta_class", "tta_probability"] if tta else []), *extra]
-        )
-        for r in rows:
-            writer.writerow(
-                [
-                    r["path"],
-                    r["class"],
-                    f"{r['probability']:.6f}",
-                    *[f"{r['probabilities'][c]:.6f}" for c in classes],
-                    *([r["tta_class"], f"{r['tta_probability']:.6f}"] if tta else []),
-                    *([f"{r['tta_probabilities'][c]:.6f}" for c in classes] if tta else []),
-                ]
-            )
-
-
-def _write_task_predictions(out: Path, rows: list[dict], classes: list[str], tta: bool, task: str) -> None:
-    """A CSV row per image: its value (numeric); or its labels, space-separated, and every class's probability
-    (multi-label); the same again prefixed tta_ with TTA."""
     prefixes = ["", "tta_"] if tta else [""]
     with atomic_csv(out) as f:
         writer = csv.writer(f)
-        if task == "numeric":
-            writer.writerow(["path", *(f"{p}value" for p in prefixes)])
-            for r in rows:
-                writer.writerow([r["path"], *(f"{r[f'{p}value']:.6g}" for p in prefixes)])
-            return
-        writer.writerow(["path", *(f"{p}{name}" for p in prefixes for name in ["labels", *classes])])
+        writer.writerow(["path", *(p + column for p in prefixes for column in task.csv_columns(classes))])
         for r in rows:
-            cells = [
-                [" ".join(r[f"{p}labels"]), *(f"{r[f'{p}probabilities'][c]:.6f}" for c in classes)] for p in prefixes
-            ]
-            writer.writerow([r["path"], *(cell for group in cells for cell in group)])
+            writer.writerow([r["path"], *(cell for p in prefixes for cell in task.csv_cells(r, classes, p))])
 
 
 def labelled_split(split_dir: Path, classes: list[str]) -> tuple[list[Path], np.ndarray]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from stages.atomic import atomic_output, locked_output
 from stages.errors import PipelineError
-from stages.export import FORMATS, INPUT, check_format, export_classifier, output_name
+from stages.export import FORMATS, INPUT, check_format, export_classifier
 
 
 def pipeline_version() -> str:
@@ -73,7 +73,7 @@ def export_run(run_dir: Path, out: Path | None = None, fmt: str = "onnx") -> Exp
         bytes=out.stat().st_size,
         seconds=time.perf_counter() - started,
         input=f"{INPUT}: uint8 (N, {size}, {size}, 3) RGB",
-        output=f"{output_name(head)}: float32 (N, {head.task.outputs(len(config.classes))})",
+        output=f"{head.task.output}: float32 (N, {head.task.outputs(len(config.classes))})",
         classes=config.classes,
         metadata=metadata,
         precision="fp32",

@@ -21,7 +21,7 @@ from stages.head import Head
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 ONNX_EXTRA = ("onnx", "onnxruntime", "onnxscript")  # the exporter writes, onnxscript translates, the runtime checks
-INPUT, OUTPUT = "images", "probabilities"
+INPUT = "images"
 
 
 class DeployableClassifier(nn.Module):
@@ -38,10 +38,6 @@ class DeployableClassifier(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.permute(0, 3, 1, 2).float() - self.mean) / self.std
         return self.head.task.activation(self.head(self.backbone(x)))
-
-
-def output_name(head: Head) -> str:
-    return "values" if head.task.name == "numeric" else OUTPUT
 
 
 def deployment_metadata(backbone: Backbone, head: Head, classes: list[str], version: str) -> dict[str, str]:
@@ -95,7 +91,7 @@ def export_onnx(module: DeployableClassifier, size: int, metadata: dict[str, str
             module,
             (example,),
             input_names=[INPUT],
-            output_names=[output_name(module.head)],
+            output_names=[module.head.task.output],
             dynamo=True,
             dynamic_shapes=({0: torch.export.Dim("batch")},),
             verbose=False,

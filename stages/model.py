@@ -28,29 +28,11 @@ class Prediction:
     tta_probabilities: np.ndarray | None = None
 
 
-def top_classes(probabilities: np.ndarray, classes: list[str], k: int) -> dict:
-    """The most likely class, its probability, and the k most likely as [class, probability] pairs."""
-    order = np.argsort(-probabilities)[:k]
-    return {
-        "class": classes[order[0]],
-        "probability": float(probabilities[order[0]]),
-        "top_k": [[classes[i], float(probabilities[i])] for i in order],
-    }
-
-
 def decided(head: Head, outputs: np.ndarray, classes: list[str], k: int = 1) -> dict:
-    """One image's prediction as a user reads it, by the head's task: the top classes (single-label); the classes
-    whose probability reaches their threshold, with every class's probability (multi-label); the value (numeric)."""
-    task = head.task.name
-    if task == "multi":
-        chosen = head.task.decide(outputs[None], head.thresholds.cpu().numpy())[0]
-        return {
-            "labels": [c for c, on in zip(classes, chosen) if on],
-            "probabilities": {c: float(p) for c, p in zip(classes, outputs)},
-        }
-    if task == "numeric":
-        return {"value": float(outputs[0])}
-    return top_classes(outputs, classes, k)
+    """One image's prediction as a user reads it, as the head's task says (stages.tasks: the top classes; the
+    classes at or above their thresholds; the value)."""
+    thresholds = head.thresholds.cpu().numpy() if hasattr(head, "thresholds") else None
+    return head.task.prediction(outputs, classes, thresholds, k)
 
 
 class ImageClassifier:
@@ -114,8 +96,8 @@ class ImageClassifier:
             yield predictions, batch.failed
 
     def predict(self, paths: Iterable[str | Path], top_k: int = 1, tta: bool = False) -> list[dict]:
-        """[{path, class, probability, top_k: [(class, p)...]}] per file (multi-label: {path, labels, probabilities};
-        numeric: {path, value}); unreadable files carry an 'error'."""
+        """[{path, class, probability, top_k: [(class, p)...], probabilities}] per file (multi-label: {path, labels,
+        probabilities}; numeric: {path, value}); unreadable files carry an 'error'."""
         results = []
         for predictions, failed in self.predict_files(paths, tta):
             for p in predictions:

@@ -20,10 +20,12 @@ from stages.calibration import expected_calibration_error, fit_temperature
 
 class Task:
     """The base of a task kind: `name` as configs and the CLI spell it, `primary` the metric an epoch table shows
-    and a grid ranks by (higher is better), `outputs` the width of a head's last layer."""
+    and a grid ranks by (higher is better), `output` what an exported model's output is called, `outputs` the
+    width of a head's last layer."""
 
     name = ""
     primary = ""
+    output = "probabilities"
 
     def outputs(self, num_classes: int) -> int:
         return num_classes
@@ -61,6 +63,18 @@ class Task:
         """The temperature of honest probabilities, fitted on out-of-fold raw outputs (1: none)."""
         return 1.0
 
+    def prediction(self, activated: np.ndarray, classes: list[str], thresholds=None, k: int = 1) -> dict:
+        """One image's prediction as a user reads it (predict's JSON, the Python API)."""
+        raise NotImplementedError
+
+    def csv_columns(self, classes: list[str]) -> list[str]:
+        """predict's CSV columns for a prediction, after the path."""
+        raise NotImplementedError
+
+    def csv_cells(self, prediction: dict, classes: list[str], prefix: str = "") -> list[str]:
+        """A prediction (its keys under `prefix`: tta_ for the TTA one) as those columns."""
+        raise NotImplementedError
+
 
 class SingleLabel(Task):
     name, primary = "single", "accuracy"
@@ -90,6 +104,28 @@ class SingleLabel(Task):
 
     def calibrate(self, raw: torch.Tensor, targets: torch.Tensor) -> float:
         return fit_temperature(raw, targets)
+
+    def prediction(self, activated: np.ndarray, classes: list[str], thresholds=None, k: int = 1) -> dict:
+        """The most likely class, its probability, the k most likely as [class, probability] pairs, and every
+        class's probability."""
+        order = np.argsort(-activated)[:k]
+        return {
+            "class": classes[order[0]],
+            "probability": float(activated[order[0]]),
+            "top_k": [[classes[i], float(activated[i])] for i in order],
+            "probabilities": {c: float(p) for c, p in zip(classes, activated)},
+        }
+
+    def csv_columns(self, classes: list[str]) -> list[str]:
+        return ["class", "probability", *classes]
+
+    def csv_cells(self, prediction: dict, classes: list[str], prefix: str = "") -> list[str]:
+        probabilities = prediction[f"{prefix}probabilities"]
+        return [
+            prediction[f"{prefix}class"],
+            f"{prediction[f'{prefix}probability']:.6f}",
+            *(f"{probabilities[c]:.6f}" for c in classes),
+        ]
 
     def metrics(self, activated: np.ndarray, targets: np.ndarray, thresholds: np.ndarray | None = None) -> dict:
         probabilities, truth = np.asarray(activated), np.asarray(targets)
@@ -149,6 +185,21 @@ class MultiLabel(Task):
         separable = ((raw > 0) == targets.bool()).all(0)  # no mistake: the loss falls for ever as T shrinks
         return log_t.detach().exp().clamp(0.05, 20.0).masked_fill(separable, 1.0)
 
+    def prediction(self, activated: np.ndarray, classes: list[str], thresholds=None, k: int = 1) -> dict:
+        """The classes whose probability reaches their threshold, and every class's probability."""
+        chosen = self.decide(activated[None], thresholds)[0]
+        return {
+            "labels": [c for c, on in zip(classes, chosen) if on],
+            "probabilities": {c: float(p) for c, p in zip(classes, activated)},
+        }
+
+    def csv_columns(self, classes: list[str]) -> list[str]:
+        return ["labels", *classes]
+
+    def csv_cells(self, prediction: dict, classes: list[str], prefix: str = "") -> list[str]:
+        probabilities = prediction[f"{prefix}probabilities"]
+        return [" ".join(prediction[f"{prefix}labels"]), *(f"{probabilities[c]:.6f}" for c in classes)]
+
     def metrics(self, activated: np.ndarray, targets: np.ndarray, thresholds: np.ndarray | None = None) -> dict:
         probabilities, truth = np.asarray(activated, np.float64), np.asarray(targets).astype(bool)
         predicted = self.decide(probabilities, thresholds).astype(bool)
@@ -170,7 +221,7 @@ class Numeric(Task):
     """A number per image. The head regresses the target standardized on train (so one learning rate suits any
     scale); its outputs are in the target's own units once the head's scale is applied (Head)."""
 
-    name, primary = "numeric", "r2"
+    name, primary, output = "numeric", "r2", "values"
 
     def outputs(self, num_classes: int) -> int:
         return 1
@@ -190,6 +241,15 @@ class Numeric(Task):
 
     def decide(self, activated: np.ndarray, thresholds: np.ndarray | None = None) -> np.ndarray:
         return np.asarray(activated).reshape(-1)
+
+    def prediction(self, activated: np.ndarray, classes: list[str], thresholds=None, k: int = 1) -> dict:
+        return {"value": float(np.asarray(activated).reshape(-1)[0])}
+
+    def csv_columns(self, classes: list[str]) -> list[str]:
+        return ["value"]
+
+    def csv_cells(self, prediction: dict, classes: list[str], prefix: str = "") -> list[str]:
+        return [f"{prediction[f'{prefix}value']:.6g}"]
 
     def strata(self, targets: np.ndarray) -> np.ndarray:
         """Quintiles of the target: each fold spans its range."""
