@@ -433,10 +433,12 @@ GRID_OPTIONS = ("head", "lr", "wd", "epochs", "views", "l2")  # train-head's com
 def _leaderboard(rows: list, title: str) -> None:  # rows: stages.rundir.RunSummary
     from rich.table import Table
 
+    from stages.tasks import TASKS
+
     table = Table(title=title)
     labelled = any(getattr(r, "labels", None) for r in rows)
     scores = {getattr(r, "task", "single") for r in rows} - {"single"}  # another task: its own figure
-    figure = {"multi": "map", "numeric": "r2"}[scores.pop()] if len(scores) == 1 else "accuracy"
+    figure = TASKS[scores.pop()].primary if len(scores) == 1 else "accuracy"
     columns = ("#", "head", "lr", "wd", "epochs", "l2", "views", figure, "valid_loss")
     columns += ("labels", "run") if labelled else ("run",)
     for column in columns:

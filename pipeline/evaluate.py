@@ -300,7 +300,7 @@ def _evaluate_task(
         raise PipelineError(f"store {store} holds no {split} images to evaluate")
     with torch.no_grad():
         outputs = task.activation(head(x)).numpy()
-    thresholds = head.thresholds.numpy() if task.name == "multi" else None
+    thresholds = head.decision_thresholds()
     figures = task.metrics(outputs, targets, thresholds)
     if task.name == "multi":
         names = config.classes

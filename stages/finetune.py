@@ -184,8 +184,8 @@ def evaluate(model: nn.Module, batches, labels_of: Callable, autocast, ranks: Ra
     if task.name != "single":
         if logits is None:
             return {"valid_loss": math.nan, task.primary: math.nan}
-        thresholds = model.head.thresholds.cpu().numpy() if task.name == "multi" else None
-        figures = task.metrics(task.activation(logits).cpu().numpy(), y.cpu().numpy(), thresholds)
+        outputs = task.activation(logits).cpu().numpy()
+        figures = task.metrics(outputs, y.cpu().numpy(), model.head.decision_thresholds())
         return {"valid_loss": task.loss(logits, y).item(), task.primary: figures[task.primary]}
     loss, correct, seen = 0.0, 0, 0
     if logits is not None:

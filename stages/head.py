@@ -91,6 +91,10 @@ class Head(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.standardize(features.float())) / self.temperature
 
+    def decision_thresholds(self) -> np.ndarray | None:
+        """A multi-label head's threshold per class (None: its task decides without)."""
+        return self.thresholds.detach().cpu().numpy() if hasattr(self, "thresholds") else None
+
     def last_layer(self) -> nn.Linear:
         return self.classifier if isinstance(self.classifier, nn.Linear) else self.classifier[-1]
 
@@ -356,8 +360,7 @@ def evaluate_head(head: Head, data: Rows, batch_size: int = 4096) -> dict:
     """The loss of a head on a split and its task's figures (single-label: accuracy, calibration error and
     per-class accuracy; multi-label at the head's thresholds)."""
     head.eval()
-    task = head.task
-    thresholds = head.thresholds.numpy() if task.name == "multi" else None
+    task, thresholds = head.task, head.decision_thresholds()
     losses, outputs, labels = [], [], []
     for x, y in data.batches(batch_size):
         raw = head(x)

@@ -31,8 +31,7 @@ class Prediction:
 def decided(head: Head, outputs: np.ndarray, classes: list[str], k: int = 1) -> dict:
     """One image's prediction as a user reads it, as the head's task says (stages.tasks: the top classes; the
     classes at or above their thresholds; the value)."""
-    thresholds = head.thresholds.cpu().numpy() if hasattr(head, "thresholds") else None
-    return head.task.prediction(outputs, classes, thresholds, k)
+    return head.task.prediction(outputs, classes, head.decision_thresholds(), k)
 
 
 class ImageClassifier:
