@@ -235,8 +235,9 @@ def find_lr(
 def _sweep(cached: CachedFeatures, cfg: TrainConfig, threads: int | None, sweep: dict) -> LrFindResult:
     rows = cached.train_rows(cfg.views)
     folds, plain = cached.folds(rows, cfg.folds, cfg.seed)
+    rows, _, _ = _task_rows(cached, rows, None)  # numbers regressed standardized, as fit_head does
     with torch_threads(head_threads(threads)):
-        return lr_find(rows, folds, plain, cfg, len(cached.classes), **sweep)
+        return lr_find(rows, folds, plain, cfg, len(cached.classes), **sweep, task=cached.task)
 
 
 def fit_head(
@@ -252,12 +253,8 @@ def fit_head(
     """
     rows = cached.train_rows(cfg.views)
     folds, plain = cached.folds(rows, cfg.folds, cfg.seed)
-    num_classes, task, valid = len(cached.classes), cached.task, cached.valid
-    scale = None
-    if task.name == "numeric":  # regressed standardized (one lr and one L2 path suit any unit), rescaled after
-        values = rows.labels[rows.rows]
-        scale = (values.mean(), values.std().clamp_min(1e-12))
-        rows, valid = _standardized(rows, *scale), _standardized(valid, *scale) if valid is not None else None
+    num_classes, task = len(cached.classes), cached.task
+    rows, valid, scale = _task_rows(cached, rows, cached.valid)
     if cfg.head == "logreg":
         # float32 rows held during cross-validation: the sample, and each fold's training copy with its transpose.
         cv_max_rows = max(1000, cached.memory_limit // (4 * (1 + 2 * cfg.folds) * rows.dim))
@@ -275,6 +272,16 @@ def fit_head(
             last.weight.mul_(scale[1])
             last.bias.mul_(scale[1]).add_(scale[0])
     return head, cfg, history, steps
+
+
+def _task_rows(cached: CachedFeatures, rows: Rows, valid: Rows | None) -> tuple[Rows, Rows | None, tuple | None]:
+    """The rows a head fits: numeric targets standardized on train (one lr and one L2 path suit any unit; the
+    head's last layer is rescaled after, by the (mean, std) returned), other targets as they are."""
+    if cached.task.name != "numeric":
+        return rows, valid, None
+    values = rows.labels[rows.rows]
+    scale = (values.mean(), values.std().clamp_min(1e-12))
+    return _standardized(rows, *scale), _standardized(valid, *scale) if valid is not None else None, scale
 
 
 def _standardized(rows: Rows, mean: torch.Tensor, std: torch.Tensor) -> Rows:

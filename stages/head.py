@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -452,12 +452,14 @@ class LrFindResult:
 
     lrs: list[float]
     held_out_loss: list[float]
-    held_out_accuracy: list[float]
+    held_out_accuracy: list[float | None]  # None for a task other than single-label: see held_out_score
     train_loss: list[float]
     suggestion: float
     epochs: int
     held_out_rows: int
     plot: str | None = None
+    task: str = "single"  # stages.tasks
+    held_out_score: list[float] = field(default_factory=list)  # the task's figure: accuracy, mAP or R^2
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -476,6 +478,7 @@ def lr_find(
     end_lr: float = 1.0,
     num_lrs: int = 21,
     on_lr: Callable[[dict], None] | None = None,
+    task: Task = SINGLE,
 ) -> LrFindResult:
     """Learning-rate range test for heads on cached features: a fresh head per rate, each trained as the run
     would be (its schedule and epochs, at most LR_FIND_MAX_STEPS steps) on all folds of train but the first and
@@ -494,13 +497,14 @@ def lr_find(
     rows = []
     for lr in np.geomspace(start_lr, end_lr, num_lrs):
         probe = replace(cfg, lr=float(lr), epochs=epochs)
-        head, history, _ = train_head(fit_rows, None, probe, num_classes)
+        head, history, _ = train_head(fit_rows, None, probe, num_classes, task=task)
         scored = evaluate_head(head, held)
         rows.append(
             {
                 "lr": float(lr),
                 "held_out_loss": scored["loss"],
-                "held_out_accuracy": scored["accuracy"],
+                "held_out_accuracy": scored.get("accuracy"),
+                "held_out_score": scored[task.primary],
                 "train_loss": history[-1]["train_loss"],
             }
         )
@@ -515,6 +519,8 @@ def lr_find(
         lrs=[r["lr"] for r in rows],
         held_out_loss=[r["held_out_loss"] for r in rows],
         held_out_accuracy=[r["held_out_accuracy"] for r in rows],
+        task=task.name,
+        held_out_score=[r["held_out_score"] for r in rows],
         train_loss=[r["train_loss"] for r in rows],
         suggestion=best["lr"],
         epochs=epochs,

@@ -53,6 +53,8 @@ def test_train_head_lr_find_evaluate_predict_export(trained, tmp_path):
         "epochs",
         "held_out_rows",
         "plot",
+        "task",
+        "held_out_score",
     }
     metrics = run_json("evaluate", head, data / "valid", "--store", store, "--out", tmp_path / "eval")
     assert keys(metrics) == {

@@ -132,6 +132,8 @@ def test_multi_label_and_numeric_heads_from_featurize_to_evaluate(tagged, tmp_pa
     assert json.loads((tmp_path / "ft" / "config.json").read_text())["head"]["task"] == "multi"
     grid = run_cli("train-head", "--store", store, "--head", "logreg,linear", "--out", tmp_path / "grid")
     assert " map " in grid.stdout.replace("┃", " ") and "logreg" in grid.stdout  # the leaderboard ranks by mAP
+    found = run_json("lr-find", "--store", store, "--head", "linear", "--num-lrs", "5", "--out", tmp_path / "lr")
+    assert found["task"] == "multi" and len(found["held_out_score"]) == len(found["lrs"]) and found["suggestion"] > 0
     # A number per image, on the same cache with no featurize: ridge regression, its L2 cross-validated
     [ridge] = run_json("train-head", "--store", store, "--labels", scores, "--out", tmp_path / "ridge")
     assert ridge["task"] == "numeric" and ridge["score"] > 0.5  # 36 training images
