@@ -156,8 +156,8 @@ def save_head_run(
         if valid and "per_class_accuracy" in valid
         else {},
     }
+    metrics["task"], metrics["score"] = cached.task.name, valid[cached.task.primary] if valid else None
     if cached.task.name != "single":  # its own figures on valid (stages.tasks), and what it decides with
-        metrics["task"] = cached.task.name
         metrics["valid"] = _named(valid, cached.classes) if valid else None
         if cached.task.name == "multi":
             metrics["thresholds"] = dict(zip(cached.classes, head.thresholds.tolist()))

@@ -163,6 +163,8 @@ class ListedRun(RunSummary):
     backbone: str
     created: str
     labels: str | None = None  # which labelling: its source and digest (runs of one cache may learn several)
+    task: str = "single"  # stages.tasks
+    score: float | None = None  # the task's valid figure (accuracy, mAP, R^2)
 
 
 def describe_labels(labels: dict | None) -> str | None:
@@ -260,6 +262,8 @@ def list_runs(root: Path, store: Path | None = None) -> list[ListedRun]:
                 backbone=config.feature_set.identity.backbone,
                 created=config.created,
                 labels=describe_labels(config.labels),
+                task=metrics.get("task", "single"),
+                score=metrics.get("score", metrics.get("accuracy")),
             )
         )
     return rank_runs(rows)

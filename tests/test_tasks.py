@@ -142,6 +142,10 @@ def test_multi_label_and_numeric_heads_from_featurize_to_evaluate(tagged, tmp_pa
     assert (tmp_path / "eval-ridge" / "predicted_vs_true.png").stat().st_size > 0
     [value] = run_json("predict", tmp_path / "ridge", images[0])["predictions"]
     assert set(value) == {"path", "value"} and isinstance(value["value"], float)
+    listed = {r["run"]: r for r in run_json("runs", "--dir", tmp_path)}
+    assert listed[str(tmp_path / "ridge")]["task"] == "numeric"
+    assert listed[str(tmp_path / "ridge")]["score"] == pytest.approx(ridge["score"])
+    assert listed[str(tmp_path / "tags")]["score"] == pytest.approx(run["score"])
     proc = run_cli("evaluate", tmp_path / "ridge", tagged, "--out", tmp_path / "e3", check=False)
     one_line_error(proc, "numeric head", "--store STORE")
     proc = run_cli(
