@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,export,ray,audit]'
+	$(PY) -m pip install --quiet -e '.[test,export,ray,audit,lite]'
 	touch $(STAMP)
 
 demo: $(STAMP)
