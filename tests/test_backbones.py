@@ -37,6 +37,12 @@ def test_registry_lists_the_lite_family_and_a_torchvision_family():
     assert list_backbones() == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50"]
 
 
+def test_featurize_help_names_every_registered_backbone():
+    from pipeline.cli import BACKBONE_HELP
+
+    assert all(name in BACKBONE_HELP for name in REGISTRY)
+
+
 def test_default_backbone_contract(lite0):
     assert lite0.arch == "tf_efficientnet_lite0" and lite0.feature_dim == 1280
     pp = lite0.preprocessing
