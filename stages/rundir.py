@@ -18,7 +18,7 @@ from pathlib import Path
 
 from stages.atomic import write_json
 from stages.errors import PipelineError
-from store.identity import BACKBONE_FIELDS, FeatureSetIdentity
+from stages.identity import BACKBONE_FIELDS, FeatureSetIdentity
 
 CONFIG = "config.json"
 METRICS = "metrics.json"

@@ -22,7 +22,7 @@ from torch import nn
 
 from stages.atomic import atomic_output
 from stages.backbones import Backbone, cache_dir
-from store.identity import FeatureSetIdentity
+from stages.identity import FeatureSetIdentity
 
 TRACES_KEPT = 8  # frozen traces kept in the user's cache (about 13 MB each for Lite0 in fp32), least recent dropped
 

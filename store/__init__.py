@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stages.identity import FeatureSetIdentity
 from store.compact import DEAD_SHARE, CompactResult, compact
-from store.identity import FeatureSetIdentity
 from store.locks import StoreLock
 from store.paths import StorePaths
 from store.reader import FeatureSet, FeatureStore, open_root, store_bytes, verify_store

@@ -12,8 +12,8 @@ import h5py
 import numpy as np
 
 from stages.errors import PipelineError
+from stages.identity import FeatureSetIdentity
 from stages.labels import LabelOptions, LabelSource, recorded_options, relabel_stored
-from store.identity import FeatureSetIdentity
 from store.locks import hold_shared
 from store.partition_file import open_partition_file, partition_id
 from store.paths import StorePaths

@@ -17,7 +17,7 @@ from stages.backbones import (
     map_efficientnet_lite_keys,
 )
 from stages.errors import PipelineError
-from store.identity import FeatureSetIdentity
+from stages.identity import FeatureSetIdentity
 
 
 @pytest.fixture(scope="module")

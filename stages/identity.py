@@ -1,8 +1,10 @@
 """A feature set's identity: what makes two sets of features interchangeable, in one place.
 
-Built from a backbone and the featurize settings, written to and read from a set's attributes, named and compared
-here and nowhere else. A leaf module (it imports nothing of this project), so that a run can record the identity
-of the features its head was trained on (stages/rundir.py) without stages/ depending on the rest of store/.
+Built from a backbone and the featurize settings, written to and read from a store set's attributes, named and
+compared here and nowhere else. It lives with the stages that make the features (a run records the identity of the
+features its head was trained on, stages/rundir.py; a trace cache keys on the backbone's part, stages/runner.py);
+the store records and compares it through its public face (`store.FeatureSetIdentity`). A leaf module: it imports
+nothing of this project.
 """
 
 from __future__ import annotations
