@@ -11,6 +11,8 @@ from sklearn.metrics import average_precision_score, f1_score, mean_absolute_err
 from stages.head import TensorRows, TrainConfig, evaluate_head, train_head
 from stages.tasks import TASKS, average_precision, best_thresholds
 
+FP32 = ("--precision", "fp32")  # the same features on every CPU (bf16 where it has AVX-512 BF16, otherwise)
+
 
 def test_average_precision_is_scikit_learns_ties_included():
     rng = np.random.default_rng(0)
@@ -100,7 +102,7 @@ def test_multi_label_and_numeric_heads_from_featurize_to_evaluate(tagged, tmp_pa
 
     store, tags, scores = tmp_path / "s.h5", tmp_path / "tags.csv", tmp_path / "scores.csv"
     done = run_json(
-        "featurize", tagged, "--store", store, "--labels", tags, "--label-delim", " ", "--valid-pct", "0.25"
+        "featurize", tagged, "--store", store, "--labels", tags, "--label-delim", " ", "--valid-pct", "0.25", *FP32
     )
     assert done["classes"] == ["check", "disk", "stripe"] and done["featurized"] == 48
     [run] = run_json("train-head", "--store", store, "--out", tmp_path / "tags")  # the table featurize recorded
@@ -159,7 +161,7 @@ def test_multi_label_audit_finds_planted_tag_errors_and_export_keeps_the_thresho
     from conftest import run_json
 
     store, tags = tmp_path / "s.h5", tmp_path / "tags.csv"
-    run_json("featurize", tagged, "--store", store, "--labels", tags, "--label-delim", " ")  # all train
+    run_json("featurize", tagged, "--store", store, "--labels", tags, "--label-delim", " ", *FP32)  # all train
     rows = [line.split(",") for line in tags.read_text().splitlines()[1:]]
     swap = {"check": "disk", "disk": "stripe", "stripe": "check"}
     planted = {rows[i][0] for i in (3, 11, 19, 27)}
@@ -202,7 +204,7 @@ def test_real_photos_side_by_side_train_multi_label_and_numeric_heads(tmp_path):
     _write_table(tmp_path / "tags.csv", tags)
     _write_table(tmp_path / "scores.csv", scores)
     store = tmp_path / "s.h5"
-    run_json("featurize", data, "--store", store, "--labels", tmp_path / "tags.csv", "--label-delim", " ")
+    run_json("featurize", data, "--store", store, "--labels", tmp_path / "tags.csv", "--label-delim", " ", *FP32)
     [run] = run_json("train-head", "--store", store, "--out", tmp_path / "tags")
     assert run["task"] == "multi" and run["score"] > 0.6  # mAP; five flowers, chance about 0.3
     evaluated = run_json("evaluate", tmp_path / "tags", "--store", store, "--out", tmp_path / "e")
