@@ -350,7 +350,7 @@ class StoreSync:
         live, dataset = self.live, self.dataset
         if live is None or self.lost or len(self.sources) > 1 or self.damaged or set(live.rows) != set(dataset.splits):
             return None
-        if live.attrs.get("classes") != dataset.classes:
+        if live.attrs.get("classes") != dataset.classes or self._labelling_changed():
             return None
         images, rows, skipped = {}, {}, []
         for split, files in dataset.splits.items():
@@ -535,10 +535,21 @@ class StoreSync:
         f = self._files[partition]
         return (f[prefix] if prefix else f)[split]
 
+    def _labelling_changed(self) -> bool:
+        """Whether the data folder's label source says other than the set records (its kind, file or pattern, the
+        digest of its labelling, its task): a multi-label or numeric table edited changes no row, only this record,
+        which every head command checks the table against."""
+        source = self.dataset.label_source
+        described = source.describe() if source is not None else {}
+        recorded = ("label_source", "label_origin", "label_digest", "task", "delim")
+        return any(self.live.attrs.get(k) != described.get(k) for k in recorded)
+
     def _same(self, new: SetSnapshot) -> bool:
-        """True when the new mapping and the classes are the live ones: nothing to write."""
+        """True when the new mapping, the classes and the labelling are the live ones: nothing to write."""
         live = self.live
         if live.attrs.get("classes") != self.dataset.classes or set(new.rows) != set(live.rows):
+            return False
+        if self._labelling_changed():
             return False
         tables = (*ROW_TABLES, "skipped")
         return all(getattr(new, t)[s] == merge_segments(getattr(live, t).get(s, [])) for t in tables for s in new.rows)

@@ -105,6 +105,12 @@ def test_multi_label_and_numeric_heads_from_featurize_to_evaluate(tagged, tmp_pa
         "featurize", tagged, "--store", store, "--labels", tags, "--label-delim", " ", "--valid-pct", "0.25", *FP32
     )
     assert done["classes"] == ["check", "disk", "stripe"] and done["featurized"] == 48
+    featurize = ("featurize", tagged, "--store", store, "--labels", tags, "--label-delim", " ", "--valid-pct", "0.25")
+    assert run_json(*featurize, *FP32)["up_to_date"]
+    edited = tags.read_text().replace(",check stripe\n", ",check\n", 1)  # one image's tags edited: no row changes,
+    assert edited != tags.read_text()
+    tags.write_text(edited)  # only the labelling the set records, which train-head then reads
+    assert not run_json(*featurize, *FP32)["up_to_date"] and run_json(*featurize, *FP32)["up_to_date"]
     [run] = run_json("train-head", "--store", store, "--out", tmp_path / "tags")  # the table featurize recorded
     assert run["task"] == "multi" and run["accuracy"] is None and run["score"] > 0.9 and len(run["temperature"]) == 3
     metrics = json.loads((tmp_path / "tags" / "metrics.json").read_text())
