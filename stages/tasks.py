@@ -30,10 +30,6 @@ class Task:
     def outputs(self, num_classes: int) -> int:
         return num_classes
 
-    def targets(self, labels: np.ndarray) -> torch.Tensor:
-        """Stored labels as the loss takes them."""
-        raise NotImplementedError
-
     def loss(self, raw: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         raise NotImplementedError
 
@@ -78,9 +74,6 @@ class Task:
 
 class SingleLabel(Task):
     name, primary = "single", "accuracy"
-
-    def targets(self, labels: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(labels).astype(np.int64))
 
     def loss(self, raw: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         return F.cross_entropy(raw, targets, reduction=reduction)
@@ -142,9 +135,6 @@ class MultiLabel(Task):
     training split (never on valid): the one with the best F1, 0.5 where the class has no positive there."""
 
     name, primary = "multi", "map"
-
-    def targets(self, labels: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(labels), dtype=torch.float32)
 
     def loss(self, raw: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         loss = F.binary_cross_entropy_with_logits(raw, targets, reduction="none").sum(1)  # per image
@@ -225,9 +215,6 @@ class Numeric(Task):
 
     def outputs(self, num_classes: int) -> int:
         return 1
-
-    def targets(self, labels: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(labels), dtype=torch.float32).reshape(-1, 1)
 
     def loss(self, raw: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         return F.mse_loss(raw, targets.reshape(raw.shape), reduction=reduction)

@@ -225,8 +225,8 @@ def write_copied_partition(
     feature_dim: int,
     feature_dtype: str,
 ) -> None:
-    """A new partition whose features are copied from other partitions' rows (compaction; files whose rows are
-    kept but whose fingerprint or label changed), block by block, its columns as given."""
+    """A new partition whose features are copied from other partitions' rows (compaction), block by block, its
+    columns as given (locations and labels as the overlays map them)."""
     dtype = FEATURE_DTYPES[feature_dtype]
 
     def fill(tmp: Path) -> None:
