@@ -17,6 +17,7 @@ import numpy as np
 
 from bench.gpu import bench_gpu
 from bench.harness import SHARED, Row, alternate, peak_rss_command, pipeline_cmd, report, run_json_command
+from bench.heads_scale import scale_rows
 from pipeline.runtime import configure_process
 
 
@@ -210,7 +211,8 @@ def ray_rows(quick: bool) -> list[Row]:
 
 
 def bench_heads(quick: bool) -> dict:
-    """Issue 3's figures: train-head and the 24-run grid against the featurize they reuse; the rerun against a run."""
+    """train-head and the 24-run grid against the featurize they reuse, the rerun against a run; then heads at 1e5
+    and 1e6 rows against scikit-learn (bench/heads_scale.py)."""
     tmp = Path(tempfile.mkdtemp())
     source = SHARED / "dogscats"
     if source.is_dir() and not quick:
@@ -266,6 +268,7 @@ def bench_heads(quick: bool) -> dict:
             note=f"best {grid[0]['head']} lr {grid[0]['lr']:g} wd {grid[0]['wd']:g}: {grid[0]['accuracy']:.4f}",
         ),
     ]
+    rows += scale_rows(quick)
     return report("heads" + ("-quick" if quick else ""), rows, {"leaderboard": grid})
 
 

@@ -569,7 +569,7 @@ def train_head_cmd(
         _leaderboard(board, f"{len(board)} runs on {store}")
     else:
         b = board[0]
-        chosen = f"l2 {b.l2:.2g} (5-fold cv on train), " if b.head == "logreg" else ""
+        chosen = f"l2 {b.l2:.2g} (chosen on train), " if b.head == "logreg" else ""
         figure = "-" if b.score is None else f"{b.score:.4f}"
         loss = "-" if b.valid_loss is None else f"{b.valid_loss:.4f}"
         temperature = (

@@ -28,13 +28,14 @@ from stages.head import (
     lr_find,
     out_of_fold_logits,
     parse_size,
+    raw_outputs,
     select_rows,
     settle,
     stream_block_rows,
     train_head,
 )
 from stages.labels import LabelOptions, recorded_options
-from stages.linear_probe import train_logreg
+from stages.linear_probe import fold_count, train_logreg
 from stages.rundir import (
     HEAD_WEIGHTS,
     RUN_MARKERS,
@@ -83,14 +84,14 @@ class CachedFeatures:
             rows = rows[[paths[r] not in self.excluded for r in rows]]
         return self.train.select(rows)
 
-    def folds(self, rows: Rows, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """Per selected train row: its cross-validation fold (by image, stratified) and whether it is a plain view."""
+    def folds(self, rows: Rows, k: int, seed: int) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Per selected train row: its cross-validation fold (by image, stratified) and whether it is a plain view;
+        and whether fold 0 is a held-out share rather than one of k folds (rows are plenty: fold_count)."""
         paths = self.feature_set.column("train", "paths")
+        plain = self.feature_set.column("train", "view")[rows.rows] == 0
+        count = fold_count(int(plain.sum()), k)
         strata = self.task.strata(rows.labels[rows.rows].numpy())
-        return (
-            image_folds([paths[r] for r in rows.rows], strata, k, seed),
-            self.feature_set.column("train", "view")[rows.rows] == 0,
-        )
+        return image_folds([paths[r] for r in rows.rows], strata, count, seed), plain, count > k
 
 
 def load_cached_features(
@@ -234,7 +235,7 @@ def find_lr(
 
 def _sweep(cached: CachedFeatures, cfg: TrainConfig, threads: int | None, sweep: dict) -> LrFindResult:
     rows = cached.train_rows(cfg.views)
-    folds, plain = cached.folds(rows, cfg.folds, cfg.seed)
+    folds, plain, _ = cached.folds(rows, cfg.folds, cfg.seed)
     rows, _, _ = _task_rows(cached, rows, None)  # numbers regressed standardized, as fit_head does
     with torch_threads(head_threads(threads)):
         return lr_find(rows, folds, plain, cfg, len(cached.classes), **sweep, task=cached.task)
@@ -252,16 +253,21 @@ def fit_head(
     cross-validation path) and per-step losses.
     """
     rows = cached.train_rows(cfg.views)
-    folds, plain = cached.folds(rows, cfg.folds, cfg.seed)
+    folds, plain, held_out = cached.folds(rows, cfg.folds, cfg.seed)
     num_classes, task = len(cached.classes), cached.task
     rows, valid, scale = _task_rows(cached, rows, cached.valid)
     if cfg.head == "logreg":
         # float32 rows held during cross-validation: the sample, and each fold's training copy with its transpose.
         cv_max_rows = max(1000, cached.memory_limit // (4 * (1 + 2 * cfg.folds) * rows.dim))
         head, fit = train_logreg(
-            rows, folds, plain, num_classes, cfg.l2, cfg.calibrate, cfg.seed, cv_max_rows, on_strength, task
+            rows, folds, plain, num_classes, cfg.l2, cfg.calibrate, cfg.seed, cv_max_rows, on_strength, task, held_out
         )
         cfg, history, steps = replace(cfg, l2=fit["l2"]), fit["path"], []
+    elif held_out:  # trained on all but the held-out share, calibrated on it: one training, not k + 1
+        fitted = rows.select(rows.rows[folds != 0])
+        head, history, steps = train_head(fitted, valid, cfg, num_classes, on_epoch=on_epoch, task=task)
+        if cfg.calibrate:
+            settle(head, *raw_outputs(head, rows.select(rows.rows[(folds == 0) & plain])))
     else:
         head, history, steps = train_head(rows, valid, cfg, num_classes, on_epoch=on_epoch, task=task)
         if cfg.calibrate:

@@ -18,15 +18,19 @@ def image_folds(paths, labels: np.ndarray, k: int, seed: int) -> np.ndarray:
     depend on row order and a file keeps its fold when others are added.
     """
     labels = np.asarray(labels)
-    first: dict[str, int] = {}
-    for row, path in enumerate(paths):
-        first.setdefault(path, row)
-    fold_of: dict[str, int] = {}
-    for label in np.unique(labels):
-        images = [p for p, row in first.items() if labels[row] == label]
-        images.sort(key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).digest())
-        fold_of.update({p: i % k for i, p in enumerate(images)})
-    return np.asarray([fold_of[p] for p in paths], dtype=np.int64)
+    index: dict[str, int] = {}
+    of_row = np.fromiter((index.setdefault(p, len(index)) for p in paths), np.int64, len(paths))
+    first = np.unique(of_row, return_index=True)[1]  # each image's first row
+    # The digest's first 8 bytes, big-endian, order images as the whole digest does (a tie is 2^-64 likely).
+    keys = np.fromiter(
+        (int.from_bytes(hashlib.sha256(f"{seed}:{p}".encode()).digest()[:8], "big") for p in index), np.uint64
+    )
+    classes = labels[first]
+    order = np.lexsort((keys, classes))  # by class, then by hash
+    starts = np.searchsorted(classes[order], classes[order], side="left")  # where each image's class begins
+    fold_of = np.empty(len(index), np.int64)
+    fold_of[order] = (np.arange(len(index)) - starts) % k
+    return fold_of[of_row]
 
 
 def held_out_images(paths, labels: np.ndarray, pct: float, seed: int) -> np.ndarray:

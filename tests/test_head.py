@@ -12,8 +12,8 @@ from bench.synthetic import separable_features, write_feature_store
 from pipeline.train_head import load_cached_features
 from stages.calibration import expected_calibration_error, fit_temperature, image_folds, reliability_bins
 from stages.errors import PipelineError
-from stages.head import Head, TrainConfig, load_head, schedule_values, train_head
-from stages.linear_probe import L2_GRID, train_logreg
+from stages.head import Head, TrainConfig, evaluate_head, load_head, schedule_values, train_head
+from stages.linear_probe import HELD_OUT_ROWS, L2_GRID, fold_count, train_logreg
 from stages.rundir import check_compatible
 from store.reader import FeatureStore
 
@@ -104,7 +104,7 @@ def test_lr_find_suggestion_is_near_the_best_rate_of_a_grid(blob_store):
 
     data = cached(blob_store)
     rows = data.train_rows(0)
-    folds, plain = data.folds(rows, 5, 0)
+    folds, plain, _ = data.folds(rows, 5, 0)
     cfg = TrainConfig(head="linear", epochs=3)
     found = lr_find(rows, folds, plain, cfg, 3)
     grid = np.geomspace(1e-4, 1, 9)
@@ -124,7 +124,7 @@ def test_lr_find_suggestion_is_near_the_best_rate_of_a_grid(blob_store):
 def test_logreg_converges_to_the_regularized_optimum(blob_store):
     data = cached(blob_store)
     rows = data.train_rows(0)
-    folds, plain = data.folds(rows, 5, 0)
+    folds, plain, _ = data.folds(rows, 5, 0)
     head, fit = train_logreg(rows, folds, plain, 3, l2=0.05, calibrate=False)
     selected = torch.from_numpy(rows.rows)
     x = head.standardize(rows.features[selected].float()).detach()
@@ -141,7 +141,7 @@ def test_logreg_converges_to_the_regularized_optimum(blob_store):
 def test_logreg_chooses_l2_by_cross_validation_on_train_alone(blob_store):
     data = cached(blob_store)
     rows = data.train_rows(0)
-    folds, plain = data.folds(rows, 5, 0)
+    folds, plain, _ = data.folds(rows, 5, 0)
     path = []
     head, fit = train_logreg(rows, folds, plain, 3, on_strength=path.append)
     assert fit["l2"] in L2_GRID and path == fit["path"]
@@ -157,10 +157,41 @@ def test_logreg_streamed_equals_in_memory(blob_store):
     results = []
     for data in (memory, stream):
         rows = data.train_rows(2)
-        folds, plain = data.folds(rows, 5, 0)
+        folds, plain, _ = data.folds(rows, 5, 0)
         results.append(train_logreg(rows, folds, plain, 3, l2=0.1, calibrate=False)[0])
     a, b = results
     assert torch.allclose(a.classifier.weight, b.classifier.weight, atol=1e-4)
+
+
+def test_rows_are_plenty_past_k_held_out_shares():
+    assert fold_count(5 * HELD_OUT_ROWS, 5) == 5  # k-fold cross-validation up to k held-out shares
+    assert fold_count(5 * HELD_OUT_ROWS + 1, 5) == 5
+    assert fold_count(90 * HELD_OUT_ROWS + 7, 5) == 90  # then folds of about HELD_OUT_ROWS: fold 0 held out
+
+
+def test_held_out_logreg_never_fits_the_held_out_share_and_calibrates_on_it(blob_store):
+    """Where rows are plenty one fold is held out: the head is fitted on the others alone, and its temperature on
+    its own outputs for the held-out plain rows. Relabelling held-out rows moves the temperature, never a weight."""
+    data = cached(blob_store)
+    rows = data.train_rows(2)
+    paths = data.feature_set.column("train", "paths")
+    plain = data.feature_set.column("train", "view")[rows.rows] == 0
+    folds = image_folds([paths[r] for r in rows.rows], rows.labels[rows.rows].numpy(), 10, seed=0)
+    head, fit = train_logreg(rows, folds, plain, 3, l2=0.1, held_out=True)
+    held = (folds == 0) & plain
+    assert fit["cv_rows"] == held.sum() and len(fit["out_of_fold_logits"]) == held.sum()
+    scored = torch.from_numpy(np.sort(rows.rows[held]))
+    with torch.no_grad():
+        own = head.classifier(head.standardize(rows.features[scored].float()))
+    assert torch.allclose(fit["out_of_fold_logits"], own, atol=1e-5)
+    wrong = rows.select(rows.rows)
+    wrong.labels = rows.labels.clone()
+    wrong.labels[scored] = (wrong.labels[scored] + 1) % 3  # every held-out label wrong
+    other, _ = train_logreg(wrong, folds, plain, 3, l2=0.1, held_out=True)
+    assert torch.equal(other.classifier.weight, head.classifier.weight)
+    assert float(other.temperature) > 5 * float(head.temperature)  # wrong labels: far less confident
+    auto, _ = train_logreg(rows, folds, plain, 3, held_out=True)  # the strength chosen on the held-out share
+    assert evaluate_head(auto, data.valid)["accuracy"] > 0.95
 
 
 def test_folds_keep_an_images_views_together_and_are_stratified():
