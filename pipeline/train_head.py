@@ -32,7 +32,7 @@ from stages.head import (
     select_rows,
     settle,
     stream_block_rows,
-    train_head,
+    train_heads,
 )
 from stages.labels import LabelOptions, recorded_options
 from stages.linear_probe import fold_count, train_logreg
@@ -252,6 +252,18 @@ def fit_head(
     Returns the head, the config as run (logreg's chosen l2 filled in), its history (epochs, or logreg's
     cross-validation path) and per-step losses.
     """
+    return fit_heads(cached, [cfg], on_epoch, on_strength)[0]
+
+
+def fit_heads(
+    cached: CachedFeatures,
+    cfgs: list[TrainConfig],
+    on_epoch: Callable[[dict], None] | None = None,
+    on_strength: Callable[[dict], None] | None = None,
+) -> list[tuple[Head, TrainConfig, list[dict], list[float]]]:
+    """fit_head for configs that share their rows and batches (one logreg config, or AdamW configs of one
+    shared_batches key), the AdamW heads trained together (stages.head.train_heads); per config as fit_head."""
+    cfg = cfgs[0]
     rows = cached.train_rows(cfg.views)
     folds, plain, held_out = cached.folds(rows, cfg.folds, cfg.seed)
     num_classes, task = len(cached.classes), cached.task
@@ -262,22 +274,38 @@ def fit_head(
         head, fit = train_logreg(
             rows, folds, plain, num_classes, cfg.l2, cfg.calibrate, cfg.seed, cv_max_rows, on_strength, task, held_out
         )
-        cfg, history, steps = replace(cfg, l2=fit["l2"]), fit["path"], []
-    elif held_out:  # trained on all but the held-out share, calibrated on it: one training, not k + 1
-        fitted = rows.select(rows.rows[folds != 0])
-        head, history, steps = train_head(fitted, valid, cfg, num_classes, on_epoch=on_epoch, task=task)
-        if cfg.calibrate:
-            settle(head, *raw_outputs(head, rows.select(rows.rows[(folds == 0) & plain])))
+        fitted = [(head, replace(cfg, l2=fit["l2"]), fit["path"], [])]
     else:
-        head, history, steps = train_head(rows, valid, cfg, num_classes, on_epoch=on_epoch, task=task)
+        # Where rows are plenty the heads train on all but the held-out share and calibrate on it: one training,
+        # not k + 1.
+        trained = train_heads(
+            rows.select(rows.rows[folds != 0]) if held_out else rows, valid, cfgs, num_classes, on_epoch, task
+        )
         if cfg.calibrate:
-            settle(head, *out_of_fold_logits(rows, folds, plain, cfg, num_classes, task))
+            held = rows.select(rows.rows[(folds == 0) & plain])
+            outputs = (
+                [raw_outputs(head, held) for head, _, _ in trained]
+                if held_out
+                else out_of_fold_logits(rows, folds, plain, cfgs, num_classes, task)
+            )
+            for (head, _, _), (raw, truth) in zip(trained, outputs):
+                settle(head, raw, truth)
+        fitted = [(head, c, history, steps) for (head, history, steps), c in zip(trained, cfgs)]
     if scale is not None:
         with torch.no_grad():
-            last = head.last_layer()
-            last.weight.mul_(scale[1])
-            last.bias.mul_(scale[1]).add_(scale[0])
-    return head, cfg, history, steps
+            for head, *_ in fitted:
+                last = head.last_layer()
+                last.weight.mul_(scale[1])
+                last.bias.mul_(scale[1]).add_(scale[0])
+    return fitted
+
+
+def shared_batches(cfg: TrainConfig) -> tuple:
+    """What configs must share to train together: their rows (views), folds, calibration and batch order (seed,
+    batch size); logreg configs, fitted by L-BFGS, each train alone."""
+    if cfg.head == "logreg":
+        return ("logreg", run_name(cfg))
+    return ("adamw", cfg.views, cfg.folds, cfg.calibrate, cfg.seed, cfg.batch_size)
 
 
 def _task_rows(cached: CachedFeatures, rows: Rows, valid: Rows | None) -> tuple[Rows, Rows | None, tuple | None]:
@@ -355,40 +383,53 @@ class HeadRun(RunSummary):
 
 
 def _train_runs(cached, configs, out, auto_lr, on_run, on_epoch, on_strength) -> list[HeadRun]:
-    board = []
+    if auto_lr:
+        configs = [c if c.head == "logreg" else replace(c, lr=find_lr(cached, c).suggestion) for c in configs]
+    groups: dict[tuple, list[int]] = {}
     for i, cfg in enumerate(configs):
-        if auto_lr and cfg.head != "logreg":
-            cfg = replace(cfg, lr=find_lr(cached, cfg).suggestion)
-        run_dir = out if len(configs) == 1 else out / run_name(cfg)
-        if on_run:
-            on_run(i, cfg)
+        groups.setdefault(shared_batches(cfg), []).append(i)
+    board = []
+    for members in groups.values():
+        alone = len(members) == 1
+        if alone and on_run:  # its tables print as it trains
+            on_run(members[0], configs[members[0]])
         started = time.perf_counter()
-        head, cfg, history, steps = fit_head(cached, cfg, on_epoch, on_strength)
-        seconds = time.perf_counter() - started
-        valid = evaluate_head(head, cached.valid) if cached.valid is not None else None
-        check_finite(run_name(cfg), head, history, valid)
-        score = valid[cached.task.primary] if valid else None
-        with published_folder(run_dir) as staging:  # each run appears whole, or not at all
-            metrics = save_head_run(staging, head, cfg, history, steps, valid, cached, seconds)
-        adamw = cfg.head != "logreg"  # logreg takes no lr, wd or epochs
-        board.append(
-            HeadRun(
-                run=str(run_dir),
-                head=cfg.head,
-                lr=cfg.lr if adamw else None,
-                wd=cfg.wd if adamw else None,
-                epochs=cfg.epochs if adamw else None,
-                views=cfg.views,
-                l2=cfg.l2,
-                accuracy=metrics["accuracy"],
-                valid_loss=metrics["valid_loss"],
-                temperature=metrics["temperature"],
-                seconds=round(seconds, 3),
-                task=cached.task.name,
-                score=score,
+        fitted = fit_heads(cached, [configs[i] for i in members], on_epoch if alone else None, on_strength)
+        seconds = (time.perf_counter() - started) / len(members)  # each run's share of the training together
+        for i, (head, cfg, history, steps) in zip(members, fitted):
+            if not alone and on_run:  # trained together: each run's table after
+                on_run(i, cfg)
+                for row in history if on_epoch else ():
+                    on_epoch(row)
+            board.append(
+                _save_run(cached, out if len(configs) == 1 else out / run_name(cfg), head, cfg, history, steps, seconds)
             )
-        )
     return rank_runs(board)
+
+
+def _save_run(cached, run_dir, head, cfg, history, steps, seconds) -> HeadRun:
+    """Evaluate a trained head on valid, write its run directory whole, and return its leaderboard row."""
+    valid = evaluate_head(head, cached.valid) if cached.valid is not None else None
+    check_finite(run_name(cfg), head, history, valid)
+    score = valid[cached.task.primary] if valid else None
+    with published_folder(run_dir) as staging:  # each run appears whole, or not at all
+        metrics = save_head_run(staging, head, cfg, history, steps, valid, cached, seconds)
+    adamw = cfg.head != "logreg"  # logreg takes no lr, wd or epochs
+    return HeadRun(
+        run=str(run_dir),
+        head=cfg.head,
+        lr=cfg.lr if adamw else None,
+        wd=cfg.wd if adamw else None,
+        epochs=cfg.epochs if adamw else None,
+        views=cfg.views,
+        l2=cfg.l2,
+        accuracy=metrics["accuracy"],
+        valid_loss=metrics["valid_loss"],
+        temperature=metrics["temperature"],
+        seconds=round(seconds, 3),
+        task=cached.task.name,
+        score=score,
+    )
 
 
 def check_finite(name: str, head: Head, history: list[dict], valid: dict | None) -> None:

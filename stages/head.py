@@ -343,8 +343,9 @@ def _cosine_between(start: float, end: float, progress: float) -> float:
     return end + (start - end) * (1 + math.cos(math.pi * progress)) / 2
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, lr: float, total_steps: int):
-    """Per-step learning-rate schedule: one-cycle (fast.ai's fit_one_cycle), cosine to zero, or constant.
+def schedule_factor(schedule: str, total_steps: int) -> Callable[[int], float]:
+    """The learning rate's factor at each step of a schedule: one-cycle (fast.ai's fit_one_cycle), cosine to zero,
+    or constant.
 
     One-cycle warms up from lr/25 to lr over the first quarter, then anneals to lr/25e4, both along a cosine;
     written out rather than torch's OneCycleLR, which fails on runs of fewer than four steps.
@@ -361,7 +362,12 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, lr: float, t
         "cosine": lambda step: _cosine_between(1.0, 0.0, step / total_steps),
         "constant": lambda step: 1.0,
     }
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors[schedule])
+    return factors[schedule]
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, lr: float, total_steps: int):
+    """A per-step learning-rate schedule (schedule_factor) for an optimizer's one group of parameters."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(schedule, total_steps))
 
 
 def schedule_values(schedule: str, lr: float, total_steps: int) -> list[float]:
@@ -398,43 +404,107 @@ def train_head(
     cfg: TrainConfig,
     num_classes: int,
     on_epoch: Callable[[dict], None] | None = None,
-    on_step: Callable[[int, int], None] | None = None,
     task: Task = SINGLE,
 ):
     """Train a fresh head on cached features for a task (its loss); returns the head, its per-epoch history and
     per-step losses."""
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    return train_heads(train, valid, [cfg], num_classes, on_epoch, task)[0]
+
+
+def train_heads(
+    train: Rows,
+    valid: Rows | None,
+    cfgs: list[TrainConfig],
+    num_classes: int,
+    on_epoch: Callable[[dict], None] | None = None,
+    task: Task = SINGLE,
+    max_steps: int | None = None,
+) -> list[tuple[Head, list[dict], list[float]]]:
+    """Heads of several configs trained together on one stream of batches: each batch is drawn, converted and
+    standardized once for all, the linear heads' outputs are one matrix product, and each head follows its own
+    learning rate, weight decay, schedule, epochs (at most max_steps steps each) and hidden layer.
+
+    The configs share seed and batch size (the order of the batches). Each head is the one its config trains alone,
+    up to float rounding in the shared product: its own initialization, dropout draws (its own random state) and
+    optimizer state. Returns (head, per-epoch history, per-step losses) per config; on_epoch sees each epoch of a
+    lone config as it ends.
+    """
+    seed, batch_size = cfgs[0].seed, cfgs[0].batch_size
+    if any((c.seed, c.batch_size) != (seed, batch_size) for c in cfgs):
+        raise ValueError("heads trained together share their seed and batch size")
+    rng = np.random.default_rng(seed)
     mean, std = train.mean_std()
-    head = Head(cfg.head, train.dim, num_classes, cfg.hidden, cfg.dropout, mean, std, task=task.name)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.wd)
-    steps_per_epoch = math.ceil(train.num_rows / cfg.batch_size)
-    scheduler = make_scheduler(optimizer, cfg.schedule, cfg.lr, steps_per_epoch * cfg.epochs)
-    history, step_losses = [], []
-    for epoch in range(cfg.epochs):
+    heads, random_states = [], []
+    for cfg in cfgs:
+        torch.manual_seed(cfg.seed)
+        heads.append(Head(cfg.head, train.dim, num_classes, cfg.hidden, cfg.dropout, mean, std, task=task.name))
+        random_states.append(torch.get_rng_state())
+    groups = [{"params": list(h.parameters()), "lr": c.lr, "weight_decay": c.wd} for h, c in zip(heads, cfgs)]
+    optimizer = torch.optim.AdamW(groups)
+    steps_per_epoch = math.ceil(train.num_rows / batch_size)
+    totals = [min(steps_per_epoch * c.epochs, max_steps or math.inf) for c in cfgs]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [schedule_factor(c.schedule, t) for c, t in zip(cfgs, totals)]
+    )
+    histories, step_losses = [[] for _ in cfgs], [[] for _ in cfgs]
+    step = 0
+    for epoch in range(max(c.epochs for c in cfgs)):
         started = time.perf_counter()
-        head.train()
-        total, seen = 0.0, 0
-        for step, (x, y) in enumerate(train.batches(cfg.batch_size, rng)):
-            loss = task.loss(head(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+        training = [i for i, c in enumerate(cfgs) if epoch < c.epochs and step < totals[i]]
+        if not training:
+            break
+        for i in training:
+            heads[i].train()
+        totals_seen = {i: [0.0, 0] for i in training}
+        for x, y in train.batches(batch_size, rng):
+            live = [i for i in training if step < totals[i]]
+            if not live:
+                break
+            losses = _stacked_losses(heads, live, random_states, heads[0].standardize(x), y, task)
+            optimizer.zero_grad(set_to_none=True)  # a head left out keeps no gradient: AdamW skips it
+            torch.stack(losses).sum().backward()
             optimizer.step()
             scheduler.step()
-            step_losses.append(loss.item())
-            total += step_losses[-1] * len(y)
-            seen += len(y)
-            if on_step:
-                on_step(step + 1, steps_per_epoch)
-        row = {"epoch": epoch, "train_loss": total / seen}
-        if valid is not None:
-            result = evaluate_head(head, valid)
-            row.update(valid_loss=result["loss"], **{task.primary: result[task.primary]})
-        row["time"] = time.perf_counter() - started
-        history.append(row)
-        if on_epoch:
-            on_epoch(row)
-    return head, history, step_losses
+            step += 1
+            for i, loss in zip(live, losses):
+                step_losses[i].append(loss.item())
+                totals_seen[i][0] += step_losses[i][-1] * len(y)
+                totals_seen[i][1] += len(y)
+        for i in training:
+            row = {"epoch": epoch, "train_loss": totals_seen[i][0] / max(1, totals_seen[i][1])}
+            if valid is not None:
+                result = evaluate_head(heads[i], valid)
+                row.update(valid_loss=result["loss"], **{task.primary: result[task.primary]})
+            row["time"] = time.perf_counter() - started
+            histories[i].append(row)
+            if on_epoch and len(cfgs) == 1:
+                on_epoch(row)
+    return [(h, history, losses) for h, history, losses in zip(heads, histories, step_losses)]
+
+
+def _stacked_losses(
+    heads: list[Head], live: list[int], random_states: list, x: torch.Tensor, y: torch.Tensor, task: Task
+) -> list[torch.Tensor]:
+    """Each live head's mean loss on one standardized batch: the linear heads' outputs in one product when there
+    are several, each MLP on its own random state (its dropout draws are those of its lone run)."""
+    linear = [i for i in live if isinstance(heads[i].classifier, nn.Linear)]
+    raw = {}
+    if len(linear) > 1:
+        weight = torch.cat([heads[i].classifier.weight for i in linear])
+        bias = torch.cat([heads[i].classifier.bias for i in linear])
+        for i, out in zip(
+            linear, torch.nn.functional.linear(x, weight, bias).split(heads[linear[0]].classifier.out_features, 1)
+        ):
+            raw[i] = out
+    for i in live:
+        if i in raw:
+            continue
+        if len(heads) > 1:
+            torch.set_rng_state(random_states[i])
+        raw[i] = heads[i].classifier(x)
+        if len(heads) > 1:
+            random_states[i] = torch.get_rng_state()
+    return [task.loss(raw[i], y) for i in live]
 
 
 @torch.no_grad()
@@ -449,18 +519,20 @@ def settle(head: Head, raw: torch.Tensor, targets: torch.Tensor) -> None:
 
 @torch.no_grad()
 def out_of_fold_logits(
-    train: Rows, folds: np.ndarray, plain: np.ndarray, cfg: TrainConfig, num_classes: int, task: Task = SINGLE
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw outputs and labels of each plain-view training row from a head trained the same way on the other
-    folds."""
-    logits, labels = [], []
+    train: Rows, folds: np.ndarray, plain: np.ndarray, cfgs: list[TrainConfig], num_classes: int, task: Task = SINGLE
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per config: raw outputs and labels of each plain-view training row from a head trained the same way on the
+    other folds (the configs' heads of a fold trained together: train_heads)."""
+    outputs = [([], []) for _ in cfgs]
     for fold in range(int(folds.max()) + 1):
         with torch.enable_grad():
-            head = train_head(train.select(train.rows[folds != fold]), None, cfg, num_classes, task=task)[0]
-        raw, truth = raw_outputs(head, train.select(train.rows[(folds == fold) & plain]))
-        logits.append(raw)
-        labels.append(truth)
-    return torch.cat(logits), torch.cat(labels)
+            trained = train_heads(train.select(train.rows[folds != fold]), None, cfgs, num_classes, task=task)
+        held = train.select(train.rows[(folds == fold) & plain])
+        for (logits, labels), (head, _, _) in zip(outputs, trained):
+            raw, truth = raw_outputs(head, held)
+            logits.append(raw)
+            labels.append(truth)
+    return [(torch.cat(logits), torch.cat(labels)) for logits, labels in outputs]
 
 
 @torch.no_grad()
@@ -512,6 +584,7 @@ def lr_find(
     """Learning-rate range test for heads on cached features: a fresh head per rate, each trained as the run
     would be (its schedule and epochs, at most LR_FIND_MAX_STEPS steps) on all folds of train but the first and
     scored on the plain views of that held-out fold; the suggestion is the rate with the lowest held-out loss.
+    The probes train together over the same batches (train_heads): one pass over the rows for all the rates.
 
     fast.ai's single sweep with a smoothed loss suits a network that learns over thousands of steps; a head on
     cached features learns in a handful, so that sweep's curve measures time, not learning rate.
@@ -523,10 +596,11 @@ def lr_find(
     held = train.select(train.rows[(folds == 0) & plain])
     steps_per_epoch = math.ceil(fit_rows.num_rows / cfg.batch_size)
     epochs = max(1, min(cfg.epochs, LR_FIND_MAX_STEPS // steps_per_epoch))
+    lrs = np.geomspace(start_lr, end_lr, num_lrs)
+    probes = [replace(cfg, lr=float(lr), epochs=epochs) for lr in lrs]
+    trained = train_heads(fit_rows, None, probes, num_classes, task=task, max_steps=LR_FIND_MAX_STEPS)
     rows = []
-    for lr in np.geomspace(start_lr, end_lr, num_lrs):
-        probe = replace(cfg, lr=float(lr), epochs=epochs)
-        head, history, _ = train_head(fit_rows, None, probe, num_classes, task=task)
+    for lr, (head, history, _) in zip(lrs, trained):
         scored = evaluate_head(head, held)
         rows.append(
             {

@@ -30,6 +30,9 @@ PATH_ROWS = 20_000  # rows the L2 path is walked on where rows are plenty (each 
 # L-BFGS iterations of the chosen strength over every row, from the sample's solution: on 900,000 rows of 10
 # Gaussian classes, 4 reach 97.83% valid accuracy where the converged fit (16) gives 97.84%; a pass is about a second.
 FINAL_ITERATIONS = 4
+# The gradient the held-out path's fits stop at: its sample's loss is known to about 1% at best, and stopping at 1e-4
+# rather than 1e-5 chose the same strength in half the time (1e6 rows of 10 Gaussian classes: 2.9 s vs 5.2 s).
+PATH_TOLERANCE = 1e-4
 
 # (features, the same transposed and contiguous, labels): skinny products run several times faster this way round.
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -41,7 +44,13 @@ def as_batch(x: torch.Tensor, y: torch.Tensor) -> Batch:
 
 
 def solve(
-    batches: Batches, rows: int, init: torch.Tensor, l2: float, max_iter: int = MAX_ITER, task: Task = SINGLE
+    batches: Batches,
+    rows: int,
+    init: torch.Tensor,
+    l2: float,
+    max_iter: int = MAX_ITER,
+    task: Task = SINGLE,
+    tolerance: float = 1e-5,
 ) -> torch.Tensor:
     """Minimize the task's mean loss + l2/2 |W|^2 over all batches by full-batch L-BFGS; weights (C, D+1), bias
     last (softmax: multinomial logistic regression; sigmoid: one-vs-rest; identity: ridge regression).
@@ -56,7 +65,7 @@ def solve(
         max_iter=max_iter,
         max_eval=max_iter + max_iter // 4 + 1,  # a pass each: the few iterations of a large fit are its cost
         history_size=20,
-        tolerance_grad=1e-5,
+        tolerance_grad=tolerance,
         tolerance_change=1e-10,
         line_search_fn="strong_wolfe",
     )
@@ -107,6 +116,7 @@ def cross_validate(
     fold weights and the path table.
     """
     k = 1 if held_out else int(folds.max()) + 1
+    tolerance = PATH_TOLERANCE if held_out else 1e-5
     if held_out:
         scored = scored & (folds == 0)
     split = []
@@ -122,7 +132,9 @@ def cross_validate(
         started = time.perf_counter()
         oof = torch.zeros(len(y), outputs)
         for f, (batch, xh, held) in enumerate(split):
-            weights[f] = solve(lambda batch=batch: [batch], len(batch[2]), weights[f], l2, task=task)
+            weights[f] = solve(
+                lambda batch=batch: [batch], len(batch[2]), weights[f], l2, task=task, tolerance=tolerance
+            )
             oof[held] = _logits(weights[f], xh)
         logits, labels = oof[scored_t], y[scored_t]
         scores = task.metrics(task.activation(logits).numpy(), labels.numpy())

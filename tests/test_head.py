@@ -12,7 +12,7 @@ from bench.synthetic import separable_features, write_feature_store
 from pipeline.train_head import load_cached_features
 from stages.calibration import expected_calibration_error, fit_temperature, image_folds, reliability_bins
 from stages.errors import PipelineError
-from stages.head import Head, TrainConfig, evaluate_head, load_head, schedule_values, train_head
+from stages.head import Head, TrainConfig, evaluate_head, load_head, schedule_values, train_head, train_heads
 from stages.linear_probe import HELD_OUT_ROWS, L2_GRID, fold_count, train_logreg
 from stages.rundir import check_compatible
 from store.reader import FeatureStore
@@ -40,6 +40,28 @@ def test_each_head_learns_a_separable_problem(blob_store, head):
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert len(steps) == 4 * int(np.ceil(300 / 32))
     assert torch.allclose(model.standardize.mean, data.train.features[::3].float().mean(0), atol=1e-2)
+
+
+def test_heads_trained_together_are_the_heads_trained_alone(blob_store):
+    """A grid's AdamW heads share each batch (one draw, one standardization, one product for the linear ones) yet
+    each is its lone run's head: its own initialization, dropout draws, optimizer state, schedule and epochs."""
+    data = cached(blob_store)
+    rows = data.train_rows(0)
+    cfgs = [
+        TrainConfig(head="linear", epochs=2, lr=1e-2, batch_size=32),
+        TrainConfig(head="linear", epochs=1, lr=3e-2, wd=1e-2, batch_size=32, schedule="cosine"),
+        TrainConfig(head="mlp", epochs=2, lr=3e-3, batch_size=32),
+        TrainConfig(head="mlp", epochs=1, lr=1e-2, batch_size=32, hidden=64),
+    ]
+    together = train_heads(rows, data.valid, cfgs, 3)
+    for cfg, (head, history, steps) in zip(cfgs, together):
+        alone, alone_history, alone_steps = train_head(rows, data.valid, cfg, 3)
+        assert len(history) == cfg.epochs and len(steps) == len(alone_steps)
+        for a, b in zip(head.state_dict().values(), alone.state_dict().values()):
+            assert torch.allclose(a, b, atol=1e-5)
+        assert history[-1]["valid_loss"] == pytest.approx(alone_history[-1]["valid_loss"], abs=1e-5)
+    capped = train_heads(rows, None, cfgs[:2], 3, max_steps=5)  # lr-find's cap on a probe's steps
+    assert [len(steps) for _, _, steps in capped] == [5, 5]
 
 
 def test_schedule_shapes():
