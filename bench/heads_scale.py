@@ -62,6 +62,15 @@ def scale_rows(quick: bool) -> list[Row]:
             linear, sgd, pairs_sgd = alternate(
                 ours(("--head", "linear", "--epochs", "1"), "linear"), reference("sgd"), rounds
             )
+            warm(store)
+            grid, grid_s = run_json_command(
+                pipeline_cmd("train-head", "--store", store, "--head", "linear", "--lr", "1e-3,3e-3,1e-2,3e-2")
+                + ["--wd", "0,1e-4,1e-2", "--out", str(Path(tmp) / "grid"), "--overwrite"]
+            )
+            warm(store)
+            found_lr, lr_find_s = run_json_command(
+                pipeline_cmd("lr-find", "--store", store, "--head", "linear", "--out", Path(tmp) / "lr")
+            )
             best = min(lbfgs, sgd)
             floor = max(found["lbfgs"], found["sgd"]) - 0.001
             rows += [
@@ -84,6 +93,23 @@ def scale_rows(quick: bool) -> list[Row]:
                     higher_is_better=False,
                     note=f"valid accuracy {found['linear']:.4f}; peak RSS {found['linear_rss']:,.0f} MB",
                     pairs=pairs_sgd,
+                ),
+                Row(
+                    f"12-run grid (linear, 4 lr x 3 wd, 3 epochs), {n:,} rows, whole process vs the faster reference",
+                    grid_s,
+                    best,
+                    "s",
+                    higher_is_better=False,
+                    note=f"{grid_s / default:.2f}x the default head (target 3x); best valid accuracy "
+                    f"{grid[0]['accuracy']:.4f} (lr {grid[0]['lr']:g}, wd {grid[0]['wd']:g}); one run",
+                ),
+                Row(
+                    f"lr-find (linear, 21 rates), {n:,} rows, whole process vs the faster reference",
+                    lr_find_s,
+                    best,
+                    "s",
+                    higher_is_better=False,
+                    note=f"{lr_find_s / default:.2f}x the default head; suggests {found_lr['suggestion']:.3g}; one run",
                 ),
             ]
     return rows

@@ -89,9 +89,9 @@ class CachedFeatures:
         and whether fold 0 is a held-out share rather than one of k folds (rows are plenty: fold_count)."""
         paths = self.feature_set.column("train", "paths")
         plain = self.feature_set.column("train", "view")[rows.rows] == 0
-        count = fold_count(int(plain.sum()), k)
+        count, held_out = fold_count(int(plain.sum()), k)
         strata = self.task.strata(rows.labels[rows.rows].numpy())
-        return image_folds([paths[r] for r in rows.rows], strata, count, seed), plain, count > k
+        return image_folds([paths[r] for r in rows.rows], strata, count, seed), plain, held_out
 
 
 def load_cached_features(

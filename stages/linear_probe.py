@@ -88,10 +88,12 @@ def solve(
     return weight.detach()
 
 
-def fold_count(plain_rows: int, k: int) -> int:
-    """The folds to deal train's images into: k, or past k x HELD_OUT_ROWS plain rows as many as leave about
-    HELD_OUT_ROWS in each, the first of which is the held-out share (train_logreg's held_out)."""
-    return k if plain_rows <= k * HELD_OUT_ROWS else plain_rows // HELD_OUT_ROWS
+def fold_count(plain_rows: int, k: int) -> tuple[int, bool]:
+    """The folds to deal train's images into, and whether the first is a held-out share rather than one of k folds
+    (train_logreg's held_out): past k x HELD_OUT_ROWS plain rows, as many folds as leave about HELD_OUT_ROWS each."""
+    if plain_rows <= k * HELD_OUT_ROWS:
+        return k, False
+    return max(k, plain_rows // HELD_OUT_ROWS), True
 
 
 def _logits(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -113,7 +115,7 @@ def cross_validate(
 
     Rows are scored out of fold where `scored` is true (the plain views); with held_out only fold 0 is (one fit,
     on the other folds). Returns the chosen strength, its out-of-fold logits and labels of the scored rows, the
-    fold weights and the path table.
+    fold weights and the path table. x is spent: each fold copies its rows, and x's storage is released.
     """
     k = 1 if held_out else int(folds.max()) + 1
     tolerance = PATH_TOLERANCE if held_out else 1e-5
@@ -124,9 +126,11 @@ def cross_validate(
         inside = torch.from_numpy(folds != f)
         held = torch.from_numpy((folds == f) & scored)
         split.append((as_batch(x[inside], y[inside]), x[held], held))
+    dim = x.shape[1]
+    x.set_()  # the folds hold copies of its rows: its storage is released (the caller's x is spent)
     scored_t = torch.from_numpy(scored)
     outputs = task.outputs(num_classes)
-    weights = [torch.zeros(outputs, x.shape[1] + 1) for _ in range(k)]
+    weights = [torch.zeros(outputs, dim + 1) for _ in range(k)]
     best, path = None, []
     for step, l2 in enumerate(grid):
         started = time.perf_counter()
@@ -201,18 +205,17 @@ def train_logreg(
         sample = np.sort(np.r_[path_rows, np.flatnonzero(folds == 0)])
     else:
         sample = _sample(train, cv_max_rows, seed)
-    x, y = _standardized_copy(train.select(train.rows[sample]), mean, std)
     summary = {"l2": l2, "temperature": 1.0, "path": []}
-    init = torch.zeros(task.outputs(num_classes), x.shape[1] + 1)
-    head = Head("logreg", x.shape[1], num_classes, mean=mean, std=std, task=task.name)
+    init = torch.zeros(task.outputs(num_classes), train.dim + 1)
+    head = Head("logreg", train.dim, num_classes, mean=mean, std=std, task=task.name)
     if l2 is None or calibrate:  # out-of-fold logits: to choose the strength, and to fit the temperature on
         grid = L2_GRID if l2 is None else (l2,)
+        x, y = _standardized_copy(train.select(train.rows[sample]), mean, std)
         cv = cross_validate(x, y, folds[sample], plain[sample], num_classes, grid, on_strength, task, held_out)
         init = torch.stack(cv["weights"]).mean(0)
         score = f"cv_{task.primary}"
         summary.update(l2=cv["l2"], path=cv["path"], cv_loss=cv["cv_loss"], out_of_fold_logits=cv["logits"])
         summary.update({score: cv[score], "cv_rows": len(cv["labels"])})
-    del x, y
     started = time.perf_counter()
     warm = l2 is None or calibrate  # from the path's solution: a few passes over every row finish it
     iterations = FINAL_ITERATIONS if held_out and warm else MAX_ITER

@@ -186,9 +186,9 @@ def test_logreg_streamed_equals_in_memory(blob_store):
 
 
 def test_rows_are_plenty_past_k_held_out_shares():
-    assert fold_count(5 * HELD_OUT_ROWS, 5) == 5  # k-fold cross-validation up to k held-out shares
-    assert fold_count(5 * HELD_OUT_ROWS + 1, 5) == 5
-    assert fold_count(90 * HELD_OUT_ROWS + 7, 5) == 90  # then folds of about HELD_OUT_ROWS: fold 0 held out
+    assert fold_count(5 * HELD_OUT_ROWS, 5) == (5, False)  # k-fold cross-validation up to k held-out shares
+    assert fold_count(5 * HELD_OUT_ROWS + 1, 5) == (5, True)  # then fold 0 alone is held out
+    assert fold_count(90 * HELD_OUT_ROWS + 7, 5) == (90, True)  # in folds of about HELD_OUT_ROWS
 
 
 def test_held_out_logreg_never_fits_the_held_out_share_and_calibrates_on_it(blob_store):
