@@ -71,6 +71,33 @@ def test_a_head_trains_for_each_task_kind(kind):
     assert torch.isfinite(torch.tensor(result["loss"]))
 
 
+@pytest.mark.parametrize("kind", ["single", "multi", "numeric"])
+def test_where_rows_are_plenty_every_task_kind_is_fitted_and_calibrated_on_a_held_out_share(kind):
+    """The held-out protocol (stages.linear_probe) is the same engine for every kind: the L2 path scored on fold 0,
+    the head fitted on the other folds, its temperature (and a multi-label head's thresholds) from its own outputs
+    on fold 0; every stage of it on the task's loss."""
+    from stages.calibration import image_folds
+    from stages.linear_probe import train_logreg
+
+    rng = np.random.default_rng(4)
+    centres = rng.normal(size=(3, 16)) * 3
+    tags = (rng.random((1200, 3)) < 0.5).astype(np.uint8)
+    if kind == "single":
+        tags = np.eye(3, dtype=np.uint8)[rng.integers(0, 3, 1200)]
+    features = (tags @ centres + rng.normal(size=(1200, 16)) * 2).astype(np.float32)
+    labels = {"single": tags.argmax(1), "multi": tags, "numeric": tags @ [1.0, -2.0, 0.5]}[kind]
+    task = TASKS[kind]
+    train, valid = TensorRows(features[:1000], labels[:1000]), TensorRows(features[1000:], labels[1000:])
+    folds = image_folds([f"{i}.jpg" for i in range(1000)], task.strata(labels[:1000]), 8, seed=0)
+    head, fit = train_logreg(train, folds, np.ones(1000, bool), 3, task=task, held_out=True)
+    assert fit["cv_rows"] == (folds == 0).sum() and fit["l2"] in [row["l2"] for row in fit["path"]]
+    result = evaluate_head(head, valid)
+    assert result[task.primary] > {"single": 0.9, "multi": 0.9, "numeric": 0.9}[kind], result
+    assert len(fit["out_of_fold_logits"]) == fit["cv_rows"]  # what the temperature was fitted on
+    if kind == "multi":
+        assert not np.allclose(head.decision_thresholds(), 0.5)  # chosen on the held-out share
+
+
 @pytest.fixture
 def tagged(tmp_path):
     """48 images of one or two shapes side by side (disk, stripe, check), in one flat folder: a tags table (the
