@@ -386,16 +386,34 @@ def schedule_values(schedule: str, lr: float, total_steps: int) -> list[float]:
 def evaluate_head(head: Head, data: Rows) -> dict:
     """The loss of a head on a split and its task's figures (single-label: accuracy, calibration error and
     per-class accuracy; multi-label at the head's thresholds)."""
-    head.eval()
-    task, thresholds = head.task, head.decision_thresholds()
-    losses, outputs, labels = [], [], []
+    return evaluate_heads([head], data)[0]
+
+
+@torch.no_grad()
+def evaluate_heads(heads: list[Head], data: Rows) -> list[dict]:
+    """evaluate_head for several heads of one task in one pass over the split (each block standardized once when
+    they share their standardization, as heads trained together do)."""
+    shared = all(
+        torch.equal(h.standardize.mean, heads[0].standardize.mean)
+        and torch.equal(h.standardize.std, heads[0].standardize.std)
+        for h in heads
+    )
+    outputs, labels = [[] for _ in heads], []
+    for h in heads:
+        h.eval()
     for x, y in data.whole_pass():
-        raw = head(x)
-        losses.append(task.loss(raw, y, reduction="sum").item())
-        outputs.append(task.activation(raw))
+        z = heads[0].standardize(x) if shared else None
+        for head, out in zip(heads, outputs):
+            out.append(head.classifier(z) / head.temperature if shared else head(x))
         labels.append(y)
-    activated, truth = torch.cat(outputs), torch.cat(labels)
-    return {"loss": sum(losses) / len(truth), **task.metrics(activated.numpy(), truth.numpy(), thresholds)}
+    truth = torch.cat(labels)
+    results = []
+    for head, out in zip(heads, outputs):
+        raw, task = torch.cat(out), head.task
+        loss = task.loss(raw, truth, reduction="sum").item() / len(truth)
+        activated = task.activation(raw).numpy()
+        results.append({"loss": loss, **task.metrics(activated, truth.numpy(), head.decision_thresholds())})
+    return results
 
 
 def train_head(
@@ -470,10 +488,10 @@ def train_heads(
                 step_losses[i].append(loss.item())
                 totals_seen[i][0] += step_losses[i][-1] * len(y)
                 totals_seen[i][1] += len(y)
-        for i in training:
+        scored = evaluate_heads([heads[i] for i in training], valid) if valid is not None else [None] * len(training)
+        for i, result in zip(training, scored):
             row = {"epoch": epoch, "train_loss": totals_seen[i][0] / max(1, totals_seen[i][1])}
-            if valid is not None:
-                result = evaluate_head(heads[i], valid)
+            if result is not None:
                 row.update(valid_loss=result["loss"], **{task.primary: result[task.primary]})
             row["time"] = time.perf_counter() - started
             histories[i].append(row)

@@ -121,13 +121,15 @@ def cross_validate(
     tolerance = PATH_TOLERANCE if held_out else 1e-5
     if held_out:
         scored = scored & (folds == 0)
-    split = []
+    copies = []
     for f in range(k):
         inside = torch.from_numpy(folds != f)
         held = torch.from_numpy((folds == f) & scored)
-        split.append((as_batch(x[inside], y[inside]), x[held], held))
+        copies.append((x[inside], y[inside], x[held], held))
     dim = x.shape[1]
-    x.set_()  # the folds hold copies of its rows: its storage is released (the caller's x is spent)
+    x.set_()  # the folds hold copies of its rows: its storage is released (the caller's x is spent) ...
+    split = [(as_batch(xi, yi), xh, held) for xi, yi, xh, held in copies]  # ... before their transposes are made
+    del copies
     scored_t = torch.from_numpy(scored)
     outputs = task.outputs(num_classes)
     weights = [torch.zeros(outputs, dim + 1) for _ in range(k)]
