@@ -480,12 +480,12 @@ def train_heads(
                 break
             losses = _stacked_losses(heads, live, random_states, heads[0].standardize(x), y, task)
             optimizer.zero_grad(set_to_none=True)  # a head left out keeps no gradient: AdamW skips it
-            torch.stack(losses).sum().backward()
+            losses.sum().backward()
             optimizer.step()
             scheduler.step()
             step += 1
-            for i, loss in zip(live, losses):
-                step_losses[i].append(loss.item())
+            for i, loss in zip(live, losses.tolist()):
+                step_losses[i].append(loss)
                 totals_seen[i][0] += step_losses[i][-1] * len(y)
                 totals_seen[i][1] += len(y)
         scored = evaluate_heads([heads[i] for i in training], valid) if valid is not None else [None] * len(training)
@@ -502,27 +502,28 @@ def train_heads(
 
 def _stacked_losses(
     heads: list[Head], live: list[int], random_states: list, x: torch.Tensor, y: torch.Tensor, task: Task
-) -> list[torch.Tensor]:
-    """Each live head's mean loss on one standardized batch: the linear heads' outputs in one product when there
-    are several, each MLP on its own random state (its dropout draws are those of its lone run)."""
-    linear = [i for i in live if isinstance(heads[i].classifier, nn.Linear)]
-    raw = {}
+) -> torch.Tensor:
+    """Each live head's mean loss on one standardized batch, in live's order: the linear heads' outputs and losses
+    in one product and one loss call when there are several, each MLP on its own random state (its dropout draws
+    are those of its lone run)."""
+    linear = [i for i in live if isinstance(heads[i].classifier, nn.Linear)] if len(live) > 1 else []
+    losses = {}
     if len(linear) > 1:
         weight = torch.cat([heads[i].classifier.weight for i in linear])
         bias = torch.cat([heads[i].classifier.bias for i in linear])
-        for i, out in zip(
-            linear, torch.nn.functional.linear(x, weight, bias).split(heads[linear[0]].classifier.out_features, 1)
-        ):
-            raw[i] = out
+        outputs = heads[linear[0]].classifier.out_features
+        raw = torch.nn.functional.linear(x, weight, bias).reshape(len(x) * len(linear), outputs)  # row-major: b, head
+        per_row = task.loss(raw, y.repeat_interleave(len(linear), 0), reduction="none")
+        losses.update(zip(linear, per_row.reshape(len(x), len(linear)).mean(0)))
     for i in live:
-        if i in raw:
+        if i in losses:
             continue
         if len(heads) > 1:
             torch.set_rng_state(random_states[i])
-        raw[i] = heads[i].classifier(x)
+        losses[i] = task.loss(heads[i].classifier(x), y)
         if len(heads) > 1:
             random_states[i] = torch.get_rng_state()
-    return [task.loss(raw[i], y) for i in live]
+    return torch.stack([losses[i] for i in live])
 
 
 @torch.no_grad()

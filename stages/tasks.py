@@ -31,6 +31,7 @@ class Task:
         return num_classes
 
     def loss(self, raw: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """The loss of raw outputs (N, outputs) against targets: their mean, sum, or one per row ("none")."""
         raise NotImplementedError
 
     def activation(self, raw: torch.Tensor) -> torch.Tensor:
@@ -138,6 +139,8 @@ class MultiLabel(Task):
 
     def loss(self, raw: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         loss = F.binary_cross_entropy_with_logits(raw, targets, reduction="none").sum(1)  # per image
+        if reduction == "none":
+            return loss
         return loss.sum() if reduction == "sum" else loss.mean()
 
     def activation(self, raw: torch.Tensor) -> torch.Tensor:
@@ -217,7 +220,8 @@ class Numeric(Task):
         return 1
 
     def loss(self, raw: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        return F.mse_loss(raw, targets.reshape(raw.shape), reduction=reduction)
+        loss = F.mse_loss(raw, targets.reshape(raw.shape), reduction=reduction)
+        return loss.reshape(-1) if reduction == "none" else loss
 
     def activation(self, raw: torch.Tensor) -> torch.Tensor:
         return raw

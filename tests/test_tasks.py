@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, f1_score, mean_absolute_error, r2_score
 
-from stages.head import TensorRows, TrainConfig, evaluate_head, train_head
+from stages.head import TensorRows, TrainConfig, evaluate_head, train_head, train_heads
 from stages.tasks import TASKS, average_precision, best_thresholds
 
 FP32 = ("--precision", "fp32")  # the same features on every CPU (bf16 where it has AVX-512 BF16, otherwise)
@@ -69,6 +69,10 @@ def test_a_head_trains_for_each_task_kind(kind):
     assert history[-1][task.primary] == pytest.approx(result[task.primary])
     assert result[task.primary] > {"single": 0.95, "multi": 0.95, "numeric": 0.9}[kind], result
     assert torch.isfinite(torch.tensor(result["loss"]))
+    other = TrainConfig(head="linear", epochs=20, lr=1e-2, wd=1e-2, batch_size=64)
+    together = train_heads(train, valid, [cfg, other], task.outputs(3), task=task)  # one product, one loss call
+    for (stacked, _, _), alone in zip(together, (head, train_head(train, valid, other, task.outputs(3), task=task)[0])):
+        assert torch.allclose(stacked.classifier.weight, alone.classifier.weight, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["single", "multi", "numeric"])
