@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 
-from stages.head import ONE_BATCH_BYTES, SINGLE, Head, Rows, settle
+from stages.head import ONE_BATCH_BYTES, SINGLE, Head, Rows, raw_outputs, settle
 from stages.tasks import Task
 
 # Strongest first, half a decade apart: the strongly regularized fits are quick and warm-start the weaker ones.
@@ -218,6 +218,7 @@ def train_logreg(
         score = f"cv_{task.primary}"
         summary.update(l2=cv["l2"], path=cv["path"], cv_loss=cv["cv_loss"], out_of_fold_logits=cv["logits"])
         summary.update({score: cv[score], "cv_rows": len(cv["labels"])})
+        labels = cv["labels"]
     started = time.perf_counter()
     warm = l2 is None or calibrate  # from the path's solution: a few passes over every row finish it
     iterations = FINAL_ITERATIONS if held_out and warm else MAX_ITER
@@ -226,22 +227,13 @@ def train_logreg(
     with torch.no_grad():
         head.classifier.weight.copy_(weight[:, :-1])
         head.classifier.bias.copy_(weight[:, -1])
-        if held_out and "out_of_fold_logits" in summary:  # the held-out rows scored by the head itself
-            scored = train.select(train.rows[(folds == 0) & plain])
-            logits = torch.cat([_logits(weight, x.sub_(mean).div_(std)) for x, _ in scored.whole_pass()])
-            summary["out_of_fold_logits"] = logits
-            summary["cv_loss"] = task.loss(logits, scored.labels[torch.from_numpy(np.sort(scored.rows))]).item()
+    if held_out and "out_of_fold_logits" in summary:  # the held-out rows scored by the head itself
+        logits, labels = raw_outputs(head, train.select(train.rows[(folds == 0) & plain]))
+        summary.update(out_of_fold_logits=logits, cv_loss=task.loss(logits, labels).item())
     if calibrate:
-        settle(head, summary["out_of_fold_logits"], _scored_labels(train, folds, plain, sample, held_out, cv))
+        settle(head, summary["out_of_fold_logits"], labels)
     summary["temperature"] = head.temperature.tolist()
     return head, summary
-
-
-def _scored_labels(train: Rows, folds, plain, sample, held_out: bool, cv: dict) -> torch.Tensor:
-    """The labels of the rows whose out-of-fold logits the summary holds (in their order)."""
-    if not held_out:
-        return cv["labels"]
-    return train.labels[torch.from_numpy(np.sort(train.rows[(folds == 0) & plain]))]
 
 
 def _standardized_copy(rows: Rows, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
