@@ -43,41 +43,44 @@ FINDINGS = {
 PICTURES = ("label_issues", "duplicates", "map")
 
 
+READ_ROWS = 65536  # stored rows read at a time
+
+
 def read_rows(feature_set: FeatureSet) -> AuditRows:
     """The plain view (view 0) of every image in every split of a feature set."""
-    parts = []
-    for split in feature_set.splits:
-        plain = np.flatnonzero(feature_set.column(split, "view") == 0)
-        stored = feature_set.features(split)
-        features = stored[()] if len(plain) == stored.shape[0] else stored[()][plain]
-        paths = feature_set.column(split, "paths")
-        parts.append(
-            (
-                features,  # as stored (float16 by default): half the memory, converted block by block where used
-                feature_set.column(split, "labels")[plain],
-                np.full(len(plain), split),
-                [paths[i] for i in plain],
-                [bytes(h).decode() for h in feature_set.column(split, "sha256")[plain]],
-            )
-        )
-    if not parts:
+    splits = feature_set.splits
+    if not splits:
         return AuditRows(np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, str), [], [])
-    labels, splits = np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+    plains = [np.flatnonzero(feature_set.column(split, "view") == 0) for split in splits]
+    stored = [feature_set.features(split) for split in splits]
+    # As stored (float16 by default: half the memory), in one array filled block by block (never a second copy of
+    # a split); converted to float32 a block at a time where used.
+    features = np.empty((sum(map(len, plains)), stored[0].shape[1]), stored[0].dtype)
+    at = 0
+    for plain, dataset in zip(plains, stored):
+        for start in range(0, dataset.shape[0], READ_ROWS):
+            block = plain[(plain >= start) & (plain < start + READ_ROWS)]
+            if len(block) and block[-1] - block[0] + 1 == len(block):  # a run of stored rows: read into place
+                dataset.read_direct(features, np.s_[block[0] : block[-1] + 1], np.s_[at : at + len(block)])
+            elif len(block):
+                features[at : at + len(block)] = dataset[start : start + READ_ROWS][block - start]
+            at += len(block)
+    labels = np.concatenate([feature_set.column(split, "labels")[plain] for split, plain in zip(splits, plains)])
+    paths = []
+    for split, plain in zip(splits, plains):
+        stored_paths = feature_set.column(split, "paths")
+        paths += [stored_paths[i] for i in plain]
+    sha256 = [
+        bytes(h).decode() for split, plain in zip(splits, plains) for h in feature_set.column(split, "sha256")[plain]
+    ]
+    split_of = np.concatenate([np.full(len(plain), split) for split, plain in zip(splits, plains)])
     task, targets = feature_set.task, None
     if task != "single":  # a row of classes, or a number: an int per image for folds and colours (stages.audit)
         targets = labels
-        unlabelled = splits == "test"
+        unlabelled = split_of == "test"
         labels = TASKS[task].strata(np.nan_to_num(targets)) if len(targets) else np.zeros(0, np.int64)
         labels = np.where(unlabelled, -1, labels)
-    return AuditRows(
-        np.concatenate([p[0] for p in parts]),
-        labels.astype(np.int64),
-        splits,
-        [x for p in parts for x in p[3]],
-        [x for p in parts for x in p[4]],
-        targets,
-        task,
-    )
+    return AuditRows(features, labels.astype(np.int64), split_of, paths, sha256, targets, task)
 
 
 @dataclass

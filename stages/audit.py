@@ -14,7 +14,7 @@ import torch
 
 from stages.calibration import image_folds
 from stages.errors import PipelineError
-from stages.head import TensorRows
+from stages.head import TensorRows, raw_outputs
 from stages.tasks import TASKS
 
 # Raw cosine of pooled Lite0 features (measured, bench/results/audit.md): a copy re-encoded at JPEG quality 75 and
@@ -63,21 +63,18 @@ def out_of_sample_probabilities(rows: AuditRows, num_classes: int, folds: int = 
     train = np.flatnonzero((rows.splits == "train") & (rows.labels >= 0))
     other = np.flatnonzero((rows.splits != "train") & (rows.labels >= 0))
     targets = rows.targets if rows.task == "multi" else np.maximum(rows.labels, 0)
-    split = TensorRows(torch.from_numpy(rows.features), targets, train)
+    every = TensorRows(torch.from_numpy(rows.features), targets)  # the stored rows, read in blocks where used
+    split = every.select(train)
     fold = image_folds([rows.paths[i] for i in train], rows.labels[train], folds, seed)
     plain = np.ones(len(train), bool)
     head, fit = train_logreg(split, fold, plain, num_classes, seed=seed, cv_max_rows=CV_MAX_ROWS, task=task)
     logits = fit["out_of_fold_logits"]
     if fit["cv_rows"] < len(train):  # the strength came from a sample: every row's out-of-fold logits at it
-        with torch.no_grad():  # standardized in place: one float32 copy of the rows, not three
-            x = torch.from_numpy(rows.features[train]).float().sub_(head.standardize.mean).div_(head.standardize.std)
-        init = torch.cat([head.classifier.weight.detach(), head.classifier.bias.detach()[:, None]], 1)
-        logits = fold_logits(x, split.labels[train], fold, fit["l2"], init, task)
+        logits = fold_logits(split, fold, head, fit["l2"], task)
     probabilities = np.full((len(rows), num_classes), np.nan, np.float32)
     probabilities[train] = task.activation(logits / head.temperature).numpy()
     if len(other):
-        with torch.no_grad():
-            probabilities[other] = task.activation(head(torch.from_numpy(rows.features[other]).float())).numpy()
+        probabilities[other] = task.activation(raw_outputs(head, every.select(other))[0] / head.temperature).numpy()
     return probabilities
 
 
@@ -116,8 +113,9 @@ def multi_label_issues(
     return [(int(labelled[i]), (probs[i] >= 0.5).astype(np.uint8), float(quality[i])) for i in ranked]
 
 
-def normalized(features: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+def normalized(features: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Rows as float32 unit vectors (torch converts float16: several times faster than numpy)."""
+    x = torch.as_tensor(features).float()
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
@@ -189,7 +187,8 @@ ANN_MIN_ROWS = 50_000  # from here on an approximate index (faiss) finds the nei
 ANN_CANDIDATES = 32  # neighbours the index proposes per row; each is then scored by its exact cosine
 ANN_DIM = 128  # the index compares PCA-reduced vectors; the threshold is applied to the exact cosine
 ANN_PROBES = 8  # inverted lists searched per query: at 1e5 rows 8 (and 4) found every pair 16 found (bench audit)
-ANN_BLOCK_ROWS = 2048
+ANN_BLOCK_ROWS = 1024  # rows searched at a time (their candidates: 33 float32 rows each)
+ANN_ADD_ROWS = 65536  # rows normalized and added to the index at a time
 
 
 def similarity_scan(
@@ -217,23 +216,28 @@ def approximate_scan(
     """As exact_scan, with the candidates of each row proposed by a faiss index (PCA to ANN_DIM dimensions, then
     an inverted file of about 2 sqrt(n) lists, ANN_PROBES searched) and scored by their exact cosine: a pair is
     missed only when the index does not propose it (bench audit measures how often)."""
-    xt = normalized(features)
-    x = xt.numpy()  # the same memory, for faiss
-    n, dim = x.shape
+    stored = torch.from_numpy(np.ascontiguousarray(features))  # the same memory: rows gathered from it by torch
+    n, dim = stored.shape
     lists = int(min(4096, max(64, 2 * math.sqrt(n))))
     index = faiss.index_factory(dim, f"PCA{min(ANN_DIM, dim)},IVF{lists},Flat", faiss.METRIC_INNER_PRODUCT)
     sample = np.random.default_rng(0).choice(n, min(n, 64 * lists), replace=False)
-    index.train(x[np.sort(sample)])
-    index.add(x)
+    index.train(normalized(stored[np.sort(sample)]).numpy())
+    norms = torch.empty(n)  # rows are converted and normalized a block at a time: no float32 copy of them all
+    for start in range(0, n, ANN_ADD_ROWS):
+        block = stored[start : start + ANN_ADD_ROWS].to(torch.float32, copy=True)  # the caller's rows untouched
+        norms[start : start + len(block)] = block.norm(dim=1).clamp_min_(1e-12)
+        index.add(block.div_(norms[start : start + len(block), None]).numpy())
     faiss.extract_index_ivf(index).nprobe = ANN_PROBES
     k = min(n - 1, max(ANN_CANDIDATES, neighbours))
     nearest = np.zeros(n, np.float32)
     for start in range(0, n, ANN_BLOCK_ROWS):
         rows = np.arange(start, min(n, start + ANN_BLOCK_ROWS))
-        _, found = index.search(x[rows], k + 1)
+        x = stored[start : start + len(rows)].to(torch.float32, copy=True).div_(norms[start : start + len(rows), None])
+        _, found = index.search(x.numpy(), k + 1)
         found = np.where(found == rows[:, None], -1, found)  # an image is not its own neighbour
-        candidates = xt.index_select(0, torch.from_numpy(np.maximum(found, 0)).flatten()).view(*found.shape, dim)
-        sim = torch.bmm(candidates, xt[start : start + len(rows)].unsqueeze(2)).squeeze(2).numpy()
+        candidates = torch.from_numpy(np.maximum(found, 0).ravel())
+        products = torch.bmm(stored.index_select(0, candidates).float().view(*found.shape, dim), x.unsqueeze(2))
+        sim = products.squeeze(2).div_(norms[candidates].view(found.shape)).numpy()
         sim[found < 0] = -np.inf
         order = np.argsort(-sim, axis=1)
         sim, found = np.take_along_axis(sim, order, 1), np.take_along_axis(found, order, 1)

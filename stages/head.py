@@ -555,8 +555,9 @@ def out_of_fold_logits(
 
 
 @torch.no_grad()
+@torch.no_grad()
 def raw_outputs(head: Head, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
-    """A head's raw outputs (before its temperature) on rows, and their labels."""
+    """A head's raw outputs (before its temperature) on rows, in ascending row order, and their labels."""
     head.eval()
     pairs = [(head.classifier(head.standardize(x)), y) for x, y in rows.whole_pass()]
     return torch.cat([r for r, _ in pairs]), torch.cat([y for _, y in pairs])

@@ -12,6 +12,7 @@ few big matrix products per pass over float32 blocks converted from the stored r
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Iterable
 
@@ -160,16 +161,23 @@ def cross_validate(
     return {**best, "path": path}
 
 
-def fold_logits(
-    x: torch.Tensor, y: torch.Tensor, folds: np.ndarray, l2: float, init: torch.Tensor, task: Task = SINGLE
-) -> torch.Tensor:
-    """Out-of-fold logits of every row at one strength, each fold's fit warm-started from `init` (a fit on all
-    rows is close to every fold's, so few iterations are needed)."""
-    logits = torch.zeros(len(y), init.shape[0])
+def fold_logits(train: Rows, folds: np.ndarray, head: Head, l2: float, task: Task = SINGLE) -> torch.Tensor:
+    """Out-of-fold raw outputs of every selected row (in train.rows' order) at one strength: per fold, a fit on the
+    other folds warm-started from the head's weights (a fit on all rows is close to every fold's, so few iterations
+    are needed), standardized as the head is. Rows are read in blocks: no float32 copy of a large split."""
+    mean, std = head.standardize.mean, head.standardize.std
+    init = torch.cat([head.classifier.weight.detach(), head.classifier.bias.detach()[:, None]], 1)
+    fold_head = copy.deepcopy(head)
+    logits = torch.zeros(train.num_rows, init.shape[0])
     for f in range(int(folds.max()) + 1):
-        inside, held = torch.from_numpy(folds != f), torch.from_numpy(folds == f)
-        batches = [as_batch(x[inside], y[inside])]
-        logits[held] = _logits(solve(lambda rows=batches: rows, len(batches[0][2]), init, l2, task=task), x[held])
+        inside = train.select(train.rows[folds != f])
+        weight = solve(_standardized(inside, mean, std), inside.num_rows, init, l2, task=task)
+        with torch.no_grad():
+            fold_head.classifier.weight.copy_(weight[:, :-1])
+            fold_head.classifier.bias.copy_(weight[:, -1])
+        held = np.flatnonzero(folds == f)
+        held = held[np.argsort(train.rows[held], kind="stable")]  # raw_outputs gives rows in ascending order
+        logits[torch.from_numpy(held)] = raw_outputs(fold_head, train.select(train.rows[held]))[0]
     return logits
 
 

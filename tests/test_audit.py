@@ -49,8 +49,10 @@ def test_the_approximate_scan_finds_the_exact_scans_pairs_and_neighbours():
     x = centres[rng.integers(0, 20, 4000)] + rng.normal(size=(4000, 256)).astype(np.float32)
     for i in range(0, 200, 2):  # 100 planted near-copies
         x[4000 - 1 - i] = x[i] + 0.05 * rng.normal(size=256).astype(np.float32)
+    given = x.copy()
     exact, exact_nearest = exact_scan(x, threshold=0.95, neighbours=5)
     approximate, nearest = approximate_scan(faiss, x, threshold=0.95, neighbours=5, groups=CopyGroups(len(x)))
+    assert np.array_equal(x, given)  # rows are normalized a block at a time in copies, never in place
     pairs = {(a, b) for g in exact.groups() for a, b, _ in g.pairs}
     assert len(pairs) == 100 and {(a, b) for g in approximate.groups() for a, b, _ in g.pairs} == pairs
     gap = exact_nearest - nearest  # >= 0: a neighbour missed is replaced by a farther one

@@ -13,7 +13,7 @@ from pipeline.train_head import load_cached_features
 from stages.calibration import expected_calibration_error, fit_temperature, image_folds, reliability_bins
 from stages.errors import PipelineError
 from stages.head import Head, TrainConfig, evaluate_head, load_head, schedule_values, train_head, train_heads
-from stages.linear_probe import HELD_OUT_ROWS, L2_GRID, fold_count, train_logreg
+from stages.linear_probe import HELD_OUT_ROWS, L2_GRID, as_batch, fold_count, fold_logits, solve, train_logreg
 from stages.rundir import check_compatible
 from store.reader import FeatureStore
 
@@ -183,6 +183,30 @@ def test_logreg_streamed_equals_in_memory(blob_store):
         results.append(train_logreg(rows, folds, plain, 3, l2=0.1, calibrate=False)[0])
     a, b = results
     assert torch.allclose(a.classifier.weight, b.classifier.weight, atol=1e-4)
+
+
+def test_out_of_fold_logits_are_each_folds_own_fit_streamed_or_in_memory(blob_store):
+    """fold_logits (the audit's out-of-sample probabilities): every row scored by a fit on the other folds alone,
+    in the selection's order, the same whether the rows are in memory or streamed from the store in blocks."""
+    memory, stream = cached(blob_store, "4G"), cached(blob_store, "1K")
+    scored = []
+    for data in (memory, stream):
+        rows = data.train_rows(0)
+        rows = rows.select(np.random.default_rng(1).permutation(rows.rows))  # not in stored order
+        folds, plain, _ = data.folds(rows, 4, 0)
+        head, fit = train_logreg(rows, folds, plain, 3, l2=0.1)
+        scored.append(fold_logits(rows, folds, head, fit["l2"]))
+    assert torch.allclose(scored[0], scored[1], atol=1e-4)
+    features = memory.train_rows(0).features
+    for f in range(4):  # each fold by hand: a fresh fit on the other folds' standardized rows
+        inside = torch.from_numpy(rows.rows[folds != f])
+        x = (features[inside].float() - head.standardize.mean) / head.standardize.std
+        batch = as_batch(x, rows.labels[inside])
+        weight = solve(lambda batch=batch: [batch], len(inside), torch.zeros(3, x.shape[1] + 1), fit["l2"])
+        held = torch.from_numpy(rows.rows[folds == f])
+        own = (features[held].float() - head.standardize.mean) / head.standardize.std @ weight[:, :-1].T
+        mine = scored[1][torch.from_numpy(folds == f)]
+        assert torch.allclose(mine.softmax(1), (own + weight[:, -1]).softmax(1), atol=1e-3)  # a bias shift is free
 
 
 def test_rows_are_plenty_past_k_held_out_shares():
