@@ -9,7 +9,10 @@ import pytest
 from conftest import make_images, one_line_error, run_cli, run_json, shared_dataset
 from PIL import Image, ImageOps
 
+from bench.synthetic import separable_features, write_feature_store
+from pipeline.audit import read_rows
 from stages.audit import PAIRS_PER_GROUP, CopyGroups, approximate_scan, exact_copies, exact_scan, outlier_rows
+from store.reader import FeatureStore
 
 pytestmark = pytest.mark.slow  # every test here runs the CLI on images or kills processes
 
@@ -58,6 +61,18 @@ def test_the_approximate_scan_finds_the_exact_scans_pairs_and_neighbours():
     gap = exact_nearest - nearest  # >= 0: a neighbour missed is replaced by a farther one
     assert gap.min() > -1e-5 and np.median(gap) < 1e-5 and gap.max() < 0.02, (np.median(gap), gap.max())
     assert list(outlier_rows(nearest)[0]) == list(outlier_rows(exact_nearest)[0])
+
+
+def test_the_audit_reads_the_plain_view_of_every_split_as_stored(tmp_path):
+    """Augmented rows are skipped, the plain ones read in stored order into one array of the stored dtype."""
+    train, valid = separable_features(300, classes=3, views=2), separable_features(90, classes=3)
+    path = write_feature_store(tmp_path / "s.h5", train, valid, classes=("x", "y", "z"), views=2)
+    with FeatureStore(path) as store:
+        rows = read_rows(store.feature_set(None))
+    expected = np.concatenate([train[0][train[2] == 0], valid[0]])
+    assert rows.features.dtype == np.float16 and np.array_equal(rows.features, expected)
+    assert list(rows.labels) == [*train[1][train[2] == 0], *valid[1]]
+    assert list(rows.splits[[0, -1]]) == ["train", "valid"]
 
 
 def test_copies_are_grouped_each_image_once_and_pairs_stay_few():
