@@ -835,7 +835,9 @@ def predict(
     inputs: list[Path] = typer.Argument(..., help="Image files and folders (searched recursively)."),
     top_k: int = typer.Option(1, help="Classes to show per image."),
     tta: bool = typer.Option(False, "--tta", help="Also average over flipped and shifted crops (reported separately)."),
-    out_file: Optional[Path] = typer.Option(None, "--out", help="Write all class probabilities to .csv or .json."),
+    out_file: Optional[Path] = typer.Option(
+        None, "--out", help="Write every input (probabilities, familiarity, or why it could not be read) to .csv/.json."
+    ),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     precision: Optional[str] = typer.Option(None, help=RUN_PRECISION_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print predictions as JSON."),
@@ -852,39 +854,59 @@ def predict(
         return
     if result.precision_note:
         err.print(f"[yellow]note:[/] {result.precision_note}", highlight=False)
+    if out_file is None:
+        _print_predictions(result, top_k, tta)
+    elif result.errors:  # every input is in the file: the terminal says how many could not be read
+        count = f"{len(result.errors)} file{'s' * (len(result.errors) > 1)}"
+        err.print(f"{count} could not be read: the reasons are in {out_file}", highlight=False)
+    unfamiliar = f", {result.unfamiliar} unlike the training images (unfamiliar)" if result.unfamiliar else ""
+    out.print(
+        f"{len(result.predictions)} images in {result.seconds:.1f} s ({result.images_per_second} img/s){unfamiliar}"
+        + (f"; every input in {result.out}" if result.out else ""),
+        highlight=False,
+    )
+
+
+def _print_predictions(result, top_k: int, tta: bool) -> None:
+    """predict's table: a row per image, then a line per file that could not be read."""
     from rich.table import Table
 
     table = Table()
     first = result.predictions[0] if result.predictions else {}
+    familiar = ("familiarity",) if "familiarity" in first else ()
     if "labels" in first or "value" in first:  # a multi-label or a numeric head (stages.model.decided)
         shown = ("labels (probability)",) if "labels" in first else ("value",)
-        for column in ("path", *shown, *(f"tta {c}" for c in shown if tta)):
-            table.add_column(column, justify="right" if column.endswith("value") else "left")
+        for column in ("path", *shown, *(f"tta {c}" for c in shown if tta), *familiar):
+            table.add_column(column, justify="right" if column.endswith(("value", "familiarity")) else "left")
         for r in result.predictions:
             cells = [_task_cell(r, prefix) for prefix in ["", "tta_"][: 1 + tta]]
-            table.add_row(r["path"], *cells)
+            table.add_row(r["path"], *cells, *_familiar_cell(r))
     else:
-        for column in ("path", "class", "probability", *(("tta class", "tta probability") if tta else ())):
-            table.add_column(column, justify="right" if "probability" in column else "left")
+        columns = ("path", "class", "probability", *(("tta class", "tta probability") if tta else ()), *familiar)
+        for column in columns:
+            table.add_column(column, justify="right" if column.endswith(("probability", "familiarity")) else "left")
         for r in result.predictions:
             top = ", ".join(f"{c} {p:.3f}" for c, p in r["top_k"]) if top_k > 1 else f"{r['probability']:.4f}"
             extra = (r["tta_class"], f"{r['tta_probability']:.4f}") if tta else ()
-            table.add_row(r["path"], r["class"], top, *extra)
+            table.add_row(r["path"], r["class"], top, *extra, *_familiar_cell(r))
     out.print(table)
     for e in result.errors:
         err.print(f"[yellow]unreadable[/] {e['path']}: {e['error']}", highlight=False)
-    out.print(
-        f"{len(result.predictions)} images in {result.seconds:.1f} s ({result.images_per_second} img/s)"
-        + (f"; probabilities in {result.out}" if result.out else ""),
-        highlight=False,
-    )
+
+
+def _familiar_cell(row: dict) -> tuple[str, ...]:
+    """An image's familiarity, marked when it is under the model's threshold (stages.familiarity)."""
+    if "familiarity" not in row:
+        return ()
+    return (f"{row['familiarity']:.3f}" + (" unfamiliar" if row["unfamiliar"] else ""),)
 
 
 @app.command(
     epilog="Examples:\n\n    pipeline evaluate runs/head-a data/dogscats/valid --out runs/head-a/eval\n\n"
     "    pipeline evaluate runs/head-a data/dogscats/valid --store runs/dogscats.h5\n\n"
     "    pipeline evaluate runs/pets-head --store runs/pets.h5 --split valid   # labelled by a table or pattern\n\n"
-    "    pipeline evaluate runs/ft-a data/dogscats/valid --tta"
+    "    pipeline evaluate runs/ft-a data/dogscats/valid --tta\n\n"
+    "    pipeline evaluate runs/head-a --store runs/dogscats.h5 --ood photos/not-pets   # unlike images flagged?"
 )
 def evaluate(
     model_dir: Path = typer.Argument(..., help="Run directory written by train-head (or finetune)."),
@@ -901,6 +923,12 @@ def evaluate(
     task: Optional[str] = TASK_OPTION,
     tta: bool = typer.Option(False, "--tta", help="Average over flipped and shifted crops."),
     store: Optional[Path] = typer.Option(None, "--store", help="Use cached features from this store (seconds)."),
+    ood: Optional[Path] = typer.Option(
+        None,
+        "--ood",
+        help="A folder of images unlike the training images: how well familiarity (and the top probability) tells "
+        "them from the evaluated ones (AUROC, FPR95), and how many get p >= 0.9 unflagged.",
+    ),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     precision: Optional[str] = typer.Option(None, help=RUN_PRECISION_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
@@ -914,7 +942,7 @@ def evaluate(
         from stages.labels import LabelOptions
 
         label_options = LabelOptions(labels, label_pattern, label_delim, task=task)
-        result = run_evaluate(model_dir, split_dir, out_dir, tta, store, device, precision, split, label_options)
+        result = run_evaluate(model_dir, split_dir, out_dir, tta, store, device, precision, split, label_options, ood)
     if as_json:
         _print_json(result)
         return
@@ -944,11 +972,31 @@ def evaluate(
     out.print(table)
     for pair in m.most_confused[:5]:
         out.print(f"most confused: {pair['true']} taken for {pair['predicted']} {pair['count']} times", highlight=False)
+    if result.familiarity:
+        _print_familiarity(result.familiarity)
     out.print(
         f"plots: {result.confusion_png}, {result.reliability_png}, {result.top_losses_png}; "
-        f"metrics: {result.metrics_json}",
+        f"metrics: {result.metrics_json}; every image: {result.predictions_csv}",
         highlight=False,
     )
+
+
+def _print_familiarity(familiar: dict) -> None:
+    """evaluate's familiarity lines: how many evaluated images were flagged, and with --ood how well it separates."""
+    out.print(
+        f"familiarity: {familiar['unfamiliar']} images ({familiar['unfamiliar_share']:.1%}) under the threshold "
+        f"{familiar['threshold']:.3f} that {familiar['pass_share']:.0%} of held-out training images pass",
+        highlight=False,
+    )
+    ood = familiar.get("ood")
+    if ood:
+        score, top = ood["familiarity"], ood["top_probability"]
+        out.print(
+            f"against {ood['images']} images of {ood['folder']}: familiarity AUROC {score['auroc']:.4f}, FPR95 "
+            f"{score['fpr95']:.4f} (top probability: {top['auroc']:.4f}, {top['fpr95']:.4f}); "
+            f"{ood['confident']:.1%} of them get p >= 0.9, {ood['confident_unflagged']:.1%} of them unflagged",
+            highlight=False,
+        )
 
 
 def _task_cell(row: dict, prefix: str) -> str:

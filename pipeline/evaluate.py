@@ -19,12 +19,13 @@ from pipeline.plots import (
 )
 from stages.atomic import atomic_csv, output_folder, write_json
 from stages.errors import PipelineError
+from stages.familiarity import Familiarity, load_familiarity, separation
 from stages.files import IMAGE_EXTENSIONS, class_folders, find_images
 from stages.labels import LabelOptions, recorded_options
 from stages.metrics import ClassificationMetrics, classification_metrics, top_losses
 from stages.model import ImageClassifier, decided, load_model
 from stages.rundir import check_compatible, read_config
-from stages.tasks import Task, precision_recall
+from stages.tasks import precision_recall
 
 
 def expand_inputs(inputs: list[Path]) -> list[Path]:
@@ -44,8 +45,9 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
 
 @dataclass
 class PredictResult:
-    """Predictions of every image that decoded ({path, class, probability, top_k, probabilities} and, with TTA, the
-    same prefixed tta_), the files that did not ({path, error}), the speed and where all probabilities went."""
+    """Predictions of every image that decoded ({path, class, probability, top_k, probabilities, familiarity,
+    unfamiliar} and, with TTA, the same prefixed tta_), the files that did not ({path, error}), the speed and where
+    every input went."""
 
     predictions: list[dict]
     errors: list[dict]
@@ -54,6 +56,7 @@ class PredictResult:
     out: str | None
     precision: str  # the forward pass's
     precision_note: str | None  # set when it is not the run's own (an explicit --precision)
+    unfamiliar: int = 0  # predictions flagged unlike the training images (stages.familiarity)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -77,6 +80,10 @@ class EvaluateResult:
     metrics_json: str
     precision: str  # the forward pass's (with --store: the cached features')
     precision_note: str | None  # set when it is not the run's own (an explicit --precision)
+    # threshold, neighbour, reference_images, pass_share, unfamiliar (count and share of the evaluated images), and
+    # with --ood: folder, images, familiarity and top_probability {auroc, fpr95}, confident, confident_unflagged
+    familiarity: dict | None = None
+    predictions_csv: str | None = None  # every evaluated image: path, true, predicted, probabilities, familiarity
 
     def to_json(self) -> dict:
         data = {**self.metrics.to_json(), **asdict(self)}
@@ -101,11 +108,11 @@ def predict(
             if tta:
                 tta_row = decided(model.head, p.tta_probabilities, model.classes, top_k)
                 row.update({f"tta_{k}": v for k, v in tta_row.items()})
-            rows.append(row)
+            rows.append({**row, **model.familiar(p)})
         errors += [{"path": path, "error": reason} for path, reason in failed]
     seconds = time.perf_counter() - started
     if out is not None:
-        _write_predictions(out, rows, model.classes, tta, model.head.task)
+        _write_predictions(out, rows, errors, model, tta)
     return PredictResult(
         predictions=rows,
         errors=errors,
@@ -114,21 +121,29 @@ def predict(
         out=str(out) if out else None,
         precision=model.precision,
         precision_note=model.precision_note,
+        unfamiliar=sum(bool(r.get("unfamiliar")) for r in rows),
     )
 
 
-def _write_predictions(out: Path, rows: list[dict], classes: list[str], tta: bool, task: Task) -> None:
-    """Every prediction to JSON, or to CSV in the task's columns (stages.tasks), the same again prefixed tta_."""
+def _write_predictions(out: Path, rows: list[dict], errors: list[dict], model: ImageClassifier, tta: bool) -> None:
+    """Every input, predicted or not, to JSON, or to CSV in the task's columns (stages.tasks), the same again prefixed
+    tta_, familiarity and unfamiliar where the model has a reference, and the reason a file could not be read."""
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".json":
-        write_json(out, rows)
+        write_json(out, rows + errors)
         return
+    task, classes = model.head.task, model.classes
     prefixes = ["", "tta_"] if tta else [""]
+    familiar = ["familiarity", "unfamiliar"] if model.familiarity is not None else []
+    columns = [p + column for p in prefixes for column in task.csv_columns(classes)]
     with atomic_csv(out) as f:
         writer = csv.writer(f)
-        writer.writerow(["path", *(p + column for p in prefixes for column in task.csv_columns(classes))])
+        writer.writerow(["path", *columns, *familiar, "error"])
         for r in rows:
-            writer.writerow([r["path"], *(cell for p in prefixes for cell in task.csv_cells(r, classes, p))])
+            cells = [cell for p in prefixes for cell in task.csv_cells(r, classes, p)]
+            writer.writerow([r["path"], *cells, *(r[k] for k in familiar), ""])
+        for e in errors:
+            writer.writerow([e["path"], *[""] * (len(columns) + len(familiar)), e["error"]])
 
 
 def labelled_split(split_dir: Path, classes: list[str]) -> tuple[list[Path], np.ndarray]:
@@ -152,11 +167,18 @@ def labelled_split(split_dir: Path, classes: list[str]) -> tuple[list[Path], np.
     return files, np.asarray(labels)
 
 
+def _cached_outputs(head, familiarity: Familiarity | None, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Class probabilities and familiarity scores (None without a reference) of cached features."""
+    x = torch.from_numpy(x).float()
+    with torch.no_grad():
+        return torch.softmax(head(x), 1).numpy(), familiarity(x).numpy() if familiarity is not None else None
+
+
 def _store_split(
-    head, config, run_dir: Path, store: Path, split: str, label_options: LabelOptions | None
-) -> tuple[list[Path], np.ndarray, np.ndarray]:
-    """A split of a store as evaluate reads it: each image's path (in the data folder), label in the run's classes
-    and probabilities from its cached plain view."""
+    head, familiarity, config, run_dir: Path, store: Path, split: str, label_options: LabelOptions | None
+) -> tuple[list[Path], np.ndarray, np.ndarray, np.ndarray | None]:
+    """A split of a store as evaluate reads it: each image's path (in the data folder), label in the run's classes,
+    probabilities and familiarity from its cached plain view."""
     from store import FeatureStore
 
     with FeatureStore(store) as opened:
@@ -173,18 +195,18 @@ def _store_split(
                 f"({', '.join(config.classes)}), or give --labels"
             )
         labels = np.asarray([config.classes.index(feature_set.classes[i]) for i in stored], np.int64)
-        x = torch.from_numpy(feature_set.features(split)[plain]).float()
-        with torch.no_grad():
-            probabilities = torch.softmax(head(x), 1).numpy()
+        probabilities, scores = _cached_outputs(head, familiarity, feature_set.features(split)[plain])
         data_dir = Path(feature_set.attrs.get("data_dir", "."))
         files = [data_dir / p for p in np.asarray(feature_set.column(split, "paths"), dtype=object)[plain]]
     if not len(files):
         raise PipelineError(f"store {store} holds no {split} images to evaluate")
-    return files, labels, probabilities
+    return files, labels, probabilities, scores
 
 
-def _probabilities_from_store(head, config: dict, run_dir: Path, store: Path, files: list[Path]) -> np.ndarray:
-    """Probabilities for the files from cached view-0 features; every file must be in the store."""
+def _outputs_from_store(
+    head, familiarity, config, run_dir: Path, store: Path, files: list[Path]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Probabilities and familiarity of the files from cached view-0 features; every file must be in the store."""
     from store import FeatureStore
 
     with FeatureStore(store) as opened:
@@ -197,22 +219,24 @@ def _probabilities_from_store(head, config: dict, run_dir: Path, store: Path, fi
             if f.resolve().is_relative_to(data_dir):
                 position[f.resolve().relative_to(data_dir).as_posix()] = i
         probabilities = np.full((len(files), len(config.classes)), np.nan)
+        scores = np.full(len(files), np.nan) if familiarity is not None else None
         for split in feature_set.splits:
             paths, views = feature_set.column(split, "paths"), feature_set.column(split, "view")
             rows = np.asarray(
                 [(row, position[p]) for row, (p, v) in enumerate(zip(paths, views)) if v == 0 and p in position]
             ).reshape(-1, 2)
             if len(rows):
-                x = torch.from_numpy(feature_set.features(split)[rows[:, 0]]).float()
-                with torch.no_grad():
-                    probabilities[rows[:, 1]] = torch.softmax(head(x), 1).numpy()
+                found, familiar = _cached_outputs(head, familiarity, feature_set.features(split)[rows[:, 0]])
+                probabilities[rows[:, 1]] = found
+                if scores is not None:
+                    scores[rows[:, 1]] = familiar
     missing = np.flatnonzero(np.isnan(probabilities[:, 0]))
     if len(missing):
         raise PipelineError(
             f"store {store} does not hold {files[missing[0]]} (it was featurized from {data_dir}); "
             "featurize that folder first or evaluate without --store"
         )
-    return probabilities
+    return probabilities, scores
 
 
 def evaluate(
@@ -225,6 +249,7 @@ def evaluate(
     precision: str | None = None,
     split: str = "valid",
     labels: LabelOptions | None = None,
+    ood: Path | None = None,
 ) -> EvaluateResult | TaskEvaluateResult:
     """Metrics, confusion matrix and top losses of a model on a labelled split; from cached features with store.
     Without split_dir, a split of the store itself (`split`), labelled as the store holds it or by `labels`: what a
@@ -236,6 +261,12 @@ def evaluate(
     if split_dir is None and store is None:
         raise PipelineError("give a SPLIT_DIR of class folders, or --store STORE to evaluate a split it holds")
     task = read_config(run_dir).head.get("task", "single")
+    if ood is not None and (not ood.is_dir() or task != "single"):
+        raise PipelineError(
+            f"--ood {ood} is not a folder; give a folder of images unlike the training images"
+            if not ood.is_dir()
+            else f"--ood applies to single-label heads; {run_dir} is a {task} head"
+        )
     if task != "single":  # several labels or a number: no class folders say them, the store's split (its table) does
         if split_dir is not None or store is None or tta:
             raise PipelineError(
@@ -246,7 +277,7 @@ def evaluate(
             return _evaluate_task(run_dir, out, staging, store, split, labels)
     # Held from the start (a second evaluate into the same folder is refused at once), published whole at the end.
     with output_folder(out, (CONFUSION_PNG,), "an evaluation") as staging:
-        return _evaluate(run_dir, split_dir, out, staging, tta, store, device, precision, split, labels)
+        return _evaluate(run_dir, split_dir, out, staging, tta, store, device, precision, split, labels, ood)
 
 
 @dataclass
@@ -330,11 +361,12 @@ def _evaluate_task(
     return result
 
 
-CONFUSION_PNG, RELIABILITY_PNG, TOP_LOSSES_PNG, METRICS_JSON = (
+CONFUSION_PNG, RELIABILITY_PNG, TOP_LOSSES_PNG, METRICS_JSON, PREDICTIONS_CSV = (
     "confusion.png",
     "reliability.png",
     "top_losses.png",
     "metrics.json",
+    "predictions.csv",
 )
 
 
@@ -349,23 +381,29 @@ def _evaluate(
     precision: str | None,
     split: str = "valid",
     label_options: LabelOptions | None = None,
+    ood: Path | None = None,
 ) -> EvaluateResult:
     from stages.head import load_head
 
     started = time.perf_counter()
     head, config = load_head(run_dir)
+    familiarity = load_familiarity(run_dir)
+    if ood is not None and familiarity is None:
+        raise PipelineError(f"{run_dir} carries no familiarity reference (trained before models had one); train again")
     classes = config.classes
-    failed = []
+    failed, model = [], None
     if split_dir is None:  # a split of the store, its rows and labels as it holds them (or as --labels says)
         if tta:
             raise PipelineError("--tta needs raw images; give a SPLIT_DIR to evaluate with TTA")
-        files, labels, probabilities = _store_split(head, config, run_dir, store, split, label_options)
+        files, labels, probabilities, scores = _store_split(
+            head, familiarity, config, run_dir, store, split, label_options
+        )
         used, note = config.precision, None
     elif store is not None:  # cached features: the head alone, no backbone to build
         files, labels = labelled_split(split_dir, classes)
         if tta:
             raise PipelineError("--tta needs raw images; drop --store to evaluate with TTA")
-        probabilities = _probabilities_from_store(head, config, run_dir, store, files)
+        probabilities, scores = _outputs_from_store(head, familiarity, config, run_dir, store, files)
         used, note = config.precision, None
     else:
         files, labels = labelled_split(split_dir, classes)
@@ -374,12 +412,24 @@ def _evaluate(
         by_path = {}
         for predictions, bad in model.predict_files(files, tta=tta):
             for p in predictions:
-                by_path[p.path] = p.tta_probabilities if tta else p.probabilities
+                by_path[p.path] = (p.tta_probabilities if tta else p.probabilities, p.familiarity)
             failed += [{"path": path, "error": reason} for path, reason in bad]
         keep = [i for i, f in enumerate(files) if str(f) in by_path]
-        probabilities = np.stack([by_path[str(files[i])] for i in keep])
+        probabilities = np.stack([by_path[str(files[i])][0] for i in keep])
+        scores = np.asarray([by_path[str(files[i])][1] for i in keep]) if familiarity is not None else None
         files, labels = [files[i] for i in keep], labels[keep]
     metrics = classification_metrics(labels, probabilities, classes)
+    familiar = None
+    if familiarity is not None:
+        flagged = familiarity.unfamiliar(scores)
+        familiar = {
+            **familiarity.summary(),
+            "unfamiliar": int(flagged.sum()),
+            "unfamiliar_share": float(flagged.mean()),
+        }
+        if ood is not None:
+            familiar["ood"] = _unlike_images(model or load_model(run_dir, device=device), ood, scores, probabilities)
+    _write_evaluated(staging / PREDICTIONS_CSV, files, labels, probabilities, scores, familiarity, classes)
     worst = top_losses(labels, probabilities)
     captions = [
         (
@@ -412,9 +462,50 @@ def _evaluate(
         metrics_json=str(out / METRICS_JSON),
         precision=used,
         precision_note=note,
+        familiarity=familiar,
+        predictions_csv=str(out / PREDICTIONS_CSV),
     )
     plot_confusion_matrix(metrics.confusion_matrix, classes, staging / CONFUSION_PNG)
     plot_reliability(metrics.reliability, metrics.ece, staging / RELIABILITY_PNG)
     plot_image_grid(captions, staging / TOP_LOSSES_PNG, "top losses: actual -> predicted (p)")
     write_json(staging / METRICS_JSON, {k: v for k, v in result.to_json().items() if k != "metrics_json"})
     return result
+
+
+CONFIDENT = 0.9  # the top probability --ood counts an unlike image as confidently classified at
+
+
+def _unlike_images(model: ImageClassifier, folder: Path, scores: np.ndarray, probabilities: np.ndarray) -> dict:
+    """The model's familiarity and top probability on a folder of images unlike its training images, each scored by
+    how well it separates them from the evaluated images (AUROC, FPR95), and the share of them that the model
+    classifies confidently (top probability >= CONFIDENT) without flagging them unfamiliar."""
+    unlike, top = [], []
+    for predictions, _ in model.predict_files(expand_inputs([folder])):
+        unlike += [p.familiarity for p in predictions]
+        top += [float(p.probabilities.max()) for p in predictions]
+    if not unlike:
+        raise PipelineError(f"--ood {folder}: none of its images could be read; give a folder of other images")
+    unlike, top = np.asarray(unlike), np.asarray(top)
+    passed = ~model.familiarity.unfamiliar(unlike)
+    return {
+        "folder": str(folder),
+        "images": len(unlike),
+        "familiarity": separation(scores, unlike),
+        "top_probability": separation(probabilities.max(1), top),
+        "confident_unflagged": round(float(((top >= CONFIDENT) & passed).mean()), 4),
+        "confident": round(float((top >= CONFIDENT).mean()), 4),
+    }
+
+
+def _write_evaluated(path, files, labels, probabilities, scores, familiarity, classes) -> None:
+    """evaluate's per-image predictions: path, true, predicted, its probability, every class's, familiarity."""
+    familiar = ["familiarity", "unfamiliar"] if scores is not None else []
+    with atomic_csv(path) as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "true", "predicted", "probability", *classes, *familiar])
+        for i, file in enumerate(files):
+            row = [str(file), classes[labels[i]], classes[int(probabilities[i].argmax())]]
+            row += [f"{probabilities[i].max():.6f}", *(f"{p:.6f}" for p in probabilities[i])]
+            if scores is not None:
+                row += [f"{scores[i]:.4f}", bool(familiarity.unfamiliar(scores[i]))]
+            writer.writerow(row)

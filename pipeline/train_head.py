@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from pipeline.runtime import cpu_count, torch_threads
 from stages.atomic import check_replaceable, locked_output, output_folder, published_folder
 from stages.calibration import image_folds
 from stages.errors import PipelineError
+from stages.familiarity import Familiarity, fit_familiarity
 from stages.head import (
     Head,
     LrFindResult,
@@ -37,6 +39,7 @@ from stages.head import (
 from stages.labels import LabelOptions, recorded_options
 from stages.linear_probe import fold_count, train_logreg
 from stages.rundir import (
+    FAMILIARITY,
     HEAD_WEIGHTS,
     RUN_MARKERS,
     RunConfig,
@@ -72,6 +75,12 @@ class CachedFeatures:
     @property
     def task(self) -> Task:
         return TASKS[self.feature_set.task]
+
+    @cached_property
+    def familiarity(self) -> Familiarity:
+        """How like the training images an image is (stages.familiarity): from the plain views heads are fitted on,
+        shared by every run of a grid."""
+        return fit_familiarity(self.train_rows(0))
 
     def excluding(self, paths: set[str]) -> CachedFeatures:
         """The same features with these train images left out of every fit."""
@@ -169,7 +178,9 @@ def save_head_run(
         else:
             plot_training_curves(history, step_losses, path)
 
-    write_run(out, {HEAD_WEIGHTS: head.state_dict()}, config, metrics, plot)
+    metrics["familiarity"] = cached.familiarity.summary()
+    weights = {HEAD_WEIGHTS: head.state_dict(), FAMILIARITY: cached.familiarity.state_dict()}
+    write_run(out, weights, config, metrics, plot)
     return metrics
 
 

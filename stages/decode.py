@@ -374,7 +374,9 @@ def _to_torch(tensor_list) -> torch.Tensor:
 
 
 def _dali_reason(exc: BaseException) -> str:
-    """A short reason for the skipped-files record, from the line DALI puts after 'encountered:'."""
+    """A short one-line reason for the skipped-files record, from the line DALI puts after 'encountered:' (its
+    'Failed to decode sample #N' says nothing the reason does not)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     detail = lines[lines.index("encountered:") + 1] if "encountered:" in lines[:-1] else ""
+    detail = "" if detail.startswith("Failed to decode sample") else detail
     return "cannot decode (corrupt or truncated)" + (f": {detail[:160]}" if detail else "")

@@ -12,6 +12,7 @@ import torch
 from stages.backbones import PRECISIONS, REGISTRY, Backbone, create_backbone
 from stages.decode import ImageDecoder, resolve_device
 from stages.errors import PipelineError
+from stages.familiarity import Familiarity, load_familiarity
 from stages.files import read_image_file
 from stages.head import Head, load_head
 from stages.rundir import RunConfig, TrainedOn
@@ -26,6 +27,7 @@ class Prediction:
     path: str
     probabilities: np.ndarray
     tta_probabilities: np.ndarray | None = None
+    familiarity: float | None = None  # stages.familiarity: None for a model without a reference
 
 
 def decided(head: Head, outputs: np.ndarray, classes: list[str], k: int = 1) -> dict:
@@ -47,8 +49,10 @@ class ImageClassifier:
         batch_size: int = 32,
         measured_precision: str | None = None,
         stored_dtype: str | None = None,
+        familiarity: Familiarity | None = None,
     ):
         self.backbone, self.head, self.classes = backbone, head.eval(), classes
+        self.familiarity = familiarity.to(resolve_device(device)) if familiarity is not None else None
         self.device = resolve_device(device)
         self.precision = precision
         self.measured_precision = measured_precision or precision  # the one the run's own metrics came from
@@ -90,18 +94,28 @@ class ImageClassifier:
                     features = features.to(self.stored_dtype).float()
                 outputs = self.head.task.activation(self.head(features))
                 probs = outputs.view(len(batch.keys), views, -1).cpu().numpy()
+                plain = features.view(len(batch.keys), views, -1)[:, 0]
+                scores = self.familiarity(plain).tolist() if self.familiarity is not None else [None] * len(plain)
                 for i, key in enumerate(batch.keys):
-                    predictions.append(Prediction(key, probs[i, 0], probs[i].mean(0) if tta else None))
+                    predictions.append(Prediction(key, probs[i, 0], probs[i].mean(0) if tta else None, scores[i]))
             yield predictions, batch.failed
 
+    def familiar(self, prediction: Prediction) -> dict:
+        """{familiarity, unfamiliar} of a prediction (stages.familiarity), or nothing for a model without one."""
+        if prediction.familiarity is None:
+            return {}
+        score = prediction.familiarity
+        return {"familiarity": round(score, 4), "unfamiliar": bool(self.familiarity.unfamiliar(score))}
+
     def predict(self, paths: Iterable[str | Path], top_k: int = 1, tta: bool = False) -> list[dict]:
-        """[{path, class, probability, top_k: [(class, p)...], probabilities}] per file (multi-label: {path, labels,
-        probabilities}; numeric: {path, value}); unreadable files carry an 'error'."""
+        """[{path, class, probability, top_k: [(class, p)...], probabilities, familiarity, unfamiliar}] per file
+        (multi-label: {path, labels, probabilities, ...}; numeric: {path, value, ...}); unreadable files carry an
+        'error'."""
         results = []
         for predictions, failed in self.predict_files(paths, tta):
             for p in predictions:
                 probs = p.tta_probabilities if tta else p.probabilities
-                results.append({"path": p.path, **decided(self.head, probs, self.classes, top_k)})
+                results.append({"path": p.path, **decided(self.head, probs, self.classes, top_k), **self.familiar(p)})
             results += [{"path": path, "error": reason} for path, reason in failed]
         return results
 
@@ -152,4 +166,5 @@ def load_model(
         batch_size=batch_size,
         measured_precision=config.precision,
         stored_dtype=config.feature_set.identity.dtype if config.kind == "head" else None,
+        familiarity=load_familiarity(run_dir),
     )

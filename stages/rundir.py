@@ -2,9 +2,9 @@
 API read. Its file names, its config (typed, sealed, checked), the check of features against it, and the listing of
 runs live here and nowhere else.
 
-A run directory holds config.json (sealed with a checksum), metrics.json, head.safetensors, curves.png, and for a
-fine-tune backbone.safetensors and checkpoint.pt. Reading a config or a listing imports neither torch nor
-safetensors.
+A run directory holds config.json (sealed with a checksum), metrics.json, head.safetensors, familiarity.safetensors,
+curves.png, and for a fine-tune backbone.safetensors and checkpoint.pt. Reading a config or a listing imports neither
+torch nor safetensors.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from stages.identity import BACKBONE_FIELDS, FeatureSetIdentity
 CONFIG = "config.json"
 METRICS = "metrics.json"
 HEAD_WEIGHTS = "head.safetensors"
+FAMILIARITY = "familiarity.safetensors"  # the training features' reference (stages.familiarity); older runs lack it
 BACKBONE_WEIGHTS = "backbone.safetensors"
 CHECKPOINT = "checkpoint.pt"
 CURVES = "curves.png"

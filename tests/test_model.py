@@ -90,9 +90,13 @@ def test_predict_mixed_inputs_and_a_broken_file(trained, tmp_path):
         "predict", run, single, data / "valid/b", tmp_path / "broken.jpg", "--top-k", "2", "--out", tmp_path / "p.csv"
     )
     assert len(result["predictions"]) == 5 and result["errors"][0]["path"].endswith("broken.jpg")
+    assert all({"familiarity", "unfamiliar"} <= set(r) for r in result["predictions"])
     with open(tmp_path / "p.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 5 and set(rows[0]) >= {"path", "class", "probability", "a", "b", "c"}
+        every = list(csv.DictReader(f))
+    assert len(every) == 6 and set(every[0]) >= {"path", "class", "probability", "a", "b", "c", "familiarity", "error"}
+    broken = [r for r in every if r["path"].endswith("broken.jpg")]  # every input accounted for, with its reason
+    assert len(broken) == 1 and broken[0]["error"].startswith("not an image") and broken[0]["class"] == ""
+    rows = [r for r in every if not r["error"]]
     odd = os.path.join(os.fsdecode(tmp_path), os.fsdecode(b"\xff\xfe.jpg"))  # a name whose bytes are not UTF-8
     shutil.copy(single, odd)
     assert run_json("predict", run, odd, "--out", tmp_path / "odd.csv")["predictions"][0]["path"] == odd
@@ -103,7 +107,10 @@ def test_predict_mixed_inputs_and_a_broken_file(trained, tmp_path):
     saved = json.loads((tmp_path / "p.json").read_text())
     assert len(saved) == 12 and {"tta_class", "tta_probabilities"} <= set(saved[0]) and out["errors"] == []
     text = run_cli("predict", run, single, tmp_path / "broken.jpg")
-    assert "a_000.jpg" in text.stdout and "unreadable" in text.stderr
+    assert "a_000.jpg" in text.stdout and "unreadable" in text.stderr and "familiarity" in text.stdout
+    summary = run_cli("predict", run, single, tmp_path / "broken.jpg", "--out", tmp_path / "s.csv")
+    assert "a_000.jpg" not in summary.stdout and "1 images" in summary.stdout  # the rows are in the file
+    assert "1 file could not be read" in summary.stderr and "broken.jpg" not in summary.stderr
     assert "matplotlib" not in imported_modules("predict", run, single)  # it draws nothing: 0.6 s saved
 
 
@@ -137,6 +144,27 @@ def test_evaluate_writes_plots_and_matches_the_store(trained, tmp_path):
     assert len(raw["top_losses"]) == 9
     tta = run_json("evaluate", run, data / "valid", "--tta", "--out", tmp_path / "tta")
     assert tta["tta"] and tta["images"] == 12
+    with open(raw["predictions_csv"]) as f:  # every evaluated image, as the run saw it
+        evaluated = list(csv.DictReader(f))
+    assert len(evaluated) == 12 and {"path", "true", "predicted", "probability", "familiarity"} <= set(evaluated[0])
+    assert sum(r["true"] == r["predicted"] for r in evaluated) == round(raw["accuracy"] * 12)
+
+
+@pytest.mark.slow
+def test_evaluate_ood_separates_unlike_images_by_familiarity(trained, tmp_path):
+    """Noise photos are unlike the generated shapes the head was trained on: familiarity flags them, and evaluate
+    --ood reports how well it and the top probability tell them from the valid images."""
+    data, store, run = trained
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (72, 96, 3), dtype=np.uint8)).save(tmp_path / f"noise{i}.jpg")
+    unlike = run_json("predict", run, tmp_path)["predictions"]
+    assert sum(r["unfamiliar"] for r in unlike) >= 11
+    report = run_json("evaluate", run, "--store", store, "--ood", tmp_path, "--out", tmp_path / "eval")
+    ood = report["familiarity"]["ood"]
+    assert ood["images"] == 12 and ood["familiarity"]["auroc"] >= 0.95 and ood["confident_unflagged"] <= 1 / 12
+    assert set(ood["top_probability"]) == {"auroc", "fpr95"} and report["familiarity"]["pass_share"] == 0.95
+    one_line_error(run_cli("evaluate", run, "--store", store, "--ood", tmp_path / "none", check=False), "--ood")
 
 
 def test_class_names_must_match(trained, tmp_path):
