@@ -10,7 +10,8 @@ from pathlib import Path
 
 from stages.atomic import atomic_output, locked_output
 from stages.errors import PipelineError
-from stages.export import FORMATS, INPUT, check_format, export_classifier
+from stages.export import FAMILIARITY_OUTPUT, FORMATS, INPUT, check_format, export_classifier
+from stages.familiarity import load_familiarity
 
 
 def pipeline_version() -> str:
@@ -61,7 +62,8 @@ def export_run(run_dir: Path, out: Path | None = None, fmt: str = "onnx") -> Exp
         started = time.perf_counter()
         try:
             with atomic_output(out) as tmp:
-                metadata = export_classifier(backbone, head, config.classes, tmp, fmt, pipeline_version())
+                familiarity = load_familiarity(run_dir)
+                metadata = export_classifier(backbone, head, config.classes, tmp, fmt, pipeline_version(), familiarity)
         except OSError as exc:
             raise PipelineError(
                 f"--out {out} could not be written ({exc.strerror or exc}); choose another path"
@@ -73,7 +75,8 @@ def export_run(run_dir: Path, out: Path | None = None, fmt: str = "onnx") -> Exp
         bytes=out.stat().st_size,
         seconds=time.perf_counter() - started,
         input=f"{INPUT}: uint8 (N, {size}, {size}, 3) RGB",
-        output=f"{head.task.output}: float32 (N, {head.task.outputs(len(config.classes))})",
+        output=f"{head.task.output}: float32 (N, {head.task.outputs(len(config.classes))})"
+        + (f"; {FAMILIARITY_OUTPUT}: float32 (N,)" if familiarity is not None else ""),
         classes=config.classes,
         metadata=metadata,
         precision="fp32",

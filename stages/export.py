@@ -2,8 +2,8 @@
 
 The exported model takes what any image library gives after resizing and cropping (uint8 RGB, N x S x S x 3) and
 returns what its head's task gives (stages.tasks): calibrated class probabilities (a softmax; a sigmoid per class
-for a multi-label head, whose thresholds travel in the metadata), or values, so deployment code needs neither this
-project nor torch.
+for a multi-label head, whose thresholds travel in the metadata), or values, and each image's familiarity (its
+threshold in the metadata) where the run has a reference, so deployment code needs neither this project nor torch.
 """
 
 from __future__ import annotations
@@ -17,32 +17,45 @@ from torch import nn
 
 from stages.backbones import Backbone
 from stages.errors import PipelineError
+from stages.familiarity import Familiarity
 from stages.head import Head
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 ONNX_EXTRA = ("onnx", "onnxruntime", "onnxscript")  # the exporter writes, onnxscript translates, the runtime checks
 INPUT = "images"
+FAMILIARITY_OUTPUT = "familiarity"
 
 
 class DeployableClassifier(nn.Module):
-    """uint8 RGB crops (N,S,S,3) -> probabilities (N,C), or values (N,1): normalization, backbone and head in one."""
+    """uint8 RGB crops (N,S,S,3) -> probabilities (N,C), or values (N,1): normalization, backbone and head in one;
+    with a familiarity reference (stages.familiarity), the familiarity scores (N,) as a second output."""
 
-    def __init__(self, backbone: Backbone, head: Head):
+    def __init__(self, backbone: Backbone, head: Head, familiarity: Familiarity | None = None):
         super().__init__()
         pre = backbone.preprocessing
         self.backbone = backbone.model.float().eval()
         self.head = head.float().eval()
+        self.familiarity = familiarity.eval() if familiarity is not None else None
         self.register_buffer("mean", torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    @property
+    def outputs(self) -> list[str]:
+        return [self.head.task.output, *([FAMILIARITY_OUTPUT] if self.familiarity is not None else [])]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         x = (images.permute(0, 3, 1, 2).float() - self.mean) / self.std
-        return self.head.task.activation(self.head(self.backbone(x)))
+        features = self.backbone(x)
+        outputs = self.head.task.activation(self.head(features))
+        return outputs if self.familiarity is None else (outputs, self.familiarity(features))
 
 
-def deployment_metadata(backbone: Backbone, head: Head, classes: list[str], version: str) -> dict[str, str]:
+def deployment_metadata(
+    backbone: Backbone, head: Head, classes: list[str], version: str, familiarity: Familiarity | None = None
+) -> dict[str, str]:
     """What deployment code needs besides the graph: class names in output order, how to prepare a photo, the
-    task, and a multi-label head's threshold per class (a class is predicted when its probability reaches it)."""
+    task, a multi-label head's threshold per class (a class is predicted when its probability reaches it), and the
+    familiarity under which an image is unlike the training images."""
     pre = backbone.preprocessing
     preprocessing = {
         "resize": pre.resize,
@@ -62,6 +75,8 @@ def deployment_metadata(backbone: Backbone, head: Head, classes: list[str], vers
     }
     if head.task.name == "multi":
         metadata["thresholds"] = json.dumps(dict(zip(classes, head.thresholds.tolist())))
+    if familiarity is not None:
+        metadata["familiarity_threshold"] = json.dumps(float(familiarity.threshold))
     return metadata
 
 
@@ -91,7 +106,7 @@ def export_onnx(module: DeployableClassifier, size: int, metadata: dict[str, str
             module,
             (example,),
             input_names=[INPUT],
-            output_names=[module.head.task.output],
+            output_names=module.outputs,
             dynamo=True,
             dynamic_shapes=({0: torch.export.Dim("batch")},),
             verbose=False,
@@ -121,11 +136,17 @@ def check_format(fmt: str) -> None:
 
 
 def export_classifier(
-    backbone: Backbone, head: Head, classes: list[str], path: Path, fmt: str, version: str
+    backbone: Backbone,
+    head: Head,
+    classes: list[str],
+    path: Path,
+    fmt: str,
+    version: str,
+    familiarity: Familiarity | None = None,
 ) -> dict[str, str]:
-    """Write backbone and head as one `fmt` file at `path`; returns the metadata written with it."""
+    """Write backbone, head (and familiarity) as one `fmt` file at `path`; returns the metadata written with it."""
     check_format(fmt)
-    metadata = deployment_metadata(backbone, head, classes, version)
+    metadata = deployment_metadata(backbone, head, classes, version, familiarity)
     write = export_onnx if fmt == "onnx" else export_torchscript
-    write(DeployableClassifier(backbone, head), backbone.preprocessing.size, metadata, path)
+    write(DeployableClassifier(backbone, head, familiarity), backbone.preprocessing.size, metadata, path)
     return metadata

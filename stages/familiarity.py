@@ -41,14 +41,10 @@ class Familiarity(nn.Module):
         self.register_buffer("reference", reference.to(torch.float16))
         self.register_buffer("threshold", torch.tensor(float(threshold)))
         self.register_buffer("neighbour", torch.tensor(int(neighbour)))
-
-    @property
-    def k(self) -> int:
-        return min(int(self.neighbour), len(self.reference))
+        self.k = min(int(neighbour), len(reference))  # a plain int: an exported graph's TopK takes a constant
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        reference = self.reference.to(features.device, torch.float32)
-        similarity = unit(features.float()) @ reference.T
+        similarity = unit(features.float()) @ self.reference.float().T
         return similarity.topk(self.k, dim=1).values[:, -1]
 
     @classmethod

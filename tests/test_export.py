@@ -16,8 +16,8 @@ from bench.onnx_predict import crop as pillow_crop  # noqa: E402  (the README sn
 pytestmark = pytest.mark.slow  # every test here runs the CLI on images or kills processes
 
 
-def project_probabilities(run, crops: np.ndarray) -> np.ndarray:
-    """The project's own path on ready crops: DALI's normalization, the fp32 backbone runner, the head, softmax."""
+def project_features(run, crops: np.ndarray):
+    """The project's own path on ready crops: DALI's normalization, the fp32 backbone runner; with the run's head."""
     from stages.model import ImageClassifier, load_run
 
     backbone, head, config = load_run(run)
@@ -25,7 +25,21 @@ def project_probabilities(run, crops: np.ndarray) -> np.ndarray:
     pre = backbone.preprocessing
     x = (torch.from_numpy(crops).float() - torch.tensor(pre.mean)) / torch.tensor(pre.std)
     with torch.no_grad():
-        return torch.softmax(model.head(model.features(x.permute(0, 3, 1, 2))), dim=1).numpy()
+        return model, model.features(x.permute(0, 3, 1, 2))
+
+
+def project_probabilities(run, crops: np.ndarray) -> np.ndarray:
+    model, features = project_features(run, crops)
+    with torch.no_grad():
+        return torch.softmax(model.head(features), dim=1).numpy()
+
+
+def project_familiarity(run, crops: np.ndarray) -> np.ndarray:
+    """The run's familiarity (stages.familiarity) of the crops' features."""
+    from stages.familiarity import load_familiarity
+
+    _, features = project_features(run, crops)
+    return load_familiarity(run)(features).numpy()
 
 
 def onnx_probabilities(path, crops: np.ndarray) -> np.ndarray:
@@ -39,9 +53,10 @@ def test_onnx_file_gives_the_projects_probabilities_on_the_same_crops(trained, t
     assert result["format"] == "onnx" and (tmp_path / "model.onnx").stat().st_size == result["bytes"]
     assert not list(tmp_path.glob("*.data")) and not list(tmp_path.glob(".*"))  # one file, no temporaries left
     session = ort.InferenceSession(str(tmp_path / "model.onnx"))
-    [images], [probs] = session.get_inputs(), session.get_outputs()
+    [images], [probs, familiar] = session.get_inputs(), session.get_outputs()
     assert (images.name, images.type, images.shape[1:]) == ("images", "tensor(uint8)", [224, 224, 3])
     assert probs.name == "probabilities" and probs.type == "tensor(float)" and isinstance(images.shape[0], str)
+    assert familiar.name == "familiarity" and familiar.type == "tensor(float)"
     meta = session.get_modelmeta().custom_metadata_map
     config = json.loads((run / "config.json").read_text())
     assert json.loads(meta["classes"]) == config["classes"] == ["a", "b", "c"]
@@ -58,6 +73,10 @@ def test_onnx_file_gives_the_projects_probabilities_on_the_same_crops(trained, t
         np.testing.assert_allclose(got, expected[: len(batch)], atol=1e-4, rtol=0)
     np.testing.assert_allclose(got.sum(1), 1, atol=1e-5)
     assert (got.argmax(1) == [("abc".index(f.parent.name)) for f in files]).mean() == 1.0
+    scores = ort.InferenceSession(str(tmp_path / "model.onnx")).run(["familiarity"], {"images": crops})[0]
+    np.testing.assert_allclose(scores, project_familiarity(run, crops), atol=1e-4, rtol=0)
+    threshold = json.loads((run / "metrics.json").read_text())["familiarity"]["threshold"]
+    assert float(meta["familiarity_threshold"]) == pytest.approx(threshold, abs=1e-6)
 
 
 def test_torchscript_file_agrees_and_carries_the_metadata(trained, tmp_path):
@@ -70,8 +89,9 @@ def test_torchscript_file_agrees_and_carries_the_metadata(trained, tmp_path):
     files = sorted((data / "valid").rglob("*.jpg"))[:4]
     crops = np.stack([pillow_crop(f, 256, 224) for f in files])
     with torch.no_grad():
-        got = module(torch.from_numpy(crops)).numpy()
-    np.testing.assert_allclose(got, project_probabilities(run, crops), atol=1e-4, rtol=0)
+        got, scores = module(torch.from_numpy(crops))
+    np.testing.assert_allclose(got.numpy(), project_probabilities(run, crops), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(scores.numpy(), project_familiarity(run, crops), atol=1e-4, rtol=0)
 
 
 def test_fine_tuned_run_exports_its_own_backbone(trained, tmp_path):
