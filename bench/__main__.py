@@ -805,6 +805,13 @@ def bench_finetune(quick: bool) -> dict:
     return report("finetune" + ("-quick" if quick else ""), rows)
 
 
+def bench_familiarity(quick: bool) -> dict:
+    """Familiarity scores on dogscats against flowers5 photos and the reverse, beside the top probability."""
+    from bench.familiarity import familiarity_rows
+
+    return report("familiarity" + ("-quick" if quick else ""), familiarity_rows(quick))
+
+
 BENCHMARKS = {
     "featurize": bench_featurize,
     "ray": bench_ray,
@@ -817,6 +824,7 @@ BENCHMARKS = {
     "export": bench_export,
     "checksums": bench_checksums,
     "audit": bench_audit,
+    "familiarity": bench_familiarity,
     "finetune": bench_finetune,
     "gpu": bench_gpu,
 }

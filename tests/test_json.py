@@ -82,6 +82,16 @@ def test_train_head_lr_find_evaluate_predict_export(trained, tmp_path):
         "unreadable",
         "precision",
         "precision_note",
+        "familiarity",
+        "predictions_csv",
+    }
+    assert keys(metrics["familiarity"]) == {
+        "threshold",
+        "neighbour",
+        "reference_images",
+        "pass_share",
+        "unfamiliar",
+        "unfamiliar_share",
     }
     predicted = run_json("predict", head, data / "valid" / "a", "--tta")
     assert keys(predicted) == {
@@ -92,6 +102,7 @@ def test_train_head_lr_find_evaluate_predict_export(trained, tmp_path):
         "out",
         "precision",
         "precision_note",
+        "unfamiliar",
     }
     assert keys(predicted["predictions"][0]) == {
         "path",
@@ -103,6 +114,8 @@ def test_train_head_lr_find_evaluate_predict_export(trained, tmp_path):
         "tta_probability",
         "tta_top_k",
         "tta_probabilities",
+        "familiarity",
+        "unfamiliar",
     }
     exported = run_json("export", head, "--out", tmp_path / "model.pt", "--format", "torchscript")
     assert keys(exported) == {"out", "format", "bytes", "seconds", "input", "output", "classes", "metadata"} | {

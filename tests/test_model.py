@@ -163,6 +163,7 @@ def test_evaluate_ood_separates_unlike_images_by_familiarity(trained, tmp_path):
     report = run_json("evaluate", run, "--store", store, "--ood", tmp_path, "--out", tmp_path / "eval")
     ood = report["familiarity"]["ood"]
     assert ood["images"] == 12 and ood["familiarity"]["auroc"] >= 0.95 and ood["confident_unflagged"] <= 1 / 12
+    assert set(ood) == {"folder", "images", "familiarity", "top_probability", "confident", "confident_unflagged"}
     assert set(ood["top_probability"]) == {"auroc", "fpr95"} and report["familiarity"]["pass_share"] == 0.95
     one_line_error(run_cli("evaluate", run, "--store", store, "--ood", tmp_path / "none", check=False), "--ood")
 
