@@ -828,6 +828,7 @@ def _check_run(run_dir: Path) -> None:
 
 @app.command(
     epilog="Examples:\n\n    pipeline predict runs/head-a photo1.jpg some/folder/ --top-k 2 --out preds.csv\n\n"
+    "    pipeline predict runs/head-a photos/ --coverage 0.9   # sets that hold the true class 90% of the time\n\n"
     "    pipeline predict runs/head-a photos/ --tta --json"
 )
 def predict(
@@ -837,6 +838,11 @@ def predict(
     tta: bool = typer.Option(False, "--tta", help="Also average over flipped and shifted crops (reported separately)."),
     out_file: Optional[Path] = typer.Option(
         None, "--out", help="Write every input (probabilities, familiarity, or why it could not be read) to .csv/.json."
+    ),
+    coverage: Optional[float] = typer.Option(
+        None,
+        "--coverage",
+        help="Give each image the set of classes that holds its true class at this rate, e.g. 0.9 (conformal).",
     ),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     precision: Optional[str] = typer.Option(None, help=RUN_PRECISION_HELP),
@@ -848,7 +854,8 @@ def predict(
     from stages.model import load_model
 
     with on_interrupt(_nothing_written(out_file)):
-        result = run_predict(load_model(model_dir, device=device, precision=precision), inputs, top_k, tta, out_file)
+        model = load_model(model_dir, device=device, precision=precision)
+        result = run_predict(model, inputs, top_k, tta, out_file, coverage)
     if as_json:
         _print_json(result)
         return
@@ -882,13 +889,16 @@ def _print_predictions(result, top_k: int, tta: bool) -> None:
             cells = [_task_cell(r, prefix) for prefix in ["", "tta_"][: 1 + tta]]
             table.add_row(r["path"], *cells, *_familiar_cell(r))
     else:
+        shown_set = ("set",) if "set" in first else ()
         columns = ("path", "class", "probability", *(("tta class", "tta probability") if tta else ()), *familiar)
+        columns += shown_set
         for column in columns:
             table.add_column(column, justify="right" if column.endswith(("probability", "familiarity")) else "left")
         for r in result.predictions:
             top = ", ".join(f"{c} {p:.3f}" for c, p in r["top_k"]) if top_k > 1 else f"{r['probability']:.4f}"
             extra = (r["tta_class"], f"{r['tta_probability']:.4f}") if tta else ()
-            table.add_row(r["path"], r["class"], top, *extra, *_familiar_cell(r))
+            chosen = (" ".join(r["set"]),) if shown_set else ()
+            table.add_row(r["path"], r["class"], top, *extra, *_familiar_cell(r), *chosen)
     out.print(table)
     for e in result.errors:
         err.print(f"[yellow]unreadable[/] {e['path']}: {e['error']}", highlight=False)
@@ -974,6 +984,18 @@ def evaluate(
         out.print(f"most confused: {pair['true']} taken for {pair['predicted']} {pair['count']} times", highlight=False)
     if result.familiarity:
         _print_familiarity(result.familiarity)
+    for row in result.coverage or ():
+        out.print(
+            f"prediction sets at {row['coverage']:.0%} coverage: {row['empirical']:.1%} hold the true class, "
+            f"{row['mean_size']:.2f} classes on average",
+            highlight=False,
+        )
+    selective = result.selective
+    out.print(
+        f"answering the most confident 90% / 95%: accuracy {selective['accuracy_at_90']:.4f} / "
+        f"{selective['accuracy_at_95']:.4f} (risk_coverage.png)",
+        highlight=False,
+    )
     out.print(
         f"plots: {result.confusion_png}, {result.reliability_png}, {result.top_losses_png}; "
         f"metrics: {result.metrics_json}; every image: {result.predictions_csv}",

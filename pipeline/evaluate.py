@@ -16,8 +16,10 @@ from pipeline.plots import (
     plot_precision_recall,
     plot_predicted_vs_true,
     plot_reliability,
+    plot_risk_coverage,
 )
 from stages.atomic import atomic_csv, output_folder, write_json
+from stages.conformal import accuracy_at, coverage_table, risk_coverage, set_names
 from stages.errors import PipelineError
 from stages.familiarity import Familiarity, load_familiarity, separation
 from stages.files import IMAGE_EXTENSIONS, class_folders, find_images
@@ -84,6 +86,10 @@ class EvaluateResult:
     # with --ood: folder, images, familiarity and top_probability {auroc, fpr95}, confident, confident_unflagged
     familiarity: dict | None = None
     predictions_csv: str | None = None  # every evaluated image: path, true, predicted, probabilities, familiarity
+    # per coverage asked (stages.conformal.COVERAGES): {coverage, empirical, mean_size}; None without conformity scores
+    coverage: list[dict] | None = None
+    selective: dict | None = None  # accuracy_at_90, accuracy_at_95: accuracy over the most confident 90 %, 95 %
+    risk_coverage_png: str | None = None
 
     def to_json(self) -> dict:
         data = {**self.metrics.to_json(), **asdict(self)}
@@ -92,11 +98,19 @@ class EvaluateResult:
 
 
 def predict(
-    model: ImageClassifier, inputs: list[Path], top_k: int = 1, tta: bool = False, out: Path | None = None
+    model: ImageClassifier,
+    inputs: list[Path],
+    top_k: int = 1,
+    tta: bool = False,
+    out: Path | None = None,
+    coverage: float | None = None,
 ) -> PredictResult:
-    """Predictions for every input image; all class probabilities to .csv or .json when out is given."""
+    """Predictions for every input image (with `coverage`, each one's prediction set); every input to .csv or .json
+    when out is given."""
     if top_k < 1:
         raise PipelineError(f"--top-k {top_k} is out of range; give 1 or more")
+    if coverage is not None:  # refused before any decoding when the head cannot
+        model.head.prediction_sets(np.full((1, len(model.classes)), 1 / len(model.classes)), coverage)
     if out is not None and out.suffix not in (".csv", ".json"):
         raise PipelineError(f"--out {out} must end in .csv or .json")
     files = expand_inputs(inputs)
@@ -108,7 +122,7 @@ def predict(
             if tta:
                 tta_row = decided(model.head, p.tta_probabilities, model.classes, top_k)
                 row.update({f"tta_{k}": v for k, v in tta_row.items()})
-            rows.append({**row, **model.familiar(p)})
+            rows.append({**row, **model.familiar(p), **model.prediction_set(p.probabilities, coverage)})
         errors += [{"path": path, "error": reason} for path, reason in failed]
     seconds = time.perf_counter() - started
     if out is not None:
@@ -127,23 +141,25 @@ def predict(
 
 def _write_predictions(out: Path, rows: list[dict], errors: list[dict], model: ImageClassifier, tta: bool) -> None:
     """Every input, predicted or not, to JSON, or to CSV in the task's columns (stages.tasks), the same again prefixed
-    tta_, familiarity and unfamiliar where the model has a reference, and the reason a file could not be read."""
+    tta_, familiarity and unfamiliar where the model has a reference, the prediction set (space-separated) when
+    asked, and the reason a file could not be read."""
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".json":
         write_json(out, rows + errors)
         return
     task, classes = model.head.task, model.classes
     prefixes = ["", "tta_"] if tta else [""]
-    familiar = ["familiarity", "unfamiliar"] if model.familiarity is not None else []
+    extra = ["familiarity", "unfamiliar"] if model.familiarity is not None else []
+    extra += ["set"] if rows and "set" in rows[0] else []
     columns = [p + column for p in prefixes for column in task.csv_columns(classes)]
     with atomic_csv(out) as f:
         writer = csv.writer(f)
-        writer.writerow(["path", *columns, *familiar, "error"])
+        writer.writerow(["path", *columns, *extra, "error"])
         for r in rows:
             cells = [cell for p in prefixes for cell in task.csv_cells(r, classes, p)]
-            writer.writerow([r["path"], *cells, *(r[k] for k in familiar), ""])
+            writer.writerow([r["path"], *cells, *(" ".join(r[k]) if k == "set" else r[k] for k in extra), ""])
         for e in errors:
-            writer.writerow([e["path"], *[""] * (len(columns) + len(familiar)), e["error"]])
+            writer.writerow([e["path"], *[""] * (len(columns) + len(extra)), e["error"]])
 
 
 def labelled_split(split_dir: Path, classes: list[str]) -> tuple[list[Path], np.ndarray]:
@@ -361,13 +377,15 @@ def _evaluate_task(
     return result
 
 
-CONFUSION_PNG, RELIABILITY_PNG, TOP_LOSSES_PNG, METRICS_JSON, PREDICTIONS_CSV = (
+CONFUSION_PNG, RELIABILITY_PNG, TOP_LOSSES_PNG, METRICS_JSON, PREDICTIONS_CSV, RISK_COVERAGE_PNG = (
     "confusion.png",
     "reliability.png",
     "top_losses.png",
     "metrics.json",
     "predictions.csv",
+    "risk_coverage.png",
 )
+CSV_COVERAGE = 0.9  # the coverage of the prediction set predictions.csv gives each image
 
 
 def _evaluate(
@@ -429,7 +447,15 @@ def _evaluate(
         }
         if ood is not None:
             familiar["ood"] = _unlike_images(model or load_model(run_dir, device=device), ood, scores, probabilities)
-    _write_evaluated(staging / PREDICTIONS_CSV, files, labels, probabilities, scores, familiarity, classes)
+    sets, coverage = None, None
+    if len(head.conformity):  # prediction sets calibrated on training images (stages.conformal)
+        coverage = coverage_table(probabilities, labels, head.conformity.numpy())
+        sets = head.prediction_sets(probabilities, CSV_COVERAGE)
+    shares, accuracies = risk_coverage(probabilities, labels)
+    marks = {share: accuracy_at(shares, accuracies, share) for share in (0.9, 0.95)}
+    plot_risk_coverage(shares, accuracies, marks, staging / RISK_COVERAGE_PNG)
+    selective = {f"accuracy_at_{round(share * 100)}": accuracy for share, accuracy in marks.items()}
+    _write_evaluated(staging / PREDICTIONS_CSV, files, labels, probabilities, scores, familiarity, classes, sets)
     worst = top_losses(labels, probabilities)
     captions = [
         (
@@ -464,6 +490,9 @@ def _evaluate(
         precision_note=note,
         familiarity=familiar,
         predictions_csv=str(out / PREDICTIONS_CSV),
+        coverage=coverage,
+        selective=selective,
+        risk_coverage_png=str(out / RISK_COVERAGE_PNG),
     )
     plot_confusion_matrix(metrics.confusion_matrix, classes, staging / CONFUSION_PNG)
     plot_reliability(metrics.reliability, metrics.ece, staging / RELIABILITY_PNG)
@@ -497,15 +526,20 @@ def _unlike_images(model: ImageClassifier, folder: Path, scores: np.ndarray, pro
     }
 
 
-def _write_evaluated(path, files, labels, probabilities, scores, familiarity, classes) -> None:
-    """evaluate's per-image predictions: path, true, predicted, its probability, every class's, familiarity."""
+def _write_evaluated(path, files, labels, probabilities, scores, familiarity, classes, sets) -> None:
+    """evaluate's per-image predictions: path, true, predicted, its probability, every class's, familiarity and
+    the prediction set at CSV_COVERAGE (space-separated)."""
     familiar = ["familiarity", "unfamiliar"] if scores is not None else []
     with atomic_csv(path) as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "true", "predicted", "probability", *classes, *familiar])
+        writer.writerow(
+            ["path", "true", "predicted", "probability", *classes, *familiar, *(["set"] * (sets is not None))]
+        )
         for i, file in enumerate(files):
             row = [str(file), classes[labels[i]], classes[int(probabilities[i].argmax())]]
             row += [f"{probabilities[i].max():.6f}", *(f"{p:.6f}" for p in probabilities[i])]
             if scores is not None:
                 row += [f"{scores[i]:.4f}", bool(familiarity.unfamiliar(scores[i]))]
+            if sets is not None:
+                row.append(" ".join(set_names(probabilities[i], sets[i], classes)))
             writer.writerow(row)

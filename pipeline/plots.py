@@ -127,6 +127,21 @@ def plot_reliability(bins: list[dict], ece: float, path: Path) -> Path:
     return path
 
 
+def plot_risk_coverage(shares, accuracies, marks: dict[float, float], path: Path) -> Path:
+    """Selective classification: accuracy over the most confident images against the share answered."""
+    fig = _figure(figsize=(5.5, 4.5))
+    ax = fig.subplots()
+    ax.plot(shares, accuracies, label="accuracy of the most confident")
+    for share, accuracy in marks.items():
+        ax.plot([share], [accuracy], "o", label=f"{accuracy:.3f} at {share:.0%} answered")
+    ax.set(xlabel="share of images answered (most confident first)", ylabel="accuracy", xlim=(0, 1))
+    ax.set_title("risk-coverage: answer the confident, defer the rest")
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
 def plot_confusion_matrix(matrix: list[list[int]], classes: list[str], path: Path) -> Path:
     """Counts of true (rows) against predicted (columns) classes."""
     import numpy as np

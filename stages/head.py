@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from stages.conformal import aps_scores, prediction_sets, threshold
 from stages.errors import SEED_MAX, PipelineError, check_range
 from stages.rundir import HEAD_WEIGHTS, RunConfig, read_config, read_weights
 from stages.tasks import TASKS, Task, best_thresholds
@@ -87,6 +88,8 @@ class Head(nn.Module):
         self.register_buffer("temperature", torch.full(shape, 1.0).mul_(torch.as_tensor(temperature)))
         if task == "multi":
             self.register_buffer("thresholds", torch.full(shape, 0.5))
+        # A single-label head's conformity scores (stages.conformal), sorted: its calibration for prediction sets.
+        self.register_buffer("conformity", torch.zeros(0))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.standardize(features.float())) / self.temperature
@@ -112,6 +115,23 @@ class Head(nn.Module):
     def from_spec(cls, spec: dict) -> Head:
         dims = (spec["head"], spec["feature_dim"], spec["num_classes"], spec["hidden"], spec["dropout"])
         return cls(*dims, task=spec.get("task", "single"))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "conformity"
+        if key in state_dict:  # as many scores as its calibration had images: the loaded head takes their number
+            self.conformity = torch.empty_like(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def prediction_sets(self, probabilities: np.ndarray, coverage: float) -> np.ndarray:
+        check_range("--coverage", coverage, 1e-6, 1 - 1e-6)
+        """(N, C) booleans: each image's classes at that coverage (stages.conformal); an error for a head without
+        conformity scores (not calibrated, not single-label, or trained before heads kept them)."""
+        if not len(self.conformity):
+            raise PipelineError(
+                "--coverage needs a single-label head trained with calibration (it keeps the conformity scores "
+                "prediction sets are calibrated on): train it again without --no-calibrate"
+            )
+        return prediction_sets(probabilities, threshold(self.conformity.numpy(), coverage))
 
 
 @dataclass
@@ -531,6 +551,9 @@ def settle(head: Head, raw: torch.Tensor, targets: torch.Tensor) -> None:
     """A trained head made honest from out-of-fold raw outputs of train (never valid): its temperature, and for a
     multi-label head the thresholds, chosen on the calibrated probabilities."""
     head.temperature.copy_(torch.as_tensor(head.task.calibrate(raw, targets)))
+    if head.task.name == "single":
+        probabilities = head.task.activation(raw / head.temperature).numpy()
+        head.conformity = torch.from_numpy(np.sort(aps_scores(probabilities, targets.numpy())).astype(np.float32))
     if head.task.name == "multi":
         probabilities = head.task.activation(raw / head.temperature)
         head.thresholds.copy_(torch.from_numpy(best_thresholds(probabilities.numpy(), targets.numpy())))
@@ -661,6 +684,7 @@ def load_head(run_dir: Path | str) -> tuple[Head, RunConfig]:
         head = Head.from_spec(config.head)
         state = read_weights(run_dir / HEAD_WEIGHTS)
         state.setdefault("temperature", torch.tensor(1.0))  # heads saved before calibration existed
+        state.setdefault("conformity", torch.zeros(0))  # ... or before prediction sets
         head.load_state_dict(state, strict=True)
     except (ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise PipelineError(

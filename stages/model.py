@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from stages.backbones import PRECISIONS, REGISTRY, Backbone, create_backbone
+from stages.conformal import set_names
 from stages.decode import ImageDecoder, resolve_device
 from stages.errors import PipelineError
 from stages.familiarity import Familiarity, load_familiarity
@@ -107,15 +108,25 @@ class ImageClassifier:
         score = prediction.familiarity
         return {"familiarity": round(score, 4), "unfamiliar": bool(self.familiarity.unfamiliar(score))}
 
-    def predict(self, paths: Iterable[str | Path], top_k: int = 1, tta: bool = False) -> list[dict]:
+    def prediction_set(self, probabilities: np.ndarray, coverage: float | None) -> dict:
+        """{set: the classes holding the true one at that coverage (stages.conformal)}, or nothing without one."""
+        if coverage is None:
+            return {}
+        chosen = self.head.prediction_sets(probabilities[None], coverage)[0]
+        return {"set": set_names(probabilities, chosen, self.classes)}
+
+    def predict(
+        self, paths: Iterable[str | Path], top_k: int = 1, tta: bool = False, coverage: float | None = None
+    ) -> list[dict]:
         """[{path, class, probability, top_k: [(class, p)...], probabilities, familiarity, unfamiliar}] per file
-        (multi-label: {path, labels, probabilities, ...}; numeric: {path, value, ...}); unreadable files carry an
-        'error'."""
+        (multi-label: {path, labels, probabilities, ...}; numeric: {path, value, ...}), with `coverage` each
+        image's prediction set ({set: [classes]}); unreadable files carry an 'error'."""
         results = []
         for predictions, failed in self.predict_files(paths, tta):
             for p in predictions:
                 probs = p.tta_probabilities if tta else p.probabilities
-                results.append({"path": p.path, **decided(self.head, probs, self.classes, top_k), **self.familiar(p)})
+                answer = decided(self.head, probs, self.classes, top_k)
+                results.append({"path": p.path, **answer, **self.familiar(p), **self.prediction_set(probs, coverage)})
             results += [{"path": path, "error": reason} for path, reason in failed]
         return results
 

@@ -84,6 +84,9 @@ def test_train_head_lr_find_evaluate_predict_export(trained, tmp_path):
         "precision_note",
         "familiarity",
         "predictions_csv",
+        "coverage",
+        "selective",
+        "risk_coverage_png",
     }
     assert keys(metrics["familiarity"]) == {
         "threshold",

@@ -108,6 +108,9 @@ def test_predict_mixed_inputs_and_a_broken_file(trained, tmp_path):
     assert len(saved) == 12 and {"tta_class", "tta_probabilities"} <= set(saved[0]) and out["errors"] == []
     text = run_cli("predict", run, single, tmp_path / "broken.jpg")
     assert "a_000.jpg" in text.stdout and "unreadable" in text.stderr and "familiarity" in text.stdout
+    sets = run_json("predict", run, data / "valid", "--coverage", "0.95")["predictions"]
+    assert all(set(r["set"]) <= {"a", "b", "c"} for r in sets) and sum(r["class"] in r["set"] for r in sets) >= 9
+    one_line_error(run_cli("predict", run, single, "--coverage", "1.5", check=False), "--coverage")
     summary = run_cli("predict", run, single, tmp_path / "broken.jpg", "--out", tmp_path / "s.csv")
     assert "a_000.jpg" not in summary.stdout and "1 images" in summary.stdout  # the rows are in the file
     assert "1 file could not be read" in summary.stderr and "broken.jpg" not in summary.stderr
@@ -144,9 +147,13 @@ def test_evaluate_writes_plots_and_matches_the_store(trained, tmp_path):
     assert len(raw["top_losses"]) == 9
     tta = run_json("evaluate", run, data / "valid", "--tta", "--out", tmp_path / "tta")
     assert tta["tta"] and tta["images"] == 12
+    assert [row["coverage"] for row in raw["coverage"]] == [0.8, 0.9, 0.95] and raw["selective"]["accuracy_at_90"]
+    valid_png(raw["risk_coverage_png"])
     with open(raw["predictions_csv"]) as f:  # every evaluated image, as the run saw it
         evaluated = list(csv.DictReader(f))
-    assert len(evaluated) == 12 and {"path", "true", "predicted", "probability", "familiarity"} <= set(evaluated[0])
+    assert len(evaluated) == 12 and {"path", "true", "predicted", "probability", "familiarity", "set"} <= set(
+        evaluated[0]
+    )
     assert sum(r["true"] == r["predicted"] for r in evaluated) == round(raw["accuracy"] * 12)
 
 
