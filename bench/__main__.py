@@ -805,11 +805,12 @@ def bench_finetune(quick: bool) -> dict:
     return report("finetune" + ("-quick" if quick else ""), rows)
 
 
-def bench_familiarity(quick: bool) -> dict:
-    """Familiarity scores on dogscats against flowers5 photos and the reverse, beside the top probability."""
-    from bench.familiarity import familiarity_rows
+def bench_predictions(quick: bool) -> dict:
+    """Predictions a user can act on, on dogscats and flowers5: familiarity against the other set's photos beside
+    the top probability, and prediction sets' coverage on valid."""
+    from bench.predictions import prediction_rows
 
-    return report("familiarity" + ("-quick" if quick else ""), familiarity_rows(quick))
+    return report("predictions" + ("-quick" if quick else ""), prediction_rows(quick))
 
 
 BENCHMARKS = {
@@ -824,7 +825,7 @@ BENCHMARKS = {
     "export": bench_export,
     "checksums": bench_checksums,
     "audit": bench_audit,
-    "familiarity": bench_familiarity,
+    "predictions": bench_predictions,
     "finetune": bench_finetune,
     "gpu": bench_gpu,
 }

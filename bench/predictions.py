@@ -1,6 +1,7 @@
-"""Familiarity: the scores tried, on pairs of photo sets (a head trained on one, the other's photos as images unlike
-its training images), beside the top probability; the product's own figures (evaluate --ood); and what scoring costs
-beside the backbone's forward pass.
+"""Predictions a user can act on. Familiarity: the scores tried, on pairs of photo sets (a head trained on one, the
+other's photos as images unlike its training images), beside the top probability; the product's own figures
+(evaluate --ood); and what scoring costs beside the backbone's forward pass. Prediction sets: the coverage evaluate
+measures on each set's valid images at each rate asked, with the mean set size.
 
 Every score is computed from the cached features of both sets (the same backbone and preprocessing: the features a
 model computes for those photos), against the valid images of the set the head was trained on.
@@ -100,7 +101,7 @@ def scoring_cost(run: Path, images: list[Path]) -> tuple[float, float, float, in
     return timed["forward"] / n, timed["familiarity"] / n, timed["largest"] / n, len(largest.reference)
 
 
-def familiarity_rows(quick: bool) -> list[Row]:
+def prediction_rows(quick: bool) -> list[Row]:
     from stages.familiarity import separation
 
     names = [name for name in ("dogscats", "flowers5") if (SHARED / name).is_dir()]
@@ -143,6 +144,17 @@ def familiarity_rows(quick: bool) -> list[Row]:
                 )
             )
             familiar, ood = report["familiarity"], report["familiarity"]["ood"]
+            rows += [
+                Row(
+                    f"prediction sets, {like} valid: share holding the true class vs the coverage asked",
+                    row["empirical"],
+                    row["coverage"],
+                    "share",
+                    note=f"mean set size {row['mean_size']:.2f}; accuracy over the most confident 90%: "
+                    f"{report['selective']['accuracy_at_90']:.4f} (all: {report['accuracy']:.4f})",
+                )
+                for row in report["coverage"]
+            ]
             rows.append(
                 Row(
                     f"evaluate --ood, {like} head against {ood['images']} {other} valid photos: unlike photos "
