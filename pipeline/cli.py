@@ -436,7 +436,7 @@ class EpochTable:
 GRID_OPTIONS = ("head", "lr", "wd", "epochs", "views", "l2")  # train-head's comma lists, expanded into runs
 
 
-def _leaderboard(rows: list, title: str) -> None:  # rows: stages.rundir.RunSummary
+def _leaderboard(rows: list, title: str | None) -> None:  # rows: stages.rundir.RunSummary
     from rich.table import Table
 
     from stages.tasks import TASKS
@@ -641,16 +641,22 @@ def runs_cmd(
     store: Optional[Path] = typer.Option(None, "--store", help="Only runs trained on this store."),
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ):
-    """Leaderboard of every run so far: settings and valid scores, best first."""
+    """Leaderboards of every run so far, one per data set (store, feature set, labels, task): settings and valid
+    scores, best first."""
     from stages.rundir import list_runs
 
     rows = list_runs(root, store)
     if as_json:
         _print_json(rows)
-    elif not rows:
+        return
+    if not rows:
         out.print(f"no runs under {root}" + (f" for {store}" if store else ""))
-    else:
-        _leaderboard(rows, f"{len(rows)} runs under {root}")
+    for data in dict.fromkeys(r.data for r in rows):  # a board per data set: only its runs compare
+        group = [r for r in rows if r.data == data]
+        labels = f", labels {group[0].labels}" if group[0].labels else ""
+        where = f"{group[0].store or '(unrecorded store)'} set {group[0].set}{labels}"
+        out.print(f"{len(group)} run{'s' * (len(group) > 1)} on {where}", highlight=False, soft_wrap=True)
+        _leaderboard(group, None)
 
 
 @app.command(

@@ -219,6 +219,35 @@ def _store_split(
     return files, labels, probabilities, scores
 
 
+@dataclass
+class CachedPredictions:
+    """A split's predictions from the store's cached features (fastai's get_preds): per image its path (in the data
+    folder), class probabilities (N, C, columns in `classes` order), target class and familiarity."""
+
+    paths: list[Path]
+    probabilities: np.ndarray
+    targets: np.ndarray
+    familiarity: np.ndarray | None
+    classes: list[str]
+
+
+def get_preds(
+    run_dir: str | Path, store: str | Path, split: str = "valid", labels: LabelOptions | None = None
+) -> CachedPredictions:
+    """A single-label run's probabilities and the targets of a split of a store, from its cached plain views: no
+    decoding, no backbone (the store must hold features of the run's backbone, weights and preprocessing)."""
+    from stages.head import load_head
+
+    run_dir, store = Path(run_dir), Path(store)
+    head, config = load_head(run_dir)
+    if head.task.name != "single":
+        raise PipelineError(f"{run_dir} is a {head.task.name} head; get_preds serves single-label runs")
+    files, targets, probabilities, scores = _store_split(
+        head, load_familiarity(run_dir), config, run_dir, store, split, labels
+    )
+    return CachedPredictions(files, probabilities, targets, scores, config.classes)
+
+
 def _outputs_from_store(
     head, familiarity, config, run_dir: Path, store: Path, files: list[Path]
 ) -> tuple[np.ndarray, np.ndarray | None]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import io
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,16 +78,13 @@ class ImageClassifier:
         return self.forward(images)
 
     @torch.no_grad()
-    def predict_files(self, paths: Iterable[str | Path], tta: bool = False) -> Iterator[tuple[list[Prediction], list]]:
-        """Per decoded batch: predictions of the files that decoded, and (path, reason) of those that did not."""
+    def predict_files(self, images: Images, tta: bool = False) -> Iterator[tuple[list[Prediction], list]]:
+        """Per decoded batch: predictions of the images that decoded, and (key, reason) of those that did not; an
+        image's key is its path, or `<image I>` for the I-th image given in memory."""
         decoder = ImageDecoder(
             self.backbone.preprocessing, device=self.device, batch_size=self.batch_size, tta=tta, num_threads=2
         )
-
-        def loader(path):
-            return lambda: read_image_file(Path(path))[0]
-
-        for batch in decoder.decode((str(p), loader(p)) for p in paths):
+        for batch in decoder.decode(image_items(images)):
             predictions = []
             if batch.keys:
                 views = batch.images.shape[1]
@@ -115,9 +113,21 @@ class ImageClassifier:
         chosen = self.head.prediction_sets(probabilities[None], coverage)[0]
         return {"set": set_names(probabilities, chosen, self.classes)}
 
-    def predict(
-        self, paths: Iterable[str | Path], top_k: int = 1, tta: bool = False, coverage: float | None = None
-    ) -> list[dict]:
+    def predict_proba(self, images: Images, tta: bool = False) -> np.ndarray:
+        """(N, C) class probabilities (or a multi-label head's per class, a numeric head's values), a row per image
+        in the order given: paths, PIL images, or uint8 RGB arrays (one (H, W, 3) or a batch (N, H, W, 3)); a row of
+        NaN for a file that could not be read."""
+        items = image_items(images)
+        rows: dict[str, list[int]] = {}
+        for i, (key, _) in enumerate(items):
+            rows.setdefault(key, []).append(i)
+        out = np.full((len(items), self.head.task.outputs(len(self.classes))), np.nan, np.float32)
+        for predictions, _ in self.predict_files(items, tta):
+            for p in predictions:
+                out[rows[p.path].pop(0)] = p.tta_probabilities if tta else p.probabilities
+        return out
+
+    def predict(self, paths: Images, top_k: int = 1, tta: bool = False, coverage: float | None = None) -> list[dict]:
         """[{path, class, probability, top_k: [(class, p)...], probabilities, familiarity, unfamiliar}] per file
         (multi-label: {path, labels, probabilities, ...}; numeric: {path, value, ...}), with `coverage` each
         image's prediction set ({set: [classes]}); unreadable files carry an 'error'."""
@@ -129,6 +139,46 @@ class ImageClassifier:
                 results.append({"path": p.path, **answer, **self.familiar(p), **self.prediction_set(probs, coverage)})
             results += [{"path": path, "error": reason} for path, reason in failed]
         return results
+
+
+Images = Iterable | np.ndarray | str | Path  # paths, PIL images, uint8 RGB arrays, or one of them
+
+
+def image_items(images: Images) -> list[tuple[str, Callable[[], np.ndarray]]]:
+    """(key, load) per image for the decoder: a file's bytes, or an image in memory encoded losslessly (PNG), so
+    that every image goes through the same decode, resize and crop. Already made items pass through."""
+    if isinstance(images, (str, Path, np.ndarray)) or hasattr(images, "save"):
+        images = [images]
+    flat = []  # a batch array (N, H, W, 3) is N images, alone or in a list
+    for image in images:
+        flat += list(image) if isinstance(image, np.ndarray) and image.ndim == 4 else [image]
+    items = []
+    for i, image in enumerate(flat):
+        if isinstance(image, tuple):
+            items.append(image)
+        elif isinstance(image, (str, Path)):
+            items.append((str(image), lambda path=Path(image): read_image_file(path)[0]))
+        else:
+            items.append((f"<image {i}>", lambda image=image: _png(image)))
+    return items
+
+
+def _png(image) -> np.ndarray:
+    """A PIL image or a uint8 (H, W, 3) RGB array as PNG bytes."""
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise PipelineError(
+                f"an image array must be uint8 RGB, (H, W, 3) or a batch (N, H, W, 3); got {image.dtype} "
+                f"{tuple(image.shape)}"
+            )
+        image = Image.fromarray(image)
+    elif not hasattr(image, "save"):
+        raise PipelineError(f"an image must be a path, a PIL image or a uint8 array; got {type(image).__name__}")
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, "PNG", compress_level=1)
+    return np.frombuffer(buffer.getvalue(), np.uint8)
 
 
 def backbone_for(trained: TrainedOn, run_dir: Path) -> Backbone:

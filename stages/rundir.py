@@ -166,6 +166,13 @@ class ListedRun(RunSummary):
     labels: str | None = None  # which labelling: its source and digest (runs of one cache may learn several)
     task: str = "single"  # stages.tasks
     score: float | None = None  # the task's valid figure (accuracy, mAP, R^2)
+    store: str | None = None  # the store its features came from
+    set: str | None = None  # the feature set in it (backbone, weights, preprocessing)
+
+    @property
+    def data(self) -> tuple[str, str, str, str]:
+        """What its scores are comparable within: the same store, feature set, labelling and task."""
+        return (self.store or "", self.set or "", self.labels or "", self.task)
 
 
 def describe_labels(labels: dict | None) -> str | None:
@@ -242,7 +249,8 @@ def rank_runs(runs: list[RunSummary]) -> list[RunSummary]:
 
 
 def list_runs(root: Path, store: Path | None = None) -> list[ListedRun]:
-    """Every run under root (head or fine-tune) with its settings and scores, best first; folders that are no whole
+    """Every run under root (head or fine-tune) with its settings and scores, grouped by what they were trained on
+    (store, feature set, labelling, task: ListedRun.data) and best first within a group; folders that are no whole
     run (damaged, unfinished) are left out."""
     rows = []
     for config_path in sorted(Path(root).rglob(CONFIG)):
@@ -265,6 +273,8 @@ def list_runs(root: Path, store: Path | None = None) -> list[ListedRun]:
                 labels=describe_labels(config.labels),
                 task=metrics.get("task", "single"),
                 score=metrics.get("score", metrics.get("accuracy")),
+                store=config.feature_set.store,
+                set=config.feature_set.set,
             )
         )
-    return rank_runs(rows)
+    return [run for data in sorted({r.data for r in rows}) for run in rank_runs([r for r in rows if r.data == data])]

@@ -318,6 +318,23 @@ def test_cli_grid_runs_every_combination_ranked_and_listed(blob_store, tmp_path)
 
 
 @pytest.mark.slow
+def test_runs_are_ranked_per_data_set(blob_store, tmp_path):
+    """Runs of different stores never share a leaderboard: each board names its store, set and labels."""
+    other = write_feature_store(
+        tmp_path / "other.h5", separable_features(60, classes=2, seed=5), separable_features(20, classes=2, seed=5)
+    )
+    for store, name in ((blob_store, "a1"), (other, "b1"), (blob_store, "a2")):
+        run_json("train-head", "--store", store, "--head", "linear", "--epochs", "1", "--out", tmp_path / "runs" / name)
+    listed = run_json("runs", "--dir", tmp_path / "runs")
+    stores = [r["store"] for r in listed]
+    assert sorted(stores) == sorted([str(blob_store.resolve())] * 2 + [str(other.resolve())])
+    assert stores.index(str(other.resolve())) in (0, 2)  # grouped: the two blob runs sit together
+    assert all(r["set"] for r in listed)
+    text = run_cli("runs", "--dir", tmp_path / "runs").stdout
+    assert f"2 runs on {blob_store.resolve()}" in text and f"1 run on {other.resolve()}" in text
+
+
+@pytest.mark.slow
 def test_cli_default_is_calibrated_logreg(blob_store, tmp_path):
     [run] = run_json("train-head", "--store", blob_store, "--out", tmp_path / "default")
     assert run["head"] == "logreg" and run["l2"] in L2_GRID and run["accuracy"] > 0.95

@@ -36,7 +36,10 @@ def test_featurize_store_info_and_runs(trained, tmp_path):
     piped = run_cli("store", "info", store, "--json").stdout  # into a pipe: one line, for the program reading it
     assert piped.count("\n") == 1 and keys(json.loads(piped)) == keys(info) - {"verification"}
     runs = run_json("runs", "--dir", store.parent)
-    assert keys(runs[0]) == RUN_SETTINGS | {"kind", "backbone", "created", "l2", "labels", "task", "score"}
+    assert keys(runs[0]) == RUN_SETTINGS | {"kind", "backbone", "created", "l2", "labels", "task", "score"} | {
+        "store",
+        "set",
+    }
 
 
 def test_train_head_lr_find_evaluate_predict_export(trained, tmp_path):

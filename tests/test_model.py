@@ -3,11 +3,14 @@
 import csv
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from conftest import imported_modules, make_images, one_line_error, run_cli, run_json
+from conftest import REPO, imported_modules, make_images, one_line_error, run_cli, run_json
 from PIL import Image
 
 from stages.metrics import classification_metrics, top_losses
@@ -79,6 +82,48 @@ def test_load_model_predicts_what_the_head_says_on_cached_features(trained):
         assert got["class"] == model.classes[int(expected.argmax())]
         assert got["probability"] == pytest.approx(float(expected.max()), abs=0.02)
         assert len(got["top_k"]) == 3
+
+
+def test_the_readme_python_example_runs_as_written(trained, tmp_path):
+    """The README's Python API example, verbatim: paths, PIL images and arrays give the same probabilities, and the
+    cache's predictions are the run's own."""
+    data, store, run = trained
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs/head-a").symlink_to(run)
+    (tmp_path / "runs/dogscats.h5").symlink_to(store)
+    shutil.copy(data / "valid/a/a_000.jpg", tmp_path / "photo.jpg")
+    snippet = re.search(r"<!-- python-api-snippet -->\n```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)[1]
+    (tmp_path / "example.py").write_text(snippet)
+    proc = subprocess.run(
+        [sys.executable, "example.py"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "(3, 3) ['a', 'b', 'c']" and "'set': [" in lines[1] and lines[2].startswith("(12, 3) ")
+
+
+def test_images_in_memory_get_the_probabilities_of_their_files(trained):
+    from PIL import Image
+
+    from pipeline import get_preds, load_model
+
+    data, store, run = trained
+    model = load_model(run)
+    files = sorted((data / "valid").rglob("*.jpg"))[:4]
+    photos = [Image.open(f) for f in files]
+    from_files = model.predict_proba(files)
+    np.testing.assert_allclose(model.predict_proba(photos), from_files, atol=1e-5)
+    np.testing.assert_allclose(model.predict_proba(np.stack([np.asarray(p) for p in photos])), from_files, atol=1e-5)
+    assert np.isnan(model.predict_proba([files[0], data / "missing.jpg"])[1]).all()
+    with pytest.raises(Exception, match="uint8 RGB"):
+        model.predict_proba(np.zeros((2, 8, 8), np.float32))
+    cached = get_preds(run, store)
+    assert cached.probabilities.shape == (12, 3) and cached.classes == ["a", "b", "c"] and len(cached.paths) == 12
+    assert set(cached.targets) == {0, 1, 2} and cached.familiarity.shape == (12,)
 
 
 @pytest.mark.slow
