@@ -102,7 +102,7 @@ def scoring_cost(run: Path, images: list[Path]) -> tuple[float, float, float, in
 
 
 def prediction_rows(quick: bool) -> list[Row]:
-    from stages.familiarity import separation
+    from stages.familiarity import REFERENCE_BYTES, separation
 
     names = [name for name in ("dogscats", "flowers5") if (SHARED / name).is_dir()]
     if quick or len(names) < 2:
@@ -177,7 +177,7 @@ def prediction_rows(quick: bool) -> list[Row]:
                 forward * 1e3,
                 "ms",
                 higher_is_better=False,
-                note=f"with the largest default reference ({reference_rows:,} images, 64 MB): "
+                note=f"with the largest default reference ({reference_rows:,} images, {REFERENCE_BYTES >> 20} MB): "
                 f"{largest * 1e3:.2f} ms ({largest / forward:.1%} of the forward pass; target under 10%)",
             )
         )
