@@ -873,8 +873,9 @@ def predict(
         count = f"{len(result.errors)} file{'s' * (len(result.errors) > 1)}"
         err.print(f"{count} could not be read: the reasons are in {out_file}", highlight=False)
     unfamiliar = f", {result.unfamiliar} unlike the training images (unfamiliar)" if result.unfamiliar else ""
+    speed = f" ({result.images_per_second} img/s)" if result.images_per_second else ""
     out.print(
-        f"{len(result.predictions)} images in {result.seconds:.1f} s ({result.images_per_second} img/s){unfamiliar}"
+        f"{len(result.predictions)} images in {result.seconds:.1f} s{speed}{unfamiliar}"
         + (f"; every input in {result.out}" if result.out else ""),
         highlight=False,
     )

@@ -24,6 +24,7 @@ from stages.backbones import Backbone, file_sha256, resolve_precision
 from stages.calibration import held_out_images
 from stages.decode import batch_memory_bytes, resolve_device
 from stages.errors import PipelineError, check_memory
+from stages.familiarity import Familiarity
 from stages.files import scan_dataset
 from stages.finetune import FinetuneConfig, Finetuner, read_checkpoint
 from stages.head import Head, load_head
@@ -33,6 +34,7 @@ from stages.ranks import Ranks
 from stages.rundir import (
     BACKBONE_WEIGHTS,
     CHECKPOINT,
+    FAMILIARITY,
     HEAD_WEIGHTS,
     RUN_MARKERS,
     RunConfig,
@@ -128,11 +130,12 @@ def _finetune(
         seconds, kept = fit(tuner, run, on_epoch, on_step)
     if not ranks.leader:  # rank 0 writes the run and reports it
         return None
-    temperature = None
+    temperature, familiarity = None, None
     if run.calibration is not None and (kept is None or kept["epoch"] >= 0):
         with torch_threads(train_threads):
             temperature = tuner.calibrate(*run.calibration)
-    return save(out, ranks, tuner, run, head_dir, kept, temperature, seconds)
+            familiarity = tuner.familiarity(run.train[0], run.calibration[0])
+    return save(out, ranks, tuner, run, head_dir, kept, temperature, seconds, familiarity)
 
 
 def _images(dataset, name: str, keep=None) -> Images | None:
@@ -243,6 +246,7 @@ def save(
     kept: dict | None,
     temperature: float | None,
     seconds: float,
+    familiarity: Familiarity | None = None,
 ) -> FinetuneResult:
     """Write the run (mirroring train-head's save_head_run) into a staging folder that then replaces `out`, which
     held only the checkpoint."""
@@ -280,11 +284,16 @@ def save(
             precision=run.cfg.precision,  # validated and kept in it: served in it
             labels=head.labels,
         )
+        weights = {HEAD_WEIGHTS: tuner.model.head.state_dict()}
+        metrics = result.metrics()
+        if familiarity is not None:  # from the fine-tuned backbone's own features (stages.familiarity)
+            weights[FAMILIARITY] = familiarity.state_dict()
+            metrics["familiarity"] = familiarity.summary()
         write_run(
             staging,
-            {HEAD_WEIGHTS: tuner.model.head.state_dict()},
+            weights,
             config,
-            result.metrics(),
+            metrics,
             lambda path: plot_training_curves(tuner.history, tuner.step_losses, path),
         )
         os.link(out / CHECKPOINT, staging / CHECKPOINT)  # the last checkpoint stays with the run

@@ -86,18 +86,27 @@ def fit_familiarity(
     budget = max(2, reference_bytes // (2 * rows.dim))
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(rows.num_rows, min(budget, rows.num_rows), replace=False))
-    reference = unit(torch.cat([x.clone() for x, _ in rows.select(rows.rows[chosen]).whole_pass()])).half()
-    familiarity = Familiarity(reference, 0.0, min(NEIGHBOUR, max(1, len(reference) // IMAGES_PER_NEIGHBOUR)))
+    reference = torch.cat([x.clone() for x, _ in rows.select(rows.rows[chosen]).whole_pass()])
     others = np.setdiff1d(np.arange(rows.num_rows), chosen)
     if len(others):  # images outside the reference: held out as they are
         held = np.sort(rng.choice(others, min(THRESHOLD_ROWS, len(others)), replace=False))
-        x = torch.cat([x.clone() for x, _ in rows.select(rows.rows[held]).whole_pass()])
-        scores = torch.cat([familiarity(x[i : i + SCORE_BLOCK_ROWS]) for i in range(0, len(x), SCORE_BLOCK_ROWS)])
-    else:  # every image in it: each scored against the others (its own row left out)
-        held = np.sort(rng.choice(len(reference), min(THRESHOLD_ROWS, len(reference)), replace=False))
-        scores = _left_out_scores(reference.float(), held, familiarity.k)
-    threshold = float(np.quantile(scores.numpy(), 1 - pass_share))
-    return Familiarity(reference, threshold, familiarity.k)
+        return familiarity_of(reference, torch.cat([x.clone() for x, _ in rows.select(rows.rows[held]).whole_pass()]))
+    # every image in it: each scored against the others (its own row left out)
+    familiarity = familiarity_of(reference, None)
+    held = np.sort(rng.choice(len(reference), min(THRESHOLD_ROWS, len(reference)), replace=False))
+    scores = _left_out_scores(familiarity.reference.float(), held, familiarity.k)
+    return Familiarity(familiarity.reference, float(np.quantile(scores.numpy(), 1 - pass_share)), familiarity.k)
+
+
+def familiarity_of(reference: torch.Tensor, held: torch.Tensor | None, pass_share: float = PASS_SHARE) -> Familiarity:
+    """A reference of training features, and the threshold `pass_share` of the held-out images' features reach
+    (none given: threshold 0, for the caller to set)."""
+    k = min(NEIGHBOUR, max(1, len(reference) // IMAGES_PER_NEIGHBOUR))
+    familiarity = Familiarity(unit(reference.float()).half(), 0.0, k)
+    if held is None or not len(held):
+        return familiarity
+    scores = torch.cat([familiarity(held[i : i + SCORE_BLOCK_ROWS]) for i in range(0, len(held), SCORE_BLOCK_ROWS)])
+    return Familiarity(familiarity.reference, float(np.quantile(scores.numpy(), 1 - pass_share)), k)
 
 
 def _left_out_scores(reference: torch.Tensor, held: np.ndarray, k: int) -> torch.Tensor:

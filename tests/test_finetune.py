@@ -1,5 +1,7 @@
 """Fine-tuning on a real but tiny timm model: two paths agree, learning rates, unfreezing, frozen BN, resume."""
 
+import json
+
 import numpy as np
 import pytest
 import timm
@@ -390,3 +392,10 @@ def test_cli_finetune_fits_the_temperature_on_the_held_out_images(tiny, tmp_path
     saved, _ = load_head(tmp_path)
     assert result["kept_epoch"] is None and result["calibration_images"] == 2
     assert float(saved.temperature) == pytest.approx(result["temperature"])  # saved where predict reads it
+    assert len(saved.conformity) == 2  # its prediction sets calibrated on the same held-out images
+    # familiarity from the fine-tuned backbone's own features: the training images as reference, the threshold
+    # from the held-out ones
+    familiar = json.loads((tmp_path / "metrics.json").read_text())["familiarity"]
+    assert familiar["reference_images"] == 10 and familiar["neighbour"] == 1
+    [predicted] = run_json("predict", tmp_path, sorted((data / "valid").rglob("*.jpg"))[0])["predictions"]
+    assert {"familiarity", "unfamiliar"} <= set(predicted)
