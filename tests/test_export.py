@@ -121,8 +121,9 @@ def test_fine_tuned_run_exports_its_own_backbone(trained, tmp_path):
     assert meta["weights_sha256.txt"] != json.loads((run / "config.json").read_text())["feature_set"]["weights_sha256"]
     crops = np.stack([pillow_crop(f, 256, 224) for f in sorted((data / "valid").rglob("*.jpg"))[:3]])
     with torch.no_grad():
-        got = module(torch.from_numpy(crops)).numpy()
-    np.testing.assert_allclose(got, project_probabilities(tmp_path / "ft", crops), atol=1e-4, rtol=0)
+        got, scores = module(torch.from_numpy(crops))  # a fine-tuned run carries its own familiarity
+    np.testing.assert_allclose(got.numpy(), project_probabilities(tmp_path / "ft", crops), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(scores.numpy(), project_familiarity(tmp_path / "ft", crops), atol=1e-4, rtol=0)
 
 
 def test_export_errors_are_one_line(trained, tmp_path):

@@ -161,7 +161,7 @@ def test_multi_label_and_numeric_heads_from_featurize_to_evaluate(tagged, tmp_pa
         ]
     assert sum(rows[str(i)]["labels"] == given[i.name].split() for i in images) >= 3
     header = (tmp_path / "tags.csv.out.csv").read_text().splitlines()[0]
-    assert header == "path,labels,check,disk,stripe"
+    assert header == "path,labels,check,disk,stripe,familiarity,unfamiliar,error"
     tuned = run_json(
         "finetune", tagged, "--head", tmp_path / "tags", "--epochs", "1", "--batch-size", "8", "--out", tmp_path / "ft"
     )
@@ -180,7 +180,7 @@ def test_multi_label_and_numeric_heads_from_featurize_to_evaluate(tagged, tmp_pa
     assert evaluated["metrics"]["r2"] == pytest.approx(ridge["score"], abs=1e-4)
     assert (tmp_path / "eval-ridge" / "predicted_vs_true.png").stat().st_size > 0
     [value] = run_json("predict", tmp_path / "ridge", images[0])["predictions"]
-    assert set(value) == {"path", "value"} and isinstance(value["value"], float)
+    assert set(value) == {"path", "value", "familiarity", "unfamiliar"} and isinstance(value["value"], float)
     listed = {r["run"]: r for r in run_json("runs", "--dir", tmp_path)}
     assert listed[str(tmp_path / "ridge")]["task"] == "numeric"
     assert listed[str(tmp_path / "ridge")]["score"] == pytest.approx(ridge["score"])
@@ -215,7 +215,9 @@ def test_multi_label_audit_finds_planted_tag_errors_and_export_keeps_the_thresho
     ort = pytest.importorskip("onnxruntime", reason="the export extra is not installed: pip install -e '.[export]'")
     [run] = run_json("train-head", "--store", store, "--out", tmp_path / "head")
     exported = run_json("export", tmp_path / "head", "--out", tmp_path / "tags.onnx")
-    assert exported["metadata"]["task"] == "multi" and exported["output"] == "probabilities: float32 (N, 3)"
+    assert exported["metadata"]["task"] == "multi" and exported["output"] == (
+        "probabilities: float32 (N, 3); familiarity: float32 (N,)"
+    )
     thresholds = json.loads(exported["metadata"]["thresholds"])
     saved = json.loads((tmp_path / "head" / "metrics.json").read_text())["thresholds"]
     assert thresholds == pytest.approx(saved)
