@@ -1051,6 +1051,13 @@ def _print_task_evaluation(result) -> None:  # result: pipeline.evaluate.TaskEva
         for name, ap in m["per_class_ap"].items():
             shown = "no positive" if ap is None else f"AP {ap:.4f}"
             out.print(f"  {name}: {shown}, threshold {m['thresholds'][name]:.3f}", highlight=False)
+        for row in m.get("coverage", ()):
+            out.print(
+                f"prediction sets at {row['coverage']:.0%} coverage: each class in the set of {row['empirical']:.1%} "
+                f"of the images carrying it (lowest class {row['lowest_class']:.1%}), {row['mean_size']:.2f} "
+                "classes on average",
+                highlight=False,
+            )
     out.print(f"plot: {result.plot_png}; metrics: {result.metrics_json}", highlight=False)
 
 

@@ -19,7 +19,7 @@ from pipeline.plots import (
     plot_risk_coverage,
 )
 from stages.atomic import atomic_csv, output_folder, write_json
-from stages.conformal import accuracy_at, coverage_table, risk_coverage, set_names
+from stages.conformal import accuracy_at, risk_coverage, set_names
 from stages.errors import PipelineError
 from stages.familiarity import Familiarity, load_familiarity, separation
 from stages.files import IMAGE_EXTENSIONS, class_folders, find_images
@@ -380,6 +380,8 @@ def _evaluate_task(
     figures = task.metrics(outputs, targets, thresholds)
     if task.name == "multi":
         names = config.classes
+        if head.conformity.numel():  # per class: the images carrying it whose set holds it (stages.conformal)
+            figures["coverage"] = task.coverage_table(outputs, targets, head.conformity.numpy())
         figures["per_class_ap"] = {names[c]: v for c, v in figures["per_class_ap"].items()}
         figures["thresholds"] = dict(zip(names, thresholds.tolist()))
         curves = {}
@@ -477,8 +479,8 @@ def _evaluate(
         if ood is not None:
             familiar["ood"] = _unlike_images(model or load_model(run_dir, device=device), ood, scores, probabilities)
     sets, coverage = None, None
-    if len(head.conformity):  # prediction sets calibrated on training images (stages.conformal)
-        coverage = coverage_table(probabilities, labels, head.conformity.numpy())
+    if head.conformity.numel():  # prediction sets calibrated on training images (stages.conformal)
+        coverage = head.task.coverage_table(probabilities, labels, head.conformity.numpy())
         sets = head.prediction_sets(probabilities, CSV_COVERAGE)
     shares, accuracies = risk_coverage(probabilities, labels)
     marks = {share: accuracy_at(shares, accuracies, share) for share in (0.9, 0.95)}

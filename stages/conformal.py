@@ -90,3 +90,51 @@ def accuracy_at(shares: np.ndarray, accuracies: np.ndarray, share: float) -> flo
 def set_names(probabilities: np.ndarray, chosen: np.ndarray, classes: list[str]) -> list[str]:
     """One image's set as class names, the most probable first."""
     return [classes[i] for i in np.argsort(-np.asarray(probabilities), kind="stable") if chosen[i]]
+
+
+# Multi-label: per class, the same promise for the images that carry it. A class is in an image's set when its
+# probability reaches the class's threshold: a quantile of the probabilities its calibration images that carry it
+# were given, so that a new image carrying it gets it in its set at least at the rate asked (class-conditional split
+# conformal prediction on each class's positives).
+
+
+def class_scores(probabilities: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """(C, m): per class, the probabilities of its calibration images that carry it, sorted, NaN after the last."""
+    probabilities, targets = np.asarray(probabilities, np.float32), np.asarray(targets).astype(bool)
+    columns = [np.sort(probabilities[targets[:, c], c]) for c in range(targets.shape[1])]
+    scores = np.full((len(columns), max(1, max(map(len, columns)))), np.nan, np.float32)
+    for c, column in enumerate(columns):
+        scores[c, : len(column)] = column
+    return scores
+
+
+def class_thresholds(scores: np.ndarray, coverage: float) -> np.ndarray:
+    """Per class, the floor((n+1)(1 - coverage))-th smallest of its n positives' probabilities (0, every image,
+    where n is too few to promise the rate)."""
+    if not 0 < coverage < 1:
+        raise ValueError(f"coverage {coverage} is not between 0 and 1")
+    cuts = np.zeros(len(scores), np.float64)
+    for c, row in enumerate(scores):
+        kept = row[~np.isnan(row)]
+        rank = math.floor((len(kept) + 1) * (1 - coverage))
+        cuts[c] = kept[rank - 1] if rank >= 1 else 0.0
+    return cuts
+
+
+def class_coverage_table(probabilities: np.ndarray, targets: np.ndarray, scores: np.ndarray) -> list[dict]:
+    """Per coverage asked: over the classes, the share of the images carrying a class whose set holds it (mean and
+    lowest class), and the mean set size."""
+    targets = np.asarray(targets).astype(bool)
+    rows = []
+    for coverage in COVERAGES:
+        sets = np.asarray(probabilities) >= class_thresholds(scores, coverage)
+        held = [sets[targets[:, c], c].mean() for c in range(targets.shape[1]) if targets[:, c].any()]
+        rows.append(
+            {
+                "coverage": coverage,
+                "empirical": float(np.mean(held)),
+                "lowest_class": float(np.min(held)),
+                "mean_size": float(sets.sum(1).mean()),
+            }
+        )
+    return rows

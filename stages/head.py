@@ -12,7 +12,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from stages.conformal import aps_scores, prediction_sets, threshold
 from stages.errors import SEED_MAX, PipelineError, check_range
 from stages.rundir import HEAD_WEIGHTS, RunConfig, read_config, read_weights
 from stages.tasks import TASKS, Task, best_thresholds
@@ -88,7 +87,8 @@ class Head(nn.Module):
         self.register_buffer("temperature", torch.full(shape, 1.0).mul_(torch.as_tensor(temperature)))
         if task == "multi":
             self.register_buffer("thresholds", torch.full(shape, 0.5))
-        # A single-label head's conformity scores (stages.conformal), sorted: its calibration for prediction sets.
+        # Its task's conformity scores on its calibration images (stages.tasks, stages.conformal): what prediction
+        # sets are calibrated on; empty for a kind without sets, or a head trained before heads kept them.
         self.register_buffer("conformity", torch.zeros(0))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -123,15 +123,15 @@ class Head(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def prediction_sets(self, probabilities: np.ndarray, coverage: float) -> np.ndarray:
-        check_range("--coverage", coverage, 1e-6, 1 - 1e-6)
         """(N, C) booleans: each image's classes at that coverage (stages.conformal); an error for a head without
-        conformity scores (not calibrated, not single-label, or trained before heads kept them)."""
-        if not len(self.conformity):
+        conformity scores (a numeric head, one trained with --no-calibrate or before heads kept them)."""
+        check_range("--coverage", coverage, 1e-6, 1 - 1e-6)
+        if not self.conformity.numel():
             raise PipelineError(
-                "--coverage needs a single-label head trained with calibration (it keeps the conformity scores "
+                "--coverage needs a single- or multi-label head trained with calibration (it keeps the scores "
                 "prediction sets are calibrated on): train it again without --no-calibrate"
             )
-        return prediction_sets(probabilities, threshold(self.conformity.numpy(), coverage))
+        return self.task.prediction_sets(probabilities, self.conformity.numpy(), coverage)
 
 
 @dataclass
@@ -551,9 +551,9 @@ def settle(head: Head, raw: torch.Tensor, targets: torch.Tensor) -> None:
     """A trained head made honest from out-of-fold raw outputs of train (never valid): its temperature, and for a
     multi-label head the thresholds, chosen on the calibrated probabilities."""
     head.temperature.copy_(torch.as_tensor(head.task.calibrate(raw, targets)))
-    if head.task.name == "single":
-        probabilities = head.task.activation(raw / head.temperature).numpy()
-        head.conformity = torch.from_numpy(np.sort(aps_scores(probabilities, targets.numpy())).astype(np.float32))
+    scores = head.task.conformity(head.task.activation(raw / head.temperature).numpy(), targets.numpy())
+    if scores is not None:
+        head.conformity = torch.from_numpy(scores)
     if head.task.name == "multi":
         probabilities = head.task.activation(raw / head.temperature)
         head.thresholds.copy_(torch.from_numpy(best_thresholds(probabilities.numpy(), targets.numpy())))

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stages import conformal
 from stages.calibration import expected_calibration_error, fit_temperature
 
 
@@ -64,6 +65,19 @@ class Task:
         """One image's prediction as a user reads it (predict's JSON, the Python API)."""
         raise NotImplementedError
 
+    def conformity(self, activated: np.ndarray, targets: np.ndarray) -> np.ndarray | None:
+        """Calibration images' conformity scores, what prediction sets are calibrated on (stages.conformal); None:
+        this kind gives no sets."""
+        return None
+
+    def prediction_sets(self, activated: np.ndarray, conformity: np.ndarray, coverage: float) -> np.ndarray:
+        """(N, C) booleans: each image's set of classes at that coverage."""
+        raise NotImplementedError
+
+    def coverage_table(self, activated: np.ndarray, targets: np.ndarray, conformity: np.ndarray) -> list[dict]:
+        """evaluate's figures of the sets at each coverage asked (stages.conformal.COVERAGES)."""
+        raise NotImplementedError
+
     def csv_columns(self, classes: list[str]) -> list[str]:
         """predict's CSV columns for a prediction, after the path."""
         raise NotImplementedError
@@ -98,6 +112,15 @@ class SingleLabel(Task):
 
     def calibrate(self, raw: torch.Tensor, targets: torch.Tensor) -> float:
         return fit_temperature(raw, targets)
+
+    def conformity(self, activated: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        return np.sort(conformal.aps_scores(activated, targets)).astype(np.float32)  # APS: adaptive sets
+
+    def prediction_sets(self, activated: np.ndarray, conformity: np.ndarray, coverage: float) -> np.ndarray:
+        return conformal.prediction_sets(activated, conformal.threshold(conformity, coverage))
+
+    def coverage_table(self, activated: np.ndarray, targets: np.ndarray, conformity: np.ndarray) -> list[dict]:
+        return conformal.coverage_table(activated, targets, conformity)
 
     def prediction(self, activated: np.ndarray, classes: list[str], thresholds=None, k: int = 1) -> dict:
         """The most likely class, its probability, the k most likely as [class, probability] pairs, and every
@@ -185,6 +208,15 @@ class MultiLabel(Task):
             "labels": [c for c, on in zip(classes, chosen) if on],
             "probabilities": {c: float(p) for c, p in zip(classes, activated)},
         }
+
+    def conformity(self, activated: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        return conformal.class_scores(activated, targets)  # per class, on the images that carry it
+
+    def prediction_sets(self, activated: np.ndarray, conformity: np.ndarray, coverage: float) -> np.ndarray:
+        return np.asarray(activated) >= conformal.class_thresholds(conformity, coverage)
+
+    def coverage_table(self, activated: np.ndarray, targets: np.ndarray, conformity: np.ndarray) -> list[dict]:
+        return conformal.class_coverage_table(activated, targets, conformity)
 
     def csv_columns(self, classes: list[str]) -> list[str]:
         return ["labels", *classes]

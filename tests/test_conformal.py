@@ -6,7 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from stages.conformal import aps_scores, coverage_table, prediction_sets, risk_coverage, set_names, threshold
+from stages.conformal import (
+    aps_scores,
+    class_coverage_table,
+    class_scores,
+    class_thresholds,
+    coverage_table,
+    prediction_sets,
+    risk_coverage,
+    set_names,
+    threshold,
+)
 from stages.head import Head, settle
 
 
@@ -52,7 +62,7 @@ def test_a_calibrated_head_keeps_its_conformity_scores_and_an_old_one_says_what_
     assert torch.equal(again.conformity, head.conformity) and "conformity" not in head.spec()
     p = torch.softmax(raw / head.temperature, 1).numpy()
     assert head.prediction_sets(p, 0.9).shape == (200, 3)
-    with pytest.raises(Exception, match="--coverage needs a single-label head trained with calibration"):
+    with pytest.raises(Exception, match="--coverage needs a single- or multi-label head trained with calibration"):
         Head("logreg", 4, 3).prediction_sets(p, 0.9)
 
 
@@ -60,3 +70,26 @@ def test_risk_coverage_answers_the_most_confident_first():
     p = np.array([[0.9, 0.1], [0.6, 0.4], [0.8, 0.2], [0.55, 0.45]])
     shares, accuracies = risk_coverage(p, np.array([0, 1, 0, 1]))
     assert list(shares) == [0.25, 0.5, 0.75, 1.0] and list(accuracies) == [1.0, 1.0, 2 / 3, 0.5]
+
+
+@pytest.mark.parametrize("coverage", [0.8, 0.9, 0.95])
+def test_a_multi_label_set_holds_each_class_an_image_carries_at_the_rate_asked(coverage):
+    """Per class, on the images that carry it: class-conditional split conformal on each class's positives."""
+    rng = np.random.default_rng(3)
+
+    def tagged(n):  # 4 classes of different prevalence, honest sigmoid probabilities
+        p = 1 / (1 + np.exp(-rng.normal([-1, 0, 1, -2], 2, size=(n, 4))))
+        return p, (rng.random((n, 4)) < p).astype(np.uint8)
+
+    calibration, truth = tagged(20000)
+    fresh, targets = tagged(30000)
+    scores = class_scores(calibration, truth)
+    assert scores.shape[0] == 4 and np.isnan(scores).any()  # classes carried by fewer images: padded
+    sets = fresh >= class_thresholds(scores, coverage)
+    for c in range(4):
+        held = sets[targets[:, c] == 1, c].mean()
+        assert coverage - 0.02 <= held <= coverage + 0.02, (c, held)
+    table = class_coverage_table(fresh, targets, scores)[[0.8, 0.9, 0.95].index(coverage)]
+    assert abs(table["empirical"] - coverage) < 0.02 and table["lowest_class"] >= coverage - 0.02
+    few = class_scores(calibration[:3], np.ones((3, 4), np.uint8))  # 3 positives cannot promise 80%
+    assert (class_thresholds(few, coverage) == 0).all()

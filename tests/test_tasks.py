@@ -148,6 +148,11 @@ def test_multi_label_and_numeric_heads_from_featurize_to_evaluate(tagged, tmp_pa
     assert set(metrics["thresholds"]) == {"check", "disk", "stripe"} and metrics["valid"]["map"] == run["score"]
     evaluated = run_json("evaluate", tmp_path / "tags", "--store", store, "--out", tmp_path / "eval")
     assert evaluated["metrics"]["map"] == pytest.approx(run["score"]) and evaluated["images"] == 12
+    coverage = evaluated["metrics"]["coverage"]  # per class, on the images carrying it
+    assert [row["coverage"] for row in coverage] == [0.8, 0.9, 0.95] and coverage[0]["mean_size"] <= 3
+    first = sorted(tagged.glob("*.jpg"))[0]
+    [tagged_set] = run_json("predict", tmp_path / "tags", first, "--coverage", "0.9")["predictions"]
+    assert set(tagged_set["set"]) <= {"check", "disk", "stripe"}
     assert (tmp_path / "eval" / "precision_recall.png").stat().st_size > 0
     images = sorted(tagged.glob("*.jpg"))[:4]
     predicted = run_json("predict", tmp_path / "tags", *images, "--out", tmp_path / "tags.csv.out.csv")
