@@ -12,19 +12,20 @@ import numpy as np
 import torch
 
 from pipeline.distributed import current_ranks, launched_ranks
+from pipeline.featurizer import Featurizer
 from pipeline.runtime import available_memory, cpu_count, torch_threads
 from stages.backbones import (
     DEFAULT_BACKBONE,
     create_backbone,
     resolve_precision,
 )
-from stages.decode import Augmentation, ImageDecoder, batch_memory_bytes, resolve_device
+from stages.decode import Augmentation, batch_memory_bytes, resolve_device
 from stages.errors import MAX_VIEWS, SEED_MAX, PipelineError, check_memory, check_range
-from stages.files import Dataset, Fingerprint, read_image_file, scan_dataset, stat_fingerprint
+from stages.files import scan_dataset
 from stages.labels import LabelOptions
 from stages.ranks import Ranks
-from stages.runner import FeatureRunner, package_version
-from store import FEATURE_DTYPES, FeatureSetIdentity, FileRecord, PendingRows, Store, now_iso, views_in
+from stages.runner import package_version
+from store import FEATURE_DTYPES, FeatureSetIdentity, Store, now_iso
 
 Progress = Callable[[int, int], None]
 
@@ -122,98 +123,6 @@ class FeaturizeResult(FeaturizeWork):
         if self.shards is None:
             del data["shards"]
         return data
-
-
-class Featurizer:
-    """The computing part of a run: decode and forward the files to do, committing partitions as it goes (in this
-    process, or in a Ray actor: pipeline.ray_engine)."""
-
-    def __init__(
-        self,
-        opts: FeaturizeOptions,
-        dataset: Dataset,
-        backbone,
-        writer,
-        device: str,
-        precision: str,
-        progress: Progress | None,
-    ):
-        self.opts, self.dataset, self.writer = opts, dataset, writer
-        self.backbone, self.device, self.precision = backbone, device, precision
-        self.progress = progress
-        self.forward = FeatureRunner.for_backbone(backbone, device, precision)
-        self.fingerprints: dict[str, Fingerprint] = {}
-        self.decoders: dict[str, ImageDecoder] = {}
-        self.pending = PendingRows(list(dataset.splits))
-        self.last_commit = time.monotonic()
-        self.done = 0
-        self.skipped = 0
-
-    def run(self, todo: list) -> None:
-        total = len(todo)
-        try:
-            for split in self.dataset.splits:
-                files = [f for s, f in todo if s == split]
-                if files:
-                    self._featurize_split(split, files, total)
-        finally:
-            self._commit()
-
-    def _featurize_split(self, split: str, files: list, total: int) -> None:
-        views = views_in(split, self.opts.views)
-        if split not in self.decoders:  # one per split, its DALI pipeline built once (a Ray actor runs many blocks)
-            self.decoders[split] = ImageDecoder(
-                self.backbone.preprocessing,
-                views=views,
-                device=self.device,
-                batch_size=self.opts.batch_size,
-                seed=self.opts.seed,
-                num_threads=torch.get_num_threads(),
-            )
-        decoder = self.decoders[split]
-        labels = {f.path: f.label for f in files}
-        for batch in decoder.decode((f.path, self._loader(f.path)) for f in files):
-            for key, reason in batch.failed:
-                fp = self.fingerprints.get(key) or _safe_stat(self.dataset.root / key)
-                self.pending.add_skipped(split, self._record(key, labels[key], fp), reason)
-                self.skipped += 1
-            if batch.keys:
-                features = self.forward(batch.images.flatten(0, 1)).cpu().numpy()
-                for i, key in enumerate(batch.keys):
-                    record = self._record(key, labels[key], self.fingerprints[key])
-                    self.pending.add(split, record, features[i * (views + 1) : (i + 1) * (views + 1)], views + 1)
-            self.done += len(batch.keys) + len(batch.failed)
-            if self.progress:
-                self.progress(self.done, total)
-            if (
-                self.pending.count >= self.opts.commit_every
-                or time.monotonic() - self.last_commit >= self.opts.commit_seconds
-            ):
-                self._commit()
-
-    @staticmethod
-    def _record(key: str, label: int, fp: Fingerprint) -> FileRecord:
-        return FileRecord(key, label, fp.size, fp.mtime_ns, fp.ctime_ns, fp.sha256)
-
-    def _loader(self, key: str):
-        def load():
-            data, fp = read_image_file(self.dataset.root / key)
-            self.fingerprints[key] = fp
-            return data
-
-        return load
-
-    def _commit(self) -> None:
-        self.writer.commit(self.pending.rows, self.opts.dtype)
-        self.pending.clear()
-        self.last_commit = time.monotonic()
-
-
-def _safe_stat(path: Path) -> Fingerprint:
-    try:
-        return stat_fingerprint(path)
-    except OSError:
-        return Fingerprint(0, 0)
 
 
 ENGINES = ("local", "ray")

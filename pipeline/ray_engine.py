@@ -69,7 +69,7 @@ class BlockFeaturizer:
     partitions of the store."""
 
     def __init__(self, opts, data_root: str, classes: list[str], splits: list[str], set_name: str, device, precision):
-        from pipeline.featurize import Featurizer
+        from pipeline.featurizer import Featurizer
         from pipeline.runtime import configure_process
         from stages.backbones import create_backbone
         from stages.decode import resolve_device

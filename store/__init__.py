@@ -26,7 +26,7 @@ from store.relocate import RelocateResult, RepairResult, relocate, rewrite_root
 from store.schema import FEATURE_DTYPES, FileRecord
 from store.sync import PendingRows, StoreSync, views_in
 from store.transaction import Transaction
-from store.writer import PartitionWriter, now_iso, remove_stale_temporaries
+from store.writer import PartitionWriter, SplitRows, now_iso, remove_stale_temporaries
 
 
 class Store:
@@ -97,6 +97,7 @@ __all__ = [
     "FeatureStore",
     "FileRecord",
     "PendingRows",
+    "SplitRows",
     "RelocateResult",
     "RepairResult",
     "Store",

@@ -29,3 +29,44 @@ def test_no_module_imports_a_layer_above_its_own(layer):
         if imported_packages(path) & above
     }
     assert not wrong, wrong
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The project's modules a file imports, at module level or inside a function (a lazy import is still an
+    arrow: it only moves the cycle to run time)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        found |= {n for n in names if n.split(".")[0] in LAYERS and (REPO / (n.replace(".", "/") + ".py")).is_file()}
+    return found
+
+
+def test_no_import_cycle_among_the_modules():
+    graph = {
+        ".".join(path.relative_to(REPO).with_suffix("").parts): imported_modules(path)
+        for layer in LAYERS
+        for path in sorted((REPO / layer).glob("*.py"))
+    }
+    graph = {module: {m for m in imports if m != module} for module, imports in graph.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def cycle_from(module: str, path: list[str]) -> list[str] | None:
+        state[module] = 1
+        for other in sorted(graph.get(module, ())):
+            if state.get(other) == 1:
+                return path + [module, other]
+            if other not in state:
+                found = cycle_from(other, path + [module])
+                if found:
+                    return found
+        state[module] = 2
+        return None
+
+    for module in sorted(graph):
+        if module not in state:
+            cycle = cycle_from(module, [])
+            assert cycle is None, " -> ".join(cycle[cycle.index(cycle[-1]) :])
