@@ -78,6 +78,13 @@ def _centre(extent, size: int):
     return half + odd * (half - 2 * dmath.floor(half / 2))
 
 
+def _interp(interpolation: str):
+    """DALI's interpolation for a preprocessing's (stages.backbones.INTERPOLATIONS)."""
+    from nvidia.dali import types
+
+    return {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}[interpolation]
+
+
 def _resize_and_crops(image, preprocessing: Preprocessing, tta: bool) -> list:
     """Shorter side to `resize`, then the centre crop (and, for TTA, its flip and two corner crops).
 
@@ -94,7 +101,9 @@ def _resize_and_crops(image, preprocessing: Preprocessing, tta: bool) -> list:
     short = dmath.min(height, width)
     out_h = dmath.floor(preprocessing.resize * height / short)
     out_w = dmath.floor(preprocessing.resize * width / short)
-    resized = fn.resize(image, resize_x=out_w, resize_y=out_h, antialias=True, interp_type=types.INTERP_LINEAR)
+    resized = fn.resize(
+        image, resize_x=out_w, resize_y=out_h, antialias=True, interp_type=_interp(preprocessing.interpolation)
+    )
 
     def crop(x, y):
         return fn.slice(
@@ -153,7 +162,7 @@ def _plain_crop_of_roi(encoded, preprocessing: Preprocessing, device: str):
         roi_end=fn.stack(y1 - top, x1 - left),
         roi_relative=False,
         antialias=True,
-        interp_type=types.INTERP_LINEAR,
+        interp_type=_interp(preprocessing.interpolation),
     )
 
 
@@ -207,7 +216,10 @@ def _build_pipeline(
                 out_of_bounds_policy="trim_to_shape",
             )
             crop = fn.resize(
-                crop, size=(preprocessing.size, preprocessing.size), antialias=True, interp_type=types.INTERP_LINEAR
+                crop,
+                size=(preprocessing.size, preprocessing.size),
+                antialias=True,
+                interp_type=_interp(preprocessing.interpolation),
             )
             outputs.append(fn.crop_mirror_normalize(crop, mirror=mirror, **normalize))
         return tuple(outputs)

@@ -60,7 +60,7 @@ def deployment_metadata(
     preprocessing = {
         "resize": pre.resize,
         "crop": pre.size,
-        "interpolation": "bilinear, antialiased (Pillow Image.BILINEAR)",
+        "interpolation": f"{pre.interpolation}, antialiased (Pillow Image.{pre.interpolation.upper()})",
         "steps": f"shorter side to {pre.resize} (longer side floor(resize * long / short)), then the centre "
         f"{pre.size}x{pre.size} crop (offset round((side - crop) / 2), half to even)",
         "input": f"uint8 RGB, shape (N, {pre.size}, {pre.size}, 3); normalization is inside the model",

@@ -91,7 +91,7 @@ def entry_weights(name: str, tmp_path) -> str | None:
 
 
 def expected_data_config(name: str) -> tuple:
-    """(size, resize, mean, std) as the architecture's own library states them."""
+    """(size, resize, mean, std, interpolation) as the architecture's own library states them."""
     entry = REGISTRY[name]
     if entry.build.__name__ == "timm_extractor":
         cfg = timm.create_model(entry.arch, pretrained=False).pretrained_cfg
@@ -101,6 +101,7 @@ def expected_data_config(name: str) -> tuple:
             round(size / cfg["crop_pct"]),
             tuple(255 * m for m in cfg["mean"]),
             tuple(255 * s for s in cfg["std"]),
+            cfg["interpolation"],
         )
     import torchvision
 
@@ -110,13 +111,15 @@ def expected_data_config(name: str) -> tuple:
         transforms.resize_size[0],
         tuple(255 * m for m in transforms.mean),
         tuple(255 * s for s in transforms.std),
+        transforms.interpolation.value,
     )
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_each_registered_backbone_builds_as_its_entry_says(name, tmp_path):
-    """Every entry: it builds, its features have the entry's size, its data config is the architecture's own, and
-    its identity is known without building it."""
+    """Every entry: it builds, its features have the entry's size, its data config is the architecture's own (its
+    interpolation too, unless the entry records the measurement that chose another), and its identity is known
+    without building it."""
     entry = REGISTRY[name]
     weights = entry_weights(name, tmp_path)
     backbone = create_backbone(name, weights)
@@ -128,6 +131,8 @@ def test_each_registered_backbone_builds_as_its_entry_says(name, tmp_path):
     assert pp.mean == pytest.approx(expected_data_config(name)[2]) and pp.std == pytest.approx(
         expected_data_config(name)[3]
     )
+    own = expected_data_config(name)[4]  # the interpolation: the architecture's own, or a measured reason not to
+    assert pp.interpolation == own or (entry.interpolation_measured and own in entry.interpolation_measured), own
     assert backbone.model(torch.zeros(1, 3, pp.size, pp.size)).shape == (1, entry.feature_dim)
     assert FeatureSetIdentity.of(backbone) == identity
     if entry.arch.startswith("tf_"):

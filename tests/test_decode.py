@@ -139,3 +139,23 @@ def test_loader_errors_become_failures():
     decoder = ImageDecoder(PP, batch_size=2)
     batches = list(decoder.decode([("a", broken), ("b", lambda: np.frombuffer(encode(picture(0), "PNG"), np.uint8))]))
     assert [b.keys for b in batches] == [["b"]] and batches[0].failed == [("a", "cannot read: Permission denied")]
+
+
+def test_the_interpolation_is_the_preprocessings_and_part_of_its_identity():
+    """Bicubic and bilinear resize the same photo differently; a set records bicubic, and bilinear (what every set
+    was made with before it was recorded) is left out of its identity, so older sets keep their names."""
+    from dataclasses import replace
+
+    blob = {"p": encode(picture(3, (90, 70)), "PNG")}
+    crops = {}
+    for interpolation in ("bilinear", "bicubic"):
+        decoder = ImageDecoder(replace(PP, interpolation=interpolation))
+        [batch] = list(decoder.decode(items_of(blob)))
+        crops[interpolation] = batch.images[0, 0]
+    difference = (crops["bilinear"] - crops["bicubic"]).abs()
+    assert difference.max() > 0.01 and difference.mean() < 0.1  # the same photo, resampled otherwise
+    assert "interpolation" not in PP.to_dict() and Preprocessing.from_dict(PP.to_dict()) == PP
+    bicubic = replace(PP, interpolation="bicubic")
+    assert bicubic.to_dict()["interpolation"] == "bicubic" and Preprocessing.from_dict(bicubic.to_dict()) == bicubic
+    with pytest.raises(Exception, match="interpolation 'nearest' is not one of bilinear, bicubic"):
+        Preprocessing.from_crop_pct(32, 0.875, PP.mean, PP.std, "nearest")
