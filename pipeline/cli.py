@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from typer._click.exceptions import ClickException  # typer's own click, whose usage errors show their usage
 
 from pipeline.distributed import launched_ranks
-from pipeline.runtime import configure_process
+from pipeline.runtime import configure_process, drop_decoder_lines
 from stages.errors import Interrupted, PipelineError
 
 app = typer.Typer(
@@ -1192,10 +1192,20 @@ def _exit(code: int) -> None:
     os._exit(code)
 
 
+DECODING = {"featurize", "predict", "evaluate", "inspect", "finetune", "demo"}  # commands that decode images here
+
+
+def _starts_ray(argv: list[str]) -> bool:
+    """Whether the command line asks for Ray (featurize --engine ray), whose processes must keep the real stderr."""
+    return "--engine=ray" in argv or any(a == "--engine" and b == "ray" for a, b in zip(argv, argv[1:]))
+
+
 def main() -> None:
     """Entry point: one-line errors without traceback unless --debug is given anywhere on the command line."""
     global DEBUG
     configure_process(forward=not CACHED_FEATURES_ONLY & set(sys.argv[1:2]))
+    if DECODING & set(sys.argv[1:2]) and not _starts_ray(sys.argv):  # one note per unreadable file, no raw lines
+        drop_decoder_lines()
     if "--debug" in sys.argv[1:]:
         DEBUG = True
         sys.argv.remove("--debug")

@@ -3,8 +3,12 @@ library calls take their thread count as a parameter and hand the process back a
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
+import re
+import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -90,3 +94,50 @@ def available_memory() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+# nvImageCodec, DALI's image decoder, prints every file it cannot decode on the process's stderr from C++, coloured:
+#   "\x1b[0;31m[ERROR] \x1b[0m[libjpeg_turbo_decoder] Could not decode jpeg code stream - Premature end of ..."
+# DALI_NVIMGCODEC_LOG_LEVEL cannot silence it (it is clamped to 1..5, and 1 still prints errors). The commands that
+# decode report each such file once, with its reason: these raw lines are dropped.
+DECODER_LINE = re.compile(rb"^(\x1b\[[0-9;]*m)*\[(ERROR|WARNING)\] *(\x1b\[[0-9;]*m)*\[[A-Za-z0-9_]*decoder\]")
+_filtering = False
+
+
+def drop_decoder_lines() -> None:
+    """Route file descriptor 2, where native libraries write, through a thread that drops DECODER_LINE lines and
+    passes every other byte on; Python's own sys.stderr writes to the original stream directly (rich still sees
+    the terminal). Undone at exit, after the last native line is passed on. For commands that start no child
+    process (a child would inherit the pipe)."""
+    global _filtering
+    if _filtering:
+        return
+    _filtering = True
+    sys.stderr.flush()
+    original = os.dup(2)
+    read, write = os.pipe()
+    os.dup2(write, 2)
+    os.close(write)
+    encoding, errors = sys.stderr.encoding, sys.stderr.errors
+    sys.stderr = open(original, "w", encoding=encoding, errors=errors, buffering=1, closefd=False)  # noqa: SIM115
+    thread = threading.Thread(target=_pass_on, args=(read, original), name="native-stderr", daemon=True)
+    thread.start()
+
+    def restore() -> None:
+        sys.stderr.flush()
+        os.dup2(original, 2)  # the pipe's last writer closes: the thread reads to its end
+        thread.join(timeout=2)
+
+    atexit.register(restore)
+
+
+def _pass_on(read: int, original: int) -> None:
+    pending = b""
+    while chunk := os.read(read, 65536):
+        *lines, pending = (pending + chunk).split(b"\n")
+        kept = b"".join(line + b"\n" for line in lines if not DECODER_LINE.match(line))
+        if kept:
+            os.write(original, kept)
+    if pending and not DECODER_LINE.match(pending):
+        os.write(original, pending)
+    os.close(read)

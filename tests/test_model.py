@@ -153,6 +153,10 @@ def test_predict_mixed_inputs_and_a_broken_file(trained, tmp_path):
     assert len(saved) == 12 and {"tta_class", "tta_probabilities"} <= set(saved[0]) and out["errors"] == []
     text = run_cli("predict", run, single, tmp_path / "broken.jpg")
     assert "a_000.jpg" in text.stdout and "unreadable" in text.stderr and "familiarity" in text.stdout
+    jpeg = single.read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])  # the decoder's own error lines stay unseen
+    cut = run_cli("predict", run, single, tmp_path / "truncated.jpg")
+    assert cut.stderr.splitlines() == [f"unreadable {tmp_path / 'truncated.jpg'}: cannot decode (corrupt or truncated)"]
     sets = run_json("predict", run, data / "valid", "--coverage", "0.95")["predictions"]
     assert all(set(r["set"]) <= {"a", "b", "c"} for r in sets) and sum(r["class"] in r["set"] for r in sets) >= 9
     one_line_error(run_cli("predict", run, single, "--coverage", "1.5", check=False), "--coverage")
