@@ -125,10 +125,10 @@ def prediction_rows(quick: bool) -> list[Row]:
                     Row(
                         f"familiarity, {like} head against {len(unlike):,} {other} photos: AUROC of {score} vs "
                         "of the top probability",
-                        found["auroc"],
-                        top["auroc"],
+                        found.auroc,
+                        top.auroc,
                         "",
-                        note=f"FPR95 {found['fpr95']:.4f} vs {top['fpr95']:.4f}",
+                        note=f"FPR95 {found.fpr95:.4f} vs {top.fpr95:.4f}",
                     )
                 )
             report, _ = run_json_command(

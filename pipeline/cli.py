@@ -1010,20 +1010,20 @@ def evaluate(
     )
 
 
-def _print_familiarity(familiar: dict) -> None:
+def _print_familiarity(familiar) -> None:  # familiar: pipeline.evaluate.FamiliarityReport
     """evaluate's familiarity lines: how many evaluated images were flagged, and with --ood how well it separates."""
     out.print(
-        f"familiarity: {familiar['unfamiliar']} images ({familiar['unfamiliar_share']:.1%}) under the threshold "
-        f"{familiar['threshold']:.3f} that {familiar['pass_share']:.0%} of held-out training images pass",
+        f"familiarity: {familiar.unfamiliar} images ({familiar.unfamiliar_share:.1%}) under the threshold "
+        f"{familiar.threshold:.3f} that {familiar.pass_share:.0%} of held-out training images pass",
         highlight=False,
     )
-    ood = familiar.get("ood")
+    ood = familiar.ood
     if ood:
-        score, top = ood["familiarity"], ood["top_probability"]
+        score, top = ood.familiarity, ood.top_probability
         out.print(
-            f"against {ood['images']} images of {ood['folder']}: familiarity AUROC {score['auroc']:.4f}, FPR95 "
-            f"{score['fpr95']:.4f} (top probability: {top['auroc']:.4f}, {top['fpr95']:.4f}); "
-            f"{ood['confident']:.1%} of them get p >= 0.9, {ood['confident_unflagged']:.1%} of them unflagged",
+            f"against {ood.images} images of {ood.folder}: familiarity AUROC {score.auroc:.4f}, FPR95 "
+            f"{score.fpr95:.4f} (top probability: {top.auroc:.4f}, {top.fpr95:.4f}); "
+            f"{ood.confident:.1%} of them get p >= 0.9, {ood.confident_unflagged:.1%} of them unflagged",
             highlight=False,
         )
 

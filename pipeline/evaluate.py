@@ -21,7 +21,7 @@ from pipeline.plots import (
 from stages.atomic import atomic_csv, output_folder, write_json
 from stages.conformal import accuracy_at, risk_coverage, set_names
 from stages.errors import PipelineError
-from stages.familiarity import Familiarity, load_familiarity, separation
+from stages.familiarity import Familiarity, Separation, load_familiarity, separation
 from stages.files import IMAGE_EXTENSIONS, class_folders, find_images
 from stages.labels import LabelOptions, recorded_options
 from stages.metrics import ClassificationMetrics, classification_metrics, top_losses
@@ -82,9 +82,7 @@ class EvaluateResult:
     metrics_json: str
     precision: str  # the forward pass's (with --store: the cached features')
     precision_note: str | None  # set when it is not the run's own (an explicit --precision)
-    # threshold, neighbour, reference_images, pass_share, unfamiliar (count and share of the evaluated images), and
-    # with --ood: folder, images, familiarity and top_probability {auroc, fpr95}, confident, confident_unflagged
-    familiarity: dict | None = None
+    familiarity: FamiliarityReport | None = None
     predictions_csv: str | None = None  # every evaluated image: path, true, predicted, probabilities, familiarity
     # per coverage asked (stages.conformal.COVERAGES): {coverage, empirical, mean_size}; None without conformity scores
     coverage: list[dict] | None = None
@@ -471,13 +469,12 @@ def _evaluate(
     familiar = None
     if familiarity is not None:
         flagged = familiarity.unfamiliar(scores)
-        familiar = {
-            **familiarity.summary(),
-            "unfamiliar": int(flagged.sum()),
-            "unfamiliar_share": float(flagged.mean()),
-        }
-        if ood is not None:
-            familiar["ood"] = _unlike_images(model or load_model(run_dir, device=device), ood, scores, probabilities)
+        unlike = (
+            _unlike_images(model or load_model(run_dir, device=device), ood, scores, probabilities) if ood else None
+        )
+        familiar = FamiliarityReport(
+            **familiarity.summary(), unfamiliar=int(flagged.sum()), unfamiliar_share=float(flagged.mean()), ood=unlike
+        )
     sets, coverage = None, None
     if head.conformity.numel():  # prediction sets calibrated on training images (stages.conformal)
         coverage = head.task.coverage_table(probabilities, labels, head.conformity.numpy())
@@ -535,7 +532,33 @@ def _evaluate(
 CONFIDENT = 0.9  # the top probability --ood counts an unlike image as confidently classified at
 
 
-def _unlike_images(model: ImageClassifier, folder: Path, scores: np.ndarray, probabilities: np.ndarray) -> dict:
+@dataclass
+class UnlikeImages:
+    """evaluate --ood: a folder of images unlike the training images against the evaluated ones."""
+
+    folder: str
+    images: int
+    familiarity: Separation  # of the familiarity score
+    top_probability: Separation  # of the top probability, for comparison
+    confident_unflagged: float  # share of them given p >= CONFIDENT and not flagged unfamiliar
+    confident: float  # share of them given p >= CONFIDENT
+
+
+@dataclass
+class FamiliarityReport:
+    """The evaluated images' familiarity (stages.familiarity): the run's threshold, neighbour, reference size and
+    pass share, how many images fell under the threshold, and with --ood the unlike images."""
+
+    threshold: float
+    neighbour: int
+    reference_images: int
+    pass_share: float
+    unfamiliar: int
+    unfamiliar_share: float
+    ood: UnlikeImages | None = None
+
+
+def _unlike_images(model: ImageClassifier, folder: Path, scores: np.ndarray, probabilities: np.ndarray) -> UnlikeImages:
     """The model's familiarity and top probability on a folder of images unlike its training images, each scored by
     how well it separates them from the evaluated images (AUROC, FPR95), and the share of them that the model
     classifies confidently (top probability >= CONFIDENT) without flagging them unfamiliar."""
@@ -547,14 +570,14 @@ def _unlike_images(model: ImageClassifier, folder: Path, scores: np.ndarray, pro
         raise PipelineError(f"--ood {folder}: none of its images could be read; give a folder of other images")
     unlike, top = np.asarray(unlike), np.asarray(top)
     passed = ~model.familiarity.unfamiliar(unlike)
-    return {
-        "folder": str(folder),
-        "images": len(unlike),
-        "familiarity": separation(scores, unlike),
-        "top_probability": separation(probabilities.max(1), top),
-        "confident_unflagged": round(float(((top >= CONFIDENT) & passed).mean()), 4),
-        "confident": round(float((top >= CONFIDENT).mean()), 4),
-    }
+    return UnlikeImages(
+        folder=str(folder),
+        images=len(unlike),
+        familiarity=separation(scores, unlike),
+        top_probability=separation(probabilities.max(1), top),
+        confident_unflagged=round(float(((top >= CONFIDENT) & passed).mean()), 4),
+        confident=round(float((top >= CONFIDENT).mean()), 4),
+    )
 
 
 def _write_evaluated(path, files, labels, probabilities, scores, familiarity, classes, sets) -> None:

@@ -14,6 +14,7 @@ of held-out training images reach (each reference image scored against the other
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -137,11 +138,18 @@ def load_familiarity(run_dir) -> Familiarity | None:
         ) from None
 
 
-def separation(like: np.ndarray, unlike: np.ndarray) -> dict:
+@dataclass(frozen=True)
+class Separation:
     """How well a score (higher: more like the training images) tells images like them from others: the area under
     the ROC curve, and the share of the others that pass where 95% of the like images do (FPR95)."""
+
+    auroc: float
+    fpr95: float
+
+
+def separation(like: np.ndarray, unlike: np.ndarray) -> Separation:
     from sklearn.metrics import roc_auc_score
 
     like, unlike = np.asarray(like, np.float64), np.asarray(unlike, np.float64)
     auroc = roc_auc_score(np.r_[np.ones(len(like)), np.zeros(len(unlike))], np.r_[like, unlike])
-    return {"auroc": round(float(auroc), 4), "fpr95": round(float((unlike >= np.quantile(like, 0.05)).mean()), 4)}
+    return Separation(round(float(auroc), 4), round(float((unlike >= np.quantile(like, 0.05)).mean()), 4))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bench.synthetic import separable_features
-from stages.familiarity import Familiarity, fit_familiarity, separation
+from stages.familiarity import Familiarity, Separation, fit_familiarity, separation
 from stages.head import TensorRows
 
 
@@ -22,7 +22,7 @@ def test_the_threshold_passes_the_chosen_share_of_unseen_like_images_and_flags_u
     assert 0.92 <= passed.mean() <= 0.98, passed.mean()
     assert familiarity.unfamiliar(familiarity(torch.from_numpy(unlike[0]))).mean() > 0.99
     scores = familiarity(torch.from_numpy(np.r_[fresh, unlike[0]])).numpy()
-    assert separation(scores[:2000], scores[2000:])["auroc"] > 0.99
+    assert separation(scores[:2000], scores[2000:]).auroc > 0.99
 
 
 def test_every_training_image_in_the_reference_is_scored_without_itself():
@@ -49,5 +49,5 @@ def test_the_reference_is_bounded_and_survives_its_state_dict():
 
 
 def test_separation_is_perfect_only_when_every_unlike_image_scores_lower():
-    assert separation([0.9, 0.8, 0.7], [0.1, 0.2]) == {"auroc": 1.0, "fpr95": 0.0}
-    assert separation([0.5, 0.6], [0.55, 0.9])["auroc"] == pytest.approx(0.25)
+    assert separation([0.9, 0.8, 0.7], [0.1, 0.2]) == Separation(auroc=1.0, fpr95=0.0)
+    assert separation([0.5, 0.6], [0.55, 0.9]).auroc == pytest.approx(0.25)

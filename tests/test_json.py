@@ -98,6 +98,7 @@ def test_train_head_lr_find_evaluate_predict_export(trained, tmp_path):
         "pass_share",
         "unfamiliar",
         "unfamiliar_share",
+        "ood",  # null without --ood
     }
     predicted = run_json("predict", head, data / "valid" / "a", "--tta")
     assert keys(predicted) == {
