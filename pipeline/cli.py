@@ -510,6 +510,11 @@ def train_head_cmd(
         None, "--out", help="Run directory (a grid writes one subdirectory per run)."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace runs already in --out (refused otherwise)."),
+    familiar_share: float = typer.Option(
+        0.95,
+        help="Of held-out training images, the share that must pass as familiar: images under the threshold this "
+        "sets are flagged unfamiliar by predict and evaluate (0.5 to 0.999).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the leaderboard as JSON."),
 ):
     """Train heads on cached features: the epoch table per run, then a leaderboard when several run."""
@@ -534,9 +539,8 @@ def train_head_cmd(
     console = err if as_json else out
     kept = f"runs finished before it are in {out_dir}; nothing else was written"
     with FeatureStore(store) as opened, on_interrupt(kept):
-        cached = load_cached_features(
-            opened, set_name, max_memory, LabelOptions(labels, label_pattern, label_delim, task=task)
-        )
+        label_options = LabelOptions(labels, label_pattern, label_delim, task=task)
+        cached = load_cached_features(opened, set_name, max_memory, label_options, familiar_share)
         score = cached.task.primary
         epochs_table = EpochTable(console, score=score)
         strengths_table = EpochTable(console, EpochTable.STRENGTHS, score=score)

@@ -18,8 +18,8 @@ from pipeline.plots import plot_cv_path, plot_lr_find, plot_training_curves
 from pipeline.runtime import cpu_count, torch_threads
 from stages.atomic import check_replaceable, locked_output, output_folder, published_folder
 from stages.calibration import image_folds
-from stages.errors import PipelineError
-from stages.familiarity import Familiarity, fit_familiarity
+from stages.errors import PipelineError, check_range
+from stages.familiarity import PASS_SHARE, Familiarity, fit_familiarity
 from stages.head import (
     Head,
     LrFindResult,
@@ -67,6 +67,7 @@ class CachedFeatures:
     memory_limit: int
     excluded: frozenset[str] = frozenset()  # train images (paths in the store) no head is fitted on
     labels: dict | None = None  # which labelling the heads learn: label_source, label_origin, label_digest
+    familiar_share: float = PASS_SHARE  # of held-out training images, the share the familiarity threshold passes
 
     @property
     def classes(self) -> list[str]:
@@ -80,7 +81,7 @@ class CachedFeatures:
     def familiarity(self) -> Familiarity:
         """How like the training images an image is (stages.familiarity): from the plain views heads are fitted on,
         shared by every run of a grid."""
-        return fit_familiarity(self.train_rows(0))
+        return fit_familiarity(self.train_rows(0), pass_share=self.familiar_share)
 
     def excluding(self, paths: set[str]) -> CachedFeatures:
         """The same features with these train images left out of every fit."""
@@ -104,10 +105,16 @@ class CachedFeatures:
 
 
 def load_cached_features(
-    store: FeatureStore, set_name: str | None = None, max_memory: str = "4G", labels: LabelOptions | None = None
+    store: FeatureStore,
+    set_name: str | None = None,
+    max_memory: str = "4G",
+    labels: LabelOptions | None = None,
+    familiar_share: float = PASS_SHARE,
 ) -> CachedFeatures:
     """Open the train (all views) and valid (view 0) splits; in memory when they fit under max_memory. With
-    `labels`, under another labelling of the same images (no featurize): a table or a pattern over stored paths."""
+    `labels`, under another labelling of the same images (no featurize): a table or a pattern over stored paths.
+    `familiar_share`: of held-out training images, the share the runs' familiarity threshold lets pass."""
+    check_range("--familiar-share", familiar_share, 0.5, 0.999)
     feature_set = store.feature_set(set_name)
     if "train" not in feature_set.splits:
         raise PipelineError(
@@ -128,7 +135,16 @@ def load_cached_features(
         plain = select_rows(feature_set.column("valid", "view"), 0)
         valid = feature_set.rows("valid", plain, fits_in_memory(feature_set.features("valid"), limit), block)
     views_in_store = int(feature_set.attrs.get("views", 0))
-    return CachedFeatures(store.path, feature_set, train, valid, views_in_store, limit, labels=feature_set.labelling)
+    return CachedFeatures(
+        store.path,
+        feature_set,
+        train,
+        valid,
+        views_in_store,
+        limit,
+        labels=feature_set.labelling,
+        familiar_share=familiar_share,
+    )
 
 
 def save_head_run(

@@ -39,11 +39,14 @@ SCORE_BLOCK_ROWS = 1024
 class Familiarity(nn.Module):
     """Features (N, D) in, familiarity scores (N,) out; `unfamiliar` says which fall under the threshold."""
 
-    def __init__(self, reference: torch.Tensor, threshold: float, neighbour: int = NEIGHBOUR):
+    def __init__(
+        self, reference: torch.Tensor, threshold: float, neighbour: int = NEIGHBOUR, pass_share: float = PASS_SHARE
+    ):
         super().__init__()
         self.register_buffer("reference", reference.to(torch.float16))
         self.register_buffer("threshold", torch.tensor(float(threshold)))
         self.register_buffer("neighbour", torch.tensor(int(neighbour)))
+        self.register_buffer("pass_share", torch.tensor(float(pass_share)))
         self.k = min(int(neighbour), len(reference))  # a plain int: an exported graph's TopK takes a constant
         self._float32: torch.Tensor | None = None
 
@@ -60,7 +63,8 @@ class Familiarity(nn.Module):
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor]) -> Familiarity:
         """Rebuilt from its state_dict (stages.rundir keeps it beside the head); a missing tensor is a KeyError."""
-        return cls(state["reference"], float(state["threshold"]), int(state["neighbour"]))
+        share = float(state["pass_share"]) if "pass_share" in state else PASS_SHARE
+        return cls(state["reference"], float(state["threshold"]), int(state["neighbour"]), share)
 
     def unfamiliar(self, scores: torch.Tensor | np.ndarray) -> np.ndarray:
         return np.asarray(scores) < float(self.threshold)
@@ -70,7 +74,7 @@ class Familiarity(nn.Module):
             "threshold": round(float(self.threshold), 6),
             "neighbour": self.k,
             "reference_images": len(self.reference),
-            "pass_share": PASS_SHARE,
+            "pass_share": round(float(self.pass_share), 6),
         }
 
 
@@ -91,12 +95,14 @@ def fit_familiarity(
     others = np.setdiff1d(np.arange(rows.num_rows), chosen)
     if len(others):  # images outside the reference: held out as they are
         held = np.sort(rng.choice(others, min(THRESHOLD_ROWS, len(others)), replace=False))
-        return familiarity_of(reference, torch.cat([x.clone() for x, _ in rows.select(rows.rows[held]).whole_pass()]))
+        held_rows = torch.cat([x.clone() for x, _ in rows.select(rows.rows[held]).whole_pass()])
+        return familiarity_of(reference, held_rows, pass_share)
     # every image in it: each scored against the others (its own row left out)
     familiarity = familiarity_of(reference, None)
     held = np.sort(rng.choice(len(reference), min(THRESHOLD_ROWS, len(reference)), replace=False))
     scores = _left_out_scores(familiarity.reference.float(), held, familiarity.k)
-    return Familiarity(familiarity.reference, float(np.quantile(scores.numpy(), 1 - pass_share)), familiarity.k)
+    threshold = float(np.quantile(scores.numpy(), 1 - pass_share))
+    return Familiarity(familiarity.reference, threshold, familiarity.k, pass_share)
 
 
 def familiarity_of(reference: torch.Tensor, held: torch.Tensor | None, pass_share: float = PASS_SHARE) -> Familiarity:
@@ -107,7 +113,7 @@ def familiarity_of(reference: torch.Tensor, held: torch.Tensor | None, pass_shar
     if held is None or not len(held):
         return familiarity
     scores = torch.cat([familiarity(held[i : i + SCORE_BLOCK_ROWS]) for i in range(0, len(held), SCORE_BLOCK_ROWS)])
-    return Familiarity(familiarity.reference, float(np.quantile(scores.numpy(), 1 - pass_share)), k)
+    return Familiarity(familiarity.reference, float(np.quantile(scores.numpy(), 1 - pass_share)), k, pass_share)
 
 
 def _left_out_scores(reference: torch.Tensor, held: np.ndarray, k: int) -> torch.Tensor:

@@ -51,3 +51,14 @@ def test_the_reference_is_bounded_and_survives_its_state_dict():
 def test_separation_is_perfect_only_when_every_unlike_image_scores_lower():
     assert separation([0.9, 0.8, 0.7], [0.1, 0.2]) == Separation(auroc=1.0, fpr95=0.0)
     assert separation([0.5, 0.6], [0.55, 0.9]).auroc == pytest.approx(0.25)
+
+
+def test_the_share_that_passes_is_chosen_and_kept():
+    features, labels, _ = separable_features(3000, dim=16, classes=3, seed=4, dtype=np.float32, noise=3.0)
+    rows = rows_of(features[:2000], labels[:2000])
+    strict, lenient = fit_familiarity(rows, pass_share=0.8), fit_familiarity(rows, pass_share=0.99)
+    assert float(lenient.threshold) < float(strict.threshold)
+    fresh = torch.from_numpy(features[2000:])
+    assert (~lenient.unfamiliar(lenient(fresh))).mean() > 0.95 > (~strict.unfamiliar(strict(fresh))).mean() > 0.7
+    again = Familiarity.from_state(lenient.state_dict())
+    assert again.summary()["pass_share"] == 0.99 and again.summary() == lenient.summary()
