@@ -2,7 +2,7 @@
 
 The score is the cosine similarity of an image's features to those of its k-th nearest training image (deep nearest
 neighbours, Sun et al. 2022; OpenOOD v1.5 ranks it among the best post-hoc scores): higher is more familiar. Measured
-on the cached features (bench familiarity): a dogscats head against flowers5 photos, AUROC 0.999 and FPR95 0.000
+on the cached features (bench predictions): a dogscats head against flowers5 photos, AUROC 0.999 and FPR95 0.000
 where the top probability gives 0.973 and 0.158; a flowers5 head against dogscats photos, 1.000 and 0.000 where the
 top probability gives 0.47 (a flowers head is as sure of a cat as of a tulip). A class-conditional Mahalanobis
 distance scored the same here but needs a D x D matrix and an inverse; the nearest neighbours need only rows.
