@@ -391,17 +391,6 @@ def store_repair(
     out.print(f"rewrote the root of {result.store}: {result.partitions} partition(s) mapped", highlight=False)
 
 
-def _split_list(option: str, text: str, convert) -> list:
-    """'1e-3,1e-2' -> [0.001, 0.01]; a clear error names the option."""
-    try:
-        values = [convert(part.strip()) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise PipelineError(f"{option} {text!r} is not a comma-separated list of {convert.__name__} values") from None
-    if not values:
-        raise PipelineError(f"{option} is empty; give at least one value")
-    return values
-
-
 class EpochTable:
     """fast.ai's per-epoch table, printed row by row as epochs end (logreg: a row per L2 strength tried)."""
 
@@ -518,23 +507,13 @@ def train_head_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the leaderboard as JSON."),
 ):
     """Train heads on cached features: the epoch table per run, then a leaderboard when several run."""
-    from pipeline.train_head import default_out, expand_grid, load_cached_features, train_grid
+    from pipeline.train_head import default_out, grid_from_options, load_cached_features, train_grid
     from stages.head import TrainConfig
     from stages.labels import LabelOptions
     from store import FeatureStore
 
-    auto = lr.strip() == "auto"
     base = _options(TrainConfig, locals(), leave=GRID_OPTIONS)
-    l2s = [None] if l2.strip() == "auto" else _split_list("--l2", l2, float)
-    configs = expand_grid(
-        _split_list("--head", head, str),
-        [1.0] if auto else _split_list("--lr", lr, float),
-        _split_list("--wd", wd, float),
-        _split_list("--epochs", epochs, int),
-        _split_list("--views", views, int),
-        base,
-        l2s,
-    )
+    configs, auto = grid_from_options(base, head, lr, wd, epochs, views, l2)
     out_dir = out_dir or default_out()
     console = err if as_json else out
     kept = f"runs finished before it are in {out_dir}; nothing else was written"

@@ -208,6 +208,35 @@ def _named(figures: dict, classes: list[str]) -> dict:
     }
 
 
+def grid_from_options(
+    base: TrainConfig, head: str, lr: str, wd: str, epochs: str, views: str, l2: str
+) -> tuple[list[TrainConfig], bool]:
+    """train-head's options as typed (comma lists such as 'logreg,linear' or '1e-3,1e-2'; 'auto' for --lr and --l2):
+    every run of the grid, and whether --lr auto asks for lr-find's suggestion (each AdamW run's rate, found later)."""
+    auto = lr.strip() == "auto"
+    configs = expand_grid(
+        split_list("--head", head, str),
+        [1.0] if auto else split_list("--lr", lr, float),
+        split_list("--wd", wd, float),
+        split_list("--epochs", epochs, int),
+        split_list("--views", views, int),
+        base,
+        [None] if l2.strip() == "auto" else split_list("--l2", l2, float),
+    )
+    return configs, auto
+
+
+def split_list(option: str, text: str, convert) -> list:
+    """'1e-3,1e-2' -> [0.001, 0.01]; a clear error names the option."""
+    try:
+        values = [convert(part.strip()) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise PipelineError(f"{option} {text!r} is not a comma-separated list of {convert.__name__} values") from None
+    if not values:
+        raise PipelineError(f"{option} is empty; give at least one value")
+    return values
+
+
 def expand_grid(
     heads: list[str],
     lrs: list,
