@@ -247,20 +247,14 @@ def store_info(
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ):
     """Show the feature sets of a store: backbone, weights, preprocessing, splits, counts, classes, size."""
-    from store import FeatureStore, verify_store
+    from pipeline.store_tools import check_undamaged, describe_store
 
-    with FeatureStore(store) as opened:
-        info = opened.info()
-        if verify:
-            info["verification"] = verify_store(opened)
+    info = describe_store(store, verify)
     if as_json:
         _print_json(info)
     else:
         _print_store_info(info)
-    damaged = [d for d in info.get("verification", []) if d["damage"]]
-    if damaged:
-        where = "; ".join(f"{d['set']} {d['split']}: {d['damage']}" for d in damaged)
-        raise PipelineError(f"store {store} is damaged ({where[:300]}); featurize again to recompute the damaged rows")
+    check_undamaged(store, info)
     unchecked = [f"{d['set']} {d['split']}" for d in info.get("verification", []) if d.get("unchecked")]
     if verify and not as_json:
         out.print(
@@ -308,14 +302,10 @@ def store_compact(
 ):
     """Reclaim the bytes of removed and changed files' rows and merge small partitions, rewriting those partitions
     alone (a featurize does the same after each update); readers keep the snapshot they opened."""
-    from stages.errors import check_range
-    from store import Store
+    from pipeline.store_tools import compact_store
 
-    check_range("--dead-share", dead_share, 0.0, 1.0)
-    opened = Store(store)
-    opened.check()  # a clear error when it is no store
-    with opened.lock(), on_interrupt(f"the store {store} is as it was, or compacted: either whole"):
-        result = opened.compact(max(dead_share, 1e-9))
+    with on_interrupt(f"the store {store} is as it was, or compacted: either whole"):
+        result = compact_store(store, dead_share)
     if as_json:
         _print_json(result)
         return
