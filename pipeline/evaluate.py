@@ -108,7 +108,7 @@ def predict(
     if top_k < 1:
         raise PipelineError(f"--top-k {top_k} is out of range; give 1 or more")
     if coverage is not None:  # refused before any decoding when the head cannot
-        model.head.prediction_sets(np.full((1, len(model.classes)), 1 / len(model.classes)), coverage)
+        model.head.coverage_cut(coverage)
     if out is not None and out.suffix not in (".csv", ".json"):
         raise PipelineError(f"--out {out} must end in .csv or .json")
     files = expand_inputs(inputs)

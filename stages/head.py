@@ -90,6 +90,7 @@ class Head(nn.Module):
         # Its task's conformity scores on its calibration images (stages.tasks, stages.conformal): what prediction
         # sets are calibrated on; empty for a kind without sets, or a head trained before heads kept them.
         self.register_buffer("conformity", torch.zeros(0))
+        self._cuts: dict[float, object] = {}  # coverage -> its cut, worked out from the conformity scores once
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.standardize(features.float())) / self.temperature
@@ -120,18 +121,26 @@ class Head(nn.Module):
         key = prefix + "conformity"
         if key in state_dict:  # as many scores as its calibration had images: the loaded head takes their number
             self.conformity = torch.empty_like(state_dict[key])
+            self._cuts.clear()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def prediction_sets(self, probabilities: np.ndarray, coverage: float) -> np.ndarray:
-        """(N, C) booleans: each image's classes at that coverage (stages.conformal); an error for a head without
-        conformity scores (a numeric head, one trained with --no-calibrate or before heads kept them)."""
+    def coverage_cut(self, coverage: float):
+        """The task's cut for prediction sets at that coverage (stages.conformal), worked out once per coverage; an
+        error for a head without conformity scores (a numeric head, one trained with --no-calibrate or before heads
+        kept them)."""
         check_range("--coverage", coverage, 1e-6, 1 - 1e-6)
         if not self.conformity.numel():
             raise PipelineError(
                 "--coverage needs a single- or multi-label head trained with calibration (it keeps the scores "
                 "prediction sets are calibrated on): train it again without --no-calibrate"
             )
-        return self.task.prediction_sets(probabilities, self.conformity.numpy(), coverage)
+        if coverage not in self._cuts:
+            self._cuts[coverage] = self.task.coverage_cut(self.conformity.numpy(), coverage)
+        return self._cuts[coverage]
+
+    def prediction_sets(self, probabilities: np.ndarray, coverage: float) -> np.ndarray:
+        """(N, C) booleans: each image's classes at that coverage."""
+        return self.task.sets_at(probabilities, self.coverage_cut(coverage))
 
 
 @dataclass
@@ -554,6 +563,7 @@ def settle(head: Head, raw: torch.Tensor, targets: torch.Tensor) -> None:
     scores = head.task.conformity(head.task.activation(raw / head.temperature).numpy(), targets.numpy())
     if scores is not None:
         head.conformity = torch.from_numpy(scores)
+        head._cuts.clear()
     if head.task.name == "multi":
         probabilities = head.task.activation(raw / head.temperature)
         head.thresholds.copy_(torch.from_numpy(best_thresholds(probabilities.numpy(), targets.numpy())))

@@ -70,8 +70,12 @@ class Task:
         this kind gives no sets."""
         return None
 
-    def prediction_sets(self, activated: np.ndarray, conformity: np.ndarray, coverage: float) -> np.ndarray:
-        """(N, C) booleans: each image's set of classes at that coverage."""
+    def coverage_cut(self, conformity: np.ndarray, coverage: float):
+        """What a set is cut at for that coverage, from the calibration's conformity scores (once per coverage)."""
+        raise NotImplementedError
+
+    def sets_at(self, activated: np.ndarray, cut) -> np.ndarray:
+        """(N, C) booleans: each image's set of classes at a coverage_cut."""
         raise NotImplementedError
 
     def coverage_table(self, activated: np.ndarray, targets: np.ndarray, conformity: np.ndarray) -> list[dict]:
@@ -116,8 +120,11 @@ class SingleLabel(Task):
     def conformity(self, activated: np.ndarray, targets: np.ndarray) -> np.ndarray:
         return np.sort(conformal.aps_scores(activated, targets)).astype(np.float32)  # APS: adaptive sets
 
-    def prediction_sets(self, activated: np.ndarray, conformity: np.ndarray, coverage: float) -> np.ndarray:
-        return conformal.prediction_sets(activated, conformal.threshold(conformity, coverage))
+    def coverage_cut(self, conformity: np.ndarray, coverage: float) -> float:
+        return conformal.threshold(conformity, coverage)
+
+    def sets_at(self, activated: np.ndarray, cut: float) -> np.ndarray:
+        return conformal.prediction_sets(activated, cut)
 
     def coverage_table(self, activated: np.ndarray, targets: np.ndarray, conformity: np.ndarray) -> list[dict]:
         return conformal.coverage_table(activated, targets, conformity)
@@ -212,8 +219,11 @@ class MultiLabel(Task):
     def conformity(self, activated: np.ndarray, targets: np.ndarray) -> np.ndarray:
         return conformal.class_scores(activated, targets)  # per class, on the images that carry it
 
-    def prediction_sets(self, activated: np.ndarray, conformity: np.ndarray, coverage: float) -> np.ndarray:
-        return np.asarray(activated) >= conformal.class_thresholds(conformity, coverage)
+    def coverage_cut(self, conformity: np.ndarray, coverage: float) -> np.ndarray:
+        return conformal.class_thresholds(conformity, coverage)
+
+    def sets_at(self, activated: np.ndarray, cut: np.ndarray) -> np.ndarray:
+        return np.asarray(activated) >= cut
 
     def coverage_table(self, activated: np.ndarray, targets: np.ndarray, conformity: np.ndarray) -> list[dict]:
         return conformal.class_coverage_table(activated, targets, conformity)
