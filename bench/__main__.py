@@ -737,15 +737,16 @@ def bench_finetune(quick: bool) -> dict:
     import torch
 
     from stages.backbones import BF16_TRAINING_SPEEDUP, cpu_has_bf16, create_backbone
-    from stages.finetune import FinetuneConfig, Finetuner
+    from stages.finetune import Finetuner
     from stages.head import Head
+    from stages.settings import FinetuneConfig, HeadSpec
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     seconds = 3 if quick else 20
 
     def steps_per_second(size: int, channels_last: bool, precision: str) -> float:
         backbone = create_backbone()
-        head = Head.from_spec({"head": "linear", "feature_dim": 1280, "num_classes": 5, "hidden": 0, "dropout": 0.0})
+        head = Head.from_spec(HeadSpec("linear", 1280, 5, 0, 0.0))
         tuner = Finetuner(backbone, head, FinetuneConfig(precision=precision), "cpu", Path(tempfile.mkdtemp()))
         if not channels_last:
             tuner.model.to(memory_format=torch.contiguous_format)

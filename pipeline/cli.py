@@ -698,7 +698,7 @@ def finetune(
 
     cfg = _options(FinetuneConfig, locals())
     out_dir = out_dir or Path("runs") / f"ft-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    score = TASKS[read_config(head_dir).head.get("task", "single")].primary
+    score = TASKS[read_config(head_dir).head.task].primary
     table = EpochTable(err if as_json else out, score=score)
     if launched_ranks().leader:
         table.header()

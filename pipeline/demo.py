@@ -61,8 +61,8 @@ def run_demo(
     from pipeline.evaluate import evaluate, predict
     from pipeline.featurize import FeaturizeOptions, featurize
     from pipeline.train_head import find_lr, load_cached_features, train_grid
-    from stages.head import TrainConfig
     from stages.model import load_model
+    from stages.settings import TrainConfig
     from store import FeatureStore
 
     data = make_demo_images(out_dir / "data")

@@ -303,7 +303,7 @@ def evaluate(
         raise PipelineError("--precision applies to the backbone; drop it with --store (the features are cached)")
     if split_dir is None and store is None:
         raise PipelineError("give a SPLIT_DIR of class folders, or --store STORE to evaluate a split it holds")
-    task = read_config(run_dir).head.get("task", "single")
+    task = read_config(run_dir).head.task
     if ood is not None and (not ood.is_dir() or task != "single"):
         raise PipelineError(
             f"--ood {ood} is not a folder; give a folder of images unlike the training images"

@@ -26,7 +26,7 @@ from stages.decode import batch_memory_bytes, resolve_device
 from stages.errors import PipelineError, check_memory
 from stages.familiarity import Familiarity
 from stages.files import scan_dataset
-from stages.finetune import FinetuneConfig, Finetuner, read_checkpoint
+from stages.finetune import Finetuner, read_checkpoint
 from stages.head import Head, load_head
 from stages.labels import recorded_options
 from stages.model import backbone_for
@@ -42,6 +42,7 @@ from stages.rundir import (
     write_run,
     write_weights,
 )
+from stages.settings import FinetuneConfig, FinetuneSettings
 from store import FeatureStore
 
 Images = tuple[list[str], np.ndarray]  # file paths and their labels
@@ -275,7 +276,7 @@ def save(
             kind="finetune",
             head=head.head,
             classes=head.classes,
-            train={**run.cfg.to_dict(), "head": head.head["head"], "from_head": str(head_dir)},
+            train=FinetuneSettings(**run.cfg.to_dict(), head=head.head.head, from_head=str(head_dir)),
             feature_set=TrainedOn(
                 head.feature_set.identity.with_weights(file_sha256(staging / BACKBONE_WEIGHTS)),
                 weights_path=str((out / BACKBONE_WEIGHTS).resolve()),

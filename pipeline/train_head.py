@@ -24,7 +24,6 @@ from stages.head import (
     Head,
     LrFindResult,
     Rows,
-    TrainConfig,
     evaluate_head,
     fits_in_memory,
     lr_find,
@@ -49,6 +48,7 @@ from stages.rundir import (
     rank_runs,
     write_run,
 )
+from stages.settings import TrainConfig
 from stages.tasks import TASKS, Task
 from store import FeatureSet, FeatureStore
 
@@ -164,7 +164,7 @@ def save_head_run(
         head=head.spec(),
         classes=cached.classes,
         labels=cached.labels,
-        train=cfg.to_dict(),
+        train=cfg,
         feature_set=TrainedOn(
             features.identity, str(cached.store.resolve()), features.name, features.attrs.get("weights_path")
         ),
@@ -392,7 +392,7 @@ def refit_head(run_dir: Path, config: RunConfig, exclude: set[str], threads: int
             "needed to fit the head again without the calibration images; restore it, or pass --calibration-pct 0 "
             "to keep the head's temperature"
         )
-    cfg = replace(TrainConfig(**config.train), calibrate=False)
+    cfg = replace(config.train, calibrate=False)
     with FeatureStore(Path(store)) as opened:
         cached = load_cached_features(opened, config.feature_set.set, labels=recorded_options(config.labels))
         check_compatible(config, cached.feature_set.identity, cached.feature_set.name, run_dir)

@@ -18,6 +18,7 @@ from torch import nn
 
 from stages.atomic import write_json
 from stages.errors import PipelineError
+from stages.settings import PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -433,9 +434,6 @@ def _build_entry(entry: BackboneEntry, path: Path) -> FeatureExtractor:
         state = entry.remap(state, model)
     load_checked(model, state, str(path))
     return finish(model)
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def cpu_has_bf16() -> bool:

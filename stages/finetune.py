@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,72 +14,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.atomic import atomic_output
-from stages.backbones import PRECISIONS, Backbone
+from stages.backbones import Backbone
 from stages.decode import Augmentation, ImageDecoder
-from stages.errors import SEED_MAX, PipelineError, check_range
+from stages.errors import PipelineError
 from stages.familiarity import Familiarity, familiarity_of
 from stages.files import read_image_file
 from stages.head import SINGLE, Head, make_scheduler, settle
 from stages.ranks import Ranks
 from stages.rundir import CHECKPOINT
+from stages.settings import FinetuneConfig
 from stages.tasks import Task
 
-UNFREEZE = ("all", "late", "gradual")
 # Training images a fine-tuned model's familiarity reference is made of (a seeded sample; each is decoded and run
 # through the fine-tuned backbone once more: about 40 s on 2 cores for this many).
 FAMILIARITY_IMAGES = 4000
-
-
-@dataclass
-class FinetuneConfig:
-    """Hyperparameters of a fine-tuning run."""
-
-    epochs: int = 4
-    lr: float = 1e-3
-    lr_mult: float = 10.0
-    wd: float = 1e-4
-    unfreeze: str = "all"
-    train_bn: bool = False
-    batch_size: int = 32
-    seed: int = 0
-    precision: str = "fp32"
-    clip: float = 1.0
-    label_smoothing: float = 0.1  # measured on flowers5: 81.5 % vs 79.8 %, worst mistake p 0.969 vs 0.9996
-    crop_area: float = 0.8  # smallest area of a random-resized crop (measured on flowers5: 0.8 beat 0.5)
-    train_size: int | None = None  # side of the training crops; None: the backbone's input size
-    keep_best: bool = True  # end with the best epoch's weights by valid accuracy, the start included
-    calibration_pct: float = 0.1  # train images left out of the head and of fine-tuning, for the temperature
-
-    def validate(self) -> None:
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise PipelineError(f"--lr {self.lr} is out of range; give a positive learning rate such as 1e-3")
-        if self.lr_mult < 1:
-            raise PipelineError(f"--lr-mult {self.lr_mult} is out of range; give 1 or more (100 spreads rates 100x)")
-        if self.unfreeze not in UNFREEZE:
-            raise PipelineError(f"--unfreeze {self.unfreeze!r} is not one of {', '.join(UNFREEZE)}")
-        if self.precision not in PRECISIONS:
-            raise PipelineError(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        if not 0 <= self.label_smoothing < 1:
-            raise PipelineError(f"--label-smoothing {self.label_smoothing} is out of range; give a fraction in [0, 1)")
-        if not 0 < self.crop_area <= 1:
-            raise PipelineError(f"--crop-area {self.crop_area} is out of range; give a fraction in (0, 1]")
-        if not 0 <= self.calibration_pct <= 0.5:
-            raise PipelineError(
-                f"--calibration-pct {self.calibration_pct} is out of range; give a fraction in [0, 0.5] (0 keeps "
-                "the head's temperature)"
-            )
-        if self.train_size is not None:
-            check_range("--train-size", self.train_size, 32, 1024)
-        for option, value, low, high in (
-            ("--epochs", self.epochs, 1, 10_000),
-            ("--batch-size", self.batch_size, 1, 4096),
-            ("--wd", self.wd, 0, None),
-            ("--seed", self.seed, 0, SEED_MAX),
-        ):
-            check_range(option, value, low, high)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class FullModel(nn.Module):

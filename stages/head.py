@@ -12,13 +12,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from stages.errors import SEED_MAX, PipelineError, check_range
+from stages.errors import PipelineError, check_range
 from stages.rundir import HEAD_WEIGHTS, RunConfig, read_config, read_weights
+from stages.settings import HeadSpec, TrainConfig
 from stages.tasks import TASKS, Task, best_thresholds
 
 SINGLE = TASKS["single"]
-
-SCHEDULES = ("onecycle", "cosine", "constant")
 
 
 class Standardize(nn.Module):
@@ -102,20 +101,12 @@ class Head(nn.Module):
     def last_layer(self) -> nn.Linear:
         return self.classifier if isinstance(self.classifier, nn.Linear) else self.classifier[-1]
 
-    def spec(self) -> dict:
-        spec = {
-            "head": self.kind,
-            "feature_dim": self.feature_dim,
-            "num_classes": self.num_classes,
-            "hidden": self.hidden,
-            "dropout": self.dropout,
-        }
-        return spec | ({"task": self.task.name} if self.task.name != "single" else {})
+    def spec(self) -> HeadSpec:
+        return HeadSpec(self.kind, self.feature_dim, self.num_classes, self.hidden, self.dropout, self.task.name)
 
     @classmethod
-    def from_spec(cls, spec: dict) -> Head:
-        dims = (spec["head"], spec["feature_dim"], spec["num_classes"], spec["hidden"], spec["dropout"])
-        return cls(*dims, task=spec.get("task", "single"))
+    def from_spec(cls, spec: HeadSpec) -> Head:
+        return cls(spec.head, spec.feature_dim, spec.num_classes, spec.hidden, spec.dropout, task=spec.task)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "conformity"
@@ -141,55 +132,6 @@ class Head(nn.Module):
     def prediction_sets(self, probabilities: np.ndarray, coverage: float) -> np.ndarray:
         """(N, C) booleans: each image's classes at that coverage."""
         return self.task.sets_at(probabilities, self.coverage_cut(coverage))
-
-
-@dataclass
-class TrainConfig:
-    """Hyperparameters of one head run (logreg uses l2, folds and views; the AdamW heads the rest)."""
-
-    head: str = "logreg"
-    epochs: int = 3
-    lr: float = 1e-2
-    wd: float = 1e-4
-    batch_size: int = 256
-    schedule: str = "onecycle"
-    seed: int = 0
-    views: int = 0
-    hidden: int = 512
-    dropout: float = 0.5
-    l2: float | None = None  # logreg's L2 strength; None: chosen by k-fold cross-validation on train
-    calibrate: bool = True  # fit a temperature on out-of-fold logits of the training split
-    folds: int = 5
-
-    def validate(self, views_in_store: int) -> None:
-        if self.head not in HEADS:
-            raise PipelineError(f"--head {self.head!r} is not one of {', '.join(HEADS)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise PipelineError(f"--lr {self.lr} is out of range; give a positive learning rate such as 1e-2")
-        if self.wd < 0:
-            raise PipelineError(f"--wd {self.wd} is out of range; give a weight decay >= 0")
-        for option, value, low, high in (
-            ("--epochs", self.epochs, 1, 100_000),
-            ("--batch-size", self.batch_size, 1, 2**24),
-            ("--seed", self.seed, 0, SEED_MAX),
-            ("--hidden", self.hidden, 1, 2**16),
-        ):
-            check_range(option, value, low, high)
-        if self.schedule not in SCHEDULES:
-            raise PipelineError(f"--schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
-        if not 0 <= self.dropout < 1:
-            raise PipelineError(f"--dropout {self.dropout} is out of range; give a fraction in [0, 1)")
-        if self.l2 is not None and not (self.l2 >= 0 and math.isfinite(self.l2)):
-            raise PipelineError(f"--l2 {self.l2} is out of range; give auto or a strength >= 0 such as 0.1")
-        check_range("--folds", self.folds, 2, 100)
-        if self.views < 0 or self.views > views_in_store:
-            raise PipelineError(
-                f"--views {self.views} is more than the store holds ({views_in_store} augmented "
-                f"views per image); featurize with --views {self.views} or ask for fewer"
-            )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def parse_size(text: str) -> int:

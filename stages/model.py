@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.backbones import PRECISIONS, REGISTRY, Backbone, create_backbone
+from stages.backbones import REGISTRY, Backbone, create_backbone
 from stages.conformal import set_names
 from stages.decode import ImageDecoder, resolve_device
 from stages.errors import PipelineError
@@ -19,6 +19,7 @@ from stages.files import read_image_file
 from stages.head import Head, load_head
 from stages.rundir import RunConfig, TrainedOn
 from stages.runner import FeatureRunner
+from stages.settings import PRECISIONS
 
 
 @dataclass

@@ -19,6 +19,7 @@ from pathlib import Path
 from stages.atomic import write_json
 from stages.errors import PipelineError
 from stages.identity import BACKBONE_FIELDS, FeatureSetIdentity
+from stages.settings import FinetuneSettings, HeadSpec, TrainConfig, known_fields
 
 CONFIG = "config.json"
 METRICS = "metrics.json"
@@ -96,9 +97,9 @@ class RunConfig:
     rebuilds, evaluates or lists a run uses."""
 
     kind: str  # "head" or "finetune"
-    head: dict  # the head's spec (stages.head.Head.spec): head, feature_dim, num_classes, hidden, dropout
+    head: HeadSpec
     classes: list[str]
-    train: dict  # the settings as run: a TrainConfig's, or a FinetuneConfig's with head and from_head
+    train: TrainConfig | FinetuneSettings  # the settings as run (a head's, or a fine-tune's)
     feature_set: TrainedOn
     created: str
     # The precision the run's reported metrics were measured in, and so the one it is served in (load_model,
@@ -110,7 +111,9 @@ class RunConfig:
 
     def to_json(self) -> dict:
         return {
-            **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "feature_set"},
+            **{f.name: getattr(self, f.name) for f in fields(self)},
+            "head": self.head.to_json(),
+            "train": self.train.to_dict(),
             "feature_set": self.feature_set.to_dict(),
         }
 
@@ -118,11 +121,13 @@ class RunConfig:
     def from_json(cls, config: dict) -> RunConfig:
         """From config.json's content, already checked (check_config)."""
         feature_set = TrainedOn.from_dict(config["feature_set"])
+        kind = config.get("kind", "head")
+        settings = TrainConfig if kind == "head" else FinetuneSettings
         return cls(
-            kind=config.get("kind", "head"),
-            head=config["head"],
+            kind=kind,
+            head=HeadSpec.from_json(config["head"]),
             classes=config["classes"],
-            train=config.get("train", {}),
+            train=settings(**known_fields(settings, config.get("train", {}))),
             feature_set=feature_set,
             created=config.get("created", ""),
             precision=config.get("precision") or feature_set.identity.precision,  # runs written before it was kept
@@ -132,7 +137,7 @@ class RunConfig:
     @property
     def settings(self) -> dict:
         """What a leaderboard shows of the settings (None where the head takes none: logreg has no lr, wd, epochs)."""
-        values = {k: self.train.get(k) for k in ("head", "lr", "wd", "epochs", "views", "l2")}
+        values = {k: getattr(self.train, k, None) for k in ("head", "lr", "wd", "epochs", "views", "l2")}
         if values["head"] == "logreg" and self.kind == "head":
             values.update(lr=None, wd=None, epochs=None)
         return values

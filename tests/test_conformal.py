@@ -59,7 +59,7 @@ def test_a_calibrated_head_keeps_its_conformity_scores_and_an_old_one_says_what_
     assert len(head.conformity) == 200 and torch.all(head.conformity[1:] >= head.conformity[:-1])
     again = Head.from_spec(head.spec())
     again.load_state_dict(head.state_dict())
-    assert torch.equal(again.conformity, head.conformity) and "conformity" not in head.spec()
+    assert torch.equal(again.conformity, head.conformity) and "conformity" not in head.spec().to_json()
     p = torch.softmax(raw / head.temperature, 1).numpy()
     assert head.prediction_sets(p, 0.9).shape == (200, 3)
     with pytest.raises(Exception, match="--coverage needs a single- or multi-label head trained with calibration"):

@@ -12,9 +12,10 @@ from bench.harness import torchrun_cmd
 from stages.calibration import held_out_images
 from stages.decode import ImageDecoder
 from stages.errors import PipelineError
-from stages.finetune import FinetuneConfig, Finetuner, group_learning_rates, read_checkpoint
+from stages.finetune import Finetuner, group_learning_rates, read_checkpoint
 from stages.head import load_head
 from stages.model import backbone_for
+from stages.settings import FinetuneConfig
 
 ARCH = "test_efficientnet"
 

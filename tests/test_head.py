@@ -12,9 +12,10 @@ from bench.synthetic import separable_features, write_feature_store
 from pipeline.train_head import load_cached_features
 from stages.calibration import expected_calibration_error, fit_temperature, image_folds, reliability_bins
 from stages.errors import PipelineError
-from stages.head import Head, TrainConfig, evaluate_head, load_head, schedule_values, train_head, train_heads
+from stages.head import Head, evaluate_head, load_head, schedule_values, train_head, train_heads
 from stages.linear_probe import HELD_OUT_ROWS, L2_GRID, as_batch, fold_count, fold_logits, solve, train_logreg
 from stages.rundir import check_compatible
+from stages.settings import TrainConfig
 from store.reader import FeatureStore
 
 

@@ -11,7 +11,7 @@ from conftest import REPO, make_images, run_cli_watching_children
 from bench.synthetic import separable_features, write_feature_store
 from pipeline.featurize import FeaturizeOptions, featurize
 from pipeline.train_head import find_lr, load_cached_features, train_grid
-from stages.head import TrainConfig
+from stages.settings import TrainConfig
 from store.reader import FeatureStore
 
 

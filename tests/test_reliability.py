@@ -200,7 +200,7 @@ def test_soak_handles_threads_and_memory_stay_flat(tmp_path):
     from pipeline.evaluate import evaluate
     from pipeline.featurize import FeaturizeOptions, featurize
     from pipeline.train_head import load_cached_features, train_grid
-    from stages.head import TrainConfig
+    from stages.settings import TrainConfig
     from store.reader import FeatureStore
 
     data = make_images(tmp_path / "data", {"train": {"a": 6, "b": 6}, "valid": {"a": 3, "b": 3}})

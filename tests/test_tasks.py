@@ -8,7 +8,8 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, f1_score, mean_absolute_error, r2_score
 
-from stages.head import TensorRows, TrainConfig, evaluate_head, train_head, train_heads
+from stages.head import TensorRows, evaluate_head, train_head, train_heads
+from stages.settings import TrainConfig
 from stages.tasks import TASKS, average_precision, best_thresholds
 
 FP32 = ("--precision", "fp32")  # the same features on every CPU (bf16 where it has AVX-512 BF16, otherwise)
