@@ -178,7 +178,7 @@ def live_bytes(store: Path) -> int:
     from store import Store
 
     with Store(store).read() as snapshot:
-        rows = snapshot.info()["sets"][0]["live_rows"]
+        rows = snapshot.info().sets[0].live_rows
     return rows * (DIM * 2 + 8 * 3 + 4 + 1 + 64 + 32)
 
 

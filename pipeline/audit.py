@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from pathlib import Path
 
@@ -33,13 +33,6 @@ from stages.tasks import TASKS
 from store import FeatureSet, FeatureStore
 
 AUDIT_JSON = "audit.json"
-# The CSV of each finding and its columns.
-FINDINGS = {
-    "label_issues": ["path", "split", "given", "suggested", "score"],
-    "duplicates": ["a", "b", "split_a", "split_b", "similarity", "kind", "leak", "same_label"],
-    "copy_groups": ["group", "count", "kind", "leak", "path", "split", "label"],
-    "outliers": ["path", "split", "label", "distance"],
-}
 PICTURES = ("label_issues", "duplicates", "map")
 
 
@@ -84,6 +77,73 @@ def read_rows(feature_set: FeatureSet) -> AuditRows:
 
 
 @dataclass
+class LabelIssue:
+    """An image whose given label is likely wrong: what it was given, what the other images suggest, and its label
+    quality (lower: likelier wrong)."""
+
+    path: str
+    split: str
+    given: str
+    suggested: str
+    score: float
+
+
+@dataclass
+class Duplicate:
+    """A pair of copies (the same bytes: exact) or near-copies (features at least as similar as the threshold)."""
+
+    a: str
+    b: str
+    split_a: str
+    split_b: str
+    similarity: float
+    kind: str  # exact or near
+    leak: bool  # one in train, the other in valid or test
+    same_label: bool
+
+
+@dataclass
+class CopyMember:
+    path: str
+    split: str
+    label: str
+
+
+@dataclass
+class CopyGroup:
+    """Images linked by copies or near-copies, each member once; pairs: the links that joined them."""
+
+    count: int
+    kind: str  # exact (every member the same bytes) or near
+    leak: bool
+    pairs: int
+    members: list[CopyMember]
+
+
+@dataclass
+class Outlier:
+    """An image far from every other (its distance: 1 - mean cosine to its nearest neighbours)."""
+
+    path: str
+    split: str
+    label: str
+    distance: float
+
+
+def _columns(finding: type) -> list[str]:
+    return [f.name for f in fields(finding)]
+
+
+# The CSV of each finding and its columns (copy_groups.csv: a row per member, with its group's number and traits).
+FINDINGS = {
+    "label_issues": _columns(LabelIssue),
+    "duplicates": _columns(Duplicate),
+    "copy_groups": ["group", "count", "kind", "leak", *_columns(CopyMember)],
+    "outliers": _columns(Outlier),
+}
+
+
+@dataclass
 class AuditResult:
     """An audit's findings (as audit.json and its CSVs hold them): likely label issues, most likely first; copy
     groups, largest first, and a few pairs of each; outliers, farthest first; and where it all went."""
@@ -96,10 +156,10 @@ class AuditResult:
     classes: list[str]
     threshold: float
     outlier_fence: float
-    label_issues: list[dict]  # {path, split, given, suggested, score}
-    duplicates: list[dict]  # {a, b, split_a, split_b, similarity, kind, leak, same_label}
-    copy_groups: list[dict]  # {count, kind, leak, pairs, members: [{path, split, label}]}
-    outliers: list[dict]  # {path, split, label, distance}
+    label_issues: list[LabelIssue]
+    duplicates: list[Duplicate]
+    copy_groups: list[CopyGroup]
+    outliers: list[Outlier]
     leaks: int
     leak_groups: int
     similarity_search: str  # exact, or approximate (a faiss index, from ANN_MIN_ROWS rows)
@@ -144,7 +204,7 @@ def audit(
     with output_folder(out, (AUDIT_JSON,), "an audit") as staging:
         with FeatureStore(store_path) as store:
             feature_set = store.feature_set(set_name).with_labels(labels)
-            rows, classes, data_dir = read_rows(feature_set), feature_set.classes, feature_set.attrs.get("data_dir")
+            rows, classes, data_dir = read_rows(feature_set), feature_set.classes, feature_set.record.data_dir
         check_auditable(rows, classes, f"store {store_path} set {feature_set.name}")
         steps = {"read": time.perf_counter() - started}
         issues = _label_issues(rows, classes, folds, seed)
@@ -156,20 +216,17 @@ def audit(
         duplicates, copy_groups = _copies(rows, classes, groups)
         far, fence = outlier_rows(nearest)
         outliers = [
-            {
-                "path": rows.paths[r],
-                "split": str(rows.splits[r]),
-                "label": rows.label_name(r, classes),
-                "distance": round(float(1 - nearest[r]), 6),
-            }
+            Outlier(rows.paths[r], str(rows.splits[r]), rows.label_name(r, classes), round(float(1 - nearest[r]), 6))
             for r in far
         ]
-        members = [{"group": g, **group, **m} for g, group in enumerate(copy_groups) for m in group["members"]]
+        members = [
+            {"group": g, **asdict(group), **asdict(m)} for g, group in enumerate(copy_groups) for m in group.members
+        ]
         for name, records in (
-            ("label_issues", issues),
-            ("duplicates", duplicates),
-            ("copy_groups", members),  # a row per member, with its group's number, count, kind and leak
-            ("outliers", outliers),
+            ("label_issues", [asdict(i) for i in issues]),
+            ("duplicates", [asdict(d) for d in duplicates]),
+            ("copy_groups", members),
+            ("outliers", [asdict(o) for o in outliers]),
         ):
             _write_csv(staging / f"{name}.csv", records, FINDINGS[name])
         notes = _draw(staging, rows, classes, data_dir, issues, duplicates, outliers, pictures)
@@ -191,8 +248,8 @@ def audit(
             duplicates=duplicates,
             copy_groups=copy_groups,
             outliers=outliers,
-            leaks=sum(d["leak"] for d in duplicates),
-            leak_groups=sum(g["leak"] for g in copy_groups),
+            leaks=sum(d.leak for d in duplicates),
+            leak_groups=sum(g.leak for g in copy_groups),
             similarity_search=search,
             step_seconds={k: round(v, 3) for k, v in steps.items()},
             notes=notes,
@@ -207,7 +264,7 @@ def audit(
     return result
 
 
-def _label_issues(rows: AuditRows, classes: list[str], folds: int, seed: int) -> list[dict]:
+def _label_issues(rows: AuditRows, classes: list[str], folds: int, seed: int) -> list[LabelIssue]:
     """Likely label errors by confident learning on out-of-sample probabilities: one class each (cleanlab), or
     classes of their own per image (cleanlab's multi-label support). A numeric target has none listed here."""
     if rows.task == "numeric":
@@ -217,28 +274,22 @@ def _label_issues(rows: AuditRows, classes: list[str], folds: int, seed: int) ->
         labelled = np.flatnonzero(rows.labels >= 0)
         found = multi_label_issues(labelled, rows.targets, probabilities)
         return [
-            {
-                "path": rows.paths[r],
-                "split": str(rows.splits[r]),
-                "given": rows.label_name(r, classes),
-                "suggested": " ".join(c for c, on in zip(classes, suggested) if on),
-                "score": round(q, 6),
-            }
+            LabelIssue(
+                rows.paths[r],
+                str(rows.splits[r]),
+                rows.label_name(r, classes),
+                " ".join(c for c, on in zip(classes, suggested) if on),
+                round(q, 6),
+            )
             for r, suggested, q in found
         ]
     return [
-        {
-            "path": rows.paths[r],
-            "split": str(rows.splits[r]),
-            "given": classes[rows.labels[r]],
-            "suggested": classes[s],
-            "score": round(q, 6),
-        }
+        LabelIssue(rows.paths[r], str(rows.splits[r]), classes[rows.labels[r]], classes[s], round(q, 6))
         for r, s, q in label_issues(rows.labels, probabilities)
     ]
 
 
-def _copies(rows: AuditRows, classes: list[str], groups: CopyGroups) -> tuple[list[dict], list[dict]]:
+def _copies(rows: AuditRows, classes: list[str], groups: CopyGroups) -> tuple[list[Duplicate], list[CopyGroup]]:
     """The listed pairs (a few per group, most similar first) and the groups, each member once, largest first."""
 
     def split(r: int) -> str:
@@ -253,32 +304,25 @@ def _copies(rows: AuditRows, classes: list[str], groups: CopyGroups) -> tuple[li
         for a, b, similarity in group.pairs:
             exact = rows.sha256[a] == rows.sha256[b]
             duplicates.append(
-                {
-                    "a": rows.paths[a],
-                    "b": rows.paths[b],
-                    "split_a": split(a),
-                    "split_b": split(b),
-                    "similarity": 1.0 if exact else round(similarity, 6),
-                    "kind": "exact" if exact else "near",
-                    "leak": leak((a, b)),
-                    "same_label": rows.label_name(a, classes) == rows.label_name(b, classes),
-                }
+                Duplicate(
+                    a=rows.paths[a],
+                    b=rows.paths[b],
+                    split_a=split(a),
+                    split_b=split(b),
+                    similarity=1.0 if exact else round(similarity, 6),
+                    kind="exact" if exact else "near",
+                    leak=leak((a, b)),
+                    same_label=rows.label_name(a, classes) == rows.label_name(b, classes),
+                )
             )
         copy_groups.append(
-            {
-                "count": len(group.members),
-                "kind": "exact" if len({rows.sha256[r] for r in group.members}) == 1 else "near",
-                "leak": leak(group.members),
-                "pairs": group.linked_pairs,
-                "members": [
-                    {
-                        "path": rows.paths[r],
-                        "split": split(r),
-                        "label": rows.label_name(r, classes),
-                    }
-                    for r in group.members
-                ],
-            }
+            CopyGroup(
+                count=len(group.members),
+                kind="exact" if len({rows.sha256[r] for r in group.members}) == 1 else "near",
+                leak=leak(group.members),
+                pairs=group.linked_pairs,
+                members=[CopyMember(rows.paths[r], split(r), rows.label_name(r, classes)) for r in group.members],
+            )
         )
     return duplicates, copy_groups
 
@@ -295,9 +339,9 @@ def _draw(
     rows: AuditRows,
     classes: list[str],
     data_dir: str | None,
-    issues: list[dict],
-    duplicates: list[dict],
-    outliers: list[dict],
+    issues: list[LabelIssue],
+    duplicates: list[Duplicate],
+    outliers: list[Outlier],
     pictures: int,
 ) -> list[str]:
     """The three PNGs; returns notes on stored paths that were not drawn (outside the data folder, not a file)."""
@@ -312,23 +356,18 @@ def _draw(
         return data
 
     label_items = [
-        (image(i["path"]), f"{i['given']} -> {i['suggested']} ({i['score']:.3f})\n{Path(i['path']).name}")
-        for i in issues[:pictures]
+        (image(i.path), f"{i.given} -> {i.suggested} ({i.score:.3f})\n{Path(i.path).name}") for i in issues[:pictures]
     ]
     copy_items = [
-        (
-            image(d[side]),
-            f"{d['kind']} {d['similarity']:.3f}{' LEAK' if d['leak'] else ''}\n"
-            f"{d['split_' + side]}/{Path(d[side]).name}",
-        )
+        (image(path), f"{d.kind} {d.similarity:.3f}{' LEAK' if d.leak else ''}\n{split}/{Path(path).name}")
         for d in duplicates[:pictures]
-        for side in "ab"
+        for path, split in ((d.a, d.split_a), (d.b, d.split_b))
     ]
     index = {p: i for i, p in enumerate(rows.paths)}
     marks = {
-        "label issue": [index[i["path"]] for i in issues],
-        "duplicate": sorted({index[d[side]] for d in duplicates for side in "ab"}),
-        "outlier": [index[o["path"]] for o in outliers],
+        "label issue": [index[i.path] for i in issues],
+        "duplicate": sorted({index[path] for d in duplicates for path in (d.a, d.b)}),
+        "outlier": [index[o.path] for o in outliers],
     }
     plot_image_grid(
         label_items,

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    from pipeline.featurize import FeaturizeResult
+    from stages.rundir import RunSummary
 
 DEMO_CLASSES = ("disks", "stripes", "checkers")
 
@@ -54,9 +60,39 @@ def make_demo_images(
     return root
 
 
+@dataclass
+class DemoEvaluation:
+    accuracy: float
+    ece: float
+    confusion_png: str
+    reliability_png: str
+    top_losses_png: str
+
+
+@dataclass
+class DemoResult:
+    """What the demo made and where (demo --json): the generated images, the store, each step's result."""
+
+    data_dir: str
+    store: str
+    featurize: FeaturizeResult
+    lr_find: float  # the suggested learning rate
+    heads: list[RunSummary]  # the leaderboard
+    evaluate: DemoEvaluation
+    predictions: list[dict]  # pipeline.evaluate.PredictResult's rows
+
+    def to_json(self) -> dict:
+        return {
+            **{k: getattr(self, k) for k in ("data_dir", "store", "lr_find", "predictions")},
+            "featurize": self.featurize.to_json(),
+            "heads": [run.to_json() for run in self.heads],
+            "evaluate": asdict(self.evaluate),
+        }
+
+
 def run_demo(
     out_dir: Path, progress: Callable[[int, int], None] | None = None, say: Callable[[str], None] = print
-) -> dict:
+) -> DemoResult:
     """The whole flow on generated images: featurize, lr-find, train-head, evaluate, predict; where everything went."""
     from pipeline.evaluate import evaluate, predict
     from pipeline.featurize import FeaturizeOptions, featurize
@@ -99,18 +135,18 @@ def run_demo(
     for p in predictions:
         say(f"6. predict: {p['path']} -> {p['class']} ({p['probability']:.3f})")
     say(f"next: pipeline runs --dir {out_dir}; pipeline store info {store}")
-    return {
-        "data_dir": str(data),
-        "store": str(store),
-        "featurize": summary.to_json(),
-        "lr_find": found.suggestion,
-        "heads": [run.to_json() for run in board],
-        "evaluate": {
-            "accuracy": evaluated.metrics.accuracy,
-            "ece": evaluated.metrics.ece,
-            "confusion_png": evaluated.confusion_png,
-            "reliability_png": evaluated.reliability_png,
-            "top_losses_png": evaluated.top_losses_png,
-        },
-        "predictions": predictions,
-    }
+    return DemoResult(
+        data_dir=str(data),
+        store=str(store),
+        featurize=summary,
+        lr_find=found.suggestion,
+        heads=board,
+        evaluate=DemoEvaluation(
+            evaluated.metrics.accuracy,
+            evaluated.metrics.ece,
+            evaluated.confusion_png,
+            evaluated.reliability_png,
+            evaluated.top_losses_png,
+        ),
+        predictions=predictions,
+    )

@@ -210,7 +210,7 @@ def _store_split(
             )
         labels = np.asarray([config.classes.index(feature_set.classes[i]) for i in stored], np.int64)
         probabilities, scores = _cached_outputs(head, familiarity, feature_set.features(split)[plain])
-        data_dir = Path(feature_set.attrs.get("data_dir", "."))
+        data_dir = Path(feature_set.record.data_dir or ".")
         files = [data_dir / p for p in np.asarray(feature_set.column(split, "paths"), dtype=object)[plain]]
     if not len(files):
         raise PipelineError(f"store {store} holds no {split} images to evaluate")
@@ -256,7 +256,7 @@ def _outputs_from_store(
         trained_here = config.feature_set.store == str(store.resolve())
         feature_set = opened.feature_set(config.feature_set.set if trained_here else None)
         check_compatible(config, feature_set.identity, feature_set.name, run_dir)
-        data_dir = Path(feature_set.attrs["data_dir"]).resolve()
+        data_dir = Path(feature_set.record.data_dir or ".").resolve()
         position = {}
         for i, f in enumerate(files):
             if f.resolve().is_relative_to(data_dir):

@@ -22,10 +22,11 @@ from stages.backbones import (
 from stages.decode import Augmentation, batch_memory_bytes, resolve_device
 from stages.errors import MAX_VIEWS, SEED_MAX, PipelineError, check_memory, check_range
 from stages.files import scan_dataset
+from stages.identity import FEATURE_DTYPE
 from stages.labels import LabelOptions
 from stages.ranks import Ranks
 from stages.runner import package_version
-from store import FEATURE_DTYPES, FeatureSetIdentity, Store, now_iso
+from store import FEATURE_DTYPES, FeatureSetIdentity, SetRecord, Store, now_iso
 
 Progress = Callable[[int, int], None]
 
@@ -43,7 +44,7 @@ class FeaturizeOptions:
     seed: int = 0
     valid_pct: float | None = None
     labels: LabelOptions | None = None  # a label source other than class folders (stages.labels)
-    dtype: str = "float16"
+    dtype: str = FEATURE_DTYPE
     precision: str = "auto"
     device: str = "auto"
     batch_size: int = 32
@@ -288,15 +289,15 @@ class FeaturizeJob:
 
     def _attrs(self, sync) -> dict:
         """The set's attributes: its identity, what it was made from, and when."""
-        old = sync.live.attrs.get("created") if sync.live is not None else None
-        return {
-            **self.identity.to_dict(),
-            "classes": self.dataset.classes,
-            "data_dir": str(Path(self.opts.data_dir).resolve()),
-            "weights_path": self.backbone.weights_path,
+        old = SetRecord.from_attrs(sync.live.attrs).created if sync.live is not None else None
+        return SetRecord(
+            self.identity,
+            classes=self.dataset.classes,
+            data_dir=str(Path(self.opts.data_dir).resolve()),
+            weights_path=self.backbone.weights_path,
             **{k: v for k, v in self.dataset.describe().items() if v is not None},
-            "versions": _library_versions(),
-            "device": self.device,
-            "created": old or now_iso(),
-            "updated": now_iso(),
-        }
+            versions=_library_versions(),
+            device=self.device,
+            created=old or now_iso(),
+            updated=now_iso(),
+        ).to_attrs()

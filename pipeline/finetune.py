@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.distributed import current_ranks
+from pipeline.lifecycle import nothing_written
 from pipeline.plots import plot_training_curves
 from pipeline.runtime import available_memory, cpu_count, torch_threads
 from pipeline.train_head import refit_head
@@ -62,6 +63,17 @@ class Prepared:
     calibration: Images | None
     refitted: Head | None
     state: dict | None  # the checkpoint a resumed run continues from
+
+
+def default_out(root: Path = Path("runs")) -> Path:
+    return root / f"ft-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def kept_when_interrupted(run_dir: Path) -> str:
+    """What a fine-tune stopped midway leaves: its last checkpoint, to continue from."""
+    if (run_dir / CHECKPOINT).is_file():
+        return f"the last checkpoint is in {run_dir}; continue with --resume {run_dir}"
+    return nothing_written(run_dir)
 
 
 def finetune(
@@ -160,8 +172,8 @@ def _recorded_split(config: RunConfig) -> tuple[float | None, int]:
     if not store or not Path(store).is_file():
         return None, 0
     with FeatureStore(Path(store)) as opened:
-        attrs = opened.feature_set(config.feature_set.set).attrs
-    return attrs.get("valid_pct"), int(attrs.get("split_seed") or 0)
+        record = opened.feature_set(config.feature_set.set).record
+    return record.valid_pct, record.split_seed
 
 
 def prepare(

@@ -5,24 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 
 from stages.errors import PipelineError, check_range
-from store import CompactResult, FeatureStore, Store, verify_store
+from store import CompactResult, FeatureStore, Store, StoreInfo, verify_store
 
 
-def describe_store(path: Path, verify: bool = False) -> dict:
-    """The store's feature sets and counts (FeatureStore.info), with `verification` (every dataset read and
-    checked: [{set, split, damage, unchecked}]) when verify."""
+def describe_store(path: Path, verify: bool = False) -> StoreInfo:
+    """The store's feature sets and counts (FeatureStore.info), with its `verification` (every dataset read and
+    checked) when verify."""
     with FeatureStore(path) as opened:
         info = opened.info()
         if verify:
-            info["verification"] = verify_store(opened)
+            info.verification = verify_store(opened)
     return info
 
 
-def check_undamaged(path: Path, info: dict) -> None:
+def check_undamaged(path: Path, info: StoreInfo) -> None:
     """A verified store with damage is an error naming each damaged split (after its description is shown)."""
-    damaged = [d for d in info.get("verification", []) if d["damage"]]
+    damaged = [d for d in info.verification or () if d.damage]
     if damaged:
-        where = "; ".join(f"{d['set']} {d['split']}: {d['damage']}" for d in damaged)
+        where = "; ".join(f"{d.set} {d.split}: {d.damage}" for d in damaged)
         raise PipelineError(f"store {path} is damaged ({where[:300]}); featurize again to recompute the damaged rows")
 
 

@@ -134,7 +134,7 @@ def load_cached_features(
     if "valid" in feature_set.splits and len(feature_set.column("valid", "labels")):  # an empty valid/ is no valid
         plain = select_rows(feature_set.column("valid", "view"), 0)
         valid = feature_set.rows("valid", plain, fits_in_memory(feature_set.features("valid"), limit), block)
-    views_in_store = int(feature_set.attrs.get("views", 0))
+    views_in_store = feature_set.identity.views
     return CachedFeatures(
         store.path,
         feature_set,
@@ -166,7 +166,7 @@ def save_head_run(
         labels=cached.labels,
         train=cfg,
         feature_set=TrainedOn(
-            features.identity, str(cached.store.resolve()), features.name, features.attrs.get("weights_path")
+            features.identity, str(cached.store.resolve()), features.name, features.record.weights_path
         ),
         created=datetime.now().isoformat(timespec="seconds"),
         precision=features.identity.precision,

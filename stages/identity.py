@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, fields, replace
 # The fields a head depends on: features of another backbone, weights or preprocessing mean nothing to it. The
 # rest (views, seed, augmentation, precision, dtype) make another set of the same features.
 BACKBONE_FIELDS = ("backbone", "arch", "weights_sha256", "preprocessing", "feature_dim")
+FEATURE_DTYPE = "float16"  # stored features' default dtype: half the bytes of float32, the same head accuracy
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class FeatureSetIdentity:
     seed: int = 0
     augmentation: dict | None = None
     precision: str = "fp32"
-    dtype: str = "float16"
+    dtype: str = FEATURE_DTYPE
 
     @classmethod
     def of(cls, backbone, **settings) -> FeatureSetIdentity:

@@ -21,9 +21,9 @@ from stages.identity import FeatureSetIdentity
 from store.compact import DEAD_SHARE, CompactResult, compact
 from store.locks import StoreLock
 from store.paths import StorePaths
-from store.reader import FeatureSet, FeatureStore, open_root, store_bytes, verify_store
+from store.reader import FeatureSet, FeatureStore, SplitCheck, StoreInfo, open_root, store_bytes, verify_store
 from store.relocate import RelocateResult, RepairResult, relocate, rewrite_root
-from store.schema import FEATURE_DTYPES, FileRecord
+from store.schema import FEATURE_DTYPES, FileRecord, SetRecord
 from store.sync import PendingRows, StoreSync, views_in
 from store.transaction import Transaction
 from store.writer import PartitionWriter, SplitRows, now_iso, remove_stale_temporaries
@@ -70,8 +70,8 @@ class Store:
     def remove_stale_temporaries(self) -> None:
         remove_stale_temporaries(self.paths)
 
-    def verify(self) -> list[dict]:
-        """Every byte the store maps, checked: [{set, split, damage}] of what failed."""
+    def verify(self) -> list[SplitCheck]:
+        """Every byte the store maps, checked: what failed."""
         with self.read() as snapshot:
             return verify_store(snapshot)
 
@@ -96,6 +96,9 @@ __all__ = [
     "FeatureSetIdentity",
     "FeatureStore",
     "FileRecord",
+    "SetRecord",
+    "SplitCheck",
+    "StoreInfo",
     "PendingRows",
     "SplitRows",
     "RelocateResult",

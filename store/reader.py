@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import stat
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -12,7 +13,6 @@ import h5py
 import numpy as np
 
 from stages.errors import PipelineError
-from stages.identity import FeatureSetIdentity
 from stages.labels import LabelOptions, LabelSource, recorded_options, relabel_stored
 from store.locks import hold_shared
 from store.partition_file import open_partition_file, partition_id
@@ -28,6 +28,7 @@ from store.schema import (
     STR,
     TABLE_OF,
     UNKNOWN_CTIME,
+    SetRecord,
 )
 from store.snapshot import (
     ROW_TABLES,
@@ -329,22 +330,19 @@ class FeatureSet:
         self.group, self.paths, self.snapshot = group, paths, snapshot
         self.name = group.name.rsplit("/", 1)[-1]
         self.attrs = {k: decode_attr(v) for k, v in group.attrs.items() if k not in (PARTITIONS, PARTITION_IDS)}
-        self.identity = FeatureSetIdentity.from_dict(self.attrs)
-        self.classes: list[str] = self.attrs.get("classes", [])
+        self.record = SetRecord.from_attrs(self.attrs)
+        self.identity = self.record.identity
+        self.classes: list[str] = self.record.classes
         self._verified: set[tuple] = set()
         self._relabelled: LabelSource | None = None  # another labelling of its stored paths
         self._labelling: dict | None = None  # and what it came from
-        self.task: str = self.attrs.get("task") or "single"  # stages.tasks: what its labels columns give
+        self.task: str = self.record.task  # stages.tasks: what its labels columns give
 
     @property
     def labelling(self) -> dict:
         """Which labelling its labels columns give: label_source (folders, table, metadata, pattern), label_origin
         and, for a source other than folders, label_digest."""
-        if self._labelling is not None:
-            return dict(self._labelling)
-        recorded = ("label_source", "label_origin", "label_digest", "task", "delim")
-        kept = {k: self.attrs[k] for k in recorded if k in self.attrs}
-        return kept or {"label_source": "folders", "label_origin": self.attrs.get("data_dir")}
+        return dict(self._labelling) if self._labelling is not None else self.record.labelling
 
     def with_labels(self, options: LabelOptions | None) -> FeatureSet:
         """The set under the labelling `options` give (a table or a pattern over its stored paths: train-head,
@@ -397,7 +395,7 @@ class FeatureSet:
             return labels.astype(np.int32) if self.task == "single" else labels
         values = read_or_fail(self._split(split)[name], self.where)
         if name in ("labels", "view"):
-            views, unlabelled = int(self.attrs.get("views", 0)), self.attrs.get("task", "single") != "single"
+            views, unlabelled = self.identity.views, self.record.task != "single"
             problem = value_problem(name, values, split, len(self.classes), views, unlabelled)
             if problem:
                 raise PipelineError(
@@ -448,6 +446,70 @@ class FeatureSet:
         return group
 
 
+@dataclass
+class SplitInfo:
+    rows: int
+    images: int | None  # None: its paths column is damaged (store info --verify says so)
+    skipped: int
+
+
+@dataclass
+class SetInfo:
+    """A feature set as store info shows it: its record (identity and origin), counts per split, and its rows in
+    partitions, live (mapped) and dead (left for compaction to reclaim)."""
+
+    name: str
+    record: SetRecord
+    splits: dict[str, SplitInfo]
+    partitions: int
+    live_rows: int
+    dead_rows: int
+
+    def to_json(self) -> dict:
+        r = self.record
+        made_from = ("data_dir", "layout", "valid_pct", "split_seed", "created", "updated", "versions")
+        return {
+            "name": self.name,
+            **r.identity.to_dict(),
+            "classes": r.classes,
+            "splits": {split: asdict(c) for split, c in self.splits.items()},
+            "partitions": self.partitions,
+            "live_rows": self.live_rows,
+            "dead_rows": self.dead_rows,
+            **{k: getattr(r, k) for k in made_from},
+        }
+
+
+@dataclass
+class SplitCheck:
+    """A split that --verify found damaged, or could not check (written before checksums existed)."""
+
+    set: str
+    split: str
+    damage: str | None
+    unchecked: bool = False
+
+
+@dataclass
+class StoreInfo:
+    """What a store holds (store info --json): its sets, version and size on disk (the root and its partitions);
+    with --verify, what failed the check of every byte."""
+
+    path: str
+    size_bytes: int
+    schema_version: int
+    partitions: int
+    sets: list[SetInfo]
+    verification: list[SplitCheck] | None = None
+
+    def to_json(self) -> dict:
+        found = {k: getattr(self, k) for k in ("path", "size_bytes", "schema_version", "partitions")}
+        found["sets"] = [s.to_json() for s in self.sets]
+        if self.verification is not None:
+            found["verification"] = [asdict(c) for c in self.verification]
+        return found
+
+
 class FeatureStore:
     """A read-only view of one snapshot of a store, held until closed (`with FeatureStore(path) as store:`): an
     update that commits, switches the root or compacts meanwhile changes nothing this reader reads."""
@@ -488,15 +550,15 @@ class FeatureStore:
                 + (f" with {wanted}" if wanted else "")
                 + f"; featurize into it first (sets: {', '.join(self.set_names) or 'none'})"
             )
-        return max(sets, key=lambda s: s.attrs.get("updated", ""))
+        return max(sets, key=lambda s: s.record.updated or "")
 
     def _set(self, name: str) -> FeatureSet:
         snapshot = self.snapshot.sets[name] if self.snapshot.version == 2 else None
         return FeatureSet(self.file[SETS][name], self.paths, snapshot)
 
-    def info(self) -> dict:
-        """What the store holds: each set's identity, splits with counts, classes, partitions with their live and
-        dead rows; the store's version and size on disk (the root and its partitions)."""
+    def info(self) -> StoreInfo:
+        """What the store holds: each set's record, splits with counts, partitions with their live and dead rows;
+        the store's version and size on disk (the root and its partitions)."""
         sets = []
         for name in self.set_names:
             feature_set = self._set(name)
@@ -507,27 +569,15 @@ class FeatureStore:
                 except PipelineError:  # a damaged column: --verify says which
                     images = None
                 rows = feature_set.features(split).shape[0]
-                splits[split] = {"rows": rows, "images": images, "skipped": len(feature_set.skipped(split))}
-            sets.append(
-                {
-                    "name": name,
-                    **feature_set.identity.to_dict(),
-                    "classes": feature_set.classes,
-                    "splits": splits,
-                    **self._partitions(name),
-                    **{
-                        k: feature_set.attrs.get(k)
-                        for k in ("data_dir", "layout", "valid_pct", "split_seed", "created", "updated", "versions")
-                    },
-                }
-            )
-        return {
-            "path": str(self.path),
-            "size_bytes": store_bytes(self.paths),
-            "schema_version": self.snapshot.version,
-            "partitions": len(self.snapshot.partitions() - {SELF}),
-            "sets": sets,
-        }
+                splits[split] = SplitInfo(rows, images, len(feature_set.skipped(split)))
+            sets.append(SetInfo(name, feature_set.record, splits, **self._partitions(name)))
+        return StoreInfo(
+            path=str(self.path),
+            size_bytes=store_bytes(self.paths),
+            schema_version=self.snapshot.version,
+            partitions=len(self.snapshot.partitions() - {SELF}),
+            sets=sets,
+        )
 
     def _partitions(self, name: str) -> dict:
         """A set's partitions and its rows in them, live (mapped) and dead (left for compaction to reclaim)."""
@@ -548,19 +598,19 @@ def store_bytes(paths: StorePaths) -> int:
     return os.path.getsize(paths.store) + parts
 
 
-def verify_store(store: FeatureStore) -> list[dict]:
+def verify_store(store: FeatureStore) -> list[SplitCheck]:
     """Every set and split read and checked byte by byte (in a version-2 store: every partition a set maps, and the
-    values its splits give); returns what failed: [{set, split, damage}]. Splits written before checksums existed
+    values its splits give); returns what failed. Splits written before checksums existed
     are checked for non-finite values only, and listed as unchecked."""
     failed = []
     for name in store.set_names:
         group = store.file[SETS][name]
         feature_set = store._set(name)
-        views = int(feature_set.attrs.get("views", 0))
+        views = feature_set.identity.views
         snap = store.snapshot.sets[name]
         for split in [s for s in SPLITS if s in group]:
             if store.snapshot.version == 1 and not group[split]["features"].fletcher32:
-                failed.append({"set": name, "split": split, "damage": None, "unchecked": True})
+                failed.append(SplitCheck(name, split, None, unchecked=True))
             try:
                 if store.snapshot.version == 1:
                     damage = verify_split(group[split]).describe()
@@ -572,7 +622,7 @@ def verify_store(store: FeatureStore) -> list[dict]:
             except (OSError, KeyError) as exc:  # its metadata itself is unreadable
                 damage = f"unreadable ({str(exc).splitlines()[0][:80]})"
             if damage:
-                failed.append({"set": name, "split": split, "damage": damage})
+                failed.append(SplitCheck(name, split, damage))
     return failed
 
 

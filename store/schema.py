@@ -28,12 +28,13 @@ string datasets of a partition carry attrs["sha256"]. Version 1 kept the rows th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import h5py
 import numpy as np
 
 from stages.files import SPLIT_NAMES as SPLITS  # noqa: F401 (the store names its split groups so)
+from stages.identity import FeatureSetIdentity
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -109,3 +110,53 @@ class FileRecord:
 
 
 UNKNOWN_CTIME = -1  # rows of stores written before ctime_ns was recorded: the content hash decides
+
+
+LABELLING = ("label_source", "label_origin", "label_digest", "task", "delim")  # stages.labels.LabelSource.describe
+
+
+@dataclass(frozen=True)
+class SetRecord:
+    """A feature set's attributes, typed: its identity (what makes its features), what they were made from (the data
+    folder, its layout and split, the labelling of its labels columns) and when. Written by featurize, read here by
+    every layer above; the attributes themselves are its to_attrs() (the README's schema)."""
+
+    identity: FeatureSetIdentity
+    classes: list[str] = field(default_factory=list)
+    data_dir: str | None = None
+    weights_path: str | None = None  # the backbone's weights file, when given (--weights)
+    layout: str | None = None  # stages.files: how the data folder gives splits and labels
+    valid_pct: float | None = None  # --valid-pct of a folder without its own valid split
+    split_seed: int = 0
+    label_source: str | None = None  # None: class folders
+    label_origin: str | None = None
+    label_digest: str | None = None
+    task: str = "single"  # stages.tasks: what its labels columns give
+    delim: str | None = None
+    versions: dict | None = None  # of the libraries that made the features
+    device: str | None = None
+    created: str | None = None
+    updated: str | None = None
+
+    @classmethod
+    def from_attrs(cls, attrs: dict) -> SetRecord:
+        """From a set's attributes, JSON already decoded (stores written before a field existed lack it)."""
+        known = {f.name: attrs[f.name] for f in fields(cls) if f.name != "identity" and attrs.get(f.name) is not None}
+        return cls(FeatureSetIdentity.from_dict(attrs), **known)
+
+    def to_attrs(self) -> dict:
+        """As the set's attributes: the identity's fields beside the rest; labelling fields only when given."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "identity"}
+        unset = {k for k in LABELLING if values[k] is None} | ({"task"} if self.task == "single" else set())
+        return {**self.identity.to_dict(), **{k: v for k, v in values.items() if k not in unset}}
+
+    @property
+    def labelling(self) -> dict:
+        """Which labelling its labels columns give (stages.labels): a table's or pattern's source, origin and digest,
+        or class folders (the data folder)."""
+        given = {
+            k: getattr(self, k)
+            for k in LABELLING
+            if getattr(self, k) is not None and (k, self.task) != ("task", "single")
+        }
+        return given if self.label_source else {"label_source": "folders", "label_origin": self.data_dir}

@@ -28,6 +28,7 @@ from store.schema import (
     SPLITS,
     TABLE_SEGMENTS,
     TABLES,
+    SetRecord,
 )
 
 SELF = "."  # a version-1 store's rows lie in the store file itself (HDF5's name for a virtual dataset's own file)
@@ -277,7 +278,7 @@ def write_root(target: Path, snapshot: Snapshot, paths: StorePaths, shapes: Sour
             group.attrs[PARTITIONS] = json.dumps(prefixes)
             group.attrs[PARTITION_IDS] = json.dumps({p: shapes.identity(p) for p in prefixes if p != SELF})
             dim = int(snap.attrs["feature_dim"])
-            dtype = FEATURE_DTYPES[snap.attrs.get("dtype", "float16")]
+            dtype = FEATURE_DTYPES[SetRecord.from_attrs(snap.attrs).identity.dtype]
             for split in [s for s in SPLITS if s in snap.rows or s in snap.skipped]:
                 g = group.create_group(split)
                 kinds = {"features": ((dim,), dtype), **{k: ((), v) for k, v in ROW_COLUMNS.items()}}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from stages.identity import FEATURE_DTYPE
 from store.locks import StoreLock
 from store.partition_file import delete
 from store.paths import StorePaths
@@ -72,7 +73,7 @@ class Transaction:
             record.add_rows(rows.columns, views)
         if rows.num_rows != len(features):
             raise ValueError(f"{len(features)} feature rows for {rows.num_rows} rows of records")
-        dtype = str(self.new.attrs.get("dtype") or (self.attrs or {}).get("dtype", "float16"))
+        dtype = self.new.attrs.get("dtype") or (self.attrs or {}).get("dtype") or FEATURE_DTYPE
         part = self.writer.commit({split: rows}, dtype).name
         self.new.prefixes[part] = ""
         self.new.append(split, part, rows.num_rows)

@@ -201,7 +201,7 @@ def test_disk_stays_near_the_live_rows_through_updates_and_compactions(tmp_path)
         drop(store, "train", np.arange(k * 150, k * 150 + 150))
         store.compact()
     with store.read() as snapshot:
-        live = snapshot.info()["sets"][0]["live_rows"]
+        live = snapshot.info().sets[0].live_rows
     one_store = Store(tmp_path / "fresh.h5")
     add(one_store, "train", 0, live)
     assert store.size_bytes() <= 1.1 * one_store.size_bytes() + (1 << 16)
