@@ -14,6 +14,7 @@ from pipeline.distributed import launched_ranks
 from pipeline.lifecycle import nothing_written, on_interrupt, run
 from pipeline.store_cli import store_app
 from stages.errors import Interrupted
+from stages.identity import FEATURE_DTYPE
 from stages.rundir import read_config
 
 app = typer.Typer(
@@ -74,7 +75,7 @@ def featurize(
     label_pattern: Optional[str] = LABEL_PATTERN_OPTION,
     label_delim: Optional[str] = LABEL_DELIM_OPTION,
     task: Optional[str] = TASK_OPTION,
-    dtype: str = typer.Option("float16", help="Stored feature dtype: float16 or float32."),
+    dtype: str = typer.Option(FEATURE_DTYPE, help="Stored feature dtype: float16 or float32."),
     precision: str = typer.Option("auto", help="Forward precision: auto (bf16 where measured faster), fp32, bf16."),
     device: str = typer.Option("auto", help="auto, cpu or cuda (GPU decode and forward)."),
     batch_size: int = typer.Option(32, help="Images per batch (1 or more; refused when it cannot fit in memory)."),
@@ -488,7 +489,7 @@ def demo(
     from pipeline.demo import run_demo
 
     with render.progress_bar("demo") as update:
-        summary = run_demo(out_dir, progress=update, say=lambda line: None if as_json else render.out.print(line))
+        summary = run_demo(out_dir, progress=update, say=(lambda line: None) if as_json else render.say)
     if as_json:
         render.print_json(summary)
 

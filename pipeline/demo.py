@@ -83,10 +83,13 @@ class DemoResult:
 
     def to_json(self) -> dict:
         return {
-            **{k: getattr(self, k) for k in ("data_dir", "store", "lr_find", "predictions")},
+            "data_dir": self.data_dir,
+            "store": self.store,
             "featurize": self.featurize.to_json(),
+            "lr_find": self.lr_find,
             "heads": [run.to_json() for run in self.heads],
             "evaluate": asdict(self.evaluate),
+            "predictions": self.predictions,
         }
 
 

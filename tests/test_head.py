@@ -448,3 +448,36 @@ def test_a_valid_split_left_empty_trains_without_validation(tmp_path):
     assert summary["images"]["train"] == 12 and not summary["images"].get("valid")
     [run] = run_json("train-head", "--store", tmp_path / "s.h5", "--out", tmp_path / "head")
     assert run["accuracy"] is None and (tmp_path / "head" / "head.safetensors").is_file()
+
+
+def test_a_run_config_reads_back_as_written_and_skips_settings_it_does_not_know():
+    from stages.identity import FeatureSetIdentity
+    from stages.rundir import RunConfig, TrainedOn
+    from stages.settings import FinetuneSettings, HeadSpec
+
+    identity = FeatureSetIdentity("efficientnet_lite0", "tf_efficientnet_lite0", "ab" * 32, {"size": 224}, 1280)
+    config = RunConfig(
+        kind="head",
+        head=HeadSpec("logreg", 1280, 3, 512, 0.5),
+        classes=["a", "b", "c"],
+        train=TrainConfig(l2=0.1),
+        feature_set=TrainedOn(identity, "runs/s.h5", "set-1"),
+        created="2026-12-05T10:00:00",
+    )
+    written = json.loads(json.dumps(config.to_json()))
+    assert RunConfig.from_json(written) == config
+    assert "task" not in written["head"] and written["train"]["l2"] == 0.1  # config.json as before: a single task
+    written["train"]["from_a_later_version"] = 1
+    del written["train"]["folds"]  # or one written before the setting existed
+    assert RunConfig.from_json(written).train == TrainConfig(l2=0.1)
+    tuned = RunConfig(
+        kind="finetune",
+        head=HeadSpec("linear", 1280, 3, 512, 0.5, task="multi"),
+        classes=["a", "b", "c"],
+        train=FinetuneSettings(epochs=2, head="linear", from_head="runs/head-a"),
+        feature_set=TrainedOn(identity),
+        created="2026-12-05T10:00:00",
+    )
+    again = RunConfig.from_json(json.loads(json.dumps(tuned.to_json())))
+    assert again == tuned and again.head.task == "multi" and again.settings["head"] == "linear"
+    assert again.settings["views"] is None  # a fine-tune has no stored views: its leaderboard cell is empty

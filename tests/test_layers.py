@@ -70,3 +70,19 @@ def test_no_import_cycle_among_the_modules():
         if module not in state:
             cycle = cycle_from(module, [])
             assert cycle is None, " -> ".join(cycle[cycle.index(cycle[-1]) :])
+
+
+def test_the_command_line_declares_and_renders_only():
+    """pipeline/cli.py (and store_cli.py) hold options and the calls between them: what a command shows is
+    pipeline/render.py's, the process's lifecycle pipeline/lifecycle.py's, the work an orchestration module's."""
+    for name in ("cli.py", "store_cli.py"):
+        source = (REPO / "pipeline" / name).read_text()
+        tree = ast.parse(source)
+        printing = [
+            node.lineno
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "print"
+        ]
+        assert not printing, f"pipeline/{name} prints at lines {printing}: render it in pipeline/render.py"
+        assert "locals()" not in source, f"pipeline/{name}: options reach configs by name, never through locals()"
+    assert len((REPO / "pipeline" / "cli.py").read_text().splitlines()) < 500

@@ -346,3 +346,37 @@ def test_featurize_rebuilds_a_root_lost_unreadable_or_disagreeing_from_its_parti
     assert rebuilt["featurized"] == 0 and rebuilt["reused"] == first["featurized"] + 3
     assert_same_content(content(store), fresh)
     assert run_json("store", "info", store, "--verify")["verification"] == []
+
+
+def test_a_sets_record_reads_back_as_written_and_says_its_labelling():
+    from stages.identity import FeatureSetIdentity
+    from store import SetRecord
+
+    identity = FeatureSetIdentity("efficientnet_lite0", "tf_efficientnet_lite0", "ab" * 32, {"size": 224}, 1280)
+    table = SetRecord(
+        identity,
+        classes=["cat", "dog"],
+        data_dir="/data/pets",
+        layout="table",
+        label_source="table",
+        label_origin="/data/pets/labels.csv",
+        label_digest="f00d",
+        task="multi",
+        delim=";",
+        updated="2026-12-05T10:00:00",
+    )
+    attrs = json.loads(json.dumps(table.to_attrs()))  # as a store keeps them (JSON text decoded on read)
+    assert SetRecord.from_attrs(attrs) == table
+    assert attrs["dtype"] == "float16" and attrs["task"] == "multi"  # the identity's fields beside the rest
+    assert table.labelling == {
+        "label_source": "table",
+        "label_origin": "/data/pets/labels.csv",
+        "label_digest": "f00d",
+        "task": "multi",
+        "delim": ";",
+    }
+    folders = SetRecord(identity, classes=["cat", "dog"], data_dir="/data/pets", layout="splits")
+    assert not {"label_source", "task", "delim"} & set(folders.to_attrs())  # a store before labels-as-data reads so
+    assert folders.labelling == {"label_source": "folders", "label_origin": "/data/pets"}
+    older = SetRecord.from_attrs({k: v for k, v in folders.to_attrs().items() if k not in ("layout", "created")})
+    assert older.layout is None and older.task == "single" and older.identity == identity
