@@ -277,8 +277,8 @@ def write_root(target: Path, snapshot: Snapshot, paths: StorePaths, shapes: Sour
             prefixes = {p: snap.prefixes[p] for p in sorted(used)}
             group.attrs[PARTITIONS] = json.dumps(prefixes)
             group.attrs[PARTITION_IDS] = json.dumps({p: shapes.identity(p) for p in prefixes if p != SELF})
-            dim = int(snap.attrs["feature_dim"])
-            dtype = FEATURE_DTYPES[SetRecord.from_attrs(snap.attrs).identity.dtype]
+            identity = SetRecord.from_attrs(snap.attrs).identity
+            dim, dtype = identity.feature_dim, FEATURE_DTYPES[identity.dtype]
             for split in [s for s in SPLITS if s in snap.rows or s in snap.skipped]:
                 g = group.create_group(split)
                 kinds = {"features": ((dim,), dtype), **{k: ((), v) for k, v in ROW_COLUMNS.items()}}
