@@ -130,7 +130,7 @@ def store_described(info) -> None:  # info: store.StoreInfo
             images = "?" if c.images is None else c.images  # its paths column is damaged: --verify says so
             out.print(f"  {split}: {images} images, {c.rows} rows, {c.skipped} skipped")
         out.print(f"  data: {r.data_dir} ({r.layout}), updated {r.updated}")
-    if info.verification is None:
+    if info.verification is None or any(d.damage for d in info.verification):  # damage: the error says where
         return
     unchecked = [f"{d.set} {d.split}" for d in info.verification if d.unchecked]
     say(

@@ -313,15 +313,11 @@ def test_damaged_store_bytes_never_become_numbers(trained, tmp_path):
     for target in ("valid/labels", "train/sha256"):
         partition, offset = _first_chunk(damaged, target)
         _scribble(partition, offset + 8, 4)  # inside these small chunks
+    described = run_cli("store", "info", damaged, "--verify", check=False)
     one_line_error(
-        run_cli("store", "info", damaged, "--verify", check=False),
-        str(damaged),
-        "damaged",
-        "train: feature rows",
-        "column sha256",
-        "valid: partition",
-        "column labels",
+        described, str(damaged), "damaged", "train: feature rows", "column sha256", "valid: partition", "column labels"
     )
+    assert "verified" not in described.stdout  # its description, then the error: never a clean bill beside it
     repaired = run_json("featurize", data, "--store", damaged, "--verify")
     assert sum("failed verification" in note for note in repaired["notes"]) == 2 and repaired["featurized"] == 36
     run_cli("store", "info", damaged, "--verify")
