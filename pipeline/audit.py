@@ -58,14 +58,13 @@ def read_rows(feature_set: FeatureSet) -> AuditRows:
             elif len(block):
                 features[at : at + len(block)] = dataset[start : start + READ_ROWS][block - start]
             at += len(block)
-    labels = np.concatenate([feature_set.column(split, "labels")[plain] for split, plain in zip(splits, plains)])
-    paths = []
+    labels, paths, sha256 = [], [], []
     for split, plain in zip(splits, plains):
+        labels.append(feature_set.column(split, "labels")[plain])
         stored_paths = feature_set.column(split, "paths")
         paths += [stored_paths[i] for i in plain]
-    sha256 = [
-        bytes(h).decode() for split, plain in zip(splits, plains) for h in feature_set.column(split, "sha256")[plain]
-    ]
+        sha256 += [bytes(h).decode() for h in feature_set.column(split, "sha256")[plain]]
+    labels = np.concatenate(labels)
     split_of = np.concatenate([np.full(len(plain), split) for split, plain in zip(splits, plains)])
     task, targets = feature_set.task, None
     if task != "single":  # a row of classes, or a number: an int per image for folds and colours (stages.audit)

@@ -182,10 +182,11 @@ def labelled_split(split_dir: Path, classes: list[str]) -> tuple[list[Path], np.
 
 
 def _cached_outputs(head, familiarity: Familiarity | None, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Class probabilities and familiarity scores (None without a reference) of cached features."""
+    """Probabilities (the head's task's activation) and familiarity scores (None without a reference) of cached
+    features."""
     x = torch.from_numpy(x).float()
     with torch.no_grad():
-        return torch.softmax(head(x), 1).numpy(), familiarity(x).numpy() if familiarity is not None else None
+        return head.task.activation(head(x)).numpy(), familiarity(x).numpy() if familiarity is not None else None
 
 
 def _store_split(
@@ -304,12 +305,10 @@ def evaluate(
     if split_dir is None and store is None:
         raise PipelineError("give a SPLIT_DIR of class folders, or --store STORE to evaluate a split it holds")
     task = read_config(run_dir).head.task
-    if ood is not None and (not ood.is_dir() or task != "single"):
-        raise PipelineError(
-            f"--ood {ood} is not a folder; give a folder of images unlike the training images"
-            if not ood.is_dir()
-            else f"--ood applies to single-label heads; {run_dir} is a {task} head"
-        )
+    if ood is not None and not ood.is_dir():
+        raise PipelineError(f"--ood {ood} is not a folder; give a folder of images unlike the training images")
+    if ood is not None and task != "single":
+        raise PipelineError(f"--ood applies to single-label heads; {run_dir} is a {task} head")
     if task != "single":  # several labels or a number: no class folders say them, the store's split (its table) does
         if split_dir is not None or store is None or tta:
             raise PipelineError(

@@ -289,7 +289,7 @@ class FeaturizeJob:
 
     def _attrs(self, sync) -> dict:
         """The set's attributes: its identity, what it was made from, and when."""
-        old = SetRecord.from_attrs(sync.live.attrs).created if sync.live is not None else None
+        old = sync.live.record.created if sync.live is not None else None
         return SetRecord(
             self.identity,
             classes=self.dataset.classes,

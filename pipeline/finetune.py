@@ -146,8 +146,7 @@ def _finetune(
     temperature, familiarity = None, None
     if run.calibration is not None and (kept is None or kept["epoch"] >= 0):
         with torch_threads(train_threads):
-            temperature = tuner.calibrate(*run.calibration)
-            familiarity = tuner.familiarity(run.train[0], run.calibration[0])
+            temperature, familiarity = tuner.calibrate(*run.calibration, train_files=run.train[0])
     return save(out, ranks, tuner, run, head_dir, kept, temperature, seconds, familiarity)
 
 

@@ -412,7 +412,7 @@ def create_backbone(
         cfg.get("crop_pct", 0.875),
         [255 * m for m in cfg.get("mean", IMAGENET_MEAN)],
         [255 * s for s in cfg.get("std", IMAGENET_STD)],
-        cfg.get("interpolation", "bilinear") if cfg.get("interpolation") in INTERPOLATIONS else "bilinear",
+        cfg.get("interpolation") if cfg.get("interpolation") in INTERPOLATIONS else "bilinear",
     )
     load_checked(model, state, str(path))
     extractor = finish(model)

@@ -241,40 +241,42 @@ class Finetuner:
         return evaluate(self.model, batches, self._labels_of(files, labels), self.autocast, self.ranks)
 
     @torch.no_grad()
-    def calibrate(self, files: list[str], labels: np.ndarray) -> float | None:
-        """Fit the head's temperature on images neither the head nor fine-tuning trained on (plain view, this
-        process alone); None, the temperature unchanged, when none of them decoded."""
+    def calibrate(
+        self, files: list[str], labels: np.ndarray, train_files: list[str]
+    ) -> tuple[float | list[float] | None, Familiarity | None]:
+        """From one pass over images neither the head nor fine-tuning trained on (plain view, this process alone):
+        the head's temperature, fitted on its logits, and the fine-tuned backbone's familiarity (stages.familiarity),
+        its threshold from their features, its reference the features of a seeded sample of training images. (None,
+        None), the temperature unchanged, when none of them decoded."""
         head = self.model.head
         kept = head.temperature.clone()
         head.temperature.fill_(1.0)
-        batches = self._batches(files, range(len(files)), train=False)
-        logits, y = plain_logits(self.model, batches, self._labels_of(files, labels), self.autocast)
+        held, logits, y = self._plain_pass(files, self._labels_of(files, labels))
         if logits is None:
             head.temperature.copy_(kept)
-            return None
+            return None, None
         settle(head, logits.cpu(), y.cpu())  # the temperature (and a multi-label head's thresholds)
-        return head.temperature.tolist()
-
-    @torch.no_grad()
-    def familiarity(self, train_files: list[str], held_files: list[str]) -> Familiarity | None:
-        """The fine-tuned backbone's familiarity (stages.familiarity): its features of a seeded sample of training
-        images as the reference, the threshold from its features of images fine-tuning never saw (the calibration
-        images); None when either decoded nothing."""
         rng = np.random.default_rng(self.cfg.seed)
         sample = np.sort(rng.choice(len(train_files), min(FAMILIARITY_IMAGES, len(train_files)), replace=False))
-        reference, held = self._features([train_files[i] for i in sample]), self._features(held_files)
-        return familiarity_of(reference, held) if reference is not None and held is not None else None
+        reference, _, _ = self._plain_pass([train_files[i] for i in sample])
+        return head.temperature.tolist(), familiarity_of(reference, held) if reference is not None else None
 
-    def _features(self, files: list[str]) -> torch.Tensor | None:
-        """The backbone's features of the files' plain views, on the CPU (None when nothing decoded)."""
+    def _plain_pass(self, files: list[str], labels_of: Callable | None = None) -> tuple:
+        """The backbone's features of the files' plain views (float32, on the CPU) and, given labels_of, the head's
+        logits and the labels of the same images: (None, None, None) when nothing decoded."""
         self.model.eval()
-        features = []
+        features, logits, labels = [], [], []
         for batch in self._batches(files, range(len(files)), train=False):
             if batch.keys:
                 with self.autocast():
-                    images = batch.images[:, 0].contiguous(memory_format=torch.channels_last)
-                    features.append(self.model.backbone(images).float().cpu())
-        return torch.cat(features) if features else None
+                    found = self.model.backbone(batch.images[:, 0].contiguous(memory_format=torch.channels_last))
+                    if labels_of is not None:
+                        logits.append(self.model.head(found).float())
+                        labels.append(labels_of(batch.keys))
+                features.append(found.float().cpu())
+        if not features:
+            return None, None, None
+        return torch.cat(features), torch.cat(logits) if logits else None, torch.cat(labels) if labels else None
 
     def fit(
         self,

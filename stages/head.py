@@ -502,13 +502,13 @@ def settle(head: Head, raw: torch.Tensor, targets: torch.Tensor) -> None:
     """A trained head made honest from out-of-fold raw outputs of train (never valid): its temperature, and for a
     multi-label head the thresholds, chosen on the calibrated probabilities."""
     head.temperature.copy_(torch.as_tensor(head.task.calibrate(raw, targets)))
-    scores = head.task.conformity(head.task.activation(raw / head.temperature).numpy(), targets.numpy())
+    probabilities = head.task.activation(raw / head.temperature).numpy()
+    scores = head.task.conformity(probabilities, targets.numpy())
     if scores is not None:
         head.conformity = torch.from_numpy(scores)
         head._cuts.clear()
     if head.task.name == "multi":
-        probabilities = head.task.activation(raw / head.temperature)
-        head.thresholds.copy_(torch.from_numpy(best_thresholds(probabilities.numpy(), targets.numpy())))
+        head.thresholds.copy_(torch.from_numpy(best_thresholds(probabilities, targets.numpy())))
 
 
 @torch.no_grad()
@@ -529,7 +529,6 @@ def out_of_fold_logits(
     return [(torch.cat(logits), torch.cat(labels)) for logits, labels in outputs]
 
 
-@torch.no_grad()
 @torch.no_grad()
 def raw_outputs(head: Head, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
     """A head's raw outputs (before its temperature) on rows, in ascending row order, and their labels."""

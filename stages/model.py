@@ -55,8 +55,8 @@ class ImageClassifier:
         familiarity: Familiarity | None = None,
     ):
         self.backbone, self.head, self.classes = backbone, head.eval(), classes
-        self.familiarity = familiarity.to(resolve_device(device)) if familiarity is not None else None
         self.device = resolve_device(device)
+        self.familiarity = familiarity.to(self.device) if familiarity is not None else None
         self.precision = precision
         self.measured_precision = measured_precision or precision  # the one the run's own metrics came from
         # A head trained on stored features saw them rounded to the store's dtype: it is served them rounded alike.

@@ -21,7 +21,7 @@ from store.locks import unheld
 from store.partition_file import delete, open_partition_file
 from store.paths import StorePaths
 from store.reader import open_root
-from store.schema import OVERLAYS, ROW_COLUMNS, SKIPPED, SKIPPED_COLUMNS, STR, TABLE_OF, SetRecord
+from store.schema import OVERLAYS, ROW_COLUMNS, SKIPPED, SKIPPED_COLUMNS, STR, TABLE_OF
 from store.snapshot import (
     ROW_TABLES,
     SELF,
@@ -123,7 +123,7 @@ def compact_set(
 
     def write(i: int) -> None:  # an output as soon as it is full: what is held stays one partition's columns
         if outputs[i]:
-            classes = SetRecord.from_attrs(snap.attrs).classes
+            classes = snap.record.classes
             write_copied_partition(names[i], snap.name, classes, outputs[i], group, feature_dim, feature_dtype)
             written.append(names[i].name)
         outputs[i] = {}
@@ -198,7 +198,7 @@ def compact(paths: StorePaths, dead_share: float = DEAD_SHARE, target_rows: int 
         chosen = candidates(paths, snap, dead_share)
         if not chosen:
             continue
-        identity = SetRecord.from_attrs(snap.attrs).identity
+        identity = snap.record.identity
         dim, dtype = identity.feature_dim, identity.dtype
         new.sets[name], written, copied = compact_set(paths, snap, chosen, dim, dtype, target_rows)
         result.rewritten += chosen

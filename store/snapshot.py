@@ -109,6 +109,11 @@ class SetSnapshot:
             for split, segments in self.rows.items():
                 getattr(self, table).setdefault(split, list(segments))
 
+    @property
+    def record(self) -> SetRecord:
+        """Its attributes, typed."""
+        return SetRecord.from_attrs(self.attrs)
+
     def partitions(self) -> set[str]:
         tables = (*ROW_TABLES, "skipped")
         return {s.partition for t in tables for segs in getattr(self, t).values() for s in segs}
@@ -277,7 +282,7 @@ def write_root(target: Path, snapshot: Snapshot, paths: StorePaths, shapes: Sour
             prefixes = {p: snap.prefixes[p] for p in sorted(used)}
             group.attrs[PARTITIONS] = json.dumps(prefixes)
             group.attrs[PARTITION_IDS] = json.dumps({p: shapes.identity(p) for p in prefixes if p != SELF})
-            identity = SetRecord.from_attrs(snap.attrs).identity
+            identity = snap.record.identity
             dim, dtype = identity.feature_dim, FEATURE_DTYPES[identity.dtype]
             for split in [s for s in SPLITS if s in snap.rows or s in snap.skipped]:
                 g = group.create_group(split)

@@ -45,7 +45,7 @@ from store.reader import (
     split_skipped,
     stat_columns,
 )
-from store.schema import LABELLING, OVERLAYS, SETS, SKIPPED, SPLITS, FileRecord, SetRecord
+from store.schema import LABELLING, OVERLAYS, SETS, SKIPPED, SPLITS, FileRecord
 from store.snapshot import (
     ROW_TABLES,
     SELF,
@@ -184,7 +184,7 @@ class StoreSync:
             self._repair()
         elif self.live is not None:
             groups = {split: self.root[f"sets/{self.set_name}/{split}"] for split in self.live.rows}
-            self.sources.append(Source(LIVE, groups, SetRecord.from_attrs(self.live.attrs).classes))
+            self.sources.append(Source(LIVE, groups, self.live.record.classes))
             if self.verify:
                 self._verify_live(groups)
         mapped = self.snapshot.partitions() if self.snapshot else set()
@@ -350,7 +350,7 @@ class StoreSync:
         live, dataset = self.live, self.dataset
         if live is None or self.lost or len(self.sources) > 1 or self.damaged or set(live.rows) != set(dataset.splits):
             return None
-        if SetRecord.from_attrs(live.attrs).classes != dataset.classes or self._labelling_changed():
+        if live.record.classes != dataset.classes or self._labelling_changed():
             return None
         images, rows, skipped = {}, {}, []
         for split, files in dataset.splits.items():
@@ -546,7 +546,7 @@ class StoreSync:
     def _same(self, new: SetSnapshot) -> bool:
         """True when the new mapping, the classes and the labelling are the live ones: nothing to write."""
         live = self.live
-        if SetRecord.from_attrs(live.attrs).classes != self.dataset.classes or set(new.rows) != set(live.rows):
+        if live.record.classes != self.dataset.classes or set(new.rows) != set(live.rows):
             return False
         if self._labelling_changed():
             return False
