@@ -80,12 +80,11 @@ def scoring_cost(run: Path, images: list[Path]) -> tuple[float, float, float, in
     of the largest reference the default allows), on decoded crops of real photos."""
     from stages.decode import ImageDecoder
     from stages.familiarity import REFERENCE_BYTES, Familiarity, unit
-    from stages.files import read_image_file
-    from stages.model import load_model
+    from stages.model import image_items, load_model
 
     model = load_model(run, device="cpu")
     decoder = ImageDecoder(model.backbone.preprocessing, device="cpu", batch_size=32)
-    batches = [b.images[:, 0] for b in decoder.decode((str(p), lambda p=p: read_image_file(p)[0]) for p in images)]
+    batches = [b.images[:, 0] for b in decoder.decode(image_items(images))]
     largest = Familiarity(unit(torch.randn(REFERENCE_BYTES // (2 * 1280), 1280)), 0.0)
     timed = {"forward": 0.0, "familiarity": 0.0, "largest": 0.0}
     with torch.no_grad():
