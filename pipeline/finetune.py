@@ -25,7 +25,7 @@ from stages.backbones import Backbone, file_sha256, resolve_precision
 from stages.calibration import held_out_images
 from stages.decode import batch_memory_bytes, resolve_device
 from stages.errors import PipelineError, check_memory
-from stages.familiarity import Familiarity
+from stages.familiarity import Familiarity, load_familiarity
 from stages.files import scan_dataset
 from stages.finetune import Finetuner, read_checkpoint
 from stages.head import Head, load_head
@@ -144,7 +144,9 @@ def _finetune(
     if not ranks.leader:  # rank 0 writes the run and reports it
         return None
     temperature, familiarity = None, None
-    if run.calibration is not None and (kept is None or kept["epoch"] >= 0):
+    if kept is not None and kept["epoch"] < 0:  # the head as given was kept: its temperature and its familiarity
+        familiarity = load_familiarity(head_dir)
+    elif run.calibration is not None:
         with torch_threads(train_threads):
             temperature, familiarity = tuner.calibrate(*run.calibration, train_files=run.train[0])
     return save(out, ranks, tuner, run, head_dir, kept, temperature, seconds, familiarity)

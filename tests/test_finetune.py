@@ -166,9 +166,11 @@ def test_cli_finetune_then_predict_and_featurize_again(tiny, tmp_path):
     assert result["before"]["accuracy"] is not None and len(result["history"]) == 1
     # One image per class held out (one fold of ten, dealt per class): a fine-tuned epoch's temperature is fitted
     # on them; the head as given, when kept, keeps its own cross-validated one.
+    familiar = json.loads((tmp_path / "ft" / "metrics.json").read_text())["familiarity"]
     if result["kept_epoch"] == -1:
         assert result["calibration_images"] == 0
         assert result["temperature"] == pytest.approx(float(load_head(head_dir)[0].temperature))
+        assert familiar == json.loads((head_dir / "metrics.json").read_text())["familiarity"]  # the head's own
     else:
         assert result["calibration_images"] == 2 and result["temperature"] != 1.0
     for name in (
