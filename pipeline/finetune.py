@@ -153,8 +153,9 @@ def _finetune(
 
 
 def _images(dataset, name: str, keep=None) -> Images | None:
-    """A split's image files and their targets: class indices, or (several labels, numbers: their table's) 0/1 rows
-    of classes or values."""
+    """A split's image files (absolute: a file's path is the key of its augmentation draw, which must not depend on
+    how the data folder was spelled on the command line) and their targets: class indices, or (several labels,
+    numbers: their table's) 0/1 rows of classes or values."""
     files = [f for i, f in enumerate(dataset.splits.get(name) or []) if keep is None or keep[i]]
     if not files:
         return None
@@ -163,7 +164,8 @@ def _images(dataset, name: str, keep=None) -> Images | None:
         targets = source.targets([f.path for f in files])
     else:
         targets = np.asarray([f.label for f in files])
-    return [str(dataset.root / f.path) for f in files], targets
+    root = dataset.root.resolve()
+    return [str(root / f.path) for f in files], targets
 
 
 def _recorded_split(config: RunConfig) -> tuple[float | None, int]:

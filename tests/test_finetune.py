@@ -1,12 +1,13 @@
 """Fine-tuning on a real but tiny timm model: two paths agree, learning rates, unfreezing, frozen BN, resume."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 import timm
 import torch
-from conftest import make_images, run_json
+from conftest import REPO, make_images, run_json
 
 from bench.harness import torchrun_cmd
 from stages.calibration import held_out_images
@@ -402,3 +403,15 @@ def test_cli_finetune_fits_the_temperature_on_the_held_out_images(tiny, tmp_path
     assert familiar["reference_images"] == 10 and familiar["neighbour"] == 1
     [predicted] = run_json("predict", tmp_path, sorted((data / "valid").rglob("*.jpg"))[0])["predictions"]
     assert {"familiarity", "unfamiliar"} <= set(predicted)
+
+
+@pytest.mark.slow
+def test_a_fine_tune_does_not_depend_on_how_its_data_folder_is_spelled(tiny, tmp_path):
+    """The same folder given relative to the working directory or absolute: the same augmentation, the same run."""
+    data, head_dir = tiny
+    runs = [
+        run_json("finetune", folder, "--head", head_dir, "--epochs", "1", "--batch-size", "4", "--out", tmp_path / name)
+        for folder, name in ((data, "absolute"), (os.path.relpath(data, REPO), "relative"))
+    ]
+    figures = [[{k: v for k, v in epoch.items() if k != "time"} for epoch in run["history"]] for run in runs]
+    assert figures[0] == figures[1] and runs[0]["temperature"] == runs[1]["temperature"]
